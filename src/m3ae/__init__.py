@@ -1,0 +1,9 @@
+"""Multimodal Masked Autoencoders in PyTorch."""
+from .config import PRESETS, ConfigError, M3AEConfig
+from .masking import Masks, make_masks
+from .model import M3AE, M3AEOutput
+from .patches import patchify, unpatchify
+
+__all__ = ["M3AE", "M3AEConfig", "M3AEOutput", "Masks", "make_masks", "patchify", "unpatchify",
+           "PRESETS", "ConfigError"]
+__version__ = "0.1.0"

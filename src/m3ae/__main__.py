@@ -1,0 +1,5 @@
+import sys
+
+from m3ae.cli import main
+
+sys.exit(main())

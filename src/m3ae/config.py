@@ -1,0 +1,127 @@
+"""Model configuration: one typed dataclass, size presets, validation."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+# Encoder sizes from the paper (width / depth / heads); decoder 512/8/16 for the paper sizes.
+# `nano` is the reference-fixture size (tests); `tiny` is ViT-Ti with a light decoder (demo, benches).
+PRESETS: dict[str, dict[str, Any]] = {
+    "nano": dict(emb_dim=64, depth=2, num_heads=4, dec_emb_dim=32, dec_depth=1, dec_num_heads=4),
+    "tiny": dict(emb_dim=192, depth=12, num_heads=3, dec_emb_dim=128, dec_depth=2, dec_num_heads=4),
+    "small": dict(emb_dim=384, depth=12, num_heads=6, dec_emb_dim=512, dec_depth=8, dec_num_heads=16),
+    "base": dict(emb_dim=768, depth=12, num_heads=12, dec_emb_dim=512, dec_depth=8, dec_num_heads=16),
+    "large": dict(emb_dim=1024, depth=24, num_heads=16, dec_emb_dim=512, dec_depth=8, dec_num_heads=16),
+    "huge": dict(emb_dim=1280, depth=32, num_heads=16, dec_emb_dim=512, dec_depth=8, dec_num_heads=16),
+}
+
+MASKING_MODES = ("per_sample", "reference")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a working model or run."""
+
+
+@dataclass
+class M3AEConfig:
+    """Everything needed to rebuild an M3AE; saved as config.json beside the weights.
+
+    `vocab_size=0` gives an image-only model (the MAE baseline): no text parameters at all.
+    """
+
+    image_size: int = 256
+    patch_size: int = 16
+    in_chans: int = 3
+    emb_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    dec_emb_dim: int = 512
+    dec_depth: int = 8
+    dec_num_heads: int = 16
+    mlp_ratio: float = 4.0
+    vocab_size: int = 30522
+    text_length: int = 64
+    use_type_embedding: bool = True
+    output_head_depth: int = 0
+    drop: float = 0.0
+    att_drop: float = 0.0
+    drop_path: float = 0.0
+    image_mask_ratio: float = 0.75
+    text_mask_ratio: float = 0.75
+    image_loss_weight: float = 1.0
+    text_loss_weight: float = 0.5
+    norm_pix_loss: bool = False
+    # "per_sample": independent mask per sample, text ratio over real tokens only (our default).
+    # "reference": one permutation for the batch over all text positions (the authors' code).
+    masking: str = "per_sample"
+    layer_norm_eps: float = 1e-6
+    grad_checkpointing: bool = False
+    preset: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "M3AEConfig":
+        if name not in PRESETS:
+            raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], "preset": name, **overrides})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "M3AEConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known - {"model_type", "format_version"})
+        if unknown:
+            raise ConfigError(f"unknown model config keys: {unknown}")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps({"model_type": "m3ae", "format_version": 1, **self.to_dict()}, indent=2)
+
+    # -- derived sizes ------------------------------------------------------------------------
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size**2 * self.in_chans
+
+    @property
+    def has_text(self) -> bool:
+        return self.vocab_size > 0
+
+    def validate(self) -> None:
+        if self.patch_size <= 0 or self.image_size <= 0:
+            raise ConfigError("image_size and patch_size must be positive")
+        if self.image_size % self.patch_size != 0:
+            raise ConfigError(
+                f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}"
+            )
+        for name in ("image_mask_ratio", "text_mask_ratio"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {value}")
+        for dim, heads, what in ((self.emb_dim, self.num_heads, "emb_dim"),
+                                 (self.dec_emb_dim, self.dec_num_heads, "dec_emb_dim")):
+            if heads <= 0 or dim % heads != 0:
+                raise ConfigError(f"{what} {dim} is not divisible by its number of heads {heads}")
+            if dim % 4 != 0:
+                raise ConfigError(f"{what} {dim} must be divisible by 4 (2-D sin-cos positions)")
+        if self.masking not in MASKING_MODES:
+            raise ConfigError(f"masking must be one of {MASKING_MODES}, got {self.masking!r}")
+        if self.vocab_size < 0 or self.text_length <= 0:
+            raise ConfigError("vocab_size must be >= 0 and text_length > 0")
+        for name in ("drop", "att_drop", "drop_path"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1)")

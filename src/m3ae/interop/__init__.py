@@ -1,0 +1,1 @@
+"""Interop with the authors' JAX/Flax checkpoints."""

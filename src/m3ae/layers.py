@@ -1,0 +1,134 @@
+"""Pre-norm ViT blocks (ours; no timm) with key-padding masks and opt-in attention weights."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample, rescale the survivors."""
+
+    def __init__(self, prob: float = 0.0):
+        super().__init__()
+        self.prob = prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.prob
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        return x * x.new_empty(shape).bernoulli_(keep) / keep
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one qkv projection laid out (3, heads, head_dim)."""
+
+    def __init__(self, dim: int, num_heads: int, att_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.att_drop = att_drop
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+                return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b, t, d = x.shape
+        qkv = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        weights = None
+        if return_attention:
+            # Explicit path, only when asked: the reference replaces padded-key scores by -1e7.
+            scores = (q @ k.transpose(-2, -1)) * self.scale
+            if key_padding_mask is not None:
+                scores = scores.masked_fill(key_padding_mask[:, None, None, :], -1e7)
+            weights = scores.float().softmax(dim=-1).to(q.dtype)
+            attn = F.dropout(weights, self.att_drop, self.training)
+            out = attn @ v
+        else:
+            mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.att_drop if self.training else 0.0,
+                scale=self.scale,
+            )
+        out = out.transpose(1, 2).reshape(b, t, d)
+        return self.proj_drop(self.proj(out)), weights
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.drop(self.fc2(x))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop: float = 0.0,
+                 att_drop: float = 0.0, drop_path: float = 0.0, eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, att_drop, drop)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), drop)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+                return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y, weights = self.attn(self.norm1(x), key_padding_mask, return_attention)
+        x = x + self.drop_path(y)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x, weights
+
+
+class Transformer(nn.Module):
+    """A stack of blocks followed by a final LayerNorm."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0,
+                 drop: float = 0.0, att_drop: float = 0.0, drop_path: float = 0.0,
+                 eps: float = 1e-6, grad_checkpointing: bool = False):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            Block(dim, num_heads, mlp_ratio, drop, att_drop, drop_path, eps) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.grad_checkpointing = grad_checkpointing
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+                return_attention: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        attentions: list[torch.Tensor] = []
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and not return_attention:
+                x, _ = checkpoint(block, x, key_padding_mask, use_reentrant=False)
+            else:
+                x, weights = block(x, key_padding_mask, return_attention)
+                if weights is not None:
+                    attentions.append(weights)
+        return self.norm(x), attentions
+
+
+class OutputHead(nn.Module):
+    """Decoder output head. depth=0: one Linear (the paper). depth>0: the authors' MLP head
+    (input LayerNorm, then depth x [Linear, GELU, LayerNorm] with residuals after the first)."""
+
+    def __init__(self, dim: int, out_dim: int, depth: int = 0, eps: float = 1e-6):
+        super().__init__()
+        self.input_norm = nn.LayerNorm(dim, eps=eps) if depth > 0 else nn.Identity()
+        self.hidden = nn.ModuleList(nn.Linear(dim, dim) for _ in range(depth))
+        self.hidden_norms = nn.ModuleList(nn.LayerNorm(dim, eps=eps) for _ in range(depth))
+        self.out = nn.Linear(dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_norm(x)
+        for i, (linear, norm) in enumerate(zip(self.hidden, self.hidden_norms)):
+            y = norm(F.gelu(linear(x), approximate="tanh"))
+            x = x + y if i > 0 else y
+        return self.out(x)

@@ -1,0 +1,101 @@
+"""Which tokens the encoder sees.
+
+A `Masks` holds, per modality, a permutation of positions (B, length) and how many of its first
+entries are kept (visible). Everything after the kept prefix is hidden; for text, hidden positions
+that are padding carry no loss. The model only consumes `Masks`, so masks can be drawn in the data
+loader (no host sync in the step), replayed from the authors' fixtures, or made by hand.
+
+Per-sample text masking orders each row as [kept real tokens, padding, masked real tokens] and keeps
+the batch-wide maximum of kept counts; rows with fewer kept tokens fill the extra slots with padding
+positions (always enough of them, because round(r*n) is monotone in n), which are key-masked in
+attention and never reach a loss. So padding is never visible and the shapes stay rectangular.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Masks:
+    image_ids: torch.Tensor | None = None  # (B, N) long: kept positions first
+    image_keep: int = 0
+    text_ids: torch.Tensor | None = None  # (B, L) long: kept positions first
+    text_keep: int = 0
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Masks":
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+        return Masks(move(self.image_ids), self.image_keep, move(self.text_ids), self.text_keep)
+
+    @staticmethod
+    def hidden(ids: torch.Tensor, keep: int) -> torch.Tensor:
+        """(B, length) bool, True where the position is hidden from the encoder."""
+        mask = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+        return mask.scatter(1, ids[:, :keep], False)
+
+    def image_mask(self) -> torch.Tensor:
+        assert self.image_ids is not None
+        return self.hidden(self.image_ids, self.image_keep)
+
+    def text_mask(self) -> torch.Tensor:
+        assert self.text_ids is not None
+        return self.hidden(self.text_ids, self.text_keep)
+
+
+def keep_count(length: int, ratio: float) -> int:
+    """Visible tokens out of `length`, as the authors compute it."""
+    return int(length * (1.0 - ratio))
+
+
+def random_image_ids(batch: int, num_patches: int, generator: torch.Generator | None = None,
+                     shared: bool = False, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A random permutation per sample, or one shared by the batch (reference mode)."""
+    rows = 1 if shared else batch
+    noise = torch.rand(rows, num_patches, generator=generator, device=device)
+    return noise.argsort(dim=1).expand(batch, -1).contiguous()
+
+
+def per_sample_text_ids(padding: torch.Tensor, ratio: float,
+                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+    """Padding-aware per-sample text masking: round(ratio * n_real) real tokens hidden per row.
+
+    Returns the (B, L) order [kept real, padding, hidden real] and the number of kept slots.
+    """
+    padding = padding.bool()
+    batch, length = padding.shape
+    real = ~padding
+    n_real = real.sum(dim=1)
+    n_hidden = torch.floor(n_real.double() * ratio + 0.5).long()  # round half up
+    n_keep = n_real - n_hidden
+    noise = torch.rand(batch, length, generator=generator, device=padding.device)
+    # Rank real tokens by noise (padding last); the n_keep lowest ranks stay visible.
+    rank = noise.masked_fill(padding, 2.0).argsort(dim=1).argsort(dim=1)
+    kept = real & (rank < n_keep[:, None])
+    group = torch.where(kept, 0.0, torch.where(padding, 1.0, 2.0))
+    ids = (group + noise).argsort(dim=1)
+    keep = int(n_keep.max().item()) if batch > 0 else 0
+    return ids, keep
+
+
+def make_masks(batch: int, *, num_patches: int | None, text_padding: torch.Tensor | None,
+               text_length: int | None = None, image_ratio: float, text_ratio: float,
+               mode: str = "per_sample", generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu") -> Masks:
+    """Draw masks for a batch. Image before text, as in the reference."""
+    masks = Masks()
+    shared = mode == "reference"
+    if num_patches is not None:
+        masks.image_ids = random_image_ids(batch, num_patches, generator, shared, device)
+        masks.image_keep = keep_count(num_patches, image_ratio)
+    if text_padding is not None or text_length is not None:
+        if text_padding is None:
+            text_padding = torch.zeros(batch, text_length, dtype=torch.bool, device=device)
+        length = text_padding.shape[1]
+        if shared:
+            masks.text_ids = random_image_ids(batch, length, generator, True, device)
+            masks.text_keep = keep_count(length, text_ratio)
+        else:
+            masks.text_ids, masks.text_keep = per_sample_text_ids(text_padding, text_ratio, generator)
+    return masks

@@ -1,0 +1,317 @@
+"""The Multimodal Masked Autoencoder: one encoder over [CLS] + image patches + text tokens."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ConfigError, M3AEConfig
+from .losses import normalize_patches, patch_mse, token_cross_entropy
+from .layers import OutputHead, Transformer
+from .masking import Masks, make_masks
+from .patches import patchify
+from .posembed import image_position_table, text_position_table
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class M3AEOutput:
+    """What one masked forward pass produced. Losses are None for modalities that were absent."""
+
+    loss: torch.Tensor
+    image_loss: torch.Tensor | None = None
+    text_loss: torch.Tensor | None = None
+    text_accuracy: torch.Tensor | None = None
+    masks: Masks | None = None
+    image_mask: torch.Tensor | None = None  # (B, N) bool, True = hidden
+    text_mask: torch.Tensor | None = None  # (B, L) bool, True = hidden (padding included)
+    # Full-position predictions, only with full_outputs=True (visualisation, parity checks).
+    image_output: torch.Tensor | None = None  # (B, N, p*p*C)
+    text_output: torch.Tensor | None = None  # (B, L, vocab)
+    encoder_output: torch.Tensor | None = None  # (B, 1 + kept image + kept text, D)
+    attentions: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+
+def _gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """x (B, T, D), ids (B, K) -> (B, K, D)."""
+    return x.gather(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+class M3AE(nn.Module):
+    def __init__(self, config: M3AEConfig):
+        super().__init__()
+        config.validate()
+        self.config = c = config
+        d, dd = c.emb_dim, c.dec_emb_dim
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.image_embedding = nn.Linear(c.patch_dim, d)
+        self.image_mask_token = nn.Parameter(torch.zeros(1, 1, dd))
+        if c.has_text:
+            self.text_embedding = nn.Embedding(c.vocab_size, d)
+            self.text_mask_token = nn.Parameter(torch.zeros(1, 1, dd))
+        if c.use_type_embedding:
+            self.encoder_image_type = nn.Parameter(torch.zeros(1, 1, d))
+            self.decoder_image_type = nn.Parameter(torch.zeros(1, 1, dd))
+            if c.has_text:
+                self.encoder_text_type = nn.Parameter(torch.zeros(1, 1, d))
+                self.decoder_text_type = nn.Parameter(torch.zeros(1, 1, dd))
+        common = dict(mlp_ratio=c.mlp_ratio, drop=c.drop, att_drop=c.att_drop, drop_path=c.drop_path,
+                      eps=c.layer_norm_eps, grad_checkpointing=c.grad_checkpointing)
+        self.encoder = Transformer(d, c.depth, c.num_heads, **common)
+        self.decoder_input_projection = nn.Linear(d, dd)
+        self.decoder = Transformer(dd, c.dec_depth, c.dec_num_heads, **common)
+        self.image_head = OutputHead(dd, c.patch_dim, c.output_head_depth, c.layer_norm_eps)
+        if c.has_text:
+            self.text_head = OutputHead(dd, c.vocab_size, c.output_head_depth, c.layer_norm_eps)
+        g = c.grid_size
+        self.register_buffer("enc_image_pos", image_position_table(d, g), persistent=False)
+        self.register_buffer("dec_image_pos", image_position_table(dd, g), persistent=False)
+        self.register_buffer("enc_text_pos", text_position_table(d, c.text_length), persistent=False)
+        self.register_buffer("dec_text_pos", text_position_table(dd, c.text_length), persistent=False)
+        self.reset_parameters()
+
+    # -- initialisation (as the reference) ------------------------------------------------------
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for name, param in self.named_parameters():
+            if "." not in name:  # learned tokens and type embeddings
+                nn.init.normal_(param, std=0.02)
+        if self.config.has_text:
+            nn.init.normal_(self.text_embedding.weight, std=1.0)
+
+    # -- embeddings -----------------------------------------------------------------------------
+    def _type(self, name: str) -> torch.Tensor | float:
+        return getattr(self, name) if self.config.use_type_embedding else 0.0
+
+    def _check_inputs(self, image: torch.Tensor | None, text: torch.Tensor | None,
+                      text_padding_mask: torch.Tensor | None) -> None:
+        c = self.config
+        if image is None and text is None:
+            raise ValueError("need an image, a text, or both")
+        if image is not None:
+            if image.ndim != 4 or image.shape[1] != c.in_chans:
+                raise ValueError(f"image must be (B, {c.in_chans}, H, W), got {tuple(image.shape)}")
+            if image.shape[-2:] != (c.image_size, c.image_size):
+                raise ValueError(f"image must be {c.image_size}x{c.image_size}, got "
+                                 f"{tuple(image.shape[-2:])}")
+        if text is not None:
+            if not c.has_text:
+                raise ValueError("this model is image-only (vocab_size=0); it takes no text")
+            if text.ndim != 2 or text.shape[1] > c.text_length:
+                raise ValueError(f"text must be (B, L) with L <= {c.text_length}, got {tuple(text.shape)}")
+            if text_padding_mask is not None and text_padding_mask.shape != text.shape:
+                raise ValueError("text_padding_mask must have the shape of text")
+            if image is not None and image.shape[0] != text.shape[0]:
+                raise ValueError("image and text batch sizes differ")
+
+    def embed_image(self, patches: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch embedding + position + type; only at `ids` (B, K) when given (cheaper, same values)."""
+        pos = self.enc_image_pos
+        if ids is not None:
+            patches = _gather_tokens(patches, ids)
+            pos = _gather_tokens(pos.expand(patches.shape[0], -1, -1), ids)
+        return self.image_embedding(patches) + pos + self._type("encoder_image_type")
+
+    def embed_text(self, text: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        pos = self.enc_text_pos[:, : text.shape[1]]
+        if ids is not None:
+            text = text.gather(1, ids)
+            pos = _gather_tokens(pos.expand(text.shape[0], -1, -1), ids)
+        return self.text_embedding(text) + pos + self._type("encoder_text_type")
+
+    # -- representation ------------------------------------------------------------------------
+    def encode(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None,
+               text_padding_mask: torch.Tensor | None = None, return_attention: bool = False):
+        """Encoder output over [CLS] + image tokens + text tokens, no masking, after the final norm.
+
+        Returns (B, 1 + N + L, D); with return_attention, also the per-block attention weights.
+        """
+        self._check_inputs(image, text, text_padding_mask)
+        batch = image.shape[0] if image is not None else text.shape[0]
+        tokens = [self.cls_token.expand(batch, -1, -1)]
+        padding = None
+        if image is not None:
+            tokens.append(self.embed_image(patchify(image, self.config.patch_size)))
+        if text is not None:
+            tokens.append(self.embed_text(text))
+            if text_padding_mask is not None:
+                n_front = sum(t.shape[1] for t in tokens[:-1])
+                padding = torch.cat([text_padding_mask.new_zeros(batch, n_front, dtype=torch.bool),
+                                     text_padding_mask.bool()], dim=1)
+        x, attentions = self.encoder(torch.cat(tokens, dim=1), padding, return_attention)
+        return (x, attentions) if return_attention else x
+
+    # -- masked autoencoding -------------------------------------------------------------------
+    def make_masks(self, batch: int, has_image: bool, text_padding_mask: torch.Tensor | None,
+                   text_length: int | None, generator: torch.Generator | None = None,
+                   device: torch.device | str = "cpu") -> Masks:
+        c = self.config
+        return make_masks(batch, num_patches=c.num_patches if has_image else None,
+                          text_padding=text_padding_mask, text_length=text_length,
+                          image_ratio=c.image_mask_ratio, text_ratio=c.text_mask_ratio,
+                          mode=c.masking, generator=generator, device=device)
+
+    def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None,
+                text_padding_mask: torch.Tensor | None = None, *, masks: Masks | None = None,
+                generator: torch.Generator | None = None, full_outputs: bool = False,
+                return_attention: bool = False) -> M3AEOutput:
+        """Mask, encode the visible tokens, decode everything, and take the losses.
+
+        `masks` replays given keep-orders; otherwise they are drawn with `generator`. Output heads
+        run only where a loss is taken unless `full_outputs` asks for predictions everywhere.
+        """
+        c = self.config
+        self._check_inputs(image, text, text_padding_mask)
+        batch = image.shape[0] if image is not None else text.shape[0]
+        device = self.cls_token.device
+        padding = None
+        if text is not None:
+            padding = (text_padding_mask.bool() if text_padding_mask is not None
+                       else torch.zeros_like(text, dtype=torch.bool))
+        if masks is None:
+            masks = self.make_masks(batch, image is not None, padding,
+                                    None if text is None else text.shape[1], generator, device)
+        patches = patchify(image, c.patch_size) if image is not None else None
+
+        # Encoder over [CLS] + kept image + kept text.
+        tokens = [self.cls_token.expand(batch, -1, -1)]
+        key_padding = None
+        if patches is not None:
+            tokens.append(self.embed_image(patches, masks.image_ids[:, : masks.image_keep]))
+        if text is not None:
+            text_kept = masks.text_ids[:, : masks.text_keep]
+            tokens.append(self.embed_text(text, text_kept))
+            n_front = 1 + (masks.image_keep if patches is not None else 0)
+            key_padding = torch.cat([padding.new_zeros(batch, n_front), padding.gather(1, text_kept)], 1)
+        enc, enc_att = self.encoder(torch.cat(tokens, dim=1), key_padding, return_attention)
+
+        # Decoder over [CLS] + every image slot + every text slot, in original order.
+        proj = self.decoder_input_projection(enc)
+        dd = c.dec_emb_dim
+        parts = [proj[:, :1]]
+        offset = 1
+        if patches is not None:
+            kept = proj[:, offset: offset + masks.image_keep]
+            offset += masks.image_keep
+            slots = self.image_mask_token.expand(batch, c.num_patches, dd).to(kept.dtype)
+            slots = slots.scatter(1, masks.image_ids[:, : masks.image_keep, None].expand(-1, -1, dd), kept)
+            parts.append(slots + self.dec_image_pos + self._type("decoder_image_type"))
+        if text is not None:
+            length = text.shape[1]
+            kept = proj[:, offset:]
+            slots = self.text_mask_token.expand(batch, length, dd).to(kept.dtype)
+            slots = slots.scatter(1, masks.text_ids[:, : masks.text_keep, None].expand(-1, -1, dd), kept)
+            parts.append(slots + self.dec_text_pos[:, :length] + self._type("decoder_text_type"))
+        dec_padding = None
+        if text is not None:
+            dec_padding = torch.cat([padding.new_zeros(batch, 1 + (c.num_patches if patches is not None else 0)),
+                                     padding], dim=1)
+        dec, dec_att = self.decoder(torch.cat(parts, dim=1), dec_padding, return_attention)
+
+        out = M3AEOutput(loss=dec.new_zeros(()), masks=masks, encoder_output=enc)
+        if return_attention:
+            out.attentions = {"encoder": enc_att, "decoder": dec_att}
+        offset = 1
+        if patches is not None:
+            dec_image = dec[:, 1: 1 + c.num_patches]
+            offset += c.num_patches
+            target = normalize_patches(patches) if c.norm_pix_loss else patches
+            hidden_ids = masks.image_ids[:, masks.image_keep:]
+            pred = self.image_head(_gather_tokens(dec_image, hidden_ids))
+            out.image_loss = patch_mse(pred, _gather_tokens(target, hidden_ids))
+            out.image_mask = masks.image_mask()
+            out.loss = out.loss + c.image_loss_weight * out.image_loss
+            if full_outputs:
+                out.image_output = self.image_head(dec_image)
+        if text is not None:
+            dec_text = dec[:, offset:]
+            hidden_ids = masks.text_ids[:, masks.text_keep:]
+            valid = ~padding.gather(1, hidden_ids)
+            logits = self.text_head(_gather_tokens(dec_text, hidden_ids))
+            average = "batch" if c.masking == "reference" else "samples_with_targets"
+            out.text_loss, out.text_accuracy = token_cross_entropy(
+                logits, text.gather(1, hidden_ids), valid, average)
+            out.text_mask = masks.text_mask()
+            out.loss = out.loss + c.text_loss_weight * out.text_loss
+            if full_outputs:
+                out.text_output = self.text_head(dec_text)
+        return out
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write config.json + model.safetensors into `directory`, each atomically."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+        _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json()))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu",
+                        **config_overrides) -> "M3AE":
+        """Load a folder written by `save_pretrained` (or `m3ae convert-jax`)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"checkpoint folder not found: {directory}")
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory} has no {name}; is it an M3AE checkpoint folder?")
+        try:
+            data = json.loads((directory / CONFIG_NAME).read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{directory / CONFIG_NAME} is not valid JSON: {err}") from err
+        config = M3AEConfig.from_dict({**data, **config_overrides})
+        model = cls(config)
+        state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
+        model.load_weights(state, source=str(directory / WEIGHTS_NAME))
+        return model
+
+    def load_weights(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+        """Strict load that names every missing, unexpected or mis-shaped tensor."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        wrong = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                       for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or wrong:
+            details = "; ".join(filter(None, [
+                f"missing {missing[:8]}" if missing else "",
+                f"unexpected {unexpected[:8]}" if unexpected else "",
+                f"shape mismatch {wrong[:8]}" if wrong else ""]))
+            raise ConfigError(f"{source} does not fit this model ({details}); it was saved from a "
+                              "model of another shape")
+        self.load_state_dict(state, strict=True)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temp file in the same folder, then rename: never a half-written file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
