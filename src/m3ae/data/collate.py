@@ -1,0 +1,104 @@
+"""Samples -> batches. Masks are drawn here, in the loader workers, so the step never syncs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from ..config import M3AEConfig
+from ..masking import Masks, make_masks
+
+
+@dataclass
+class BatchPart:
+    """Samples of one modality combination: image+text, image only, or text only."""
+
+    image: torch.Tensor | None
+    text: torch.Tensor | None
+    text_padding_mask: torch.Tensor | None
+    masks: Masks
+    keys: list[str]
+
+    @property
+    def size(self) -> int:
+        return len(self.keys)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "BatchPart":
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+        return BatchPart(move(self.image), move(self.text), move(self.text_padding_mask),
+                         self.masks.to(device, non_blocking), self.keys)
+
+    def model_inputs(self) -> dict[str, Any]:
+        return dict(image=self.image, text=self.text, text_padding_mask=self.text_padding_mask,
+                    masks=self.masks)
+
+
+@dataclass
+class Batch:
+    parts: list[BatchPart]
+    step: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. labels, data-source stats
+
+    @property
+    def size(self) -> int:
+        return sum(p.size for p in self.parts)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        return Batch([p.to(device, non_blocking) for p in self.parts], self.step, self.extra)
+
+
+def mask_seed(seed: int, step: int, rank: int = 0) -> int:
+    """A seed for the masks of one micro-batch: depends only on (run seed, step, rank)."""
+    return (seed * 1_000_003 + step * 9_176 + rank * 7_919_317 + 12_345) % (2**63 - 1)
+
+
+def pad_texts(texts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest text in the batch (at least 1). Padding id 0, mask True."""
+    length = max(1, max(int(t.numel()) for t in texts))
+    ids = torch.zeros(len(texts), length, dtype=torch.long)
+    padding = torch.ones(len(texts), length, dtype=torch.bool)
+    for i, t in enumerate(texts):
+        ids[i, : t.numel()] = t
+        padding[i, : t.numel()] = False
+    return ids, padding
+
+
+class Collator:
+    """Groups samples by modality, stacks images, pads texts, draws masks from a seeded generator."""
+
+    def __init__(self, model_config: M3AEConfig, seed: int = 0, rank: int = 0):
+        self.config = model_config
+        self.seed = seed
+        self.rank = rank
+
+    def __call__(self, samples: list[dict[str, Any]]) -> Batch:
+        if not samples:
+            raise ValueError("cannot collate an empty batch")
+        step = int(samples[0].get("step", 0))
+        generator = torch.Generator().manual_seed(mask_seed(self.seed, step, self.rank))
+        groups: dict[tuple[bool, bool], list[dict[str, Any]]] = {}
+        for s in samples:
+            has_image = s.get("image") is not None
+            text = s.get("text")
+            has_text = text is not None and len(text) > 0 and self.config.has_text
+            if not (has_image or has_text):
+                raise ValueError(f"sample {s.get('key')!r} has neither an image nor a text")
+            groups.setdefault((has_image, has_text), []).append(s)
+        parts = []
+        for (has_image, has_text), group in sorted(groups.items(), reverse=True):
+            image = torch.stack([s["image"] for s in group]) if has_image else None
+            text = padding = None
+            if has_text:
+                text, padding = pad_texts([torch.as_tensor(s["text"], dtype=torch.long)[: self.config.text_length]
+                                           for s in group])
+            masks = make_masks(len(group), num_patches=self.config.num_patches if has_image else None,
+                               text_padding=padding, image_ratio=self.config.image_mask_ratio,
+                               text_ratio=self.config.text_mask_ratio, mode=self.config.masking,
+                               generator=generator)
+            parts.append(BatchPart(image, text, padding, masks, [str(s.get("key", "")) for s in group]))
+        extra = {}
+        if any("label" in s for s in samples):
+            extra["labels"] = torch.tensor([int(s.get("label", -1)) for s in samples])
+        return Batch(parts, step, extra)
