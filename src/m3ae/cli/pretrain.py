@@ -1,0 +1,57 @@
+"""`m3ae pretrain`: pretrain an M3AE (or an image-only MAE) from a preset plus overrides."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="pretrain a model",
+                       description="Pretrain M3AE. Settings: a YAML preset, then key=value overrides "
+                                   "(e.g. model.depth=4 optim.lr=1e-3 data.num_workers=4).")
+    p.add_argument("--config", default=None, help="shipped preset name (demo, m3ae_base_cc12m, ...) or a YAML path")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, run_config.yaml")
+    p.add_argument("--data", default=None, help="data spec (shorthand for data.spec=...)")
+    p.add_argument("--steps", type=int, default=None, help="total optimiser steps (shorthand for steps=N)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (shorthand for batch_size=N)")
+    p.add_argument("--resume", default=None,
+                   help="'auto' continues from the newest checkpoint in --out (if any); or a checkpoint folder")
+    p.add_argument("--stop-at-step", type=int, default=None,
+                   help="stop (and checkpoint) at this step without changing the schedule")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=run)
+
+
+def resume_command(argv: list[str]) -> str:
+    """The same command line without --stop-at-step / --resume, plus --resume auto."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--stop-at-step", "--resume"):
+            skip = True
+            continue
+        if arg.startswith(("--stop-at-step=", "--resume=")):
+            continue
+        kept.append(arg)
+    return " ".join(shlex.quote(a) for a in kept + ["--resume", "auto"])
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train.config import load_config
+    from ..train.loop import pretrain
+
+    overrides = list(args.overrides)
+    for flag, key in ((args.data, "data.spec"), (args.steps, "steps"), (args.batch_size, "batch_size")):
+        if flag is not None:
+            overrides.append(f"{key}={flag}")
+    config = load_config(args.config, overrides)
+    result = pretrain(config, args.out, resume=args.resume, stop_at_step=args.stop_at_step)
+    if result.status == "stopped":
+        print(f"stopped at step {result.step}; checkpoint {result.checkpoint}\n"
+              f"resume with: m3ae {resume_command(sys.argv[1:])}", file=sys.stderr)
+    else:
+        print(f"finished {result.step} steps; final loss {result.last_loss:.4f}; checkpoint {result.checkpoint}")
+    return 0

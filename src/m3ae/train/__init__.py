@@ -1,0 +1,1 @@
+"""Pretraining: run configuration and the training loop (not imported by `import m3ae`)."""

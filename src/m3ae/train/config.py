@@ -1,0 +1,110 @@
+"""Run configuration: typed dataclasses, YAML presets, `key.sub=value` command-line overrides."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..config import PRESETS, ConfigError, M3AEConfig
+from ..data.config import DataConfig
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 1.5e-4  # scaled by global batch / 256 unless `lr` is given
+    lr: Optional[float] = None
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: Optional[int] = None  # None: 5% of the run
+    clip_grad: Optional[float] = 1.0
+    decay_mode: str = "mae"  # "mae" or "reference" (the authors' decay mask)
+
+
+@dataclass
+class TrainConfig:
+    model: M3AEConfig = field(default_factory=M3AEConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    steps: int = 1000
+    batch_size: int = 64  # global batch per optimiser step (all processes, all accumulation steps)
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    max_nonfinite: int = 10  # stop after this many non-finite steps in a row
+    compile: bool = False
+    tensorboard: bool = False
+    progress: bool = True
+    viz_every: int = 0  # write a reconstruction grid every K steps (0: never)
+
+    def peak_lr(self) -> float:
+        return self.optim.lr if self.optim.lr is not None else self.optim.base_lr * self.batch_size / 256
+
+    def warmup(self) -> int:
+        return self.optim.warmup_steps if self.optim.warmup_steps is not None else int(0.05 * self.steps)
+
+    def validate(self) -> None:
+        if self.steps <= 0:
+            raise ConfigError("steps must be positive")
+        if self.batch_size <= 0 or self.grad_accum <= 0:
+            raise ConfigError("batch_size and grad_accum must be positive")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.optim.decay_mode not in ("mae", "reference"):
+            raise ConfigError(f"optim.decay_mode must be 'mae' or 'reference', got {self.optim.decay_mode!r}")
+
+
+def preset_path(name: str) -> Path:
+    """A YAML preset shipped with the package (configs/NAME.yaml) or a path to one."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        return path
+    shipped = resources.files("m3ae") / "configs" / f"{name}.yaml"
+    if not shipped.is_file():
+        names = sorted(p.name[:-5] for p in (resources.files("m3ae") / "configs").iterdir()
+                       if p.name.endswith(".yaml"))
+        raise ConfigError(f"unknown run preset {name!r}; shipped presets: {names}, or give a .yaml path")
+    return Path(str(shipped))
+
+
+def load_config(preset: str | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Defaults <- model size preset <- YAML preset <- overrides (`model.depth=4 optim.lr=1e-3`)."""
+    try:
+        layers = [OmegaConf.load(preset_path(preset))] if preset else []
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key=value, got {bad}")
+        cli = OmegaConf.from_dotlist(list(overrides))
+        peek = OmegaConf.merge(*layers, cli) if layers else cli
+        size = OmegaConf.select(peek, "model.preset")
+        if size is not None:
+            if size not in PRESETS:
+                raise ConfigError(f"unknown model preset {size!r}; choose one of {sorted(PRESETS)}")
+            layers.insert(0, OmegaConf.create({"model": PRESETS[size]}))
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), *layers, cli)
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(str(err).splitlines()[0]) from err
+    config.validate()
+    return config
+
+
+def to_yaml(config: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def from_yaml(text: str) -> TrainConfig:
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(text))
+    return OmegaConf.to_object(merged)

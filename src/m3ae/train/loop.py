@@ -1,0 +1,297 @@
+"""The pretraining loop: one process now; rank/world hooks so DDP/FSDP drop in."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..checkpoint import latest_checkpoint, load_train_state, save_checkpoint
+from ..model import M3AE
+from ..optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+from .config import TrainConfig, to_yaml
+from ..data.loader import build_train_data
+
+METRICS_NAME = "metrics.jsonl"
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    step: int  # optimiser steps done
+    status: str  # "finished" | "stopped" (stop-at-step or a signal)
+    checkpoint: Path | None
+    first_loss: float | None = None
+    last_loss: float | None = None
+    skipped_steps: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop finishes the step, checkpoints and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers, no preemption support
+                pass
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C means now
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class MetricsLog:
+    """Append-only JSONL; rows at log intervals only (one host sync per interval)."""
+
+    def __init__(self, path: Path, enabled: bool, tensorboard_dir: Path | None = None):
+        self.path = path
+        self.enabled = enabled
+        self.writer = None
+        if enabled and tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(tensorboard_dir))
+            except ImportError:
+                print("tensorboard is not installed; pip install 'm3ae[tensorboard]'", file=sys.stderr)
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
+                    self.writer.add_scalar(key, value, row["step"])
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop rows the crashed/stopped run wrote after its last checkpoint."""
+        if not (self.enabled and self.path.is_file()):
+            return
+        rows = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(r + "\n" for r in rows))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = None,
+             stop_at_step: int | None = None, rank: int = 0, world_size: int = 1,
+             on_log: Callable[[dict[str, Any]], None] | None = None,
+             model_hook: Callable[[M3AE], torch.nn.Module] | None = None) -> TrainResult:
+    """Pretrain an M3AE. `resume`: None, "auto" (newest checkpoint in out_dir, if any) or a path."""
+    config.validate()
+    out_dir = Path(out_dir)
+    is_main = rank == 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    micro_batch, remainder = divmod(config.batch_size, world_size * config.grad_accum)
+    if remainder or micro_batch == 0:
+        raise ValueError(f"batch_size {config.batch_size} must be a multiple of processes x grad_accum "
+                         f"({world_size} x {config.grad_accum})")
+
+    torch.manual_seed(config.seed + rank)
+    model = M3AE(config.model).to(device)
+    optimizer = build_optimizer(model, config.peak_lr(), config.optim.weight_decay,
+                                (config.optim.beta1, config.optim.beta2), config.optim.eps,
+                                config.optim.decay_mode)
+    start_step, skipped, data_state = 0, 0, None
+    checkpoint_dir = latest_checkpoint(out_dir) if resume == "auto" else (Path(resume) if resume else None)
+    if checkpoint_dir is not None:
+        if not checkpoint_dir.is_dir():
+            raise FileNotFoundError(f"checkpoint to resume from not found: {checkpoint_dir}")
+        loaded = M3AE.from_pretrained(checkpoint_dir)
+        if loaded.config.to_dict() != config.model.to_dict():
+            diff = {k: (v, config.model.to_dict()[k]) for k, v in loaded.config.to_dict().items()
+                    if config.model.to_dict().get(k) != v}
+            raise ValueError(f"{checkpoint_dir} holds a model with another configuration {diff}")
+        model.load_state_dict(loaded.state_dict())
+        state = load_train_state(checkpoint_dir)
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start_step, skipped, data_state = int(state["step"]), int(state.get("skipped_steps", 0)), state.get("data")
+        if is_main:
+            print(f"resuming from {checkpoint_dir} at step {start_step}", file=sys.stderr)
+    run_model = model_hook(model) if model_hook else model
+    if config.compile:
+        run_model = torch.compile(run_model)
+
+    start_micro = start_step * config.grad_accum
+    if data_state is not None:
+        start_micro = int(data_state.get("next_micro_batch", start_micro))
+    data = build_train_data(config.data, config.model, seed=config.seed, micro_batch=micro_batch,
+                            start_micro_batch=start_micro, rank=rank, world_size=world_size)
+    metrics = MetricsLog(out_dir / METRICS_NAME, is_main,
+                         out_dir / "tensorboard" if config.tensorboard else None)
+    metrics.truncate_after(start_step)
+    run_yaml = to_yaml(config)
+    if is_main:
+        (out_dir / "run_config.yaml").write_text(run_yaml)
+
+    def checkpoint(step: int, micro: int) -> Path | None:
+        if not is_main:
+            return None
+        train_state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(),
+                       "data": data.state(micro), "skipped_steps": skipped, "world_size": world_size}
+        return save_checkpoint(out_dir, step, model, train_state, run_yaml, config.keep_last)
+
+    end = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
+    result = TrainResult(out_dir, start_step, "finished", None, skipped_steps=skipped)
+    batches = iter(data.batches)
+    pending: list[torch.Tensor] = []  # per-step [loss, image, text, acc, grad_norm] kept on device
+    nonfinite_run, last_ckpt_step = 0, start_step
+    window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16
+                else contextlib.nullcontext())
+    progress = _progress(config, start_step, is_main)
+    run_model.train()
+    step = start_step
+    with StopRequest() as stop:
+        while step < end:
+            lr = lr_at(step, config.peak_lr(), config.warmup(), config.steps, config.optim.min_lr)
+            set_lr(optimizer, lr)
+            sums = torch.zeros(4, device=device)
+            for _ in range(config.grad_accum):
+                t0 = time.perf_counter()
+                batch = next(batches).to(device, non_blocking=True)
+                data_wait += time.perf_counter() - t0
+                window_samples += batch.size * world_size
+                with autocast:
+                    for part in batch.parts:
+                        out = run_model(**part.model_inputs())
+                        share = part.size / batch.size / config.grad_accum
+                        (out.loss * share).backward()
+                        sums += torch.stack([out.loss.detach().float(),
+                                             _or_nan(out.image_loss, sums), _or_nan(out.text_loss, sums),
+                                             _or_nan(out.text_accuracy, sums)]) * share
+            grad_norm = clip_grad_norm(model.parameters(), config.optim.clip_grad)
+            # The one per-step sync: a non-finite step must not touch the weights or Adam moments.
+            if torch.isfinite(grad_norm).item():
+                optimizer.step()
+                nonfinite_run = 0
+            else:
+                skipped += 1
+                nonfinite_run += 1
+                print(f"step {step + 1}: non-finite loss or gradient, update skipped "
+                      f"({nonfinite_run} in a row)", file=sys.stderr)
+                if nonfinite_run >= config.max_nonfinite:
+                    optimizer.zero_grad(set_to_none=True)
+                    raise FloatingPointError(f"{nonfinite_run} non-finite steps in a row at step {step + 1}; "
+                                             "stopping (lower the learning rate or check the data)")
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            pending.append(torch.cat([sums, grad_norm.float().reshape(1)]))
+            if progress is not None:
+                progress.update(1)
+            if step % config.log_every == 0 or step == end:
+                values = torch.stack(pending).cpu().tolist()
+                pending.clear()
+                elapsed = time.perf_counter() - window_start
+                row = _row(step, values, lr, window_samples / max(elapsed, 1e-9),
+                           data_wait / max(elapsed, 1e-9), skipped)
+                window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
+                result.history.append(row)
+                if result.first_loss is None:
+                    result.first_loss = values[0][0]
+                result.last_loss = row["loss"]
+                metrics.write(row)
+                if on_log is not None:
+                    on_log(row)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.1f}")
+            if step % config.ckpt_every == 0 and step < end:
+                result.checkpoint = checkpoint(step, step * config.grad_accum)
+                last_ckpt_step = step
+            if stop.signal is not None:
+                result.status = "stopped"
+                if is_main:
+                    name = signal.Signals(stop.signal).name
+                    print(f"\nreceived {name}: stopping after step {step}", file=sys.stderr)
+                break
+    if progress is not None:
+        progress.close()
+    if step < config.steps:
+        result.status = "stopped"
+    if step != last_ckpt_step or result.checkpoint is None:
+        result.checkpoint = checkpoint(step, step * config.grad_accum)
+    result.step = step
+    result.skipped_steps = skipped
+    metrics.close()
+    return result
+
+
+def _or_nan(value: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return value.detach().float() if value is not None else like.new_tensor(float("nan"))
+
+
+def _row(step: int, values: list[list[float]], lr: float, samples_per_s: float, data_wait_share: float,
+         skipped: int) -> dict[str, Any]:
+    def mean(i: int) -> float | None:
+        vals = [v[i] for v in values if math.isfinite(v[i])]
+        return sum(vals) / len(vals) if vals else None
+    row = {"step": step, "loss": mean(0), "image_loss": mean(1), "text_loss": mean(2),
+           "text_accuracy": mean(3), "grad_norm": mean(4), "lr": lr,
+           "samples_per_s": samples_per_s, "data_wait_share": data_wait_share, "skipped_steps": skipped,
+           "step_losses": [v[0] for v in values]}
+    return {k: v for k, v in row.items() if v is not None}
+
+
+def _progress(config: TrainConfig, start: int, is_main: bool):
+    if not (config.progress and is_main):
+        return None
+    from tqdm import tqdm
+    return tqdm(total=config.steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True,
+                mininterval=1.0, file=sys.stderr)

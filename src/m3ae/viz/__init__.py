@@ -1,0 +1,1 @@
+"""Pictures: loss curves, reconstructions (matplotlib's object API; no global pyplot state)."""
