@@ -246,7 +246,7 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
                 result.history.append(row)
                 if result.first_loss is None:
                     result.first_loss = values[0][0]
-                result.last_loss = row["loss"]
+                result.last_loss = row.get("loss", float("nan"))
                 metrics.write(row)
                 if on_log is not None:
                     on_log(row)

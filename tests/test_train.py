@@ -1,0 +1,144 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from m3ae import M3AE
+from m3ae.checkpoint import latest_checkpoint, list_checkpoints, load_train_state
+from m3ae.cli import main
+from m3ae.config import ConfigError
+from m3ae.train.config import load_config
+from m3ae.train.loop import pretrain
+
+# A run small enough for seconds on 2 cores, on the built-in synthetic data.
+TINY = ["model.image_size=32", "model.patch_size=8", "model.emb_dim=32", "model.depth=2", "model.num_heads=2",
+        "model.dec_emb_dim=32", "model.dec_depth=1", "model.dec_num_heads=2", "data.num_workers=0",
+        "batch_size=8", "log_every=1", "progress=false", "optim.warmup_steps=2", "data.demo_samples=64"]
+
+
+def tiny_config(*extra):
+    return load_config("demo", TINY + list(extra))
+
+
+def losses(out_dir: Path) -> list[float]:
+    rows = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [x for r in rows for x in r["step_losses"]]
+
+
+def params(directory: Path) -> dict[str, torch.Tensor]:
+    return M3AE.from_pretrained(directory).state_dict()
+
+
+def test_loss_goes_down(tmp_path):
+    result = pretrain(tiny_config("steps=40", "optim.lr=3e-3"), tmp_path)
+    curve = losses(tmp_path)
+    assert len(curve) == 40
+    assert sum(curve[-5:]) / 5 < 0.7 * sum(curve[:5]) / 5
+    assert result.status == "finished" and result.checkpoint == latest_checkpoint(tmp_path)
+
+
+def test_exact_resume_after_stop_at_step(tmp_path):
+    steps = ["steps=10", "ckpt_every=100"]
+    straight = pretrain(tiny_config(*steps), tmp_path / "straight")
+    first = pretrain(tiny_config(*steps), tmp_path / "split", stop_at_step=5)
+    assert first.status == "stopped" and first.step == 5
+    resumed = pretrain(tiny_config(*steps), tmp_path / "split", resume="auto")
+    assert resumed.step == 10
+    assert losses(tmp_path / "straight") == pytest.approx(losses(tmp_path / "split"), abs=1e-6)
+    a, b = params(straight.checkpoint), params(resumed.checkpoint)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    sa, sb = load_train_state(straight.checkpoint), load_train_state(resumed.checkpoint)
+    assert sa["step"] == sb["step"] == 10
+    torch.testing.assert_close(sa["optimizer"]["state"][0]["exp_avg_sq"], sb["optimizer"]["state"][0]["exp_avg_sq"])
+
+
+def test_exact_resume_with_workers_and_grad_accum(tmp_path):
+    steps = ["steps=6", "grad_accum=2", "data.num_workers=2", "ckpt_every=100"]
+    pretrain(tiny_config(*steps), tmp_path / "straight")
+    pretrain(tiny_config(*steps), tmp_path / "split", stop_at_step=3)
+    pretrain(tiny_config(*steps), tmp_path / "split", resume="auto")
+    assert losses(tmp_path / "straight") == pytest.approx(losses(tmp_path / "split"), abs=1e-6)
+
+
+def test_sigterm_checkpoints_and_resume_matches(tmp_path):
+    run = tmp_path / "killed"
+    args = ["pretrain", "--config", "demo", "--out", str(run), "--steps", "60", *TINY, "ckpt_every=1000"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "m3ae", *args], stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline:  # wait for a few steps to be logged
+        if (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "received SIGTERM" in err and "--resume auto" in err
+    stopped_at = int(latest_checkpoint(run).name.split("_")[1])
+    assert 3 <= stopped_at < 60
+    assert main(args + ["--resume", "auto"]) == 0
+    pretrain(tiny_config("steps=60", "ckpt_every=1000"), tmp_path / "straight")
+    assert losses(run) == pytest.approx(losses(tmp_path / "straight"), abs=1e-6)
+    a, b = params(latest_checkpoint(run)), params(latest_checkpoint(tmp_path / "straight"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_keep_last_and_atomic_checkpoints(tmp_path):
+    pretrain(tiny_config("steps=8", "ckpt_every=2", "keep_last=2"), tmp_path)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [6, 8]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+    state = load_train_state(latest_checkpoint(tmp_path))  # weights_only=True inside
+    assert state["step"] == 8 and "rng" in state and state["data"]["next_micro_batch"] == 8
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
+    original = M3AE.forward
+
+    def poisoned(self, *a, **k):
+        out = original(self, *a, **k)
+        out.loss = out.loss * float("nan")
+        return out
+    monkeypatch.setattr(M3AE, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match="3 non-finite steps in a row"):
+        pretrain(tiny_config("steps=10", "max_nonfinite=3"), tmp_path)
+
+
+def test_resume_refuses_other_model_shape(tmp_path):
+    pretrain(tiny_config("steps=2"), tmp_path)
+    with pytest.raises(ValueError, match="another configuration"):
+        pretrain(tiny_config("steps=4", "model.depth=3"), tmp_path, resume="auto")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.image_size=30", "not divisible"),
+    ("model.image_mask_ratio=1.0", "image_mask_ratio"),
+    ("model.preset=gigantic", "unknown model preset"),
+    ("model.nope=1", "nope"),
+    ("steps=0", "steps must be positive"),
+])
+def test_bad_run_configuration(override, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(override)
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
+    assert main(["pretrain", "--config", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown run preset" in capsys.readouterr().err
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "12", "--samples", "2", *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "loss at start" in printed
+    for name in ("loss.png", "reconstruction.png", "metrics.jsonl", "tokenizer.json"):
+        assert (out / name).stat().st_size > 0
+    assert latest_checkpoint(out) is not None
