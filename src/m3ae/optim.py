@@ -1,0 +1,76 @@
+"""AdamW with decay / no-decay groups, optax-equivalent clipping, warmup + cosine schedule."""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+# The authors' no-decay lists, as substrings of their Flax paths, translated to our names.
+_REFERENCE_M3AE_NO_DECAY = ("cls_token", "encoder_image_type", "encoder_text_type", "decoder_image_type",
+                            "decoder_text_type", "image_mask_token", "text_mask_token", "text_embedding")
+_REFERENCE_MAE_NO_DECAY = ("cls_token", "encoder_image_type", "image_mask_token")
+
+
+def _decays(name: str, param: nn.Parameter, mode: str, image_only: bool) -> bool:
+    if name.endswith(".bias"):
+        return False
+    if mode == "mae":
+        # MAE convention: only matrices of Linear layers decay (no norms, embeddings, tokens).
+        return param.ndim == 2 and not name.startswith("text_embedding")
+    if mode == "reference":
+        listed = _REFERENCE_MAE_NO_DECAY if image_only else _REFERENCE_M3AE_NO_DECAY
+        return not any(name.startswith(entry) for entry in listed)
+    raise ValueError(f"unknown weight-decay mode {mode!r}; use 'mae' or 'reference'")
+
+
+def param_groups(model: nn.Module, weight_decay: float, mode: str = "mae") -> list[dict]:
+    """Two groups, decayed and not, by `mode` ("mae" = our default, "reference" = the authors')."""
+    image_only = not getattr(getattr(model, "config", None), "has_text", True)
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if _decays(name, param, mode, image_only) else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8,
+                    decay_mode: str = "mae", fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW; fused kernels by default when every parameter is on CUDA."""
+    groups = param_groups(model, weight_decay, decay_mode)
+    if fused is None:
+        fused = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
+    """Linear warmup from 0, then cosine to `min_lr`; `step` = updates done so far (optax count)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * step / warmup_steps
+    decay_steps = max(total_steps - warmup_steps, 1)
+    progress = min(max(step - warmup_steps, 0) / decay_steps, 1.0)
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+@torch.no_grad()
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """Global-norm clipping as optax does it (g * max_norm / max(norm, max_norm)); returns the norm.
+
+    No host sync: the scale is applied on-device. A non-finite norm leaves grads non-finite,
+    which the caller detects.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    if max_norm is not None and max_norm > 0:
+        scale = max_norm / torch.maximum(norm, torch.tensor(max_norm, device=norm.device))
+        torch._foreach_mul_(grads, scale.to(grads[0].dtype))
+    return norm
