@@ -206,6 +206,18 @@ def _jax_reconstruct_array(fun: Any, args: Any, arr_state: Any, aval_state: Any)
     return array
 
 
+def _refuse(what: str) -> Any:
+    raise UnsafePickleError(f"refusing {what}")
+
+
+def _latin1_encode(text: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    # Protocol-2 pickles store bytes as _codecs.encode(str, 'latin1'); allow only that codec
+    # (other codecs would import modules).
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise UnsafePickleError(f"refusing _codecs.encode(..., {encoding!r})")
+    return text.encode("latin1")
+
+
 _NUMPY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric",
                   "numpy._core.numeric", "numpy")
 _ALLOWED: dict[tuple[str, str], Any] = {}
@@ -214,8 +226,11 @@ for _module in _NUMPY_MODULES:
     _ALLOWED[(_module, "_frombuffer")] = _frombuffer
     _ALLOWED[(_module, "scalar")] = _scalar
 _ALLOWED[("numpy", "dtype")] = _dtype
-_ALLOWED[("numpy", "ndarray")] = SafeArray
 _ALLOWED[("jax._src.array", "_reconstruct_array")] = _jax_reconstruct_array
+_ALLOWED[("_codecs", "encode")] = _latin1_encode
+# Protocol 2 writes empty bytes as bytes() (module '__builtin__' under fix_imports).
+for _module in ("builtins", "__builtin__"):
+    _ALLOWED[(_module, "bytes")] = lambda *args: b"" if not args else _refuse("bytes(...)")
 # Plain containers (harmless constructors).
 _ALLOWED[("collections", "OrderedDict")] = dict
 _ALLOWED[("builtins", "set")] = set
