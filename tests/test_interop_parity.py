@@ -297,3 +297,17 @@ def test_type_embeddings_absent_and_heads_override():
     c = converted.model.config
     assert not c.use_type_embedding and c.num_heads == 2 and c.dec_num_heads == 2
     assert converted.notes == ["patch_size = 8 (from image_embedding, assuming 3 channels)"]
+
+
+def test_heads_follow_the_variants_model_type():
+    """The authors' flags keep num_heads at its default (16) when model_type picks a preset."""
+    shapes = {"image_embedding/kernel": (768, 768), "decoder_input_projection/kernel": (768, 512),
+              "encoder/Block_0/TransformerMLP_0/fc1/kernel": (768, 3072),
+              "decoder/Block_0/TransformerMLP_0/fc1/kernel": (512, 2048),
+              "decoder_image_output/Dense_0/kernel": (512, 768)}
+    params = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+    variant = {"mae.model_type": "base", "mae.num_heads": 16, "mae.dec_num_heads": 16, "patch_size": 16}
+    c = infer_config(params, variant)
+    assert (c.num_heads, c.dec_num_heads, c.patch_size, c.image_size) == (12, 16, 16, 256)
+    assert infer_config(params, {}, num_heads=6).num_heads == 6
+    assert infer_config(params, {}).num_heads == 12  # preset by width

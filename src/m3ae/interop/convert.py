@@ -23,6 +23,10 @@ from .jax_checkpoint import JaxCheckpoint, load_jax_checkpoint, params_from_mapp
 # Heads by width in the authors' presets (small/base/large/huge, decoder 512) and ours (nano/tiny).
 ENCODER_HEADS = {64: 4, 192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 DECODER_HEADS = {32: 4, 128: 4, 512: 16}
+# The authors' `model_type` presets: (emb_dim, num_heads, dec_emb_dim, dec_num_heads). A saved
+# variant's plain num_heads is the flag default when model_type is set, so model_type wins.
+AUTHOR_PRESETS = {"small": (384, 6, 512, 16), "base": (768, 12, 512, 16), "large": (1024, 16, 512, 16),
+                  "huge": (1280, 16, 512, 16), "debug": (1024, 16, 512, 16)}
 DEFAULT_IMAGE_SIZE = 256
 
 
@@ -43,6 +47,17 @@ def _variant_value(variant: Mapping[str, Any], name: str) -> Any:
         if key in variant and variant[key] is not None:
             return variant[key]
     return None
+
+
+def _variant_heads(variant: Mapping[str, Any], emb_dim: int, dec_emb_dim: int,
+                   notes: list[str]) -> tuple[Any, Any]:
+    model_type = _variant_value(variant, "model_type")
+    if model_type in AUTHOR_PRESETS:
+        width, heads, dec_width, dec_heads = AUTHOR_PRESETS[model_type]
+        if (width, dec_width) == (emb_dim, dec_emb_dim):
+            return heads, dec_heads
+        notes.append(f"ignored model_type {model_type!r} in the variant: its widths do not match")
+    return _variant_value(variant, "num_heads"), _variant_value(variant, "dec_num_heads")
 
 
 def _block_count(params: Mapping[str, np.ndarray], tower: str) -> int:
@@ -113,7 +128,8 @@ def infer_config(params: Mapping[str, np.ndarray], variant: Mapping[str, Any] | 
     heads = [int(m.group(1)) for k in params if (m := re.match(r"decoder_image_output/Dense_(\d+)/", k))]
     if not heads:
         raise ConversionError("missing Flax parameters decoder_image_output/Dense_*")
-    image_size = image_size or _variant_value(variant, "image_size")
+    image_size = image_size or _variant_value(variant, "image_size") or next(
+        (v for k, v in variant.items() if k.endswith("data.image_size") and v), None)
     if not image_size:
         image_size = DEFAULT_IMAGE_SIZE
         notes.append(f"image_size = {image_size} (default; only sets the fixed position tables)")
@@ -126,12 +142,13 @@ def infer_config(params: Mapping[str, np.ndarray], variant: Mapping[str, Any] | 
     for name in ("image_loss_weight", "text_loss_weight"):
         if variant.get(name) is not None:
             extra[name] = float(variant[name])
+    variant_heads, variant_dec_heads = _variant_heads(variant, emb_dim, dec_emb_dim, notes)
     return M3AEConfig(
         image_size=int(image_size), patch_size=patch_size, in_chans=in_chans, emb_dim=emb_dim,
         depth=depth, dec_emb_dim=dec_emb_dim, dec_depth=dec_depth, mlp_ratio=mlp_ratio,
-        num_heads=_heads(emb_dim, num_heads, _variant_value(variant, "num_heads"), ENCODER_HEADS,
+        num_heads=_heads(emb_dim, num_heads, variant_heads, ENCODER_HEADS,
                          "num_heads", notes),
-        dec_num_heads=_heads(dec_emb_dim, dec_num_heads, _variant_value(variant, "dec_num_heads"),
+        dec_num_heads=_heads(dec_emb_dim, dec_num_heads, variant_dec_heads,
                              DECODER_HEADS, "dec_num_heads", notes),
         vocab_size=vocab, text_length=int(text_length or 64),
         use_type_embedding="encoder_image_type_embedding" in params,
