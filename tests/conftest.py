@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# Tiny models: one thread is faster than two fighting over 2 cores (and than oversubscribing
+# alongside loader workers). Subprocesses started by tests inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 from m3ae import M3AE, M3AEConfig
 
