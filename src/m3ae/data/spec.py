@@ -62,6 +62,13 @@ def detect_kind(path: str) -> str:
                       (".h5", "hdf5"), (".hdf5", "hdf5"), (".txt", "text")):
         if p.endswith(ext):
             return kind
+    if any(ch in path for ch in "*?[") and "://" not in path:
+        import glob
+
+        found = sorted(glob.glob(path))
+        if not found:
+            raise FileNotFoundError(f"no files match {path!r}")
+        return detect_kind(found[0])
     if os.path.isdir(path):
         names = os.listdir(path)
         if names and all(n.endswith((".tar", ".tar.gz", ".tgz")) or n.startswith(".") for n in names):
