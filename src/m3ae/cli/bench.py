@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
                      "m3ae": TrainTransform(args.image_size)}
         for name, transform in pipelines.items():
             ds = _Files(records, transform)
-            one = _rate(ds, min(args.samples, 4 * args.batch), 0, args.batch)
+            one = _rate(ds, args.samples, 0, args.batch)
             many = _rate(ds, args.samples, args.workers, args.batch)
-            print(f"{source.describe()[-48:]:48s} {name:9s} {one:9.0f}/s {many:9.0f}/s", flush=True)
+            print(f"{source.describe()[-48:]:>48s} {name:9s} {one:9.0f}/s {many:9.0f}/s", flush=True)
     return 0
