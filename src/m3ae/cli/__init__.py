@@ -6,10 +6,15 @@ import argparse
 import importlib
 import sys
 
+from ..data.bad import DataQualityError
+
 COMMANDS = [
     "m3ae.cli.pretrain",
     "m3ae.cli.demo",
     "m3ae.cli.convert_jax",
+    "m3ae.cli.data",
+    "m3ae.cli.tokenizer",
+    "m3ae.cli.bench",
 ]
 
 
@@ -29,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:  # configuration and input errors: no traceback
         print(f"m3ae {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (FloatingPointError, DataQualityError) as err:  # a run that had to stop
+        print(f"m3ae {args.command}: stopped: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

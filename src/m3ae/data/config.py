@@ -7,11 +7,23 @@ from typing import Optional
 
 @dataclass
 class DataConfig:
-    # What to read. "demo" = the built-in synthetic shapes; other specs are parsed by m3ae.data.sources.
+    # What to read: "demo" = the built-in synthetic shapes; otherwise a SPEC (see m3ae.data.spec).
     spec: str = "demo"
-    # Tokenizer: a hub name, a tokenizer.json / vocab.txt path; None = the source's own (demo: built in).
+    # Tokenizer: a hub name, a tokenizer.json / vocab.txt path; None = the source's own (demo: built
+    # in), "bert-base-uncased" (the paper's) for real data.
     tokenizer: Optional[str] = None
     num_workers: int = 2
     prefetch_factor: int = 2
-    normalization: str = "cc12m"
+    normalization: str = "cc12m"  # "cc12m", "imagenet", or "mean1,mean2,mean3/std1,std2,std3"
     demo_samples: int = 8192
+    # Share of image-text pairs used as image-only samples (the paper's partly-captioned runs).
+    caption_drop: float = 0.0
+    # RandomResizedCrop area range (the paper: 0.2-1) and horizontal flips.
+    crop_scale_min: float = 0.2
+    crop_scale_max: float = 1.0
+    hflip: bool = True
+    jpeg_draft: bool = True  # decode JPEGs at reduced DCT scale when the crop is much larger than the output
+    max_image_pixels: int = 178_956_970  # refuse larger images (decompression bombs)
+    # Stop the run when more than this share of samples is unusable (after bad_min_samples seen).
+    max_bad_fraction: float = 0.05
+    bad_min_samples: int = 200

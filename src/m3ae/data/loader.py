@@ -1,17 +1,50 @@
-"""Build the training loader for a data spec: samples -> `Batch` of modality parts with masks."""
+"""Build the training loader for a data spec: samples -> `Batch` of modality parts with masks.
+
+Resume: the trainer saves `TrainData.state(next_micro_batch)` and passes it back as
+`resume_state` (and its "next_micro_batch" as `start_micro_batch`). Indexed sources resume
+exactly (the micro-batch index is enough); streams resume where each (rank, worker) share's
+last delivered batch ended, provided ranks x workers is unchanged, else at shard level.
+"""
 from __future__ import annotations
 
 import signal
-from dataclasses import dataclass
-from typing import Any, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
 
 import torch
 
 from ..config import M3AEConfig
+from .bad import BadCounter
 from .collate import Batch, Collator
 from .config import DataConfig
+from .images import TrainTransform
+from .pipeline import BatchCollator, MixtureDataset, PositionSampler, SampleMaker, SourceUse, StreamDataset
 from .sampler import IndexedBatchSampler
 from .synthetic import SyntheticShapes
+
+DEFAULT_TOKENIZER = "bert-base-uncased"
+
+
+class TrackedBatches:
+    """Wraps the loader: merges each batch's data stats, enforces max_bad_fraction, and keeps the
+    stream position of the last delivered batch of every (rank, worker) share."""
+
+    def __init__(self, loader: Iterable[Batch], counter: BadCounter):
+        self.loader = loader
+        self.counter = counter
+        self.stream: dict[str, Any] = {}
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.loader:
+            stats = batch.extra.get("data_stats")
+            if stats:
+                self.counter.add(stats)
+                self.counter.check()
+            pos = batch.extra.get("stream_state")
+            if pos:
+                self.stream["parts"] = pos["parts"]
+                self.stream.setdefault("workers", {})[str(pos["part"])] = pos["state"]
+            yield batch
 
 
 @dataclass
@@ -22,9 +55,19 @@ class TrainData:
     description: str
     tokenizer: Any = None
     exact_resume: bool = True  # indexed sources resume exactly; streams resume at shard level
+    counter: BadCounter = field(default_factory=BadCounter)
 
     def state(self, next_micro_batch: int) -> dict[str, Any]:
-        return {"next_micro_batch": next_micro_batch, "exact": self.exact_resume}
+        out: dict[str, Any] = {"next_micro_batch": next_micro_batch, "exact": self.exact_resume}
+        if isinstance(self.batches, TrackedBatches) and self.batches.stream:
+            # Only the local rank's shares; each rank saves and restores its own.
+            out["stream"] = {"parts": self.batches.stream["parts"],
+                             "workers": dict(self.batches.stream["workers"])}
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        """Samples used and skipped (by reason, with example keys) so far on this rank."""
+        return {**self.counter.as_dict(), "bad_fraction": self.counter.bad_fraction}
 
 
 def _quiet_worker(_: int) -> None:
@@ -34,22 +77,55 @@ def _quiet_worker(_: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _loader_kwargs(data: DataConfig) -> dict[str, Any]:
+    workers = max(int(data.num_workers), 0)
+    return dict(num_workers=workers, worker_init_fn=_quiet_worker if workers else None,
+                prefetch_factor=data.prefetch_factor if workers else None,
+                persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+
 def indexed_loader(dataset: torch.utils.data.Dataset, model_config: M3AEConfig, data: DataConfig, *,
                    seed: int, micro_batch: int, start_micro_batch: int = 0, rank: int = 0,
                    world_size: int = 1, stop: int | None = None) -> torch.utils.data.DataLoader:
     sampler = IndexedBatchSampler(len(dataset), micro_batch, seed=seed, start=start_micro_batch,
                                   stop=stop, rank=rank, world_size=world_size)
-    workers = max(int(data.num_workers), 0)
-    return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=Collator(model_config, seed, rank),
-        num_workers=workers, worker_init_fn=_quiet_worker if workers else None,
-        prefetch_factor=data.prefetch_factor if workers else None,
-        persistent_workers=False, pin_memory=torch.cuda.is_available(),
-    )
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(model_config, seed, rank),
+                                       **_loader_kwargs(data))
+
+
+def source_uses(data: DataConfig, model_config: M3AEConfig) -> list[SourceUse]:
+    """Open every source of the spec (errors surface here, before training) and decide what each gives."""
+    from .sources import build_sources
+
+    uses = []
+    for item, source in build_sources(data.spec):
+        image = "image" in source.provides and item.role != "text"
+        text = "text" in source.provides and item.role != "image" and model_config.has_text
+        if not (image or text):
+            raise ValueError(f"{source.describe()} gives nothing this model can use "
+                             f"(provides {sorted(source.provides)}, role {item.role or 'default'})")
+        uses.append(SourceUse(source, item.weight, image, text))
+    return uses
+
+
+def make_sample_maker(data: DataConfig, model_config: M3AEConfig, uses: list[SourceUse], tokenizer=None,
+                      train: bool = True) -> SampleMaker:
+    from .tokenizer import load_tokenizer
+
+    if tokenizer is None and any(u.text for u in uses):
+        tokenizer = load_tokenizer(data.tokenizer or DEFAULT_TOKENIZER)
+    if tokenizer is not None and model_config.has_text and tokenizer.get_vocab_size() > model_config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size "
+                         f"is {model_config.vocab_size}")
+    transform = TrainTransform(model_config.image_size, scale=(data.crop_scale_min, data.crop_scale_max),
+                               flip=data.hflip, stats=data.normalization, draft=data.jpeg_draft,
+                               max_pixels=data.max_image_pixels)
+    return SampleMaker(transform, tokenizer, model_config.text_length, data.caption_drop if train else 0.0)
 
 
 def build_train_data(data: DataConfig, model_config: M3AEConfig, *, seed: int, micro_batch: int,
-                     start_micro_batch: int = 0, rank: int = 0, world_size: int = 1) -> TrainData:
+                     start_micro_batch: int = 0, rank: int = 0, world_size: int = 1,
+                     resume_state: dict[str, Any] | None = None) -> TrainData:
     if data.spec == "demo":
         dataset = SyntheticShapes(data.demo_samples, model_config.image_size, model_config.text_length,
                                   seed=seed, stats=data.normalization)
@@ -59,4 +135,25 @@ def build_train_data(data: DataConfig, model_config: M3AEConfig, *, seed: int, m
         loader = indexed_loader(dataset, model_config, data, seed=seed, micro_batch=micro_batch,
                                 start_micro_batch=start_micro_batch, rank=rank, world_size=world_size)
         return TrainData(loader, f"synthetic shapes ({len(dataset)} samples)", dataset.tokenizer)
-    raise ValueError(f"unknown data spec {data.spec!r} (this build knows: 'demo')")
+    if not 0.0 <= data.caption_drop <= 1.0:
+        raise ValueError(f"caption_drop must be in [0, 1], got {data.caption_drop}")
+    uses = source_uses(data, model_config)
+    maker = make_sample_maker(data, model_config, uses)
+    counter = BadCounter(data.max_bad_fraction, data.bad_min_samples)
+    collator = BatchCollator(model_config, seed, rank)
+    description = " + ".join(f"{u.source.describe()}@{u.weight:g}" for u in uses)
+    if all(u.source.exact for u in uses):
+        dataset = MixtureDataset(uses, maker, seed)
+        sampler = PositionSampler(micro_batch, start=start_micro_batch, rank=rank, world_size=world_size)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
+                                             **_loader_kwargs(data))
+        return TrainData(TrackedBatches(loader, counter), description, maker.tokenizer, True, counter)
+    stream = (resume_state or {}).get("stream")
+    dataset = StreamDataset(uses, maker, collator, seed, micro_batch, start=start_micro_batch, rank=rank,
+                            world_size=world_size, resume=stream)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, **_loader_kwargs(data))
+    tracked = TrackedBatches(loader, counter)
+    if stream and stream.get("parts") == world_size * max(int(data.num_workers), 1):
+        # Shares that deliver nothing before the next checkpoint keep their old position.
+        tracked.stream = {"parts": stream.get("parts"), "workers": dict(stream.get("workers", {}))}
+    return TrainData(tracked, description, maker.tokenizer, False, counter)

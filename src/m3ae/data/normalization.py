@@ -12,7 +12,12 @@ STATS = {"cc12m": (CC12M_MEAN, CC12M_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_
 
 
 def resolve_stats(name_or_values: str | tuple) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """'cc12m', 'imagenet', or an explicit (mean, std) pair."""
+    """'cc12m', 'imagenet', "m1,m2,m3/s1,s2,s3", or an explicit (mean, std) pair."""
+    if isinstance(name_or_values, str) and "/" in name_or_values:
+        mean, std = (tuple(float(v) for v in part.split(",")) for part in name_or_values.split("/"))
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"custom normalisation needs 3 means / 3 positive stds: {name_or_values!r}")
+        return mean, std
     if isinstance(name_or_values, str):
         if name_or_values not in STATS:
             raise ValueError(f"unknown normalisation {name_or_values!r}; choose {sorted(STATS)} or give mean/std")

@@ -173,7 +173,10 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
     if data_state is not None:
         start_micro = int(data_state.get("next_micro_batch", start_micro))
     data = build_train_data(config.data, config.model, seed=config.seed, micro_batch=micro_batch,
-                            start_micro_batch=start_micro, rank=rank, world_size=world_size)
+                            start_micro_batch=start_micro, rank=rank, world_size=world_size,
+                            resume_state=data_state)
+    if is_main:
+        print(f"data: {data.description}", file=sys.stderr)
     metrics = MetricsLog(out_dir / METRICS_NAME, is_main,
                          out_dir / "tensorboard" if config.tensorboard else None)
     metrics.truncate_after(start_step)
@@ -242,6 +245,8 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
                 elapsed = time.perf_counter() - window_start
                 row = _row(step, values, lr, window_samples / max(elapsed, 1e-9),
                            data_wait / max(elapsed, 1e-9), skipped)
+                if data.counter.total_bad:
+                    row["bad_samples"] = data.counter.total_bad
                 window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
                 result.history.append(row)
                 if result.first_loss is None:

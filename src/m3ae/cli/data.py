@@ -1,0 +1,144 @@
+"""`m3ae data stats SPEC` and `m3ae data shard SPEC --out PATTERN`."""
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from collections import Counter
+
+import numpy as np
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("data", help="inspect data sources and write WebDataset shards")
+    sub = p.add_subparsers(dest="data_command", required=True)
+    s = sub.add_parser("stats", help="samples, bad samples by reason, caption lengths, image sizes")
+    s.add_argument("spec", help="a data SPEC (see m3ae.data.spec)")
+    s.add_argument("--tokenizer", help="count caption lengths in tokens of this tokenizer (default: words)")
+    s.add_argument("--limit", type=int, default=None, help="read at most this many records per source")
+    s.set_defaults(func=run_stats)
+    w = sub.add_parser("shard", help="write WebDataset tar shards (key.jpg/.txt/.cls) from any source")
+    w.add_argument("spec")
+    w.add_argument("--out", required=True, help="shard pattern with an index, e.g. out/shard-%%05d.tar")
+    w.add_argument("--per-shard", type=int, default=1000)
+    w.add_argument("--shorter-side", type=int, default=256, help="downscale so the shorter side is this (0: keep)")
+    w.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
+    w.add_argument("--limit", type=int, default=None)
+    w.set_defaults(func=run_shard)
+
+
+def _percentiles(values) -> str:
+    if not values:
+        return "-"
+    a = np.asarray(values)
+    q = np.percentile(a, [0, 5, 50, 95, 100])
+    return f"min {q[0]:.0f}  p5 {q[1]:.0f}  median {q[2]:.0f}  p95 {q[3]:.0f}  max {q[4]:.0f}  (mean {a.mean():.1f})"
+
+
+def _decode(record, max_pixels):
+    """Full decode to RGB (so broken files are found), or raise BadSample."""
+    from m3ae.data.images import _load, open_image, to_rgb
+
+    return to_rgb(_load(open_image(record.image, record.key, max_pixels)))
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    from m3ae.data.bad import BadCounter, BadSample
+    from m3ae.data.images import DEFAULT_MAX_PIXELS
+    from m3ae.data.pipeline import decode_caption
+    from m3ae.data.sources import build_sources
+    from m3ae.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    for item, source in build_sources(args.spec):
+        counter = BadCounter(max_logged=0)
+        lengths, widths, heights, labels = [], [], [], Counter()
+        take_image = "image" in source.provides and item.role != "text"
+        take_text = "text" in source.provides and item.role != "image"
+        for i, (_, record) in enumerate(source.iterate(0, 1, seed=0, epochs=1)):
+            if args.limit is not None and i >= args.limit:
+                break
+            try:
+                if record.missing:
+                    raise BadSample(record.missing, record.key)
+                caption = decode_caption(record.caption) if take_text else None
+                if take_text and caption is None:
+                    raise BadSample("missing_caption", record.key)
+                if take_text and not caption:
+                    raise BadSample("empty", "empty caption")
+                if take_image:
+                    if record.image is None:
+                        raise BadSample("missing_image", record.key)
+                    w, h = _decode(record, DEFAULT_MAX_PIXELS).size
+                    widths.append(w)
+                    heights.append(h)
+            except BadSample as err:
+                counter.record_bad(err.reason, record.key, err.detail, log_it=False)
+                continue
+            if caption:
+                lengths.append(len(tok.encode(caption, add_special_tokens=False).ids) if tok else len(caption.split()))
+            if record.label is not None:
+                labels[record.label] += 1
+            counter.good += 1
+        print(f"{source.describe()}  (provides {', '.join(sorted(source.provides))})")
+        print(f"  samples: {counter.good}   bad: {counter.total_bad} ({counter.bad_fraction:.2%})")
+        for reason, n in sorted(counter.bad.items()):
+            print(f"    {reason}: {n}   e.g. {', '.join(counter.examples[reason][:3])}")
+        if lengths:
+            unit = "tokens" if tok else "words"
+            over = sum(n > 64 for n in lengths)
+            print(f"  caption length ({unit}): {_percentiles(lengths)}; over 64: {over}")
+        if widths:
+            print(f"  image width:  {_percentiles(widths)}")
+            print(f"  image height: {_percentiles(heights)}")
+            print(f"  shorter side: {_percentiles(np.minimum(widths, heights).tolist())}")
+        if labels:
+            print(f"  labels: {len(labels)} classes, {min(labels.values())}-{max(labels.values())} per class")
+    return 0
+
+
+def run_shard(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from m3ae.data.bad import BadCounter, BadSample
+    from m3ae.data.images import DEFAULT_MAX_PIXELS
+    from m3ae.data.pipeline import decode_caption
+    from m3ae.data.sources import ShardWriter, build_sources
+
+    counter = BadCounter(max_logged=10)
+    index = 0
+    with ShardWriter(args.out, args.per_shard) as writer:
+        for item, source in build_sources(args.spec):
+            take_text = "text" in source.provides and item.role != "image"
+            for _, record in source.iterate(0, 1, seed=0, epochs=1):  # in source order
+                if args.limit is not None and index >= args.limit:
+                    break
+                try:
+                    if record.missing:
+                        raise BadSample(record.missing, record.key)
+                    if record.image is None:
+                        raise BadSample("missing_image", record.key)
+                    image = _decode(record, DEFAULT_MAX_PIXELS)
+                    caption = decode_caption(record.caption) if take_text else None
+                except BadSample as err:
+                    counter.record_bad(err.reason, record.key, err.detail)
+                    continue
+                side = min(image.size)
+                if args.shorter_side and side > args.shorter_side:
+                    s = args.shorter_side / side
+                    image = image.resize((max(1, round(image.width * s)), max(1, round(image.height * s))),
+                                         Image.BICUBIC)
+                buf = io.BytesIO()
+                image.save(buf, "JPEG", quality=args.quality)
+                sample = {"__key__": f"{index:09d}", "jpg": buf.getvalue()}
+                if caption:
+                    sample["txt"] = caption
+                if record.label is not None:
+                    sample["cls"] = int(record.label)
+                sample["json"] = {"source_key": record.key, **({"caption": caption} if caption else {})}
+                writer.write(sample)
+                counter.good += 1
+                index += 1
+    print(f"wrote {counter.good} samples to {len(writer.written)} shards ({args.out}); "
+          f"skipped {counter.total_bad}: {dict(counter.bad)}", file=sys.stdout)
+    return 0

@@ -1,0 +1,44 @@
+"""`m3ae tokenizer train CORPUS --vocab-size N --out FILE`: a BERT-uncased-style WordPiece vocabulary."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("tokenizer", help="train a WordPiece tokenizer")
+    sub = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = sub.add_parser("train", help="train on a text corpus (.txt lines, or a CSV/JSONL caption column)")
+    t.add_argument("corpus", nargs="+", help="text sources: corpus.txt, captions.csv, text:FILE#COLUMN")
+    t.add_argument("--vocab-size", type=int, default=30522)
+    t.add_argument("--min-frequency", type=int, default=2)
+    t.add_argument("--cased", action="store_true", help="keep case (default: lower-case like BERT uncased)")
+    t.add_argument("--out", required=True, help="tokenizer.json to write")
+    t.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from m3ae.data.pipeline import decode_caption
+    from m3ae.data.bad import BadSample
+    from m3ae.data.sources import build_source
+    from m3ae.data.spec import parse_item
+    from m3ae.data.tokenizer import train_wordpiece
+
+    sources = []
+    for c in args.corpus:
+        item = parse_item(c if "=" in c.split(":")[0] else f"text={c}")
+        sources.append(build_source(item))
+
+    def texts():
+        for source in sources:
+            for _, record in source.iterate(0, 1, seed=0, epochs=1):
+                try:
+                    text = decode_caption(record.caption)
+                except BadSample:
+                    continue
+                if text:
+                    yield text
+
+    tok = train_wordpiece(texts(), args.vocab_size, args.min_frequency, lowercase=not args.cased)
+    tok.save(args.out)
+    print(f"wrote {args.out}: {tok.get_vocab_size()} tokens")
+    return 0

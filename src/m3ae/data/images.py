@@ -1,0 +1,197 @@
+"""Image decoding and transforms (no torchvision).
+
+Decoding is defensive: zero-byte, unidentifiable, truncated and over-limit images raise
+`BadSample`; every mode (L, 1, P, RGBA, LA, CMYK, I;16, I, F) comes out as 8-bit RGB.
+JPEGs are decoded in draft mode (DCT scaling, 2-8x cheaper) when the crop is much larger than
+the output, which is the common case for RandomResizedCrop on photos.
+"""
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+from struct import error as struct_error
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .bad import BadSample
+from .normalization import resolve_stats
+
+# The default pixel limit: ~ 16k x 11k. Above it we refuse to decode (decompression bombs).
+# We set PIL's own limit explicitly and turn its warning into an error, so either path is caught.
+DEFAULT_MAX_PIXELS = 178_956_970
+Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
+
+
+def open_image(data: bytes | str, key: str = "", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open (header only) from bytes or a local path. Raises BadSample."""
+    if isinstance(data, str):
+        try:
+            with open(data, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise BadSample("missing_image", data) from None
+    if not data:
+        raise BadSample("empty", key)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise BadSample("too_large", str(err)) from None
+    except Image.UnidentifiedImageError:
+        raise BadSample("undecodable", key) from None
+    except (OSError, ValueError, SyntaxError) as err:
+        raise BadSample("truncated" if "truncat" in str(err) else "undecodable", str(err)) from None
+    w, h = image.size
+    if w <= 0 or h <= 0:
+        raise BadSample("undecodable", f"size {w}x{h}")
+    if w * h > max_pixels:
+        raise BadSample("too_large", f"{w}x{h} > {max_pixels} pixels")
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB (alpha composited on white, 16-bit/float rescaled)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(image, dtype=np.float64)
+        lo, hi = (0.0, 65535.0) if mode.startswith("I;16") else (float(a.min()), float(a.max()))
+        if mode.startswith("I") and not mode.startswith("I;16") and hi <= 255:
+            lo, hi = 0.0, 255.0
+        a = np.clip((a - lo) / max(hi - lo, 1e-12) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def _load(image: Image.Image) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise BadSample("too_large", str(err)) from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct_error) as err:
+        raise BadSample("truncated" if "truncat" in str(err) or isinstance(err, EOFError) else "undecodable",
+                        str(err)) from None
+    return image
+
+
+def draft_for_box(image: Image.Image, box: tuple[float, float, float, float], out_size: tuple[int, int]):
+    """Ask the JPEG decoder for the smallest DCT scale that still gives the crop >= out_size pixels.
+    Returns the crop box in the (possibly reduced) image's coordinates."""
+    if image.format != "JPEG":
+        return box
+    w, h = image.size
+    bw, bh = box[2] - box[0], box[3] - box[1]
+    fx, fy = bw / out_size[0], bh / out_size[1]
+    if min(fx, fy) < 2:
+        return box
+    # draft() picks a scale whose result is >= the requested size.
+    want = (math.ceil(w / min(fx, fy)), math.ceil(h / min(fx, fy)))
+    image.draft(image.mode if image.mode in ("RGB", "L") else None, want)
+    nw, nh = image.size
+    sx, sy = nw / w, nh / h
+    return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+
+
+def to_tensor(image: Image.Image, stats) -> torch.Tensor:
+    """uint8 RGB -> normalised float (3, H, W), in one pass."""
+    mean, std = resolve_stats(stats)
+    a = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float()
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(3, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(mean, std)]).view(3, 1, 1)
+    return a.mul_(scale).sub_(shift)
+
+
+def sample_rng(*parts: int) -> np.random.Generator:
+    """The random stream of one sample: a pure function of e.g. (seed, position)."""
+    return np.random.default_rng([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts])
+
+
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, scale=(0.2, 1.0),
+                            ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of a crop of area share in `scale` and aspect in `ratio`
+    (log-uniform); after 10 failed tries, the centre crop clamped to `ratio`."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            x = int(rng.integers(0, width - w + 1))
+            y = int(rng.integers(0, height - h + 1))
+            return x, y, x + w, y + h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    x, y = (width - w) // 2, (height - h) // 2
+    return x, y, x + w, y + h
+
+
+@dataclass
+class TrainTransform:
+    """Pretraining: RandomResizedCrop (bicubic) + horizontal flip + normalise."""
+
+    size: int = 256
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    stats: str | tuple = "cc12m"
+    draft: bool = True
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __call__(self, data: bytes | str | Image.Image, rng: np.random.Generator, key: str = "") -> torch.Tensor:
+        image = data if isinstance(data, Image.Image) else open_image(data, key, self.max_pixels)
+        box = random_resized_crop_box(*image.size, rng, self.scale, self.ratio)
+        flip = self.flip and rng.random() < 0.5
+        if self.draft:
+            box = draft_for_box(image, box, (self.size, self.size))
+        image = to_rgb(_load(image))
+        out = image.resize((self.size, self.size), Image.BICUBIC, box=box)
+        if flip:
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_tensor(out, self.stats)
+
+
+@dataclass
+class EvalTransform:
+    """Evaluation: resize the shorter side to `resize` (default size / 0.875) + centre crop."""
+
+    size: int = 256
+    resize: int | None = None
+    stats: str | tuple = "cc12m"
+    draft: bool = True
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __call__(self, data: bytes | str | Image.Image, rng: np.random.Generator | None = None,
+                 key: str = "") -> torch.Tensor:
+        image = data if isinstance(data, Image.Image) else open_image(data, key, self.max_pixels)
+        resize = self.resize or int(round(self.size / 0.875))
+        w, h = image.size
+        s = resize / min(w, h)  # output pixels per input pixel
+        cw, ch = self.size / s, self.size / s  # the centre crop in input pixels
+        box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
+        if self.draft:
+            box = draft_for_box(image, box, (self.size, self.size))
+        image = to_rgb(_load(image))
+        return to_tensor(image.resize((self.size, self.size), Image.BICUBIC, box=box), self.stats)

@@ -1,0 +1,308 @@
+"""Records -> model samples, and the two datasets that feed the loader.
+
+`MixtureDataset` (all sources indexed): global position p of the run -> (source, record) by a
+fixed weighted slot pattern, so position -> sample is a pure function and resume is exact.
+`StreamDataset` (any tar-shard source): each (rank, worker) share iterates its sources and
+assembles whole micro-batches in the worker; its position travels in `Batch.extra`.
+Randomness of a sample (crop, flip, caption drop, source choice) comes from its own seeded
+generator, never from global state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .bad import BadCounter, BadSample, DataQualityError
+from .collate import Collator
+from .images import TrainTransform, sample_rng
+from .sources.base import IndexedSource, Record, Source
+from .tokenizer import encode_batch
+
+MAX_RETRIES = 16  # replacement attempts for a bad record before the position is given up
+
+
+@dataclass
+class SourceUse:
+    """A source plus what this run takes from it."""
+
+    source: Source
+    weight: float
+    image: bool  # take its images
+    text: bool   # take its captions
+
+    @property
+    def paired(self) -> bool:
+        return self.image and self.text
+
+
+def decode_caption(caption: str | bytes | None) -> str | None:
+    if caption is None:
+        return None
+    if isinstance(caption, bytes):
+        try:
+            caption = caption.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadSample("bad_text", "not UTF-8") from None
+    else:
+        try:
+            caption.encode("utf-8")  # lone surrogates from surrogateescape-read manifests
+        except UnicodeEncodeError:
+            raise BadSample("bad_text", "not UTF-8") from None
+    return caption.strip()
+
+
+class SampleMaker:
+    """Decodes + augments images and tokenises captions (in batches) for records of one batch."""
+
+    def __init__(self, transform: TrainTransform | None, tokenizer, text_length: int, caption_drop: float = 0.0):
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.text_length = text_length
+        self.caption_drop = caption_drop
+
+    def prepare(self, record: Record, use: SourceUse, rng: np.random.Generator) -> dict[str, Any]:
+        """Everything but tokenisation. Raises BadSample."""
+        if record.missing:
+            raise BadSample(record.missing, record.key)
+        sample: dict[str, Any] = {"key": record.key}
+        caption = None
+        if use.text:
+            caption = decode_caption(record.caption)
+            if caption is None:
+                raise BadSample("missing_caption", record.key)
+            if not caption:
+                raise BadSample("empty", "empty caption")
+        if use.image:
+            if record.image is None:
+                raise BadSample("missing_image", record.key)
+            # Draw the caption-drop coin first so the crop does not depend on it.
+            drop = use.text and self.caption_drop > 0 and rng.random() < self.caption_drop
+            sample["image"] = self.transform(record.image, rng, record.key)
+            if drop:
+                caption = None
+        if record.label is not None:
+            sample["label"] = record.label
+        sample["caption"] = caption
+        return sample
+
+    def tokenize(self, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Batched tokenisation; a caption with no tokens makes a text-only sample bad ('empty')."""
+        with_text = [s for s in samples if s.get("caption")]
+        if self.tokenizer is not None:
+            for s, ids in zip(with_text, encode_batch(self.tokenizer, [s["caption"] for s in with_text],
+                                                      self.text_length)):
+                s["text"] = ids
+        else:
+            for s in with_text:
+                s["caption"] = None
+        return samples
+
+
+def usable(sample: dict[str, Any]) -> bool:
+    return sample.get("image") is not None or (sample.get("text") is not None and len(sample["text"]) > 0)
+
+
+class SlotSchedule:
+    """Weighted interleaving of sources with exact proportions over each cycle of `slots`
+    positions: p -> (source, how many times that source was used before p)."""
+
+    def __init__(self, weights: Sequence[float], seed: int, slots: int = 1000):
+        w = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+        if len(w) == 1:
+            slots = 1
+        counts = np.maximum(np.floor(w * slots).astype(int), 1)
+        while counts.sum() < slots:  # largest remainder
+            counts[np.argmax(w * slots - counts)] += 1
+        self.slots = int(counts.sum())
+        self.counts = counts
+        pattern = np.repeat(np.arange(len(w)), counts)
+        self.pattern = np.random.default_rng([seed, 0x51075]).permutation(pattern)
+        onehot = np.eye(len(w), dtype=np.int64)[self.pattern]
+        self.before = np.vstack([np.zeros((1, len(w)), dtype=np.int64), np.cumsum(onehot, axis=0)])
+
+    def __call__(self, position: int) -> tuple[int, int]:
+        cycle, slot = divmod(position, self.slots)
+        s = int(self.pattern[slot])
+        return s, cycle * int(self.counts[s]) + int(self.before[slot, s])
+
+
+class PositionSampler(torch.utils.data.Sampler):
+    """Micro-batch m of rank r holds run positions [(m * world + r) * B, ... + B)."""
+
+    def __init__(self, batch_size: int, start: int = 0, stop: int | None = None, rank: int = 0, world_size: int = 1):
+        self.batch_size, self.start, self.stop, self.rank, self.world_size = batch_size, start, stop, rank, world_size
+
+    def __iter__(self):
+        m = self.start
+        while self.stop is None or m < self.stop:
+            first = (m * self.world_size + self.rank) * self.batch_size
+            yield [(m, p) for p in range(first, first + self.batch_size)]
+            m += 1
+
+    def __len__(self) -> int:
+        if self.stop is None:
+            raise TypeError("endless sampler has no length")
+        return max(self.stop - self.start, 0)
+
+
+class MixtureDataset(torch.utils.data.Dataset):
+    """Indexed sources only. Fetches whole batches (`__getitems__`) so captions tokenise together."""
+
+    def __init__(self, uses: list[SourceUse], maker: SampleMaker, seed: int, counter: BadCounter | None = None):
+        self.uses = uses
+        self.maker = maker
+        self.seed = seed
+        self.schedule = SlotSchedule([u.weight for u in uses], seed)
+        self.counter = counter or BadCounter()
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+
+    def __len__(self) -> int:  # one epoch of the largest source; the sampler is endless anyway
+        return max(len(u.source) for u in self.uses)
+
+    def _index(self, s: int, k: int) -> int:
+        source: IndexedSource = self.uses[s].source
+        epoch, within = divmod(k, len(source))
+        if (s, epoch) not in self._perms:
+            if len(self._perms) > 8:
+                self._perms.clear()
+            self._perms[(s, epoch)] = source.permutation(self.seed + 1000 * s, epoch)
+        return int(self._perms[(s, epoch)][within])
+
+    def prepare(self, position: int, first_attempt: int = 0) -> dict[str, Any]:
+        s, k = self.schedule(position)
+        use = self.uses[s]
+        n = len(use.source)
+        for attempt in range(first_attempt, MAX_RETRIES):
+            # A bad record is replaced by another of the same source, chosen deterministically.
+            index = self._index(s, k) if attempt == 0 else (self._index(s, k) + attempt * 7919) % n
+            try:
+                record = use.source.record(index)
+                return self.maker.prepare(record, use, sample_rng(self.seed, position, attempt))
+            except BadSample as err:
+                self.counter.record_bad(err.reason, f"{use.source.name}#{index}", err.detail)
+        raise DataQualityError(f"{MAX_RETRIES} bad records in a row from {use.source.describe()}: "
+                               f"{dict(self.counter.bad)}")
+
+    def __getitems__(self, items: list[tuple[int, int]]) -> list[dict[str, Any]]:
+        samples = [self.prepare(int(position)) for _, position in items]
+        self.maker.tokenize(samples)
+        for i, (_, position) in enumerate(items):
+            attempt = 1
+            while not usable(samples[i]):  # a caption with no tokens: replace like any bad record
+                self.counter.record_bad("empty", samples[i]["key"], "no tokens")
+                samples[i] = self.maker.tokenize([self.prepare(int(position), attempt)])[0]
+                attempt += 1
+                if attempt >= MAX_RETRIES:
+                    raise DataQualityError(f"no usable sample for position {position}")
+        for sample, (step, _) in zip(samples, items):
+            sample["step"] = int(step)
+        self.counter.good += len(samples)
+        # Per-batch counts ride on the first sample to the collator (see BatchCollator).
+        samples[0]["_stats"] = self.counter.take()
+        return samples
+
+    def __getitem__(self, item):
+        return self.__getitems__([item if isinstance(item, tuple) else (0, item)])[0]
+
+
+class BatchCollator(Collator):
+    """The model collator plus the data stats (and stream position) of the batch in `extra`."""
+
+    def __call__(self, samples):
+        stats = samples[0].pop("_stats", None)
+        state = samples[0].pop("_stream_state", None)
+        batch = super().__call__(samples)
+        if stats is not None:
+            batch.extra["data_stats"] = stats
+        if state is not None:
+            batch.extra["stream_state"] = state
+        return batch
+
+
+class StreamDataset(torch.utils.data.IterableDataset):
+    """Any mix including stream sources. Yields collated micro-batches: worker w of W produces
+    micro-batches start + w, start + w + W, ... which the DataLoader returns in order."""
+
+    def __init__(self, uses: list[SourceUse], maker: SampleMaker, collator: BatchCollator, seed: int,
+                 batch_size: int, start: int = 0, rank: int = 0, world_size: int = 1,
+                 resume: dict | None = None, epochs: int | None = None):
+        self.uses, self.maker, self.collator, self.seed = uses, maker, collator, seed
+        self.batch_size, self.start, self.rank, self.world_size = batch_size, start, rank, world_size
+        self.resume = resume or {}
+        self.epochs = epochs
+        w = np.asarray([u.weight for u in uses], dtype=np.float64)
+        self.cumulative = np.cumsum(w / w.sum())
+
+    def _initial_state(self, g: int, parts: int) -> dict[str, Any]:
+        saved = self.resume.get("workers", {})
+        if self.resume.get("parts") == parts and str(g) in saved:
+            return saved[str(g)]
+        if not saved:
+            return {"n": 0, "sources": [None] * len(self.uses)}
+        # Different rank x worker layout: restart every share at the slowest saved progress
+        # (shard level: at most one shard per old share is read twice).
+        old = int(self.resume["parts"])
+        positions = []
+        for i in range(len(self.uses)):
+            progress = []
+            for st in saved.values():
+                p = st["sources"][i]
+                progress.append(0 if p is None else (p[0] if isinstance(p, (list, tuple)) else p) * old)
+            slowest = min(progress) // parts
+            positions.append(None if slowest == 0 else ([slowest, 0] if not self.uses[i].source.exact else slowest))
+        return {"n": 0, "sources": positions}
+
+    def __iter__(self) -> Iterator:
+        info = torch.utils.data.get_worker_info()
+        w, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        g, parts = self.rank * nw + w, self.world_size * nw
+        state = self._initial_state(g, parts)
+        n = int(state["n"])
+        positions = list(state["sources"])
+        iters = [u.source.iterate(g, parts, self.seed + 1000 * i, positions[i], self.epochs)
+                 for i, u in enumerate(self.uses)]
+        alive = [True] * len(iters)
+        counter = BadCounter()
+        step = self.start + w
+        while True:
+            samples = []
+            while len(samples) < self.batch_size and any(alive):
+                rng = sample_rng(self.seed, g, n)
+                n += 1
+                s = int(np.searchsorted(self.cumulative, rng.random() * self.cumulative[-1], side="right"))
+                s = min(s, len(iters) - 1)
+                if not alive[s]:
+                    continue
+                try:
+                    positions[s], record = next(iters[s])
+                except StopIteration:  # only with a finite number of epochs (stats, bench)
+                    alive[s] = False
+                    continue
+                try:
+                    samples.append(self.maker.prepare(record, self.uses[s], rng))
+                except BadSample as err:
+                    counter.record_bad(err.reason, record.key, err.detail)
+            if not samples:
+                return
+            self.maker.tokenize(samples)
+            for x in samples:
+                if not usable(x):
+                    counter.record_bad("empty", x["key"], "no tokens")
+            samples = [x for x in samples if usable(x)]
+            if not samples:
+                continue
+            for x in samples:
+                x["step"] = step
+            counter.good += len(samples)
+            samples[0]["_stats"] = counter.take()
+            samples[0]["_stream_state"] = {"part": g, "parts": parts,
+                                           "state": {"n": n, "sources": [_plain(p) for p in positions]}}
+            yield self.collator(samples)
+            step += nw
+
+
+def _plain(p):
+    return list(p) if isinstance(p, tuple) else p

@@ -1,0 +1,93 @@
+"""The source interface. A source produces `Record`s: raw, undecoded (image bytes or path,
+caption text or bytes, label). Decoding, augmentation and tokenisation happen later, in workers.
+
+Indexed sources (manifests, folders, HDF5, text files) have a length and random access, so a
+position in the run maps to a record exactly. Stream sources (tar shards) can only be iterated;
+`iterate` gives each (rank, worker) part a disjoint share and reports a resumable position.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+
+@dataclass
+class Record:
+    key: str
+    image: bytes | str | None = None  # encoded bytes, or a local path
+    caption: str | bytes | None = None  # bytes are decoded (and checked) in the worker
+    label: int | None = None
+    missing: str | None = None  # a BadSample reason found while reading (e.g. a truncated tar)
+
+
+def is_url(path: str) -> bool:
+    return "://" in path
+
+
+def open_file(path: str, mode: str = "rb"):
+    """Local files with open(); anything with a protocol (s3://, gs://, https://) through fsspec."""
+    if is_url(path):
+        import fsspec
+
+        return fsspec.open(path, mode).open()
+    return open(path, mode)
+
+
+def require_path(path: str, what: str = "path") -> str:
+    if not is_url(path) and not os.path.exists(path):
+        raise FileNotFoundError(f"{what} does not exist: {path}")
+    return path
+
+
+class Source:
+    name: str = ""
+    kind: str = ""
+    exact: bool = True  # indexed sources resume exactly
+    provides: frozenset = frozenset()  # subset of {"image", "text", "label"}
+
+    def describe(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+    def iterate(self, part: int, parts: int, seed: int, state: Any = None, epochs: int | None = None
+                ) -> Iterator[tuple[Any, Record]]:
+        """Yield (position after this record, record) for share `part` of `parts`, endlessly
+        (or for `epochs` passes). `state` is a position yielded earlier: resume after it."""
+        raise NotImplementedError
+
+
+class IndexedSource(Source):
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def record(self, index: int) -> Record:
+        raise NotImplementedError
+
+    def permutation(self, seed: int, epoch: int) -> np.ndarray:
+        return np.random.default_rng([seed, epoch, 0x5EED]).permutation(len(self))
+
+    def iterate(self, part, parts, seed, state=None, epochs=None):
+        # Share `part` takes every `parts`-th position of the endless sequence of per-epoch
+        # permutations; the position is a count, so resume is exact.
+        n = len(self)
+        count = int(state or 0)
+        perm_epoch, perm = -1, None
+        while True:
+            pos = count * parts + part
+            epoch, within = divmod(pos, n)
+            if epochs is not None and epoch >= epochs:
+                return
+            if epoch != perm_epoch:
+                perm_epoch, perm = epoch, self.permutation(seed, epoch)
+            count += 1
+            yield count, self.safe_record(int(perm[within]))
+
+    def safe_record(self, index: int) -> Record:
+        from ..bad import BadSample
+
+        try:
+            return self.record(index)
+        except BadSample as err:
+            return Record(key=f"{self.name}#{index}", missing=err.reason)

@@ -1,0 +1,51 @@
+"""Image folders: DIR/*.jpg (unlabelled) or DIR/<class>/*.jpg (class index = sorted folder order).
+A caption may sit beside an image as the same name with .txt (img2dataset's folder layout)."""
+from __future__ import annotations
+
+import os
+
+from .base import IndexedSource, Record, require_path
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class ImageFolder(IndexedSource):
+    kind = "folder"
+
+    def __init__(self, path: str, role: str = "image", captions: bool | None = None):
+        self.name = path
+        require_path(path, "image folder")
+        if not os.path.isdir(path):
+            raise ValueError(f"folder:{path} is not a directory")
+        entries = sorted(os.listdir(path))
+        self.classes = [d for d in entries if os.path.isdir(os.path.join(path, d)) and not d.startswith(".")]
+        files: list[tuple[str, int | None]] = []
+        if self.classes:
+            for label, cls in enumerate(self.classes):
+                for dirpath, dirnames, names in os.walk(os.path.join(path, cls)):
+                    dirnames.sort()
+                    files += [(os.path.join(dirpath, n), label) for n in sorted(names)
+                              if n.lower().endswith(IMAGE_EXTENSIONS)]
+        else:
+            files = [(os.path.join(path, n), None) for n in entries if n.lower().endswith(IMAGE_EXTENSIONS)]
+        if not files:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}")
+        self.files = files
+        has_txt = os.path.exists(os.path.splitext(files[0][0])[0] + ".txt")
+        self.captions = (role != "image" and has_txt) if captions is None else captions
+        self.provides = frozenset({"image"} | ({"label"} if self.classes else set())
+                                  | ({"text"} if self.captions else set()))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def record(self, index: int) -> Record:
+        path, label = self.files[index]
+        caption = None
+        if self.captions:
+            try:
+                with open(os.path.splitext(path)[0] + ".txt", "rb") as f:
+                    caption = f.read()
+            except FileNotFoundError:
+                caption = None
+        return Record(key=os.path.relpath(path, self.name), image=path, caption=caption, label=label)

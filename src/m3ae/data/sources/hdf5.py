@@ -1,0 +1,74 @@
+"""The authors' HDF5 layout: `jpg` (encoded bytes) + `caption` (UTF-8 bytes) for pairs; `text`
+for text corpora; `train_jpg`/`train_labels` and `val_jpg`/`val_labels` for classification.
+The file is opened lazily in each worker (h5py handles do not survive a fork)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .base import IndexedSource, Record, require_path
+
+
+def as_bytes(value) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, np.ndarray):
+        return value.tobytes()
+    if isinstance(value, (np.void, np.bytes_)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return bytes(value)
+
+
+class HDF5Source(IndexedSource):
+    kind = "hdf5"
+
+    def __init__(self, path: str, split: str | None = None, role: str | None = None):
+        import h5py
+
+        self.name = path
+        with h5py.File(require_path(path, "HDF5 file"), "r") as f:
+            keys = set(f.keys())
+            if split or ("jpg" not in keys and "text" not in keys and "train_jpg" in keys):
+                split = split or "train"
+                self.image_key, self.caption_key, self.label_key = f"{split}_jpg", None, f"{split}_labels"
+            elif "jpg" in keys and role != "text":
+                self.image_key, self.label_key = "jpg", None
+                self.caption_key = "caption" if "caption" in keys and role != "image" else None
+            elif "text" in keys or ("caption" in keys and role == "text"):
+                self.image_key, self.label_key = None, None
+                self.caption_key = "text" if "text" in keys else "caption"
+            else:
+                raise ValueError(f"{path}: no datasets of the M3AE layout (jpg/caption, text, "
+                                 f"train_jpg/train_labels); found {sorted(keys)}")
+            for k in (self.image_key, self.caption_key, self.label_key):
+                if k is not None and k not in keys:
+                    raise ValueError(f"{path}: dataset {k!r} missing (found {sorted(keys)})")
+            main = self.image_key or self.caption_key
+            self.length = len(f[main])
+        self.provides = frozenset({n for n, k in (("image", self.image_key), ("text", self.caption_key),
+                                                  ("label", self.label_key)) if k})
+        self._file, self._pid = None, None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_file"] = None
+        return state
+
+    def __len__(self) -> int:
+        return self.length
+
+    def record(self, index: int) -> Record:
+        if self._file is None or self._pid != os.getpid():  # reopen after a fork
+            import h5py
+
+            self._file, self._pid = h5py.File(self.name, "r"), os.getpid()
+        f = self._file
+        return Record(
+            key=f"{self.image_key or self.caption_key}[{index}]",
+            image=as_bytes(f[self.image_key][index]) if self.image_key else None,
+            caption=as_bytes(f[self.caption_key][index]) if self.caption_key else None,
+            label=int(f[self.label_key][index]) if self.label_key else None,
+        )

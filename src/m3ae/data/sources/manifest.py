@@ -1,0 +1,117 @@
+"""CSV / TSV / JSONL manifests (image path + caption [+ label]) and plain text corpora."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+
+from .base import IndexedSource, Record, open_file, require_path
+
+IMAGE_COLUMNS = ("image", "filepath", "file", "path", "image_path", "img", "filename", "jpg")
+CAPTION_COLUMNS = ("caption", "text", "title", "sentence", "txt")
+LABEL_COLUMNS = ("label", "cls", "class", "target")
+
+
+def read_rows(path: str) -> list[dict]:
+    """Rows of a .csv/.tsv (header line) or .jsonl (one object per line) file."""
+    with open_file(path, "rb") as f:
+        # surrogateescape: a non-UTF-8 caption becomes a counted bad sample later, not a crash here.
+        text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
+        if path.endswith((".jsonl", ".json", ".jsonl.gz")):
+            rows = []
+            for i, line in enumerate(text):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{path}:{i + 1}: not a JSON object ({err})") from None
+            return rows
+        return list(csv.DictReader(text, delimiter="\t" if path.endswith(".tsv") else ","))
+
+
+def pick_column(columns, wanted: str | None, candidates, path: str, what: str, required: bool = True):
+    if wanted:
+        if wanted not in columns:
+            raise ValueError(f"{path}: no column {wanted!r} (columns: {sorted(columns)})")
+        return wanted
+    for c in candidates:
+        if c in columns:
+            return c
+    if required:
+        raise ValueError(f"{path}: no {what} column; name one with #{what}=COLUMN (columns: {sorted(columns)})")
+    return None
+
+
+class ManifestSource(IndexedSource):
+    """Image paths relative to the manifest (or to #root=DIR), captions, optional labels.
+    role 'image' drops the captions (unpaired images from a paired manifest)."""
+
+    kind = "csv"
+
+    def __init__(self, path: str, image: str | None = None, caption: str | None = None,
+                 label: str | None = None, root: str | None = None, role: str = "paired"):
+        self.name = path
+        rows = read_rows(require_path(path, "manifest"))
+        if not rows:
+            raise ValueError(f"manifest {path} has no rows")
+        columns = set(rows[0])
+        icol = pick_column(columns, image, IMAGE_COLUMNS, path, "image")
+        ccol = None if role == "image" else pick_column(columns, caption, CAPTION_COLUMNS, path, "caption")
+        lcol = pick_column(columns, label, LABEL_COLUMNS, path, "label", required=False)
+        self.root = self._find_root(path, root, str(rows[0][icol]))
+        self.items = [(str(r[icol]), None if ccol is None else r.get(ccol), r.get(lcol) if lcol else None)
+                      for r in rows]
+        self.provides = frozenset({"image"} | ({"text"} if ccol else set()) | ({"label"} if lcol else set()))
+
+    @staticmethod
+    def _find_root(path: str, root: str | None, first: str) -> str:
+        base = os.path.dirname(path)
+        if root is not None:
+            return require_path(root if os.path.isabs(root) else os.path.join(base, root), "image root")
+        if os.path.isabs(first) or "://" in first or "://" in path:
+            return base
+        # Common layouts: images beside the manifest, or in an images/ folder next to it.
+        for candidate in (base, os.path.join(base, "images")):
+            if os.path.exists(os.path.join(candidate, first)):
+                return candidate
+        raise FileNotFoundError(f"{path}: the first image {first!r} is neither beside the manifest nor in "
+                                f"images/; give the folder with #root=DIR")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def record(self, index: int) -> Record:
+        image, caption, label = self.items[index]
+        full = image if os.path.isabs(image) or "://" in image else os.path.join(self.root, image)
+        return Record(key=image, image=full, caption=caption,
+                      label=None if label in (None, "") else int(label))
+
+
+class TextCorpus(IndexedSource):
+    """Unpaired text: a .txt file (one text per line) or one column of a CSV/JSONL file."""
+
+    kind = "text"
+    provides = frozenset({"text"})
+
+    def __init__(self, path: str, column: str | None = None):
+        self.name = path
+        require_path(path, "text corpus")
+        if path.endswith((".csv", ".tsv", ".jsonl", ".json")):
+            rows = read_rows(path)
+            if not rows:
+                raise ValueError(f"text corpus {path} is empty")
+            col = pick_column(set(rows[0]), column, CAPTION_COLUMNS, path, "caption")
+            self.texts = [r.get(col) for r in rows]
+        else:
+            with open_file(path, "rb") as f:
+                # Keep bytes: a line that is not UTF-8 is a counted bad sample, not a crash.
+                self.texts = [line.rstrip(b"\r\n") for line in f if line.strip()]
+        if not self.texts:
+            raise ValueError(f"text corpus {path} is empty")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def record(self, index: int) -> Record:
+        return Record(key=f"{os.path.basename(self.name)}:{index + 1}", caption=self.texts[index])

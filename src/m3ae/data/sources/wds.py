@@ -1,0 +1,219 @@
+"""WebDataset tar shards (img2dataset layout): members `key.jpg|jpeg|png|webp` + `key.txt` or a
+`caption` field in `key.json`, `key.cls` for labels; plain .tar or gzip-compressed .tar.gz.
+
+Read with the standard library's streaming tarfile (no pickle decoders). Each (rank, worker)
+share takes every `parts`-th shard of an endless sequence of per-epoch shard permutations, so
+shares are disjoint within an epoch and no share ever runs dry. Position = (shard slot, records
+read in it): resume re-opens that shard and skips the records already used.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import re
+import tarfile
+from typing import Iterator
+from zlib import error as zlib_error
+
+import numpy as np
+
+from .base import Record, Source, is_url, open_file
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """`a/{000..012}.tar` (zero-padded ranges) and `{a,b}` alternatives, nested left to right."""
+    m = _BRACE.search(pattern)
+    if not m:
+        return [pattern]
+    body, head, tail = m.group(1), pattern[: m.start()], pattern[m.end():]
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.group(1), rng.group(2)
+        width = len(lo) if lo.startswith("0") else 0
+        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        options = body.split(",")
+    return [p for o in options for p in expand_braces(head + o + tail)]
+
+
+def list_shards(pattern: str) -> list[str]:
+    """Expand braces, then globs for local paths; every local shard must exist."""
+    shards: list[str] = []
+    for p in expand_braces(pattern):
+        if is_url(p):
+            shards.append(p)
+        elif any(ch in p for ch in "*?["):
+            found = sorted(glob.glob(p))
+            if not found:
+                raise FileNotFoundError(f"no shards match {p!r}")
+            shards += found
+        elif os.path.isdir(p):
+            found = sorted(f for f in glob.glob(os.path.join(p, "*")) if f.endswith((".tar", ".tar.gz", ".tgz")))
+            if not found:
+                raise FileNotFoundError(f"no .tar/.tar.gz shards in directory {p}")
+            shards += found
+        elif not os.path.exists(p):
+            raise FileNotFoundError(f"shard does not exist: {p}")
+        else:
+            shards.append(p)
+    if not shards:
+        raise FileNotFoundError(f"no shards match {pattern!r}")
+    return shards
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """WebDataset convention: the key is the path up to the first dot of the file name."""
+    directory, base = os.path.split(name)
+    stem, _, ext = base.partition(".")
+    return (os.path.join(directory, stem) if directory else stem), ext.lower()
+
+
+def group_to_record(key: str, files: dict[str, bytes], shard: str) -> Record:
+    image = next((files[e] for e in IMAGE_EXTS if e in files), None)
+    caption = files.get("txt")
+    label = None
+    meta = None
+    if "json" in files:
+        try:
+            meta = json.loads(files["json"].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            meta = None
+    if caption is None and isinstance(meta, dict) and isinstance(meta.get("caption"), str):
+        caption = meta["caption"]
+    missing = None
+    if "cls" in files:
+        try:
+            label = int(files["cls"].decode("utf-8").strip())
+        except (UnicodeDecodeError, ValueError):
+            missing = "bad_text"
+    return Record(key=f"{os.path.basename(shard)}/{key}", image=image, caption=caption, label=label, missing=missing)
+
+
+def iter_tar(shard: str) -> Iterator[Record]:
+    """Records of one shard, in order. A truncated shard yields a record marked `truncated_tar`
+    for the member it broke in, then stops."""
+    current, files = None, {}
+    try:
+        with open_file(shard, "rb") as raw:
+            with tarfile.open(fileobj=raw, mode="r|*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, ext = split_name(member.name)
+                    if key != current:
+                        if current is not None:
+                            yield group_to_record(current, files, shard)
+                        current, files = key, {}
+                    f = tar.extractfile(member)
+                    data = f.read() if f is not None else b""
+                    if len(data) != member.size:
+                        raise EOFError("short member")
+                    files[ext] = data
+    except (tarfile.TarError, EOFError, OSError, zlib_error):
+        # The group being read is lost; the complete groups before it were already yielded.
+        yield Record(key=f"{os.path.basename(shard)}/{current or '?'}", missing="truncated_tar")
+        return
+    if current is not None:
+        yield group_to_record(current, files, shard)
+
+
+class WebDatasetSource(Source):
+    kind = "wds"
+    exact = False
+
+    def __init__(self, pattern: str, role: str = "paired"):
+        self.name = pattern
+        self.shards = list_shards(pattern)
+        self.role = role
+        # What a shard holds is only known by reading it; peek at the first record.
+        first = next(iter_tar(self.shards[0]), None)
+        provides = {"image"}
+        if first is not None and first.caption is not None and role != "image":
+            provides.add("text")
+        if first is not None and first.label is not None:
+            provides.add("label")
+        self.provides = frozenset(provides)
+
+    def describe(self) -> str:
+        return f"wds:{self.name} ({len(self.shards)} shards)"
+
+    def shard_order(self, seed: int, epoch: int) -> np.ndarray:
+        return np.random.default_rng([seed, epoch, 0x5A4D]).permutation(len(self.shards))
+
+    def iterate(self, part, parts, seed, state=None, epochs=None):
+        slot, skip = (0, 0) if state is None else (int(state[0]), int(state[1]))
+        n = len(self.shards)
+        while True:
+            pos = slot * parts + part
+            epoch, within = divmod(pos, n)
+            if epochs is not None and epoch >= epochs:
+                return
+            shard = self.shards[int(self.shard_order(seed, epoch)[within])]
+            done = 0
+            for record in iter_tar(shard):
+                done += 1
+                if done <= skip:
+                    continue
+                if self.role == "image":
+                    record.caption = None
+                yield (slot, done), record
+            slot, skip = slot + 1, 0
+
+
+class ShardWriter:
+    """Writes `pattern % index` tar shards of at most `max_count` samples each.
+    A sample is a dict of key plus extension -> bytes/str/int (e.g. jpg, txt, cls, json)."""
+
+    def __init__(self, pattern: str, max_count: int = 1000):
+        if "%" not in pattern:
+            raise ValueError("the shard pattern needs a %d-style index, e.g. out/shard-%05d.tar")
+        self.pattern = pattern
+        self.max_count = max_count
+        self.index = -1
+        self.count = 0
+        self.tar: tarfile.TarFile | None = None
+        self.written: list[str] = []
+
+    def _next(self) -> None:
+        self.close()
+        self.index += 1
+        path = self.pattern % self.index
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.tar = tarfile.open(path, "w:gz" if path.endswith((".gz", ".tgz")) else "w")
+        self.written.append(path)
+        self.count = 0
+
+    def write(self, sample: dict) -> None:
+        if self.tar is None or self.count >= self.max_count:
+            self._next()
+        key = sample["__key__"]
+        for ext, value in sample.items():
+            if ext == "__key__":
+                continue
+            if isinstance(value, str):
+                value = value.encode("utf-8")
+            elif isinstance(value, int):
+                value = str(value).encode()
+            elif isinstance(value, dict):
+                value = json.dumps(value).encode("utf-8")
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(value)
+            info.mtime = 0  # reproducible shards
+            self.tar.addfile(info, io.BytesIO(value))
+        self.count += 1
+
+    def close(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+            self.tar = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

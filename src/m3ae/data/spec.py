@@ -1,0 +1,116 @@
+"""The data SPEC: what `m3ae pretrain --data SPEC` reads.
+
+    SPEC  := ITEM ("," ITEM)*
+    ITEM  := [ROLE "="] [KIND ":"] PATH ("#" OPTION)* ["@" WEIGHT]
+    ROLE  := paired | image | text       what the source contributes (default: all it has)
+    KIND  := csv | tsv | jsonl | wds | hdf5 | folder | text   (default: from the path)
+    OPTION:= NAME "=" VALUE | VALUE     (a bare VALUE is the text column for text corpora)
+
+Kind from the path: .csv/.tsv/.jsonl manifests, .tar/.tar.gz/.tgz or a {..} pattern -> wds,
+.h5/.hdf5 -> hdf5, .txt -> text, a directory -> folder (or wds if it holds only shards).
+Examples:
+    data/captions.csv#root=images
+    wds:shards/{00000..00099}.tar
+    paired=cc12m/{000..127}.tar@0.7,text=corpus.txt@0.3
+    paired=captions.csv,image=folder:unlabelled/@0.5,text=text:all.csv#caption@0.2
+Weights are relative (default 1 each). Commas inside {...} belong to the pattern.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+ROLES = ("paired", "image", "text")
+KINDS = ("csv", "tsv", "jsonl", "wds", "hdf5", "folder", "text")
+_ALIASES = {"tar": "wds", "webdataset": "wds", "h5": "hdf5", "json": "jsonl", "dir": "folder"}
+
+
+@dataclass
+class SourceSpec:
+    kind: str
+    path: str
+    role: str | None = None
+    weight: float = 1.0
+    options: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        opts = "".join(f"#{k}={v}" for k, v in self.options.items())
+        return f"{self.role + '=' if self.role else ''}{self.kind}:{self.path}{opts}@{self.weight:g}"
+
+
+def split_items(spec: str) -> list[str]:
+    """Split on commas that are not inside {...}."""
+    items, depth, current = [], 0, []
+    for ch in spec:
+        depth += ch == "{"
+        depth -= ch == "}"
+        if ch == "," and depth == 0:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    items.append("".join(current))
+    return [i.strip() for i in items if i.strip()]
+
+
+def detect_kind(path: str) -> str:
+    p = path.lower()
+    if "{" in path or p.endswith((".tar", ".tar.gz", ".tgz")):
+        return "wds"
+    for ext, kind in ((".csv", "csv"), (".tsv", "tsv"), (".jsonl", "jsonl"), (".json", "jsonl"),
+                      (".h5", "hdf5"), (".hdf5", "hdf5"), (".txt", "text")):
+        if p.endswith(ext):
+            return kind
+    if any(ch in path for ch in "*?[") and "://" not in path:
+        import glob
+
+        found = sorted(glob.glob(path))
+        if not found:
+            raise FileNotFoundError(f"no files match {path!r}")
+        return detect_kind(found[0])
+    if os.path.isdir(path):
+        names = os.listdir(path)
+        if names and all(n.endswith((".tar", ".tar.gz", ".tgz")) or n.startswith(".") for n in names):
+            return "wds"
+        return "folder"
+    if not os.path.exists(path) and "://" not in path:
+        raise FileNotFoundError(f"data path does not exist: {path}")
+    raise ValueError(f"cannot tell the kind of {path!r}; prefix it, e.g. csv:{path} (kinds: {', '.join(KINDS)})")
+
+
+def parse_item(item: str) -> SourceSpec:
+    weight = 1.0
+    m = re.search(r"@([0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)$", item)
+    if m:
+        weight = float(m.group(1))
+        item = item[: m.start()]
+    role = None
+    m = re.match(r"(\w+)=", item)
+    if m and m.group(1) in ROLES:
+        role, item = m.group(1), item[m.end():]
+    kind = None
+    m = re.match(r"(\w+):(?!//)", item)
+    if m:
+        name = _ALIASES.get(m.group(1), m.group(1))
+        if name not in KINDS:
+            raise ValueError(f"unknown source kind {m.group(1)!r} in {item!r} (kinds: {', '.join(KINDS)})")
+        kind, item = name, item[m.end():]
+    path, *opts = item.split("#")
+    options = {}
+    for o in opts:
+        k, eq, v = o.partition("=")
+        options[k if eq else "column"] = v if eq else k
+    if not path:
+        raise ValueError(f"empty path in data spec item {item!r}")
+    path = os.path.expanduser(path)
+    if weight <= 0:
+        raise ValueError(f"weight of {path} must be > 0")
+    return SourceSpec(kind or detect_kind(path), path, role, weight, options)
+
+
+def parse_spec(spec: str) -> list[SourceSpec]:
+    items = split_items(spec)
+    if not items:
+        raise ValueError("empty data spec")
+    return [parse_item(i) for i in items]

@@ -1,0 +1,74 @@
+"""Tokenizers on HF `tokenizers`, with the paper's conventions: no special tokens, truncate to
+`text_length` (64); padding happens in the collator (to the longest caption, with a mask).
+
+`load_tokenizer` accepts a local tokenizer.json, a BERT vocab.txt, or a hub name such as
+`bert-base-uncased` (downloaded once, then read from the local HF cache)."""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence
+
+import torch
+
+# Workers are forked; the Rust thread pool must not be started before the fork.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def wordpiece_from_vocab(vocab_file: str, lowercase: bool = True):
+    """A BERT-style WordPiece tokenizer from a vocab.txt (BERT normaliser and pre-tokeniser)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    tok = Tokenizer(models.WordPiece.from_file(vocab_file, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=None,
+                                                clean_text=True, handle_chinese_chars=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    return tok
+
+
+def load_tokenizer(name_or_path: str, lowercase: bool = True):
+    from tokenizers import Tokenizer
+
+    if os.path.isdir(name_or_path):
+        for candidate in ("tokenizer.json", "vocab.txt"):
+            if os.path.exists(os.path.join(name_or_path, candidate)):
+                return load_tokenizer(os.path.join(name_or_path, candidate), lowercase)
+        raise FileNotFoundError(f"no tokenizer.json or vocab.txt in {name_or_path}")
+    if os.path.exists(name_or_path):
+        if name_or_path.endswith(".json"):
+            return Tokenizer.from_file(name_or_path)
+        return wordpiece_from_vocab(name_or_path, lowercase)
+    if name_or_path.endswith((".json", ".txt")) or name_or_path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"tokenizer file not found: {name_or_path}")
+    try:  # a hub name: the hub, or the local HF cache when offline (HF_HUB_OFFLINE=1)
+        return Tokenizer.from_pretrained(name_or_path)
+    except Exception as err:  # noqa: BLE001 - the hub raises many kinds; one clear message instead
+        raise FileNotFoundError(
+            f"could not load tokenizer {name_or_path!r} from the Hugging Face hub or its local cache "
+            f"({err}); pass a local tokenizer.json or vocab.txt, or train one with `m3ae tokenizer train`"
+        ) from None
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int = 30522, min_frequency: int = 2,
+                    lowercase: bool = True):
+    """Train a BERT-uncased-style WordPiece vocabulary. [PAD]=0 and [UNK]=1 are its only specials
+    (0 is the collator's padding id)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=None,
+                                                clean_text=True, handle_chinese_chars=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                        special_tokens=["[PAD]", "[UNK]"], show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def encode_batch(tokenizer, texts: Sequence[str], max_length: int) -> list[torch.Tensor]:
+    """Token ids without special tokens, truncated to max_length; one batched call."""
+    if not texts:
+        return []
+    encodings = tokenizer.encode_batch(list(texts), add_special_tokens=False)
+    return [torch.tensor(e.ids[:max_length], dtype=torch.long) for e in encodings]

@@ -1,0 +1,79 @@
+"""Small data files written into tmp_path for the data tests (nothing is read from outside)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+from PIL import Image
+
+WORDS = "a dog cat runs jumps on the grass red ball man woman beach water blue sky child plays".split()
+
+
+def jpeg_bytes(w=48, h=40, seed=0, mode="RGB", fmt="JPEG") -> bytes:
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return buf.getvalue()
+
+
+def caption(i: int) -> str:
+    rng = np.random.default_rng(i)
+    return " ".join(rng.choice(WORDS, size=int(rng.integers(3, 9))))
+
+
+def write_tokenizer(tmp_path) -> str:
+    from m3ae.data.tokenizer import train_wordpiece
+
+    tok = train_wordpiece([caption(i) for i in range(200)] + WORDS, vocab_size=200, min_frequency=1)
+    path = os.path.join(tmp_path, "tok.json")
+    tok.save(path)
+    return path
+
+
+def write_manifest(tmp_path, n=12, name="captions.csv", subdir="images") -> str:
+    os.makedirs(os.path.join(tmp_path, subdir), exist_ok=True)
+    rows = []
+    for i in range(n):
+        fname = f"img{i:03d}.jpg"
+        with open(os.path.join(tmp_path, subdir, fname), "wb") as f:
+            f.write(jpeg_bytes(40 + i, 36, seed=i))
+        rows.append((fname, caption(i)))
+    path = os.path.join(tmp_path, name)
+    if name.endswith(".jsonl"):
+        with open(path, "w") as f:
+            for fname, cap in rows:
+                f.write(json.dumps({"image": f"{subdir}/{fname}", "caption": cap}) + "\n")
+    else:
+        with open(path, "w") as f:
+            f.write("image,caption\n" + "".join(f"{a},{b}\n" for a, b in rows))
+    return path
+
+
+def write_img2dataset_tar(path, n=6, start=0, json_captions=False, labels=False) -> str:
+    """img2dataset layout written with the standard tarfile module."""
+    with tarfile.open(path, "w:gz" if path.endswith(".gz") else "w") as tar:
+        for i in range(start, start + n):
+            key = f"{i:09d}"
+            members = {"jpg": jpeg_bytes(seed=i)}
+            if json_captions:
+                members["json"] = json.dumps({"caption": caption(i), "url": "x"}).encode()
+            else:
+                members["txt"] = caption(i).encode()
+            if labels:
+                members["cls"] = str(i % 3).encode()
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def write_text(tmp_path, n=30, name="corpus.txt") -> str:
+    path = os.path.join(tmp_path, name)
+    with open(path, "w") as f:
+        f.write("".join(caption(1000 + i) + "\n" for i in range(n)))
+    return path

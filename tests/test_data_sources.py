@@ -1,0 +1,133 @@
+import os
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_files import (caption, jpeg_bytes, write_img2dataset_tar, write_manifest, write_text)
+from m3ae.data.sources import ShardWriter, build_source, iter_tar, list_shards
+from m3ae.data.sources.wds import expand_braces
+from m3ae.data.spec import parse_spec
+
+
+def records(source, n=None):
+    n = len(source) if n is None else n
+    return [source.record(i) for i in range(n)]
+
+
+def test_spec_syntax(tmp_path):
+    items = parse_spec("paired=wds:s/{000..002}.tar@0.7,text=text:c.csv#caption@0.3,x.h5#split=val")
+    assert [(i.role, i.kind, i.path, i.weight) for i in items] == [
+        ("paired", "wds", "s/{000..002}.tar", 0.7), ("text", "text", "c.csv", 0.3), (None, "hdf5", "x.h5", 1.0)]
+    assert items[1].options == {"column": "caption"} and items[2].options == {"split": "val"}
+    assert parse_spec("s3://bucket/a-{0..1}.tar")[0].kind == "wds"
+    assert parse_spec("a.jsonl")[0].kind == "jsonl"
+    with pytest.raises(ValueError, match="unknown source kind"):
+        parse_spec("zip:foo")
+    with pytest.raises(FileNotFoundError):
+        parse_spec(str(tmp_path / "nothing"))
+
+
+def test_brace_expansion():
+    assert expand_braces("a/{00..02}.tar") == ["a/00.tar", "a/01.tar", "a/02.tar"]
+    assert expand_braces("{x,y}-{1..2}") == ["x-1", "x-2", "y-1", "y-2"]
+
+
+def test_csv_and_jsonl_manifests(tmp_path):
+    path = write_manifest(tmp_path)  # images/ beside the manifest: found automatically
+    src = build_source(parse_spec(path)[0])
+    assert len(src) == 12 and src.provides == {"image", "text"}
+    r = src.record(3)
+    assert r.caption == caption(3) and os.path.exists(r.image)
+    jl = write_manifest(tmp_path / "j", name="m.jsonl", subdir="pics")
+    src = build_source(parse_spec(jl)[0])
+    assert src.record(0).caption == caption(0) and os.path.exists(src.record(0).image)
+    image_only = build_source(parse_spec(f"image={path}")[0])
+    assert image_only.provides == {"image"}
+    with pytest.raises(FileNotFoundError, match="root"):
+        build_source(parse_spec(f"csv:{path}#root=nowhere")[0])
+
+
+def test_text_corpora(tmp_path):
+    txt = build_source(parse_spec(write_text(tmp_path))[0])
+    assert len(txt) == 30 and txt.record(0).caption == caption(1000).encode()
+    manifest = write_manifest(tmp_path)
+    col = build_source(parse_spec(f"text:{manifest}#caption")[0])
+    assert col.provides == {"text"} and col.record(2).caption == caption(2)
+
+
+def test_image_folder_with_classes(tmp_path):
+    for c, cls in enumerate(["cat", "dog"]):
+        os.makedirs(tmp_path / cls)
+        for i in range(3):
+            (tmp_path / cls / f"{i}.png").write_bytes(jpeg_bytes(seed=c * 10 + i, fmt="PNG"))
+    src = build_source(parse_spec(f"folder:{tmp_path}")[0])
+    assert len(src) == 6 and src.provides == {"image", "label"}
+    assert [r.label for r in records(src)] == [0, 0, 0, 1, 1, 1]
+
+
+def test_hdf5_authors_layout(tmp_path):
+    path = str(tmp_path / "pairs.h5")
+    vlen = h5py.vlen_dtype(np.dtype("uint8"))
+    with h5py.File(path, "w") as f:
+        jpg = f.create_dataset("jpg", (4,), dtype=vlen)
+        for i in range(4):
+            jpg[i] = np.frombuffer(jpeg_bytes(seed=i), dtype=np.uint8)
+        f.create_dataset("caption", data=np.array([caption(i).encode() for i in range(4)], dtype=object),
+                         dtype=h5py.string_dtype("utf-8"))
+    src = build_source(parse_spec(path)[0])
+    assert src.provides == {"image", "text"} and len(src) == 4
+    r = src.record(1)
+    assert Image.open(__import__("io").BytesIO(r.image)).size == (48, 40)
+    assert (r.caption.decode() if isinstance(r.caption, bytes) else r.caption) == caption(1)
+
+    cls = str(tmp_path / "cls.h5")
+    with h5py.File(cls, "w") as f:
+        for split, n in (("train", 5), ("val", 2)):
+            d = f.create_dataset(f"{split}_jpg", (n,), dtype=vlen)
+            for i in range(n):
+                d[i] = np.frombuffer(jpeg_bytes(seed=i), dtype=np.uint8)
+            f.create_dataset(f"{split}_labels", data=np.arange(n) % 2)
+    train = build_source(parse_spec(cls)[0])
+    val = build_source(parse_spec(f"{cls}#split=val")[0])
+    assert (len(train), len(val)) == (5, 2) and train.provides == {"image", "label"}
+    assert val.record(1).label == 1
+
+    text = str(tmp_path / "text.h5")
+    with h5py.File(text, "w") as f:
+        f.create_dataset("text", data=np.array([b"one text", b"two"], dtype=object), dtype=h5py.string_dtype())
+    src = build_source(parse_spec(text)[0])
+    assert src.provides == {"text"} and src.record(1).caption in (b"two", "two")
+
+
+def test_webdataset_img2dataset_layout_and_own_writer(tmp_path):
+    a = write_img2dataset_tar(str(tmp_path / "a-000.tar"), n=4, labels=True)
+    write_img2dataset_tar(str(tmp_path / "a-001.tar.gz"), n=3, start=4, json_captions=True)
+    recs = list(iter_tar(a))
+    assert [r.caption for r in recs] == [caption(i).encode() for i in range(4)]
+    assert [r.label for r in recs] == [0, 1, 2, 0]
+    gz = list(iter_tar(str(tmp_path / "a-001.tar.gz")))
+    assert [r.caption for r in gz] == [caption(i) for i in range(4, 7)]
+    src = build_source(parse_spec(str(tmp_path / "a-*"))[0])
+    assert len(src.shards) == 2
+
+    with ShardWriter(str(tmp_path / "own" / "s-%03d.tar"), max_count=2) as w:
+        for i in range(5):
+            w.write({"__key__": f"k{i}", "jpg": jpeg_bytes(seed=i), "txt": caption(i), "cls": i})
+    assert len(w.written) == 3
+    src = build_source(parse_spec(f"wds:{tmp_path}/own/s-{{000..002}}.tar")[0])
+    got = [r for _, r in src.iterate(0, 1, seed=0, epochs=1)]
+    assert sorted(r.label for r in got) == list(range(5)) and src.provides == {"image", "text", "label"}
+
+
+def test_missing_path_and_empty_glob_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no shards match"):
+        list_shards(str(tmp_path / "x-*.tar"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list_shards(str(tmp_path / "x-{0..3}.tar"))
+    with pytest.raises(FileNotFoundError):
+        build_source(parse_spec(f"csv:{tmp_path}/missing.csv")[0])
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="no images"):
+        build_source(parse_spec(f"folder:{tmp_path}/empty")[0])
