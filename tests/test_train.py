@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -142,3 +143,15 @@ def test_demo_end_to_end(tmp_path, capsys):
     for name in ("loss.png", "reconstruction.png", "metrics.jsonl", "tokenizer.json"):
         assert (out / name).stat().st_size > 0
     assert latest_checkpoint(out) is not None
+
+
+def test_mixed_paired_and_unpaired_text_logs_every_loss(tmp_path):
+    from data_files import write_manifest, write_text, write_tokenizer
+
+    spec = f"paired={write_manifest(tmp_path, n=16)},text=text:{write_text(tmp_path, n=40)}@0.5"
+    config = tiny_config("steps=4", f"data.spec={spec}", f"data.tokenizer={write_tokenizer(tmp_path)}",
+                         "model.vocab_size=256")
+    result = pretrain(config, tmp_path / "run")
+    for row in result.history:
+        assert {"image_loss", "text_loss", "loss"} <= set(row)
+        assert all(map(math.isfinite, (row["image_loss"], row["text_loss"], row["loss"])))

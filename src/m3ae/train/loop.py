@@ -206,7 +206,9 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
         while step < end:
             lr = lr_at(step, config.peak_lr(), config.warmup(), config.steps, config.optim.min_lr)
             set_lr(optimizer, lr)
+            # Metric sums weighted by samples, each over the parts that have that modality.
             sums = torch.zeros(4, device=device)
+            counts = [0.0] * 4
             for _ in range(config.grad_accum):
                 t0 = time.perf_counter()
                 batch = next(batches).to(device, non_blocking=True)
@@ -215,11 +217,11 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
                 with autocast:
                     for part in batch.parts:
                         out = run_model(**part.model_inputs())
-                        share = part.size / batch.size / config.grad_accum
-                        (out.loss * share).backward()
-                        sums += torch.stack([out.loss.detach().float(),
-                                             _or_nan(out.image_loss, sums), _or_nan(out.text_loss, sums),
-                                             _or_nan(out.text_accuracy, sums)]) * share
+                        (out.loss * (part.size / batch.size / config.grad_accum)).backward()
+                        for i, value in enumerate((out.loss, out.image_loss, out.text_loss, out.text_accuracy)):
+                            if value is not None:
+                                sums[i] += value.detach().float() * part.size
+                                counts[i] += part.size
             grad_norm = clip_grad_norm(model.parameters(), config.optim.clip_grad)
             # The one per-step sync: a non-finite step must not touch the weights or Adam moments.
             if torch.isfinite(grad_norm).item():
@@ -236,7 +238,8 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
                                              "stopping (lower the learning rate or check the data)")
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            pending.append(torch.cat([sums, grad_norm.float().reshape(1)]))
+            pending.append(torch.cat([sums / torch.tensor(counts, device=device),  # 0/0 = nan: absent
+                                      grad_norm.float().reshape(1)]))
             if progress is not None:
                 progress.update(1)
             if step % config.log_every == 0 or step == end:
@@ -276,10 +279,6 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
     result.skipped_steps = skipped
     metrics.close()
     return result
-
-
-def _or_nan(value: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    return value.detach().float() if value is not None else like.new_tensor(float("nan"))
 
 
 def _row(step: int, values: list[list[float]], lr: float, samples_per_s: float, data_wait_share: float,
