@@ -155,3 +155,10 @@ def test_mixed_paired_and_unpaired_text_logs_every_loss(tmp_path):
     for row in result.history:
         assert {"image_loss", "text_loss", "loss"} <= set(row)
         assert all(map(math.isfinite, (row["image_loss"], row["text_loss"], row["loss"])))
+
+
+def test_bf16_autocast_path_runs(tmp_path):
+    # The CUDA default; on CPU it exercises the same autocast code path (fp32 master weights).
+    result = pretrain(tiny_config("steps=3", "precision=bf16"), tmp_path)
+    assert all(math.isfinite(x) for r in result.history for x in r["step_losses"])
+    assert next(iter(M3AE.from_pretrained(result.checkpoint).parameters())).dtype == torch.float32

@@ -19,6 +19,7 @@ class BatchPart:
     text_padding_mask: torch.Tensor | None
     masks: Masks
     keys: list[str]
+    labels: torch.Tensor | None = None  # (size,) class labels, in this part's row order
 
     @property
     def size(self) -> int:
@@ -28,7 +29,7 @@ class BatchPart:
         def move(t):
             return None if t is None else t.to(device, non_blocking=non_blocking)
         return BatchPart(move(self.image), move(self.text), move(self.text_padding_mask),
-                         self.masks.to(device, non_blocking), self.keys)
+                         self.masks.to(device, non_blocking), self.keys, move(self.labels))
 
     def model_inputs(self) -> dict[str, Any]:
         return dict(image=self.image, text=self.text, text_padding_mask=self.text_padding_mask,
@@ -39,7 +40,7 @@ class BatchPart:
 class Batch:
     parts: list[BatchPart]
     step: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)  # e.g. labels, data-source stats
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. data-source stats
 
     @property
     def size(self) -> int:
@@ -97,8 +98,7 @@ class Collator:
                                text_padding=padding, image_ratio=self.config.image_mask_ratio,
                                text_ratio=self.config.text_mask_ratio, mode=self.config.masking,
                                generator=generator)
-            parts.append(BatchPart(image, text, padding, masks, [str(s.get("key", "")) for s in group]))
-        extra = {}
-        if any("label" in s for s in samples):
-            extra["labels"] = torch.tensor([int(s.get("label", -1)) for s in samples])
-        return Batch(parts, step, extra)
+            labels = (torch.tensor([int(s.get("label", -1)) for s in group])
+                      if any("label" in s for s in group) else None)
+            parts.append(BatchPart(image, text, padding, masks, [str(s.get("key", "")) for s in group], labels))
+        return Batch(parts, step)

@@ -1,0 +1,43 @@
+import torch
+
+from conftest import nano_config
+from m3ae.data.collate import Collator, pad_texts
+
+
+def _sample(key, image=True, text=(3, 4, 5), label=None):
+    s = {"key": key, "step": 7}
+    if image:
+        s["image"] = torch.zeros(3, 32, 32)
+    if text is not None:
+        s["text"] = torch.tensor(text)
+    if label is not None:
+        s["label"] = label
+    return s
+
+
+def test_groups_by_modality_and_keeps_labels_aligned():
+    collate = Collator(nano_config(), seed=0)
+    batch = collate([_sample("a", label=0), _sample("b", text=None, label=1), _sample("c", image=False, label=2),
+                     _sample("d", text=(), label=3), _sample("e", text=(9,) * 20, label=4)])
+    kinds = {(p.image is not None, p.text is not None): p for p in batch.parts}
+    assert set(kinds) == {(True, True), (True, False), (False, True)}
+    paired = kinds[(True, True)]
+    assert paired.keys == ["a", "e"] and paired.labels.tolist() == [0, 4]
+    assert paired.text.shape == (2, 16)  # truncated to text_length, padded to the longest
+    assert kinds[(True, False)].keys == ["b", "d"]  # an empty caption makes an image-only sample
+    assert kinds[(True, False)].labels.tolist() == [1, 3]
+    assert batch.size == 5 and batch.step == 7
+
+
+def test_masks_depend_only_on_seed_and_step():
+    samples = [_sample("a"), _sample("b", text=(1, 2))]
+    a = Collator(nano_config(), seed=3)(samples).parts[0].masks
+    b = Collator(nano_config(), seed=3)(samples).parts[0].masks
+    c = Collator(nano_config(), seed=4)(samples).parts[0].masks
+    assert torch.equal(a.image_ids, b.image_ids) and not torch.equal(a.image_ids, c.image_ids)
+
+
+def test_pad_texts():
+    ids, padding = pad_texts([torch.tensor([5, 6, 7]), torch.tensor([8])])
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert padding.tolist() == [[False, False, False], [False, True, True]]
