@@ -9,6 +9,10 @@ import sys
 COMMANDS = [
     "m3ae.cli.pretrain",
     "m3ae.cli.demo",
+    "m3ae.cli.reconstruct",
+    "m3ae.cli.attention",
+    "m3ae.cli.tsne",
+    "m3ae.cli.plot",
 ]
 
 
