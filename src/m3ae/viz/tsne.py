@@ -85,7 +85,8 @@ def embed_2d(features: np.ndarray, method: str = "auto", seed: int = 0,
 def knn_accuracy(features: np.ndarray, labels: np.ndarray, k: int = 5) -> float:
     """Leave-one-out k-NN accuracy (cosine) in the original feature space: a number that says how
     well the classes separate, independent of the 2-D map's distortions."""
-    x = features / (np.linalg.norm(features, axis=1, keepdims=True) + 1e-12)
+    x = features - features.mean(0, keepdims=True)  # centred: cosine then ignores a shared offset
+    x = x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
     sim = x @ x.T
     np.fill_diagonal(sim, -np.inf)
     k = min(k, len(x) - 1)
