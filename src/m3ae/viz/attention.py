@@ -159,25 +159,27 @@ def attention_analysis(model: M3AE, image: torch.Tensor, caption: CaptionTokens,
         raise ValueError(f"token id {max(caption.ids)} >= the model's vocab_size {c.vocab_size}: "
                          "wrong tokenizer for this checkpoint?")
     text = torch.tensor([caption.ids], dtype=torch.long)
-    weights = select_layer(encoder_attention(model, image[None], text), layer)
+    weights_all = encoder_attention(model, image[None], text)
+    weights = select_layer(weights_all, layer)
     n = c.num_patches
     t2i = text_to_image(weights, token_positions, n)[0]
     share = image_share(weights, token_positions, n)[0]
     if region is None:  # the patch the chosen word attends to most (head average)
         region = int(t2i.mean(0).argmax())
     i2t = image_to_text(weights, region, n)[0]
-    return AttentionResult(image, caption, list(token_positions), region, c.grid_size, t2i, share, i2t,
-                           str(layer))
+    name = "mean over blocks" if layer == "mean" else f"layer {int(layer) % len(weights_all)} of {len(weights_all)} (0-based)"
+    return AttentionResult(image, caption, list(token_positions), region, c.grid_size, t2i, share, i2t, name)
 
 
-def _overlay(ax, rgb: np.ndarray, heat: np.ndarray, grid: int, cmap: str = "inferno") -> None:
+def _overlay(ax, rgb: np.ndarray, heat: np.ndarray, grid: int, cmap: str = "inferno"):
     """The image, with a patch-level heatmap over it (nearest: one cell per patch, as the model sees)."""
     size = rgb.shape[0]
     ax.imshow(rgb, extent=(0, size, size, 0))
-    ax.imshow(heat.reshape(grid, grid), cmap=cmap, alpha=0.6, extent=(0, size, size, 0),
-              interpolation="nearest", vmin=0, vmax=max(float(heat.max()), 1e-12))
+    im = ax.imshow(heat.reshape(grid, grid), cmap=cmap, alpha=0.55, extent=(0, size, size, 0),
+                   interpolation="nearest", vmin=0, vmax=max(float(heat.max()), 1e-12))
     ax.set_xticks([])
     ax.set_yticks([])
+    return im
 
 
 def _mark_patch(ax, patch: int, grid: int, size: int, color: str = "cyan") -> None:
@@ -203,7 +205,7 @@ def attention_figure(result: AttentionResult, out: str | Path, stats="cc12m", pe
     heads = result.text_to_image.shape[0]
     ncols = 2 + (heads if per_head else 0)
     fig = Figure(figsize=(max(2.6 * ncols, 0.45 * len(tokens) + 1.5), 6.0 if not per_head else 6.6), dpi=dpi)
-    top, bottom = fig.subfigures(2, 1, height_ratios=[1.25, 1])
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.25, 1], hspace=0.0)
     axes = top.subplots(1, ncols, squeeze=False)[0]
     axes[0].imshow(rgb)
     axes[0].set_xticks([])
@@ -211,7 +213,8 @@ def attention_figure(result: AttentionResult, out: str | Path, stats="cc12m", pe
     axes[0].set_title("image (□ = region)", fontsize=9)
     _mark_patch(axes[0], result.patch, grid, size)
     mean_map = result.text_to_image.mean(0).numpy()
-    _overlay(axes[1], rgb, mean_map, grid)
+    im = _overlay(axes[1], rgb, mean_map, grid)
+    top.colorbar(im, ax=axes[1], fraction=0.046, pad=0.02)
     _mark_patch(axes[1], result.patch, grid, size)
     share = float(result.image_share.mean())
     axes[1].set_title(f"'{word}' → image\n(heads averaged; {share:.0%} to image)", fontsize=9)
@@ -234,7 +237,7 @@ def attention_figure(result: AttentionResult, out: str | Path, stats="cc12m", pe
         ax.set_xlim(-0.6, len(values) - 0.4)
     ax.set_xticks(range(len(tokens)), tokens, rotation=60, ha="right", fontsize=8)
     ax.set_title(f"region (row {row}, col {col}) → words", fontsize=9)
-    fig.suptitle(f"encoder attention, layer {result.layer}", fontsize=10)
+    fig.suptitle(f"encoder attention, {result.layer}", fontsize=10)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, bbox_inches="tight")

@@ -191,9 +191,10 @@ def reconstruction_figure(columns: Sequence[tuple[str, Reconstruction]], out: st
     heights = []
     for th in text_h:
         heights += [col_w, th]
-    fig = Figure(figsize=(col_w * ncols, sum(heights) + 0.35 + (0.25 if title else 0)), dpi=dpi)
+    head = 0.3 + (0.3 if title else 0.0)  # inches above the grid: column titles (+ figure title)
+    fig = Figure(figsize=(col_w * ncols, sum(heights) + head + 0.1), dpi=dpi)
     grid = fig.add_gridspec(2 * n, ncols, height_ratios=heights, hspace=0.08, wspace=0.04,
-                            left=0.01, right=0.99, bottom=0.01, top=1 - 0.35 / fig.get_figheight())
+                            left=0.01, right=0.99, bottom=0.01, top=1 - head / fig.get_figheight())
     for i in range(n):
         panels = [("original", to_rgb(first.original[i], stats)), ("masked input", _masked_rgb(first, i, stats))]
         panels += [(name, to_rgb(rec.reconstruction[i], stats)) for name, rec in columns]
@@ -210,7 +211,7 @@ def reconstruction_figure(columns: Sequence[tuple[str, Reconstruction]], out: st
             tax.text(0, 1, texts[i], transform=tax.transAxes, fontsize=7, va="top", ha="left",
                      family="monospace")
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=10, y=1 - 0.06 / fig.get_figheight(), va="top")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
