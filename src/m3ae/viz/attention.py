@@ -200,12 +200,17 @@ def attention_figure(result: AttentionResult, out: str | Path, stats="cc12m", pe
 
     rgb = to_rgb(result.image, stats)
     size, grid = rgb.shape[0], result.grid
-    word = " ".join(result.caption.tokens[p] for p in result.token_positions)
+    pieces = " ".join(result.caption.tokens[p] for p in result.token_positions)
+    word = result.caption.words[result.token_positions[0]]
+    word = word if pieces.lower() == word.lower() else f"{word} ({pieces})"  # show sub-words / [UNK]
     tokens = result.caption.tokens
     heads = result.text_to_image.shape[0]
     ncols = 2 + (heads if per_head else 0)
-    fig = Figure(figsize=(max(2.6 * ncols, 0.45 * len(tokens) + 1.5), 6.0 if not per_head else 6.6), dpi=dpi)
-    top, bottom = fig.subfigures(2, 1, height_ratios=[1.25, 1], hspace=0.0)
+    width = max(2.4 * ncols, 0.45 * len(tokens) + 1.5)
+    top_h = width / ncols + 0.8
+    bottom_h = 0.3 * (heads + 1) + 1.7 if per_head else 2.8
+    fig = Figure(figsize=(width, top_h + bottom_h), dpi=dpi, layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[top_h, bottom_h])
     axes = top.subplots(1, ncols, squeeze=False)[0]
     axes[0].imshow(rgb)
     axes[0].set_xticks([])

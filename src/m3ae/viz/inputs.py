@@ -125,7 +125,7 @@ def load_image(path: str | os.PathLike, image_size: int, stats: str | tuple = "c
     return normalize(torch.from_numpy(pixels.copy()).permute(2, 0, 1), stats)
 
 
-def _csv_rows(path: Path) -> list[tuple[Path, str]]:
+def _csv_rows(path: Path) -> list[tuple[str, str]]:
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or "image" not in reader.fieldnames:
@@ -135,8 +135,16 @@ def _csv_rows(path: Path) -> list[tuple[Path, str]]:
             if row["image"] in seen:  # several captions per image: show each image once, first caption
                 continue
             seen.add(row["image"])
-            rows.append((path.parent / row["image"], (row.get("caption") or "").strip()))
+            rows.append((row["image"], (row.get("caption") or "").strip()))
     return rows
+
+
+def _resolve(root: Path, name: str) -> Path:
+    """Relative to the CSV; manifests that list bare file names next to an images/ folder work too."""
+    for candidate in (root / name, root / "images" / name):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"image {name!r} of {root} not found (looked beside the CSV and in images/)")
 
 
 def load_samples(spec: str, image_size: int, stats: str | tuple = "cc12m", n: int = 4, offset: int = 0,
@@ -169,6 +177,8 @@ def load_samples(spec: str, image_size: int, stats: str | tuple = "cc12m", n: in
     entries = entries[offset: offset + n]
     if not entries:
         raise ValueError(f"--data {spec}: no images found (offset {offset})")
+    if path.suffix.lower() == ".csv":  # resolve only the rows shown
+        entries = [(_resolve(path.parent, name), caption) for name, caption in entries]
     return [Sample(load_image(p, image_size, stats), c or None, p.name) for p, c in entries]
 
 
