@@ -114,7 +114,8 @@ def tsne_figure(sets: Sequence[tuple[str, FeatureSet]], out: str | Path, method:
         ids = np.array([index[v] for v in labels])
         ax.scatter(xy[:, 0], xy[:, 1], c=colours[ids], s=9, linewidths=0)
         acc = knn_accuracy(fs.features, labels)
-        ax.set_title(f"{title}\n{used.upper()}, N={len(labels)}, 5-NN acc {acc:.1%}", fontsize=9)
+        method_name = "t-SNE" if used == "tsne" else "PCA"
+        ax.set_title(f"{title}\n{method_name}, N={len(labels)}, 5-NN acc {acc:.1%}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     if len(classes) <= 20:  # beyond that a legend is noise
