@@ -15,6 +15,10 @@ COMMANDS = [
     "m3ae.cli.data",
     "m3ae.cli.tokenizer",
     "m3ae.cli.bench",
+    "m3ae.cli.reconstruct",
+    "m3ae.cli.attention",
+    "m3ae.cli.tsne",
+    "m3ae.cli.plot",
 ]
 
 

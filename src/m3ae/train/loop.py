@@ -183,6 +183,11 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
     run_yaml = to_yaml(config)
     if is_main:
         (out_dir / "run_config.yaml").write_text(run_yaml)
+    # viz_every: fixed samples drawn once, a reconstruction grid every K steps (rank 0 only).
+    viz = None
+    if config.viz_every > 0 and is_main:
+        from ..viz.training import TrainingViz
+        viz = TrainingViz.for_run(config, out_dir, data.tokenizer)
 
     def checkpoint(step: int, micro: int) -> Path | None:
         if not is_main:
@@ -260,6 +265,8 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
                     on_log(row)
                 if progress is not None:
                     progress.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.1f}")
+            if viz is not None and step % config.viz_every == 0:
+                viz(model, step)
             if step % config.ckpt_every == 0 and step < end:
                 result.checkpoint = checkpoint(step, step * config.grad_accum)
                 last_ckpt_step = step

@@ -1,16 +1,20 @@
 """Masked reconstructions of images and captions, and a figure that shows them."""
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from ..data.normalization import denormalize
-from ..masking import Masks
+from ..masking import Masks, make_masks
 from ..model import M3AE
 from ..patches import patchify, unpatchify
+
+HIDDEN_GREY = 0.82  # how hidden patches are painted in the "masked input" panel
 
 
 @dataclass
@@ -23,36 +27,89 @@ class Reconstruction:
     text_padding_mask: torch.Tensor | None = None
     text_mask: torch.Tensor | None = None  # (B, L) bool, hidden
     text_prediction: torch.Tensor | None = None  # (B, L) argmax ids
+    patch_size: int = 0
+
+
+def patch_statistics(patches: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch mean and std (B, N), as `normalize_patches` computes them for norm_pix targets."""
+    return patches.mean(dim=-1), (patches.var(dim=-1) + eps).sqrt()
+
+
+def restore_patch_stats(pred: torch.Tensor, patches: torch.Tensor, hidden: torch.Tensor, grid: int,
+                        mode: str = "local", sigma: float = 1.5, eps: float = 1e-6) -> torch.Tensor:
+    """Undo per-patch standardisation of norm_pix_loss predictions using VISIBLE patches only.
+
+    pred, patches (B, N, P); hidden (B, N) bool. The true statistics of a hidden patch are part of
+    the answer, so each hidden patch borrows them from visible patches: "local" weighs visible
+    patches by a Gaussian of their grid distance (sigma in patches), "global" pools all of them.
+    """
+    mean, std = patch_statistics(patches.float(), eps)
+    visible = (~hidden).float()
+    if mode == "global":
+        weights = visible[:, None, :].expand(-1, hidden.shape[1], -1)
+    elif mode == "local":
+        rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+        coords = torch.stack([rows.reshape(-1), cols.reshape(-1)], -1).float().to(pred.device)
+        dist2 = torch.cdist(coords, coords).square()
+        weights = torch.exp(-dist2 / (2 * sigma**2))[None] * visible[:, None, :]
+    else:
+        raise ValueError(f"unknown restore mode {mode!r} (local or global)")
+    total = weights.sum(-1)
+    # No visible patch at all (mask ratio ~1): nothing to borrow from, fall back to unit scale.
+    safe = total.clamp_min(1e-12)
+    est_mean = torch.where(total > 0, (weights * mean[:, None, :]).sum(-1) / safe, torch.zeros_like(total))
+    est_var = torch.where(total > 0, (weights * std[:, None, :].square()).sum(-1) / safe, torch.ones_like(total))
+    return pred.float() * est_var.sqrt()[..., None] + est_mean[..., None]
+
+
+def draw_masks(model: M3AE, image: torch.Tensor | None, text_padding_mask: torch.Tensor | None,
+               text_length: int | None = None, image_ratio: float | None = None,
+               text_ratio: float | None = None, seed: int = 0) -> Masks:
+    """Masks at chosen ratios (the model's own when None), seeded, independent per sample."""
+    c = model.config
+    batch = image.shape[0] if image is not None else text_padding_mask.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    return make_masks(batch, num_patches=c.num_patches if image is not None else None,
+                      text_padding=text_padding_mask, text_length=text_length,
+                      image_ratio=c.image_mask_ratio if image_ratio is None else image_ratio,
+                      text_ratio=c.text_mask_ratio if text_ratio is None else text_ratio,
+                      mode="per_sample", generator=generator)
 
 
 @torch.no_grad()
 def reconstruct(model: M3AE, image: torch.Tensor, text: torch.Tensor | None = None,
                 text_padding_mask: torch.Tensor | None = None, masks: Masks | None = None,
-                generator: torch.Generator | None = None) -> Reconstruction:
+                generator: torch.Generator | None = None, restore: str = "local") -> Reconstruction:
+    """One masked forward pass; returns CPU tensors. `restore` only matters for norm_pix models."""
     was_training = model.training
     model.eval()
-    out = model(image, text, text_padding_mask, masks=masks, generator=generator, full_outputs=True)
-    model.train(was_training)
+    device = next(model.parameters()).device
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    try:
+        out = model(move(image), move(text), move(text_padding_mask),
+                    masks=None if masks is None else masks.to(device), generator=generator,
+                    full_outputs=True)
+    finally:
+        model.train(was_training)
     c = model.config
-    patches = patchify(image, c.patch_size)
-    pred = out.image_output.float()
-    hidden = out.image_mask.unsqueeze(-1)
+    image = image.cpu()
+    patches = patchify(image, c.patch_size).float()
+    pred = out.image_output.float().cpu()
+    hidden_ids = out.image_mask.cpu()
     if c.norm_pix_loss:
-        # Predictions are per-patch standardised; restore scale from the VISIBLE patches only
-        # (the hidden patch statistics are the answer, never an input).
-        visible = (~hidden).float()
-        count = visible.sum(dim=1, keepdim=True).clamp_min(1) * patches.shape[-1]
-        mean = (patches * visible).sum(dim=(1, 2), keepdim=True) / count
-        var = (((patches - mean) ** 2) * visible).sum(dim=(1, 2), keepdim=True) / count
-        pred = pred * (var + 1e-6).sqrt() + mean
+        pred = restore_patch_stats(pred, patches, hidden_ids, c.grid_size, restore)
+    hidden = hidden_ids.unsqueeze(-1)
     g = c.grid_size
     return Reconstruction(
         original=image,
         masked=unpatchify(torch.where(hidden, torch.zeros_like(patches), patches), c.patch_size, g,
                           channels=c.in_chans),
         reconstruction=unpatchify(torch.where(hidden, pred, patches), c.patch_size, g, channels=c.in_chans),
-        image_mask=out.image_mask, text=text, text_padding_mask=text_padding_mask,
-        text_mask=out.text_mask, text_prediction=None if out.text_output is None else out.text_output.argmax(-1),
+        image_mask=hidden_ids, text=None if text is None else text.cpu(),
+        text_padding_mask=None if text_padding_mask is None else text_padding_mask.cpu(),
+        text_mask=None if out.text_mask is None else out.text_mask.cpu(),
+        text_prediction=None if out.text_output is None else out.text_output.argmax(-1).cpu(),
+        patch_size=c.patch_size,
     )
 
 
@@ -65,7 +122,7 @@ def caption_lines(rec: Reconstruction, index: int, decode) -> tuple[str, str]:
         if rec.text_padding_mask is not None and bool(rec.text_padding_mask[index, pos]):
             continue
         word = decode(int(rec.text[index, pos]))
-        if bool(rec.text_mask[index, pos]):
+        if rec.text_mask is not None and bool(rec.text_mask[index, pos]):
             guess = decode(int(rec.text_prediction[index, pos]))
             words.append(f"[{word}]")
             guesses.append(f"{word}{'=' if guess == word else '→'}{guess}")
@@ -74,36 +131,87 @@ def caption_lines(rec: Reconstruction, index: int, decode) -> tuple[str, str]:
     return " ".join(words), "predicted: " + (", ".join(guesses) if guesses else "(nothing masked)")
 
 
-def _to_rgb(image: torch.Tensor, stats) -> "numpy.ndarray":
+def to_rgb(image: torch.Tensor, stats) -> np.ndarray:
+    """Normalised (C, H, W) -> (H, W, C) in [0, 1] for imshow."""
     return denormalize(image.float().cpu(), stats).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def reconstruction_figure(columns: Sequence[tuple[str, Reconstruction]], out: str | Path, decode=None,
-                          stats="cc12m", n: int | None = None) -> Path:
-    """One row per sample: original, masked input, then one reconstruction per column, with the
-    caption (hidden words in [brackets]) and each column's predicted words beneath."""
+def _masked_rgb(rec: Reconstruction, index: int, stats) -> np.ndarray:
+    """The masked input with hidden patches painted flat grey (not the dataset mean colour, which
+    would look like content)."""
+    rgb = to_rgb(rec.original[index], stats).copy()
+    if rec.patch_size:
+        g = rgb.shape[0] // rec.patch_size
+        hidden = rec.image_mask[index].reshape(g, g).numpy()
+        pixel_hidden = np.kron(hidden, np.ones((rec.patch_size, rec.patch_size), dtype=bool))
+        rgb[pixel_hidden] = HIDDEN_GREY
+        return rgb
+    return to_rgb(rec.masked[index], stats)
+
+
+def _text_block(columns: Sequence[tuple[str, Reconstruction]], index: int, decode, width: int) -> str:
+    lines = []
+    shown_captions = set()
+    for title, rec in columns:
+        caption, predicted = caption_lines(rec, index, decode)
+        if not caption:
+            lines.append(f"{title}: (no text)")
+            continue
+        if caption not in shown_captions:  # the same masked caption under several columns: once
+            lines.append(f"{title}: {caption}" if len(columns) > 1 else caption)
+            shown_captions.add(caption)
+        if rec.text_mask is not None and bool((rec.text_mask[index] & ~_padding(rec)[index]).any()):
+            lines.append(f"  {predicted}" if len(columns) > 1 else predicted)
+    wrapped = []
+    for line in lines:
+        wrapped += textwrap.wrap(line, width=width, subsequent_indent="    ") or [""]
+    return "\n".join(wrapped)
+
+
+def _padding(rec: Reconstruction) -> torch.Tensor:
+    if rec.text_padding_mask is not None:
+        return rec.text_padding_mask.bool()
+    return torch.zeros_like(rec.text, dtype=torch.bool)
+
+
+def reconstruction_figure(columns: Sequence[tuple[str, Reconstruction]], out: str | Path,
+                          decode: Callable[[int], str] | None = None, stats="cc12m", n: int | None = None,
+                          title: str | None = None, dpi: int = 100) -> Path:
+    """One row per sample: original, masked input, then one reconstruction per column; beneath it
+    the caption (hidden words in [brackets]) and each column's predicted words."""
     from matplotlib.figure import Figure
 
     first = columns[0][1]
     n = min(n or first.original.shape[0], first.original.shape[0])
     ncols = 2 + len(columns)
-    fig = Figure(figsize=(2.3 * ncols, 2.9 * n), dpi=100)
-    axes = fig.subplots(n, ncols, squeeze=False)
+    col_w = 2.0
+    width_chars = int(ncols * col_w * 14)  # ~14 monospace characters per inch at 7 pt
+    texts = [_text_block(columns, i, decode, width_chars) if decode is not None else "" for i in range(n)]
+    text_h = [0.13 * (t.count("\n") + 1) + 0.1 if t else 0.05 for t in texts]
+    heights = []
+    for th in text_h:
+        heights += [col_w, th]
+    head = 0.3 + (0.3 if title else 0.0)  # inches above the grid: column titles (+ figure title)
+    fig = Figure(figsize=(col_w * ncols, sum(heights) + head + 0.1), dpi=dpi)
+    grid = fig.add_gridspec(2 * n, ncols, height_ratios=heights, hspace=0.08, wspace=0.04,
+                            left=0.01, right=0.99, bottom=0.01, top=1 - head / fig.get_figheight())
     for i in range(n):
-        panels = [("original", first.original[i]), ("masked input", first.masked[i])]
-        panels += [(title, rec.reconstruction[i]) for title, rec in columns]
-        for ax, (title, img) in zip(axes[i], panels):
-            ax.imshow(_to_rgb(img, stats), interpolation="nearest")
+        panels = [("original", to_rgb(first.original[i], stats)), ("masked input", _masked_rgb(first, i, stats))]
+        panels += [(name, to_rgb(rec.reconstruction[i], stats)) for name, rec in columns]
+        for j, (name, rgb) in enumerate(panels):
+            ax = fig.add_subplot(grid[2 * i, j])
+            ax.imshow(rgb, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
-                ax.set_title(title, fontsize=9)
-        if decode is not None and first.text is not None:
-            caption, _ = caption_lines(first, i, decode)
-            lines = [caption] + [f"{title}: {caption_lines(rec, i, decode)[1]}" for title, rec in columns]
-            axes[i][0].text(0, -0.08, "\n".join(lines), transform=axes[i][0].transAxes, fontsize=7.5,
-                            va="top", ha="left", family="monospace")
-    fig.tight_layout(h_pad=4.5)
+                ax.set_title(name, fontsize=9)
+        tax = fig.add_subplot(grid[2 * i + 1, :])
+        tax.axis("off")
+        if texts[i]:
+            tax.text(0, 1, texts[i], transform=tax.transAxes, fontsize=7, va="top", ha="left",
+                     family="monospace")
+    if title:
+        fig.suptitle(title, fontsize=10, y=1 - 0.06 / fig.get_figheight(), va="top")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)

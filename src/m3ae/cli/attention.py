@@ -1,0 +1,51 @@
+"""`m3ae attention`: where a word looks in the image, and which words an image region looks at."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("attention", help="cross-modal attention maps (text token <-> image patches)",
+                       description="Encoder attention over the unmasked image + caption: from a word to "
+                                   "the image patches (heatmap), and from an image region to the words.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder")
+    p.add_argument("--image", required=True, help="image file (or 'demo' for a synthetic sample)")
+    p.add_argument("--caption", default=None, help="caption (required unless --image demo)")
+    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--layer", default="-1", help="encoder block (negative counts from the last) or 'mean'")
+    p.add_argument("--token", default=None, help="word of the caption (default: its first content word)")
+    p.add_argument("--region", default=None,
+                   help="ROW,COL patch whose attention to the words is shown (default: the patch the "
+                        "word attends to most)")
+    p.add_argument("--per-head", action="store_true", help="one map per head instead of the head average")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: found beside the checkpoint)")
+    p.add_argument("--stats", default=None, help="pixel normalisation (default: the run's, else cc12m)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..viz import inputs
+    from ..viz.attention import (attention_analysis, attention_figure, default_token, find_token,
+                                 parse_region, tokenize_caption)
+
+    model = inputs.load_checkpoint(args.checkpoint)
+    c = model.config
+    if not c.has_text:
+        raise ValueError("cross-modal attention needs a model with text (this one has vocab_size=0)")
+    stats = args.stats or inputs.checkpoint_stats(args.checkpoint)
+    if args.image == "demo":
+        sample = inputs.load_samples("demo", c.image_size, stats, 1, 0, c.text_length)[0]
+        image, caption = sample.image, args.caption or sample.caption
+    else:
+        if not args.caption:
+            raise ValueError("--caption is required with --image FILE")
+        image, caption = inputs.load_image(args.image, c.image_size, stats), args.caption
+    layer = args.layer if args.layer == "mean" else int(args.layer)
+    tokenizer = inputs.load_tokenizer(args.checkpoint, args.tokenizer, c.vocab_size)
+    tokens = tokenize_caption(tokenizer, caption, c.text_length)
+    positions = find_token(tokens, args.token) if args.token else default_token(tokens)
+    region = parse_region(args.region, c.grid_size) if args.region else None
+    result = attention_analysis(model, image, tokens, positions, layer, region)
+    path = attention_figure(result, args.out, stats=stats, per_head=args.per_head)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,77 @@
+"""`m3ae reconstruct`: masked images and captions, and what a checkpoint makes of them."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reconstruct", help="draw masked reconstructions of images and captions",
+                       description="One row per sample: original, masked input, reconstruction; beneath "
+                                   "it the caption with hidden words in [brackets] and the predicted "
+                                   "words. With --caption, also the same image reconstructed with the "
+                                   "true caption, no caption, and the given caption (captions visible).")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (config.json + model.safetensors)")
+    p.add_argument("--data", default="demo", help="'demo', a CSV (image,caption), an image folder or an image")
+    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--n", type=int, default=4, help="samples (rows)")
+    p.add_argument("--offset", type=int, default=0, help="skip this many samples of --data")
+    p.add_argument("--image-mask-ratio", type=float, default=None, help="default: the model's")
+    p.add_argument("--text-mask-ratio", type=float, default=None,
+                   help="default: the model's; 0 with --caption (the caption is the condition)")
+    p.add_argument("--caption", default=None, help="also reconstruct conditioned on this caption")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: found beside the checkpoint)")
+    p.add_argument("--stats", default=None, help="pixel normalisation (default: the run's, else cc12m)")
+    p.add_argument("--restore", choices=("local", "global"), default="local",
+                   help="norm_pix models: patch statistics from nearby (local) or all visible patches")
+    p.add_argument("--seed", type=int, default=0, help="mask seed")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..viz import inputs
+    from ..viz.reconstruction import draw_masks, reconstruct, reconstruction_figure
+
+    for name in ("image_mask_ratio", "text_mask_ratio"):
+        value = getattr(args, name)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+    model = inputs.load_checkpoint(args.checkpoint)
+    c = model.config
+    stats = args.stats or inputs.checkpoint_stats(args.checkpoint)
+    samples = inputs.load_samples(args.data, c.image_size, stats, args.n, args.offset, c.text_length)
+    image = inputs.stack_images(samples)
+    captions = [s.caption for s in samples]
+    decode = text = padding = None
+    if c.has_text and any(captions):
+        tokenizer = inputs.load_tokenizer(args.checkpoint, args.tokenizer, c.vocab_size)
+        decode = inputs.decoder_for(tokenizer)
+        text, padding = inputs.text_batch(tokenizer, captions, c.text_length)
+    elif args.caption and not c.has_text:
+        raise ValueError("--caption needs a model with text; this one is image-only (vocab_size=0)")
+    elif args.caption:
+        tokenizer = inputs.load_tokenizer(args.checkpoint, args.tokenizer, c.vocab_size)
+        decode = inputs.decoder_for(tokenizer)
+
+    text_ratio = args.text_mask_ratio if args.text_mask_ratio is not None else (0.0 if args.caption else None)
+    masks = draw_masks(model, image, padding, image_ratio=args.image_mask_ratio, text_ratio=text_ratio,
+                       seed=args.seed)
+    columns = []
+    if text is not None:
+        columns.append(("with caption" if args.caption else "reconstruction",
+                        reconstruct(model, image, text, padding, masks, restore=args.restore)))
+    if args.caption or text is None:
+        image_only = type(masks)(masks.image_ids, masks.image_keep)  # same image mask, no text
+        columns.append(("no caption" if c.has_text else "reconstruction",
+                        reconstruct(model, image, masks=image_only, restore=args.restore)))
+    if args.caption:
+        own, own_padding = inputs.text_batch(tokenizer, [args.caption] * len(samples), c.text_length)
+        own_masks = draw_masks(model, image, own_padding, image_ratio=args.image_mask_ratio,
+                               text_ratio=text_ratio, seed=args.seed)
+        own_masks.image_ids, own_masks.image_keep = masks.image_ids, masks.image_keep
+        short = args.caption if len(args.caption) <= 24 else args.caption[:22] + "…"
+        columns.append((f"“{short}”", reconstruct(model, image, own, own_padding, own_masks, restore=args.restore)))
+    ratio = c.image_mask_ratio if args.image_mask_ratio is None else args.image_mask_ratio
+    title = f"{args.checkpoint.rstrip('/').split('/')[-1]}: {ratio:.0%} of patches hidden"
+    path = reconstruction_figure(columns, args.out, decode=decode, stats=stats, title=title)
+    print(f"wrote {path}")
+    return 0

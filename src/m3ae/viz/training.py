@@ -1,0 +1,84 @@
+"""Reconstruction grids during pretraining (`viz_every: K`): a fixed batch, drawn every K steps."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..data.collate import BatchPart, Collator
+
+VIZ_DIR = "viz"
+
+
+def fixed_viz_batch(config, tokenizer=None, n: int = 4) -> BatchPart | None:
+    """Samples and masks fixed for the whole run, so successive grids are comparable.
+
+    demo: held-out synthetic samples (indices past the training set). Other specs: the first
+    micro-batch of a fresh, worker-less loader (training samples; a validation source can replace
+    this once the data pipeline has one). None when no batch can be had.
+    """
+    from ..data.synthetic import SyntheticShapes
+
+    model_cfg, data_cfg = config.model, config.data
+    if data_cfg.spec == "demo":
+        shapes = SyntheticShapes(data_cfg.demo_samples + n, model_cfg.image_size, model_cfg.text_length,
+                                 seed=config.seed, stats=data_cfg.normalization, tokenizer=tokenizer)
+        samples = [shapes[data_cfg.demo_samples + i] for i in range(n)]
+    else:
+        try:
+            from ..data.loader import build_train_data
+
+            data = build_train_data(dataclasses.replace(data_cfg, num_workers=0), model_cfg, seed=config.seed,
+                                    micro_batch=n)
+            return next(iter(data.batches)).parts[0]
+        except Exception as err:  # a picture must never stop a training run
+            print(f"viz_every: no fixed batch for data spec {data_cfg.spec!r} ({err}); "
+                  "reconstruction grids disabled", file=sys.stderr)
+            return None
+    # Own mask seed, unrelated to the training masks.
+    return Collator(model_cfg, seed=config.seed + 7919)(samples).parts[0]
+
+
+def write_viz(model, step: int, out_dir: str | Path, fixed_batch: BatchPart,
+              decode: Callable[[int], str] | None = None, stats="cc12m") -> Path:
+    """Write OUT/viz/step_XXXXXXXX.png: the fixed batch reconstructed by `model` as it is now.
+
+    Uses the given masks (no RNG is drawn, so an exact-resume run stays exact) and restores the
+    model's train/eval mode.
+    """
+    from .reconstruction import reconstruct, reconstruction_figure
+
+    rec = reconstruct(model, **fixed_batch.model_inputs())
+    path = Path(out_dir) / VIZ_DIR / f"step_{step:08d}.png"
+    return reconstruction_figure([(f"step {step}", rec)], path, decode=decode, stats=stats,
+                                 title=f"reconstructions at step {step}")
+
+
+class TrainingViz:
+    """What the trainer holds: the fixed batch and how to label it; call with (model, step)."""
+
+    def __init__(self, out_dir: str | Path, fixed_batch: BatchPart, decode=None, stats="cc12m"):
+        self.out_dir, self.fixed_batch, self.decode, self.stats = Path(out_dir), fixed_batch, decode, stats
+
+    @classmethod
+    def for_run(cls, config, out_dir: str | Path, tokenizer=None) -> "TrainingViz | None":
+        batch = fixed_viz_batch(config, tokenizer)
+        if batch is None:
+            return None
+        decode = None
+        if tokenizer is not None and config.model.has_text:
+            from .inputs import decoder_for
+
+            decode = decoder_for(tokenizer)
+        return cls(out_dir, batch, decode, config.data.normalization)
+
+    def __call__(self, model, step: int) -> Path | None:
+        try:
+            with torch.no_grad():
+                return write_viz(model, step, self.out_dir, self.fixed_batch, self.decode, self.stats)
+        except Exception as err:  # a picture must never stop a training run
+            print(f"step {step}: reconstruction grid failed ({err})", file=sys.stderr)
+            return None

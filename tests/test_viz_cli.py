@@ -1,0 +1,93 @@
+"""Every visualisation command writes a PNG on tiny inputs (CLI main() called in-process)."""
+import json
+
+import numpy as np
+import pytest
+
+from m3ae.cli import main
+
+from viz_helpers import is_png, tiny_checkpoint, write_png
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    root = tmp_path / "run"
+    return root, tiny_checkpoint(root)
+
+
+def test_reconstruct_demo_and_variants(run_dir, tmp_path):
+    _, ckpt = run_dir
+    out = tmp_path / "r.png"
+    assert main(["reconstruct", "--checkpoint", str(ckpt), "--data", "demo", "--out", str(out), "--n", "2"]) == 0
+    assert is_png(out)
+    out2 = tmp_path / "r2.png"
+    assert main(["reconstruct", "--checkpoint", str(ckpt), "--data", "demo", "--out", str(out2), "--n", "2",
+                 "--caption", "a large green square", "--image-mask-ratio", "0.5"]) == 0
+    assert is_png(out2)
+
+
+def test_reconstruct_csv_folder_and_image_only(tmp_path):
+    root = tmp_path / "run"
+    ckpt = tiny_checkpoint(root)
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    write_png(data / "images" / "x.png")
+    write_png(data / "images" / "y.png", size=(30, 60), colour=(10, 120, 240))
+    (data / "captions.csv").write_text("image,caption\nimages/x.png,a red square\nimages/x.png,again\n"
+                                       "images/y.png,a blue circle\n")
+    for spec in (data / "captions.csv", data / "images", data / "images" / "x.png"):
+        out = tmp_path / f"{spec.name}.png"
+        assert main(["reconstruct", "--checkpoint", str(ckpt), "--data", str(spec), "--out", str(out),
+                     "--text-mask-ratio", "0.5"]) == 0
+        assert is_png(out)
+    mae = tiny_checkpoint(tmp_path / "mae", vocab_size=0)
+    out = tmp_path / "mae.png"
+    assert main(["reconstruct", "--checkpoint", str(mae), "--data", str(data / "captions.csv"), "--out", str(out)]) == 0
+    assert is_png(out)
+    assert main(["reconstruct", "--checkpoint", str(ckpt), "--data", str(tmp_path / "nope"), "--out", str(out)]) == 2
+
+
+def test_attention(run_dir, tmp_path, capsys):
+    _, ckpt = run_dir
+    image = write_png(tmp_path / "img.png", size=(64, 50))
+    out = tmp_path / "a.png"
+    assert main(["attention", "--checkpoint", str(ckpt), "--image", str(image), "--caption",
+                 "a small red circle above a large blue square", "--token", "circle", "--out", str(out)]) == 0
+    assert is_png(out)
+    out2 = tmp_path / "a2.png"
+    assert main(["attention", "--checkpoint", str(ckpt), "--image", "demo", "--out", str(out2), "--per-head",
+                 "--layer", "mean", "--region", "1,2"]) == 0
+    assert is_png(out2)
+    assert main(["attention", "--checkpoint", str(ckpt), "--image", str(image), "--caption", "a red circle",
+                 "--token", "banana", "--out", str(out)]) == 2
+    assert "'banana' is not in the caption" in capsys.readouterr().err
+
+
+def test_tsne_npz_and_safetensors(tmp_path):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 20)
+    features = rng.normal(size=(60, 8)).astype(np.float32) + labels[:, None] * 3.0
+    np.savez(tmp_path / "a.npz", features=features, labels=labels)
+    save_file({"features": rng.normal(size=(60, 8)).astype(np.float32), "labels": labels.astype(np.int64)},
+              str(tmp_path / "b.safetensors"))
+    out = tmp_path / "t.png"
+    assert main(["tsne", "--features", str(tmp_path / "a.npz"), "--features2", str(tmp_path / "b.safetensors"),
+                 "--labels", "M3AE", "MAE", "--out", str(out)]) == 0
+    assert is_png(out)
+    out2 = tmp_path / "p.png"
+    assert main(["tsne", "--features", str(tmp_path / "a.npz"), "--method", "pca", "--out", str(out2)]) == 0
+    assert is_png(out2)
+
+
+def test_plot(tmp_path):
+    for name, scale in (("a", 1.0), ("b", 2.0)):
+        (tmp_path / name).mkdir()
+        rows = [{"step": s, "loss": scale / s, "image_loss": scale / s, "text_loss": 2 * scale / s,
+                 "lr": 1e-3 * min(1, s / 5)} for s in range(1, 30)]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "c.png"
+    assert main(["plot", str(tmp_path / "a" / "metrics.jsonl"), str(tmp_path / "b"), "--out", str(out),
+                 "--smooth", "0.6", "--accuracy"]) == 0
+    assert is_png(out)

@@ -1,0 +1,47 @@
+import json
+
+import numpy as np
+import pytest
+
+from m3ae.viz.curves import ema, read_metrics, run_labels
+from m3ae.viz.tsne import embed_2d, knn_accuracy, load_features, pca_2d
+
+
+def test_load_features_formats_and_errors(tmp_path):
+    f = np.ones((5, 3), np.float32)
+    np.savez(tmp_path / "ok.npz", features=f, labels=np.array(["cat", "dog", "cat", "dog", "cat"]))
+    fs = load_features(tmp_path / "ok.npz")
+    assert fs.features.shape == (5, 3) and list(fs.labels[:2]) == ["cat", "dog"]
+    np.savez(tmp_path / "bad.npz", features=f)
+    with pytest.raises(ValueError, match="no 'labels'"):
+        load_features(tmp_path / "bad.npz")
+    np.savez(tmp_path / "obj.npz", features=f, labels=np.array([1, "x", None, 2, 3], dtype=object))
+    with pytest.raises(ValueError, match="without pickle"):
+        load_features(tmp_path / "obj.npz")
+    with pytest.raises(ValueError, match="safetensors or .npz"):
+        (tmp_path / "x.pt").write_bytes(b"")
+        load_features(tmp_path / "x.pt")
+
+
+def test_embeddings_and_knn():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 15)
+    x = rng.normal(size=(30, 6)) + labels[:, None] * 10
+    xy, used = embed_2d(x, "pca")
+    assert used == "pca" and xy.shape == (30, 2)
+    xy, used = embed_2d(x, "auto")
+    assert xy.shape == (30, 2)
+    assert pca_2d(x[:, :1]).shape == (30, 2)
+    assert knn_accuracy(x, labels) == 1.0
+
+
+def test_curves_helpers(tmp_path):
+    (tmp_path / "m.jsonl").write_text('{"step": 2, "loss": 1}\n{"step": 1, "loss": 3}\n{"step": 2, "loss": 2}\n')
+    rows = read_metrics(tmp_path / "m.jsonl")
+    assert [r["loss"] for r in rows] == [3, 2]  # step order, the re-logged step's last row wins
+    assert ema([1.0, 1.0, 1.0], 0.9) == pytest.approx([1.0, 1.0, 1.0])
+    assert run_labels(["x/run/metrics.jsonl", "y/run/metrics.jsonl"]) == ["x/run", "y/run"]
+    assert run_labels(["a/metrics.jsonl", "b/metrics.jsonl"]) == ["a", "b"]
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="no metrics"):
+        read_metrics(tmp_path / "empty.jsonl")

@@ -1,0 +1,100 @@
+import torch
+
+from m3ae.data.normalization import denormalize, normalize
+from m3ae.masking import Masks
+from m3ae.patches import patchify
+from m3ae.viz.reconstruction import draw_masks, reconstruct, reconstruction_figure, restore_patch_stats, to_rgb
+
+from viz_helpers import is_png, tiny_model
+
+
+def test_unnormalise_round_trip():
+    pixels = torch.rand(2, 3, 8, 8)
+    for stats in ("cc12m", "imagenet", ((0.1, 0.2, 0.3), (0.5, 0.6, 0.7))):
+        assert torch.allclose(denormalize(normalize(pixels, stats), stats), pixels, atol=1e-6)
+    rgb = to_rgb(normalize(pixels[0], "cc12m"), "cc12m")
+    assert rgb.shape == (8, 8, 3)
+    assert torch.allclose(torch.from_numpy(rgb), pixels[0].permute(1, 2, 0), atol=1e-6)
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(2, 3, 32, 32, generator=g)
+    text = torch.randint(2, 40, (2, 10), generator=g)
+    padding = torch.zeros(2, 10, dtype=torch.bool)
+    padding[1, 7:] = True
+    return image, text.masked_fill(padding, 0), padding
+
+
+def test_visible_patches_are_the_input():
+    model = tiny_model()
+    image, text, padding = _batch()
+    masks = draw_masks(model, image, padding, seed=3)
+    rec = reconstruct(model, image, text, padding, masks)
+    p_in, p_out = patchify(image, 8), patchify(rec.reconstruction, 8)
+    visible = ~rec.image_mask
+    assert visible.sum() == 2 * masks.image_keep
+    assert torch.equal(p_out[visible], p_in[visible])
+    assert not torch.allclose(p_out[~visible], p_in[~visible])  # hidden ones are predictions
+    assert torch.equal(patchify(rec.masked, 8)[~visible], torch.zeros_like(p_in[~visible]))
+    assert rec.text_prediction.shape == text.shape and rec.text_mask.shape == text.shape
+
+
+def test_mask_ratio_override_and_image_only_model(tmp_path):
+    model = tiny_model(vocab_size=0)
+    image, _, _ = _batch()
+    masks = draw_masks(model, image, None, image_ratio=0.5, seed=0)
+    assert masks.image_keep == 8
+    rec = reconstruct(model, image, masks=masks)
+    assert rec.text is None and rec.image_mask.sum(1).tolist() == [8, 8]
+    assert is_png(reconstruction_figure([("mae", rec)], tmp_path / "r.png", decode=None))
+
+
+def test_norm_pix_restoration_uses_only_visible_patches():
+    image, text, padding = _batch()
+    patches = patchify(image, 8)
+    hidden = torch.zeros(2, 16, dtype=torch.bool)
+    hidden[:, [0, 5, 6, 10, 15]] = True
+    pred = torch.randn(2, 16, 192)
+    changed = patches.clone()
+    changed[hidden] = changed[hidden] * 5 + 3  # very different hidden content
+    for mode in ("local", "global"):
+        a = restore_patch_stats(pred, patches, hidden, grid=4, mode=mode)
+        b = restore_patch_stats(pred, changed, hidden, grid=4, mode=mode)
+        assert torch.allclose(a, b)
+    # ... and it does depend on the visible ones.
+    moved = patches.clone()
+    moved[~hidden] += 1.0
+    c = restore_patch_stats(pred, moved, hidden, grid=4)
+    assert torch.allclose(c[hidden], restore_patch_stats(pred, patches, hidden, grid=4)[hidden] + 1.0, atol=1e-5)
+
+    # End to end with a norm_pix model: hidden input pixels do not change the reconstruction.
+    model = tiny_model(norm_pix_loss=True)
+    masks = draw_masks(model, image, padding, seed=1)
+    rec1 = reconstruct(model, image, text, padding, masks)
+    hid = Masks.hidden(masks.image_ids, masks.image_keep)
+    p2 = patches.clone()
+    p2[hid] = torch.randn_like(p2[hid]) * 4
+    from m3ae.patches import unpatchify
+
+    rec2 = reconstruct(model, unpatchify(p2, 8, 4), text, padding, masks)
+    assert torch.allclose(rec1.reconstruction, rec2.reconstruction, atol=1e-5)
+
+
+def test_figure_with_captions_and_variants(tmp_path):
+    model = tiny_model()
+    image, text, padding = _batch()
+    masks = draw_masks(model, image, padding, seed=0)
+    a = reconstruct(model, image, text, padding, masks)
+    b = reconstruct(model, image, masks=Masks(masks.image_ids, masks.image_keep))
+    decode = lambda i: f"w{i}"  # noqa: E731
+    out = reconstruction_figure([("with caption", a), ("no caption", b)], tmp_path / "f.png", decode=decode)
+    assert is_png(out)
+
+
+def test_model_mode_restored():
+    model = tiny_model()
+    model.train()
+    image, text, padding = _batch()
+    reconstruct(model, image, text, padding)
+    assert model.training
