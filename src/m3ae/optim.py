@@ -38,10 +38,12 @@ def param_groups(model: nn.Module, weight_decay: float, mode: str = "mae") -> li
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8,
                     decay_mode: str = "mae", fused: bool | None = None) -> torch.optim.AdamW:
-    """AdamW; fused kernels by default when every parameter is on CUDA."""
+    """AdamW; fused kernels by default when every parameter is a float tensor on CUDA or CPU
+    (torch has fused AdamW for both; on CPU the default would be a slow per-tensor loop)."""
     groups = param_groups(model, weight_decay, decay_mode)
     if fused is None:
-        fused = all(p.is_cuda for g in groups for p in g["params"])
+        fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point()
+                    for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
 
 

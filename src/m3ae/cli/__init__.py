@@ -9,6 +9,7 @@ import sys
 COMMANDS = [
     "m3ae.cli.pretrain",
     "m3ae.cli.demo",
+    "m3ae.cli.bench",
 ]
 
 
