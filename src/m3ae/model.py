@@ -264,13 +264,18 @@ class M3AE(nn.Module):
         return out
 
     # -- persistence ---------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write config.json + model.safetensors into `directory`, each atomically."""
+    def save_pretrained(self, directory: str | os.PathLike,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write config.json + model.safetensors into `directory`, each atomically.
+
+        `state_dict`: weights to write instead of this module's own (e.g. gathered from FSDP shards).
+        """
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        source = self.state_dict() if state_dict is None else state_dict
+        state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
         _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
         _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json()))
         return directory

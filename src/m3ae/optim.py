@@ -71,7 +71,10 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float | None) -> to
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    norms = [torch.linalg.vector_norm(g.float()) for g in grads]
+    if hasattr(norms[0], "full_tensor"):  # FSDP2 DTensor shards: reduce each partial norm to its total
+        norms = [n.full_tensor() for n in norms]
+    norm = torch.linalg.vector_norm(torch.stack(norms))
     if max_norm is not None and max_norm > 0:
         scale = max_norm / torch.maximum(norm, torch.tensor(max_norm, device=norm.device))
         torch._foreach_mul_(grads, scale.to(grads[0].dtype))
