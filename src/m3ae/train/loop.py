@@ -236,7 +236,8 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
                         with dist_utils.gradient_sync(run_model, last):
                             out = run_model(**part.model_inputs())
                             share = part.size / batch.size / config.grad_accum
-                            guard = dist_utils.unused_parameter_guard(model, part) if world_size > 1 and not fsdp else 0.0
+                            guard = (dist_utils.unused_parameter_guard(model, part)
+                                     if world_size > 1 and not fsdp else 0.0)
                             (out.loss * share + guard).backward()
                         sums += torch.stack([out.loss.detach().float(),
                                              _or_nan(out.image_loss, sums), _or_nan(out.text_loss, sums),
