@@ -46,3 +46,22 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, valid: torc
     else:
         n = (count > 0).sum().to(torch.float32).clamp_min(1.0)
     return loss_per.sum() / n, acc_per.sum() / n
+
+
+def packed_token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
+                               batch: int, average_over: str = "samples_with_targets"
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_cross_entropy` for packed tokens: logits (M, V) and targets (M,) of the valid tokens
+    only, `rows` (M,) their sample index. Same value, but the head and softmax never see padding."""
+    per_token = F.cross_entropy(logits.float(), targets, reduction="none")
+    correct = (logits.detach().argmax(dim=-1) == targets).to(torch.float32)
+    sums = per_token.new_zeros(3, batch)
+    stacked = torch.stack([per_token, correct, torch.ones_like(correct)])
+    sums = sums.index_add(1, rows, stacked)
+    loss_sum, correct_sum, count = sums.unbind(0)
+    denom = count.clamp_min(1e-5)
+    if average_over == "batch":
+        n = torch.tensor(float(batch), device=logits.device)
+    else:
+        n = (count > 0).sum().to(torch.float32).clamp_min(1.0)
+    return (loss_sum / denom).sum() / n, (correct_sum.detach() / denom).sum() / n

@@ -23,11 +23,16 @@ class Masks:
     image_keep: int = 0
     text_ids: torch.Tensor | None = None  # (B, L) long: kept positions first
     text_keep: int = 0
+    # Optional (M,) long: flat indices into the (B, L - text_keep) hidden slots that are real tokens
+    # (the ones carrying a loss). Computed where masks are drawn (the loader) so the model can run
+    # the 30k-wide text head on exactly those M rows without a host sync; None: the model derives it.
+    text_targets: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Masks":
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=non_blocking)
-        return Masks(move(self.image_ids), self.image_keep, move(self.text_ids), self.text_keep)
+        return Masks(move(self.image_ids), self.image_keep, move(self.text_ids), self.text_keep,
+                     move(self.text_targets))
 
     @staticmethod
     def hidden(ids: torch.Tensor, keep: int) -> torch.Tensor:
@@ -98,4 +103,14 @@ def make_masks(batch: int, *, num_patches: int | None, text_padding: torch.Tenso
             masks.text_keep = keep_count(length, text_ratio)
         else:
             masks.text_ids, masks.text_keep = per_sample_text_ids(text_padding, text_ratio, generator)
+        masks.text_targets = text_target_index(masks.text_ids, masks.text_keep, text_padding)
     return masks
+
+
+def text_target_index(ids: torch.Tensor, keep: int, padding: torch.Tensor) -> torch.Tensor:
+    """Flat indices into the (B, L - keep) hidden slots of `ids` that hold real (non-padding) tokens.
+
+    Uses nonzero (a host sync on CUDA), so call it where masks are drawn, not in the step.
+    """
+    real = ~padding.bool().gather(1, ids[:, keep:])
+    return real.flatten().nonzero().squeeze(1)

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from .config import ConfigError, M3AEConfig
-from .losses import normalize_patches, patch_mse, token_cross_entropy
+from .losses import normalize_patches, packed_token_cross_entropy, patch_mse, token_cross_entropy
 from .layers import OutputHead, Transformer
-from .masking import Masks, make_masks
+from .masking import Masks, make_masks, text_target_index
 from .patches import patchify
 from .posembed import image_position_table, text_position_table
 
@@ -171,7 +171,8 @@ class M3AE(nn.Module):
         """Mask, encode the visible tokens, decode everything, and take the losses.
 
         `masks` replays given keep-orders; otherwise they are drawn with `generator`. Output heads
-        run only where a loss is taken unless `full_outputs` asks for predictions everywhere.
+        run only where a loss is taken (hidden patches, hidden real tokens). `full_outputs` runs
+        them everywhere and takes the mask-weighted loss from those outputs (same value; slower).
         """
         c = self.config
         self._check_inputs(image, text, text_padding_mask)
@@ -229,35 +230,52 @@ class M3AE(nn.Module):
             dec_image = dec[:, 1: 1 + c.num_patches]
             offset += c.num_patches
             target = normalize_patches(patches) if c.norm_pix_loss else patches
-            hidden_ids = masks.image_ids[:, masks.image_keep:]
-            pred = self.image_head(_gather_tokens(dec_image, hidden_ids))
-            out.image_loss = patch_mse(pred, _gather_tokens(target, hidden_ids))
             out.image_mask = masks.image_mask()
-            out.loss = out.loss + c.image_loss_weight * out.image_loss
             if full_outputs:
+                # Heads everywhere, loss weighted by the mask (the reference's way; parity checks).
                 out.image_output = self.image_head(dec_image)
+                out.image_loss = patch_mse(out.image_output, target, out.image_mask)
+            else:
+                hidden_ids = masks.image_ids[:, masks.image_keep:]
+                pred = self.image_head(_gather_tokens(dec_image, hidden_ids))
+                out.image_loss = patch_mse(pred, _gather_tokens(target, hidden_ids))
+            out.loss = out.loss + c.image_loss_weight * out.image_loss
         if text is not None:
             dec_text = dec[:, offset:]
-            hidden_ids = masks.text_ids[:, masks.text_keep:]
-            valid = ~padding.gather(1, hidden_ids)
-            logits = self.text_head(_gather_tokens(dec_text, hidden_ids))
             average = "batch" if c.masking == "reference" else "samples_with_targets"
-            out.text_loss, out.text_accuracy = token_cross_entropy(
-                logits, text.gather(1, hidden_ids), valid, average)
             out.text_mask = masks.text_mask()
-            out.loss = out.loss + c.text_loss_weight * out.text_loss
             if full_outputs:
                 out.text_output = self.text_head(dec_text)
+                out.text_loss, out.text_accuracy = token_cross_entropy(
+                    out.text_output, text, out.text_mask & ~padding, average)
+            else:
+                # The 30k-wide head runs only on hidden real tokens, packed to (M, dd): no padding rows.
+                hidden_ids = masks.text_ids[:, masks.text_keep:]
+                flat = masks.text_targets
+                if flat is None:  # hand-made masks: derive it here (a host sync on CUDA)
+                    flat = text_target_index(masks.text_ids, masks.text_keep, padding)
+                length, n_hidden = text.shape[1], hidden_ids.shape[1]
+                rows = torch.div(flat, n_hidden, rounding_mode="floor")
+                where = rows * length + hidden_ids.reshape(-1)[flat]
+                logits = self.text_head(dec_text.reshape(batch * length, -1)[where])
+                out.text_loss, out.text_accuracy = packed_token_cross_entropy(
+                    logits, text.reshape(-1)[where], rows, batch, average)
+            out.loss = out.loss + c.text_loss_weight * out.text_loss
         return out
 
     # -- persistence ---------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write config.json + model.safetensors into `directory`, each atomically."""
+    def save_pretrained(self, directory: str | os.PathLike,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write config.json + model.safetensors into `directory`, each atomically.
+
+        `state_dict`: weights to write instead of this module's own (e.g. gathered from FSDP shards).
+        """
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        source = self.state_dict() if state_dict is None else state_dict
+        state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
         _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
         _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json()))
         return directory

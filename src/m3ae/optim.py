@@ -38,10 +38,12 @@ def param_groups(model: nn.Module, weight_decay: float, mode: str = "mae") -> li
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8,
                     decay_mode: str = "mae", fused: bool | None = None) -> torch.optim.AdamW:
-    """AdamW; fused kernels by default when every parameter is on CUDA."""
+    """AdamW; fused kernels by default when every parameter is a float tensor on CUDA or CPU
+    (torch has fused AdamW for both; on CPU the default would be a slow per-tensor loop)."""
     groups = param_groups(model, weight_decay, decay_mode)
     if fused is None:
-        fused = all(p.is_cuda for g in groups for p in g["params"])
+        fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point()
+                    for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
 
 
@@ -69,7 +71,10 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float | None) -> to
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    norms = [torch.linalg.vector_norm(g.float()) for g in grads]
+    if hasattr(norms[0], "full_tensor"):  # FSDP2 DTensor shards: reduce each partial norm to its total
+        norms = [n.full_tensor() for n in norms]
+    norm = torch.linalg.vector_norm(torch.stack(norms))
     if max_norm is not None and max_norm > 0:
         scale = max_norm / torch.maximum(norm, torch.tensor(max_norm, device=norm.device))
         torch._foreach_mul_(grads, scale.to(grads[0].dtype))

@@ -1,93 +1,19 @@
-"""`m3ae bench data SPEC [SPEC ...]`: loader throughput (decoded + augmented samples/s), ours vs a
-plain baseline (full PIL decode, PIL crop + resize, to tensor, normalise), per worker and total."""
+"""`m3ae bench ...`: benchmarks. Each sub-command lives in its own module exposing
+`register(bench_subparsers)`; add one (e.g. `m3ae.cli.bench_data`) by listing it here."""
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import time
+import importlib
 
-import numpy as np
-import torch
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="benchmarks")
-    sub = p.add_subparsers(dest="bench_command", required=True)
-    d = sub.add_parser("data", help="data loader throughput, ours vs a plain PIL baseline")
-    d.add_argument("spec", nargs="+", help="data SPECs (image sources are timed on their images)")
-    d.add_argument("--image-size", type=int, default=256)
-    d.add_argument("--samples", type=int, default=400, help="samples per measurement")
-    d.add_argument("--workers", type=int, default=2, help="loader workers for the total")
-    d.add_argument("--batch", type=int, default=32)
-    d.set_defaults(func=run)
+SUBCOMMANDS = [
+    "m3ae.cli.bench_train",
+    "m3ae.cli.bench_data",
+]
 
 
-class BaselineTransform:
-    """The plain pipeline: decode the whole image, crop, resize (bicubic), flip, to tensor, normalise."""
-
-    def __init__(self, size: int, stats="cc12m"):
-        from m3ae.data.normalization import resolve_stats
-
-        self.size = size
-        mean, std = resolve_stats(stats)
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
-
-    def __call__(self, path: str, rng: np.random.Generator) -> torch.Tensor:
-        from PIL import Image
-
-        from m3ae.data.images import random_resized_crop_box
-
-        image = Image.open(path).convert("RGB")
-        box = random_resized_crop_box(*image.size, rng)
-        image = image.crop(box).resize((self.size, self.size), Image.BICUBIC)
-        if rng.random() < 0.5:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255.0
-        return (x - self.mean) / self.std
-
-
-class _Files(torch.utils.data.Dataset):
-    def __init__(self, records, transform):
-        self.records, self.transform = records, transform
-
-    def __len__(self):
-        return len(self.records)
-
-    def __getitem__(self, i):
-        return self.transform(self.records[i].image, np.random.default_rng([0, i]))
-
-
-def _rate(dataset, n: int, workers: int, batch: int) -> float:
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, shuffle=False,
-                                         sampler=[i % len(dataset) for i in range(n)])
-    it = iter(loader)
-    next(it)  # start-up (fork, first batch) is not throughput
-    t, done = time.perf_counter(), 0
-    for b in it:
-        done += len(b)
-    return done / (time.perf_counter() - t)
-
-
-def run(args: argparse.Namespace) -> int:
-    from m3ae.data.images import TrainTransform
-    from m3ae.data.sources import build_sources
-
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} torch threads")
-    print(f"output {args.image_size}px, {args.samples} samples per cell, batch {args.batch}")
-    print(f"{'source':48s} {'pipeline':9s} {'1 worker':>12s} {f'{args.workers} workers':>12s}")
-    torch.set_num_threads(1)
-    for item, source in build_sources(",".join(args.spec)):
-        records = [r for _, r in source.iterate(0, 1, seed=0, epochs=1) if r.image is not None]
-        if not records:
-            continue
-        pipelines = {"baseline": BaselineTransform(args.image_size),
-                     "m3ae": TrainTransform(args.image_size)}
-        for name, transform in pipelines.items():
-            ds = _Files(records, transform)
-            one = _rate(ds, args.samples, 0, args.batch)
-            many = _rate(ds, args.samples, args.workers, args.batch)
-            print(f"{source.describe()[-48:]:>48s} {name:9s} {one:9.0f}/s {many:9.0f}/s", flush=True)
-    return 0
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks (training step, ...)",
+                       description="Benchmarks. `m3ae bench train --help` for the training step.")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    for name in SUBCOMMANDS:
+        importlib.import_module(name).register(bench_sub)

@@ -19,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="'auto' continues from the newest checkpoint in --out (if any); or a checkpoint folder")
     p.add_argument("--stop-at-step", type=int, default=None,
                    help="stop (and checkpoint) at this step without changing the schedule")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard with FSDP2 instead of DDP (shorthand for distributed.fsdp=true)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=run)
 
@@ -40,6 +42,7 @@ def resume_command(argv: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..distributed import cleanup, init_distributed
     from ..train.config import load_config
     from ..train.loop import pretrain
 
@@ -47,8 +50,18 @@ def run(args: argparse.Namespace) -> int:
     for flag, key in ((args.data, "data.spec"), (args.steps, "steps"), (args.batch_size, "batch_size")):
         if flag is not None:
             overrides.append(f"{key}={flag}")
+    if args.fsdp:
+        overrides.append("distributed.fsdp=true")
     config = load_config(args.config, overrides)
-    result = pretrain(config, args.out, resume=args.resume, stop_at_step=args.stop_at_step)
+    # Launched by torchrun: join the process group (DDP/FSDP); otherwise a single process.
+    info = init_distributed(config.device)
+    try:
+        result = pretrain(config, args.out, resume=args.resume, stop_at_step=args.stop_at_step,
+                          rank=info.rank, world_size=info.world_size)
+    finally:
+        cleanup()
+    if not info.is_main:
+        return 0
     if result.status == "stopped":
         print(f"stopped at step {result.step}; checkpoint {result.checkpoint}\n"
               f"resume with: m3ae {resume_command(sys.argv[1:])}", file=sys.stderr)

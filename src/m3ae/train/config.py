@@ -28,10 +28,16 @@ class OptimConfig:
 
 
 @dataclass
+class DistributedConfig:
+    fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block) instead of DDP
+
+
+@dataclass
 class TrainConfig:
     model: M3AEConfig = field(default_factory=M3AEConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     steps: int = 1000
     batch_size: int = 64  # global batch per optimiser step (all processes, all accumulation steps)
     grad_accum: int = 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -15,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .. import distributed as dist_utils
 from ..checkpoint import latest_checkpoint, load_train_state, save_checkpoint
 from ..model import M3AE
 from ..optim import build_optimizer, clip_grad_norm, lr_at, set_lr
@@ -136,19 +138,22 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
     out_dir = Path(out_dir)
     is_main = rank == 0
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.device)
+    # Under torchrun each process drives cuda:LOCAL_RANK (CPU: gloo, every process on the CPU).
+    device = dist_utils.pick_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    info = dist_utils.DistInfo(rank, world_size, device.index or 0, device,
+                               torch.distributed.get_backend() if world_size > 1 else None)
+    fsdp = config.distributed.fsdp
     use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
     micro_batch, remainder = divmod(config.batch_size, world_size * config.grad_accum)
     if remainder or micro_batch == 0:
         raise ValueError(f"batch_size {config.batch_size} must be a multiple of processes x grad_accum "
                          f"({world_size} x {config.grad_accum})")
 
-    torch.manual_seed(config.seed + rank)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank (FSDP does not broadcast)
     model = M3AE(config.model).to(device)
-    optimizer = build_optimizer(model, config.peak_lr(), config.optim.weight_decay,
-                                (config.optim.beta1, config.optim.beta2), config.optim.eps,
-                                config.optim.decay_mode)
-    start_step, skipped, data_state = 0, 0, None
+    if rank > 0:
+        torch.manual_seed(config.seed + rank)  # then distinct dropout / drop-path streams per rank
+    start_step, skipped, data_state, optim_state = 0, 0, None, None
     checkpoint_dir = latest_checkpoint(out_dir) if resume == "auto" else (Path(resume) if resume else None)
     if checkpoint_dir is not None:
         if not checkpoint_dir.is_dir():
@@ -160,12 +165,22 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
             raise ValueError(f"{checkpoint_dir} holds a model with another configuration {diff}")
         model.load_state_dict(loaded.state_dict())
         state = load_train_state(checkpoint_dir)
-        optimizer.load_state_dict(state["optimizer"])
+        optim_state = state["optimizer"]
         set_rng_state(state["rng"])
+        if rank > 0:  # the saved RNG is rank 0's; keep the other ranks' streams distinct
+            torch.manual_seed(config.seed + rank + 1_000_003 * int(state["step"]))
         start_step, skipped, data_state = int(state["step"]), int(state.get("skipped_steps", 0)), state.get("data")
         if is_main:
             print(f"resuming from {checkpoint_dir} at step {start_step}", file=sys.stderr)
+    if model_hook is None and world_size > 1:
+        model_hook = lambda m: dist_utils.wrap_model(m, info, fsdp)  # noqa: E731
     run_model = model_hook(model) if model_hook else model
+    # After wrapping: FSDP2 swaps in sharded parameters, and the optimizer must hold those.
+    optimizer = build_optimizer(model, config.peak_lr(), config.optim.weight_decay,
+                                (config.optim.beta1, config.optim.beta2), config.optim.eps,
+                                config.optim.decay_mode)
+    if optim_state is not None:
+        dist_utils.load_optimizer_state(model, optimizer, optim_state, fsdp)
     if config.compile:
         run_model = torch.compile(run_model)
 
@@ -190,11 +205,16 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
         viz = TrainingViz.for_run(config, out_dir, data.tokenizer)
 
     def checkpoint(step: int, micro: int) -> Path | None:
-        if not is_main:
-            return None
-        train_state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(),
-                       "data": data.state(micro), "skipped_steps": skipped, "world_size": world_size}
-        return save_checkpoint(out_dir, step, model, train_state, run_yaml, config.keep_last)
+        # Full (unsharded) state on rank 0: it resumes with any number of processes.
+        model_state, optim_full = dist_utils.full_state_dicts(model, optimizer, fsdp)
+        path = None
+        if is_main:
+            train_state = {"step": step, "optimizer": optim_full, "rng": rng_state(),
+                           "data": data.state(micro), "skipped_steps": skipped, "world_size": world_size}
+            path = save_checkpoint(out_dir, step, _Weights(model, model_state), train_state, run_yaml,
+                                   config.keep_last)
+        dist_utils.barrier(info)
+        return path
 
     end = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
     result = TrainResult(out_dir, start_step, "finished", None, skipped_steps=skipped)
@@ -214,19 +234,25 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
             # Metric sums weighted by samples, each over the parts that have that modality.
             sums = torch.zeros(4, device=device)
             counts = [0.0] * 4
-            for _ in range(config.grad_accum):
+            for micro in range(config.grad_accum):
                 t0 = time.perf_counter()
                 batch = next(batches).to(device, non_blocking=True)
                 data_wait += time.perf_counter() - t0
                 window_samples += batch.size * world_size
                 with autocast:
-                    for part in batch.parts:
-                        out = run_model(**part.model_inputs())
-                        (out.loss * (part.size / batch.size / config.grad_accum)).backward()
-                        for i, value in enumerate((out.loss, out.image_loss, out.text_loss, out.text_accuracy)):
+                    for i, part in enumerate(batch.parts):
+                        # Gradients are all-reduced once per step: in the last backward only.
+                        last = micro == config.grad_accum - 1 and i == len(batch.parts) - 1
+                        with dist_utils.gradient_sync(run_model, last):
+                            out = run_model(**part.model_inputs())
+                            share = part.size / batch.size / config.grad_accum
+                            guard = (dist_utils.unused_parameter_guard(model, part)
+                                     if world_size > 1 and not fsdp else 0.0)
+                            (out.loss * share + guard).backward()
+                        for k, value in enumerate((out.loss, out.image_loss, out.text_loss, out.text_accuracy)):
                             if value is not None:
-                                sums[i] += value.detach().float() * part.size
-                                counts[i] += part.size
+                                sums[k] += value.detach().float() * part.size
+                                counts[k] += part.size
             grad_norm = clip_grad_norm(model.parameters(), config.optim.clip_grad)
             # The one per-step sync: a non-finite step must not touch the weights or Adam moments.
             if torch.isfinite(grad_norm).item():
@@ -248,7 +274,7 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
             if progress is not None:
                 progress.update(1)
             if step % config.log_every == 0 or step == end:
-                values = torch.stack(pending).cpu().tolist()
+                values = dist_utils.all_reduce_mean(torch.stack(pending), info).cpu().tolist()
                 pending.clear()
                 elapsed = time.perf_counter() - window_start
                 row = _row(step, values, lr, window_samples / max(elapsed, 1e-9),
@@ -270,9 +296,9 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
             if step % config.ckpt_every == 0 and step < end:
                 result.checkpoint = checkpoint(step, step * config.grad_accum)
                 last_ckpt_step = step
-            if stop.signal is not None:
+            if _stop_requested(stop, info, device):
                 result.status = "stopped"
-                if is_main:
+                if is_main and stop.signal is not None:
                     name = signal.Signals(stop.signal).name
                     print(f"\nreceived {name}: stopping after step {step}", file=sys.stderr)
                 break
@@ -286,6 +312,25 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
     result.skipped_steps = skipped
     metrics.close()
     return result
+
+
+class _Weights:
+    """What save_checkpoint needs from a model (save_pretrained), with an already gathered state."""
+
+    def __init__(self, model: M3AE, state: dict[str, torch.Tensor]):
+        self.model, self.state = model, state
+
+    def save_pretrained(self, directory: Path) -> Path:
+        return self.model.save_pretrained(directory, state_dict=self.state)
+
+
+def _stop_requested(stop: StopRequest, info: dist_utils.DistInfo, device: torch.device) -> bool:
+    """Every rank stops at the same step if any got a signal (one tiny all-reduce when distributed)."""
+    if not info.enabled:
+        return stop.signal is not None
+    flag = torch.tensor([float(stop.signal is not None)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _row(step: int, values: list[list[float]], lr: float, samples_per_s: float, data_wait_share: float,

@@ -1,0 +1,124 @@
+"""Performance accounting: analytic model FLOPs, device peaks, a measured matmul peak.
+
+FLOPs are counted analytically from the shapes a step actually runs (as nanoGPT / PaLM count MFU):
+only matrix multiplies, 2 FLOPs per multiply-add; norms, softmax, GELU, the optimiser are ignored.
+For one sample (B = 1), with D / Dd the encoder / decoder widths, h = mlp_ratio, P = p*p*C,
+V = vocab:
+
+    block(T, D)   = 2*T*D*(3D + D + 2hD)      qkv, output projection, MLP
+                  + 4*T*T*D                   attention scores and weighted sum (all heads)
+    forward       = 2*Ki*P*D                  image embedding of the Ki kept patches (text: a lookup)
+                  + depth * block(Te, D)      Te = 1 + Ki + Kt encoder tokens (kept text Kt)
+                  + 2*Te*D*Dd                 decoder input projection
+                  + dec_depth * block(Td, Dd) Td = 1 + N + L decoder tokens (all slots)
+                  + head(Mi, P) + head(Mt, V) Mi / Mt rows the image / text heads run on
+    head(M, O)    = 2*M*Dd*(depth_h*Dd + O)   optional MLP head layers, then the output Linear
+    train step    = 3 * forward               backward ~ 2x forward (the usual convention)
+
+The fast step's rows are Mi = hidden patches, Mt = hidden real tokens; the reference-style step
+runs the heads on every slot (Mi = N, Mt = L). `tests/test_bench.py` checks this formula against
+torch.utils.flop_counter on a tiny model.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .config import M3AEConfig
+
+
+@dataclass
+class StepShape:
+    """Per-sample token counts of one step (averages over a batch may be fractional)."""
+
+    kept_patches: float  # Ki (0: no image)
+    text_length: float  # L, padded length the decoder runs over (0: no text)
+    kept_text: float  # Kt
+    image_rows: float  # Mi
+    text_rows: float  # Mt
+    has_image: bool = True
+
+
+def block_flops(tokens: float, dim: int, mlp_ratio: float) -> float:
+    hidden = int(dim * mlp_ratio)
+    return 2 * tokens * dim * (4 * dim + 2 * hidden) + 4 * tokens * tokens * dim
+
+
+def forward_flops(c: M3AEConfig, s: StepShape) -> float:
+    """Forward matmul FLOPs for one sample (formula in the module docstring)."""
+    d, dd = c.emb_dim, c.dec_emb_dim
+    enc_tokens = 1 + s.kept_patches + s.kept_text
+    dec_tokens = 1 + (c.num_patches if s.has_image else 0) + s.text_length
+    flops = 2 * s.kept_patches * c.patch_dim * d
+    flops += c.depth * block_flops(enc_tokens, d, c.mlp_ratio)
+    flops += 2 * enc_tokens * d * dd
+    flops += c.dec_depth * block_flops(dec_tokens, dd, c.mlp_ratio)
+    head = c.output_head_depth * dd
+    flops += 2 * s.image_rows * dd * (head + c.patch_dim)
+    flops += 2 * s.text_rows * dd * (head + c.vocab_size)
+    return flops
+
+
+def train_flops(c: M3AEConfig, s: StepShape) -> float:
+    return 3 * forward_flops(c, s)
+
+
+# Dense peak TFLOP/s (no sparsity) by substring of torch.cuda.get_device_name(), from the vendors'
+# data sheets: bf16 tensor cores and plain fp32. Order matters (first match wins).
+PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
+    ("H200", {"bf16": 989.0, "fp32": 67.0}),
+    ("H100 PCIe", {"bf16": 756.0, "fp32": 51.0}),
+    ("H100", {"bf16": 989.0, "fp32": 67.0}),
+    ("A100", {"bf16": 312.0, "fp32": 19.5}),
+    ("L40S", {"bf16": 362.0, "fp32": 91.6}),
+    ("L4", {"bf16": 121.0, "fp32": 30.3}),
+    ("RTX 4090", {"bf16": 165.2, "fp32": 82.6}),
+    ("A10", {"bf16": 125.0, "fp32": 31.2}),
+]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def table_peak(name: str, dtype: str) -> float | None:
+    for key, peaks in PEAK_TFLOPS:
+        if key in name:
+            return peaks.get(dtype)
+    return None
+
+
+def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, size: int | None = None,
+                          seconds: float = 0.5) -> float:
+    """Achieved TFLOP/s of a square matmul: what this device delivers on the best-case kernel."""
+    size = size or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    _sync(device)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    reps, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        reps += 1
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds and reps >= 3:
+            return 2 * size**3 * reps / elapsed / 1e12
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,242 @@
+"""Training-step benchmark: our fast step beside a reference-equivalent step, in one process.
+
+Fast step (what `m3ae pretrain` runs): visible-token encoder, text cut to the longest caption,
+heads only on hidden patches / hidden real tokens, per-sample masks drawn by the Collator, bf16
+autocast on CUDA, fused AdamW on CUDA, optional torch.compile.
+Reference-equivalent step (what the authors' code computes): the same model and weights in fp32,
+text padded to the full text_length, one mask permutation shared by the batch, heads over every
+position with the loss taken from those outputs (full_outputs=True).
+Data are synthetic in-memory tensors (a pool of pre-collated batches), so the loader is never the
+bottleneck; the data wait is still measured around fetching from the iterator.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from ..config import M3AEConfig
+from ..data.collate import Batch, BatchPart, Collator
+from ..masking import make_masks
+from ..model import M3AE
+from ..optim import build_optimizer, clip_grad_norm
+from ..perf import StepShape, device_name, measure_matmul_tflops, table_peak, train_flops
+
+
+@dataclass
+class BenchOptions:
+    model: M3AEConfig
+    batch: int = 32
+    steps: int = 20
+    warmup: int = 5
+    min_caption: int = 8
+    max_caption: int | None = None  # None: text_length
+    device: str = "auto"
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False
+    reference: bool = True
+    peak_tflops: float | None = None
+    seed: int = 0
+    pool: int = 8  # distinct pre-collated batches cycled through
+
+
+def synthetic_batches(config: M3AEConfig, opts: BenchOptions) -> list[Batch]:
+    """Random images and captions of uniform length in [min_caption, max_caption], collated."""
+    g = torch.Generator().manual_seed(opts.seed)
+    hi = min(opts.max_caption or config.text_length, config.text_length)
+    collate = Collator(config, seed=opts.seed)
+    batches = []
+    for step in range(opts.pool):
+        samples = []
+        for i in range(opts.batch):
+            n = int(torch.randint(opts.min_caption, hi + 1, (1,), generator=g))
+            samples.append({"image": torch.randn(config.in_chans, config.image_size, config.image_size,
+                                                 generator=g),
+                            "text": torch.randint(1, config.vocab_size, (n,), generator=g).tolist(),
+                            "key": f"{step}-{i}", "step": step})
+        batches.append(collate(samples))
+    return batches
+
+
+def reference_batch(batch: Batch, config: M3AEConfig, generator: torch.Generator) -> Batch:
+    """The same samples, text padded to the full text_length, batch-shared (reference) masks."""
+    parts = []
+    for p in batch.parts:
+        text = pad = None
+        if p.text is not None:
+            b, length = p.text.shape
+            text = torch.zeros(b, config.text_length, dtype=p.text.dtype)
+            pad = torch.ones(b, config.text_length, dtype=torch.bool)
+            text[:, :length], pad[:, :length] = p.text, p.text_padding_mask
+        masks = make_masks(p.size, num_patches=config.num_patches if p.image is not None else None,
+                           text_padding=pad, image_ratio=config.image_mask_ratio,
+                           text_ratio=config.text_mask_ratio, mode="reference", generator=generator)
+        parts.append(BatchPart(p.image, text, pad, masks, p.keys))
+    return Batch(parts, batch.step)
+
+
+def step_shape(batch: Batch, config: M3AEConfig, full: bool) -> StepShape:
+    """Average per-sample token counts of the (image + text) parts of a batch."""
+    n = batch.size
+    tot = dict(kept_patches=0.0, text_length=0.0, kept_text=0.0, image_rows=0.0, text_rows=0.0)
+    for p in batch.parts:
+        m = p.masks
+        if p.image is not None:
+            tot["kept_patches"] += p.size * m.image_keep
+            tot["image_rows"] += p.size * (config.num_patches if full else config.num_patches - m.image_keep)
+        if p.text is not None:
+            length = p.text.shape[1]
+            tot["text_length"] += p.size * length
+            tot["kept_text"] += p.size * m.text_keep
+            tot["text_rows"] += p.size * length if full else m.text_targets.numel()
+    return StepShape(**{k: v / n for k, v in tot.items()})
+
+
+class _Step:
+    """One optimiser step over a Batch (every part: forward, backward), then clip + AdamW."""
+
+    def __init__(self, model: M3AE, device: torch.device, bf16: bool, full_outputs: bool,
+                 compile: bool):
+        self.model = model
+        self.device = device
+        self.full = full_outputs
+        self.run = torch.compile(model) if compile else model
+        self.optimizer = build_optimizer(model, 1e-4, 0.05)  # fused AdamW when on CUDA
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if bf16
+                         else contextlib.nullcontext())
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        loss_sum = torch.zeros((), device=self.device)
+        with self.autocast:
+            for part in batch.parts:
+                out = self.run(**part.model_inputs(), full_outputs=self.full)
+                share = part.size / batch.size
+                (out.loss * share).backward()
+                loss_sum += out.loss.detach().float() * share
+        clip_grad_norm(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_steps(runs: dict[str, tuple[_Step, list[Batch]]], opts: BenchOptions, device: torch.device
+                ) -> dict[str, dict[str, float]]:
+    """Median wall and process-CPU time per step over opts.steps steps after opts.warmup.
+
+    The steps of the runs are interleaved (fast, reference, fast, ...) so a shared or throttled
+    machine slows both alike and the speed-up stays meaningful. Data wait is timed around next().
+    """
+    sources = {name: itertools.cycle(batches) for name, (_, batches) in runs.items()}
+    rec = {name: {"wall": [], "cpu": [], "wait": []} for name in runs}
+    for i in range(opts.warmup + opts.steps):
+        for name, (step, _) in runs.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            batch = next(sources[name]).to(device, non_blocking=True)
+            t1 = time.perf_counter()
+            step(batch)
+            _sync(device)  # the benchmark's own sync, to time each step; the trainer has none here
+            t2, c2 = time.perf_counter(), time.process_time()
+            if i >= opts.warmup:
+                rec[name]["wall"].append(t2 - t0)
+                rec[name]["cpu"].append(c2 - c0)
+                rec[name]["wait"].append(t1 - t0)
+    return {name: {"step_s": statistics.median(r["wall"]), "cpu_s": statistics.median(r["cpu"]),
+                   "data_wait_share": sum(r["wait"]) / sum(r["wall"]), "steps": len(r["wall"])}
+            for name, r in rec.items()}
+
+
+def run_train_bench(opts: BenchOptions, log=lambda msg: print(msg, file=sys.stderr)) -> dict[str, Any]:
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto"
+                          else opts.device)
+    bf16 = opts.precision == "bf16" or (opts.precision == "auto" and device.type == "cuda")
+    config = opts.model
+    torch.manual_seed(opts.seed)
+    model = M3AE(config).to(device)
+    batches = synthetic_batches(config, opts)
+    result: dict[str, Any] = {
+        "device": device_name(device), "batch": opts.batch, "precision": "bf16" if bf16 else "fp32",
+        "compile": opts.compile, "threads": torch.get_num_threads(), "params": model.num_parameters(),
+        "config": config.to_dict(),
+    }
+    if hasattr(os, "getloadavg"):
+        result["load_average_before"] = os.getloadavg()[0]
+    runs = {"fast": (_Step(model, device, bf16, False, opts.compile), batches)}
+    if opts.reference:
+        ref_config = replace(config, masking="reference")
+        ref_model = M3AE(ref_config).to(device)
+        ref_model.load_state_dict(model.state_dict())  # same weights; only masking/averaging differ
+        g = torch.Generator().manual_seed(opts.seed + 1)
+        ref_batches = [reference_batch(b, ref_config, g) for b in batches]
+        runs["reference"] = (_Step(ref_model, device, False, True, False), ref_batches)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    log(f"timing {' + '.join(runs)} steps, interleaved: {opts.warmup} warm-up + {opts.steps} timed each ...")
+    timed = _time_steps(runs, opts, device)
+    fast = timed["fast"]
+    flops = sum(train_flops(config, step_shape(b, config, False)) for b in batches) / len(batches)
+    result.update(step_s=fast["step_s"], cpu_s=fast["cpu_s"], samples_per_s=opts.batch / fast["step_s"],
+                  data_wait_share=fast["data_wait_share"], timed_steps=fast["steps"],
+                  flops_per_sample=flops, achieved_tflops=flops * opts.batch / fast["step_s"] / 1e12)
+    if device.type == "cuda":  # both steps' high-water mark when the reference runs too
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    else:  # the process high-water mark (Linux reports KiB)
+        result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if hasattr(os, "getloadavg"):
+        result["load_average_after"] = os.getloadavg()[0]
+
+    dtype = "bf16" if bf16 else "fp32"
+    result["matmul_tflops"] = measure_matmul_tflops(device, torch.bfloat16 if bf16 else torch.float32)
+    peak = opts.peak_tflops or table_peak(result["device"], dtype)
+    result["peak_source"] = ("--peak-tflops" if opts.peak_tflops else "table" if peak
+                             else "measured matmul (no table entry for this device)")
+    result["peak_tflops"] = peak or result["matmul_tflops"]
+    result["mfu"] = result["achieved_tflops"] / result["peak_tflops"]
+
+    if opts.reference:
+        ref = timed["reference"]
+        ref_flops = sum(train_flops(config, step_shape(b, config, True)) for b in ref_batches) / len(ref_batches)
+        result["reference"] = {"step_s": ref["step_s"], "cpu_s": ref["cpu_s"],
+                               "samples_per_s": opts.batch / ref["step_s"], "flops_per_sample": ref_flops,
+                               "achieved_tflops": ref_flops * opts.batch / ref["step_s"] / 1e12}
+        result["speedup"] = ref["step_s"] / fast["step_s"]
+    return result
+
+
+def format_report(r: dict[str, Any]) -> str:
+    lines = [
+        f"device            {r['device']}  (precision {r['precision']}, compile {r['compile']}, "
+        f"threads {r['threads']})",
+        f"model             {r['params'] / 1e6:.2f} M parameters, batch {r['batch']}",
+        f"fast step         {r['samples_per_s']:.1f} samples/s, step {r['step_s'] * 1e3:.1f} ms "
+        f"(median of {r['timed_steps']}; process CPU {r['cpu_s'] * 1e3:.0f} ms), "
+        f"data wait {100 * r['data_wait_share']:.2f}%",
+        f"model FLOPs       {r['flops_per_sample'] / 1e9:.3f} GFLOP/sample (train, analytic), "
+        f"achieved {r['achieved_tflops']:.3f} TFLOP/s",
+        f"MFU               {100 * r['mfu']:.1f}% of {r['peak_tflops']:.2f} TFLOP/s ({r['peak_source']}); "
+        f"measured matmul peak {r['matmul_tflops']:.2f} TFLOP/s",
+    ]
+    if "peak_memory_gib" in r:
+        lines.append(f"peak memory       {r['peak_memory_gib']:.2f} GiB (torch.cuda.max_memory_allocated)")
+    else:
+        lines.append(f"peak memory       {r['peak_rss_gib']:.2f} GiB (process peak RSS)")
+    if "reference" in r:
+        ref = r["reference"]
+        lines.append(f"reference step    {ref['samples_per_s']:.1f} samples/s, step {ref['step_s'] * 1e3:.1f} ms, "
+                     f"{ref['flops_per_sample'] / 1e9:.3f} GFLOP/sample, {ref['achieved_tflops']:.3f} TFLOP/s")
+        lines.append(f"load average      {r.get('load_average_before', float('nan')):.1f} before, "
+                     f"{r.get('load_average_after', float('nan')):.1f} after (1-min; >threads means a shared machine)")
+        lines.append(f"speed-up          {r['speedup']:.2f}x (fast vs reference-equivalent, same process)")
+    return "\n".join(lines)
