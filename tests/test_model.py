@@ -146,3 +146,14 @@ def test_bad_inputs_are_rejected(nano_model):
         nano_model()
     with pytest.raises(ValueError, match="L <= 16"):
         nano_model(image, torch.zeros(4, 20, dtype=torch.long))
+
+
+def test_explicit_attention_matches_sdpa(nano_model):
+    image, text, padding = random_batch()
+    explicit = M3AE(nano_config(attention="explicit"))
+    explicit.load_state_dict(nano_model.state_dict())
+    masks = nano_model.make_masks(4, True, padding, None, torch.Generator().manual_seed(0))
+    a = nano_model(image, text, padding, masks=masks, full_outputs=True)
+    b = explicit(image, text, padding, masks=masks, full_outputs=True)
+    torch.testing.assert_close(a.image_output, b.image_output, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(a.loss, b.loss, atol=2e-5, rtol=1e-4)

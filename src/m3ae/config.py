@@ -56,6 +56,9 @@ class M3AEConfig:
     # "per_sample": independent mask per sample, text ratio over real tokens only (our default).
     # "reference": one permutation for the batch over all text positions (the authors' code).
     masking: str = "per_sample"
+    # "sdpa": fused scaled_dot_product_attention (ours); "explicit": softmax(QK^T) with padded-key
+    # scores replaced by -1e7, as the authors compute it (reference-equivalent benchmarking).
+    attention: str = "sdpa"
     layer_norm_eps: float = 1e-6
     grad_checkpointing: bool = False
     preset: str | None = field(default=None, compare=False)
@@ -118,6 +121,8 @@ class M3AEConfig:
                 raise ConfigError(f"{what} {dim} is not divisible by its number of heads {heads}")
             if dim % 4 != 0:
                 raise ConfigError(f"{what} {dim} must be divisible by 4 (2-D sin-cos positions)")
+        if self.attention not in ("sdpa", "explicit"):
+            raise ConfigError(f"attention must be 'sdpa' or 'explicit', got {self.attention!r}")
         if self.masking not in MASKING_MODES:
             raise ConfigError(f"masking must be one of {MASKING_MODES}, got {self.masking!r}")
         if self.vocab_size < 0 or self.text_length <= 0:

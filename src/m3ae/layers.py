@@ -25,8 +25,10 @@ class DropPath(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with one qkv projection laid out (3, heads, head_dim)."""
 
-    def __init__(self, dim: int, num_heads: int, att_drop: float = 0.0, proj_drop: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, att_drop: float = 0.0, proj_drop: float = 0.0,
+                 explicit: bool = False):
         super().__init__()
+        self.explicit = explicit
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
@@ -41,14 +43,14 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         weights = None
-        if return_attention:
+        if return_attention or self.explicit:
             # Explicit path, only when asked: the reference replaces padded-key scores by -1e7.
             scores = (q @ k.transpose(-2, -1)) * self.scale
             if key_padding_mask is not None:
                 scores = scores.masked_fill(key_padding_mask[:, None, None, :], -1e7)
-            weights = scores.float().softmax(dim=-1).to(q.dtype)
-            attn = F.dropout(weights, self.att_drop, self.training)
-            out = attn @ v
+            probs = scores.float().softmax(dim=-1).to(q.dtype)
+            weights = probs if return_attention else None
+            out = F.dropout(probs, self.att_drop, self.training) @ v
         else:
             mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
             out = F.scaled_dot_product_attention(
@@ -73,10 +75,11 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop: float = 0.0,
-                 att_drop: float = 0.0, drop_path: float = 0.0, eps: float = 1e-6):
+                 att_drop: float = 0.0, drop_path: float = 0.0, eps: float = 1e-6,
+                 explicit_attention: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, num_heads, att_drop, drop)
+        self.attn = Attention(dim, num_heads, att_drop, drop, explicit_attention)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio), drop)
         self.drop_path = DropPath(drop_path)
@@ -94,10 +97,11 @@ class Transformer(nn.Module):
 
     def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0,
                  drop: float = 0.0, att_drop: float = 0.0, drop_path: float = 0.0,
-                 eps: float = 1e-6, grad_checkpointing: bool = False):
+                 eps: float = 1e-6, grad_checkpointing: bool = False, explicit_attention: bool = False):
         super().__init__()
         self.blocks = nn.ModuleList(
-            Block(dim, num_heads, mlp_ratio, drop, att_drop, drop_path, eps) for _ in range(depth)
+            Block(dim, num_heads, mlp_ratio, drop, att_drop, drop_path, eps, explicit_attention)
+            for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.grad_checkpointing = grad_checkpointing

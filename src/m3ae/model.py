@@ -63,7 +63,8 @@ class M3AE(nn.Module):
                 self.encoder_text_type = nn.Parameter(torch.zeros(1, 1, d))
                 self.decoder_text_type = nn.Parameter(torch.zeros(1, 1, dd))
         common = dict(mlp_ratio=c.mlp_ratio, drop=c.drop, att_drop=c.att_drop, drop_path=c.drop_path,
-                      eps=c.layer_norm_eps, grad_checkpointing=c.grad_checkpointing)
+                      eps=c.layer_norm_eps, grad_checkpointing=c.grad_checkpointing,
+                      explicit_attention=c.attention == "explicit")
         self.encoder = Transformer(d, c.depth, c.num_heads, **common)
         self.decoder_input_projection = nn.Linear(d, dd)
         self.decoder = Transformer(dd, c.dec_depth, c.dec_num_heads, **common)

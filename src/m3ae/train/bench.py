@@ -2,10 +2,11 @@
 
 Fast step (what `m3ae pretrain` runs): visible-token encoder, text cut to the longest caption,
 heads only on hidden patches / hidden real tokens, per-sample masks drawn by the Collator, bf16
-autocast on CUDA, fused AdamW on CUDA, optional torch.compile.
+autocast on CUDA, fused AdamW, SDPA attention, optional torch.compile.
 Reference-equivalent step (what the authors' code computes): the same model and weights in fp32,
-text padded to the full text_length, one mask permutation shared by the batch, heads over every
-position with the loss taken from those outputs (full_outputs=True).
+text padded to the full text_length, one mask permutation shared by the batch (over padding too),
+explicit softmax attention with padded-key scores set to -1e7, heads over every position with the
+loss taken from those outputs (full_outputs=True), an unfused AdamW.
 Data are synthetic in-memory tensors (a pool of pre-collated batches), so the loader is never the
 bottleneck; the data wait is still measured around fetching from the iterator.
 """
@@ -104,12 +105,12 @@ class _Step:
     """One optimiser step over a Batch (every part: forward, backward), then clip + AdamW."""
 
     def __init__(self, model: M3AE, device: torch.device, bf16: bool, full_outputs: bool,
-                 compile: bool):
+                 compile: bool, fused_adamw: bool | None = None):
         self.model = model
         self.device = device
         self.full = full_outputs
         self.run = torch.compile(model) if compile else model
-        self.optimizer = build_optimizer(model, 1e-4, 0.05)  # fused AdamW when on CUDA
+        self.optimizer = build_optimizer(model, 1e-4, 0.05, fused=fused_adamw)  # None: fused where available
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if bf16
                          else contextlib.nullcontext())
 
@@ -175,12 +176,14 @@ def run_train_bench(opts: BenchOptions, log=lambda msg: print(msg, file=sys.stde
         result["load_average_before"] = os.getloadavg()[0]
     runs = {"fast": (_Step(model, device, bf16, False, opts.compile), batches)}
     if opts.reference:
-        ref_config = replace(config, masking="reference")
+        # What the authors' code does: batch-shared masks over padded full-length text, explicit
+        # softmax attention, heads everywhere, fp32, an unfused AdamW. Same weights.
+        ref_config = replace(config, masking="reference", attention="explicit")
         ref_model = M3AE(ref_config).to(device)
-        ref_model.load_state_dict(model.state_dict())  # same weights; only masking/averaging differ
+        ref_model.load_state_dict(model.state_dict())
         g = torch.Generator().manual_seed(opts.seed + 1)
         ref_batches = [reference_batch(b, ref_config, g) for b in batches]
-        runs["reference"] = (_Step(ref_model, device, False, True, False), ref_batches)
+        runs["reference"] = (_Step(ref_model, device, False, True, False, fused_adamw=False), ref_batches)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     log(f"timing {' + '.join(runs)} steps, interleaved: {opts.warmup} warm-up + {opts.steps} timed each ...")
