@@ -9,6 +9,11 @@ import sys
 COMMANDS = [
     "m3ae.cli.pretrain",
     "m3ae.cli.demo",
+    "m3ae.cli.embed",
+    "m3ae.cli.probe",
+    "m3ae.cli.knn",
+    "m3ae.cli.finetune",
+    "m3ae.cli.ood",
 ]
 
 

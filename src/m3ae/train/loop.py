@@ -197,6 +197,7 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16
                 else contextlib.nullcontext())
     progress = _progress(config, start_step, is_main)
+    eval_sets = _eval_sets(config) if is_main else None
     run_model.train()
     step = start_step
     with StopRequest() as stop:
@@ -252,6 +253,9 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
                     on_log(row)
                 if progress is not None:
                     progress.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.1f}")
+            if eval_sets is not None and (step % config.eval_every == 0 or step == end):
+                metrics.write(_eval_row(step, model, eval_sets, device, on_log))
+                run_model.train()
             if step % config.ckpt_every == 0 and step < end:
                 result.checkpoint = checkpoint(step, step * config.grad_accum)
                 last_ckpt_step = step
@@ -287,6 +291,22 @@ def _row(step: int, values: list[list[float]], lr: float, samples_per_s: float, 
            "samples_per_s": samples_per_s, "data_wait_share": data_wait_share, "skipped_steps": skipped,
            "step_losses": [v[0] for v in values]}
     return {k: v for k, v in row.items() if v is not None}
+
+
+# -- periodic representation check (fast probe + kNN); see m3ae.eval.monitor ----------------------
+def _eval_sets(config: TrainConfig):
+    if config.eval_every <= 0:
+        return None
+    from ..eval.monitor import monitor_sets
+    return monitor_sets(config.eval_train, config.eval_val, config.model.image_size, config.data.normalization)
+
+
+def _eval_row(step: int, model: M3AE, sets, device, on_log) -> dict[str, Any]:
+    from ..eval.monitor import probe_metrics
+    row = {"step": step, **probe_metrics(model, *sets, device=device)}
+    if on_log is not None:
+        on_log(row)
+    return row
 
 
 def _progress(config: TrainConfig, start: int, is_main: bool):
