@@ -67,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
 
     train_x, train_y, train_l = features(args.in_train, "train", args.limit_train)
     in_x, in_y, in_l = features(args.in_test, "val", args.limit_test)
-    out_x, out_y, out_l = features(args.out_test or args.in_test, "val", args.limit_test)
+    if args.out_test in (None, args.in_test):  # one dataset split by classes: extract it once
+        out_x, out_y, out_l = in_x, in_y, in_l
+    else:
+        out_x, out_y, out_l = features(args.out_test, "val", args.limit_test)
     if in_classes is not None:  # keep in-classes and renumber them 0..k-1
         remap = torch.full((int(max(train_y.max(), in_y.max(), max(in_classes))) + 1,), -1, dtype=torch.long)
         remap[torch.tensor(in_classes)] = torch.arange(len(in_classes))
