@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import torch
 
 from _eval_util import tiny_model, write_shard
 from m3ae.cli import main
@@ -48,3 +49,28 @@ def test_missing_data_is_a_clear_cli_error(tmp_path, capsys):
     code = main(["knn", "--checkpoint", str(tmp_path / "ckpt"), "--train", str(tmp_path / "none.tar"),
                  "--val", str(tmp_path / "none.tar"), "--quiet"])
     assert code == 2 and "not found" in capsys.readouterr().err
+
+
+def test_embed_text_and_joint_from_a_manifest(tmp_path):
+    from PIL import Image
+
+    from m3ae.data.synthetic import build_demo_tokenizer
+    from m3ae.eval.features import load_features
+
+    tiny_model(vocab_size=32).save_pretrained(tmp_path / "ckpt")
+    build_demo_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    rows = ["image,label,caption"]
+    for i, (colour, words) in enumerate([("red", "a red circle"), ("blue", "a large blue square above a circle")] * 3):
+        Image.new("RGB", (20, 20), colour).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{colour},{words}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    common = ["embed", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "m.csv"), "--quiet",
+              "--num-workers", "0", "--tokenizer", str(tmp_path / "tokenizer.json")]
+    results = {}
+    for inputs, pool in (("image", "cls"), ("text", "mean"), ("joint", "cls")):
+        out = tmp_path / f"{inputs}.safetensors"
+        assert main([*common, "--inputs", inputs, "--pool", pool, "--out", str(out)]) == 0
+        feats, labels, keys = load_features(out)
+        assert feats.shape == (6, 32) and labels.tolist() == [1, 0] * 3 and keys[0] == "0.png"
+        results[inputs] = feats
+    assert not torch.allclose(results["image"], results["joint"])
