@@ -19,6 +19,11 @@ COMMANDS = [
     "m3ae.cli.attention",
     "m3ae.cli.tsne",
     "m3ae.cli.plot",
+    "m3ae.cli.embed",
+    "m3ae.cli.probe",
+    "m3ae.cli.knn",
+    "m3ae.cli.finetune",
+    "m3ae.cli.ood",
 ]
 
 

@@ -52,6 +52,10 @@ class TrainConfig:
     tensorboard: bool = False
     progress: bool = True
     viz_every: int = 0  # write a reconstruction grid every K steps (0: never)
+    # Fast probe + kNN on a small labelled set every K steps (0: never); specs as m3ae.eval.labelled.
+    eval_every: int = 0
+    eval_train: Optional[str] = None
+    eval_val: Optional[str] = None
 
     def peak_lr(self) -> float:
         return self.optim.lr if self.optim.lr is not None else self.optim.base_lr * self.batch_size / 256
@@ -68,6 +72,8 @@ class TrainConfig:
             raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.optim.decay_mode not in ("mae", "reference"):
             raise ConfigError(f"optim.decay_mode must be 'mae' or 'reference', got {self.optim.decay_mode!r}")
+        if self.eval_every > 0 and not (self.eval_train and self.eval_val):
+            raise ConfigError("eval_every needs eval_train and eval_val (labelled data specs)")
 
 
 def preset_path(name: str) -> Path:

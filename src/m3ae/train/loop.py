@@ -143,6 +143,9 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
     info = dist_utils.DistInfo(rank, world_size, device.index or 0, device,
                                torch.distributed.get_backend() if world_size > 1 else None)
     fsdp = config.distributed.fsdp
+    if fsdp and world_size > 1 and (config.eval_every or config.viz_every):
+        # Both run the model on rank 0 alone, which sharded parameters cannot do.
+        raise ValueError("eval_every / viz_every are not supported with FSDP; use DDP or evaluate checkpoints")
     use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
     micro_batch, remainder = divmod(config.batch_size, world_size * config.grad_accum)
     if remainder or micro_batch == 0:
@@ -225,6 +228,7 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16
                 else contextlib.nullcontext())
     progress = _progress(config, start_step, is_main)
+    eval_sets = _eval_sets(config) if is_main else None
     run_model.train()
     step = start_step
     with StopRequest() as stop:
@@ -293,6 +297,9 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
                     progress.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.1f}")
             if viz is not None and step % config.viz_every == 0:
                 viz(model, step)
+            if eval_sets is not None and (step % config.eval_every == 0 or step == end):
+                metrics.write(_eval_row(step, model, eval_sets, device, on_log))
+                run_model.train()
             if step % config.ckpt_every == 0 and step < end:
                 result.checkpoint = checkpoint(step, step * config.grad_accum)
                 last_ckpt_step = step
@@ -343,6 +350,22 @@ def _row(step: int, values: list[list[float]], lr: float, samples_per_s: float, 
            "samples_per_s": samples_per_s, "data_wait_share": data_wait_share, "skipped_steps": skipped,
            "step_losses": [v[0] for v in values]}
     return {k: v for k, v in row.items() if v is not None}
+
+
+# -- periodic representation check (fast probe + kNN); see m3ae.eval.monitor ----------------------
+def _eval_sets(config: TrainConfig):
+    if config.eval_every <= 0:
+        return None
+    from ..eval.monitor import monitor_sets
+    return monitor_sets(config.eval_train, config.eval_val, config.model.image_size, config.data.normalization)
+
+
+def _eval_row(step: int, model: M3AE, sets, device, on_log) -> dict[str, Any]:
+    from ..eval.monitor import probe_metrics
+    row = {"step": step, **probe_metrics(model, *sets, device=device)}
+    if on_log is not None:
+        on_log(row)
+    return row
 
 
 def _progress(config: TrainConfig, start: int, is_main: bool):

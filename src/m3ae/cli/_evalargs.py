@@ -1,0 +1,81 @@
+"""Arguments and helpers shared by the evaluation commands."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="model folder (config.json + model.safetensors)")
+    p.add_argument("--pool", choices=("cls", "mean"), default="cls", help="[CLS] token or mean of image tokens")
+    p.add_argument("--batch-size", type=int, default=256, help="batch size for feature extraction")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--normalization", default="cc12m", help="pixel statistics: cc12m | imagenet")
+    p.add_argument("--crop-pct", type=float, default=1.0,
+                   help="eval transform: resize shorter side to size/crop_pct, centre-crop (ImageNet: 0.875)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--result", default=None, help="JSON result file (default: next to --out or ./results)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_split_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--train", required=True, help="labelled training data spec (or a feature file for fast/kNN)")
+    p.add_argument("--val", required=True, help="labelled validation data spec (or a feature file)")
+    p.add_argument("--limit-train", type=int, default=None, help="a fixed random subset of this many training items")
+    p.add_argument("--limit-val", type=int, default=None)
+
+
+def device_of(name: str):
+    import torch
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_encoder(checkpoint: str, device, **overrides):
+    from ..model import M3AE
+    model = M3AE.from_pretrained(checkpoint, **overrides)
+    return model.to(device).eval()
+
+
+def dataset(args, spec: str, split: str, image_size: int, train_transform: bool = False, limit=None,
+            crop_scale=(0.2, 1.0)):
+    from ..eval.labelled import labelled_dataset
+    return labelled_dataset(spec, split, image_size, train_transform, args.normalization,
+                            crop_scale=crop_scale, crop_pct=args.crop_pct, limit=limit, seed=args.seed)
+
+
+def features_for(args, model, spec: str, split: str, limit, device):
+    """(features, labels, keys) of a data spec, or straight from a feature file."""
+    from ..eval.features import extract_features, is_feature_file, load_features
+    if is_feature_file(spec):
+        feats, labels, keys = load_features(spec)
+        if limit and limit < len(labels):
+            import torch
+            pick = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed))[:limit].sort().values
+            feats, labels, keys = feats[pick], labels[pick], [keys[i] for i in pick.tolist()]
+        return feats, labels, keys
+    ds = dataset(args, spec, split, model.config.image_size, False, limit)
+    feats, labels = extract_features(model, ds, args.pool, args.batch_size, device, args.num_workers,
+                                     progress=not args.quiet, desc=f"features {split}")
+    return feats, labels, ds.keys
+
+
+def result_path(args, command: str, default_dir: str | None = None) -> Path:
+    if args.result:
+        return Path(args.result)
+    base = Path(default_dir) if default_dir else Path("results")
+    return base / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+
+
+def data_record(args) -> dict:
+    return {k: getattr(args, k) for k in ("train", "val", "data", "limit_train", "limit_val", "limit",
+                                          "in_train", "in_test", "out_test", "in_classes", "out_classes")
+            if hasattr(args, k)}
+
+
+def settings_record(args, skip=("func", "command", "checkpoint", "result")) -> dict:
+    data = data_record(args)
+    return {k: v for k, v in vars(args).items() if k not in skip and k not in data}

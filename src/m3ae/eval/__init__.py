@@ -1,0 +1,1 @@
+"""Evaluation: features, linear / fast probes, kNN, fine-tuning, OOD detection, result files."""

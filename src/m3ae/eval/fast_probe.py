@@ -1,0 +1,93 @@
+"""Fast linear probe on cached features: L2-regularised multinomial logistic regression (full-batch
+L-BFGS), the L2 strength picked on a held-out part of the training features; or closed-form ridge
+regression onto one-hot targets. Seconds on CPU for tens of thousands of features."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .knn import topk_accuracy
+
+DEFAULT_L2 = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+
+
+@dataclass
+class LinearModel:
+    weight: torch.Tensor  # (D, C), on standardised features
+    bias: torch.Tensor  # (C,)
+    mean: torch.Tensor  # (D,) standardisation fitted on the training features
+    std: torch.Tensor
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x.float() - self.mean) / self.std) @ self.weight + self.bias
+
+
+def _standardiser(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int = 200,
+                 stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> LinearModel:
+    """Minimise mean cross-entropy + l2 * ||W||^2 / 2 with L-BFGS (strong-Wolfe line search)."""
+    x = x.double()
+    mean, std = stats if stats is not None else _standardiser(x)
+    z = (x - mean.double()) / std.double()
+    w = torch.zeros(z.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-7,
+                            tolerance_change=1e-10, line_search_fn="strong_wolfe")
+    y = y.long()
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(z @ w + b, y) + 0.5 * l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return LinearModel(w.detach().float(), b.detach().float(), mean.float(), std.float())
+
+
+def fit_ridge(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
+              stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> LinearModel:
+    """Closed form: W = (Z'Z + n l2 I)^-1 Z'(Y - mean Y) on standardised Z, one-hot Y."""
+    x = x.double()
+    mean, std = stats if stats is not None else _standardiser(x)
+    z = (x - mean.double()) / std.double()
+    target = F.one_hot(y.long(), num_classes).double()
+    t_mean = target.mean(0)
+    gram = z.T @ z + z.shape[0] * l2 * torch.eye(z.shape[1], dtype=torch.float64)
+    w = torch.linalg.solve(gram, z.T @ (target - t_mean))
+    return LinearModel(w.float(), t_mean.float(), mean.float(), std.float())
+
+
+def fast_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+               num_classes: int | None = None, method: str = "logistic", l2_grid=DEFAULT_L2,
+               holdout: float = 0.2, seed: int = 0, max_iter: int = 200) -> dict:
+    """Sweep L2 on a held-out `holdout` share of the training features, refit on all of them with
+    the best value, report top-1/top-5 (%) on the validation features."""
+    if method not in ("logistic", "ridge"):
+        raise ValueError(f"method must be 'logistic' or 'ridge', got {method!r}")
+    num_classes = num_classes or int(max(train_y.max(), val_y.max())) + 1
+    fit = ((lambda x, y, l2: fit_logistic(x, y, num_classes, l2, max_iter)) if method == "logistic"
+           else (lambda x, y, l2: fit_ridge(x, y, num_classes, l2)))
+    grid = list(l2_grid)
+    sweep = {}
+    if len(grid) > 1:
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(train_y), generator=g)
+        n_hold = max(1, int(round(holdout * len(order))))
+        hold, fit_idx = order[:n_hold], order[n_hold:]
+        for l2 in grid:
+            model = fit(train_x[fit_idx], train_y[fit_idx], l2)
+            sweep[l2] = topk_accuracy(model.logits(train_x[hold]), train_y[hold], ks=(1,))["top1"]
+        best = max(grid, key=lambda v: (sweep[v], v))  # ties: the stronger regularisation
+    else:
+        best = grid[0]
+    model = fit(train_x, train_y, best)
+    result = topk_accuracy(model.logits(val_x), val_y)
+    result.update(train_top1=topk_accuracy(model.logits(train_x), train_y, ks=(1,))["top1"], l2=best,
+                  method=method, sweep={str(k): v for k, v in sweep.items()})
+    return result

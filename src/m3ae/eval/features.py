@@ -1,0 +1,145 @@
+"""Frozen-encoder features: pooling, batched extraction, and the feature file format.
+
+File format (read by `m3ae tsne` and the fast probe): `features` (N, D) float32, `labels` (N,)
+int64, and the sample keys - in .npz as a string array `keys`, in .safetensors as metadata JSON
+(`keys`, plus any extra metadata). A .npy file holds `features` only, with `labels` and `keys`
+beside it (FILE.labels.npy, FILE.keys.json).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+POOLS = ("cls", "mean")
+
+
+def pool_tokens(tokens: torch.Tensor, pool: str, num_image_tokens: int,
+                text_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 1 + N + L, D) encoder output -> (B, D).
+
+    "cls": the [CLS] token. "mean": the mean of the image tokens (or of the non-padding text
+    tokens when there is no image).
+    """
+    if pool == "cls":
+        return tokens[:, 0]
+    if pool != "mean":
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    if num_image_tokens > 0:
+        return tokens[:, 1: 1 + num_image_tokens].mean(dim=1)
+    text = tokens[:, 1:]
+    if text_padding_mask is None:
+        return text.mean(dim=1)
+    keep = (~text_padding_mask.bool()).unsqueeze(-1).to(text.dtype)
+    return (text * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+
+
+@torch.no_grad()
+def encode_pooled(model, image: torch.Tensor | None, pool: str = "cls", text: torch.Tensor | None = None,
+                  text_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Pooled features of one batch: no masking, deterministic (model in eval mode)."""
+    tokens = model.encode(image, text, text_padding_mask)
+    n_image = model.config.num_patches if image is not None else 0
+    return pool_tokens(tokens, pool, n_image, text_padding_mask).float()
+
+
+def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    import sys
+    from tqdm import tqdm
+    return tqdm(iterable, total=total, desc=desc, unit="batch", dynamic_ncols=True, file=sys.stderr)
+
+
+@torch.no_grad()
+def extract_features(model, dataset, pool: str = "cls", batch_size: int = 256, device: str | torch.device = "cpu",
+                     num_workers: int = 0, progress: bool = False, desc: str = "features",
+                     collate=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (N, D) float32 and labels (N,) int64 of a Dataset of (image, label), in order.
+
+    A dataset may instead yield dicts {image?, text?, text_padding_mask?, label} (text / joint
+    inputs; pass a `collate` that builds such a dict per batch).
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers, collate_fn=collate)
+    feats, labels = [], []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    try:
+        for batch in _progress(loader, len(loader), desc, progress):
+            if isinstance(batch, dict):
+                image, text, pad = (batch.get(k) for k in ("image", "text", "text_padding_mask"))
+                label = batch["label"]
+            else:
+                (image, label), text, pad = batch, None, None
+            move = (lambda t: t.to(device, non_blocking=True) if t is not None else None)
+            with autocast:
+                feats.append(encode_pooled(model, move(image), pool, move(text), move(pad)).cpu())
+            labels.append(torch.as_tensor(label, dtype=torch.long))
+    finally:
+        model.train(was_training)
+    dim = model.config.emb_dim
+    return (torch.cat(feats) if feats else torch.zeros(0, dim)), (torch.cat(labels) if labels
+                                                                  else torch.zeros(0, dtype=torch.long))
+
+
+# -- files ---------------------------------------------------------------------------------------
+def save_features(path: str | Path, features: torch.Tensor, labels: torch.Tensor,
+                  keys: list[str] | None = None, metadata: dict[str, Any] | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    feats = features.detach().float().contiguous().cpu()
+    labs = labels.detach().long().contiguous().cpu()
+    keys = list(keys) if keys is not None else [str(i) for i in range(len(labs))]
+    if len(keys) != len(labs) or feats.shape[0] != len(labs):
+        raise ValueError(f"{feats.shape[0]} features, {len(labs)} labels and {len(keys)} keys differ")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+        meta = {"keys": json.dumps(keys), "metadata": json.dumps(metadata or {})}
+        save_file({"features": feats, "labels": labs}, str(path), metadata=meta)
+    elif suffix == ".npz":
+        np.savez(path, features=feats.numpy(), labels=labs.numpy(), keys=np.array(keys, dtype=str),
+                 metadata=np.array(json.dumps(metadata or {})))
+    elif suffix == ".npy":
+        np.save(path, feats.numpy())
+        np.save(path.with_suffix(".labels.npy"), labs.numpy())
+        path.with_suffix(".keys.json").write_text(json.dumps(keys))
+    else:
+        raise ValueError(f"feature file must end in .safetensors, .npz or .npy, got {path.name}")
+    return path
+
+
+def load_features(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(features float32, labels int64, keys) from a file written by `save_features`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"feature file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            feats, labs = f.get_tensor("features"), f.get_tensor("labels")
+            meta = f.metadata() or {}
+        keys = json.loads(meta["keys"]) if "keys" in meta else [str(i) for i in range(len(labs))]
+    elif suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            feats, labs = torch.from_numpy(z["features"]), torch.from_numpy(z["labels"])
+            keys = [str(k) for k in z["keys"]] if "keys" in z else [str(i) for i in range(len(labs))]
+    elif suffix == ".npy":
+        feats = torch.from_numpy(np.load(path, allow_pickle=False))
+        labs = torch.from_numpy(np.load(path.with_suffix(".labels.npy"), allow_pickle=False))
+        keys_file = path.with_suffix(".keys.json")
+        keys = json.loads(keys_file.read_text()) if keys_file.is_file() else [str(i) for i in range(len(labs))]
+    else:
+        raise ValueError(f"feature file must end in .safetensors, .npz or .npy, got {path.name}")
+    return feats.float(), labs.long(), keys
+
+
+def is_feature_file(spec: str) -> bool:
+    return Path(spec).suffix.lower() in (".safetensors", ".npz", ".npy")

@@ -1,0 +1,255 @@
+"""End-to-end fine-tuning: encoder + LayerNorm + Linear on [CLS] or pooled image tokens, with
+layer-wise lr decay, drop path, mixup / cutmix, label smoothing, warmup + cosine, bf16 on CUDA.
+
+A saved classifier is a folder: config.json ({"encoder": M3AEConfig, "num_classes", "pool"}) +
+model.safetensors (encoder weights without the decoder, plus the head).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import M3AEConfig
+from ..model import M3AE, _atomic_write
+from ..optim import lr_at
+from .features import pool_tokens
+from .knn import topk_accuracy
+
+# Everything M3AE.encode never touches.
+_DECODER_PARTS = ("decoder_input_projection", "decoder", "image_head", "text_head", "image_mask_token",
+                  "text_mask_token", "decoder_image_type", "decoder_text_type")
+CLASSIFIER_CONFIG = "config.json"
+CLASSIFIER_WEIGHTS = "model.safetensors"
+
+
+def strip_decoder(model: M3AE) -> M3AE:
+    """Drop the decoder and output heads in place: fewer parameters to carry and save."""
+    for name in _DECODER_PARTS:
+        if hasattr(model, name):
+            delattr(model, name)
+    return model
+
+
+class Classifier(nn.Module):
+    def __init__(self, encoder: M3AE, num_classes: int, pool: str = "cls", head_init_std: float = 2e-5):
+        super().__init__()
+        self.encoder = strip_decoder(encoder)
+        self.pool, self.num_classes = pool, num_classes
+        dim = encoder.config.emb_dim
+        self.norm = nn.LayerNorm(dim, eps=encoder.config.layer_norm_eps)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=head_init_std)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def config(self) -> M3AEConfig:
+        return self.encoder.config
+
+    def features(self, image: torch.Tensor) -> torch.Tensor:
+        """The normalised pre-logit features (used by OOD scoring)."""
+        tokens = self.encoder.encode(image)
+        return self.norm(pool_tokens(tokens, self.pool, self.encoder.config.num_patches))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(image))
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        config = {"kind": "m3ae-classifier", "encoder": self.encoder.config.to_dict(),
+                  "num_classes": self.num_classes, "pool": self.pool}
+        _atomic_write(directory / CLASSIFIER_WEIGHTS, lambda p: save_file(state, str(p)))
+        _atomic_write(directory / CLASSIFIER_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "Classifier":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config = json.loads((directory / CLASSIFIER_CONFIG).read_text())
+        if config.get("kind") != "m3ae-classifier":
+            raise ValueError(f"{directory} is not a fine-tuned classifier folder")
+        model = cls(M3AE(M3AEConfig.from_dict(config["encoder"])), config["num_classes"], config["pool"])
+        model.load_state_dict(load_file(str(directory / CLASSIFIER_WEIGHTS)), strict=True)
+        return model
+
+
+def is_classifier_dir(directory: str | Path) -> bool:
+    path = Path(directory) / CLASSIFIER_CONFIG
+    return path.is_file() and json.loads(path.read_text()).get("kind") == "m3ae-classifier"
+
+
+# -- layer-wise lr decay -----------------------------------------------------------------------
+def layer_id(name: str, depth: int) -> int:
+    """0: embeddings and tokens; i + 1: encoder block i; depth + 1: final norm and head."""
+    if name.startswith("encoder.encoder.blocks."):
+        return int(name.split(".")[3]) + 1
+    if name.startswith("encoder.") and not name.startswith("encoder.encoder.norm"):
+        return 0
+    return depth + 1
+
+
+def layer_decay_groups(model: Classifier, weight_decay: float, layer_decay: float) -> list[dict]:
+    """Groups with `lr_scale` = layer_decay ** (depth + 1 - layer); biases, 1-D tensors and the
+    learned tokens / embeddings are not weight-decayed."""
+    depth = model.encoder.config.depth
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        short = name.split(".", 1)[1] if name.startswith("encoder.") else name
+        no_decay = p.ndim <= 1 or name.endswith(".bias") or "." not in short or short.startswith("text_embedding")
+        lid = layer_id(name, depth)
+        group = groups.setdefault((lid, no_decay), {
+            "params": [], "names": [], "layer": lid, "lr_scale": layer_decay ** (depth + 1 - lid),
+            "weight_decay": 0.0 if no_decay else weight_decay})
+        group["params"].append(p)
+        group["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+# -- mixup / cutmix / label smoothing ----------------------------------------------------------
+def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    off = smoothing / num_classes
+    return torch.full((len(labels), num_classes), off, device=labels.device).scatter_(
+        1, labels.view(-1, 1), 1.0 - smoothing + off)
+
+
+def mix_batch(images: torch.Tensor, labels: torch.Tensor, num_classes: int, mixup_alpha: float = 0.8,
+              cutmix_alpha: float = 1.0, switch_prob: float = 0.5, smoothing: float = 0.1,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch-level mixup or cutmix with the batch reversed as partner; returns (images, soft targets)."""
+    targets = smooth_one_hot(labels, num_classes, smoothing)
+    use_mixup, use_cutmix = mixup_alpha > 0, cutmix_alpha > 0
+    if not (use_mixup or use_cutmix):
+        return images, targets
+    cutmix = use_cutmix and (not use_mixup or bool(torch.rand((), generator=generator) < switch_prob))
+    alpha = cutmix_alpha if cutmix else mixup_alpha
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    partner = images.flip(0)
+    if cutmix:
+        h, w = images.shape[-2:]
+        cut = math.sqrt(1.0 - lam)
+        ch, cw = int(h * cut), int(w * cut)
+        cy = int(torch.randint(0, h, (), generator=generator))
+        cx = int(torch.randint(0, w, (), generator=generator))
+        y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+        x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+        images = images.clone()
+        images[..., y0:y1, x0:x1] = partner[..., y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)  # the area actually pasted
+    else:
+        images = images * lam + partner * (1.0 - lam)
+    return images, targets * lam + targets.flip(0) * (1.0 - lam)
+
+
+# -- training ----------------------------------------------------------------------------------
+@dataclass
+class FinetuneConfig:
+    epochs: int = 100
+    warmup_epochs: int = 5
+    batch_size: int = 1024
+    base_lr: float = 1e-3  # x batch / 256
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    layer_decay: float = 0.75
+    drop_path: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    smoothing: float = 0.1
+    clip_grad: float | None = None
+    pool: str = "cls"
+    num_workers: int = 2
+    device: str = "cpu"
+    seed: int = 0
+
+    def peak_lr(self) -> float:
+        return self.base_lr * self.batch_size / 256
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, loader, device) -> dict[str, float]:
+    was = model.training
+    model.eval()
+    scores, labels = [], []
+    for image, label in loader:
+        with _autocast(device):
+            scores.append(model(image.to(device)).float().cpu())
+        labels.append(label)
+    model.train(was)
+    return topk_accuracy(torch.cat(scores), torch.cat(labels))
+
+
+def _autocast(device: torch.device):
+    return (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+            else contextlib.nullcontext())
+
+
+def finetune(encoder: M3AE, train_set, val_set, num_classes: int, config: FinetuneConfig,
+             on_epoch: Callable[[dict], None] | None = None, progress: bool = False) -> tuple[Classifier, dict]:
+    """Fine-tune; `encoder` should carry config.drop_path already (see `load_for_finetune`)."""
+    device = torch.device(config.device)
+    torch.manual_seed(config.seed)
+    model = Classifier(encoder, num_classes, config.pool).to(device)
+    groups = layer_decay_groups(model, config.weight_decay, config.layer_decay)
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
+                                  lr=config.peak_lr(), betas=(0.9, 0.999))
+    loader = torch.utils.data.DataLoader(train_set, batch_size=config.batch_size, shuffle=True,
+                                         num_workers=config.num_workers, drop_last=len(train_set) > config.batch_size,
+                                         persistent_workers=config.num_workers > 0)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=config.batch_size, shuffle=False,
+                                             num_workers=config.num_workers)
+    total, warmup = config.epochs * len(loader), config.warmup_epochs * len(loader)
+    before = evaluate_classifier(model, val_loader, device)
+    history, step = [], 0
+    for epoch in range(config.epochs):
+        model.train()
+        t0, loss_sum, seen = time.perf_counter(), 0.0, 0
+        for image, label in loader:
+            lr = lr_at(step, config.peak_lr(), warmup, total, config.min_lr)
+            for g in optimizer.param_groups:
+                g["lr"] = lr * g["lr_scale"]
+            image, label = image.to(device), label.to(device)
+            image, target = mix_batch(image, label, num_classes, config.mixup, config.cutmix,
+                                      smoothing=config.smoothing)
+            with _autocast(device):
+                logits = model(image)
+            loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+            optimizer.step()
+            step += 1
+            loss_sum += loss.item() * len(label)
+            seen += len(label)
+        row = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "lr": lr,
+               **evaluate_classifier(model, val_loader, device), "seconds": time.perf_counter() - t0}
+        history.append(row)
+        if progress:
+            print(f"finetune epoch {row['epoch']}/{config.epochs}: loss {row['loss']:.4f} top1 {row['top1']:.2f} "
+                  f"top5 {row['top5']:.2f} ({row['seconds']:.1f} s)", file=sys.stderr)
+        if on_epoch is not None:
+            on_epoch(row)
+    last = history[-1] if history else {**before}
+    return model, {"top1": last["top1"], "top5": last["top5"], "top1_before": before["top1"],
+                   "best_top1": max((h["top1"] for h in history), default=before["top1"]),
+                   "history": history, "config": asdict(config)}
+
+
+def load_for_finetune(checkpoint: str | Path, drop_path: float) -> M3AE:
+    return M3AE.from_pretrained(checkpoint, drop_path=drop_path)

@@ -1,0 +1,39 @@
+"""Weighted k-nearest-neighbour classification on cosine similarity (the InstDisc/DINO protocol)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def knn_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, num_classes: int,
+               k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """Class scores (M, C): the k most cosine-similar training features vote with exp(sim / T)."""
+    train = F.normalize(train_x.float(), dim=1)
+    k = min(k, train.shape[0])
+    out = []
+    for start in range(0, test_x.shape[0], chunk):
+        query = F.normalize(test_x[start: start + chunk].float(), dim=1)
+        sims, idx = (query @ train.T).topk(k, dim=1)
+        weights = (sims / temperature).exp()
+        votes = torch.zeros(query.shape[0], num_classes, dtype=weights.dtype)
+        votes.scatter_add_(1, train_y[idx].long(), weights)
+        out.append(votes)
+    return torch.cat(out) if out else torch.zeros(0, num_classes)
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
+    """{'top1': %, 'top5': %}; top-k with k >= classes is 100 by definition and still reported."""
+    result = {}
+    for k in ks:
+        kk = min(k, scores.shape[1])
+        hit = (scores.topk(kk, dim=1).indices == labels.view(-1, 1)).any(dim=1)
+        result[f"top{k}"] = 100.0 * hit.float().mean().item() if len(labels) else float("nan")
+    return result
+
+
+def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: float = 0.07,
+                 num_classes: int | None = None) -> dict[str, float]:
+    num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
+    scores = knn_scores(train_x, train_y, test_x, num_classes, k, temperature)
+    return topk_accuracy(scores, test_y)

@@ -1,0 +1,138 @@
+import torch
+
+from _eval_util import tiny_model
+from m3ae.eval.fast_probe import fast_probe
+from m3ae.eval.features import extract_features, load_features, pool_tokens, save_features
+from m3ae.eval.finetune import Classifier, layer_decay_groups, mix_batch
+from m3ae.eval.knn import knn_accuracy
+from m3ae.eval.lars import LARS, lars_param_groups
+from m3ae.eval.linear_probe import ProbeHead
+from m3ae.eval.ood import Mahalanobis, auroc, ood_scores
+
+
+def _separable(n=400, d=16, classes=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, d, generator=g) * 4
+    y = torch.arange(n) % classes
+    return centres[y] + torch.randn(n, d, generator=g), y
+
+
+class _ImageSet(torch.utils.data.Dataset):
+    def __init__(self, n, size=16, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 3, size, size, generator=g)
+        self.y = torch.arange(n) % 3
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def test_features_are_deterministic_and_match_encode(tmp_path):
+    model = tiny_model()
+    model.train()  # extraction must switch to eval itself, and restore the mode
+    ds = _ImageSet(10)
+    a, labels = extract_features(model, ds, "cls", batch_size=4)
+    b, _ = extract_features(model, ds, "cls", batch_size=3)
+    assert model.training
+    assert torch.allclose(a, b, atol=1e-5)
+    with torch.no_grad():
+        model.eval()
+        tokens = model.encode(ds.x)
+    assert torch.allclose(a, tokens[:, 0], atol=1e-5)
+    mean, _ = extract_features(model, ds, "mean", batch_size=4)
+    assert torch.allclose(mean, tokens[:, 1: 1 + model.config.num_patches].mean(1), atol=1e-5)
+    assert torch.equal(labels, ds.y)
+    for suffix in (".safetensors", ".npz", ".npy"):
+        path = save_features(tmp_path / f"f{suffix}", a, labels, [f"k{i}" for i in range(10)])
+        f, l, k = load_features(path)
+        assert torch.equal(f, a) and torch.equal(l, labels) and k[3] == "k3"
+        assert f.dtype == torch.float32 and l.dtype == torch.int64
+
+
+def test_text_mean_pool_ignores_padding():
+    tokens = torch.arange(2 * 4 * 1, dtype=torch.float32).view(2, 4, 1)
+    pad = torch.tensor([[False, False, True], [False, True, True]])
+    out = pool_tokens(tokens, "mean", 0, pad)
+    assert out[:, 0].tolist() == [1.5, 5.0]
+
+
+def test_fast_probe_separable_and_shuffled():
+    x, y = _separable()
+    vx, vy = _separable(seed=1)
+    vx = x[:200] + 0.1 * torch.randn(200, 16)
+    vy = y[:200]
+    for method in ("logistic", "ridge"):
+        assert fast_probe(x, y, vx, vy, method=method)["top1"] > 97
+    g = torch.Generator().manual_seed(3)
+    noise, noise_val = torch.randn(1000, 16, generator=g), torch.randn(1000, 16, generator=g)
+    chance = fast_probe(noise, torch.randint(0, 5, (1000,), generator=g), noise_val,
+                        torch.randint(0, 5, (1000,), generator=g))["top1"]
+    assert abs(chance - 20) < 6
+
+
+def test_knn_separable_and_shuffled():
+    x, y = _separable()
+    vx = x[:100] + 0.1 * torch.randn(100, 16)
+    assert knn_accuracy(x, y, vx, y[:100])["top1"] > 97
+    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    vx2, vy2 = _separable(seed=5)
+    assert abs(knn_accuracy(x, shuffled, vx2, vy2)["top1"] - 20) < 8
+
+
+def test_lars_groups_and_step():
+    head = ProbeHead(8, 3)
+    groups = lars_param_groups(head)
+    assert [len(g["params"]) for g in groups] == [1, 1]  # weight adapts; bias does not; BN has no params
+    assert groups[0]["params"][0] is head.linear.weight and not groups[1]["lars_adapt"]
+    opt = LARS(groups, lr=1.0, momentum=0.0)
+    w0 = head.linear.weight.detach().clone()
+    head.linear.weight.grad = torch.ones_like(w0)
+    head.linear.bias.grad = torch.ones(3)
+    opt.step()
+    # adapted step has norm trust * ||w||; bias takes the plain step
+    assert torch.allclose(torch.linalg.vector_norm(head.linear.weight - w0), 1e-3 * torch.linalg.vector_norm(w0))
+    assert torch.allclose(head.linear.bias, -torch.ones(3))
+
+
+def test_layer_decay_groups():
+    model = Classifier(tiny_model(depth=3), 4)
+    groups = layer_decay_groups(model, 0.05, 0.5)
+    by_name = {n: g for g in groups for n in g["names"]}
+    assert by_name["head.weight"]["lr_scale"] == 1.0 and by_name["norm.weight"]["lr_scale"] == 1.0
+    assert by_name["encoder.encoder.norm.weight"]["lr_scale"] == 1.0
+    assert by_name["encoder.encoder.blocks.2.mlp.fc1.weight"]["lr_scale"] == 0.5
+    assert by_name["encoder.encoder.blocks.0.attn.qkv.weight"]["lr_scale"] == 0.5 ** 3
+    assert by_name["encoder.cls_token"]["lr_scale"] == 0.5 ** 4
+    assert by_name["encoder.image_embedding.weight"]["lr_scale"] == 0.5 ** 4
+    assert by_name["encoder.cls_token"]["weight_decay"] == 0.0
+    assert by_name["encoder.encoder.blocks.0.attn.qkv.bias"]["weight_decay"] == 0.0
+    assert by_name["head.weight"]["weight_decay"] == 0.05
+    assert not any("decoder" in n for n in by_name)  # the decoder is gone
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_mixup_targets_sum_to_one():
+    images, labels = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    for mixup, cutmix in ((0.8, 0.0), (0.0, 1.0), (0.8, 1.0), (0.0, 0.0)):
+        mixed, target = mix_batch(images, labels, 3, mixup, cutmix, smoothing=0.1)
+        assert mixed.shape == images.shape and torch.allclose(target.sum(1), torch.ones(6))
+
+
+def test_auroc_and_ood_scores():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2000, generator=g), torch.randn(2000, generator=g)
+    assert abs(auroc(a, b) - 0.5) < 0.03
+    assert auroc(a + 10, b) > 0.999 and auroc(a - 10, b) < 0.001
+    assert auroc(torch.ones(5), torch.ones(7)) == 0.5  # ties count half
+    x, y = _separable(d=8)
+    far = torch.randn(300, 8, generator=g) * 0.5 + 40
+    logits = torch.randn(len(x), 5)
+    aucs, _ = ood_scores(x, y, x[:300], far, logits[:300], logits[:300])
+    assert aucs["mahalanobis"] > 0.99 and abs(aucs["max_softmax"] - 0.5) < 1e-9
+    same, _ = ood_scores(x, y, x[:200], x[200:], logits[:200], logits[200:])
+    assert abs(same["mahalanobis"] - 0.5) < 0.1
+    maha = Mahalanobis.fit(x, y)
+    assert maha.score(maha.means.float()).abs().max() < 1e-3

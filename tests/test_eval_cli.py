@@ -1,0 +1,76 @@
+import json
+
+import numpy as np
+import torch
+
+from _eval_util import tiny_model, write_shard
+from m3ae.cli import main
+
+
+def test_eval_commands_end_to_end(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    tiny_model().save_pretrained(ckpt)
+    write_shard(tmp_path / "train-00000.tar.gz", 24, seed=0)
+    write_shard(tmp_path / "test-00000.tar.gz", 12, seed=1)
+    train, val = str(tmp_path / "train-0000{0..0}.tar.gz"), str(tmp_path / "test-00000.tar.gz")
+    common = ["--checkpoint", str(ckpt), "--num-workers", "0", "--quiet", "--batch-size", "8"]
+
+    feats = tmp_path / "f.npz"
+    assert main(["embed", *common, "--data", val, "--out", str(feats), "--pool", "mean"]) == 0
+    with np.load(feats) as z:
+        assert z["features"].shape == (12, 32) and z["labels"].dtype == np.int64 and len(z["keys"]) == 12
+
+    res = tmp_path / "fast.json"
+    assert main(["probe", *common, "--train", train, "--val", val, "--fast", "--knn", "--result", str(res)]) == 0
+    record = json.loads(res.read_text())
+    assert {"top1", "top5", "knn_top1"} <= set(record["metrics"]) and record["checkpoint"] == str(ckpt)
+    assert record["data"]["train"] == train and "probe --fast" in capsys.readouterr().out
+
+    assert main(["knn", *common, "--train", train, "--val", val, "--result", str(tmp_path / "knn.json")]) == 0
+    assert main(["probe", *common, "--train", train, "--val", val, "--epochs", "1", "--warmup-epochs", "0",
+                 "--probe-batch-size", "16", "--out", str(tmp_path / "probe")]) == 0
+    assert (tmp_path / "probe" / "probe_head.safetensors").is_file()
+    assert main(["finetune", *common, "--train", train, "--val", val, "--epochs", "1", "--ft-batch-size", "8",
+                 "--out", str(tmp_path / "ft")]) == 0
+    assert "top1" in json.loads((tmp_path / "ft" / "result.json").read_text())["metrics"]
+    assert main(["ood", *common, "--in-train", train, "--in-test", val, "--in-classes", "0-1",
+                 "--out-classes", "2-3", "--out", str(tmp_path / "ood")]) == 0
+    ood = json.loads((tmp_path / "ood" / "ood.json").read_text())
+    assert {"auroc_mahalanobis", "auroc_max_softmax"} <= set(ood["metrics"])
+    assert (tmp_path / "ood" / "ood_hist.png").stat().st_size > 1000
+    assert main(["ood", *common, "--checkpoint", str(tmp_path / "ft"), "--in-train", train, "--in-test", val,
+                 "--out-test", val, "--out", str(tmp_path / "ood2")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 5 and "ood:" in out  # one summary line per command
+
+
+def test_missing_data_is_a_clear_cli_error(tmp_path, capsys):
+    tiny_model().save_pretrained(tmp_path / "ckpt")
+    code = main(["knn", "--checkpoint", str(tmp_path / "ckpt"), "--train", str(tmp_path / "none.tar"),
+                 "--val", str(tmp_path / "none.tar"), "--quiet"])
+    assert code == 2 and "not found" in capsys.readouterr().err
+
+
+def test_embed_text_and_joint_from_a_manifest(tmp_path):
+    from PIL import Image
+
+    from m3ae.data.synthetic import build_demo_tokenizer
+    from m3ae.eval.features import load_features
+
+    tiny_model(vocab_size=32).save_pretrained(tmp_path / "ckpt")
+    build_demo_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    rows = ["image,label,caption"]
+    for i, (colour, words) in enumerate([("red", "a red circle"), ("blue", "a large blue square above a circle")] * 3):
+        Image.new("RGB", (20, 20), colour).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{colour},{words}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    common = ["embed", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "m.csv"), "--quiet",
+              "--num-workers", "0", "--tokenizer", str(tmp_path / "tokenizer.json")]
+    results = {}
+    for inputs, pool in (("image", "cls"), ("text", "mean"), ("joint", "cls")):
+        out = tmp_path / f"{inputs}.safetensors"
+        assert main([*common, "--inputs", inputs, "--pool", pool, "--out", str(out)]) == 0
+        feats, labels, keys = load_features(out)
+        assert feats.shape == (6, 32) and labels.tolist() == [1, 0] * 3 and keys[0] == "0.png"
+        results[inputs] = feats
+    assert not torch.allclose(results["image"], results["joint"])

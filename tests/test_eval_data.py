@@ -1,0 +1,88 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from _eval_util import write_cifar_batch, write_class_folders, write_hdf5, write_shard
+from m3ae.eval.labelled import EvalTransform, TrainTransform, expand_braces, labelled_dataset, load_cifar_batch
+
+
+def _check(ds, n, size=16, classes=4):
+    assert len(ds) == n
+    image, label = ds[0]
+    assert image.shape == (3, size, size) and image.dtype == torch.float32
+    assert 0 <= label < classes
+    assert sorted(set(ds.labels)) == list(range(classes))
+
+
+def test_cifar_batches(tmp_path):
+    labels = write_cifar_batch(tmp_path / "test_batch", 12)
+    for i in range(1, 6):
+        write_cifar_batch(tmp_path / f"data_batch_{i}", 4, seed=i)
+    val = labelled_dataset(str(tmp_path), "val", 16)
+    _check(val, 12)
+    assert val.labels == labels
+    _check(labelled_dataset(f"cifar:{tmp_path}", "train", 16, train_transform=True), 20)
+    _check(labelled_dataset(str(tmp_path / "test_batch"), "val", 16), 12)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_malicious_cifar_pickle_is_refused(tmp_path):
+    path = tmp_path / "test_batch"
+    with open(path, "wb") as f:
+        pickle.dump({b"data": np.zeros((1, 3072), np.uint8), b"labels": [0], b"x": _Evil()}, f)
+    with pytest.raises(pickle.UnpicklingError, match="builtins.print"):
+        load_cifar_batch(path)
+    with pytest.raises(pickle.UnpicklingError):
+        labelled_dataset(str(tmp_path), "val", 16)
+
+
+def test_class_folders(tmp_path):
+    write_class_folders(tmp_path, 3)
+    ds = labelled_dataset(str(tmp_path), "train", 16)
+    _check(ds, 12)
+    assert ds.classes == [f"class_{c}" for c in range(4)]
+
+
+def test_tar_shards_with_brace_expansion_and_bad_images(tmp_path, capsys):
+    write_shard(tmp_path / "train-00000.tar.gz", 8, seed=0, corrupt=1)
+    write_shard(tmp_path / "train-00001.tar.gz", 8, seed=1)
+    ds = labelled_dataset(str(tmp_path / "train-0000{0..1}.tar.gz"), "train", 16)
+    _check(ds, 16)
+    images = [ds[i][0] for i in range(len(ds))]  # the undecodable one is skipped, counted, logged
+    assert ds.skipped == 1 and "undecodable" in capsys.readouterr().err
+    assert len(images) == 16
+    assert len(labelled_dataset(str(tmp_path / "train-*.tar.gz"), "train", 16)) == 16
+    assert len(labelled_dataset(str(tmp_path / "train-0000{0..1}.tar.gz"), "train", 16, limit=5)) == 5
+
+
+def test_hdf5_layout(tmp_path):
+    write_hdf5(tmp_path / "set.h5", 8, 4)
+    _check(labelled_dataset(str(tmp_path / "set.h5"), "train", 16), 8)
+    _check(labelled_dataset(str(tmp_path / "set.h5"), "val", 16), 4)
+
+
+def test_missing_paths_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        labelled_dataset(str(tmp_path / "nope"), "train", 16)
+    with pytest.raises(FileNotFoundError):
+        labelled_dataset(str(tmp_path / "x-{0..2}.tar"), "train", 16)
+
+
+def test_brace_expansion():
+    assert expand_braces("a-{008..010}.tar") == ["a-008.tar", "a-009.tar", "a-010.tar"]
+    assert expand_braces("{x,y}-{1..2}") == ["x-1", "x-2", "y-1", "y-2"]
+
+
+def test_transforms_shapes_and_determinism():
+    from PIL import Image
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    ev = EvalTransform(16, stats="imagenet")
+    assert torch.equal(ev(img), ev(img)) and ev(img).shape == (3, 16, 16)
+    tr = TrainTransform(16, stats="imagenet")
+    assert tr(img).shape == (3, 16, 16)

@@ -1,0 +1,62 @@
+import json
+
+import torch
+
+from _eval_util import tiny_model, write_class_folders, write_shard
+from m3ae.eval.finetune import Classifier, FinetuneConfig, finetune
+from m3ae.eval.labelled import labelled_dataset
+from m3ae.eval.linear_probe import ProbeConfig, train_linear_probe
+from m3ae.eval.monitor import probe_metrics
+
+
+def _sets(tmp_path, per_class_train=30, per_class_val=10):
+    write_class_folders(tmp_path / "train", per_class_train, seed=0)
+    write_class_folders(tmp_path / "val", per_class_val, seed=1)
+    return (labelled_dataset(str(tmp_path / "train"), "train", 16, True, crop_scale=(0.5, 1.0)),
+            labelled_dataset(str(tmp_path / "val"), "val", 16))
+
+
+def test_finetune_improves_on_dominant_colour_task(tmp_path):
+    train, val = _sets(tmp_path)
+    config = FinetuneConfig(epochs=6, warmup_epochs=1, batch_size=16, base_lr=1e-2, drop_path=0.1,
+                            mixup=0.0, cutmix=0.0, smoothing=0.1, num_workers=0, layer_decay=0.75)
+    model, res = finetune(tiny_model(drop_path=0.1), train, val, 4, config)
+    assert res["top1"] >= 75 and res["top1"] > res["top1_before"] + 20, res
+    model.save_pretrained(tmp_path / "clf")
+    loaded = Classifier.from_pretrained(tmp_path / "clf").eval()
+    x = torch.stack([val[i][0] for i in range(4)])
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), loaded(x), atol=1e-5)
+    assert json.loads((tmp_path / "clf" / "config.json").read_text())["num_classes"] == 4
+
+
+def test_linear_probe_learns_and_reports_per_epoch(tmp_path):
+    train, val = _sets(tmp_path)
+    rows = []
+    config = ProbeConfig(epochs=4, warmup_epochs=1, batch_size=32, base_lr=2.0, optimizer="sgd", num_workers=0)
+    model = tiny_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    res = train_linear_probe(model, train, val, 4, config, on_epoch=rows.append)
+    assert len(rows) == 4 and {"top1", "top5", "loss"} <= set(rows[0])
+    assert res["best_top1"] > 60, res["history"]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # encoder frozen
+
+
+def test_probe_metrics_and_training_loop_hook(tmp_path):
+    train, val = _sets(tmp_path, 10, 5)
+    metrics = probe_metrics(tiny_model(), train, val)
+    assert set(metrics) == {"probe_top1", "knn_top1"}
+    write_shard(tmp_path / "eval.tar.gz", 16, classes=4)
+    from m3ae.train.config import load_config
+    from m3ae.train.loop import pretrain
+    config = load_config(None, ["model.image_size=16", "model.patch_size=8", "model.emb_dim=32", "model.depth=1",
+                                "model.num_heads=2", "model.dec_emb_dim=16", "model.dec_depth=1",
+                                "model.dec_num_heads=2", "model.vocab_size=32", "model.text_length=16",
+                                "data.num_workers=0", "data.demo_samples=64", "steps=4", "batch_size=8",
+                                "log_every=2", "progress=false", "device=cpu", "eval_every=2",
+                                f"eval_train={tmp_path / 'eval.tar.gz'}", f"eval_val={tmp_path / 'eval.tar.gz'}"])
+    pretrain(config, tmp_path / "run")
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "knn_top1" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all("probe_top1" in r for r in evals)
