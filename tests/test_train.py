@@ -143,6 +143,9 @@ def test_demo_end_to_end(tmp_path, capsys):
     for name in ("loss.png", "reconstruction.png", "metrics.jsonl", "tokenizer.json"):
         assert (out / name).stat().st_size > 0
     assert latest_checkpoint(out) is not None
+    # Running it again on a finished run resumes, trains nothing and redraws.
+    assert main(["demo", "--out", str(out), "--steps", "12", "--samples", "2", *TINY]) == 0
+    assert "loss at start" in capsys.readouterr().out
 
 
 def test_mixed_paired_and_unpaired_text_logs_every_loss(tmp_path):

@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from ..model import M3AE
     from ..train.config import load_config
     from ..train.loop import pretrain
-    from ..viz.curves import plot_curves
+    from ..viz.curves import plot_curves, read_metrics
     from ..viz.reconstruction import reconstruct, reconstruction_figure
 
     out = Path(args.out)
@@ -54,10 +54,11 @@ def run(args: argparse.Namespace) -> int:
     vocab = {i: w for w, i in tokenizer.get_vocab().items()}
     loss_png = plot_curves([out / "metrics.jsonl"], out / "loss.png", labels=["demo"])
     recon_png = reconstruction_figure([("step 0", before), (f"step {result.step}", after)],
-                                      out / "reconstruction.png", decode=vocab.get,
+                                      out / "reconstruction.png", decode=lambda i: vocab.get(i, f"<{i}>"),
                                       stats=config.data.normalization)
-    first = result.history[0]["step_losses"][0] if result.history else float("nan")
-    print(f"loss at start {first:.4f} -> at end {result.last_loss:.4f} "
+    rows = read_metrics(out / "metrics.jsonl")  # the whole run, also when it was resumed
+    first, last = rows[0]["step_losses"][0], rows[-1]["step_losses"][-1]
+    print(f"loss at start {first:.4f} -> at end {last:.4f} "
           f"({result.step} steps, {time.perf_counter() - started:.0f} s)")
     print(f"checkpoint      {result.checkpoint}")
     print(f"metrics         {out / 'metrics.jsonl'}")

@@ -150,18 +150,18 @@ def _masked_rgb(rec: Reconstruction, index: int, stats) -> np.ndarray:
 
 
 def _text_block(columns: Sequence[tuple[str, Reconstruction]], index: int, decode, width: int) -> str:
-    lines = []
-    shown_captions = set()
-    for title, rec in columns:
-        caption, predicted = caption_lines(rec, index, decode)
+    texts = [(title, rec, *caption_lines(rec, index, decode)) for title, rec in columns]
+    shared = len({caption for _, _, caption, _ in texts}) == 1  # e.g. one caption, two checkpoints
+    lines, shown = [], set()
+    for title, rec, caption, predicted in texts:
         if not caption:
             lines.append(f"{title}: (no text)")
             continue
-        if caption not in shown_captions:  # the same masked caption under several columns: once
-            lines.append(f"{title}: {caption}" if len(columns) > 1 else caption)
-            shown_captions.add(caption)
+        if caption not in shown:  # the same masked caption under several columns: once
+            lines.append(caption if shared or len(columns) == 1 else f"{title}: {caption}")
+            shown.add(caption)
         if rec.text_mask is not None and bool((rec.text_mask[index] & ~_padding(rec)[index]).any()):
-            lines.append(f"  {predicted}" if len(columns) > 1 else predicted)
+            lines.append(f"  {title}: {predicted}" if len(columns) > 1 else predicted)
     wrapped = []
     for line in lines:
         wrapped += textwrap.wrap(line, width=width, subsequent_indent="    ") or [""]
