@@ -122,6 +122,12 @@ def sample_rng(*parts: int) -> np.random.Generator:
     return np.random.default_rng([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts])
 
 
+def torch_seeded_rng() -> np.random.Generator:
+    """A stream drawn from torch's global generator, for callers without a per-sample seed (map-style
+    evaluation sets): torch.manual_seed and DataLoader's per-worker seeding then govern it."""
+    return np.random.default_rng(int(torch.randint(0, 2**62, ())))
+
+
 def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, scale=(0.2, 1.0),
                             ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of a crop of area share in `scale` and aspect in `ratio`
@@ -150,7 +156,8 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, s
 
 @dataclass
 class TrainTransform:
-    """Pretraining: RandomResizedCrop (bicubic) + horizontal flip + normalise."""
+    """RandomResizedCrop (bicubic) + horizontal flip + normalise. Pretraining uses area `scale`
+    (0.2, 1); fine-tuning passes its own (e.g. 0.08-1)."""
 
     size: int = 256
     scale: tuple[float, float] = (0.2, 1.0)
@@ -160,8 +167,10 @@ class TrainTransform:
     draft: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
 
-    def __call__(self, data: bytes | str | Image.Image, rng: np.random.Generator, key: str = "") -> torch.Tensor:
+    def __call__(self, data: bytes | str | Image.Image, rng: np.random.Generator | None = None,
+                 key: str = "") -> torch.Tensor:
         image = data if isinstance(data, Image.Image) else open_image(data, key, self.max_pixels)
+        rng = torch_seeded_rng() if rng is None else rng
         box = random_resized_crop_box(*image.size, rng, self.scale, self.ratio)
         flip = self.flip and rng.random() < 0.5
         if self.draft:
@@ -175,7 +184,8 @@ class TrainTransform:
 
 @dataclass
 class EvalTransform:
-    """Evaluation: resize the shorter side to `resize` (default size / 0.875) + centre crop."""
+    """Evaluation: resize the shorter side to `resize` (default size / 0.875) + centre crop;
+    `resize=size` keeps the whole shorter side."""
 
     size: int = 256
     resize: int | None = None
