@@ -49,6 +49,22 @@ def test_csv_and_jsonl_manifests(tmp_path):
         build_source(parse_spec(f"csv:{path}#root=nowhere")[0])
 
 
+def test_manifest_labels_numbers_or_class_names(tmp_path):
+    for i in range(4):
+        (tmp_path / f"{i}.jpg").write_bytes(jpeg_bytes(seed=i))
+    (tmp_path / "ids.csv").write_text("image,label\n0.jpg,2\n1.jpg,0\n2.jpg,\n3.jpg,-1\n")
+    ids = build_source(parse_spec(str(tmp_path / "ids.csv"))[0], default_role="labelled")
+    assert ids.provides == {"image", "label"} and ids.classes is None
+    assert ids.labels() == [r.label for r in records(ids)] == [2, 0, None, -1]
+    (tmp_path / "names.csv").write_text("image,class,caption\n0.jpg,dog,a\n1.jpg,cat,b\n2.jpg,dog,c\n")
+    names = build_source(parse_spec(str(tmp_path / "names.csv"))[0], default_role="labelled")
+    assert names.classes == ["cat", "dog"] and names.provides == {"image", "text", "label"}
+    assert names.labels() == [r.label for r in records(names)] == [1, 0, 1]
+    assert names.keys() == [r.key for r in records(names)] == ["0.jpg", "1.jpg", "2.jpg"]
+    with pytest.raises(ValueError, match="caption"):  # paired (the default role) needs captions
+        build_source(parse_spec(str(tmp_path / "ids.csv"))[0])
+
+
 def test_text_corpora(tmp_path):
     txt = build_source(parse_spec(write_text(tmp_path))[0])
     assert len(txt) == 30 and txt.record(0).caption == caption(1000).encode()
@@ -64,7 +80,8 @@ def test_image_folder_with_classes(tmp_path):
             (tmp_path / cls / f"{i}.png").write_bytes(jpeg_bytes(seed=c * 10 + i, fmt="PNG"))
     src = build_source(parse_spec(f"folder:{tmp_path}")[0])
     assert len(src) == 6 and src.provides == {"image", "label"}
-    assert [r.label for r in records(src)] == [0, 0, 0, 1, 1, 1]
+    assert [r.label for r in records(src)] == src.labels() == [0, 0, 0, 1, 1, 1]
+    assert [r.key for r in records(src)] == src.keys() and src.keys()[3] == os.path.join("dog", "0.png")
 
 
 def test_hdf5_authors_layout(tmp_path):
@@ -93,6 +110,9 @@ def test_hdf5_authors_layout(tmp_path):
     val = build_source(parse_spec(f"{cls}#split=val")[0])
     assert (len(train), len(val)) == (5, 2) and train.provides == {"image", "label"}
     assert val.record(1).label == 1
+    assert train.labels() == [r.label for r in records(train)] == [0, 1, 0, 1, 0]
+    assert train.keys() == [r.key for r in records(train)]
+    assert src.labels() == [None] * 4  # pairs carry no labels
 
     text = str(tmp_path / "text.h5")
     with h5py.File(text, "w") as f:

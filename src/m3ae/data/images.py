@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from struct import error as struct_error
 
 import numpy as np
@@ -122,6 +122,12 @@ def sample_rng(*parts: int) -> np.random.Generator:
     return np.random.default_rng([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts])
 
 
+def torch_seeded_rng() -> np.random.Generator:
+    """A stream drawn from torch's global generator, for callers without a per-sample seed (map-style
+    evaluation sets): torch.manual_seed and DataLoader's per-worker seeding then govern it."""
+    return np.random.default_rng(int(torch.randint(0, 2**62, ())))
+
+
 def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, scale=(0.2, 1.0),
                             ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of a crop of area share in `scale` and aspect in `ratio`
@@ -149,19 +155,32 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, s
 
 
 @dataclass
-class TrainTransform:
-    """Pretraining: RandomResizedCrop (bicubic) + horizontal flip + normalise."""
+class _Decoding:
+    """What both transforms share: normalisation and decoding limits (keyword-only, so each transform's
+    own fields keep their positions)."""
+
+    stats: str | tuple = field(default="cc12m", kw_only=True)
+    draft: bool = field(default=True, kw_only=True)
+    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, kw_only=True)
+
+    def open(self, data: bytes | str | Image.Image, key: str) -> Image.Image:
+        return data if isinstance(data, Image.Image) else open_image(data, key, self.max_pixels)
+
+
+@dataclass
+class TrainTransform(_Decoding):
+    """RandomResizedCrop (bicubic) + horizontal flip + normalise. Pretraining uses area `scale`
+    (0.2, 1); fine-tuning passes its own (e.g. 0.08-1)."""
 
     size: int = 256
     scale: tuple[float, float] = (0.2, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
-    stats: str | tuple = "cc12m"
-    draft: bool = True
-    max_pixels: int = DEFAULT_MAX_PIXELS
 
-    def __call__(self, data: bytes | str | Image.Image, rng: np.random.Generator, key: str = "") -> torch.Tensor:
-        image = data if isinstance(data, Image.Image) else open_image(data, key, self.max_pixels)
+    def __call__(self, data: bytes | str | Image.Image, rng: np.random.Generator | None = None,
+                 key: str = "") -> torch.Tensor:
+        image = self.open(data, key)
+        rng = torch_seeded_rng() if rng is None else rng
         box = random_resized_crop_box(*image.size, rng, self.scale, self.ratio)
         flip = self.flip and rng.random() < 0.5
         if self.draft:
@@ -174,18 +193,16 @@ class TrainTransform:
 
 
 @dataclass
-class EvalTransform:
-    """Evaluation: resize the shorter side to `resize` (default size / 0.875) + centre crop."""
+class EvalTransform(_Decoding):
+    """Evaluation: resize the shorter side to `resize` (default size / 0.875) + centre crop;
+    `resize=size` keeps the whole shorter side."""
 
     size: int = 256
     resize: int | None = None
-    stats: str | tuple = "cc12m"
-    draft: bool = True
-    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __call__(self, data: bytes | str | Image.Image, rng: np.random.Generator | None = None,
                  key: str = "") -> torch.Tensor:
-        image = data if isinstance(data, Image.Image) else open_image(data, key, self.max_pixels)
+        image = self.open(data, key)
         resize = self.resize or int(round(self.size / 0.875))
         w, h = image.size
         s = resize / min(w, h)  # output pixels per input pixel

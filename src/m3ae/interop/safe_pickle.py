@@ -191,6 +191,8 @@ def _scalar(dtype: Any, data: Any = None) -> Any:
 
 def _dtype(obj: Any, align: Any = False, copy: Any = True) -> np.dtype:
     # Only simple type codes ('f4', 'V8', 'O8'): numpy builds the rest from BUILD state.
+    if isinstance(obj, bytes):  # Python 2 pickles read with encoding="bytes" (e.g. CIFAR batches)
+        obj = obj.decode("latin1")
     if not isinstance(obj, str) or len(obj) > 16:
         raise UnsafePickleError(f"refusing numpy.dtype({obj!r})")
     # Always a fresh copy: BUILD then sets its state, which must never touch numpy's singletons.
@@ -251,14 +253,15 @@ class SafeUnpickler(pickle.Unpickler):
         return _opaque_class("<persistent>", "pid")(pid)
 
 
-def safe_load(source: str | os.PathLike | bytes | BinaryIO) -> Any:
-    """Unpickle `source` (a path, bytes or binary file) with `SafeUnpickler`. Never runs its code."""
+def safe_load(source: str | os.PathLike | bytes | BinaryIO, encoding: str = "ASCII") -> Any:
+    """Unpickle `source` (a path, bytes or binary file) with `SafeUnpickler`. Never runs its code.
+    `encoding` as in pickle: "bytes" keeps Python 2 strings as bytes."""
     if isinstance(source, (bytes, bytearray)):
-        return SafeUnpickler(io.BytesIO(source)).load()
+        return SafeUnpickler(io.BytesIO(source), encoding=encoding).load()
     if isinstance(source, (str, os.PathLike)):
         with open(source, "rb") as f:
-            return SafeUnpickler(f).load()
-    return SafeUnpickler(source).load()
+            return SafeUnpickler(f, encoding=encoding).load()
+    return SafeUnpickler(source, encoding=encoding).load()
 
 
 # -- navigation --------------------------------------------------------------------------------
@@ -280,14 +283,14 @@ def unwrap(obj: Any) -> Any:
     return obj
 
 
-def find_opaque(obj: Any, suffix: str, _seen: set | None = None) -> Iterator[Opaque]:
-    """Every opaque object under `obj` whose global name ends with `suffix` (depth first)."""
+def find_opaque(obj: Any, suffix: str | None, _seen: set | None = None) -> Iterator[Opaque]:
+    """Every opaque object under `obj` whose global name ends with `suffix` (any, for None; depth first)."""
     seen = set() if _seen is None else _seen
     if id(obj) in seen:
         return
     seen.add(id(obj))
     if isinstance(obj, Opaque):
-        if obj.qualname == suffix or obj.qualname.endswith("." + suffix):
+        if suffix is None or obj.qualname == suffix or obj.qualname.endswith("." + suffix):
             yield obj
         children = [obj.args, obj.kwargs, obj.state, obj.items, obj._record["list"]]
     elif isinstance(obj, dict):

@@ -1,19 +1,21 @@
 """What the visualisation commands read: a checkpoint, its tokenizer, images and captions.
 
-Image loading lives here alone (open, RGB, shorter side resized, centre crop, normalise) so that it
-can later be swapped for the data pipeline's evaluation transform without touching the figures.
+Images and captions are read with the data pipeline (m3ae.data sources, SPEC parsing, EvalTransform).
 """
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from ..data.normalization import normalize
+from ..data.bad import BadSample
+from ..data.images import EvalTransform
+from ..data.sources import IndexedSource, Record, build_source
+from ..data.sources.base import require_path
+from ..data.sources.wds import iter_tar
+from ..data.spec import parse_item
 from ..model import M3AE
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -110,47 +112,47 @@ def text_batch(tokenizer, captions: list[str | None], text_length: int) -> tuple
 
 # -- images ---------------------------------------------------------------------------------------
 def load_image(path: str | os.PathLike, image_size: int, stats: str | tuple = "cc12m") -> torch.Tensor:
-    """PIL open -> RGB -> shorter side to image_size -> centre crop -> [0, 1] -> normalised (C, H, W)."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        scale = image_size / min(w, h)
-        size = (max(image_size, round(w * scale)), max(image_size, round(h * scale)))
-        im = im.resize(size, Image.BICUBIC)
-        left, top = (size[0] - image_size) // 2, (size[1] - image_size) // 2
-        im = im.crop((left, top, left + image_size, top + image_size))
-        pixels = np.asarray(im, dtype=np.float32) / 255.0
-    return normalize(torch.from_numpy(pixels.copy()).permute(2, 0, 1), stats)
+    """Shorter side to image_size, centre crop, normalised (C, H, W): the data pipeline's EvalTransform."""
+    return _image(require_path(str(path), "image"), image_size, stats, str(path))
 
 
-def _csv_rows(path: Path) -> list[tuple[str, str]]:
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or "image" not in reader.fieldnames:
-            raise ValueError(f"{path} needs an 'image' column (and 'caption'); found {reader.fieldnames}")
-        rows, seen = [], set()
-        for row in reader:
-            if row["image"] in seen:  # several captions per image: show each image once, first caption
-                continue
-            seen.add(row["image"])
-            rows.append((row["image"], (row.get("caption") or "").strip()))
-    return rows
+def _image(data: bytes | str, image_size: int, stats: str | tuple, key: str) -> torch.Tensor:
+    try:
+        return EvalTransform(image_size, resize=image_size, stats=stats)(data, key=key)
+    except BadSample as err:  # one image a user asked for: an error, not a skip
+        raise ValueError(f"cannot use image {key}: {err}") from None
 
 
-def _resolve(root: Path, name: str) -> Path:
-    """Relative to the CSV; manifests that list bare file names next to an images/ folder work too."""
-    for candidate in (root / name, root / "images" / name):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"image {name!r} of {root} not found (looked beside the CSV and in images/)")
+def _first_records(source, offset: int, n: int) -> list[Record]:
+    """Records offset .. offset + n, each image once (a manifest may list several captions per image)."""
+    if isinstance(source, IndexedSource):
+        stream = (source.record(i) for i in range(len(source)))
+    else:
+        stream = (record for shard in source.shards for record in iter_tar(shard))
+    seen, out = set(), []
+    for record in stream:
+        if record.image is None or record.key in seen:
+            continue
+        seen.add(record.key)
+        if len(seen) > offset:
+            out.append(record)
+        if len(out) == n:
+            break
+    return out
+
+
+def _caption(record: Record) -> str | None:
+    text = record.caption
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    return (text or "").strip() or None
 
 
 def load_samples(spec: str, image_size: int, stats: str | tuple = "cc12m", n: int = 4, offset: int = 0,
                  text_length: int = 64) -> list[Sample]:
-    """`demo` (held-out synthetic shapes), a CSV manifest (image,caption; paths relative to the CSV),
-    an image folder (no captions) or one image file."""
+    """`demo` (held-out synthetic shapes), one image file, or a data SPEC item (m3ae.data.spec): a CSV
+    manifest (image[,caption]; paths relative to the CSV or its images/), an image folder (captions
+    from .txt files beside the images), HDF5 or tar shards."""
     if n <= 0:
         raise ValueError("need at least one sample (--n)")
     if spec == "demo":
@@ -164,22 +166,24 @@ def load_samples(spec: str, image_size: int, stats: str | tuple = "cc12m", n: in
             out.append(Sample(item["image"], item["caption"], item["key"]))
         return out
     path = Path(spec)
-    if not path.exists():
-        raise FileNotFoundError(f"--data {spec}: no such file or folder (use 'demo', a CSV, or images)")
-    if path.is_dir():
-        entries = [(p, None) for p in sorted(path.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
-    elif path.suffix.lower() == ".csv":
-        entries = _csv_rows(path)
-    elif path.suffix.lower() in IMAGE_SUFFIXES:
-        entries = [(path, None)]
-    else:
-        raise ValueError(f"--data {spec}: expected 'demo', a .csv manifest, an image folder or an image")
-    entries = entries[offset: offset + n]
-    if not entries:
+    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        if offset:
+            raise ValueError(f"--data {spec}: one image, nothing at offset {offset}")
+        return [Sample(load_image(path, image_size, stats), None, path.name)]
+    try:  # anything the data SPEC syntax reads: manifests, folders, HDF5, shards
+        source = build_source(parse_item(spec), default_role="labelled")
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"--data {spec}: {err} (use 'demo', a CSV, images or another data spec)") from None
+    if "image" not in source.provides:
+        raise ValueError(f"--data {spec}: {source.describe()} has no images")
+    records = _first_records(source, offset, n)
+    if not records:
         raise ValueError(f"--data {spec}: no images found (offset {offset})")
-    if path.suffix.lower() == ".csv":  # resolve only the rows shown
-        entries = [(_resolve(path.parent, name), caption) for name, caption in entries]
-    return [Sample(load_image(p, image_size, stats), c or None, p.name) for p, c in entries]
+    samples = []
+    for r in records:
+        image = require_path(r.image, "image") if isinstance(r.image, str) else r.image
+        samples.append(Sample(_image(image, image_size, stats, r.key), _caption(r), os.path.basename(r.key)))
+    return samples
 
 
 def stack_images(samples: list[Sample]) -> torch.Tensor:

@@ -13,28 +13,29 @@ _OPTIONS = {"csv": {"image", "caption", "label", "root"}, "tsv": {"image", "capt
             "folder": {"captions"}, "wds": set()}
 
 
-def build_source(item: SourceSpec) -> Source:
-    """Open one source. Errors here (missing path, empty glob, bad columns) stop a run before it starts."""
+def build_source(item: SourceSpec, default_role: str = "paired") -> Source:
+    """Open one source (`default_role` where the item names none). Errors here (missing path, empty
+    glob, bad columns) stop a run before it starts."""
     unknown = set(item.options) - _OPTIONS[item.kind] - ({"column"} if item.role == "text" else set())
     if unknown:
         raise ValueError(f"{item.kind}:{item.path}: unknown option(s) {sorted(unknown)} "
                          f"(known: {sorted(_OPTIONS[item.kind])})")
     o = item.options
-    role = item.role
+    role = item.role or default_role
     if item.kind in ("csv", "tsv", "jsonl"):
         if role == "text":
             return TextCorpus(item.path, o.get("column") or o.get("caption"))
         return ManifestSource(item.path, o.get("image"), o.get("caption"), o.get("label"), o.get("root"),
-                              role=role or "paired")
+                              role=role)
     if item.kind == "text":
         return TextCorpus(item.path, o.get("column"))
     if item.kind == "folder":
         captions = None if "captions" not in o else o["captions"].lower() in ("1", "true", "yes")
-        return ImageFolder(item.path, role=role or "paired", captions=captions)
+        return ImageFolder(item.path, role=role, captions=captions)
     if item.kind == "hdf5":
         return HDF5Source(item.path, o.get("split"), role)
     if item.kind == "wds":
-        return WebDatasetSource(item.path, role=role or "paired")
+        return WebDatasetSource(item.path, role=role)
     raise ValueError(f"unknown source kind {item.kind!r}")
 
 

@@ -65,6 +65,15 @@ class IndexedSource(Source):
     def record(self, index: int) -> Record:
         raise NotImplementedError
 
+    def labels(self) -> list[int | None]:
+        """Every record's label, in order (evaluation needs them up front). Sources override this
+        (and `keys`) where they can be read without the images."""
+        return [self.record(i).label for i in range(len(self))]
+
+    def keys(self) -> list[str]:
+        """Every record's key, in order, likewise."""
+        return [self.record(i).key for i in range(len(self))]
+
     def permutation(self, seed: int, epoch: int) -> np.ndarray:
         return np.random.default_rng([seed, epoch, 0x5EED]).permutation(len(self))
 

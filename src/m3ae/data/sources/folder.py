@@ -39,6 +39,12 @@ class ImageFolder(IndexedSource):
     def __len__(self) -> int:
         return len(self.files)
 
+    def labels(self) -> list[int | None]:
+        return [label for _, label in self.files]
+
+    def keys(self) -> list[str]:
+        return [os.path.relpath(path, self.name) for path, _ in self.files]
+
     def record(self, index: int) -> Record:
         path, label = self.files[index]
         caption = None

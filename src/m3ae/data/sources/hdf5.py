@@ -60,6 +60,17 @@ class HDF5Source(IndexedSource):
     def __len__(self) -> int:
         return self.length
 
+    def labels(self) -> list[int | None]:
+        if self.label_key is None:
+            return [None] * self.length
+        import h5py
+
+        with h5py.File(self.name, "r") as f:
+            return np.asarray(f[self.label_key][:]).astype(np.int64).reshape(-1).tolist()
+
+    def keys(self) -> list[str]:
+        return [f"{self.image_key or self.caption_key}[{i}]" for i in range(self.length)]
+
     def record(self, index: int) -> Record:
         if self._file is None or self._pid != os.getpid():  # reopen after a fork
             import h5py

@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import re
 
 from .base import IndexedSource, Record, open_file, require_path
 
@@ -45,7 +46,8 @@ def pick_column(columns, wanted: str | None, candidates, path: str, what: str, r
 
 class ManifestSource(IndexedSource):
     """Image paths relative to the manifest (or to #root=DIR), captions, optional labels.
-    role 'image' drops the captions (unpaired images from a paired manifest)."""
+    role 'image' drops the captions (unpaired images from a paired manifest); role 'labelled' (evaluation
+    sets) keeps them where the manifest has a caption column but does not require one."""
 
     kind = "csv"
 
@@ -57,11 +59,13 @@ class ManifestSource(IndexedSource):
             raise ValueError(f"manifest {path} has no rows")
         columns = set(rows[0])
         icol = pick_column(columns, image, IMAGE_COLUMNS, path, "image")
-        ccol = None if role == "image" else pick_column(columns, caption, CAPTION_COLUMNS, path, "caption")
+        ccol = None if role == "image" else pick_column(columns, caption, CAPTION_COLUMNS, path, "caption",
+                                                        required=role == "paired")
         lcol = pick_column(columns, label, LABEL_COLUMNS, path, "label", required=False)
         self.root = self._find_root(path, root, str(rows[0][icol]))
-        self.items = [(str(r[icol]), None if ccol is None else r.get(ccol), r.get(lcol) if lcol else None)
-                      for r in rows]
+        labels, self.classes = self._labels([r.get(lcol) for r in rows] if lcol else [None] * len(rows))
+        self.items = [(str(r[icol]), None if ccol is None else r.get(ccol), label)
+                      for r, label in zip(rows, labels)]
         self.provides = frozenset({"image"} | ({"text"} if ccol else set()) | ({"label"} if lcol else set()))
 
     @staticmethod
@@ -78,14 +82,30 @@ class ManifestSource(IndexedSource):
         raise FileNotFoundError(f"{path}: the first image {first!r} is neither beside the manifest nor in "
                                 f"images/; give the folder with #root=DIR")
 
+    @staticmethod
+    def _labels(raw: list) -> tuple[list[int | None], list[str] | None]:
+        """Integer labels as they are; class names (any non-integer label) numbered in sorted order,
+        the names kept in `classes`. Empty cells are unlabelled."""
+        present = [str(v).strip() for v in raw if v not in (None, "")]
+        if all(re.fullmatch(r"-?\d+", v) for v in present):
+            return [None if v in (None, "") else int(v) for v in raw], None
+        classes = sorted(set(present))
+        index = {name: i for i, name in enumerate(classes)}
+        return [None if v in (None, "") else index[str(v).strip()] for v in raw], classes
+
     def __len__(self) -> int:
         return len(self.items)
+
+    def labels(self) -> list[int | None]:
+        return [label for _, _, label in self.items]
+
+    def keys(self) -> list[str]:
+        return [image for image, _, _ in self.items]
 
     def record(self, index: int) -> Record:
         image, caption, label = self.items[index]
         full = image if os.path.isabs(image) or "://" in image else os.path.join(self.root, image)
-        return Record(key=image, image=full, caption=caption,
-                      label=None if label in (None, "") else int(label))
+        return Record(key=image, image=full, caption=caption, label=label)
 
 
 class TextCorpus(IndexedSource):
