@@ -7,6 +7,7 @@ position in the run maps to a record exactly. Stream sources (tar shards) can on
 """
 from __future__ import annotations
 
+import abc
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -42,7 +43,7 @@ def require_path(path: str, what: str = "path") -> str:
     return path
 
 
-class Source:
+class Source(abc.ABC):
     name: str = ""
     kind: str = ""
     exact: bool = True  # indexed sources resume exactly
@@ -51,19 +52,19 @@ class Source:
     def describe(self) -> str:
         return f"{self.kind}:{self.name}"
 
+    @abc.abstractmethod
     def iterate(self, part: int, parts: int, seed: int, state: Any = None, epochs: int | None = None
                 ) -> Iterator[tuple[Any, Record]]:
         """Yield (position after this record, record) for share `part` of `parts`, endlessly
         (or for `epochs` passes). `state` is a position yielded earlier: resume after it."""
-        raise NotImplementedError
 
 
 class IndexedSource(Source):
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
 
-    def record(self, index: int) -> Record:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def record(self, index: int) -> Record: ...
 
     def labels(self) -> list[int | None]:
         """Every record's label, in order (evaluation needs them up front). Sources override this
