@@ -110,6 +110,31 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     monkeypatch.setattr(M3AE, "forward", poisoned)
     with pytest.raises(FloatingPointError, match="3 non-finite steps in a row"):
         pretrain(tiny_config("steps=10", "max_nonfinite=3"), tmp_path)
+    # Skipped steps still count (the schedule moved on); the intact weights are saved.
+    assert latest_checkpoint(tmp_path).name == "step_00000002"
+
+
+def test_stopping_for_bad_data_keeps_the_steps_done(tmp_path, monkeypatch):
+    from m3ae.data.bad import DataQualityError
+    from m3ae.data import loader
+
+    real = loader.build_train_data
+
+    def failing(*args, **kwargs):
+        data = real(*args, **kwargs)
+        inner = data.batches
+
+        def batches():
+            for i, batch in enumerate(inner):
+                if i == 5:
+                    raise DataQualityError("60 of 100 samples were unusable")
+                yield batch
+        data.batches = batches()
+        return data
+    monkeypatch.setattr("m3ae.train.loop.build_train_data", failing)
+    with pytest.raises(DataQualityError):
+        pretrain(tiny_config("steps=10", "ckpt_every=100"), tmp_path)
+    assert latest_checkpoint(tmp_path).name == "step_00000005"
 
 
 def test_resume_refuses_other_model_shape(tmp_path):

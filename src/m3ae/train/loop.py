@@ -21,6 +21,7 @@ from ..checkpoint import latest_checkpoint, load_train_state, save_checkpoint
 from ..model import M3AE
 from ..optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 from .config import TrainConfig, to_yaml
+from ..data.bad import DataQualityError
 from ..data.loader import build_train_data
 
 METRICS_NAME = "metrics.jsonl"
@@ -231,84 +232,94 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
     eval_sets = _eval_sets(config) if is_main else None
     run_model.train()
     step = start_step
-    with StopRequest() as stop:
-        while step < end:
-            lr = lr_at(step, config.peak_lr(), config.warmup(), config.steps, config.optim.min_lr)
-            set_lr(optimizer, lr)
-            # Metric sums weighted by samples, each over the parts that have that modality.
-            sums = torch.zeros(4, device=device)
-            counts = [0.0] * 4
-            for micro in range(config.grad_accum):
-                t0 = time.perf_counter()
-                batch = next(batches).to(device, non_blocking=True)
-                data_wait += time.perf_counter() - t0
-                window_samples += batch.size * world_size
-                with autocast:
-                    for i, part in enumerate(batch.parts):
-                        # Gradients are all-reduced once per step: in the last backward only.
-                        last = micro == config.grad_accum - 1 and i == len(batch.parts) - 1
-                        with dist_utils.gradient_sync(run_model, last):
-                            out = run_model(**part.model_inputs())
-                            share = part.size / batch.size / config.grad_accum
-                            guard = (dist_utils.unused_parameter_guard(model, part)
-                                     if world_size > 1 and not fsdp else 0.0)
-                            (out.loss * share + guard).backward()
-                        for k, value in enumerate((out.loss, out.image_loss, out.text_loss, out.text_accuracy)):
-                            if value is not None:
-                                sums[k] += value.detach().float() * part.size
-                                counts[k] += part.size
-            grad_norm = clip_grad_norm(model.parameters(), config.optim.clip_grad)
-            # The one per-step sync: a non-finite step must not touch the weights or Adam moments.
-            if torch.isfinite(grad_norm).item():
-                optimizer.step()
-                nonfinite_run = 0
-            else:
-                skipped += 1
-                nonfinite_run += 1
-                print(f"step {step + 1}: non-finite loss or gradient, update skipped "
-                      f"({nonfinite_run} in a row)", file=sys.stderr)
-                if nonfinite_run >= config.max_nonfinite:
-                    optimizer.zero_grad(set_to_none=True)
-                    raise FloatingPointError(f"{nonfinite_run} non-finite steps in a row at step {step + 1}; "
-                                             "stopping (lower the learning rate or check the data)")
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            pending.append(torch.cat([sums / torch.tensor(counts, device=device),  # 0/0 = nan: absent
-                                      grad_norm.float().reshape(1)]))
-            if progress is not None:
-                progress.update(1)
-            if step % config.log_every == 0 or step == end:
-                values = dist_utils.all_reduce_mean(torch.stack(pending), info).cpu().tolist()
-                pending.clear()
-                elapsed = time.perf_counter() - window_start
-                row = _row(step, values, lr, window_samples / max(elapsed, 1e-9),
-                           data_wait / max(elapsed, 1e-9), skipped)
-                if data.counter.total_bad:
-                    row["bad_samples"] = data.counter.total_bad
-                window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
-                result.history.append(row)
-                if result.first_loss is None:
-                    result.first_loss = values[0][0]
-                result.last_loss = row.get("loss", float("nan"))
-                metrics.write(row)
-                if on_log is not None:
-                    on_log(row)
+    try:
+        with StopRequest() as stop:
+            while step < end:
+                lr = lr_at(step, config.peak_lr(), config.warmup(), config.steps, config.optim.min_lr)
+                set_lr(optimizer, lr)
+                # Metric sums weighted by samples, each over the parts that have that modality.
+                sums = torch.zeros(4, device=device)
+                counts = [0.0] * 4
+                for micro in range(config.grad_accum):
+                    t0 = time.perf_counter()
+                    batch = next(batches).to(device, non_blocking=True)
+                    data_wait += time.perf_counter() - t0
+                    window_samples += batch.size * world_size
+                    with autocast:
+                        for i, part in enumerate(batch.parts):
+                            # Gradients are all-reduced once per step: in the last backward only.
+                            last = micro == config.grad_accum - 1 and i == len(batch.parts) - 1
+                            with dist_utils.gradient_sync(run_model, last):
+                                out = run_model(**part.model_inputs())
+                                share = part.size / batch.size / config.grad_accum
+                                guard = (dist_utils.unused_parameter_guard(model, part)
+                                         if world_size > 1 and not fsdp else 0.0)
+                                (out.loss * share + guard).backward()
+                            for k, value in enumerate((out.loss, out.image_loss, out.text_loss, out.text_accuracy)):
+                                if value is not None:
+                                    sums[k] += value.detach().float() * part.size
+                                    counts[k] += part.size
+                grad_norm = clip_grad_norm(model.parameters(), config.optim.clip_grad)
+                # The one per-step sync: a non-finite step must not touch the weights or Adam moments.
+                if torch.isfinite(grad_norm).item():
+                    optimizer.step()
+                    nonfinite_run = 0
+                else:
+                    skipped += 1
+                    nonfinite_run += 1
+                    print(f"step {step + 1}: non-finite loss or gradient, update skipped "
+                          f"({nonfinite_run} in a row)", file=sys.stderr)
+                    if nonfinite_run >= config.max_nonfinite:
+                        optimizer.zero_grad(set_to_none=True)
+                        raise FloatingPointError(f"{nonfinite_run} non-finite steps in a row at step {step + 1}; "
+                                                 "stopping (lower the learning rate or check the data)")
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                pending.append(torch.cat([sums / torch.tensor(counts, device=device),  # 0/0 = nan: absent
+                                          grad_norm.float().reshape(1)]))
                 if progress is not None:
-                    progress.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.1f}")
-            if viz is not None and step % config.viz_every == 0:
-                viz(model, step)
-            if eval_sets is not None and (step % config.eval_every == 0 or step == end):
-                metrics.write(_eval_row(step, model, eval_sets, device, on_log))
-                run_model.train()
-            if step % config.ckpt_every == 0 and step < end:
-                result.checkpoint = checkpoint(step, step * config.grad_accum)
-                last_ckpt_step = step
-            if _stop_requested(stop, info, device):
-                result.status = "stopped"
-                if is_main and stop.signal is not None:
-                    name = signal.Signals(stop.signal).name
-                    print(f"\nreceived {name}: stopping after step {step}", file=sys.stderr)
-                break
+                    progress.update(1)
+                if step % config.log_every == 0 or step == end:
+                    values = dist_utils.all_reduce_mean(torch.stack(pending), info).cpu().tolist()
+                    pending.clear()
+                    elapsed = time.perf_counter() - window_start
+                    row = _row(step, values, lr, window_samples / max(elapsed, 1e-9),
+                               data_wait / max(elapsed, 1e-9), skipped)
+                    if data.counter.total_bad:
+                        row["bad_samples"] = data.counter.total_bad
+                    window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
+                    result.history.append(row)
+                    if result.first_loss is None:
+                        result.first_loss = values[0][0]
+                    result.last_loss = row.get("loss", float("nan"))
+                    metrics.write(row)
+                    if on_log is not None:
+                        on_log(row)
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.1f}")
+                if viz is not None and step % config.viz_every == 0:
+                    viz(model, step)
+                if eval_sets is not None and (step % config.eval_every == 0 or step == end):
+                    metrics.write(_eval_row(step, model, eval_sets, device, on_log))
+                    run_model.train()
+                if step % config.ckpt_every == 0 and step < end:
+                    result.checkpoint = checkpoint(step, step * config.grad_accum)
+                    last_ckpt_step = step
+                if _stop_requested(stop, info, device):
+                    result.status = "stopped"
+                    if is_main and stop.signal is not None:
+                        name = signal.Signals(stop.signal).name
+                        print(f"\nreceived {name}: stopping after step {step}", file=sys.stderr)
+                    break
+    except (DataQualityError, FloatingPointError):
+        # Stopping for bad data or a diverged loss must not lose the steps done since the last
+        # checkpoint (the weights are intact: non-finite updates were skipped). One process only:
+        # a save on one rank while the others wait in a collective would hang.
+        if progress is not None:
+            progress.close()
+        if world_size == 1 and step > last_ckpt_step:
+            print(f"saved {checkpoint(step, step * config.grad_accum)} before stopping", file=sys.stderr)
+        raise
     if progress is not None:
         progress.close()
     if step < config.steps:
