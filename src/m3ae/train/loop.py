@@ -20,9 +20,9 @@ from .. import distributed as dist_utils
 from ..checkpoint import latest_checkpoint, load_train_state, save_checkpoint
 from ..model import M3AE
 from ..optim import build_optimizer, clip_grad_norm, lr_at, set_lr
-from .config import TrainConfig, to_yaml
 from ..data.bad import DataQualityError
 from ..data.loader import build_train_data
+from .config import TrainConfig, to_yaml
 
 METRICS_NAME = "metrics.jsonl"
 
