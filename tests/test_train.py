@@ -190,3 +190,15 @@ def test_bf16_autocast_path_runs(tmp_path):
     result = pretrain(tiny_config("steps=3", "precision=bf16"), tmp_path)
     assert all(math.isfinite(x) for r in result.history for x in r["step_losses"])
     assert next(iter(M3AE.from_pretrained(result.checkpoint).parameters())).dtype == torch.float32
+
+
+def test_stream_positions_of_every_rank_are_merged_into_the_checkpoint(monkeypatch):
+    from m3ae.train import loop
+
+    per_rank = [{"next_micro_batch": 4, "stream": {"parts": 4, "workers": {"0": "a", "1": "b"}}},
+                {"next_micro_batch": 4, "stream": {"parts": 4, "workers": {"2": "c", "3": "d"}}}]
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), per_rank))
+    merged = loop._gather_data_state(per_rank[0], world_size=2)
+    assert merged["stream"] == {"parts": 4, "workers": {"0": "a", "1": "b", "2": "c", "3": "d"}}
+    assert loop._gather_data_state(per_rank[0], world_size=1) is per_rank[0]

@@ -211,10 +211,11 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
     def checkpoint(step: int, micro: int) -> Path | None:
         # Full (unsharded) state on rank 0: it resumes with any number of processes.
         model_state, optim_full = dist_utils.full_state_dicts(model, optimizer, fsdp)
+        data_state = _gather_data_state(data.state(micro), world_size)
         path = None
         if is_main:
             train_state = {"step": step, "optimizer": optim_full, "rng": rng_state(),
-                           "data": data.state(micro), "skipped_steps": skipped, "world_size": world_size}
+                           "data": data_state, "skipped_steps": skipped, "world_size": world_size}
             path = save_checkpoint(out_dir, step, _Weights(model, model_state), train_state, run_yaml,
                                    config.keep_last)
         dist_utils.barrier(info)
@@ -330,6 +331,22 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
     result.skipped_steps = skipped
     metrics.close()
     return result
+
+
+def _gather_data_state(state: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """Stream positions live per (rank, worker) share, with global share ids: merge every rank's
+    into the one state rank 0 saves, so each rank finds its own on resume."""
+    if world_size <= 1 or not torch.distributed.is_initialized():
+        return state
+    states: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(states, state)
+    workers: dict[str, Any] = {}
+    for s in states:
+        workers.update((s.get("stream") or {}).get("workers", {}))
+    if not workers:
+        return state
+    parts = next(s["stream"]["parts"] for s in states if s.get("stream"))
+    return {**state, "stream": {"parts": parts, "workers": workers}}
 
 
 class _Weights:
