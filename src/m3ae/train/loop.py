@@ -261,8 +261,10 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
                                     sums[k] += value.detach().float() * part.size
                                     counts[k] += part.size
                 grad_norm = clip_grad_norm(model.parameters(), config.optim.clip_grad)
-                # The one per-step sync: a non-finite step must not touch the weights or Adam moments.
-                if torch.isfinite(grad_norm).item():
+                # The one per-step sync: a non-finite step must not touch the weights or Adam moments,
+                # and (distributed) every rank must stop at the same step if any was signalled.
+                finite, stop_now = _step_flags(grad_norm, stop, info)
+                if finite:
                     optimizer.step()
                     nonfinite_run = 0
                 else:
@@ -306,7 +308,7 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
                 if step % config.ckpt_every == 0 and step < end:
                     result.checkpoint = checkpoint(step, step * config.grad_accum)
                     last_ckpt_step = step
-                if _stop_requested(stop, info, device):
+                if stop_now:
                     result.status = "stopped"
                     if is_main and stop.signal is not None:
                         name = signal.Signals(stop.signal).name
@@ -359,13 +361,14 @@ class _Weights:
         return self.model.save_pretrained(directory, state_dict=self.state)
 
 
-def _stop_requested(stop: StopRequest, info: dist_utils.DistInfo, device: torch.device) -> bool:
-    """Every rank stops at the same step if any got a signal (one tiny all-reduce when distributed)."""
-    if not info.enabled:
-        return stop.signal is not None
-    flag = torch.tensor([float(stop.signal is not None)], device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
+def _step_flags(grad_norm: torch.Tensor, stop: StopRequest, info: dist_utils.DistInfo) -> tuple[bool, bool]:
+    """(update is finite, stop now) in one host sync; one tiny MAX all-reduce when distributed."""
+    flags = torch.stack([(~torch.isfinite(grad_norm)).float(),
+                         grad_norm.new_tensor(float(stop.signal is not None), dtype=torch.float32)])
+    if info.enabled:
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    nonfinite, stop_now = flags.tolist()
+    return nonfinite == 0.0, stop_now > 0.0
 
 
 def _row(step: int, values: list[list[float]], lr: float, samples_per_s: float, data_wait_share: float,
