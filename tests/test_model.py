@@ -157,3 +157,20 @@ def test_explicit_attention_matches_sdpa(nano_model):
     b = explicit(image, text, padding, masks=masks, full_outputs=True)
     torch.testing.assert_close(a.image_output, b.image_output, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(a.loss, b.loss, atol=2e-5, rtol=1e-4)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(nano_model):
+    image, text, padding = random_batch()
+    checkpointed = M3AE(nano_config(grad_checkpointing=True))
+    checkpointed.load_state_dict(nano_model.state_dict())
+    masks = nano_model.make_masks(4, True, padding, None, torch.Generator().manual_seed(0))
+    grads = []
+    for model in (nano_model, checkpointed):
+        model.train()
+        model.zero_grad()
+        out = model(image, text, padding, masks=masks)
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
