@@ -202,3 +202,9 @@ def test_stream_positions_of_every_rank_are_merged_into_the_checkpoint(monkeypat
     merged = loop._gather_data_state(per_rank[0], world_size=2)
     assert merged["stream"] == {"parts": 4, "workers": {"0": "a", "1": "b", "2": "c", "3": "d"}}
     assert loop._gather_data_state(per_rank[0], world_size=1) is per_rank[0]
+
+
+def test_tensorboard_logging(tmp_path):
+    pytest.importorskip("tensorboard")
+    pretrain(tiny_config("steps=2", "tensorboard=true"), tmp_path)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
