@@ -105,20 +105,21 @@ def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, size: int | 
     size = size or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    _sync(device)
+    synchronize(device)
     for _ in range(2):
         a @ b
-    _sync(device)
+    synchronize(device)
     reps, start = 0, time.perf_counter()
     while True:
         a @ b
         reps += 1
-        _sync(device)
+        synchronize(device)
         elapsed = time.perf_counter() - start
         if elapsed >= seconds and reps >= 3:
             return 2 * size**3 * reps / elapsed / 1e12
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work (timing only; a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)

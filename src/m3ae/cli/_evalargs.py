@@ -27,13 +27,6 @@ def add_split_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit-val", type=int, default=None)
 
 
-def device_of(name: str):
-    import torch
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def load_encoder(checkpoint: str, device, **overrides):
     from ..model import M3AE
     model = M3AE.from_pretrained(checkpoint, **overrides)

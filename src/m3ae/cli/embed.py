@@ -5,6 +5,7 @@ import argparse
 import time
 from pathlib import Path
 
+from ..distributed import pick_device
 from . import _evalargs as E
 
 
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from ..eval.results import summary_line, write_result
 
     t0 = time.perf_counter()
-    device = E.device_of(args.device)
+    device = pick_device(args.device)
     model = E.load_encoder(args.checkpoint, device)
     ds = E.dataset(args, args.data, args.split, model.config.image_size, False, args.limit)
     collate = None

@@ -5,6 +5,7 @@ import argparse
 import time
 from pathlib import Path
 
+from ..distributed import pick_device
 from . import _evalargs as E
 
 
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from ..eval.results import summary_line, write_result
 
     t0 = time.perf_counter()
-    device = E.device_of(args.device)
+    device = pick_device(args.device)
     encoder = load_for_finetune(args.checkpoint, args.drop_path)
     size = encoder.config.image_size
     train_set = E.dataset(args, args.train, "train", size, True, args.limit_train, tuple(args.crop_scale))

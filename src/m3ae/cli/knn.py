@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from ..distributed import pick_device
 from . import _evalargs as E
 
 
@@ -22,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from ..eval.results import summary_line, write_result
 
     t0 = time.perf_counter()
-    device = E.device_of(args.device)
+    device = pick_device(args.device)
     need_model = not (is_feature_file(args.train) and is_feature_file(args.val))
     model = E.load_encoder(args.checkpoint, device) if need_model else None
     train_x, train_y, _ = E.features_for(args, model, args.train, "train", args.limit_train, device)

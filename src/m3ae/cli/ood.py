@@ -5,6 +5,7 @@ import argparse
 import time
 from pathlib import Path
 
+from ..distributed import pick_device
 from . import _evalargs as E
 
 
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from ..eval.results import summary_line, write_result
 
     t0 = time.perf_counter()
-    device = E.device_of(args.device)
+    device = pick_device(args.device)
     in_classes, out_classes = parse_classes(args.in_classes), parse_classes(args.out_classes)
     finetuned = is_classifier_dir(args.checkpoint)
     model = (Classifier.from_pretrained(args.checkpoint).to(device).eval() if finetuned

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from ..distributed import pick_device
 from . import _evalargs as E
 
 
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from ..eval.results import summary_line, write_result
 
     t0 = time.perf_counter()
-    device = E.device_of(args.device)
+    device = pick_device(args.device)
     from ..eval.features import is_feature_file
     need_model = not (args.fast and is_feature_file(args.train) and is_feature_file(args.val))
     model = E.load_encoder(args.checkpoint, device) if need_model else None

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .msgpack_reader import load_flax_msgpack
-from .safe_pickle import Opaque, find_opaque, safe_load, unwrap
+from .safe_pickle import Opaque, field, find_opaque, safe_load, unwrap
 
 
 class CheckpointFormatError(ValueError):
@@ -65,15 +65,6 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
     raise CheckpointFormatError(f"unexpected {what} at parameter path {prefix!r} (expected arrays)")
 
 
-def _get(obj: Any, key: str) -> Any:
-    obj = unwrap(obj)
-    if isinstance(obj, dict):
-        return obj[key]
-    if isinstance(obj, Opaque):
-        return obj.attributes()[key]
-    raise KeyError(key)
-
-
 _PLACES = [(("state", "params", "params"), 'state.params["params"]'),
            (("state", "params"), "state.params"),
            (("params", "params"), 'params["params"]'),
@@ -86,7 +77,7 @@ def _locate(root: Any) -> tuple[Any, str]:
         obj = root
         try:
             for key in path:
-                obj = _get(obj, key)
+                obj = field(obj, key)
         except (KeyError, TypeError):
             continue
         obj = unwrap(obj)
@@ -141,12 +132,12 @@ def _from_tree(root: Any, fmt: str) -> JaxCheckpoint:
             ckpt.variant = dict(root["variant"])
     state = None
     try:
-        state = _get(root, "state")
+        state = field(root, "state")
     except (KeyError, TypeError):
         state = root if fmt == "msgpack" else None
     if state is not None:
         try:
-            ckpt.state_step = _as_int(_get(state, "step"))
+            ckpt.state_step = _as_int(field(state, "step"))
         except (KeyError, TypeError):
             pass
         adam = _adam_from_pickle(state) if fmt == "pickle" else _adam_from_tree(

@@ -29,7 +29,8 @@ from ..data.collate import Batch, BatchPart, Collator
 from ..masking import make_masks
 from ..model import M3AE
 from ..optim import build_optimizer, clip_grad_norm
-from ..perf import StepShape, device_name, measure_matmul_tflops, table_peak, train_flops
+from ..distributed import pick_device
+from ..perf import StepShape, device_name, measure_matmul_tflops, synchronize, table_peak, train_flops
 
 
 @dataclass
@@ -128,11 +129,6 @@ class _Step:
         return loss_sum
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time_steps(runs: dict[str, tuple[_Step, list[Batch]]], opts: BenchOptions, device: torch.device
                 ) -> dict[str, dict[str, float]]:
     """Median wall and process-CPU time per step over opts.steps steps after opts.warmup.
@@ -148,7 +144,7 @@ def _time_steps(runs: dict[str, tuple[_Step, list[Batch]]], opts: BenchOptions, 
             batch = next(sources[name]).to(device, non_blocking=True)
             t1 = time.perf_counter()
             step(batch)
-            _sync(device)  # the benchmark's own sync, to time each step; the trainer has none here
+            synchronize(device)  # the benchmark's own sync, to time each step; the trainer has none here
             t2, c2 = time.perf_counter(), time.process_time()
             if i >= opts.warmup:
                 rec[name]["wall"].append(t2 - t0)
@@ -160,8 +156,7 @@ def _time_steps(runs: dict[str, tuple[_Step, list[Batch]]], opts: BenchOptions, 
 
 
 def run_train_bench(opts: BenchOptions, log=lambda msg: print(msg, file=sys.stderr)) -> dict[str, Any]:
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto"
-                          else opts.device)
+    device = pick_device(opts.device)
     bf16 = opts.precision == "bf16" or (opts.precision == "auto" and device.type == "cuda")
     config = opts.model
     torch.manual_seed(opts.seed)

@@ -33,7 +33,6 @@ class TrainResult:
     step: int  # optimiser steps done
     status: str  # "finished" | "stopped" (stop-at-step or a signal)
     checkpoint: Path | None
-    first_loss: float | None = None
     last_loss: float | None = None
     skipped_steps: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -62,12 +61,6 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def rng_state() -> dict[str, Any]:
@@ -292,8 +285,6 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
                         row["bad_samples"] = data.counter.total_bad
                     window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
                     result.history.append(row)
-                    if result.first_loss is None:
-                        result.first_loss = values[0][0]
                     result.last_loss = row.get("loss", float("nan"))
                     metrics.write(row)
                     if on_log is not None:
