@@ -42,7 +42,7 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, valid: torc
     correct = (logits.argmax(dim=-1) == targets).to(torch.float32) * valid
     acc_per = correct.sum(dim=1) / denom
     if average_over == "batch":
-        n = torch.tensor(float(valid.shape[0]), device=valid.device)
+        n = float(valid.shape[0])  # a Python number: no host->device copy
     else:
         n = (count > 0).sum().to(torch.float32).clamp_min(1.0)
     return loss_per.sum() / n, acc_per.sum() / n
@@ -61,7 +61,7 @@ def packed_token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, rows
     loss_sum, correct_sum, count = sums.unbind(0)
     denom = count.clamp_min(1e-5)
     if average_over == "batch":
-        n = torch.tensor(float(batch), device=logits.device)
+        n = float(batch)  # a Python number: no host->device copy
     else:
         n = (count > 0).sum().to(torch.float32).clamp_min(1.0)
     return (loss_sum / denom).sum() / n, (correct_sum.detach() / denom).sum() / n

@@ -76,6 +76,6 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float | None) -> to
         norms = [n.full_tensor() for n in norms]
     norm = torch.linalg.vector_norm(torch.stack(norms))
     if max_norm is not None and max_norm > 0:
-        scale = max_norm / torch.maximum(norm, torch.tensor(max_norm, device=norm.device))
+        scale = max_norm / norm.clamp(min=max_norm)  # = max_norm / max(norm, max_norm); NaN stays NaN
         torch._foreach_mul_(grads, scale.to(grads[0].dtype))
     return norm

@@ -233,7 +233,7 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
                 set_lr(optimizer, lr)
                 # Metric sums weighted by samples, each over the parts that have that modality.
                 sums = torch.zeros(4, device=device)
-                counts = [0.0] * 4
+                counts = torch.zeros(4, device=device)  # on device: no host->device copy per step
                 for micro in range(config.grad_accum):
                     t0 = time.perf_counter()
                     batch = next(batches).to(device, non_blocking=True)
@@ -271,7 +271,7 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
                                                  "stopping (lower the learning rate or check the data)")
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                pending.append(torch.cat([sums / torch.tensor(counts, device=device),  # 0/0 = nan: absent
+                pending.append(torch.cat([sums / counts,  # 0/0 = nan: modality absent this step
                                           grad_norm.float().reshape(1)]))
                 if progress is not None:
                     progress.update(1)
