@@ -11,7 +11,9 @@ from m3ae.perf import StepShape, forward_flops, train_flops
 
 def _count(model, full, train, **inputs):
     # The math SDPA path decomposes into counted matmuls (the fused CPU kernel is not counted).
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    # Forward-only counts run without grad: the fused text head-and-loss computes its gradients
+    # inside the forward pass whenever they will be needed.
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.set_grad_enabled(train):
         out = model(**inputs, full_outputs=full)
         if train:
             out.loss.backward()

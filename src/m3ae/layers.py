@@ -130,9 +130,13 @@ class OutputHead(nn.Module):
         self.hidden_norms = nn.ModuleList(nn.LayerNorm(dim, eps=eps) for _ in range(depth))
         self.out = nn.Linear(dim, out_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before the final Linear (what a fused head-and-loss consumes)."""
         x = self.input_norm(x)
         for i, (linear, norm) in enumerate(zip(self.hidden, self.hidden_norms)):
             y = norm(F.gelu(linear(x), approximate="tanh"))
             x = x + y if i > 0 else y
-        return self.out(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.features(x))

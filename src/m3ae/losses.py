@@ -48,20 +48,25 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, valid: torc
     return loss_per.sum() / n, acc_per.sum() / n
 
 
+def packed_token_weights(rows: torch.Tensor, batch: int, average_over: str = "samples_with_targets"
+                         ) -> torch.Tensor:
+    """Per-token weights (M,) that turn a sum over packed tokens into `token_cross_entropy`'s average:
+    each sample's tokens averaged (count floored at 1e-5), then the samples averaged."""
+    count = torch.zeros(batch, dtype=torch.float32, device=rows.device).index_add(
+        0, rows, torch.ones(rows.shape, dtype=torch.float32, device=rows.device))
+    if average_over == "batch":
+        n = float(batch)  # a Python number: no host->device copy
+    else:
+        n = (count > 0).sum().to(torch.float32).clamp_min(1.0)
+    return 1.0 / (count.clamp_min(1e-5)[rows] * n)
+
+
 def packed_token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
                                batch: int, average_over: str = "samples_with_targets"
                                ) -> tuple[torch.Tensor, torch.Tensor]:
     """`token_cross_entropy` for packed tokens: logits (M, V) and targets (M,) of the valid tokens
     only, `rows` (M,) their sample index. Same value, but the head and softmax never see padding."""
+    weight = packed_token_weights(rows, batch, average_over)
     per_token = F.cross_entropy(logits.float(), targets, reduction="none")
     correct = (logits.detach().argmax(dim=-1) == targets).to(torch.float32)
-    sums = per_token.new_zeros(3, batch)
-    stacked = torch.stack([per_token, correct, torch.ones_like(correct)])
-    sums = sums.index_add(1, rows, stacked)
-    loss_sum, correct_sum, count = sums.unbind(0)
-    denom = count.clamp_min(1e-5)
-    if average_over == "batch":
-        n = float(batch)  # a Python number: no host->device copy
-    else:
-        n = (count > 0).sum().to(torch.float32).clamp_min(1.0)
-    return (loss_sum / denom).sum() / n, (correct_sum.detach() / denom).sum() / n
+    return (per_token * weight).sum(), (correct * weight).sum()

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from .config import ConfigError, M3AEConfig
-from .losses import normalize_patches, packed_token_cross_entropy, patch_mse, token_cross_entropy
+from .linear_cross_entropy import linear_cross_entropy
+from .losses import normalize_patches, packed_token_weights, patch_mse, token_cross_entropy
 from .layers import OutputHead, Transformer
 from .masking import Masks, make_masks, text_target_index
 from .patches import patchify
@@ -258,9 +259,14 @@ class M3AE(nn.Module):
                 length, n_hidden = text.shape[1], hidden_ids.shape[1]
                 rows = torch.div(flat, n_hidden, rounding_mode="floor")
                 where = rows * length + hidden_ids.reshape(-1)[flat]
-                logits = self.text_head(dec_text.reshape(batch * length, -1)[where])
-                out.text_loss, out.text_accuracy = packed_token_cross_entropy(
-                    logits, text.reshape(-1)[where], rows, batch, average)
+                # Head and cross-entropy fused over row chunks: the (M, vocab) logits never exist.
+                features = self.text_head.features(dec_text.reshape(batch * length, -1)[where])
+                weight = packed_token_weights(rows, batch, average)
+                text_loss, _, correct = linear_cross_entropy(
+                    features, self.text_head.out.weight, self.text_head.out.bias, text.reshape(-1)[where],
+                    weight)
+                out.text_loss = text_loss.float()  # fp32 like the unfused path (float64 models stay exact inside)
+                out.text_accuracy = (correct.to(weight.dtype) * weight).sum()
             out.loss = out.loss + c.text_loss_weight * out.text_loss
         return out
 
