@@ -32,7 +32,8 @@ def test_flop_formula_matches_flop_counter():
     inputs = dict(image=image, text=text, text_padding_mask=pad, masks=masks)
     hidden_real = int(masks.text_targets.numel())
     fast = StepShape(kept_patches=masks.image_keep, text_length=text.shape[1], kept_text=masks.text_keep,
-                     image_rows=16 - masks.image_keep, text_rows=hidden_real / b)
+                     image_rows=16 - masks.image_keep, text_rows=hidden_real / b,
+                 decoder_rows=16 - masks.image_keep + text.shape[1] - masks.text_keep)
     full = StepShape(kept_patches=masks.image_keep, text_length=text.shape[1], kept_text=masks.text_keep,
                      image_rows=16, text_rows=text.shape[1])
     assert _count(model, False, False, **inputs) == round(b * forward_flops(cfg, fast))

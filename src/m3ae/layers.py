@@ -7,6 +7,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x (B, T, D), rows (B, K) -> (B, K, D)."""
+    return x.gather(1, rows.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch per sample, rescale the survivors."""
 
@@ -38,10 +43,21 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
-                return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                return_attention: bool = False, queries: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Self-attention over x (B, T, D); with `queries` (B, Q) only those rows attend (to all T)
+        and the output is (B, Q, D): what a last block needs when only some outputs are used."""
         b, t, d = x.shape
-        qkv = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        if queries is None:
+            qkv = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+        else:
+            weight, bias = self.qkv.weight, self.qkv.bias
+            x_q = gather_rows(x, queries)
+            q = F.linear(x_q, weight[:d], bias[:d]).view(b, -1, self.num_heads, self.head_dim).transpose(1, 2)
+            kv = F.linear(x, weight[d:], bias[d:]).view(b, t, 2, self.num_heads, self.head_dim)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+            t = q.shape[2]
         weights = None
         if return_attention or self.explicit:
             # Explicit path, only when asked: the reference replaces padded-key scores by -1e7.
@@ -85,8 +101,11 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
-                return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        y, weights = self.attn(self.norm1(x), key_padding_mask, return_attention)
+                return_attention: bool = False, queries: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y, weights = self.attn(self.norm1(x), key_padding_mask, return_attention, queries)
+        if queries is not None:
+            x = gather_rows(x, queries)
         x = x + self.drop_path(y)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x, weights
@@ -107,15 +126,22 @@ class Transformer(nn.Module):
         self.grad_checkpointing = grad_checkpointing
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
-                return_attention: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                return_attention: bool = False, output_rows: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Blocks then the final norm. `output_rows` (B, Q): return only those rows, (B, Q, D); the
+        last block then computes nothing else (same values, fewer FLOPs)."""
         attentions: list[torch.Tensor] = []
-        for block in self.blocks:
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            queries = output_rows if i == last else None
             if self.grad_checkpointing and self.training and not return_attention:
-                x, _ = checkpoint(block, x, key_padding_mask, use_reentrant=False)
+                x, _ = checkpoint(block, x, key_padding_mask, False, queries, use_reentrant=False)
             else:
-                x, weights = block(x, key_padding_mask, return_attention)
+                x, weights = block(x, key_padding_mask, return_attention, queries)
                 if weights is not None:
                     attentions.append(weights)
+        if not self.blocks and output_rows is not None:
+            x = gather_rows(x, output_rows)
         return self.norm(x), attentions
 
 

@@ -33,12 +33,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_grad else None
         grad_bias = torch.zeros(vocab, dtype=acc, device=weight.device) if want_grad and bias is not None else None
         # Logits are laid out (V, chunk): W @ h_c^T is the GEMM shape BLAS runs fastest here
-        # (long M, short K), and every later reduction is over dim 0 of one contiguous block.
-        storage = torch.empty(vocab * min(chunk_rows, rows), dtype=acc, device=hidden.device)
+        # (long M, short K), and every later reduction is over dim 0.
+        # The buffer's row stride is a multiple of 16 floats, also for a short last chunk (a column
+        # slice): odd strides cost BLAS up to a third of its speed.
+        stride = -(-min(chunk_rows, rows) // 16) * 16
+        buffer = torch.empty(vocab, stride, dtype=acc, device=hidden.device)
         for start in range(0, rows, chunk_rows):
             stop = min(start + chunk_rows, rows)
             hc, tc = h[start:stop], targets[start:stop]
-            logits = storage[: vocab * (stop - start)].view(vocab, stop - start)
+            logits = buffer[:, : stop - start]
             if direct:
                 torch.mm(w, hc.t(), out=logits) if b is None else torch.addmm(b, w, hc.t(), out=logits)
             else:  # low-precision matmul, fp32 softmax (as autocast would do)

@@ -13,7 +13,7 @@ from torch import nn
 from .config import ConfigError, M3AEConfig
 from .linear_cross_entropy import linear_cross_entropy
 from .losses import normalize_patches, packed_token_weights, patch_mse, token_cross_entropy
-from .layers import OutputHead, Transformer
+from .layers import OutputHead, Transformer, gather_rows
 from .masking import Masks, make_masks, text_target_index
 from .patches import patchify
 from .posembed import image_position_table, text_position_table
@@ -38,11 +38,6 @@ class M3AEOutput:
     text_output: torch.Tensor | None = None  # (B, L, vocab)
     encoder_output: torch.Tensor | None = None  # (B, 1 + kept image + kept text, D)
     attentions: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-
-
-def _gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """x (B, T, D), ids (B, K) -> (B, K, D)."""
-    return x.gather(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 class M3AE(nn.Module):
@@ -123,15 +118,15 @@ class M3AE(nn.Module):
         """Patch embedding + position + type; only at `ids` (B, K) when given (cheaper, same values)."""
         pos = self.enc_image_pos
         if ids is not None:
-            patches = _gather_tokens(patches, ids)
-            pos = _gather_tokens(pos.expand(patches.shape[0], -1, -1), ids)
+            patches = gather_rows(patches, ids)
+            pos = gather_rows(pos.expand(patches.shape[0], -1, -1), ids)
         return self.image_embedding(patches) + pos + self._type("encoder_image_type")
 
     def embed_text(self, text: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         pos = self.enc_text_pos[:, : text.shape[1]]
         if ids is not None:
             text = text.gather(1, ids)
-            pos = _gather_tokens(pos.expand(text.shape[0], -1, -1), ids)
+            pos = gather_rows(pos.expand(text.shape[0], -1, -1), ids)
         return self.text_embedding(text) + pos + self._type("encoder_text_type")
 
     # -- representation ------------------------------------------------------------------------
@@ -219,31 +214,47 @@ class M3AE(nn.Module):
             slots = slots.scatter(1, masks.text_ids[:, : masks.text_keep, None].expand(-1, -1, dd), kept)
             parts.append(slots + self.dec_text_pos[:, :length] + self._type("decoder_text_type"))
         dec_padding = None
+        n_front = 1 + (c.num_patches if patches is not None else 0)
         if text is not None:
-            dec_padding = torch.cat([padding.new_zeros(batch, 1 + (c.num_patches if patches is not None else 0)),
-                                     padding], dim=1)
-        dec, dec_att = self.decoder(torch.cat(parts, dim=1), dec_padding, return_attention)
+            dec_padding = torch.cat([padding.new_zeros(batch, n_front), padding], dim=1)
+        # Only hidden slots reach a loss: unless every output is wanted, the decoder returns just
+        # [hidden patches (in mask order), hidden text slots (in mask order)].
+        subset = not (full_outputs or return_attention)
+        output_rows = None
+        if subset:
+            rows = []
+            if patches is not None:
+                rows.append(1 + masks.image_ids[:, masks.image_keep:])
+            if text is not None:
+                rows.append(n_front + masks.text_ids[:, masks.text_keep:])
+            output_rows = torch.cat(rows, dim=1)
+        dec, dec_att = self.decoder(torch.cat(parts, dim=1), dec_padding, return_attention, output_rows)
 
         out = M3AEOutput(loss=dec.new_zeros(()), masks=masks, encoder_output=enc)
         if return_attention:
             out.attentions = {"encoder": enc_att, "decoder": dec_att}
-        offset = 1
+        offset = 0 if subset else 1
         if patches is not None:
-            dec_image = dec[:, 1: 1 + c.num_patches]
-            offset += c.num_patches
             target = normalize_patches(patches) if c.norm_pix_loss else patches
             out.image_mask = masks.image_mask()
-            if full_outputs:
-                # Heads everywhere, loss weighted by the mask (the reference's way; parity checks).
-                out.image_output = self.image_head(dec_image)
-                out.image_loss = patch_mse(out.image_output, target, out.image_mask)
+            hidden_ids = masks.image_ids[:, masks.image_keep:]
+            if subset:
+                pred = self.image_head(dec[:, : hidden_ids.shape[1]])
+                offset += hidden_ids.shape[1]
+                out.image_loss = patch_mse(pred, gather_rows(target, hidden_ids))
             else:
-                hidden_ids = masks.image_ids[:, masks.image_keep:]
-                pred = self.image_head(_gather_tokens(dec_image, hidden_ids))
-                out.image_loss = patch_mse(pred, _gather_tokens(target, hidden_ids))
+                dec_image = dec[:, 1: 1 + c.num_patches]
+                offset += c.num_patches
+                if full_outputs:
+                    # Heads everywhere, loss weighted by the mask (the reference's way; parity checks).
+                    out.image_output = self.image_head(dec_image)
+                    out.image_loss = patch_mse(out.image_output, target, out.image_mask)
+                else:
+                    pred = self.image_head(gather_rows(dec_image, hidden_ids))
+                    out.image_loss = patch_mse(pred, gather_rows(target, hidden_ids))
             out.loss = out.loss + c.image_loss_weight * out.image_loss
         if text is not None:
-            dec_text = dec[:, offset:]
+            dec_text = dec[:, offset:]  # subset: the hidden slots only, in mask order
             average = "batch" if c.masking == "reference" else "samples_with_targets"
             out.text_mask = masks.text_mask()
             if full_outputs:
@@ -260,7 +271,9 @@ class M3AE(nn.Module):
                 rows = torch.div(flat, n_hidden, rounding_mode="floor")
                 where = rows * length + hidden_ids.reshape(-1)[flat]
                 # Head and cross-entropy fused over row chunks: the (M, vocab) logits never exist.
-                features = self.text_head.features(dec_text.reshape(batch * length, -1)[where])
+                picked = (dec_text.reshape(batch * n_hidden, -1)[flat] if subset
+                          else dec_text.reshape(batch * length, -1)[where])
+                features = self.text_head.features(picked)
                 weight = packed_token_weights(rows, batch, average)
                 text_loss, _, correct = linear_cross_entropy(
                     features, self.text_head.out.weight, self.text_head.out.bias, text.reshape(-1)[where],

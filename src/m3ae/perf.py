@@ -7,16 +7,21 @@ V = vocab:
 
     block(T, D)   = 2*T*D*(3D + D + 2hD)      qkv, output projection, MLP
                   + 4*T*T*D                   attention scores and weighted sum (all heads)
+    block(T, D, Q)= 2*T*D*2D + 2*Q*D*(D + D + 2hD) + 4*Q*T*D
+                                              a block whose outputs are needed at Q rows only:
+                                              keys/values for all T, the rest for Q
     forward       = 2*Ki*P*D                  image embedding of the Ki kept patches (text: a lookup)
                   + depth * block(Te, D)      Te = 1 + Ki + Kt encoder tokens (kept text Kt)
                   + 2*Te*D*Dd                 decoder input projection
-                  + dec_depth * block(Td, Dd) Td = 1 + N + L decoder tokens (all slots)
+                  + (dec_depth-1) * block(Td, Dd) + block(Td, Dd, Qd)
+                                              Td = 1 + N + L decoder tokens (all slots), Qd rows
+                                              read by the heads (the fast step: hidden slots)
                   + head(Mi, P) + head(Mt, V) Mi / Mt rows the image / text heads run on
     head(M, O)    = 2*M*Dd*(depth_h*Dd + O)   optional MLP head layers, then the output Linear
     train step    = 3 * forward               backward ~ 2x forward (the usual convention)
 
-The fast step's rows are Mi = hidden patches, Mt = hidden real tokens; the reference-style step
-runs the heads on every slot (Mi = N, Mt = L). `tests/test_bench.py` checks this formula against
+The fast step's rows are Mi = hidden patches, Mt = hidden real tokens, Qd = hidden patches + hidden
+text slots; the reference-style step runs the heads on every slot (Mi = N, Mt = L, Qd = Td). `tests/test_bench.py` checks this formula against
 torch.utils.flop_counter on a tiny model.
 """
 from __future__ import annotations
@@ -39,11 +44,13 @@ class StepShape:
     image_rows: float  # Mi
     text_rows: float  # Mt
     has_image: bool = True
+    decoder_rows: float | None = None  # Qd, outputs of the last decoder block in use (None: all)
 
 
-def block_flops(tokens: float, dim: int, mlp_ratio: float) -> float:
+def block_flops(tokens: float, dim: int, mlp_ratio: float, queries: float | None = None) -> float:
     hidden = int(dim * mlp_ratio)
-    return 2 * tokens * dim * (4 * dim + 2 * hidden) + 4 * tokens * tokens * dim
+    q = tokens if queries is None else queries
+    return 2 * tokens * dim * 2 * dim + 2 * q * dim * (2 * dim + 2 * hidden) + 4 * q * tokens * dim
 
 
 def forward_flops(c: M3AEConfig, s: StepShape) -> float:
@@ -54,7 +61,9 @@ def forward_flops(c: M3AEConfig, s: StepShape) -> float:
     flops = 2 * s.kept_patches * c.patch_dim * d
     flops += c.depth * block_flops(enc_tokens, d, c.mlp_ratio)
     flops += 2 * enc_tokens * d * dd
-    flops += c.dec_depth * block_flops(dec_tokens, dd, c.mlp_ratio)
+    if c.dec_depth:
+        flops += (c.dec_depth - 1) * block_flops(dec_tokens, dd, c.mlp_ratio)
+        flops += block_flops(dec_tokens, dd, c.mlp_ratio, s.decoder_rows)
     head = c.output_head_depth * dd
     flops += 2 * s.image_rows * dd * (head + c.patch_dim)
     flops += 2 * s.text_rows * dd * (head + c.vocab_size)

@@ -89,16 +89,21 @@ def step_shape(batch: Batch, config: M3AEConfig, full: bool) -> StepShape:
     """Average per-sample token counts of the (image + text) parts of a batch."""
     n = batch.size
     tot = dict(kept_patches=0.0, text_length=0.0, kept_text=0.0, image_rows=0.0, text_rows=0.0)
+    decoder_rows = 0.0
     for p in batch.parts:
         m = p.masks
         if p.image is not None:
             tot["kept_patches"] += p.size * m.image_keep
             tot["image_rows"] += p.size * (config.num_patches if full else config.num_patches - m.image_keep)
+            decoder_rows += p.size * (config.num_patches - m.image_keep)
         if p.text is not None:
             length = p.text.shape[1]
             tot["text_length"] += p.size * length
             tot["kept_text"] += p.size * m.text_keep
             tot["text_rows"] += p.size * length if full else m.text_targets.numel()
+            decoder_rows += p.size * (length - m.text_keep)
+    if not full:
+        tot["decoder_rows"] = decoder_rows
     return StepShape(**{k: v / n for k, v in tot.items()})
 
 
