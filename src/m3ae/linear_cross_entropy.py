@@ -17,6 +17,10 @@ _LOG2_E = 1.4426950408889634
 DEFAULT_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 28}  # logits per chunk: 16 MiB / 1 GiB in fp32
 
 
+def _round16(n: int) -> int:
+    return -(-n // 16) * 16
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, token_weight, chunk_rows: int, compute_dtype, grad_enabled):
@@ -33,33 +37,40 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_grad else None
         grad_bias = torch.zeros(vocab, dtype=acc, device=weight.device) if want_grad and bias is not None else None
         # Logits are laid out (V, chunk): W @ h_c^T is the GEMM shape BLAS runs fastest here
-        # (long M, short K), and every later reduction is over dim 0.
-        # The buffer's row stride is a multiple of 16 floats, also for a short last chunk (a column
-        # slice): odd strides cost BLAS up to a third of its speed.
-        stride = -(-min(chunk_rows, rows) // 16) * 16
-        buffer = torch.empty(vocab, stride, dtype=acc, device=hidden.device)
+        # (long M, short K), and every later reduction is over dim 0. Widths are padded to a
+        # multiple of 16 columns: odd widths cost BLAS and the column reductions up to 5x. Padding
+        # columns hold zeros and get a zero weight, so they add nothing to any gradient.
+        width = _round16(min(chunk_rows, rows))
+        buffer = torch.empty(vocab, width, dtype=acc, device=hidden.device)
         for start in range(0, rows, chunk_rows):
             stop = min(start + chunk_rows, rows)
+            n, padded = stop - start, _round16(stop - start)
             hc, tc = h[start:stop], targets[start:stop]
-            logits = buffer[:, : stop - start]
+            block = buffer[:, :padded]
+            logits = block[:, :n]
             if direct:
                 torch.mm(w, hc.t(), out=logits) if b is None else torch.addmm(b, w, hc.t(), out=logits)
             else:  # low-precision matmul, fp32 softmax (as autocast would do)
                 logits.copy_(w @ hc.t() if b is None else torch.addmm(b, w, hc.t()))
-            top = logits.amax(dim=0)
+            if padded > n:
+                block[:, n:].zero_()
+            block_top = block.amax(dim=0)
+            top = block_top[:n]
             target_logit = logits.gather(0, tc[None, :]).squeeze(0)
             correct[start:stop] = target_logit == top  # the target attains the maximum logit
-            # exp(x - max) as exp2((x - max) * log2 e): one in-place pass, about 2x faster on CPU.
-            exp = logits.sub_(top).mul_(_LOG2_E).exp2_()
-            total = exp.sum(dim=0)
+            # exp(x - max) as exp2((x - max) * log2 e): in place, about 2x faster than exp on CPU.
+            exp = block.sub_(block_top).mul_(_LOG2_E).exp2_()
+            total = exp.sum(dim=0)[:n]
             per_token[start:stop] = top + total.log() - target_logit
             if not want_grad:
                 continue
             # d loss / d logits = token_weight * (softmax - onehot), built in place.
             scale = token_weight[start:stop]
-            grad = exp.mul_(scale / total)
-            grad.scatter_add_(0, tc[None, :], -scale[None, :])
-            g = grad if direct else grad.to(compute_dtype)
+            column_scale = torch.zeros(padded, dtype=acc, device=hidden.device)
+            column_scale[:n] = scale / total
+            grad = exp.mul_(column_scale)
+            grad[:, :n].scatter_add_(0, tc[None, :], -scale[None, :])
+            g = grad[:, :n] if direct else grad[:, :n].to(compute_dtype)
             grad_hidden[start:stop] = g.t() @ w
             if direct:
                 torch.addmm(grad_weight, g, hc, out=grad_weight)  # (addmm_ escapes FLOP counters)
