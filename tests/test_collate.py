@@ -41,3 +41,23 @@ def test_pad_texts():
     ids, padding = pad_texts([torch.tensor([5, 6, 7]), torch.tensor([8])])
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
     assert padding.tolist() == [[False, False, False], [False, True, True]]
+
+
+def test_static_shapes_pad_to_text_length_with_a_fixed_text_keep():
+    from m3ae.masking import keep_count
+
+    config = nano_config()
+    collate = Collator(config, seed=0, static_shapes=True)
+    for texts in [(3, 4, 5), (1,), tuple(range(1, 30))]:
+        part = collate([_sample("a", text=texts), _sample("b", text=(7, 8))]).parts[0]
+        assert part.text.shape == (2, config.text_length)
+        assert part.masks.text_keep == keep_count(config.text_length, config.text_mask_ratio)
+
+
+def test_pad_texts_to_a_length():
+    ids, padding = pad_texts([torch.tensor([5, 6])], length=4)
+    assert ids.tolist() == [[5, 6, 0, 0]] and padding.tolist() == [[False, False, True, True]]
+    import pytest
+
+    with pytest.raises(ValueError, match="more than the padded length"):
+        pad_texts([torch.tensor([1, 2, 3])], length=2)

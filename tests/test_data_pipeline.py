@@ -169,3 +169,20 @@ def test_missing_spec_path_is_an_error_before_training(tmp_path):
         build_train_data(cfg(f"{tmp_path}/none.csv", tmp_path), MODEL, seed=0, micro_batch=4)
     with pytest.raises(FileNotFoundError):
         build_train_data(cfg(f"wds:{tmp_path}/none-*.tar", tmp_path), MODEL, seed=0, micro_batch=4)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_static_shapes_reach_the_loader(tmp_path, stream):
+    from m3ae.masking import keep_count
+
+    manifest = write_manifest(tmp_path, n=12)
+    spec = f"wds:{write_img2dataset_tar(str(tmp_path / 's.tar'), n=12)}" if stream else manifest
+    data = cfg(spec, tmp_path)
+    texts = 0
+    for b in take(build_train_data(data, MODEL, seed=0, micro_batch=4, static_shapes=True), 3):
+        for p in b.parts:
+            if p.text is not None:
+                texts += p.size
+                assert p.text.shape[1] == MODEL.text_length
+                assert p.masks.text_keep == keep_count(MODEL.text_length, MODEL.text_mask_ratio)
+    assert texts == 12

@@ -87,3 +87,25 @@ def test_text_head_sees_only_real_hidden_tokens(monkeypatch):
     n_real = (~pad).sum(1).double()
     expected = int(torch.floor(n_real * 0.75 + 0.5).sum())
     assert rows == [expected]
+
+
+def test_static_shapes_give_the_same_loss():
+    """Extra visible slots that are padding (static shapes) change nothing but the shapes."""
+    torch.manual_seed(0)
+    model = tiny()
+    img, ids, pad = batch()
+    length = 12
+    full_ids = torch.zeros(5, length, dtype=torch.long)
+    full_pad = torch.ones(5, length, dtype=torch.bool)
+    full_ids[:, : ids.shape[1]], full_pad[:, : ids.shape[1]] = ids, pad
+    dynamic = make_masks(5, num_patches=16, text_padding=full_pad, image_ratio=0.75, text_ratio=0.75,
+                         generator=torch.Generator().manual_seed(4))
+    static = make_masks(5, num_patches=16, text_padding=full_pad, image_ratio=0.75, text_ratio=0.75,
+                        generator=torch.Generator().manual_seed(4), static_text_keep=True)
+    assert static.text_keep > dynamic.text_keep  # short captions: the fixed count is larger
+    a, ga = loss_and_grads(model, False, image=img, text=full_ids, text_padding_mask=full_pad, masks=dynamic)
+    b, gb = loss_and_grads(model, False, image=img, text=full_ids, text_padding_mask=full_pad, masks=static)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-7, atol=1e-9)
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], rtol=1e-6, atol=1e-9, msg=name)
+    assert static.text_targets.numel() == dynamic.text_targets.numel()  # same loss-carrying tokens

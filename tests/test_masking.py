@@ -65,3 +65,20 @@ def test_masks_are_deterministic_for_a_seed():
 def test_hidden_mask_helper():
     ids = torch.tensor([[2, 0, 1, 3]])
     assert Masks.hidden(ids, 2).tolist() == [[False, True, False, True]]  # 2 and 0 kept
+
+
+@pytest.mark.parametrize("ratio", [0.15, 0.5, 0.75, 0.9])
+def test_static_text_keep_is_fixed_and_only_adds_padding_slots(ratio):
+    lengths = [16, 12, 7, 1, 5, 16, 2]
+    padding = _padding(lengths, 16)
+    g = torch.Generator().manual_seed(3)
+    masks = make_masks(len(lengths), num_patches=None, text_padding=padding, image_ratio=0.75,
+                       text_ratio=ratio, generator=g, static_text_keep=True)
+    dynamic = make_masks(len(lengths), num_patches=None, text_padding=padding, image_ratio=0.75,
+                         text_ratio=ratio, generator=torch.Generator().manual_seed(3))
+    assert masks.text_keep == max(keep_count(16, ratio), dynamic.text_keep)
+    assert torch.equal(masks.text_ids, dynamic.text_ids)  # same draw, more visible slots
+    for row, n in enumerate(lengths):
+        visible_real = [i for i in masks.text_ids[row, : masks.text_keep].tolist() if not padding[row, i]]
+        assert len(visible_real) == n - int(n * ratio + 0.5)  # no hidden token became visible
+    assert masks.text_targets.numel() == dynamic.text_targets.numel() == sum(int(n * ratio + 0.5) for n in lengths)

@@ -62,11 +62,13 @@ def random_image_ids(batch: int, num_patches: int, generator: torch.Generator | 
     return noise.argsort(dim=1).expand(batch, -1).contiguous()
 
 
-def per_sample_text_ids(padding: torch.Tensor, ratio: float,
-                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+def per_sample_text_ids(padding: torch.Tensor, ratio: float, generator: torch.Generator | None = None,
+                        min_keep: int = 0) -> tuple[torch.Tensor, int]:
     """Padding-aware per-sample text masking: round(ratio * n_real) real tokens hidden per row.
 
-    Returns the (B, L) order [kept real, padding, hidden real] and the number of kept slots.
+    Returns the (B, L) order [kept real, padding, hidden real] and the number of kept slots: the
+    batch maximum, raised to `min_keep` (a fixed encoder length, for static shapes) as far as every
+    row has padding to fill the extra slots; the extra slots never reveal a hidden token.
     """
     padding = padding.bool()
     batch, length = padding.shape
@@ -81,14 +83,20 @@ def per_sample_text_ids(padding: torch.Tensor, ratio: float,
     group = torch.where(kept, 0.0, torch.where(padding, 1.0, 2.0))
     ids = (group + noise).argsort(dim=1)
     keep = int(n_keep.max().item()) if batch > 0 else 0
+    if min_keep > keep and batch > 0:
+        keep = max(keep, min(min_keep, int((length - n_hidden).min().item())))
     return ids, keep
 
 
 def make_masks(batch: int, *, num_patches: int | None, text_padding: torch.Tensor | None,
                text_length: int | None = None, image_ratio: float, text_ratio: float,
                mode: str = "per_sample", generator: torch.Generator | None = None,
-               device: torch.device | str = "cpu") -> Masks:
-    """Draw masks for a batch. Image before text, as in the reference."""
+               device: torch.device | str = "cpu", static_text_keep: bool = False) -> Masks:
+    """Draw masks for a batch. Image before text, as in the reference.
+
+    `static_text_keep`: per-sample mode keeps keep_count(L) text slots (not the batch maximum), so
+    the encoder length depends on L alone (static shapes for torch.compile); same losses.
+    """
     masks = Masks()
     shared = mode == "reference"
     if num_patches is not None:
@@ -102,7 +110,8 @@ def make_masks(batch: int, *, num_patches: int | None, text_padding: torch.Tenso
             masks.text_ids = random_image_ids(batch, length, generator, True, device)
             masks.text_keep = keep_count(length, text_ratio)
         else:
-            masks.text_ids, masks.text_keep = per_sample_text_ids(text_padding, text_ratio, generator)
+            min_keep = keep_count(length, text_ratio) if static_text_keep else 0
+            masks.text_ids, masks.text_keep = per_sample_text_ids(text_padding, text_ratio, generator, min_keep)
         masks.text_targets = text_target_index(masks.text_ids, masks.text_keep, text_padding)
     return masks
 

@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the fast step's model")
+    p.add_argument("--static-shapes", default=None, action=argparse.BooleanOptionalAction,
+                   help="texts padded to text_length, fixed visible text slots (default: with --compile)")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per block")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-reference", action="store_true", help="skip the reference-equivalent step")
@@ -50,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     config = M3AEConfig.from_preset(args.preset, **shape)
     opts = BenchOptions(config, batch=args.batch, steps=args.steps, warmup=args.warmup,
                         min_caption=args.min_caption, max_caption=args.max_caption, device=args.device,
-                        precision=args.precision, compile=args.compile, reference=not args.no_reference,
+                        precision=args.precision, compile=args.compile, static_shapes=args.static_shapes,
+                        reference=not args.no_reference,
                         peak_tflops=args.peak_tflops)
     result = run_train_bench(opts)
     print(format_report(result))

@@ -55,9 +55,13 @@ def mask_seed(seed: int, step: int, rank: int = 0) -> int:
     return (seed * 1_000_003 + step * 9_176 + rank * 7_919_317 + 12_345) % (2**63 - 1)
 
 
-def pad_texts(texts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest text in the batch (at least 1). Padding id 0, mask True."""
-    length = max(1, max(int(t.numel()) for t in texts))
+def pad_texts(texts: Sequence[torch.Tensor], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to `length`, by default the longest text in the batch (at least 1). Padding id 0,
+    mask True."""
+    longest = max(1, max(int(t.numel()) for t in texts))
+    if length is not None and length < longest:
+        raise ValueError(f"a text has {longest} tokens, more than the padded length {length}")
+    length = length or longest
     ids = torch.zeros(len(texts), length, dtype=torch.long)
     padding = torch.ones(len(texts), length, dtype=torch.bool)
     for i, t in enumerate(texts):
@@ -67,12 +71,18 @@ def pad_texts(texts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
 
 
 class Collator:
-    """Groups samples by modality, stacks images, pads texts, draws masks from a seeded generator."""
+    """Groups samples by modality, stacks images, pads texts, draws masks from a seeded generator.
 
-    def __init__(self, model_config: M3AEConfig, seed: int = 0, rank: int = 0):
+    `static_shapes`: pad every text to text_length and keep a fixed number of text slots visible,
+    so tensor shapes do not change from batch to batch (for torch.compile). Same losses; the
+    decoder then also runs over the extra padding slots.
+    """
+
+    def __init__(self, model_config: M3AEConfig, seed: int = 0, rank: int = 0, static_shapes: bool = False):
         self.config = model_config
         self.seed = seed
         self.rank = rank
+        self.static_shapes = static_shapes
 
     def __call__(self, samples: list[dict[str, Any]]) -> Batch:
         if not samples:
@@ -93,11 +103,11 @@ class Collator:
             text = padding = None
             if has_text:
                 text, padding = pad_texts([torch.as_tensor(s["text"], dtype=torch.long)[: self.config.text_length]
-                                           for s in group])
+                                           for s in group], self.config.text_length if self.static_shapes else None)
             masks = make_masks(len(group), num_patches=self.config.num_patches if has_image else None,
                                text_padding=padding, image_ratio=self.config.image_mask_ratio,
                                text_ratio=self.config.text_mask_ratio, mode=self.config.masking,
-                               generator=generator)
+                               generator=generator, static_text_keep=self.static_shapes)
             labels = (torch.tensor([int(s.get("label", -1)) for s in group])
                       if any("label" in s for s in group) else None)
             parts.append(BatchPart(image, text, padding, masks, [str(s.get("key", "")) for s in group], labels))

@@ -86,11 +86,12 @@ def _loader_kwargs(data: DataConfig) -> dict[str, Any]:
 
 def indexed_loader(dataset: torch.utils.data.Dataset, model_config: M3AEConfig, data: DataConfig, *,
                    seed: int, micro_batch: int, start_micro_batch: int = 0, rank: int = 0,
-                   world_size: int = 1, stop: int | None = None) -> torch.utils.data.DataLoader:
+                   world_size: int = 1, stop: int | None = None, static_shapes: bool = False
+                   ) -> torch.utils.data.DataLoader:
     sampler = IndexedBatchSampler(len(dataset), micro_batch, seed=seed, start=start_micro_batch,
                                   stop=stop, rank=rank, world_size=world_size)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(model_config, seed, rank),
-                                       **_loader_kwargs(data))
+    collate = Collator(model_config, seed, rank, static_shapes)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, **_loader_kwargs(data))
 
 
 def source_uses(data: DataConfig, model_config: M3AEConfig) -> list[SourceUse]:
@@ -125,7 +126,8 @@ def make_sample_maker(data: DataConfig, model_config: M3AEConfig, uses: list[Sou
 
 def build_train_data(data: DataConfig, model_config: M3AEConfig, *, seed: int, micro_batch: int,
                      start_micro_batch: int = 0, rank: int = 0, world_size: int = 1,
-                     resume_state: dict[str, Any] | None = None) -> TrainData:
+                     resume_state: dict[str, Any] | None = None, static_shapes: bool = False) -> TrainData:
+    """The training batches for `data`. `static_shapes`: fixed text shapes (see Collator)."""
     if data.spec == "demo":
         dataset = SyntheticShapes(data.demo_samples, model_config.image_size, model_config.text_length,
                                   seed=seed, stats=data.normalization)
@@ -133,14 +135,15 @@ def build_train_data(data: DataConfig, model_config: M3AEConfig, *, seed: int, m
             raise ValueError(f"the demo vocabulary has {dataset.tokenizer.get_vocab_size()} words but the "
                              f"model's vocab_size is {model_config.vocab_size}")
         loader = indexed_loader(dataset, model_config, data, seed=seed, micro_batch=micro_batch,
-                                start_micro_batch=start_micro_batch, rank=rank, world_size=world_size)
+                                start_micro_batch=start_micro_batch, rank=rank, world_size=world_size,
+                                static_shapes=static_shapes)
         return TrainData(loader, f"synthetic shapes ({len(dataset)} samples)", dataset.tokenizer)
     if not 0.0 <= data.caption_drop <= 1.0:
         raise ValueError(f"caption_drop must be in [0, 1], got {data.caption_drop}")
     uses = source_uses(data, model_config)
     maker = make_sample_maker(data, model_config, uses)
     counter = BadCounter(data.max_bad_fraction, data.bad_min_samples)
-    collator = BatchCollator(model_config, seed, rank)
+    collator = BatchCollator(model_config, seed, rank, static_shapes)
     description = " + ".join(f"{u.source.describe()}@{u.weight:g}" for u in uses)
     if all(u.source.exact for u in uses):
         dataset = MixtureDataset(uses, maker, seed)

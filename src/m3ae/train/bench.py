@@ -44,6 +44,7 @@ class BenchOptions:
     device: str = "auto"
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False
+    static_shapes: bool | None = None  # None: with compile (as the trainer)
     reference: bool = True
     peak_tflops: float | None = None
     seed: int = 0
@@ -54,7 +55,8 @@ def synthetic_batches(config: M3AEConfig, opts: BenchOptions) -> list[Batch]:
     """Random images and captions of uniform length in [min_caption, max_caption], collated."""
     g = torch.Generator().manual_seed(opts.seed)
     hi = min(opts.max_caption or config.text_length, config.text_length)
-    collate = Collator(config, seed=opts.seed)
+    static = opts.compile if opts.static_shapes is None else opts.static_shapes
+    collate = Collator(config, seed=opts.seed, static_shapes=static)
     batches = []
     for step in range(opts.pool):
         samples = []
@@ -169,7 +171,8 @@ def run_train_bench(opts: BenchOptions, log=lambda msg: print(msg, file=sys.stde
     batches = synthetic_batches(config, opts)
     result: dict[str, Any] = {
         "device": device_name(device), "batch": opts.batch, "precision": "bf16" if bf16 else "fp32",
-        "compile": opts.compile, "threads": torch.get_num_threads(), "params": model.num_parameters(),
+        "compile": opts.compile, "static_shapes": opts.compile if opts.static_shapes is None else opts.static_shapes,
+        "threads": torch.get_num_threads(), "params": model.num_parameters(),
         "config": config.to_dict(),
     }
     if hasattr(os, "getloadavg"):
@@ -221,7 +224,7 @@ def run_train_bench(opts: BenchOptions, log=lambda msg: print(msg, file=sys.stde
 def format_report(r: dict[str, Any]) -> str:
     lines = [
         f"device            {r['device']}  (precision {r['precision']}, compile {r['compile']}, "
-        f"threads {r['threads']})",
+        f"static shapes {r['static_shapes']}, threads {r['threads']})",
         f"model             {r['params'] / 1e6:.2f} M parameters, batch {r['batch']}",
         f"fast step         {r['samples_per_s']:.1f} samples/s, step {r['step_s'] * 1e3:.1f} ms "
         f"(median of {r['timed_steps']}; process CPU {r['cpu_s'] * 1e3:.0f} ms), "

@@ -49,6 +49,9 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     max_nonfinite: int = 10  # stop after this many non-finite steps in a row
     compile: bool = False
+    # Texts padded to text_length and a fixed number of visible text slots, so shapes never change
+    # (no recompiles under compile). None: on exactly when compile is.
+    static_shapes: Optional[bool] = None
     tensorboard: bool = False
     progress: bool = True
     viz_every: int = 0  # write a reconstruction grid every K steps (0: never)

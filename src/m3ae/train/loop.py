@@ -186,7 +186,8 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
         start_micro = int(data_state.get("next_micro_batch", start_micro))
     data = build_train_data(config.data, config.model, seed=config.seed, micro_batch=micro_batch,
                             start_micro_batch=start_micro, rank=rank, world_size=world_size,
-                            resume_state=data_state)
+                            resume_state=data_state,
+                            static_shapes=config.compile if config.static_shapes is None else config.static_shapes)
     if is_main:
         print(f"data: {data.description}", file=sys.stderr)
     metrics = MetricsLog(out_dir / METRICS_NAME, is_main,
