@@ -74,8 +74,10 @@ class Collator:
     """Groups samples by modality, stacks images, pads texts, draws masks from a seeded generator.
 
     `static_shapes`: pad every text to text_length and keep a fixed number of text slots visible,
-    so tensor shapes do not change from batch to batch (for torch.compile). Same losses; the
-    decoder then also runs over the extra padding slots.
+    so tensor shapes do not change from batch to batch (for torch.compile). For given masks the
+    losses are the same (the extra visible slots are key-masked padding); the random draw itself is
+    over the padded length, so a run with static shapes is not bit-identical to one without. The
+    decoder also runs over the extra padding slots.
     """
 
     def __init__(self, model_config: M3AEConfig, seed: int = 0, rank: int = 0, static_shapes: bool = False):
