@@ -110,7 +110,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     hidden (M, D), weight (V, D), bias (V,) or None, targets (M,) long, token_weight (M,) float
     (no gradient flows into it). Returns (weighted loss, per-token CE (M,), correct (M,)), the last
     two detached; a token is correct when its target's logit is the maximum (a tie counts, unlike
-    argmax's first-index rule; exact float ties do not occur in practice). Under autocast the matmuls run in the autocast dtype, the softmax in fp32.
+    argmax's first-index rule; exact float ties do not occur in practice). Under autocast the
+    matmuls run in the autocast dtype, the softmax and all sums in fp32. `chunk_rows`: rows per
+    chunk (default: about 16 MiB of fp32 logits on CPU, 1 GiB on GPU).
     """
     if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden (M, D) and weight (V, D) expected, got {tuple(hidden.shape)} "
