@@ -61,3 +61,27 @@ def test_bench_train_command(tmp_path, capsys):
     r = json.loads(out.read_text())
     assert r["samples_per_s"] > 0 and r["reference"]["samples_per_s"] > 0
     assert r["reference"]["flops_per_sample"] > r["flops_per_sample"]  # heads everywhere cost more
+
+
+def test_bench_head_command_fused_uses_less_memory(tmp_path, capsys):
+    import json
+
+    from m3ae.cli import main
+
+    out = tmp_path / "head.json"
+    rc = main(["bench", "head", "--rows", "1024", "--dim", "16", "--steps", "1", "--device", "cpu",
+               "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "fused vs unfused" in text and "less memory" in text
+    r = json.loads(out.read_text())
+    assert set(r) == {"fused", "unfused"} and all(v["step_s"] > 0 for v in r.values())
+    # The unfused pass holds (1024 x 30522) fp32 logits, their log-softmax and gradient (~125 MB each).
+    assert r["unfused"]["extra_memory_bytes"] > 200e6 > r["fused"]["extra_memory_bytes"]
+
+
+def test_bench_head_rejects_bad_sizes(capsys):
+    from m3ae.cli import main
+
+    assert main(["bench", "head", "--rows", "0"]) == 2
+    assert "--rows must be >= 1" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import importlib
 SUBCOMMANDS = [
     "m3ae.cli.bench_train",
     "m3ae.cli.bench_data",
+    "m3ae.cli.bench_head",
 ]
 
 
