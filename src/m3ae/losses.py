@@ -59,14 +59,3 @@ def packed_token_weights(rows: torch.Tensor, batch: int, average_over: str = "sa
     else:
         n = (count > 0).sum().to(torch.float32).clamp_min(1.0)
     return 1.0 / (count.clamp_min(1e-5)[rows] * n)
-
-
-def packed_token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
-                               batch: int, average_over: str = "samples_with_targets"
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`token_cross_entropy` for packed tokens: logits (M, V) and targets (M,) of the valid tokens
-    only, `rows` (M,) their sample index. Same value, but the head and softmax never see padding."""
-    weight = packed_token_weights(rows, batch, average_over)
-    per_token = F.cross_entropy(logits.float(), targets, reduction="none")
-    correct = (logits.detach().argmax(dim=-1) == targets).to(torch.float32)
-    return (per_token * weight).sum(), (correct * weight).sum()
