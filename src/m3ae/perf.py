@@ -21,8 +21,8 @@ V = vocab:
     train step    = 3 * forward               backward ~ 2x forward (the usual convention)
 
 The fast step's rows are Mi = hidden patches, Mt = hidden real tokens, Qd = hidden patches + hidden
-text slots; the reference-style step runs the heads on every slot (Mi = N, Mt = L, Qd = Td). `tests/test_bench.py` checks this formula against
-torch.utils.flop_counter on a tiny model.
+text slots; the reference-style step runs the heads on every slot (Mi = N, Mt = L, Qd = Td).
+`tests/test_bench.py` checks this formula against torch.utils.flop_counter on a tiny model.
 """
 from __future__ import annotations
 

@@ -50,13 +50,16 @@ class BenchOptions:
     seed: int = 0
     pool: int = 8  # distinct pre-collated batches cycled through
 
+    @property
+    def uses_static_shapes(self) -> bool:
+        return self.compile if self.static_shapes is None else self.static_shapes
+
 
 def synthetic_batches(config: M3AEConfig, opts: BenchOptions) -> list[Batch]:
     """Random images and captions of uniform length in [min_caption, max_caption], collated."""
     g = torch.Generator().manual_seed(opts.seed)
     hi = min(opts.max_caption or config.text_length, config.text_length)
-    static = opts.compile if opts.static_shapes is None else opts.static_shapes
-    collate = Collator(config, seed=opts.seed, static_shapes=static)
+    collate = Collator(config, seed=opts.seed, static_shapes=opts.uses_static_shapes)
     batches = []
     for step in range(opts.pool):
         samples = []
@@ -171,7 +174,7 @@ def run_train_bench(opts: BenchOptions, log=lambda msg: print(msg, file=sys.stde
     batches = synthetic_batches(config, opts)
     result: dict[str, Any] = {
         "device": device_name(device), "batch": opts.batch, "precision": "bf16" if bf16 else "fp32",
-        "compile": opts.compile, "static_shapes": opts.compile if opts.static_shapes is None else opts.static_shapes,
+        "compile": opts.compile, "static_shapes": opts.uses_static_shapes,
         "threads": torch.get_num_threads(), "params": model.num_parameters(),
         "config": config.to_dict(),
     }
