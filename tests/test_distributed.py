@@ -130,3 +130,15 @@ def test_fsdp2_matches_one_process(tmp_path):
     _close(one["weights"], two[0]["weights"])
     # An FSDP checkpoint (gathered full state) resumes in one plain process.
     _launch(1, tmp_path / "fsdp", ["steps=4"], resume="auto")
+
+
+def test_pick_device_names_what_is_wrong():
+    from m3ae.distributed import pick_device
+
+    assert pick_device("cpu").type == "cpu"
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="unknown device 'tpu9'"):
+        pick_device("tpu9")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA"):
+            pick_device("cuda")

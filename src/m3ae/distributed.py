@@ -36,9 +36,17 @@ class DistInfo:
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)  # one GPU per process
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {name!r} ({err})") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but this torch build or machine has no CUDA")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)  # one GPU per process
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device} asked for, but only {torch.cuda.device_count()} GPU(s) are visible")
     return device
 
 
