@@ -40,6 +40,30 @@ def write_cifar_batch(path: Path, n: int, seed: int = 0, classes: int = 4) -> li
     return labels
 
 
+def python2_cifar_pickle(data: np.ndarray, labels: list[int]) -> bytes:
+    """The bytes Python 2's cPickle (protocol 2) writes for a CIFAR batch dict with numpy 1.x:
+    py2 `str` keys and raw data as SHORT_BINSTRING / BINSTRING, the array as numpy's
+    _reconstruct + __setstate__ with a dtype built from 'u1'. Assembled opcode by opcode."""
+    import struct
+
+    def string(b: bytes) -> bytes:  # a py2 str
+        return b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + struct.pack("<i", len(b)) + b
+
+    def small_int(v: int) -> bytes:
+        return b"K" + bytes([v]) if v < 256 else b"M" + struct.pack("<H", v)
+
+    assert data.dtype == np.uint8 and data.ndim == 2
+    array = (b"cnumpy.core.multiarray\n_reconstruct\n" + b"cnumpy\nndarray\n" + small_int(0) + b"\x85"
+             + string(b"b") + b"\x87R"
+             + b"(" + small_int(1) + small_int(data.shape[0]) + small_int(data.shape[1]) + b"\x86"
+             + b"cnumpy\ndtype\n" + string(b"u1") + small_int(0) + small_int(1) + b"\x87R"
+             + b"(" + small_int(3) + string(b"|") + b"NNN" + b"J\xff\xff\xff\xff" * 2 + small_int(0) + b"tb"
+             + b"\x89" + string(data.tobytes()) + b"tb")
+    label_list = b"](" + b"".join(small_int(v) for v in labels) + b"e"
+    return (b"\x80\x02}(" + string(b"data") + array + string(b"labels") + label_list
+            + string(b"batch_label") + string(b"testing batch 1 of 1") + b"u.")
+
+
 def jpeg_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="JPEG", quality=95)

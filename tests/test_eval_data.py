@@ -1,10 +1,11 @@
+import io
 import pickle
 
 import numpy as np
 import pytest
 import torch
 
-from _eval_util import write_cifar_batch, write_class_folders, write_hdf5, write_shard
+from _eval_util import python2_cifar_pickle, write_cifar_batch, write_class_folders, write_hdf5, write_shard
 from m3ae.eval.labelled import EvalTransform, TrainTransform, expand_braces, labelled_dataset, load_cifar_batch
 
 
@@ -25,6 +26,22 @@ def test_cifar_batches(tmp_path):
     assert val.labels == labels
     _check(labelled_dataset(f"cifar:{tmp_path}", "train", 16, train_transform=True), 20)
     _check(labelled_dataset(str(tmp_path / "test_batch"), "val", 16), 12)
+
+
+def test_python2_cifar_pickle(tmp_path):
+    """The real CIFAR-10 python batches were written by Python 2: str keys, numpy 1.x arrays."""
+    import pickletools
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, (3, 3072), dtype=np.uint8)
+    raw = python2_cifar_pickle(data, [3, 1, 4])
+    pickletools.dis(raw, out=io.StringIO())  # a well-formed pickle stream
+    (tmp_path / "test_batch").write_bytes(raw)
+    batch = load_cifar_batch(tmp_path / "test_batch")
+    assert batch[b"labels"] == [3, 1, 4] and batch[b"batch_label"] == b"testing batch 1 of 1"
+    assert np.array_equal(np.asarray(batch[b"data"]), data)
+    ds = labelled_dataset(str(tmp_path), "val", 16)
+    assert ds.labels == [3, 1, 4] and len(ds) == 3
 
 
 class _Evil:
