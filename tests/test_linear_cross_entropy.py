@@ -63,6 +63,21 @@ def test_bfloat16_autocast_is_close_and_gradients_stay_fp32():
     torch.testing.assert_close(loss.detach(), ref, rtol=2e-2, atol=1e-2)
 
 
+def test_low_precision_ties_follow_argmax():
+    """Under bf16 autocast rounded logits tie; a target tied behind an earlier index is wrong, as
+    with argmax. Rows 3 and 7 of the head are equal, so their logits always tie."""
+    h, w, b, t, tw = inputs(dtype=torch.float32, rows=8, dim=4, vocab=10)
+    with torch.no_grad():
+        w[3] = w[7] = 5 * h[0] / h[0].norm()  # both give the largest logit for row 0
+        b.zero_()
+    t = torch.full((8,), 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, _, correct = linear_cross_entropy(h, w, b, t, tw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = F.linear(h, w, b).argmax(-1) == t
+    assert not correct[0] and torch.equal(correct, expected)
+
+
 def test_gradient_work_only_when_grad_is_enabled():
     from torch.utils.flop_counter import FlopCounterMode
 

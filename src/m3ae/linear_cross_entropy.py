@@ -57,7 +57,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             block_top = block.amax(dim=0)
             top = block_top[:n]
             target_logit = logits.gather(0, tc[None, :]).squeeze(0)
-            correct[start:stop] = target_logit == top  # the target attains the maximum logit
+            if direct:  # fp32/fp64 logits: ties at the maximum do not happen in practice, so
+                correct[start:stop] = target_logit == top  # "attains the max" = argmax, cheaply
+            else:  # low-precision logits do tie: argmax's first-index rule, as the unfused path
+                correct[start:stop] = logits.argmax(dim=0) == tc
             # exp(x - max) as exp2((x - max) * log2 e): in place, about 2x faster than exp on CPU.
             exp = block.sub_(block_top).mul_(_LOG2_E).exp2_()
             total = exp.sum(dim=0)[:n]
@@ -109,8 +112,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
 
     hidden (M, D), weight (V, D), bias (V,) or None, targets (M,) long, token_weight (M,) float
     (no gradient flows into it). Returns (weighted loss, per-token CE (M,), correct (M,)), the last
-    two detached; a token is correct when its target's logit is the maximum (a tie counts, unlike
-    argmax's first-index rule; exact float ties do not occur in practice). Under autocast the
+    two detached; a token is correct when its target's logit is the maximum (in fp32/fp64 a tie
+    counts, where argmax would take the first index; such ties do not occur in practice; under
+    autocast, whose rounded logits can tie, argmax's rule is applied). Under autocast the
     matmuls run in the autocast dtype, the softmax and all sums in fp32. `chunk_rows`: rows per
     chunk (default: about 16 MiB of fp32 logits on CPU, 1 GiB on GPU).
     """
