@@ -1,4 +1,5 @@
 """The analytic FLOP formula against a measured count; the bench command end to end (tiny)."""
+import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -44,7 +45,8 @@ def test_flop_formula_matches_flop_counter():
     assert abs(measured - b * train_flops(cfg, fast)) / measured < 0.03
 
 
-def test_bench_train_command(tmp_path, capsys):
+@pytest.mark.parametrize("extra", [[], ["--reference-fused-adamw", "--static-shapes"]])
+def test_bench_train_command(tmp_path, capsys, extra):
     import json
 
     from m3ae.cli import main
@@ -52,7 +54,7 @@ def test_bench_train_command(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = main(["bench", "train", "--preset", "nano", "--image-size", "16", "--patch-size", "4",
                "--text-length", "12", "--vocab-size", "100", "--batch", "4", "--steps", "2", "--warmup", "1",
-               "--min-caption", "2", "--json", str(out)])
+               "--min-caption", "2", "--json", str(out), *extra])
     assert rc == 0
     text = capsys.readouterr().out
     for key in ("samples/s", "data wait", "GFLOP/sample", "MFU", "measured matmul peak", "peak memory",

@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per block")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-reference", action="store_true", help="skip the reference-equivalent step")
+    p.add_argument("--reference-fused-adamw", action="store_true",
+                   help="give the reference step the fused AdamW too (default: torch's default AdamW)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (overrides the table)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=run)
@@ -53,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     opts = BenchOptions(config, batch=args.batch, steps=args.steps, warmup=args.warmup,
                         min_caption=args.min_caption, max_caption=args.max_caption, device=args.device,
                         precision=args.precision, compile=args.compile, static_shapes=args.static_shapes,
-                        reference=not args.no_reference,
+                        reference=not args.no_reference, reference_fused_adamw=args.reference_fused_adamw,
                         peak_tflops=args.peak_tflops)
     result = run_train_bench(opts)
     print(format_report(result))
