@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from .bad import BadSample
+from .sources.base import open_file
 from .normalization import resolve_stats
 
 # The default pixel limit: ~ 16k x 11k. Above it we refuse to decode (decompression bombs).
@@ -27,10 +28,10 @@ Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
 
 
 def open_image(data: bytes | str, key: str = "", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open (header only) from bytes or a local path. Raises BadSample."""
+    """Open (header only) from bytes, a local path or a URL (fsspec). Raises BadSample."""
     if isinstance(data, str):
         try:
-            with open(data, "rb") as f:
+            with open_file(data) as f:
                 data = f.read()
         except FileNotFoundError:
             raise BadSample("missing_image", data) from None

@@ -37,6 +37,16 @@ def open_file(path: str, mode: str = "rb"):
     return open(path, mode)
 
 
+def path_exists(path: str) -> bool:
+    """os.path.exists for local paths; the filesystem's own check (fsspec) for URLs."""
+    if is_url(path):
+        import fsspec
+
+        fs, inner = fsspec.core.url_to_fs(path)
+        return fs.exists(inner)
+    return os.path.exists(path)
+
+
 def require_path(path: str, what: str = "path") -> str:
     if not is_url(path) and not os.path.exists(path):
         raise FileNotFoundError(f"{what} does not exist: {path}")

@@ -7,7 +7,7 @@ import json
 import os
 import re
 
-from .base import IndexedSource, Record, open_file, require_path
+from .base import IndexedSource, Record, is_url, open_file, path_exists, require_path
 
 IMAGE_COLUMNS = ("image", "filepath", "file", "path", "image_path", "img", "filename", "jpg")
 CAPTION_COLUMNS = ("caption", "text", "title", "sentence", "txt")
@@ -72,12 +72,13 @@ class ManifestSource(IndexedSource):
     def _find_root(path: str, root: str | None, first: str) -> str:
         base = os.path.dirname(path)
         if root is not None:
-            return require_path(root if os.path.isabs(root) else os.path.join(base, root), "image root")
-        if os.path.isabs(first) or "://" in first or "://" in path:
+            return require_path(root if os.path.isabs(root) or is_url(root) else os.path.join(base, root),
+                                "image root")
+        if os.path.isabs(first) or is_url(first):
             return base
         # Common layouts: images beside the manifest, or in an images/ folder next to it.
         for candidate in (base, os.path.join(base, "images")):
-            if os.path.exists(os.path.join(candidate, first)):
+            if path_exists(os.path.join(candidate, first)):
                 return candidate
         raise FileNotFoundError(f"{path}: the first image {first!r} is neither beside the manifest nor in "
                                 f"images/; give the folder with #root=DIR")
