@@ -142,3 +142,18 @@ def test_pick_device_names_what_is_wrong():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA"):
             pick_device("cuda")
+
+
+@pytest.mark.skipif(_fsdp_supported() is not None, reason=str(_fsdp_supported()))
+def test_fsdp2_eval_and_viz_on_rank0(tmp_path):
+    """eval_every / viz_every under FSDP: the ranks gather the full weights, rank 0 evaluates."""
+    import json
+
+    from _eval_util import write_shard
+
+    write_shard(tmp_path / "eval.tar.gz", 16, classes=4)
+    evals = [f"eval_train={tmp_path / 'eval.tar.gz'}", f"eval_val={tmp_path / 'eval.tar.gz'}"]
+    _launch(2, tmp_path / "fsdp", ["distributed.fsdp=true", "steps=2", "viz_every=2", "eval_every=2", *evals])
+    rows = [json.loads(line) for line in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "knn_top1" in r] == [2]
+    assert (tmp_path / "fsdp" / "viz" / "step_00000002.png").stat().st_size > 0

@@ -146,12 +146,19 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: b
     """
     if not fsdp:
         return _unwrap(model).state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options)
-    named = get_optimizer_state_dict(model, optimizer, options=options)
-    return model_state, _to_indexed(named)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    named = get_optimizer_state_dict(model, optimizer,
+                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return full_model_state(model, fsdp), _to_indexed(named)
+
+
+def full_model_state(model: nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
+    """Unsharded model state. Under FSDP a collective (every rank calls it) that leaves the full
+    tensors, on the CPU, on rank 0 only (other ranks get an empty dict)."""
+    if not fsdp:
+        return _unwrap(model).state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],

@@ -137,9 +137,6 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
     info = dist_utils.DistInfo(rank, world_size, device.index or 0, device,
                                torch.distributed.get_backend() if world_size > 1 else None)
     fsdp = config.distributed.fsdp
-    if fsdp and world_size > 1 and (config.eval_every or config.viz_every):
-        # Both run the model on rank 0 alone, which sharded parameters cannot do.
-        raise ValueError("eval_every / viz_every are not supported with FSDP; use DDP or evaluate checkpoints")
     use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
     micro_batch, remainder = divmod(config.batch_size, world_size * config.grad_accum)
     if remainder or micro_batch == 0:
@@ -201,6 +198,22 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
     if config.viz_every > 0 and is_main:
         from ..viz.training import TrainingViz
         viz = TrainingViz.for_run(config, out_dir, data.tokenizer)
+
+    eval_copy: M3AE | None = None  # under FSDP: rank 0's unsharded copy, reused
+
+    def whole_model() -> M3AE:
+        """The model as one module for eval / viz on rank 0. FSDP shards the parameters, so the
+        ranks gather the full state and rank 0 loads it into a plain copy (one extra model there)."""
+        nonlocal eval_copy
+        if not (fsdp and world_size > 1):
+            return model
+        state = dist_utils.full_model_state(model, fsdp)
+        if not is_main:
+            return model  # not run: viz and eval_sets exist on rank 0 only
+        if eval_copy is None:
+            eval_copy = M3AE(config.model).to(device)
+        eval_copy.load_state_dict(state)
+        return eval_copy
 
     def checkpoint(step: int, micro: int) -> Path | None:
         # Full (unsharded) state on rank 0: it resumes with any number of processes.
@@ -292,10 +305,14 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
                         on_log(row)
                     if progress is not None:
                         progress.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.1f}")
-                if viz is not None and step % config.viz_every == 0:
-                    viz(model, step)
-                if eval_sets is not None and (step % config.eval_every == 0 or step == end):
-                    metrics.write(_eval_row(step, model, eval_sets, device, on_log))
+                do_viz = config.viz_every > 0 and step % config.viz_every == 0
+                do_eval = config.eval_every > 0 and (step % config.eval_every == 0 or step == end)
+                if do_viz or do_eval:
+                    whole = whole_model()  # every rank calls it: a collective under FSDP
+                    if viz is not None and do_viz:
+                        viz(whole, step)
+                    if eval_sets is not None and do_eval:
+                        metrics.write(_eval_row(step, whole, eval_sets, device, on_log))
                     run_model.train()
                 if step % config.ckpt_every == 0 and step < end:
                     result.checkpoint = checkpoint(step, step * config.grad_accum)
