@@ -87,3 +87,26 @@ def test_bench_head_rejects_bad_sizes(capsys):
 
     assert main(["bench", "head", "--rows", "0"]) == 2
     assert "--rows must be >= 1" in capsys.readouterr().err
+
+
+def test_batch_flops_of_a_mixed_batch_match_the_flop_counter():
+    """Paired, image-only and text-only parts, counted part by part from host-side shapes."""
+    from m3ae.data.collate import Collator
+    from m3ae.perf import batch_train_flops
+
+    cfg = M3AEConfig(image_size=16, patch_size=4, emb_dim=32, depth=2, num_heads=4, dec_emb_dim=16,
+                     dec_depth=2, dec_num_heads=2, vocab_size=100, text_length=12)
+    model = M3AE(cfg)
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for i in range(9):
+        s = {"key": str(i)}
+        if i % 3 != 2:
+            s["image"] = torch.randn(3, 16, 16, generator=g)
+        if i % 3 != 1:
+            s["text"] = torch.randint(1, 100, (int(torch.randint(2, 13, (1,), generator=g)),), generator=g).tolist()
+        samples.append(s)
+    batch = Collator(cfg, seed=1)(samples)
+    assert len(batch.parts) == 3
+    measured = sum(_count(model, False, True, **p.model_inputs()) for p in batch.parts)
+    assert abs(measured - batch_train_flops(batch, cfg)) / measured < 0.03

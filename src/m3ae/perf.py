@@ -74,6 +74,28 @@ def train_flops(c: M3AEConfig, s: StepShape) -> float:
     return 3 * forward_flops(c, s)
 
 
+def part_shape(part, c: M3AEConfig, full: bool = False) -> StepShape:
+    """The per-sample shape of one batch part (`m3ae.data.collate.BatchPart`: its samples share
+    shapes). `full`: as the reference-style step runs it (heads and last block on every slot)."""
+    m = part.masks
+    patches = c.num_patches if part.image is not None else 0
+    kept_patches = m.image_keep if patches else 0
+    length = part.text.shape[1] if part.text is not None else 0
+    kept_text = m.text_keep if length else 0
+    hidden_real = (m.text_targets.numel() / part.size if m.text_targets is not None else length - kept_text
+                   ) if length else 0
+    return StepShape(kept_patches=kept_patches, text_length=length, kept_text=kept_text,
+                     image_rows=patches if full else patches - kept_patches,
+                     text_rows=length if full else hidden_real, has_image=bool(patches),
+                     decoder_rows=None if full else patches - kept_patches + length - kept_text)
+
+
+def batch_train_flops(batch, c: M3AEConfig, full: bool = False) -> float:
+    """Training FLOPs of one (micro-)batch (`m3ae.data.collate.Batch`), part by part. Host-side
+    shapes only: no device sync."""
+    return sum(train_flops(c, part_shape(p, c, full)) * p.size for p in batch.parts)
+
+
 # Dense peak TFLOP/s (no sparsity) by substring of torch.cuda.get_device_name(), from the vendors'
 # data sheets: bf16 tensor cores and plain fp32. Order matters (first match wins).
 PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [

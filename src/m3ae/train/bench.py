@@ -31,7 +31,7 @@ from ..masking import make_masks
 from ..model import M3AE
 from ..optim import build_optimizer, clip_grad_norm
 from ..distributed import pick_device
-from ..perf import StepShape, device_name, measure_matmul_tflops, synchronize, table_peak, train_flops
+from ..perf import batch_train_flops, device_name, measure_matmul_tflops, synchronize, table_peak
 
 
 @dataclass
@@ -90,28 +90,6 @@ def reference_batch(batch: Batch, config: M3AEConfig, generator: torch.Generator
                            text_ratio=config.text_mask_ratio, mode="reference", generator=generator)
         parts.append(BatchPart(p.image, text, pad, masks, p.keys))
     return Batch(parts, batch.step)
-
-
-def step_shape(batch: Batch, config: M3AEConfig, full: bool) -> StepShape:
-    """Average per-sample token counts of the (image + text) parts of a batch."""
-    n = batch.size
-    tot = dict(kept_patches=0.0, text_length=0.0, kept_text=0.0, image_rows=0.0, text_rows=0.0)
-    decoder_rows = 0.0
-    for p in batch.parts:
-        m = p.masks
-        if p.image is not None:
-            tot["kept_patches"] += p.size * m.image_keep
-            tot["image_rows"] += p.size * (config.num_patches if full else config.num_patches - m.image_keep)
-            decoder_rows += p.size * (config.num_patches - m.image_keep)
-        if p.text is not None:
-            length = p.text.shape[1]
-            tot["text_length"] += p.size * length
-            tot["kept_text"] += p.size * m.text_keep
-            tot["text_rows"] += p.size * length if full else m.text_targets.numel()
-            decoder_rows += p.size * (length - m.text_keep)
-    if not full:
-        tot["decoder_rows"] = decoder_rows
-    return StepShape(**{k: v / n for k, v in tot.items()})
 
 
 class _Step:
@@ -198,7 +176,7 @@ def run_train_bench(opts: BenchOptions, log=lambda msg: print(msg, file=sys.stde
     log(f"timing {' + '.join(runs)} steps, interleaved: {opts.warmup} warm-up + {opts.steps} timed each ...")
     timed = _time_steps(runs, opts, device)
     fast = timed["fast"]
-    flops = sum(train_flops(config, step_shape(b, config, False)) for b in batches) / len(batches)
+    flops = sum(batch_train_flops(b, config) / b.size for b in batches) / len(batches)
     result.update(step_s=fast["step_s"], cpu_s=fast["cpu_s"], samples_per_s=opts.batch / fast["step_s"],
                   data_wait_share=fast["data_wait_share"], timed_steps=fast["steps"],
                   flops_per_sample=flops, achieved_tflops=flops * opts.batch / fast["step_s"] / 1e12)
@@ -219,7 +197,7 @@ def run_train_bench(opts: BenchOptions, log=lambda msg: print(msg, file=sys.stde
 
     if opts.reference:
         ref = timed["reference"]
-        ref_flops = sum(train_flops(config, step_shape(b, config, True)) for b in ref_batches) / len(ref_batches)
+        ref_flops = sum(batch_train_flops(b, config, full=True) / b.size for b in ref_batches) / len(ref_batches)
         result["reference"] = {"step_s": ref["step_s"], "cpu_s": ref["cpu_s"],
                                "samples_per_s": opts.batch / ref["step_s"], "flops_per_sample": ref_flops,
                                "achieved_tflops": ref_flops * opts.batch / ref["step_s"] / 1e12}

@@ -48,6 +48,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     max_nonfinite: int = 10  # stop after this many non-finite steps in a row
+    # Device peak TFLOP/s (per process) for the logged MFU; None: m3ae.perf's table by device name
+    # (no MFU where the device is not in it).
+    peak_tflops: Optional[float] = None
     compile: bool = False
     # Texts padded to text_length and a fixed number of visible text slots, so shapes never change
     # (no recompiles under compile). None: on exactly when compile is.
@@ -71,6 +74,8 @@ class TrainConfig:
             raise ConfigError("steps must be positive")
         if self.batch_size <= 0 or self.grad_accum <= 0:
             raise ConfigError("batch_size and grad_accum must be positive")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ConfigError(f"peak_tflops must be positive, got {self.peak_tflops}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.optim.decay_mode not in ("mae", "reference"):

@@ -20,6 +20,7 @@ from .. import distributed as dist_utils
 from ..checkpoint import latest_checkpoint, load_train_state, save_checkpoint
 from ..model import M3AE
 from ..optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+from ..perf import batch_train_flops, device_name, table_peak
 from ..data.bad import DataQualityError
 from ..data.loader import build_train_data
 from .config import TrainConfig, to_yaml
@@ -234,6 +235,9 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
     pending: list[torch.Tensor] = []  # per-step [loss, image, text, acc, grad_norm] kept on device
     nonfinite_run, last_ckpt_step = 0, start_step
     window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
+    # Achieved model FLOP/s (analytic, m3ae.perf) and MFU where the device's peak is known.
+    window_flops = 0.0
+    peak_tflops = config.peak_tflops or table_peak(device_name(device), "bf16" if use_bf16 else "fp32")
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16
                 else contextlib.nullcontext())
     progress = _progress(config, start_step, is_main)
@@ -253,6 +257,7 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
                     batch = next(batches).to(device, non_blocking=True)
                     data_wait += time.perf_counter() - t0
                     window_samples += batch.size * world_size
+                    window_flops += batch_train_flops(batch, config.model) * world_size  # host-side shapes
                     with autocast:
                         for i, part in enumerate(batch.parts):
                             # Gradients are all-reduced once per step: in the last backward only.
@@ -295,16 +300,20 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
                     elapsed = time.perf_counter() - window_start
                     row = _row(step, values, lr, window_samples / max(elapsed, 1e-9),
                                data_wait / max(elapsed, 1e-9), skipped)
+                    row["model_tflops"] = window_flops / max(elapsed, 1e-9) / 1e12
+                    if peak_tflops:
+                        row["mfu"] = row["model_tflops"] / (peak_tflops * world_size)
                     if data.counter.total_bad:
                         row["bad_samples"] = data.counter.total_bad
-                    window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
+                    window_start, window_samples, data_wait, window_flops = time.perf_counter(), 0, 0.0, 0.0
                     result.history.append(row)
                     result.last_loss = row.get("loss", float("nan"))
                     metrics.write(row)
                     if on_log is not None:
                         on_log(row)
                     if progress is not None:
-                        progress.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.1f}")
+                        extra = {"mfu": f"{100 * row['mfu']:.0f}%"} if "mfu" in row else {}
+                        progress.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.1f}", **extra)
                 do_viz = config.viz_every > 0 and step % config.viz_every == 0
                 do_eval = config.eval_every > 0 and (step % config.eval_every == 0 or step == end)
                 if do_viz or do_eval:
