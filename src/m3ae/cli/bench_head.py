@@ -89,15 +89,16 @@ def _in_fresh_process(variant: str, args: argparse.Namespace) -> dict:
     if args.chunk_rows:
         cmd += ["--chunk-rows", str(args.chunk_rows)]
     done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"the {variant} run failed:\n{done.stderr.strip()[-2000:]}")
+    if done.returncode != 0:  # e.g. out of memory: say which run and why, as a clean error
+        raise ValueError(f"the {variant} run failed:\n{done.stderr.strip()[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("rows", "dim", "vocab", "steps"):
-        if getattr(args, name) < 1:
-            print(f"error: --{name} must be >= 1", file=sys.stderr)
+    for name in ("rows", "dim", "vocab", "steps", "chunk_rows"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
     if args.only:
         print(json.dumps(measure(args.only, args)))
@@ -115,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
         r = results[v]
         print(f"{v:10s} {r['step_s'] * 1e3:19.1f} ms {r['extra_memory_bytes'] / gib:22.3f} GiB")
     memory_ratio = unfused["extra_memory_bytes"] / max(fused["extra_memory_bytes"], 1)
-    print(f"fused vs unfused: {unfused['step_s'] / fused['step_s']:.2f}x faster, {memory_ratio:.1f}x less memory")
+    print(f"fused vs unfused: speed-up {unfused['step_s'] / fused['step_s']:.2f}x, "
+          f"memory {memory_ratio:.1f}x lower (ratios unfused / fused)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
