@@ -141,8 +141,16 @@ def _time_steps(runs: dict[str, tuple[_Step, list[Batch]]], opts: BenchOptions, 
                 rec[name]["cpu"].append(c2 - c0)
                 rec[name]["wait"].append(t1 - t0)
     return {name: {"step_s": statistics.median(r["wall"]), "cpu_s": statistics.median(r["cpu"]),
+                   "step_s_range": _spread(r["wall"]),
                    "data_wait_share": sum(r["wait"]) / sum(r["wall"]), "steps": len(r["wall"])}
             for name, r in rec.items()}
+
+
+def _spread(values: list[float]) -> tuple[float, float]:
+    """10th and 90th percentile: how steady the timed steps were (a wide range = a noisy machine)."""
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]  # noqa: E731
+    return pick(0.1), pick(0.9)
 
 
 def run_train_bench(opts: BenchOptions, log=lambda msg: print(msg, file=sys.stderr)) -> dict[str, Any]:
@@ -177,7 +185,8 @@ def run_train_bench(opts: BenchOptions, log=lambda msg: print(msg, file=sys.stde
     timed = _time_steps(runs, opts, device)
     fast = timed["fast"]
     flops = sum(batch_train_flops(b, config) / b.size for b in batches) / len(batches)
-    result.update(step_s=fast["step_s"], cpu_s=fast["cpu_s"], samples_per_s=opts.batch / fast["step_s"],
+    result.update(step_s=fast["step_s"], step_s_range=fast["step_s_range"], cpu_s=fast["cpu_s"],
+                  samples_per_s=opts.batch / fast["step_s"],
                   data_wait_share=fast["data_wait_share"], timed_steps=fast["steps"],
                   flops_per_sample=flops, achieved_tflops=flops * opts.batch / fast["step_s"] / 1e12)
     if device.type == "cuda":  # both steps' high-water mark when the reference runs too
@@ -198,11 +207,15 @@ def run_train_bench(opts: BenchOptions, log=lambda msg: print(msg, file=sys.stde
     if opts.reference:
         ref = timed["reference"]
         ref_flops = sum(batch_train_flops(b, config, full=True) / b.size for b in ref_batches) / len(ref_batches)
-        result["reference"] = {"step_s": ref["step_s"], "cpu_s": ref["cpu_s"],
+        result["reference"] = {"step_s": ref["step_s"], "step_s_range": ref["step_s_range"], "cpu_s": ref["cpu_s"],
                                "samples_per_s": opts.batch / ref["step_s"], "flops_per_sample": ref_flops,
                                "achieved_tflops": ref_flops * opts.batch / ref["step_s"] / 1e12}
         result["speedup"] = ref["step_s"] / fast["step_s"]
     return result
+
+
+def _ms_range(bounds) -> str:
+    return f"{bounds[0] * 1e3:.0f}-{bounds[1] * 1e3:.0f} ms"
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -211,7 +224,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"static shapes {r['static_shapes']}, threads {r['threads']})",
         f"model             {r['params'] / 1e6:.2f} M parameters, batch {r['batch']}",
         f"fast step         {r['samples_per_s']:.1f} samples/s, step {r['step_s'] * 1e3:.1f} ms "
-        f"(median of {r['timed_steps']}; process CPU {r['cpu_s'] * 1e3:.0f} ms), "
+        f"(median of {r['timed_steps']}, p10-p90 {_ms_range(r['step_s_range'])}; process CPU "
+        f"{r['cpu_s'] * 1e3:.0f} ms), "
         f"data wait {100 * r['data_wait_share']:.2f}%",
         f"model FLOPs       {r['flops_per_sample'] / 1e9:.3f} GFLOP/sample (train, analytic), "
         f"achieved {r['achieved_tflops']:.3f} TFLOP/s",
@@ -224,7 +238,8 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"peak memory       {r['peak_rss_gib']:.2f} GiB (process peak RSS)")
     if "reference" in r:
         ref = r["reference"]
-        lines.append(f"reference step    {ref['samples_per_s']:.1f} samples/s, step {ref['step_s'] * 1e3:.1f} ms, "
+        lines.append(f"reference step    {ref['samples_per_s']:.1f} samples/s, step {ref['step_s'] * 1e3:.1f} ms "
+                     f"(p10-p90 {_ms_range(ref['step_s_range'])}), "
                      f"{ref['flops_per_sample'] / 1e9:.3f} GFLOP/sample, {ref['achieved_tflops']:.3f} TFLOP/s")
         lines.append(f"load average      {r.get('load_average_before', float('nan')):.1f} before, "
                      f"{r.get('load_average_after', float('nan')):.1f} after (1-min; >threads means a shared machine)")
