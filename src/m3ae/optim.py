@@ -47,6 +47,11 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
 
 
+def scaled_lr(base_lr: float, batch_size: int) -> float:
+    """The linear scaling rule of MAE/M3AE: lr = base_lr x global batch / 256."""
+    return base_lr * batch_size / 256
+
+
 def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
     """Linear warmup from 0, then cosine to `min_lr`; `step` = updates done so far (optax count)."""
     if warmup_steps > 0 and step < warmup_steps:

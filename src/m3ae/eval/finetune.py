@@ -21,7 +21,7 @@ from torch import nn
 
 from ..config import M3AEConfig
 from ..model import M3AE, _atomic_write
-from ..optim import lr_at
+from ..optim import lr_at, scaled_lr
 from .features import pool_tokens
 from .knn import topk_accuracy
 
@@ -178,7 +178,7 @@ class FinetuneConfig:
     seed: int = 0
 
     def peak_lr(self) -> float:
-        return self.base_lr * self.batch_size / 256
+        return scaled_lr(self.base_lr, self.batch_size)
 
 
 @torch.no_grad()

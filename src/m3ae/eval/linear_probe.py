@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..optim import lr_at, set_lr
+from ..optim import lr_at, scaled_lr, set_lr
 from .features import encode_pooled
 from .knn import topk_accuracy
 from .lars import LARS, lars_param_groups
@@ -34,7 +34,7 @@ class ProbeConfig:
     seed: int = 0
 
     def peak_lr(self) -> float:
-        return self.base_lr * self.batch_size / 256
+        return scaled_lr(self.base_lr, self.batch_size)
 
 
 class ProbeHead(nn.Module):

@@ -11,6 +11,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..config import PRESETS, ConfigError, M3AEConfig
 from ..data.config import DataConfig
+from ..optim import scaled_lr
 
 
 @dataclass
@@ -64,7 +65,7 @@ class TrainConfig:
     eval_val: Optional[str] = None
 
     def peak_lr(self) -> float:
-        return self.optim.lr if self.optim.lr is not None else self.optim.base_lr * self.batch_size / 256
+        return self.optim.lr if self.optim.lr is not None else scaled_lr(self.optim.base_lr, self.batch_size)
 
     def warmup(self) -> int:
         return self.optim.warmup_steps if self.optim.warmup_steps is not None else int(0.05 * self.steps)
