@@ -84,3 +84,46 @@ def test_bad_images_raise_with_reasons():
     with pytest.raises(BadSample) as err:
         open_image("/nonexistent/x.jpg")
     assert err.value.reason == "missing_image"
+
+
+def _portrait_product() -> Image.Image:
+    """60x80 (like fashion-44k): a black product touching the top and bottom edges, 40 px wide."""
+    image = Image.new("RGB", (60, 80), (255, 255, 255))
+    image.paste((0, 0, 0), (10, 0, 50, 80))
+    return image
+
+
+def test_pad_mode_keeps_the_whole_product_in_eval():
+    image = _portrait_product()
+    cropped = denormalize(EvalTransform(40, resize=40)(image))  # crop mode: top and bottom cut off
+    padded = denormalize(EvalTransform(40, resize=40, square="pad")(image))
+    assert padded.shape == (3, 40, 40)
+    # Pad mode: 80x80 canvas -> 40 px; the product spans all rows, columns 5..25 (white side bars).
+    assert padded[:, :, 12:18].max() < 0.1 and padded[:, :, :3].min() > 0.9 and padded[:, :, -3:].min() > 0.9
+    dark_rows = (padded.mean(0)[:, 20] < 0.5).sum().item()
+    assert dark_rows == 40
+    # Crop mode shows only the middle 60x60: the product fills more of the width (nothing white left
+    # of column 40 * 10/60).
+    assert cropped[:, :, 8:30].max() < 0.1
+
+
+def test_pad_mode_train_crops_come_from_the_padded_square():
+    image = _portrait_product()
+    t = TrainTransform(32, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, square="pad", pad_value=255)
+    out = denormalize(t(image, sample_rng(0)))
+    # The whole padded square: white bars left and right, black product in the middle, all rows.
+    assert out[:, :, :3].min() > 0.9 and out[:, :, -3:].min() > 0.9 and out[:, :, 14:18].max() < 0.1
+    grey = denormalize(TrainTransform(32, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, square="pad",
+                                      pad_value=0)(image, sample_rng(0)))
+    assert grey[:, :, :3].max() < 0.1  # the pad value is used
+
+
+def test_pad_mode_leaves_square_images_alone_and_rejects_bad_settings():
+    square = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    a = EvalTransform(32, resize=32)(square)
+    b = EvalTransform(32, resize=32, square="pad")(square)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="square"):
+        EvalTransform(32, square="letterbox")
+    with pytest.raises(ValueError, match="pad_value"):
+        TrainTransform(32, square="pad", pad_value=300)

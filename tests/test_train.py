@@ -228,3 +228,22 @@ def test_log_rows_carry_model_flops_and_mfu(tmp_path):
         # FLOP/s over samples/s = FLOPs per sample of exactly these batches
         expected = sum(batch_train_flops(b, config.model) for b in window) / sum(b.size for b in window)
         assert r["model_tflops"] * 1e12 / r["samples_per_s"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_presets_inherit_with_base(tmp_path):
+    from m3ae.config import ConfigError
+    from m3ae.train.config import load_config
+
+    (tmp_path / "a.yaml").write_text("model: {emb_dim: 64, depth: 2, num_heads: 2}\nsteps: 7\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nmodel: {depth: 3}\n")
+    c = load_config(str(tmp_path / "b.yaml"), ["steps=9"])
+    assert (c.model.emb_dim, c.model.depth, c.steps) == (64, 3, 9)
+    (tmp_path / "c.yaml").write_text("base: d.yaml\n")
+    (tmp_path / "d.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(str(tmp_path / "c.yaml"))
+    # The shipped MAE baseline is the M3AE recipe without text, nothing else.
+    m3ae, mae = load_config("fashion_m3ae"), load_config("fashion_mae")
+    assert mae.model.vocab_size == 0 and not mae.model.use_type_embedding
+    mae.model.vocab_size, mae.model.use_type_embedding = m3ae.model.vocab_size, True
+    assert mae == m3ae

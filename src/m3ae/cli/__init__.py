@@ -24,6 +24,7 @@ COMMANDS = [
     "m3ae.cli.knn",
     "m3ae.cli.finetune",
     "m3ae.cli.ood",
+    "m3ae.cli.study",
 ]
 
 

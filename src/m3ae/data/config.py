@@ -22,6 +22,10 @@ class DataConfig:
     crop_scale_min: float = 0.2
     crop_scale_max: float = 1.0
     hflip: bool = True
+    # Non-square photos: "crop" takes crops of the photo as it is; "pad" first pads it to a centred
+    # square of grey level `pad_value` (255: white, for studio product photos), so nothing is cut off.
+    square: str = "crop"
+    pad_value: int = 255
     jpeg_draft: bool = True  # decode JPEGs at reduced DCT scale when the crop is much larger than the output
     max_image_pixels: int = 178_956_970  # refuse larger images (decompression bombs)
     # Stop the run when more than this share of samples is unusable (after bad_min_samples seen).

@@ -163,9 +163,50 @@ class _Decoding:
     stats: str | tuple = field(default="cc12m", kw_only=True)
     draft: bool = field(default=True, kw_only=True)
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, kw_only=True)
+    # "crop": crops see the image as it is; "pad": non-square images are first padded to a centred
+    # square of `pad_value` (grey level), so no crop rule can cut the object off (product photos).
+    square: str = field(default="crop", kw_only=True)
+    pad_value: int = field(default=255, kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self.square not in SQUARE_MODES:
+            raise ValueError(f"square must be one of {SQUARE_MODES}, got {self.square!r}")
+        if not 0 <= int(self.pad_value) <= 255:
+            raise ValueError(f"pad_value must be a grey level in 0..255, got {self.pad_value}")
 
     def open(self, data: bytes | str | Image.Image, key: str) -> Image.Image:
         return data if isinstance(data, Image.Image) else open_image(data, key, self.max_pixels)
+
+    def decoded(self, image: Image.Image, box: tuple[float, float, float, float] | None, out: int
+                ) -> tuple[Image.Image, tuple[float, float, float, float] | None]:
+        """Decode `image` (in JPEG draft mode when `box` is much larger than `out`) as RGB, padded
+        to a square when asked; `box` is in the padded frame and is returned in the decoded one."""
+        if self.square == "pad":
+            # The padded frame is the original's: crop boxes were drawn on it, so draft is skipped
+            # (it would change the scale under the padding); pad mode is for small photos anyway.
+            return pad_to_square(to_rgb(_load(image)), self.pad_value), box
+        if self.draft and box is not None:
+            box = draft_for_box(image, box, (out, out))
+        return to_rgb(_load(image)), box
+
+    def frame_size(self, image: Image.Image) -> tuple[int, int]:
+        """The (width, height) that crop boxes are drawn in: padded to a square in pad mode."""
+        w, h = image.size
+        return (max(w, h), max(w, h)) if self.square == "pad" else (w, h)
+
+
+SQUARE_MODES = ("crop", "pad")
+
+
+def pad_to_square(image: Image.Image, value: int = 255) -> Image.Image:
+    """`image` centred on a square canvas of grey `value` (its longer side); square images unchanged."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side), (int(value),) * 3)
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
 
 
 @dataclass
@@ -182,11 +223,9 @@ class TrainTransform(_Decoding):
                  key: str = "") -> torch.Tensor:
         image = self.open(data, key)
         rng = torch_seeded_rng() if rng is None else rng
-        box = random_resized_crop_box(*image.size, rng, self.scale, self.ratio)
+        box = random_resized_crop_box(*self.frame_size(image), rng, self.scale, self.ratio)
         flip = self.flip and rng.random() < 0.5
-        if self.draft:
-            box = draft_for_box(image, box, (self.size, self.size))
-        image = to_rgb(_load(image))
+        image, box = self.decoded(image, box, self.size)
         out = image.resize((self.size, self.size), Image.BICUBIC, box=box)
         if flip:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
@@ -205,11 +244,9 @@ class EvalTransform(_Decoding):
                  key: str = "") -> torch.Tensor:
         image = self.open(data, key)
         resize = self.resize or int(round(self.size / 0.875))
-        w, h = image.size
+        w, h = self.frame_size(image)
         s = resize / min(w, h)  # output pixels per input pixel
         cw, ch = self.size / s, self.size / s  # the centre crop in input pixels
         box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
-        if self.draft:
-            box = draft_for_box(image, box, (self.size, self.size))
-        image = to_rgb(_load(image))
+        image, box = self.decoded(image, box, self.size)
         return to_tensor(image.resize((self.size, self.size), Image.BICUBIC, box=box), self.stats)

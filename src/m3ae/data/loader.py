@@ -120,7 +120,7 @@ def make_sample_maker(data: DataConfig, model_config: M3AEConfig, uses: list[Sou
                          f"is {model_config.vocab_size}")
     transform = TrainTransform(model_config.image_size, scale=(data.crop_scale_min, data.crop_scale_max),
                                flip=data.hflip, stats=data.normalization, draft=data.jpeg_draft,
-                               max_pixels=data.max_image_pixels)
+                               max_pixels=data.max_image_pixels, square=data.square, pad_value=data.pad_value)
     return SampleMaker(transform, tokenizer, model_config.text_length, data.caption_drop if train else 0.0)
 
 

@@ -102,12 +102,14 @@ class LabelledImages(torch.utils.data.Dataset):
 
 def labelled_dataset(spec: str, split: str, image_size: int, train_transform: bool = False,
                      stats="cc12m", *, crop_scale=(0.2, 1.0), crop_pct: float = 1.0,
-                     limit: int | None = None, seed: int = 0) -> LabelledImages:
+                     limit: int | None = None, seed: int = 0, square: str = "crop",
+                     pad_value: int = 255) -> LabelledImages:
     """The one entry point: a spec (see the module doc) -> Dataset of (normalised image, label).
     Training: RandomResizedCrop of area `crop_scale` + flip; else the shorter side resized to
-    image_size / crop_pct and centre-cropped."""
-    transform = (TrainTransform(image_size, tuple(crop_scale), stats=stats) if train_transform
-                 else EvalTransform(image_size, int(round(image_size / crop_pct)), stats=stats))
+    image_size / crop_pct and centre-cropped. `square="pad"`: photos padded to a square first."""
+    pad = dict(square=square, pad_value=pad_value)
+    transform = (TrainTransform(image_size, tuple(crop_scale), stats=stats, **pad) if train_transform
+                 else EvalTransform(image_size, int(round(image_size / crop_pct)), stats=stats, **pad))
     return _read(spec, split, transform).subset(limit, seed)
 
 

@@ -6,7 +6,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional, Sequence
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..config import PRESETS, ConfigError, M3AEConfig
@@ -100,10 +100,25 @@ def preset_path(name: str) -> Path:
     return Path(str(shipped))
 
 
+def preset_layers(name: str, _seen: tuple[str, ...] = ()) -> list:
+    """The YAML layers of a run preset, base first: a preset may start from another with a top-level
+    `base: NAME` (a shipped name or a path relative to the file) and change only what differs."""
+    path = preset_path(name)
+    if str(path.resolve()) in _seen:
+        raise ConfigError(f"run presets inherit in a cycle: {' -> '.join(_seen + (str(path),))}")
+    layer = OmegaConf.load(path)
+    base = layer.pop("base", None) if isinstance(layer, DictConfig) else None
+    if base is None:
+        return [layer]
+    relative = path.parent / str(base)
+    base_name = str(relative) if str(base).endswith((".yaml", ".yml")) and relative.is_file() else str(base)
+    return preset_layers(base_name, _seen + (str(path.resolve()),)) + [layer]
+
+
 def load_config(preset: str | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Defaults <- model size preset <- YAML preset <- overrides (`model.depth=4 optim.lr=1e-3`)."""
+    """Defaults <- model size preset <- YAML preset (and its bases) <- overrides (`model.depth=4`)."""
     try:
-        layers = [OmegaConf.load(preset_path(preset))] if preset else []
+        layers = preset_layers(preset) if preset else []
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key=value, got {bad}")

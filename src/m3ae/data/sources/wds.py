@@ -91,7 +91,8 @@ def group_to_record(key: str, files: dict[str, bytes], shard: str) -> Record:
             label = int(files["cls"].decode("utf-8").strip())
         except (UnicodeDecodeError, ValueError):
             missing = "bad_text"
-    return Record(key=f"{os.path.basename(shard)}/{key}", image=image, caption=caption, label=label, missing=missing)
+    return Record(key=f"{os.path.basename(shard)}/{key}", image=image, caption=caption, label=label, missing=missing,
+                  meta=meta if isinstance(meta, dict) else None)
 
 
 def iter_tar(shard: str) -> Iterator[Record]:

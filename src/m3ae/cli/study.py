@@ -1,0 +1,83 @@
+"""`m3ae study`: run a study (arms x seeds of one recipe, each evaluated), resumably, and report it."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("study", help="run a study: several pretraining arms, evaluated and compared",
+                       description="Pretrain every arm x seed of STUDY.yaml that is not finished, evaluate each, "
+                                   "and write OUT/results.json, results.md and plots. Run it again after a stop: "
+                                   "finished runs are skipped, an interrupted one resumes from its checkpoint.")
+    p.add_argument("study", help="study file (e.g. studies/fashion.yaml)")
+    p.add_argument("--out", required=True, help="study folder")
+    p.add_argument("--data-root", default=None, help="replaces $DATA in the study file's paths")
+    p.add_argument("--arms", default=None, help="comma-separated arm names to run (default: all)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per process (default: torch's; with --jobs N, cores / N)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs side by side in N processes (each takes the runs no other holds)")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the report from what is done")
+    p.add_argument("--pictures", default=None, metavar="ARM[/seedS]",
+                   help="also draw reconstructions and word-to-patch attention from this arm's model")
+    p.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # --jobs workers
+    p.set_defaults(func=run)
+
+
+def _child_command(args: argparse.Namespace, threads: int) -> list[str]:
+    cmd = [sys.executable, "-m", "m3ae", "study", args.study, "--out", args.out, "--threads", str(threads),
+           "--no-report"]
+    if args.data_root:
+        cmd += ["--data-root", args.data_root]
+    if args.arms:
+        cmd += ["--arms", args.arms]
+    return cmd
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..study.report import write_report
+    from ..study.runner import StudyStopped, run_study
+    from ..study.spec import load_study
+
+    study = load_study(args.study, args.data_root)
+    only = [a for a in args.arms.split(",") if a] if args.arms else None
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
+    stopped = None
+    if not args.report_only:
+        if args.jobs > 1:
+            threads = args.threads or max(1, len(os.sched_getaffinity(0)) // args.jobs)
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            children = [subprocess.Popen(_child_command(args, threads), env=env) for _ in range(args.jobs)]
+            codes = [c.wait() for c in children]
+            if any(codes):
+                print(f"m3ae study: a worker process failed (exit codes {codes}); the report shows what is done",
+                      file=sys.stderr)
+        else:
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            try:
+                run_study(study, args.out, only=only)
+            except StudyStopped as err:
+                stopped = err
+    if getattr(args, "no_report", False):
+        return 130 if stopped else 0
+    results = write_report(study, args.out)
+    if args.pictures:
+        from ..study.pictures import draw_pictures
+        for path in draw_pictures(study, args.out, args.pictures):
+            print(f"wrote {path}")
+    pending = [f"{r['arm']}/seed{r['seed']}" for r in results["runs"] if r["status"] != "evaluated"]
+    print(f"wrote {args.out}/results.json, results.md and plots; "
+          f"{len(results['runs']) - len(pending)} of {len(results['runs'])} runs evaluated")
+    if stopped:
+        print(f"stopped: {stopped}; run the same command again to continue", file=sys.stderr)
+        return 130
+    if pending:
+        print(f"not finished: {', '.join(pending)}", file=sys.stderr)
+    return 0

@@ -1,0 +1,251 @@
+"""Run a study: pretrain every (arm, seed) that is not finished, evaluate every run that has no
+result yet, then write the report. Safe to stop at any moment and run again (it picks up where it
+stopped: finished runs and evaluations are skipped, an interrupted pretraining resumes from its
+newest checkpoint), and safe to run in several processes at once (a lock per run folder: each
+process takes the runs nobody holds).
+
+Layout of OUT: tokenizer.json, study.yaml (the resolved study), runs/ARM/seedS/ (the pretraining run
+folder: checkpoints/, metrics.jsonl; plus done.json and eval.json), results.json, results.md, *.png.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..checkpoint import latest_checkpoint
+from ..model import M3AE
+from ..train.config import TrainConfig, load_config, to_yaml
+from .evaluate import (EvalSpec, FeatureCache, ImageCache, load_captioned, load_probe_sets, masked_word_accuracy,
+                       run_probe)
+from .spec import ArmSpec, StudySpec
+
+DONE = "done.json"
+EVAL = "eval.json"
+INIT = "init"  # an untrained arm's weights
+
+
+class StudyStopped(Exception):
+    """A run was stopped (SIGINT/SIGTERM) after writing a checkpoint: run the same command to go on."""
+
+
+def run_dir(out: Path, arm: ArmSpec, seed: int) -> Path:
+    return out / "runs" / arm.name / f"seed{seed}"
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomically: a kill leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+@contextmanager
+def run_lock(directory: Path) -> Iterator[bool]:
+    """Yields True if this process holds the run folder's lock (released when it exits, even if killed)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def prepare_tokenizer(study: StudySpec, out: Path, log: Callable[[str], None]) -> str | None:
+    """The study's tokenizer path: given, or trained once on `train_from` (same texts -> same vocabulary)."""
+    tok = study.tokenizer
+    if tok.path:
+        return tok.path
+    if not tok.train_from:
+        return None
+    path = out / "tokenizer.json"
+    if path.is_file():
+        return str(path)
+    from ..data.pipeline import decode_caption
+    from ..data.bad import BadSample
+    from ..data.sources import build_source
+    from ..data.spec import parse_item
+    from ..data.tokenizer import train_wordpiece
+
+    source = build_source(parse_item(tok.train_from))
+
+    def texts():
+        for _, record in source.iterate(0, 1, seed=0, epochs=1):
+            try:
+                text = decode_caption(record.caption)
+            except BadSample:
+                continue
+            if text:
+                yield text
+
+    log(f"training a {tok.vocab_size}-token WordPiece vocabulary on {tok.train_from}")
+    tokenizer = train_wordpiece(texts(), tok.vocab_size, tok.min_frequency)
+    tmp = path.with_name(f".tokenizer.{os.getpid()}.tmp")
+    tokenizer.save(str(tmp))
+    os.replace(tmp, path)
+    return str(path)
+
+
+def arm_config(study: StudySpec, arm: ArmSpec, seed: int, tokenizer: str | None) -> TrainConfig:
+    overrides = list(study.overrides)
+    if tokenizer:
+        overrides.append(f"data.tokenizer={tokenizer}")
+    overrides += list(arm.overrides) + [f"seed={seed}"]
+    return load_config(study.recipe(arm), overrides)
+
+
+def eval_fingerprint(spec: EvalSpec, config: TrainConfig, checkpoint: str) -> str:
+    """What an evaluation result depends on: the settings, the weights' run config and checkpoint."""
+    text = json.dumps([asdict(spec), to_yaml(config), checkpoint], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def train_seconds(metrics_path: Path, batch_size: int) -> float:
+    """Pretraining time from the logged throughput (resume-proof: the rows of the steps kept)."""
+    seconds, last_step = 0.0, 0
+    if not metrics_path.is_file():
+        return 0.0
+    for line in metrics_path.read_text().splitlines():
+        row = json.loads(line)
+        if "samples_per_s" in row and row.get("samples_per_s"):
+            seconds += (row["step"] - last_step) * batch_size / row["samples_per_s"]
+            last_step = row["step"]
+    return seconds
+
+
+class Evaluator:
+    """The study's evaluation sets, loaded once per process and shared by every run."""
+
+    def __init__(self, spec: EvalSpec, log: Callable[[str], None]):
+        self.spec, self.log = spec, log
+        self._probes: dict[tuple, Any] = {}
+        self._images = ImageCache()
+        self._captioned: dict[tuple, Any] = {}
+
+    def probe_sets(self, task, image_size: int, stats):
+        key = (task.name, image_size, str(stats))
+        if key not in self._probes:
+            t0 = time.perf_counter()
+            self._probes[key] = load_probe_sets(task, image_size, stats, self._images)
+            s = self._probes[key]
+            self.log(f"probe {task.name}: {len(s.classes)} classes, {len(s.train_index)} train / {len(s.test_index)} test "
+                     f"images ({time.perf_counter() - t0:.0f} s to read)")
+        return self._probes[key]
+
+    def captioned(self, tokenizer_path: str, image_size: int, text_length: int, stats):
+        from ..data.tokenizer import load_tokenizer
+        key = (tokenizer_path, image_size, text_length, str(stats))
+        if key not in self._captioned:
+            self._captioned[key] = load_captioned(self.spec.masked_words, load_tokenizer(tokenizer_path),
+                                                  image_size, text_length, stats)
+        return self._captioned[key]
+
+    def __call__(self, model: M3AE, config: TrainConfig) -> dict[str, Any]:
+        stats = config.data.normalization
+        result: dict[str, Any] = {"probes": {}}
+        features = FeatureCache(model, self.spec)
+        for task in self.spec.probes:
+            sets = self.probe_sets(task, config.model.image_size, stats)
+            result["probes"][task.name] = run_probe(sets, self.spec, features)
+            summary = ", ".join(f"{p} probe {r['probe_top1']:.2f} knn {r['knn_top1']:.2f}"
+                                for p, r in result["probes"][task.name].items() if isinstance(r, dict))
+            self.log(f"  {task.name}: {summary}")
+        mw = self.spec.masked_words
+        if mw is not None and config.model.has_text and config.data.tokenizer:
+            t0 = time.perf_counter()
+            data = self.captioned(config.data.tokenizer, config.model.image_size, config.model.text_length, stats)
+            words = masked_word_accuracy(model, data, mw, self.spec.batch_size)
+            words["seconds"] = time.perf_counter() - t0
+            result["masked_words"] = words
+            self.log(f"  masked words: true image {words['true_image']:.2f}, mismatched "
+                     f"{words['mismatched_image']:.2f}, no image {words['no_image']:.2f} (%)")
+        return result
+
+
+def run_one(study: StudySpec, arm: ArmSpec, seed: int, out: Path, tokenizer: str | None,
+            evaluator: Evaluator, log: Callable[[str], None]) -> str:
+    """Pretrain (or resume) and evaluate one run; returns 'done', 'busy' (another process has it)."""
+    directory = run_dir(out, arm, seed)
+    config = arm_config(study, arm, seed, tokenizer)
+    with run_lock(directory) as mine:
+        if not mine:
+            log(f"{arm.name} seed {seed}: another process is on it; skipping")
+            return "busy"
+        config.progress = False
+        saved = directory / "run_config.yaml"
+        if saved.is_file() and saved.read_text() != to_yaml(config):
+            raise ValueError(f"{directory} was made by a different recipe or study file; use another --out, "
+                               "or delete that folder to redo the run")
+        done = read_json(directory / DONE)
+        if done is None:
+            t0 = time.perf_counter()
+            if arm.train:
+                from ..train.loop import pretrain
+                log(f"{arm.name} seed {seed}: pretraining {config.steps} steps -> {directory}")
+                result = pretrain(config, directory, resume="auto")
+                if result.status != "finished":
+                    raise StudyStopped(f"{arm.name} seed {seed} stopped at step {result.step}")
+                checkpoint = str(result.checkpoint.relative_to(out))
+            else:
+                torch.manual_seed(config.seed)
+                model = M3AE(config.model)
+                model.save_pretrained(directory / INIT)
+                saved.write_text(to_yaml(config))
+                checkpoint = str((directory / INIT).relative_to(out))
+            done = {"checkpoint": checkpoint, "trained": arm.train, "steps": config.steps if arm.train else 0,
+                    "train_seconds": train_seconds(directory / "metrics.jsonl", config.batch_size),
+                    "wall_seconds_last_call": time.perf_counter() - t0}
+            write_json(directory / DONE, done)
+        fingerprint = eval_fingerprint(evaluator.spec, config, done["checkpoint"])
+        existing = read_json(directory / EVAL)
+        if existing is None or existing.get("fingerprint") != fingerprint:
+            log(f"{arm.name} seed {seed}: evaluating {done['checkpoint']}")
+            t0 = time.perf_counter()
+            model = M3AE.from_pretrained(out / done["checkpoint"])
+            result = evaluator(model, config)
+            result.update(fingerprint=fingerprint, arm=arm.name, seed=seed, checkpoint=done["checkpoint"],
+                          eval_seconds=time.perf_counter() - t0)
+            write_json(directory / EVAL, result)
+    return "done"
+
+
+def run_study(study: StudySpec, out: str | Path, *, only: list[str] | None = None,
+              log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> dict[str, str]:
+    """Every (arm, seed) of the study (or of the arms named in `only`); returns {run: status}."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    unknown = sorted(set(only or []) - {a.name for a in study.arms})
+    if unknown:
+        raise ValueError(f"unknown arms {unknown}; the study has {[a.name for a in study.arms]}")
+    tokenizer = prepare_tokenizer(study, out, log)
+    evaluator = Evaluator(EvalSpec.from_dict(study.evals), log)
+    # Check every arm's config before spending time on any (a typo in the last arm fails now).
+    for arm, seed in study.runs():
+        arm_config(study, arm, seed, tokenizer)
+    status = {}
+    for arm, seed in study.runs():
+        if only and arm.name not in only:
+            continue
+        status[f"{arm.name}/seed{seed}"] = run_one(study, arm, seed, out, tokenizer, evaluator, log)
+    return status

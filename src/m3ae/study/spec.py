@@ -1,0 +1,134 @@
+"""The study file: a base recipe, arms as overrides of it, seeds, and the evaluations to run.
+
+```yaml
+name: fashion
+base: fashion_m3ae                  # a run preset (shipped name or .yaml path)
+overrides: [data.spec=$DATA/fashion-44k/train-0000{0..3}.tar.gz]   # for every arm
+seeds: [0]                          # default seeds of an arm
+tokenizer: {train_from: $DATA/fashion-44k/train-0000{0..3}.tar.gz, vocab_size: 4096}
+arms:
+  - {name: random, train: false, seeds: [0, 1]}      # the recipe's architecture, not trained
+  - {name: mae, base: fashion_mae, seeds: [0, 1]}
+  - {name: m3ae-t0.15, overrides: [model.text_mask_ratio=0.15]}
+evals: {...}                        # see m3ae.study.evaluate.EvalSpec
+```
+`$DATA` in any string is replaced by the data root given on the command line (`--data-root`), so the
+file names no machine's paths.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from ..config import ConfigError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+@dataclass
+class ArmSpec:
+    name: str
+    base: str | None = None  # None: the study's base recipe
+    overrides: list[str] = field(default_factory=list)
+    seeds: list[int] | None = None  # None: the study's seeds
+    train: bool = True  # False: evaluate the recipe's architecture at its random init
+
+
+@dataclass
+class TokenizerSpec:
+    train_from: str | None = None  # a text spec: a WordPiece vocabulary is trained once, per study
+    vocab_size: int = 4096
+    min_frequency: int = 2
+    path: str | None = None  # or an existing tokenizer.json / vocab.txt
+
+
+@dataclass
+class StudySpec:
+    name: str
+    base: str
+    arms: list[ArmSpec]
+    overrides: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
+    evals: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None  # the study file, for resolving relative recipe paths
+
+    def runs(self) -> list[tuple[ArmSpec, int]]:
+        """Every (arm, seed) in file order."""
+        return [(arm, seed) for arm in self.arms for seed in (arm.seeds if arm.seeds is not None else self.seeds)]
+
+    def recipe(self, arm: ArmSpec) -> str:
+        name = arm.base or self.base
+        if self.path is not None and name.endswith((".yaml", ".yml")):
+            relative = self.path.parent / name
+            if relative.is_file():
+                return str(relative)
+        return name
+
+
+def _substitute(value: Any, data_root: str | None) -> Any:
+    if isinstance(value, str):
+        if "$DATA" in value:
+            if data_root is None:
+                raise ConfigError(f"{value!r} uses $DATA: give the data root (--data-root DIR)")
+            return value.replace("$DATA", str(data_root).rstrip("/"))
+        return value
+    if isinstance(value, list):
+        return [_substitute(v, data_root) for v in value]
+    if isinstance(value, dict):
+        return {k: _substitute(v, data_root) for k, v in value.items()}
+    return value
+
+
+def parse_study(raw: dict[str, Any], data_root: str | None = None, path: Path | None = None) -> StudySpec:
+    raw = _substitute(raw, data_root)
+    unknown = sorted(set(raw) - {"name", "base", "arms", "overrides", "seeds", "tokenizer", "evals"})
+    if unknown:
+        raise ConfigError(f"unknown study keys {unknown}")
+    for key in ("name", "base", "arms"):
+        if key not in raw:
+            raise ConfigError(f"a study needs '{key}'")
+    arms = []
+    for item in raw["arms"]:
+        if not isinstance(item, dict) or "name" not in item:
+            raise ConfigError(f"each arm needs a name, got {item!r}")
+        extra = sorted(set(item) - {"name", "base", "overrides", "seeds", "train"})
+        if extra:
+            raise ConfigError(f"arm {item['name']!r}: unknown keys {extra}")
+        arm = ArmSpec(str(item["name"]), item.get("base"), [str(o) for o in item.get("overrides") or []],
+                      None if item.get("seeds") is None else [int(s) for s in item["seeds"]],
+                      bool(item.get("train", True)))
+        if not _NAME.match(arm.name):
+            raise ConfigError(f"arm name {arm.name!r}: letters, digits and _ . + - only (it names a folder)")
+        arms.append(arm)
+    names = [a.name for a in arms]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"arm names must be unique, got {names}")
+    if not arms:
+        raise ConfigError("a study needs at least one arm")
+    tok = raw.get("tokenizer") or {}
+    extra = sorted(set(tok) - {"train_from", "vocab_size", "min_frequency", "path"})
+    if extra:
+        raise ConfigError(f"tokenizer: unknown keys {extra}")
+    study = StudySpec(name=str(raw["name"]), base=str(raw["base"]), arms=arms,
+                      overrides=[str(o) for o in raw.get("overrides") or []],
+                      seeds=[int(s) for s in raw.get("seeds") or [0]], tokenizer=TokenizerSpec(**tok),
+                      evals=dict(raw.get("evals") or {}), path=path)
+    for arm, seed in study.runs():
+        if any(o.split("=", 1)[0] == "seed" for o in arm.overrides):
+            raise ConfigError(f"arm {arm.name!r}: give seeds with 'seeds:', not a seed= override")
+    return study
+
+
+def load_study(path: str | Path, data_root: str | None = None) -> StudySpec:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file not found: {path}")
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a study file is a YAML mapping")
+    return parse_study(raw, data_root, path)

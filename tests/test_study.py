@@ -1,0 +1,209 @@
+"""The study machinery end to end on tiny data: arms x seeds, resume, every evaluation, the report."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from m3ae.cli import main
+from m3ae.config import ConfigError
+from m3ae.study.evaluate import EvalSpec, derangement
+from m3ae.study.runner import arm_config, run_dir, run_lock, run_study
+from m3ae.study.spec import load_study, parse_study
+
+KINDS = ["shirt", "shoes", "watch"]
+COLOURS = ["red", "blue"]
+RGB = {"red": (220, 30, 30), "blue": (30, 30, 220)}
+
+
+def product(kind: int, colour: str, seed: int) -> bytes:
+    """A 60x80 'studio photo': white background, a coloured shape per article type."""
+    rng = np.random.default_rng(seed)
+    a = np.full((80, 60, 3), 255, np.uint8)
+    c = np.array(RGB[colour]) + rng.integers(-20, 20, 3)
+    if kind == 0:
+        a[15:65, 10:50] = c
+    elif kind == 1:
+        a[45:70, 5:55] = c
+    else:
+        a[25:55, 20:40] = c
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_shard(path, n, start):
+    with tarfile.open(path, "w:gz") as tar:
+        for i in range(start, start + n):
+            kind, colour = i % 3, COLOURS[(i // 3) % 2]
+            title = f"brand men {colour} {KINDS[kind]}"
+            members = {"jpg": product(kind, colour, i), "txt": title.encode(), "cls": str(kind).encode(),
+                       "json": json.dumps({"base_colour": colour.title(), "article_type": KINDS[kind]}).encode()}
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"p{i:05d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+RECIPE = """
+model: {image_size: 16, patch_size: 8, emb_dim: 32, depth: 1, num_heads: 2, dec_emb_dim: 16, dec_depth: 1,
+        dec_num_heads: 2, vocab_size: 64, text_length: 8, norm_pix_loss: true}
+data: {square: pad, num_workers: 0}
+optim: {lr: 1.0e-3, warmup_steps: 1}
+steps: 4
+batch_size: 8
+log_every: 1
+ckpt_every: 2
+keep_last: 2
+progress: false
+"""
+
+
+@pytest.fixture
+def study_file(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_shard(data / "train-00000.tar.gz", 36, 0)
+    write_shard(data / "test-00000.tar.gz", 18, 100)
+    (tmp_path / "tiny.yaml").write_text(RECIPE)
+    (tmp_path / "tiny_mae.yaml").write_text("base: tiny.yaml\nmodel: {vocab_size: 0, use_type_embedding: false}\n")
+    (tmp_path / "study.yaml").write_text("""
+name: tiny
+base: tiny.yaml
+overrides: [data.spec=$DATA/train-00000.tar.gz]
+tokenizer: {train_from: $DATA/train-00000.tar.gz, vocab_size: 64, min_frequency: 1}
+arms:
+  - {name: random, train: false}
+  - {name: mae, base: tiny_mae.yaml}
+  - {name: m3ae, seeds: [0, 1]}
+evals:
+  batch_size: 16
+  l2_grid: [1.0e-3, 1.0e-2]
+  probes:
+    - {name: type, train: $DATA/train-00000.tar.gz, test: $DATA/test-00000.tar.gz, square: pad, min_count: 2}
+    - {name: colour, train: $DATA/train-00000.tar.gz, test: $DATA/test-00000.tar.gz, label: "json:base_colour",
+       square: pad}
+  masked_words: {data: $DATA/test-00000.tar.gz, square: pad, ratio: 0.5}
+""")
+    return tmp_path
+
+
+def weights(out, arm, seed):
+    done = json.loads((run_dir(out, arm, seed) / "done.json").read_text())
+    return load_file(str(out / done["checkpoint"] / "model.safetensors"))
+
+
+def test_study_runs_every_arm_evaluation_and_report(study_file):
+    out = study_file / "out"
+    code = main(["study", str(study_file / "study.yaml"), "--out", str(out), "--data-root",
+                 str(study_file / "data"), "--pictures", "m3ae/seed1"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["arm"], r["seed"], r["status"]) for r in results["runs"]] == [
+        ("random", 0, "evaluated"), ("mae", 0, "evaluated"), ("m3ae", 0, "evaluated"), ("m3ae", 1, "evaluated")]
+    m3ae = results["arms"]["m3ae"]["metrics"]
+    for key in ("type/cls/probe_top1", "type/mean/knn_top1", "colour/cls/probe_top1", "words/true_image",
+                "words/mismatched_image", "words/no_image"):
+        assert m3ae[key]["n"] == 2 and 0.0 <= m3ae[key]["mean"] <= 100.0
+    assert "words/true_image" not in results["arms"]["mae"]["metrics"]  # no text: no masked words
+    ev = json.loads((run_dir(out, load_study(study_file / "study.yaml", "x").arms[2], 0) / "eval.json").read_text())
+    assert ev["probes"]["type"]["classes"] == 3 and ev["probes"]["colour"]["classes"] == 2
+    assert ev["masked_words"]["captions"] == 18
+    md = (out / "results.md").read_text()
+    assert "| m3ae | 2 |" in md and "mismatched image" in md
+    for name in ("evals_cls.png", "evals_mean.png", "masked_words.png", "loss_curves.png",
+                 "reconstruct_m3ae.png", "attention_m3ae_watch.png", "attention_m3ae_red.png"):
+        assert (out / name).stat().st_size > 1000, name
+    # The seeds differ, the trained runs moved away from their init.
+    assert not torch.equal(weights(out, parse_arm(study_file, "m3ae"), 0)["cls_token"],
+                           weights(out, parse_arm(study_file, "m3ae"), 1)["cls_token"])
+
+    # Run again: nothing is retrained or re-evaluated.
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/*.json")}
+    assert main(["study", str(study_file / "study.yaml"), "--out", str(out), "--data-root",
+                 str(study_file / "data")]) == 0
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/*.json")}
+
+
+def parse_arm(study_file, name):
+    study = load_study(study_file / "study.yaml", str(study_file / "data"))
+    return next(a for a in study.arms if a.name == name)
+
+
+def test_interrupted_arm_resumes_to_the_same_result(study_file, capsys):
+    from m3ae.train.loop import pretrain
+
+    study = load_study(study_file / "study.yaml", str(study_file / "data"))
+    straight, broken = study_file / "a", study_file / "b"
+    run_study(study, straight, only=["m3ae"])
+    # Stop the first m3ae run half way (as a kill after a checkpoint would), then run the study.
+    arm = study.arms[2]
+    (broken / "tokenizer.json").parent.mkdir(parents=True)
+    (broken / "tokenizer.json").write_bytes((straight / "tokenizer.json").read_bytes())
+    config = arm_config(study, arm, 0, str(broken / "tokenizer.json"))
+    config.progress = False
+    assert pretrain(config, run_dir(broken, arm, 0), stop_at_step=2).status == "stopped"
+    run_study(study, broken, only=["m3ae"])
+    assert "resuming from" in capsys.readouterr().err
+    for seed in (0, 1):
+        a, b = weights(straight, arm, seed), weights(broken, arm, seed)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        ea = json.loads((run_dir(straight, arm, seed) / "eval.json").read_text())
+        eb = json.loads((run_dir(broken, arm, seed) / "eval.json").read_text())
+        assert ea["probes"]["type"]["cls"]["probe_top1"] == eb["probes"]["type"]["cls"]["probe_top1"]
+        assert ea["masked_words"] == {**eb["masked_words"], "seconds": ea["masked_words"]["seconds"]}
+
+
+def test_a_run_held_by_another_process_is_skipped(study_file):
+    study = load_study(study_file / "study.yaml", str(study_file / "data"))
+    out = study_file / "out"
+    with run_lock(run_dir(out, study.arms[0], 0)) as mine:
+        assert mine
+        status = run_study(study, out, only=["random"])
+    assert status == {"random/seed0": "busy"}
+    assert run_study(study, out, only=["random"]) == {"random/seed0": "done"}
+
+
+def test_a_changed_recipe_is_refused_in_an_existing_folder(study_file):
+    study = load_study(study_file / "study.yaml", str(study_file / "data"))
+    out = study_file / "out"
+    run_study(study, out, only=["random"])
+    study.arms[0].overrides = ["model.depth=2"]
+    with pytest.raises(ValueError, match="different recipe"):
+        run_study(study, out, only=["random"])
+
+
+def test_bad_study_files_are_clear_errors(study_file):
+    base = {"name": "x", "base": "tiny.yaml", "arms": [{"name": "a"}]}
+    with pytest.raises(ConfigError, match="unknown study keys"):
+        parse_study({**base, "armz": []})
+    with pytest.raises(ConfigError, match="unique"):
+        parse_study({**base, "arms": [{"name": "a"}, {"name": "a"}]})
+    with pytest.raises(ConfigError, match="folder"):
+        parse_study({**base, "arms": [{"name": "../up"}]})
+    with pytest.raises(ConfigError, match="--data-root"):
+        parse_study({**base, "overrides": ["data.spec=$DATA/x.tar"]})
+    with pytest.raises(ConfigError, match="seeds"):
+        parse_study({**base, "arms": [{"name": "a", "overrides": ["seed=3"]}]})
+    with pytest.raises(ConfigError, match="label"):
+        EvalSpec.from_dict({"probes": [{"name": "p", "train": "a", "test": "b", "label": "colour"}]})
+    with pytest.raises(ConfigError, match="unknown keys"):
+        EvalSpec.from_dict({"probez": []})
+    # A typo in any arm fails before anything runs.
+    (study_file / "bad.yaml").write_text("name: b\nbase: tiny.yaml\narms: [{name: a}, {name: b, overrides: [model.depht=2]}]\n")
+    code = main(["study", str(study_file / "bad.yaml"), "--out", str(study_file / "o")])
+    assert code == 2 and not (study_file / "o" / "runs").exists()
+
+
+def test_derangement_moves_every_item():
+    g = torch.Generator().manual_seed(0)
+    for n in (2, 3, 7, 64):
+        perm = derangement(n, g)
+        assert sorted(perm.tolist()) == list(range(n)) and not (perm == torch.arange(n)).any()
