@@ -16,6 +16,9 @@ class DataConfig:
     prefetch_factor: int = 2
     normalization: str = "cc12m"  # "cc12m", "imagenet", or "mean1,mean2,mean3/std1,std2,std3"
     demo_samples: int = 8192
+    # Tar shards: records are read in a seeded random order within blocks of this many per shard
+    # (memory: that many encoded samples per loader worker). Shards are often sorted (by id, by class).
+    shuffle_buffer: int = 2000
     # Share of image-text pairs used as image-only samples (the paper's partly-captioned runs).
     caption_drop: float = 0.0
     # RandomResizedCrop area range (the paper: 0.2-1) and horizontal flips.

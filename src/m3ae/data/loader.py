@@ -100,6 +100,8 @@ def source_uses(data: DataConfig, model_config: M3AEConfig) -> list[SourceUse]:
 
     uses = []
     for item, source in build_sources(data.spec):
+        if hasattr(source, "shuffle_block"):  # tar shards: read in a shuffled order (see WebDatasetSource)
+            source.shuffle_block = data.shuffle_buffer
         image = "image" in source.provides and item.role != "text"
         text = "text" in source.provides and item.role != "image" and model_config.has_text
         if not (image or text):
@@ -140,6 +142,8 @@ def build_train_data(data: DataConfig, model_config: M3AEConfig, *, seed: int, m
         return TrainData(loader, f"synthetic shapes ({len(dataset)} samples)", dataset.tokenizer)
     if not 0.0 <= data.caption_drop <= 1.0:
         raise ValueError(f"caption_drop must be in [0, 1], got {data.caption_drop}")
+    if data.shuffle_buffer < 0:
+        raise ValueError(f"shuffle_buffer must be >= 0 (0: shard order), got {data.shuffle_buffer}")
     uses = source_uses(data, model_config)
     maker = make_sample_maker(data, model_config, uses)
     counter = BadCounter(data.max_bad_fraction, data.bad_min_samples)

@@ -127,10 +127,14 @@ class WebDatasetSource(Source):
     kind = "wds"
     exact = False
 
-    def __init__(self, pattern: str, role: str = "paired"):
+    def __init__(self, pattern: str, role: str = "paired", shuffle_block: int = 0):
         self.name = pattern
         self.shards = list_shards(pattern)
         self.role = role
+        # Records of a shard are yielded in a seeded random order within consecutive blocks of this
+        # many (0 or 1: as stored). Shards are often sorted (by product id, by class): without it, a
+        # batch is a run of near-identical samples. Fixed blocks keep the position resumable exactly.
+        self.shuffle_block = int(shuffle_block)
         # What a shard holds is only known by reading it; peek at the first record.
         first = next(iter_tar(self.shards[0]), None)
         provides = {"image"}
@@ -156,7 +160,7 @@ class WebDatasetSource(Source):
                 return
             shard = self.shards[int(self.shard_order(seed, epoch)[within])]
             done = 0
-            for record in iter_tar(shard):
+            for record in self._shard_records(shard, (seed, epoch, within)):
                 done += 1
                 if done <= skip:
                     continue
@@ -164,6 +168,26 @@ class WebDatasetSource(Source):
                     record.caption = None
                 yield (slot, done), record
             slot, skip = slot + 1, 0
+
+
+    def _shard_records(self, shard: str, key: tuple[int, int, int]) -> Iterator[Record]:
+        if self.shuffle_block <= 1:
+            yield from iter_tar(shard)
+            return
+        block: list[Record] = []
+        number = 0
+        for record in iter_tar(shard):
+            block.append(record)
+            if len(block) == self.shuffle_block:
+                yield from self._permuted(block, key, number)
+                block, number = [], number + 1
+        yield from self._permuted(block, key, number)
+
+    @staticmethod
+    def _permuted(block: list[Record], key: tuple[int, int, int], number: int) -> Iterator[Record]:
+        order = np.random.default_rng([*key, number, 0x53485546]).permutation(len(block))
+        for i in order:
+            yield block[int(i)]
 
 
 class ShardWriter:
