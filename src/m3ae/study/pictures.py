@@ -53,6 +53,7 @@ def draw_pictures(study: StudySpec, out: str | Path, which: str, n: int = 6,
                           title=f"held-out products: 75% of patches and {model.config.text_mask_ratio:.0%} "
                                 f"of title words hidden")
     written.append(path)
+    written.append(tsne_picture(study, out, ["random", "mae", arm.name], seed=s))
     for word in words:
         for i, caption in enumerate(data.captions):
             tokens = tokenize_caption(tokenizer, caption, model.config.text_length)
@@ -66,3 +67,47 @@ def draw_pictures(study: StudySpec, out: str | Path, which: str, n: int = 6,
             written.append(path)
             break
     return written
+
+
+def tsne_picture(study: StudySpec, out: str | Path, arms: list[str], task: str | None = None, seed: int = 0,
+                 classes: int = 10, points: int = 1500) -> Path:
+    """t-SNE of held-out images of the `classes` most frequent classes of a probe task (the first by
+    default), mean-pooled features, one panel per arm (those of `arms` that exist and are done)."""
+    import numpy as np
+
+    from ..viz.tsne import FeatureSet, tsne_figure
+    from .evaluate import load_probe_sets, pooled_features
+
+    out = Path(out)
+    spec = EvalSpec.from_dict(study.evals)
+    probe = next((p for p in spec.probes if task in (None, p.name)), None)
+    if probe is None:
+        raise ValueError(f"no probe task {task!r} in the study")
+    panels = []
+    sets = None
+    for name in arms:
+        arm = next((a for a in study.arms if a.name == name), None)
+        if arm is None:
+            continue
+        seeds = arm.seeds if arm.seeds is not None else study.seeds
+        s = seed if seed in seeds else seeds[0]
+        done = read_json(run_dir(out, arm, s) / DONE)
+        if done is None:
+            continue
+        model = M3AE.from_pretrained(out / done["checkpoint"]).eval()
+        config = arm_config(study, arm, s, None)
+        if sets is None:
+            sets = load_probe_sets(probe, model.config.image_size, config.data.normalization)
+            keep = (sets.test_labels < classes).nonzero().squeeze(1)
+            g = torch.Generator().manual_seed(0)
+            keep = keep[torch.randperm(len(keep), generator=g)[:points]].sort().values
+            index = sets.test_index[keep]
+            subset = torch.utils.data.Subset(sets.test, index.tolist())
+            labels = np.array([sets.classes[int(y)] for y in sets.test_labels[keep]])
+        feats = pooled_features(model, subset, ["mean"])["mean"].numpy()
+        panels.append((f"{name} (seed {s})", FeatureSet(feats, labels, name)))
+    if not panels:
+        raise ValueError("no finished arm to draw")
+    path = out / f"tsne_{probe.name}.png"
+    tsne_figure(panels, path, seed=0)
+    return path
