@@ -207,3 +207,12 @@ def test_derangement_moves_every_item():
     for n in (2, 3, 7, 64):
         perm = derangement(n, g)
         assert sorted(perm.tolist()) == list(range(n)) and not (perm == torch.arange(n)).any()
+
+
+def test_report_of_a_study_not_started_lists_every_run_pending(study_file):
+    out = study_file / "never"
+    assert main(["study", str(study_file / "study.yaml"), "--out", str(out), "--data-root",
+                 str(study_file / "data"), "--report-only"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["status"] for r in results["runs"]] == ["pending"] * 4
+    assert "| m3ae | 1 | pending |" in (out / "results.md").read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import statistics
 from pathlib import Path
@@ -17,16 +18,21 @@ WORDS = ("true_image", "mismatched_image", "no_image")
 
 def machine() -> dict[str, Any]:
     import torch
-    cpu = platform.processor() or platform.machine()
+    cpu, flags = platform.processor() or platform.machine(), []
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        info = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return {"cpu": cpu, "cores": len(getattr(__import__("os"), "sched_getaffinity")(0)),
-            "torch": torch.__version__, "python": platform.python_version()}
+        info = []
+    for line in info:
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+        elif line.startswith("flags"):
+            have = set(line.split(":", 1)[1].split())
+            flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in have]
+            break
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cpu_flags": flags, "cores": cores, "torch": torch.__version__,
+            "python": platform.python_version()}
 
 
 def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -139,7 +145,8 @@ def markdown(results: dict[str, Any], study: StudySpec) -> str:
                  f"{f['text_loss']:.3f}" if "text_loss" in f else "–"]
         lines.append("| " + " | ".join(cells) + " |")
     m = results["machine"]
-    lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}.", ""]
+    flags = ", ".join(m.get("cpu_flags") or []) or "none of avx2/avx512f/avx512_bf16/amx"
+    lines += ["", f"Machine: {m['cpu']} ({flags}), {m['cores']} cores, torch {m['torch']}.", ""]
     return "\n".join(lines)
 
 
@@ -246,6 +253,7 @@ def plot_losses(study: StudySpec, out: Path) -> Path | None:
 
 def write_report(study: StudySpec, out: str | Path) -> dict[str, Any]:
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     results = collect(study, out)
     write_json(out / "results.json", results)
     (out / "results.md").write_text(markdown(results, study))
