@@ -119,7 +119,7 @@ def test_study_runs_every_arm_evaluation_and_report(study_file):
     md = (out / "results.md").read_text()
     assert "| m3ae | 2 |" in md and "mismatched image" in md
     for name in ("evals_cls.png", "evals_mean.png", "masked_words.png", "loss_curves.png",
-                 "reconstruct_m3ae.png", "tsne_type.png", "attention_m3ae_watch.png", "attention_m3ae_red.png"):
+                 "reconstruct_m3ae.png", "reconstruct_conditioned_m3ae.png", "tsne_type.png", "attention_m3ae_watch.png", "attention_m3ae_red.png"):
         assert (out / name).stat().st_size > 1000, name
     # The seeds differ, the trained runs moved away from their init.
     assert not torch.equal(weights(out, parse_arm(study_file, "m3ae"), 0)["cls_token"],

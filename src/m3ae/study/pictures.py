@@ -53,6 +53,8 @@ def draw_pictures(study: StudySpec, out: str | Path, which: str, n: int = 6,
                           title=f"held-out products: 75% of patches and {model.config.text_mask_ratio:.0%} "
                                 f"of title words hidden")
     written.append(path)
+    written.append(conditioned_picture(model, data, pick, decoder_for(tokenizer), stats,
+                                       out / f"reconstruct_conditioned_{arm.name}.png", seed))
     written.append(tsne_picture(study, out, ["random", "mae", arm.name], seed=s))
     for word in words:
         for i, caption in enumerate(data.captions):
@@ -67,6 +69,26 @@ def draw_pictures(study: StudySpec, out: str | Path, which: str, n: int = 6,
             written.append(path)
             break
     return written
+
+
+def conditioned_picture(model: M3AE, data, pick: torch.Tensor, decode, stats, path: Path, seed: int = 0) -> Path:
+    """The same hidden patches rebuilt with the product's own title (all words visible), with no
+    title, and with another product's title: does the text change the image guess?"""
+    from ..masking import Masks
+    from ..viz.reconstruction import draw_masks, reconstruct, reconstruction_figure
+    from .evaluate import derangement
+
+    image, text, padding = data.images[pick], data.text[pick], data.padding[pick]
+    other = derangement(len(pick), torch.Generator().manual_seed(seed))
+    masks = draw_masks(model, image, padding, text_ratio=0.0, seed=seed)
+    own = reconstruct(model, image, text, padding, masks)
+    none = reconstruct(model, image, masks=Masks(masks.image_ids, masks.image_keep))
+    swapped_masks = draw_masks(model, image, padding[other], text_ratio=0.0, seed=seed)
+    swapped_masks.image_ids, swapped_masks.image_keep = masks.image_ids, masks.image_keep
+    swapped = reconstruct(model, image, text[other], padding[other], swapped_masks)
+    reconstruction_figure([("its own title", own), ("no title", none), ("another product's title", swapped)],
+                          path, decode, stats=stats, title="the same hidden patches, three conditions")
+    return path
 
 
 def tsne_picture(study: StudySpec, out: str | Path, arms: list[str], task: str | None = None, seed: int = 0,
