@@ -22,7 +22,6 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..checkpoint import latest_checkpoint
 from ..model import M3AE
 from ..train.config import TrainConfig, load_config, to_yaml
 from .evaluate import (EvalSpec, FeatureCache, ImageCache, load_captioned, load_probe_sets, masked_word_accuracy,
