@@ -17,28 +17,16 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from m3ae.data.pipeline import decode_caption
-    from m3ae.data.bad import BadSample
     from m3ae.data.sources import build_source
     from m3ae.data.spec import parse_item
-    from m3ae.data.tokenizer import train_wordpiece
+    from m3ae.data.tokenizer import source_texts, train_wordpiece
 
     sources = []
     for c in args.corpus:
         item = parse_item(c if "=" in c.split(":")[0] else f"text={c}")
         sources.append(build_source(item))
 
-    def texts():
-        for source in sources:
-            for _, record in source.iterate(0, 1, seed=0, epochs=1):
-                try:
-                    text = decode_caption(record.caption)
-                except BadSample:
-                    continue
-                if text:
-                    yield text
-
-    tok = train_wordpiece(texts(), args.vocab_size, args.min_frequency, lowercase=not args.cased)
+    tok = train_wordpiece(source_texts(sources), args.vocab_size, args.min_frequency, lowercase=not args.cased)
     tok.save(args.out)
     print(f"wrote {args.out}: {tok.get_vocab_size()} tokens")
     return 0

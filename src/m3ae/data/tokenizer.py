@@ -49,6 +49,21 @@ def load_tokenizer(name_or_path: str, lowercase: bool = True):
         ) from None
 
 
+def source_texts(sources) -> Iterable[str]:
+    """Every usable caption of `sources` (one pass in source order); bad or empty ones skipped."""
+    from .bad import BadSample
+    from .pipeline import decode_caption
+
+    for source in sources:
+        for _, record in source.iterate(0, 1, seed=0, epochs=1):
+            try:
+                text = decode_caption(record.caption)
+            except BadSample:
+                continue
+            if text:
+                yield text
+
+
 def train_wordpiece(texts: Iterable[str], vocab_size: int = 30522, min_frequency: int = 2,
                     lowercase: bool = True):
     """Train a BERT-uncased-style WordPiece vocabulary. [PAD]=0 and [UNK]=1 are its only specials

@@ -81,25 +81,13 @@ def prepare_tokenizer(study: StudySpec, out: Path, log: Callable[[str], None]) -
     path = out / "tokenizer.json"
     if path.is_file():
         return str(path)
-    from ..data.pipeline import decode_caption
-    from ..data.bad import BadSample
     from ..data.sources import build_source
     from ..data.spec import parse_item
-    from ..data.tokenizer import train_wordpiece
-
-    source = build_source(parse_item(tok.train_from))
-
-    def texts():
-        for _, record in source.iterate(0, 1, seed=0, epochs=1):
-            try:
-                text = decode_caption(record.caption)
-            except BadSample:
-                continue
-            if text:
-                yield text
+    from ..data.tokenizer import source_texts, train_wordpiece
 
     log(f"training a {tok.vocab_size}-token WordPiece vocabulary on {tok.train_from}")
-    tokenizer = train_wordpiece(texts(), tok.vocab_size, tok.min_frequency)
+    tokenizer = train_wordpiece(source_texts([build_source(parse_item(tok.train_from))]), tok.vocab_size,
+                                tok.min_frequency)
     tmp = path.with_name(f".tokenizer.{os.getpid()}.tmp")
     tokenizer.save(str(tmp))
     os.replace(tmp, path)
