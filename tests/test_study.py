@@ -216,3 +216,23 @@ def test_report_of_a_study_not_started_lists_every_run_pending(study_file):
     results = json.loads((out / "results.json").read_text())
     assert [r["status"] for r in results["runs"]] == ["pending"] * 4
     assert "| m3ae | 1 | pending |" in (out / "results.md").read_text()
+
+
+def test_a_shipped_tokenizer_is_copied_into_the_study(study_file):
+    from data_files import write_tokenizer
+
+    shipped = write_tokenizer(study_file)
+    text = (study_file / "study.yaml").read_text().replace(
+        "tokenizer: {train_from: $DATA/train-00000.tar.gz, vocab_size: 64, min_frequency: 1}",
+        "tokenizer: {path: tok.json}")
+    (study_file / "shipped.yaml").write_text(text)
+    study = load_study(study_file / "shipped.yaml", str(study_file / "data"))
+    with pytest.raises(ValueError, match="vocab_size 64"):  # 200 tokens for a 64-token model
+        run_study(study, study_file / "small", only=["random"])
+    study.overrides.append("model.vocab_size=200")
+    out = study_file / "out"
+    run_study(study, out, only=["random"])
+    assert (out / "tokenizer.json").read_bytes() == open(shipped, "rb").read()
+    study.tokenizer.path = "missing.json"
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        run_study(study, study_file / "other", only=["random"])

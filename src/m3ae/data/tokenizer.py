@@ -67,7 +67,8 @@ def source_texts(sources) -> Iterable[str]:
 def train_wordpiece(texts: Iterable[str], vocab_size: int = 30522, min_frequency: int = 2,
                     lowercase: bool = True):
     """Train a BERT-uncased-style WordPiece vocabulary. [PAD]=0 and [UNK]=1 are its only specials
-    (0 is the collator's padding id)."""
+    (0 is the collator's padding id). Not reproducible across processes: the trainer orders tied
+    tokens through a randomly seeded hash map, so ship the file when runs must be repeatable."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))

@@ -72,24 +72,34 @@ def run_lock(directory: Path) -> Iterator[bool]:
 
 
 def prepare_tokenizer(study: StudySpec, out: Path, log: Callable[[str], None]) -> str | None:
-    """The study's tokenizer path: given, or trained once on `train_from` (same texts -> same vocabulary)."""
+    """OUT/tokenizer.json, which every arm uses: a copy of `tokenizer.path` (relative to the study
+    file), or trained once on `tokenizer.train_from`. HF WordPiece training orders tied tokens by a
+    randomly seeded hash map, so two trainings on the same texts differ: a study that must be
+    reproducible from a clean clone ships its vocabulary (`path`)."""
     tok = study.tokenizer
-    if tok.path:
-        return tok.path
-    if not tok.train_from:
+    if not (tok.path or tok.train_from):
         return None
     path = out / "tokenizer.json"
     if path.is_file():
         return str(path)
-    from ..data.sources import build_source
-    from ..data.spec import parse_item
-    from ..data.tokenizer import source_texts, train_wordpiece
-
-    log(f"training a {tok.vocab_size}-token WordPiece vocabulary on {tok.train_from}")
-    tokenizer = train_wordpiece(source_texts([build_source(parse_item(tok.train_from))]), tok.vocab_size,
-                                tok.min_frequency)
     tmp = path.with_name(f".tokenizer.{os.getpid()}.tmp")
-    tokenizer.save(str(tmp))
+    if tok.path:
+        source = Path(tok.path)
+        if not source.is_absolute() and study.path is not None and (study.path.parent / source).is_file():
+            source = study.path.parent / source
+        if not source.is_file():
+            raise FileNotFoundError(f"study tokenizer not found: {tok.path}")
+        from ..data.tokenizer import load_tokenizer
+        load_tokenizer(str(source)).save(str(tmp))  # checks that it loads
+    else:
+        from ..data.sources import build_source
+        from ..data.spec import parse_item
+        from ..data.tokenizer import source_texts, train_wordpiece
+
+        log(f"training a {tok.vocab_size}-token WordPiece vocabulary on {tok.train_from}")
+        tokenizer = train_wordpiece(source_texts([build_source(parse_item(tok.train_from))]), tok.vocab_size,
+                                    tok.min_frequency)
+        tokenizer.save(str(tmp))
     os.replace(tmp, path)
     return str(path)
 
@@ -162,6 +172,9 @@ class Evaluator:
         if mw is not None and config.model.has_text and config.data.tokenizer:
             t0 = time.perf_counter()
             data = self.captioned(config.data.tokenizer, config.model.image_size, config.model.text_length, stats)
+            if int(data.text.max()) >= config.model.vocab_size:
+                raise ValueError(f"{config.data.tokenizer} gives token ids up to {int(data.text.max())}, beyond "
+                                 f"the model's vocab_size {config.model.vocab_size}")
             words = masked_word_accuracy(model, data, mw, self.spec.batch_size)
             words["seconds"] = time.perf_counter() - t0
             result["masked_words"] = words

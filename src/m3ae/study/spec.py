@@ -5,7 +5,7 @@ name: fashion
 base: fashion_m3ae                  # a run preset (shipped name or .yaml path)
 overrides: [data.spec=$DATA/fashion-44k/train-0000{0..3}.tar.gz]   # for every arm
 seeds: [0]                          # default seeds of an arm
-tokenizer: {train_from: $DATA/fashion-44k/train-0000{0..3}.tar.gz, vocab_size: 4096}
+tokenizer: {path: fashion_tokenizer.json}   # or {train_from: TEXT SPEC, vocab_size: 4096}
 arms:
   - {name: random, train: false, seeds: [0, 1]}      # the recipe's architecture, not trained
   - {name: mae, base: fashion_mae, seeds: [0, 1]}
@@ -43,7 +43,7 @@ class TokenizerSpec:
     train_from: str | None = None  # a text spec: a WordPiece vocabulary is trained once, per study
     vocab_size: int = 4096
     min_frequency: int = 2
-    path: str | None = None  # or an existing tokenizer.json / vocab.txt
+    path: str | None = None  # or this tokenizer.json / vocab.txt (relative to the study file), copied
 
 
 @dataclass
