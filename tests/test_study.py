@@ -236,3 +236,12 @@ def test_a_shipped_tokenizer_is_copied_into_the_study(study_file):
     study.tokenizer.path = "missing.json"
     with pytest.raises(FileNotFoundError, match="missing.json"):
         run_study(study, study_file / "other", only=["random"])
+
+
+def test_jobs_split_the_runs_between_processes(study_file):
+    out = study_file / "out"
+    assert main(["study", str(study_file / "study.yaml"), "--out", str(out), "--data-root",
+                 str(study_file / "data"), "--jobs", "2", "--arms", "random,m3ae"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {(r["arm"], r["seed"]): r["status"] for r in results["runs"]} == {
+        ("random", 0): "evaluated", ("mae", 0): "pending", ("m3ae", 0): "evaluated", ("m3ae", 1): "evaluated"}
