@@ -74,3 +74,17 @@ def test_embed_text_and_joint_from_a_manifest(tmp_path):
         assert feats.shape == (6, 32) and labels.tolist() == [1, 0] * 3 and keys[0] == "0.png"
         results[inputs] = feats
     assert not torch.allclose(results["image"], results["joint"])
+
+
+def test_eval_commands_can_pad_photos_to_a_square(tmp_path):
+    from data_files import write_img2dataset_tar
+
+    ckpt = tmp_path / "ckpt"
+    tiny_model().save_pretrained(ckpt)
+    data = write_img2dataset_tar(str(tmp_path / "s.tar"), n=6, labels=True)  # 48x40 photos
+    common = ["--checkpoint", str(ckpt), "--num-workers", "0", "--quiet", "--data", data]
+    for square in ("crop", "pad"):
+        assert main(["embed", *common, "--square", square, "--out", str(tmp_path / f"{square}.npz")]) == 0
+    with np.load(tmp_path / "crop.npz") as a, np.load(tmp_path / "pad.npz") as b:
+        assert a["features"].shape == b["features"].shape == (6, 32)
+        assert not np.allclose(a["features"], b["features"])  # the padded view is another image

@@ -15,6 +15,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalization", default="cc12m", help="pixel statistics: cc12m | imagenet")
     p.add_argument("--crop-pct", type=float, default=1.0,
                    help="eval transform: resize shorter side to size/crop_pct, centre-crop (ImageNet: 0.875)")
+    p.add_argument("--square", choices=("crop", "pad"), default="crop",
+                   help="non-square photos: crop as they are, or pad to a square first (product photos)")
+    p.add_argument("--pad-value", type=int, default=255, help="grey level of the padding (255: white)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result", default=None, help="JSON result file (default: next to --out or ./results)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -37,7 +40,8 @@ def dataset(args, spec: str, split: str, image_size: int, train_transform: bool 
             crop_scale=(0.2, 1.0)):
     from ..eval.labelled import labelled_dataset
     return labelled_dataset(spec, split, image_size, train_transform, args.normalization,
-                            crop_scale=crop_scale, crop_pct=args.crop_pct, limit=limit, seed=args.seed)
+                            crop_scale=crop_scale, crop_pct=args.crop_pct, limit=limit, seed=args.seed,
+                            square=args.square, pad_value=args.pad_value)
 
 
 def features_for(args, model, spec: str, split: str, limit, device):

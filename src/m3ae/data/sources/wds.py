@@ -169,7 +169,6 @@ class WebDatasetSource(Source):
                 yield (slot, done), record
             slot, skip = slot + 1, 0
 
-
     def _shard_records(self, shard: str, key: tuple[int, int, int]) -> Iterator[Record]:
         if self.shuffle_block <= 1:
             yield from iter_tar(shard)
