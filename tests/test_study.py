@@ -245,3 +245,29 @@ def test_jobs_split_the_runs_between_processes(study_file):
     results = json.loads((out / "results.json").read_text())
     assert {(r["arm"], r["seed"]): r["status"] for r in results["runs"]} == {
         ("random", 0): "evaluated", ("mae", 0): "pending", ("m3ae", 0): "evaluated", ("m3ae", 1): "evaluated"}
+
+
+def test_sigterm_to_a_jobs_study_stops_every_worker_after_a_checkpoint(study_file):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    text = (study_file / "study.yaml").read_text().replace(
+        "  - {name: m3ae, seeds: [0, 1]}", "  - {name: m3ae, seeds: [0, 1], overrides: [steps=3000, ckpt_every=50]}")
+    (study_file / "long.yaml").write_text(text)
+    out = study_file / "out"
+    cmd = [sys.executable, "-m", "m3ae", "study", str(study_file / "long.yaml"), "--out", str(out),
+           "--data-root", str(study_file / "data"), "--arms", "m3ae", "--jobs", "2"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": "src"})
+    deadline = time.time() + 120
+    while not list(out.glob("runs/m3ae/seed*/checkpoints/step_*")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "run the same command again" in err
+    steps = [json.loads(p.read_text().splitlines()[-1])["step"] for p in out.glob("runs/m3ae/seed*/metrics.jsonl")]
+    assert steps and max(steps) < 3000  # stopped part way, with checkpoints written
+    results = json.loads((out / "results.json").read_text())
+    assert all(r["status"] == "pending" for r in results["runs"] if r["arm"] == "m3ae")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 
@@ -37,6 +38,24 @@ def _child_command(args: argparse.Namespace, threads: int) -> list[str]:
     return cmd
 
 
+def _wait_forwarding_signals(children: list[subprocess.Popen]) -> list[int]:
+    """Wait for the workers. SIGTERM (a scheduler's preemption) is passed on, so each worker
+    checkpoints its run and stops; SIGINT from a terminal already reaches the whole process group,
+    so the parent only keeps waiting (a second SIGINT to a worker means "stop now")."""
+    def forward(signum, _frame):
+        for c in children:
+            if c.poll() is None:
+                c.send_signal(signum)
+
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
+                signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: None)}
+    try:
+        return [c.wait() for c in children]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -54,8 +73,10 @@ def run(args: argparse.Namespace) -> int:
             threads = args.threads or max(1, len(os.sched_getaffinity(0)) // args.jobs)
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
             children = [subprocess.Popen(_child_command(args, threads), env=env) for _ in range(args.jobs)]
-            codes = [c.wait() for c in children]
-            if any(codes):
+            codes = _wait_forwarding_signals(children)
+            if 130 in codes:
+                stopped = "a worker was stopped by a signal after a checkpoint"
+            elif any(codes):
                 print(f"m3ae study: a worker process failed (exit codes {codes}); the report shows what is done",
                       file=sys.stderr)
         else:
