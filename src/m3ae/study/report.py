@@ -90,7 +90,8 @@ def collect(study: StudySpec, out: Path) -> dict[str, Any]:
             runs.append(row)
         summary[arm.name] = {"overrides": arm.overrides, "base": study.recipe(arm), "trained": arm.train,
                              "metrics": {k: spread(v) for k, v in per_metric.items()}}
-    return {"study": study.name, "machine": machine(), "runs": runs, "arms": summary}
+    return {"study": study.name, "machine": machine(), "tasks": [p.get("name") for p in study.evals.get("probes", [])],
+            "runs": runs, "arms": summary}
 
 
 def _fmt(s: dict[str, Any]) -> str:
@@ -105,7 +106,9 @@ def markdown(results: dict[str, Any], study: StudySpec) -> str:
     arms = results["arms"]
     metrics = sorted({k for a in arms.values() for k in a["metrics"]})
     probe_keys = [k for k in metrics if not k.startswith("words/")]
-    tasks = list(dict.fromkeys(k.split("/")[0] for k in probe_keys))
+    order = [p.get("name") for p in study.evals.get("probes", [])]  # the study file's order
+    tasks = sorted(dict.fromkeys(k.split("/")[0] for k in probe_keys),
+                   key=lambda t: order.index(t) if t in order else len(order))
     pools = list(dict.fromkeys(k.split("/")[1] for k in probe_keys))
     seeds = {a: sum(1 for r in results["runs"] if r["arm"] == a and r["status"] == "evaluated") for a in arms}
     lines = [f"# Study: {study.name}", "",
@@ -173,7 +176,9 @@ def plot_evals(results: dict[str, Any], out: Path) -> list[Path]:
 
     arms = results["arms"]
     names = list(arms)
-    keys = sorted({k for a in arms.values() for k in a["metrics"] if not k.startswith("words/")})
+    order = list(results.get("tasks", []))
+    keys = sorted({k for a in arms.values() for k in a["metrics"] if not k.startswith("words/")},
+                  key=lambda k: (order.index(k.split("/")[0]) if k.split("/")[0] in order else len(order), k))
     written = []
     for pool in dict.fromkeys(k.split("/")[1] for k in keys):
         mine = [k for k in keys if k.split("/")[1] == pool]
