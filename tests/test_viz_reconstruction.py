@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from m3ae.data.normalization import denormalize, normalize
@@ -98,3 +99,16 @@ def test_model_mode_restored():
     image, text, padding = _batch()
     reconstruct(model, image, text, padding)
     assert model.training
+
+
+def test_true_restore_is_the_display_oracle():
+    image, _, _ = _batch()
+    patches = patchify(image, 8)
+    hidden = torch.zeros(2, 16, dtype=torch.bool)
+    hidden[:, [1, 2]] = True
+    from m3ae.losses import normalize_patches
+    target = normalize_patches(patches)
+    # A perfect norm-pix prediction comes back as the very pixels with the patches' own statistics.
+    assert torch.allclose(restore_patch_stats(target, patches, hidden, grid=4, mode="true"), patches, atol=1e-4)
+    with pytest.raises(ValueError, match="local, global or true"):
+        restore_patch_stats(target, patches, hidden, grid=4, mode="nearest")

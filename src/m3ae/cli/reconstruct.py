@@ -21,8 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--caption", default=None, help="also reconstruct conditioned on this caption")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: found beside the checkpoint)")
     p.add_argument("--stats", default=None, help="pixel normalisation (default: the run's, else cc12m)")
-    p.add_argument("--restore", choices=("local", "global"), default="local",
-                   help="norm_pix models: patch statistics from nearby (local) or all visible patches")
+    p.add_argument("--restore", choices=("local", "global", "true"), default="local",
+                   help="norm_pix models: patch statistics from nearby (local) or all visible patches, "
+                        "or each hidden patch's own (true: a display oracle, two numbers per patch)")
     p.add_argument("--seed", type=int, default=0, help="mask seed")
     p.set_defaults(func=run)
 

@@ -47,11 +47,15 @@ def draw_pictures(study: StudySpec, out: str | Path, which: str, n: int = 6,
     # Evenly spaced held-out products (shards are ordered by product id: spread them out).
     pick = torch.linspace(0, len(data.keys) - 1, n).round().long()
     g = torch.Generator().manual_seed(seed)
-    rec = reconstruct(model, data.images[pick], data.text[pick], data.padding[pick], generator=g)
+    # norm-pix predictions are drawn with each hidden patch's true mean/std (see restore_patch_stats):
+    # borrowed statistics paint flat white background cyan, which is the display, not the model.
+    restore = "true" if model.config.norm_pix_loss else "local"
+    rec = reconstruct(model, data.images[pick], data.text[pick], data.padding[pick], generator=g, restore=restore)
     path = out / f"reconstruct_{arm.name}.png"
     reconstruction_figure([(f"{arm.name} (seed {s})", rec)], path, decoder_for(tokenizer), stats=stats,
-                          title=f"held-out products: 75% of patches and {model.config.text_mask_ratio:.0%} "
-                                f"of title words hidden")
+                          title=f"held-out products: {model.config.image_mask_ratio:.0%} of patches and "
+                                f"{model.config.text_mask_ratio:.0%} of title words hidden"
+                                + (" (patch mean/std shown as true)" if restore == "true" else ""))
     written.append(path)
     written.append(conditioned_picture(model, data, pick, decoder_for(tokenizer), stats,
                                        out / f"reconstruct_conditioned_{arm.name}.png", seed))
@@ -81,11 +85,12 @@ def conditioned_picture(model: M3AE, data, pick: torch.Tensor, decode, stats, pa
     image, text, padding = data.images[pick], data.text[pick], data.padding[pick]
     other = derangement(len(pick), torch.Generator().manual_seed(seed))
     masks = draw_masks(model, image, padding, text_ratio=0.0, seed=seed)
-    own = reconstruct(model, image, text, padding, masks)
-    none = reconstruct(model, image, masks=Masks(masks.image_ids, masks.image_keep))
+    restore = "true" if model.config.norm_pix_loss else "local"  # as in draw_pictures
+    own = reconstruct(model, image, text, padding, masks, restore=restore)
+    none = reconstruct(model, image, masks=Masks(masks.image_ids, masks.image_keep), restore=restore)
     swapped_masks = draw_masks(model, image, padding[other], text_ratio=0.0, seed=seed)
     swapped_masks.image_ids, swapped_masks.image_keep = masks.image_ids, masks.image_keep
-    swapped = reconstruct(model, image, text[other], padding[other], swapped_masks)
+    swapped = reconstruct(model, image, text[other], padding[other], swapped_masks, restore=restore)
     reconstruction_figure([("its own title", own), ("no title", none), ("another product's title", swapped)],
                           path, decode, stats=stats, title="the same hidden patches, three conditions")
     return path
