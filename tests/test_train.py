@@ -247,3 +247,13 @@ def test_presets_inherit_with_base(tmp_path):
     assert mae.model.vocab_size == 0 and not mae.model.use_type_embedding
     mae.model.vocab_size, mae.model.use_type_embedding = m3ae.model.vocab_size, True
     assert mae == m3ae
+
+
+def test_resuming_a_finished_run_exits_cleanly(tmp_path, capsys):
+    argv = ["pretrain", "--config", "demo", "--out", str(tmp_path), "--steps", "3", *TINY]
+    assert main(argv) == 0
+    before = params(latest_checkpoint(tmp_path))
+    assert main(argv + ["--resume", "auto"]) == 0  # a re-queued job that already finished
+    assert "already finished (3 steps)" in capsys.readouterr().out
+    after = params(latest_checkpoint(tmp_path))
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     if result.status == "stopped":
         print(f"stopped at step {result.step}; checkpoint {result.checkpoint}\n"
               f"resume with: m3ae {resume_command(sys.argv[1:])}", file=sys.stderr)
+    elif result.last_loss is None:  # resumed a run that had already finished: nothing to do
+        print(f"already finished ({result.step} steps); checkpoint {result.checkpoint}")
     else:
         print(f"finished {result.step} steps; final loss {result.last_loss:.4f}; checkpoint {result.checkpoint}")
     return 0
