@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -63,12 +63,23 @@ def extract_features(model, dataset, pool: str = "cls", batch_size: int = 256, d
     A dataset may instead yield dicts {image?, text?, text_padding_mask?, label} (text / joint
     inputs; pass a `collate` that builds such a dict per batch).
     """
+    feats, labels = extract_pooled_features(model, dataset, (pool,), batch_size, device, num_workers, progress,
+                                            desc, collate)
+    return feats[pool], labels
+
+
+@torch.no_grad()
+def extract_pooled_features(model, dataset, pools: Sequence[str] = POOLS, batch_size: int = 256,
+                            device: str | torch.device = "cpu", num_workers: int = 0, progress: bool = False,
+                            desc: str = "features", collate=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """As extract_features, for several poolings from one encoder pass: ({pool: (N, D)}, labels)."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers, collate_fn=collate)
-    feats, labels = [], []
+    feats: dict[str, list[torch.Tensor]] = {p: [] for p in pools}
+    labels = []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     try:
         for batch in _progress(loader, len(loader), desc, progress):
@@ -79,13 +90,17 @@ def extract_features(model, dataset, pool: str = "cls", batch_size: int = 256, d
                 (image, label), text, pad = batch, None, None
             move = (lambda t: t.to(device, non_blocking=True) if t is not None else None)
             with autocast:
-                feats.append(encode_pooled(model, move(image), pool, move(text), move(pad)).cpu())
+                image, text, pad = move(image), move(text), move(pad)
+                tokens = model.encode(image, text, pad)
+                n_image = model.config.num_patches if image is not None else 0
+                for p in pools:
+                    feats[p].append(pool_tokens(tokens, p, n_image, pad).float().cpu())
             labels.append(torch.as_tensor(label, dtype=torch.long))
     finally:
         model.train(was_training)
     dim = model.config.emb_dim
-    return (torch.cat(feats) if feats else torch.zeros(0, dim)), (torch.cat(labels) if labels
-                                                                  else torch.zeros(0, dtype=torch.long))
+    return ({p: torch.cat(v) if v else torch.zeros(0, dim) for p, v in feats.items()},
+            torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
 
 
 # -- files ---------------------------------------------------------------------------------------

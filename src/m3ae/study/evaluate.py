@@ -26,7 +26,7 @@ from ..data.sources.wds import iter_tar, list_shards
 from ..data.tokenizer import encode_batch
 from ..data.collate import pad_texts
 from ..eval.fast_probe import fast_probe
-from ..eval.features import pool_tokens
+from ..eval.features import extract_pooled_features
 from ..eval.knn import knn_accuracy
 from ..eval.labelled import LabelledImages
 from ..masking import Masks, make_masks, text_target_index
@@ -183,23 +183,11 @@ def load_probe_sets(task: ProbeTask, image_size: int, stats="cc12m", cache: Imag
                      (len(train) - len(train_index), len(test) - len(test_index)))
 
 
-@torch.no_grad()
-def pooled_features(model, dataset: LabelledImages, pools: list[str], batch_size: int = 256,
+def pooled_features(model, dataset, pools: list[str], batch_size: int = 256,
                     device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """{pool: (N, D)} from one encoder pass over images alone (no masking), in dataset order.
     Unreadable images are replaced by the next readable one (counted in dataset.counter)."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-    feats: dict[str, list[torch.Tensor]] = {p: [] for p in pools}
-    was_training = model.training
-    model.eval()
-    try:
-        for image, _ in loader:
-            tokens = model.encode(image.to(device))
-            for p in pools:
-                feats[p].append(pool_tokens(tokens, p, model.config.num_patches).float().cpu())
-    finally:
-        model.train(was_training)
-    return {p: torch.cat(v) for p, v in feats.items()}
+    return extract_pooled_features(model, dataset, pools, batch_size, device)[0]
 
 
 class FeatureCache:
