@@ -271,3 +271,26 @@ def test_sigterm_to_a_jobs_study_stops_every_worker_after_a_checkpoint(study_fil
     assert steps and max(steps) < 3000  # stopped part way, with checkpoints written
     results = json.loads((out / "results.json").read_text())
     assert all(r["status"] == "pending" for r in results["runs"] if r["arm"] == "m3ae")
+
+
+def test_bad_images_and_a_truncated_shard_are_counted_not_fatal(study_file, capsys):
+    data = study_file / "data"
+    good = (data / "test-00000.tar.gz").read_bytes()
+    with tarfile.open(data / "test-00000.tar.gz", "w:gz") as tar:  # one corrupt photo among good ones
+        with tarfile.open(fileobj=io.BytesIO(good), mode="r:gz") as src:
+            for member in src:
+                payload = src.extractfile(member).read()
+                if member.name == "p00100.jpg":
+                    payload = b"not a jpeg"
+                info = tarfile.TarInfo(member.name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    whole = (data / "train-00000.tar.gz").read_bytes()
+    (data / "train-00000.tar.gz").write_bytes(whole[: len(whole) * 2 // 3])  # truncated
+    study = load_study(study_file / "study.yaml", str(data))
+    run_study(study, study_file / "out", only=["random"])
+    err = capsys.readouterr().err
+    assert "skipped" in err and "truncated_tar" in err and "p00100" in err
+    ev = json.loads((run_dir(study_file / "out", study.arms[0], 0) / "eval.json").read_text())
+    assert ev["probes"]["type"]["skipped_images"] >= 1 and ev["masked_words"]["skipped"] == 1
+    assert ev["masked_words"]["captions"] == 17

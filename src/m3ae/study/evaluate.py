@@ -94,7 +94,15 @@ class EvalSpec:
 # -- labelled sets --------------------------------------------------------------------------------
 def _records(pattern: str, limit: int | None = None, seed: int = 0) -> list:
     """Usable records (with an image) of some shards, in order; a fixed random subset if `limit`."""
-    records = [r for shard in list_shards(pattern) for r in iter_tar(shard) if not r.missing and r.image is not None]
+    records, bad = [], Counter()
+    for shard in list_shards(pattern):
+        for r in iter_tar(shard):
+            if r.missing or r.image is None:
+                bad[r.missing or "missing_image"] += 1
+            else:
+                records.append(r)
+    if bad:  # truncated shards, unreadable labels, samples without an image: counted, not fatal
+        print(f"{pattern}: skipped {sum(bad.values())} unusable records {dict(bad)}", file=sys.stderr)
     if limit and limit < len(records):
         g = torch.Generator().manual_seed(seed)
         keep = sorted(torch.randperm(len(records), generator=g)[:limit].tolist())
@@ -222,6 +230,7 @@ def run_probe(sets: ProbeSets, spec: EvalSpec, features: FeatureCache) -> dict[s
         knn = knn_accuracy(train_x, train_y, test_x, test_y, spec.knn_k, spec.knn_temperature, n)
         result[pool] = {"probe_top1": probe["top1"], "probe_top5": probe["top5"], "probe_l2": probe["l2"],
                         "knn_top1": knn["top1"], "knn_top5": knn["top5"], "fit_s": time.perf_counter() - t1}
+    result["skipped_images"] = sets.train.skipped + sets.test.skipped  # undecodable, replaced by the next
     result["seconds"] = time.perf_counter() - t0
     return result
 
@@ -309,7 +318,7 @@ def masked_word_accuracy(model, data: CaptionedSet, task: MaskedWordsTask, batch
     if total == 0:
         return {}
     result: dict[str, Any] = {k: 100.0 * v / total for k, v in correct.items()}
-    result.update(hidden_tokens=total, captions=n, ratio=task.ratio,
+    result.update(hidden_tokens=total, captions=n, skipped=data.skipped, ratio=task.ratio,
                   chance=100.0 / max(model.config.vocab_size, 1))
     return result
 
