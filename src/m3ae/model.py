@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, M3AEConfig
+from .files import atomic_write
 from .linear_cross_entropy import linear_cross_entropy
 from .losses import normalize_patches, packed_token_weights, patch_mse, token_cross_entropy
 from .layers import OutputHead, Transformer, gather_rows
@@ -296,8 +296,8 @@ class M3AE(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         source = self.state_dict() if state_dict is None else state_dict
         state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
-        _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-        _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json()))
+        atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+        atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json()))
         return directory
 
     @classmethod
@@ -340,16 +340,3 @@ class M3AE(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same folder, then rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

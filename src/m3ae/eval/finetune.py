@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import M3AEConfig
-from ..model import M3AE, _atomic_write
+from ..files import atomic_write
+from ..model import M3AE
 from ..optim import lr_at, scaled_lr
 from .features import pool_tokens
 from .knn import topk_accuracy
@@ -71,8 +72,8 @@ class Classifier(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         config = {"kind": "m3ae-classifier", "encoder": self.encoder.config.to_dict(),
                   "num_classes": self.num_classes, "pool": self.pool}
-        _atomic_write(directory / CLASSIFIER_WEIGHTS, lambda p: save_file(state, str(p)))
-        _atomic_write(directory / CLASSIFIER_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+        atomic_write(directory / CLASSIFIER_WEIGHTS, lambda p: save_file(state, str(p)))
+        atomic_write(directory / CLASSIFIER_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
         return directory
 
     @classmethod

@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections import Counter
@@ -321,7 +320,3 @@ def masked_word_accuracy(model, data: CaptionedSet, task: MaskedWordsTask, batch
     result.update(hidden_tokens=total, captions=n, skipped=data.skipped, ratio=task.ratio,
                   chance=100.0 / max(model.config.vocab_size, 1))
     return result
-
-
-def finite(value: float) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)

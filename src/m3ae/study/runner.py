@@ -12,7 +12,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import sys
 import time
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ..files import atomic_write
 from ..model import M3AE
 from ..train.config import TrainConfig, load_config, to_yaml
 from .evaluate import (EvalSpec, FeatureCache, ImageCache, load_captioned, load_probe_sets, masked_word_accuracy,
@@ -42,10 +42,8 @@ def run_dir(out: Path, arm: ArmSpec, seed: int) -> Path:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Atomically: a kill leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=1, sort_keys=True, default=str)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def read_json(path: Path) -> Any | None:
@@ -82,7 +80,6 @@ def prepare_tokenizer(study: StudySpec, out: Path, log: Callable[[str], None]) -
     path = out / "tokenizer.json"
     if path.is_file():
         return str(path)
-    tmp = path.with_name(f".tokenizer.{os.getpid()}.tmp")
     if tok.path:
         source = Path(tok.path)
         if not source.is_absolute() and study.path is not None and (study.path.parent / source).is_file():
@@ -90,7 +87,7 @@ def prepare_tokenizer(study: StudySpec, out: Path, log: Callable[[str], None]) -
         if not source.is_file():
             raise FileNotFoundError(f"study tokenizer not found: {tok.path}")
         from ..data.tokenizer import load_tokenizer
-        load_tokenizer(str(source)).save(str(tmp))  # checks that it loads
+        tokenizer = load_tokenizer(str(source))  # checks that it loads
     else:
         from ..data.sources import build_source
         from ..data.spec import parse_item
@@ -99,8 +96,7 @@ def prepare_tokenizer(study: StudySpec, out: Path, log: Callable[[str], None]) -
         log(f"training a {tok.vocab_size}-token WordPiece vocabulary on {tok.train_from}")
         tokenizer = train_wordpiece(source_texts([build_source(parse_item(tok.train_from))]), tok.vocab_size,
                                     tok.min_frequency)
-        tokenizer.save(str(tmp))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tokenizer.save(tmp))
     return str(path)
 
 
