@@ -45,7 +45,8 @@ def test_flop_formula_matches_flop_counter():
     assert abs(measured - b * train_flops(cfg, fast)) / measured < 0.03
 
 
-@pytest.mark.parametrize("extra", [[], ["--reference-fused-adamw", "--static-shapes"]])
+@pytest.mark.parametrize("extra", [[], ["--reference-fused-adamw", "--static-shapes"],
+                                   ["--vocab-size", "0", "--threads", "1"]])  # MAE mode (crashed before)
 def test_bench_train_command(tmp_path, capsys, extra):
     import json
 
@@ -63,6 +64,16 @@ def test_bench_train_command(tmp_path, capsys, extra):
     r = json.loads(out.read_text())
     assert r["samples_per_s"] > 0 and r["reference"]["samples_per_s"] > 0
     assert r["reference"]["flops_per_sample"] > r["flops_per_sample"]  # heads everywhere cost more
+    assert r["mode"] == ("mae" if "0" in extra else "m3ae")
+    assert r["params"] == M3AE(M3AEConfig(**r["config"])).num_parameters()
+
+
+def test_background_load_runs_busy_processes_only_inside_the_block():
+    from m3ae.train.bench import background_load
+
+    with background_load(2) as busy:
+        assert len(busy) == 2 and all(p.poll() is None for p in busy)
+    assert all(p.poll() is not None for p in busy)
 
 
 def test_bench_head_command_fused_uses_less_memory(tmp_path, capsys):

@@ -150,6 +150,7 @@ def test_resume_refuses_other_model_shape(tmp_path):
     ("model.nope=1", "nope"),
     ("steps=0", "steps must be positive"),
     ("peak_tflops=0", "peak_tflops must be positive"),
+    ("threads=0", "threads must be at least 1"),
 ])
 def test_bad_run_configuration(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -191,6 +192,17 @@ def test_bf16_autocast_path_runs(tmp_path):
     result = pretrain(tiny_config("steps=3", "precision=bf16"), tmp_path)
     assert all(math.isfinite(x) for r in result.history for x in r["step_losses"])
     assert next(iter(M3AE.from_pretrained(result.checkpoint).parameters())).dtype == torch.float32
+
+
+def test_threads_setting_is_applied_logged_and_restored(tmp_path, capsys):
+    before = torch.get_num_threads()
+    seen = []
+    pretrain(tiny_config("steps=2", "log_every=1", f"threads={before + 1}"), tmp_path,
+             on_log=lambda row: seen.append(torch.get_num_threads()))
+    assert seen == [before + 1, before + 1] and torch.get_num_threads() == before
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["threads"] for r in rows] == [before + 1] * 2
+    assert f"threads {before + 1} (threads setting)" in capsys.readouterr().err
 
 
 def test_stream_positions_of_every_rank_are_merged_into_the_checkpoint(monkeypatch):

@@ -1,4 +1,8 @@
 """Multimodal Masked Autoencoders in PyTorch."""
+# Before torch loads OpenMP: threads that wait sleep soon instead of spinning (m3ae.threads).
+from .threads import limit_openmp_spin as _limit_openmp_spin
+
+_limit_openmp_spin()
 from .config import PRESETS, ConfigError, M3AEConfig
 from .masking import Masks, make_masks
 from .model import M3AE, M3AEOutput

@@ -110,17 +110,28 @@ PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
 ]
 
 
+# The CPU features that decide matmul speed, named in every benchmark line (machines change).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
 def device_name(device: torch.device) -> str:
+    """GPU name, or CPU model with thread count and its matmul-relevant flags (from /proc/cpuinfo)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    model, flags = "cpu", set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+                if line.startswith("model name") and model == "cpu":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return f"cpu ({torch.get_num_threads()} threads)"
+    named = " ".join(f for f in CPU_FLAGS if f in flags) or "flags unknown"
+    if flags and "amx_bf16" not in flags:
+        named += ", no AMX"
+    return f"{model} ({torch.get_num_threads()} threads; {named})"
 
 
 def table_peak(name: str, dtype: str) -> float | None:

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=5, help="timed forward+backward passes (after 1 warm-up)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+                   help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32")
     p.add_argument("--chunk-rows", type=int, default=None, help="fused chunk size (default: by device)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--only", choices=VARIANTS, default=None, help=argparse.SUPPRESS)  # one variant, JSON out
@@ -41,15 +41,16 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
     from ..distributed import pick_device
     from ..linear_cross_entropy import linear_cross_entropy
     from ..perf import synchronize
+    from ..precision import autocast as precision_autocast, uses_bf16
 
     device = pick_device(args.device)
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    bf16 = uses_bf16(args.precision, device)
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(args.rows, args.dim, generator=g).to(device).requires_grad_()
     head = torch.nn.Linear(args.dim, args.vocab).to(device)
     targets = torch.randint(0, args.vocab, (args.rows,), generator=g).to(device)
     weight = torch.full((args.rows,), 1.0 / args.rows, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    autocast = precision_autocast(device, bf16)
 
     def step() -> None:
         with autocast:

@@ -29,7 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--static-shapes", default=None, action=argparse.BooleanOptionalAction,
                    help="texts padded to text_length, fixed visible text slots (default: with --compile)")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per block")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default auto: usable cores; OMP_NUM_THREADS wins over auto)")
+    p.add_argument("--background-load", type=int, default=0, metavar="N",
+                   help="run N busy processes during the measurement (a shared machine, repeatable)")
     p.add_argument("--no-reference", action="store_true", help="skip the reference-equivalent step")
     p.add_argument("--reference-fused-adamw", action="store_true",
                    help="give the reference step the fused AdamW too (default: torch's default AdamW)")
@@ -39,13 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..config import M3AEConfig
+    from ..threads import torch_threads
     from ..train.bench import BenchOptions, format_report, run_train_bench
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     shape = {k: getattr(args, k) for k in SHAPE_FLAGS if getattr(args, k) is not None}
     if args.mask_ratio is not None:
         shape.update(image_mask_ratio=args.mask_ratio, text_mask_ratio=args.mask_ratio)
@@ -56,8 +56,10 @@ def run(args: argparse.Namespace) -> int:
                         min_caption=args.min_caption, max_caption=args.max_caption, device=args.device,
                         precision=args.precision, compile=args.compile, static_shapes=args.static_shapes,
                         reference=not args.no_reference, reference_fused_adamw=args.reference_fused_adamw,
-                        peak_tflops=args.peak_tflops)
-    result = run_train_bench(opts)
+                        peak_tflops=args.peak_tflops, background_load=args.background_load)
+    with torch_threads(args.threads) as threads:
+        result = run_train_bench(opts)
+    result["threads_reason"] = str(threads)
     print(format_report(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"m3ae study: a worker process failed (exit codes {codes}); the report shows what is done",
                       file=sys.stderr)
         else:
-            if args.threads:
+            if args.threads:  # pretrain's thread policy takes OMP_NUM_THREADS as an explicit choice
+                os.environ["OMP_NUM_THREADS"] = str(args.threads)
                 torch.set_num_threads(args.threads)
             try:
                 run_study(study, args.out, only=only)

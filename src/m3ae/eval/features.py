@@ -14,6 +14,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from ..precision import autocast as precision_autocast
+
 POOLS = ("cls", "mean")
 
 
@@ -80,7 +82,7 @@ def extract_pooled_features(model, dataset, pools: Sequence[str] = POOLS, batch_
                                          num_workers=num_workers, collate_fn=collate)
     feats: dict[str, list[torch.Tensor]] = {p: [] for p in pools}
     labels = []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = precision_autocast(device, device.type == "cuda")  # CPU features stay fp32
     try:
         for batch in _progress(loader, len(loader), desc, progress):
             if isinstance(batch, dict):

@@ -6,7 +6,6 @@ model.safetensors (encoder weights without the decoder, plus the head).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import sys
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from ..precision import autocast
 import torch.nn.functional as F
 from torch import nn
 
@@ -196,8 +197,7 @@ def evaluate_classifier(model: nn.Module, loader, device) -> dict[str, float]:
 
 
 def _autocast(device: torch.device):
-    return (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-            else contextlib.nullcontext())
+    return autocast(device, device.type == "cuda")  # CPU fine-tuning stays fp32
 
 
 def finetune(encoder: M3AE, train_set, val_set, num_classes: int, config: FinetuneConfig,

@@ -8,6 +8,9 @@ text padded to the full text_length, one mask permutation shared by the batch (o
 explicit softmax attention with padded-key scores set to -1e7, heads over every position with the
 loss taken from those outputs (full_outputs=True), torch's default (unfused) AdamW unless
 `reference_fused_adamw`.
+In MAE mode (vocab_size 0) the reference-equivalent step is what HF ViTMAE / FAIR MAE compute: the
+decoder and the pixel head over every slot, fp32, explicit attention, torch's default AdamW.
+`background_load` runs busy processes beside the measurement (a shared machine, made repeatable).
 Data are synthetic in-memory tensors (a pool of pre-collated batches), so the loader is never the
 bottleneck; the data wait is still measured around fetching from the iterator.
 """
@@ -18,6 +21,7 @@ import itertools
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -32,6 +36,7 @@ from ..model import M3AE
 from ..optim import build_optimizer, clip_grad_norm
 from ..distributed import pick_device
 from ..perf import batch_train_flops, device_name, measure_matmul_tflops, synchronize, table_peak
+from ..precision import autocast, uses_bf16
 
 
 @dataclass
@@ -43,7 +48,7 @@ class BenchOptions:
     min_caption: int = 8
     max_caption: int | None = None  # None: text_length
     device: str = "auto"
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (m3ae.precision: bf16 on CUDA and native-bf16 CPUs) | fp32 | bf16
     compile: bool = False
     static_shapes: bool | None = None  # None: with compile (as the trainer)
     reference: bool = True
@@ -51,6 +56,7 @@ class BenchOptions:
     peak_tflops: float | None = None
     seed: int = 0
     pool: int = 8  # distinct pre-collated batches cycled through
+    background_load: int = 0  # busy processes running beside the measurement
 
     @property
     def uses_static_shapes(self) -> bool:
@@ -67,10 +73,9 @@ def synthetic_batches(config: M3AEConfig, opts: BenchOptions) -> list[Batch]:
         samples = []
         for i in range(opts.batch):
             n = int(torch.randint(opts.min_caption, hi + 1, (1,), generator=g))
-            samples.append({"image": torch.randn(config.in_chans, config.image_size, config.image_size,
-                                                 generator=g),
-                            "text": torch.randint(1, config.vocab_size, (n,), generator=g).tolist(),
-                            "key": f"{step}-{i}", "step": step})
+            image = torch.randn(config.in_chans, config.image_size, config.image_size, generator=g)
+            text = torch.randint(1, config.vocab_size, (n,), generator=g).tolist() if config.has_text else None
+            samples.append({"image": image, "text": text, "key": f"{step}-{i}", "step": step})
         batches.append(collate(samples))
     return batches
 
@@ -102,8 +107,7 @@ class _Step:
         self.full = full_outputs
         self.run = torch.compile(model) if compile else model
         self.optimizer = build_optimizer(model, 1e-4, 0.05, fused=fused_adamw)  # None: fused where available
-        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if bf16
-                         else contextlib.nullcontext())
+        self.autocast = autocast(device, bf16)
 
     def __call__(self, batch: Batch) -> torch.Tensor:
         loss_sum = torch.zeros((), device=self.device)
@@ -153,9 +157,22 @@ def _spread(values: list[float]) -> tuple[float, float]:
     return pick(0.1), pick(0.9)
 
 
+@contextlib.contextmanager
+def background_load(processes: int):
+    """`processes` busy-looping Python processes for the duration of the block."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+    try:
+        yield busy
+    finally:
+        for p in busy:
+            p.kill()
+        for p in busy:
+            p.wait()
+
+
 def run_train_bench(opts: BenchOptions, log=lambda msg: print(msg, file=sys.stderr)) -> dict[str, Any]:
     device = pick_device(opts.device)
-    bf16 = opts.precision == "bf16" or (opts.precision == "auto" and device.type == "cuda")
+    bf16 = uses_bf16(opts.precision, device)
     config = opts.model
     torch.manual_seed(opts.seed)
     model = M3AE(config).to(device)
@@ -163,7 +180,8 @@ def run_train_bench(opts: BenchOptions, log=lambda msg: print(msg, file=sys.stde
     result: dict[str, Any] = {
         "device": device_name(device), "batch": opts.batch, "precision": "bf16" if bf16 else "fp32",
         "compile": opts.compile, "static_shapes": opts.uses_static_shapes,
-        "threads": torch.get_num_threads(), "params": model.num_parameters(),
+        "threads": torch.get_num_threads(), "background_load": opts.background_load,
+        "mode": "m3ae" if config.has_text else "mae", "params": model.num_parameters(),
         "config": config.to_dict(),
     }
     if hasattr(os, "getloadavg"):
@@ -181,8 +199,10 @@ def run_train_bench(opts: BenchOptions, log=lambda msg: print(msg, file=sys.stde
                              ref_batches)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    log(f"timing {' + '.join(runs)} steps, interleaved: {opts.warmup} warm-up + {opts.steps} timed each ...")
-    timed = _time_steps(runs, opts, device)
+    log(f"timing {' + '.join(runs)} steps, interleaved: {opts.warmup} warm-up + {opts.steps} timed each"
+        + (f", {opts.background_load} busy background process(es)" if opts.background_load else "") + " ...")
+    with background_load(opts.background_load):
+        timed = _time_steps(runs, opts, device)
     fast = timed["fast"]
     flops = sum(batch_train_flops(b, config) / b.size for b in batches) / len(batches)
     result.update(step_s=fast["step_s"], step_s_range=fast["step_s_range"], cpu_s=fast["cpu_s"],
@@ -221,8 +241,9 @@ def _ms_range(bounds) -> str:
 def format_report(r: dict[str, Any]) -> str:
     lines = [
         f"device            {r['device']}  (precision {r['precision']}, compile {r['compile']}, "
-        f"static shapes {r['static_shapes']}, threads {r['threads']})",
-        f"model             {r['params'] / 1e6:.2f} M parameters, batch {r['batch']}",
+        f"static shapes {r['static_shapes']}, threads {r.get('threads_reason', r['threads'])}"
+        + (f", {r['background_load']} busy background process(es)" if r.get("background_load") else "") + ")",
+        f"model             {r['mode'].upper()}, {r['params'] / 1e6:.2f} M parameters, batch {r['batch']}",
         f"fast step         {r['samples_per_s']:.1f} samples/s, step {r['step_s'] * 1e3:.1f} ms "
         f"(median of {r['timed_steps']}, p10-p90 {_ms_range(r['step_s_range'])}; process CPU "
         f"{r['cpu_s'] * 1e3:.0f} ms), "

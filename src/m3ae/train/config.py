@@ -47,7 +47,10 @@ class TrainConfig:
     ckpt_every: int = 1000
     keep_last: int = 3
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16 matmul, else fp32) | fp32 | bf16
+    # torch CPU threads; None: auto = usable cores - data.num_workers, at least 1 (OMP_NUM_THREADS
+    # wins over auto). Not part of the run's results: resume may change it. See m3ae.threads.
+    threads: Optional[int] = None
     max_nonfinite: int = 10  # stop after this many non-finite steps in a row
     # Device peak TFLOP/s (per process) for the logged MFU; None: m3ae.perf's table by device name
     # (no MFU where the device is not in it).
@@ -77,6 +80,8 @@ class TrainConfig:
             raise ConfigError("batch_size and grad_accum must be positive")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise ConfigError(f"peak_tflops must be positive, got {self.peak_tflops}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be at least 1 (or null for auto), got {self.threads}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.optim.decay_mode not in ("mae", "reference"):

@@ -1,7 +1,6 @@
 """The pretraining loop: one process now; rank/world hooks so DDP/FSDP drop in."""
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -21,8 +20,10 @@ from ..checkpoint import latest_checkpoint, load_train_state, save_checkpoint
 from ..model import M3AE
 from ..optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 from ..perf import batch_train_flops, device_name, table_peak
+from ..precision import autocast as precision_autocast, uses_bf16
 from ..data.bad import DataQualityError
 from ..data.loader import build_train_data
+from ..threads import ThreadChoice, torch_threads
 from .config import TrainConfig, to_yaml
 
 METRICS_NAME = "metrics.jsonl"
@@ -128,8 +129,18 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
              stop_at_step: int | None = None, rank: int = 0, world_size: int = 1,
              on_log: Callable[[dict[str, Any]], None] | None = None,
              model_hook: Callable[[M3AE], torch.nn.Module] | None = None) -> TrainResult:
-    """Pretrain an M3AE. `resume`: None, "auto" (newest checkpoint in out_dir, if any) or a path."""
+    """Pretrain an M3AE. `resume`: None, "auto" (newest checkpoint in out_dir, if any) or a path.
+    Runs with `config.threads` torch threads (m3ae.threads) and restores the count after."""
     config.validate()
+    with torch_threads(config.threads, config.data.num_workers) as threads:
+        return _pretrain(config, out_dir, threads, resume=resume, stop_at_step=stop_at_step, rank=rank,
+                         world_size=world_size, on_log=on_log, model_hook=model_hook)
+
+
+def _pretrain(config: TrainConfig, out_dir: str | Path, threads: ThreadChoice, *, resume: str | None,
+              stop_at_step: int | None, rank: int, world_size: int,
+              on_log: Callable[[dict[str, Any]], None] | None,
+              model_hook: Callable[[M3AE], torch.nn.Module] | None) -> TrainResult:
     out_dir = Path(out_dir)
     is_main = rank == 0
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -138,7 +149,7 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
     info = dist_utils.DistInfo(rank, world_size, device.index or 0, device,
                                torch.distributed.get_backend() if world_size > 1 else None)
     fsdp = config.distributed.fsdp
-    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    use_bf16 = uses_bf16(config.precision, device)
     micro_batch, remainder = divmod(config.batch_size, world_size * config.grad_accum)
     if remainder or micro_batch == 0:
         raise ValueError(f"batch_size {config.batch_size} must be a multiple of processes x grad_accum "
@@ -188,6 +199,8 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
                             static_shapes=config.compile if config.static_shapes is None else config.static_shapes)
     if is_main:
         print(f"data: {data.description}", file=sys.stderr)
+        print(f"device: {device_name(device)}, precision {'bf16 autocast' if use_bf16 else 'fp32'} "
+              f"({config.precision}), threads {threads}", file=sys.stderr)
     metrics = MetricsLog(out_dir / METRICS_NAME, is_main,
                          out_dir / "tensorboard" if config.tensorboard else None)
     metrics.truncate_after(start_step)
@@ -238,8 +251,7 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
     # Achieved model FLOP/s (analytic, m3ae.perf) and MFU where the device's peak is known.
     window_flops = 0.0
     peak_tflops = config.peak_tflops or table_peak(device_name(device), "bf16" if use_bf16 else "fp32")
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16
-                else contextlib.nullcontext())
+    autocast = precision_autocast(device, use_bf16)
     progress = _progress(config, start_step, is_main)
     eval_sets = _eval_sets(config) if is_main else None
     run_model.train()
@@ -301,6 +313,7 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
                     row = _row(step, values, lr, window_samples / max(elapsed, 1e-9),
                                data_wait / max(elapsed, 1e-9), skipped)
                     row["model_tflops"] = window_flops / max(elapsed, 1e-9) / 1e12
+                    row["threads"] = threads.threads
                     if peak_tflops:
                         row["mfu"] = row["model_tflops"] / (peak_tflops * world_size)
                     if data.counter.total_bad:

@@ -1,0 +1,66 @@
+"""Thread policy (m3ae.threads) and the precision rule (m3ae.precision)."""
+import pytest
+import torch
+
+from m3ae.precision import autocast, cpu_has_native_bf16, uses_bf16
+from m3ae.threads import OPENMP_SPIN_COUNT, cgroup_cpu_quota, choose_threads, limit_openmp_spin, torch_threads
+
+
+def test_auto_threads_are_cores_minus_loader_workers():
+    assert choose_threads(None, 0, environ={}, cores=4).threads == 4
+    assert choose_threads(None, 1, environ={}, cores=4).threads == 3
+    assert choose_threads(None, 8, environ={}, cores=2).threads == 1  # at least one
+    assert "1 loader worker" in choose_threads(None, 1, environ={}, cores=2).reason
+
+
+def test_explicit_setting_then_omp_num_threads_win_over_auto():
+    assert choose_threads(3, 1, environ={"OMP_NUM_THREADS": "2"}, cores=8).threads == 3
+    choice = choose_threads(None, 1, environ={"OMP_NUM_THREADS": "2"}, cores=8)
+    assert (choice.threads, choice.reason) == (2, "OMP_NUM_THREADS")
+    assert choose_threads(None, 0, environ={"OMP_NUM_THREADS": "junk"}, cores=5).threads == 5
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        choose_threads(0)
+
+
+def test_cgroup_quota_v2_and_v1(tmp_path):
+    assert cgroup_cpu_quota(tmp_path) is None  # no cgroup files: unlimited
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(tmp_path) is None
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpu_quota(tmp_path) == 1.5
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_quota(v1) == 3.0
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_quota(v1) is None
+
+
+def test_openmp_spin_limit_respects_the_users_choice():
+    env = {}
+    assert limit_openmp_spin(env) and env["GOMP_SPINCOUNT"] == OPENMP_SPIN_COUNT
+    for var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        env = {var: "ACTIVE" if var == "OMP_WAIT_POLICY" else "100"}
+        assert not limit_openmp_spin(env) and len(env) == 1
+
+
+def test_torch_threads_applies_and_restores():
+    before = torch.get_num_threads()
+    with torch_threads(before + 1) as choice:
+        assert torch.get_num_threads() == choice.threads == before + 1
+    assert torch.get_num_threads() == before
+
+
+def test_precision_rule():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert uses_bf16("bf16", cpu) and not uses_bf16("fp32", cuda)
+    assert uses_bf16("auto", cuda)
+    assert uses_bf16("auto", cpu) == cpu_has_native_bf16()
+    with pytest.raises(ValueError, match="precision"):
+        uses_bf16("fp16", cpu)
+    x = torch.randn(4, 4)
+    with autocast(cpu, True):
+        assert (x @ x).dtype == torch.bfloat16
+    with autocast(cpu, False):
+        assert (x @ x).dtype == torch.float32
