@@ -121,3 +121,36 @@ def test_batch_flops_of_a_mixed_batch_match_the_flop_counter():
     assert len(batch.parts) == 3
     measured = sum(_count(model, False, True, **p.model_inputs()) for p in batch.parts)
     assert abs(measured - batch_train_flops(batch, cfg)) / measured < 0.03
+
+
+def test_gpu_check_dry_run_on_cpu(tmp_path, capsys):
+    """The GPU check's own plumbing, every stage a CPU can run, with nano sizes: one report."""
+    import json
+    from pathlib import Path
+
+    from m3ae.cli import main
+
+    tests = Path(__file__).parent / "test_cuda.py"
+    assert main(["bench", "check", "--dry-run", "--out", str(tmp_path), "--tests", str(tests)]) == 0
+    report = json.loads((tmp_path / "check.json").read_text())
+    stages = report["stages"]
+    assert set(stages) == {"cuda tests", "train nano", "train nano compile", "head", "ddp nccl 2 gpus", "data"}
+    for name in ("cuda tests", "train nano", "head", "data"):
+        assert stages[name]["status"] == "ok", (name, stages[name])
+    assert stages["train nano"]["result"]["samples_per_s"] > 0
+    assert {row["pipeline"] for row in stages["data"]["result"]["rows"]} == {"baseline", "m3ae"}
+    assert all(row["one_worker"] > 0 for row in stages["data"]["result"]["rows"])
+    assert stages["ddp nccl 2 gpus"]["status"].startswith("skipped")
+    md = (tmp_path / "check.md").read_text()
+    assert "| train nano | ok |" in md and "samples/s" in md
+
+
+def test_gpu_check_refuses_a_cpu_without_dry_run(tmp_path, capsys):
+    import torch
+
+    from m3ae.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    assert main(["bench", "check", "--out", str(tmp_path)]) == 2
+    assert "--dry-run" in capsys.readouterr().err

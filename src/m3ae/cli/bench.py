@@ -9,6 +9,7 @@ SUBCOMMANDS = [
     "m3ae.cli.bench_train",
     "m3ae.cli.bench_data",
     "m3ae.cli.bench_head",
+    "m3ae.cli.bench_check",
 ]
 
 

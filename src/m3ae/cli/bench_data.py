@@ -3,6 +3,7 @@ plain baseline (full PIL decode, PIL crop + resize, to tensor, normalise), per w
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import time
@@ -18,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--samples", type=int, default=400, help="samples per measurement")
     d.add_argument("--workers", type=int, default=2, help="loader workers for the total")
     d.add_argument("--batch", type=int, default=32)
+    d.add_argument("--json", default=None, help="also write the rates to this JSON file")
     d.set_defaults(func=run)
 
 
@@ -77,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"output {args.image_size}px, {args.samples} samples per cell, batch {args.batch}")
     print(f"{'source':48s} {'pipeline':9s} {'1 worker':>12s} {f'{args.workers} workers':>12s}")
     torch.set_num_threads(1)
+    rows = []
     for item, source in build_sources(",".join(args.spec)):
         records = [r for _, r in source.iterate(0, 1, seed=0, epochs=1) if r.image is not None]
         if not records:
@@ -88,4 +91,9 @@ def run(args: argparse.Namespace) -> int:
             one = _rate(ds, args.samples, 0, args.batch)
             many = _rate(ds, args.samples, args.workers, args.batch)
             print(f"{source.describe()[-48:]:>48s} {name:9s} {one:9.0f}/s {many:9.0f}/s", flush=True)
+            rows.append({"source": source.describe(), "pipeline": name, "one_worker": one,
+                         "workers": args.workers, "many_workers": many})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"image_size": args.image_size, "samples": args.samples, "rows": rows}, f, indent=2)
     return 0

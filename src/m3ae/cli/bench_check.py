@@ -1,0 +1,179 @@
+"""`m3ae bench check --out DIR`: the GPU check, one command that fits in ~8 minutes on one GPU.
+
+Stages (each in its own process, with a timeout, so an out-of-memory or a hang costs one stage, not
+the report): the CUDA-only tests, `bench train` for base and large at 256 px with and without
+torch.compile (samples/s, MFU against the device's table peak and a measured matmul peak, memory),
+`bench head`, a 2-process NCCL DDP run when 2 GPUs exist, and loader throughput at the machine's
+core count on synthetic JPEGs. Writes DIR/check.json and DIR/check.md. A stage that would start
+after the time budget is skipped and says so. `--dry-run` runs every stage that can run on a CPU
+with nano models and a few steps (the test suite does), to keep the check itself working.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", help="the GPU check: tests, step benchmarks, DDP, data, one report")
+    p.add_argument("--out", required=True, help="folder for check.json, check.md and the stage logs")
+    p.add_argument("--budget", type=float, default=470.0, help="seconds for all stages together")
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU: nano models, a few steps, no compile (checks the check itself)")
+    p.add_argument("--tests", default="tests", help="tests to run with -m cuda (folder or file; the stage is skipped if absent)")
+    p.set_defaults(func=run)
+
+
+@dataclass
+class Stage:
+    name: str
+    argv: list[str]
+    timeout: float
+    json_out: str | None = None  # a file the stage writes, folded into the report
+    skip: str | None = None  # why it does not run here
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _m3ae(*args: str) -> list[str]:
+    return [sys.executable, "-m", "m3ae", *args]
+
+
+def plan(out: Path, dry: bool, gpus: int, cores: int, tests: Path) -> list[Stage]:
+    """The stages, sized for one GPU (or, dry, for a CPU in seconds)."""
+    stages = [Stage("cuda tests", [sys.executable, "-m", "pytest", "-q", "-m", "cuda", str(tests)], 150,
+                    skip=None if tests.exists() else f"no tests at {tests}")]
+    if dry:
+        sizes = [("nano", ["--image-size", "32", "--patch-size", "8", "--text-length", "16", "--batch", "4",
+                           "--steps", "2", "--warmup", "1", "--device", "cpu"])]
+    else:
+        sizes = [("base", ["--image-size", "256", "--batch", "128", "--steps", "15", "--warmup", "5"]),
+                 ("large", ["--image-size", "256", "--batch", "64", "--steps", "15", "--warmup", "5"])]
+    for preset, args in sizes:
+        for compiled in (False, True):
+            name = f"train {preset}{' compile' if compiled else ''}"
+            path = str(out / f"train-{preset}{'-compile' if compiled else ''}.json")
+            argv = _m3ae("bench", "train", "--preset", preset, *args, "--no-reference", "--json", path,
+                         *(["--compile"] if compiled else []))
+            skip = "dry run: compile takes minutes on a CPU" if dry and compiled else None
+            stages.append(Stage(name, argv, 200 if compiled else 120, path, skip))
+    head = ["--rows", "256", "--dim", "64", "--vocab", "1000", "--steps", "2", "--device", "cpu"] if dry else []
+    stages.append(Stage("head", _m3ae("bench", "head", *head, "--json", str(out / "head.json")), 90,
+                        str(out / "head.json")))
+    ddp = _m3ae("pretrain", "--config", "demo", "--out", str(out / "ddp-run"), "steps=20", "progress=false",
+                "log_every=10")
+    stages.append(Stage("ddp nccl 2 gpus", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                            "--nproc-per-node", "2", *ddp[1:]], 150,
+                        skip=None if gpus >= 2 else f"{gpus} GPU(s): DDP needs 2"))
+    images, samples, batch = (16, 24, 4) if dry else (256, 1024, 32)
+    workers = 1 if dry else max(1, cores)
+    stages.append(Stage("data", _m3ae("bench", "data", str(out / "jpegs"), "--workers", str(workers),
+                                      "--samples", str(samples), "--batch", str(batch),
+                                      "--json", str(out / "data.json")), 150,
+                        str(out / "data.json"), env={"M3AE_CHECK_IMAGES": str(images)}))
+    return stages
+
+
+def write_jpegs(folder: Path, count: int, size: tuple[int, int] = (640, 480)) -> None:
+    """Smooth random photos-like JPEGs (gradients + noise), so the data stage needs no data set."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    w, h = size
+    ramp = np.linspace(0, 1, w)[None, :, None] * np.linspace(0, 1, h)[:, None, None]
+    for i in range(count):
+        base = rng.uniform(0, 255, (1, 1, 3)) * ramp + rng.normal(0, 12, (h, w, 3))
+        Image.fromarray(np.clip(base, 0, 255).astype("uint8")).save(folder / f"{i:05d}.jpg", quality=90)
+
+
+def run_stage(stage: Stage, log: Path, timeout: float) -> dict:
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        try:
+            done = subprocess.run(stage.argv, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
+                                  env={**os.environ, **stage.env})
+            status = "ok" if done.returncode == 0 else f"failed (exit {done.returncode})"
+        except subprocess.TimeoutExpired:
+            status = f"timeout after {timeout:.0f} s"
+    result = {"status": status, "seconds": round(time.perf_counter() - t0, 1), "log": log.name,
+              "command": " ".join(stage.argv)}
+    if stage.json_out and Path(stage.json_out).is_file():
+        result["result"] = json.loads(Path(stage.json_out).read_text())
+    lines = log.read_text(errors="replace").strip().splitlines()
+    result["tail"] = lines[-3:]
+    return result
+
+
+def summary(name: str, r: dict) -> str:
+    """The stage's key numbers in one cell."""
+    res = r.get("result")
+    if not res:
+        return (r.get("tail") or [""])[-1][:120]
+    if name.startswith("train"):
+        mem = (f"{res['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in res
+               else f"{res.get('peak_rss_gib', 0):.1f} GiB RSS")
+        return (f"{res['samples_per_s']:.1f} samples/s, MFU {100 * res['mfu']:.1f}% of {res['peak_tflops']:.3g} "
+                f"TFLOP/s ({res['peak_source']}), matmul {res['matmul_tflops']:.3g} TFLOP/s, {mem}, "
+                f"{res['precision']}")
+    if name == "head":
+        f, u = res["fused"], res["unfused"]
+        return (f"fused {f['step_s'] * 1e3:.1f} ms vs {u['step_s'] * 1e3:.1f} ms, memory "
+                f"{u['extra_memory_bytes'] / max(f['extra_memory_bytes'], 1):.1f}x lower")
+    if name == "data":
+        return "; ".join(f"{row['pipeline']} {row['one_worker']:.0f}/s (1 worker), {row['many_workers']:.0f}/s "
+                         f"({row['workers']} workers)" for row in res["rows"])
+    return ""
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..perf import device_name
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpus = torch.cuda.device_count()
+    if not gpus and not args.dry_run:
+        print("m3ae bench check: no CUDA device here; use --dry-run to check the check on a CPU", file=sys.stderr)
+        return 2
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    report = {"machine": {"device": device_name(torch.device("cuda" if gpus else "cpu")),
+                          "cpu": device_name(torch.device("cpu")), "gpus": gpus, "cores": cores,
+                          "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+                          "dry_run": args.dry_run},
+              "stages": {}}
+    deadline = time.perf_counter() + args.budget
+    for stage in plan(out, args.dry_run, gpus, cores, Path(args.tests)):
+        left = deadline - time.perf_counter()
+        if stage.skip or left < 10:
+            report["stages"][stage.name] = {"status": "skipped: " + (stage.skip or "time budget spent")}
+        else:
+            if stage.name == "data":
+                write_jpegs(out / "jpegs", int(stage.env["M3AE_CHECK_IMAGES"]))
+            log = out / (stage.name.replace(" ", "-") + ".log")
+            report["stages"][stage.name] = run_stage(stage, log, min(stage.timeout, left))
+        print(f"{stage.name:22s} {report['stages'][stage.name]['status']}", file=sys.stderr, flush=True)
+    (out / "check.json").write_text(json.dumps(report, indent=2))
+    (out / "check.md").write_text(markdown(report))
+    print(markdown(report))
+    failed = [n for n, r in report["stages"].items() if not (r["status"] == "ok" or r["status"].startswith("skipped"))]
+    return 1 if failed else 0
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"# m3ae bench check{' (dry run)' if m['dry_run'] else ''}", "",
+             f"Device: {m['device']}; {m['gpus']} GPU(s); CPU: {m['cpu']}, {m['cores']} cores; "
+             f"torch {m['torch']}, CUDA {m['cuda']}, Python {m['python']}", "",
+             "| stage | status | seconds | numbers |", "|---|---|---|---|"]
+    for name, r in report["stages"].items():
+        lines.append(f"| {name} | {r['status']} | {r.get('seconds', '')} | {summary(name, r) if 'seconds' in r else ''} |")
+    return "\n".join(lines) + "\n"
