@@ -3,7 +3,9 @@
 Decoding is defensive: zero-byte, unidentifiable, truncated and over-limit images raise
 `BadSample`; every mode (L, 1, P, RGBA, LA, CMYK, I;16, I, F) comes out as 8-bit RGB.
 JPEGs are decoded in draft mode (DCT scaling, 2-8x cheaper) when the crop is much larger than
-the output, which is the common case for RandomResizedCrop on photos.
+the output, which is the common case for RandomResizedCrop on photos. The crop is resized by
+torch's antialiased bicubic on uint8 (PIL's filter, within a grey level; ~6x faster than PIL's
+resize) and normalised in one pass from uint8.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from struct import error as struct_error
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from .bad import BadSample
@@ -109,13 +112,31 @@ def draft_for_box(image: Image.Image, box: tuple[float, float, float, float], ou
     return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 
 
-def to_tensor(image: Image.Image, stats) -> torch.Tensor:
-    """uint8 RGB -> normalised float (3, H, W), in one pass."""
+def to_tensor(image: Image.Image | torch.Tensor, stats) -> torch.Tensor:
+    """uint8 RGB (PIL, or a (3, H, W) tensor) -> normalised float (3, H, W)."""
     mean, std = resolve_stats(stats)
-    a = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float()
+    if isinstance(image, Image.Image):
+        # Channels first while still uint8: the float pass then runs over contiguous memory.
+        image = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
     scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(3, 1, 1)
     shift = torch.tensor([m / s for m, s in zip(mean, std)]).view(3, 1, 1)
-    return a.mul_(scale).sub_(shift)
+    return image.float().mul_(scale).sub_(shift)
+
+
+def resize_box(image: Image.Image, box: tuple[float, float, float, float], size: int) -> torch.Tensor:
+    """The `box` of an RGB image resized to size x size, uint8 (3, size, size): antialiased bicubic
+    (torch's uint8 kernel, the filter PIL uses). The box is rounded to whole pixels and kept inside
+    the image (at least one pixel)."""
+    w, h = image.size
+    x0 = min(max(0, int(round(box[0]))), w - 1)
+    y0 = min(max(0, int(round(box[1]))), h - 1)
+    x1 = min(max(x0 + 1, int(round(box[2]))), w)
+    y1 = min(max(y0 + 1, int(round(box[3]))), h)
+    crop = image if (x0, y0, x1, y1) == (0, 0, w, h) else image.crop((x0, y0, x1, y1))
+    pixels = torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)
+    if pixels.shape[-2:] == (size, size):
+        return pixels[0].contiguous()
+    return F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True)[0]
 
 
 def sample_rng(*parts: int) -> np.random.Generator:
@@ -226,9 +247,9 @@ class TrainTransform(_Decoding):
         box = random_resized_crop_box(*self.frame_size(image), rng, self.scale, self.ratio)
         flip = self.flip and rng.random() < 0.5
         image, box = self.decoded(image, box, self.size)
-        out = image.resize((self.size, self.size), Image.BICUBIC, box=box)
+        out = resize_box(image, box, self.size)
         if flip:
-            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+            out = out.flip(-1)
         return to_tensor(out, self.stats)
 
 
@@ -249,4 +270,4 @@ class EvalTransform(_Decoding):
         cw, ch = self.size / s, self.size / s  # the centre crop in input pixels
         box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
         image, box = self.decoded(image, box, self.size)
-        return to_tensor(image.resize((self.size, self.size), Image.BICUBIC, box=box), self.stats)
+        return to_tensor(resize_box(image, box, self.size), self.stats)

@@ -1,0 +1,120 @@
+"""MAE mode (vocab_size 0) against Hugging Face ViTMAE, same shapes, steps interleaved in one process.
+
+    python benchmarks/mae_vs_hf.py [--steps 20] [--warmup 5] [--batch 32] [--threads N]
+
+Needs `transformers` (pip install transformers -c constraints.txt). Runs, each a full training step
+(forward, backward, grad-norm clip 1.0, AdamW step) on the same synthetic images:
+  ours            : m3ae's fast step with its defaults (fused AdamW, precision auto)
+  ours fp32       : the same in fp32
+  ours reference  : what HF ViTMAE / FAIR MAE compute, in our code: decoder and pixel head over every
+                    slot, explicit attention, fp32, torch's default AdamW
+  hf defaults     : ViTMAEForPreTraining with its default attention, fp32, torch.optim.AdamW()
+  hf fused        : the same with fused AdamW
+  hf fused bf16   : the same under bf16 autocast (when ours auto-picks bf16)
+Same architecture: encoder 192 x 6 blocks / 3 heads, decoder 128 x 2 / 4 heads, 64 px, patch 8,
+mask ratio 0.75 (the CPU benchmark config of BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+
+import torch
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+
+    from m3ae import M3AE, M3AEConfig
+    from m3ae.perf import device_name
+    from m3ae.precision import uses_bf16
+    from m3ae.threads import choose_threads
+    from m3ae.train.bench import BenchOptions, _Step, _time_steps, reference_batch, synthetic_batches
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+    import transformers
+
+    threads = choose_threads(args.threads)
+    torch.set_num_threads(threads.threads)
+    device = torch.device("cpu")
+    cfg = M3AEConfig(image_size=64, patch_size=8, emb_dim=192, depth=6, num_heads=3, dec_emb_dim=128,
+                     dec_depth=2, dec_num_heads=4, vocab_size=0)
+    opts = BenchOptions(cfg, batch=args.batch, steps=args.steps, warmup=args.warmup)
+    batches = synthetic_batches(cfg, opts)
+    auto_bf16 = uses_bf16("auto", device)
+
+    torch.manual_seed(0)
+    ours = M3AE(cfg)
+    ours32 = M3AE(cfg)
+    ours32.load_state_dict(ours.state_dict())
+    ref_cfg = replace(cfg, masking="reference", attention="explicit")
+    ref = M3AE(ref_cfg)
+    ref.load_state_dict(ours.state_dict())
+    g = torch.Generator().manual_seed(1)
+    ref_batches = [reference_batch(b, ref_cfg, g) for b in batches]
+
+    hf_cfg = ViTMAEConfig(image_size=64, patch_size=8, hidden_size=192, num_hidden_layers=6, num_attention_heads=3,
+                          intermediate_size=768, decoder_hidden_size=128, decoder_num_hidden_layers=2,
+                          decoder_num_attention_heads=4, decoder_intermediate_size=512, mask_ratio=0.75,
+                          layer_norm_eps=1e-6, qkv_bias=True)
+
+    class HFStep:
+        def __init__(self, fused: bool, bf16: bool):
+            torch.manual_seed(0)
+            self.model = ViTMAEForPreTraining(hf_cfg).train()
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.05,
+                                               fused=True if fused else None)
+            self.bf16 = bf16
+
+        def __call__(self, batch):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                loss = self.model(pixel_values=batch.parts[0].image).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss.detach()
+
+    runs = {
+        "ours": (_Step(ours, device, auto_bf16, False, False), batches),
+        "ours fp32": (_Step(ours32, device, False, False, False), batches),
+        "ours reference": (_Step(ref, device, False, True, False, fused_adamw=False), ref_batches),
+        "hf defaults": (HFStep(fused=False, bf16=False), batches),
+        "hf fused": (HFStep(fused=True, bf16=False), batches),
+    }
+    if auto_bf16:
+        runs["hf fused bf16"] = (HFStep(fused=True, bf16=True), batches)
+    hf_attention = runs["hf defaults"][0].model.config._attn_implementation
+    print(f"device {device_name(device)}, threads {threads}, transformers {transformers.__version__} "
+          f"(ViTMAE attention: {hf_attention}), batch {args.batch}, {args.warmup} warm-up + {args.steps} timed "
+          f"steps each, interleaved", file=sys.stderr)
+    timed = _time_steps(runs, opts, device)
+    sps = {name: args.batch / t["step_s"] for name, t in timed.items()}
+    for name, t in timed.items():
+        lo, hi = t["step_s_range"]
+        print(f"{name:16s} {sps[name]:7.1f} samples/s  step {t['step_s'] * 1e3:6.1f} ms "
+              f"(p10-p90 {lo * 1e3:.0f}-{hi * 1e3:.0f} ms)")
+    ratios = {"ours (defaults) / hf (defaults)": sps["ours"] / sps["hf defaults"],
+              "ours fp32 / hf fused fp32 (same optimizer and precision)": sps["ours fp32"] / sps["hf fused"],
+              "ours / ours reference": sps["ours"] / sps["ours reference"]}
+    if auto_bf16:
+        ratios["ours bf16 / hf fused bf16 (same optimizer and precision)"] = sps["ours"] / sps["hf fused bf16"]
+    for k, v in ratios.items():
+        print(f"{k:58s} {v:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device_name(device), "threads": str(threads), "hf_attention": hf_attention,
+                       "transformers": transformers.__version__, "samples_per_s": sps, "ratios": ratios}, f,
+                      indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
