@@ -17,9 +17,11 @@ from .layers import OutputHead, Transformer, gather_rows
 from .masking import Masks, make_masks, text_target_index
 from .patches import patchify
 from .posembed import image_position_table, text_position_table
+from .preprocessing import Preprocessing
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_NAME = "tokenizer.json"
 
 
 @dataclass
@@ -312,10 +314,14 @@ class M3AE(nn.Module):
 
     # -- persistence ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike,
-                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write config.json + model.safetensors into `directory`, each atomically.
+                        state_dict: dict[str, torch.Tensor] | None = None, *, tokenizer=None,
+                        preprocessing: Preprocessing | None = None) -> Path:
+        """Write config.json + model.safetensors + preprocessor_config.json (+ tokenizer.json when a
+        tokenizer is given) into `directory`, each atomically: the folder is all a user needs.
 
         `state_dict`: weights to write instead of this module's own (e.g. gathered from FSDP shards).
+        `preprocessing`: the image rule the model was trained for (default: the config's image size,
+        CC12M statistics, the whole shorter side).
         """
         from safetensors.torch import save_file
 
@@ -325,17 +331,29 @@ class M3AE(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
         atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
         atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json()))
+        (preprocessing or Preprocessing(image_size=self.config.image_size)).save(directory)
+        if tokenizer is not None:
+            atomic_write(directory / TOKENIZER_NAME, lambda p: tokenizer.save(str(p)))
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu",
-                        **config_overrides) -> "M3AE":
-        """Load a folder written by `save_pretrained` (or `m3ae convert-jax`)."""
+    def from_pretrained(cls, name_or_path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+                        revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                        local_files_only: bool = False, **config_overrides) -> "M3AE":
+        """Load a folder written by `save_pretrained` (or `m3ae convert-jax`), or a Hugging Face Hub
+        id ("user/repo", at `revision`, cached in `cache_dir`; offline with `local_files_only` or
+        HF_HUB_OFFLINE=1). A local folder of that name wins over the hub."""
+        from .hub import resolve_checkpoint
+
+        directory = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir,
+                                       local_files_only=local_files_only)
+        return cls._from_folder(directory, map_location, **config_overrides)
+
+    @classmethod
+    def _from_folder(cls, directory: Path, map_location: str | torch.device = "cpu", **config_overrides) -> "M3AE":
+        """The one place a checkpoint folder's config and weights are read."""
         from safetensors.torch import load_file
 
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"checkpoint folder not found: {directory}")
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory} has no {name}; is it an M3AE checkpoint folder?")
@@ -348,6 +366,18 @@ class M3AE(nn.Module):
         state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
         model.load_weights(state, source=str(directory / WEIGHTS_NAME))
         return model
+
+    def push_to_hub(self, repo_id: str, *, tokenizer=None, preprocessing: Preprocessing | None = None,
+                    private: bool = False, revision: str | None = None, token: str | None = None,
+                    results: dict | None = None):
+        """save_pretrained into a temp folder, write a model card, upload (huggingface_hub)."""
+        import tempfile
+
+        from .hub import push_to_hub
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, tokenizer=tokenizer, preprocessing=preprocessing)
+            return push_to_hub(tmp, repo_id, private=private, revision=revision, token=token, results=results)
 
     def load_weights(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
         """Strict load that names every missing, unexpected or mis-shaped tensor."""
