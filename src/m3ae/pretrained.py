@@ -31,6 +31,12 @@ class Pretrained:
     tokenizer: Any | None  # a `tokenizers.Tokenizer`; None for image-only models or when none was found
     source: str = ""
 
+    def __post_init__(self) -> None:
+        if self.tokenizer is not None and self.model.config.has_text:
+            from .data.tokenizer import check_vocab_size
+
+            check_vocab_size(self.tokenizer, self.model.config.vocab_size, f"the tokenizer of {self.source}")
+
     # -- inputs -------------------------------------------------------------------------------------
     def images(self, images: Sequence[Any] | torch.Tensor) -> torch.Tensor:
         """A normalised (B, 3, S, S) batch from PIL images, file paths or encoded bytes, with the
