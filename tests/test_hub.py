@@ -110,3 +110,56 @@ def test_resolve_keeps_local_folders_and_rejects_bad_ids(tmp_path):
         resolve_checkpoint("./missing/folder")
     with pytest.raises(FileNotFoundError, match="checkpoint folder not found"):
         resolve_checkpoint("bad id with spaces/x y")
+
+
+def _run(code: str, env: dict, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=180)
+
+
+def test_push_and_download_through_a_local_hub_mirror(tmp_path):
+    """The real huggingface_hub code paths against tests/hub_mirror.py (a local server speaking the
+    endpoints one repo needs): push_to_hub (create repo, card validation, preupload, commit), then
+    m3ae.load downloads into an empty cache, then loads again offline with the server gone. The
+    mirror takes every file as a regular upload: the Hub's LFS / Xet upload path is not exercised."""
+    from hub_mirror import HubMirror
+
+    from data_files import write_tokenizer
+    from m3ae.data.tokenizer import load_tokenizer
+
+    model = M3AE(M3AEConfig.from_preset("nano", image_size=32, patch_size=8, vocab_size=256, text_length=16))
+    tok = load_tokenizer(write_tokenizer(tmp_path))
+    source = m3ae.Pretrained(model.eval(), Preprocessing.from_stats(32, "imagenet"), tok, "memory")
+    source.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "train_state.pt").write_bytes(b"training state: stays local")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "home"),
+           "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    features = ("import m3ae, torch; m = m3ae.load('someone/tiny-m3ae'); "
+                "print(m.features(images=torch.ones(1, 3, 32, 32), captions=['a dog']).sum().item(), "
+                "m.preprocessing.std)")
+    with HubMirror("someone/tiny-m3ae") as hub:
+        env["HF_ENDPOINT"] = hub.url
+        push = _run(f"import m3ae.hub as h; print(h.push_to_hub({str(tmp_path / 'ckpt')!r}, 'someone/tiny-m3ae', "
+                    "token='hf_local', results={'probe top-1': '46.5 %'}).oid)", env, tmp_path)
+        assert push.returncode == 0, push.stderr
+        assert push.stdout.strip() == hub.commit
+        assert set(hub.uploaded) == {"config.json", "model.safetensors", "tokenizer.json",
+                                     "preprocessor_config.json", "README.md"}  # no train_state.pt
+        assert hub.uploaded["model.safetensors"] == (tmp_path / "ckpt" / "model.safetensors").read_bytes()
+        assert hub.card_metadata["library_name"] == "m3ae"
+        assert "| probe top-1 | 46.5 % |" in hub.uploaded["README.md"].decode()
+
+        online = _run(features, env, tmp_path)
+        assert online.returncode == 0, online.stderr
+        assert any(r.startswith("GET /api/models/someone/tiny-m3ae/tree/") for r in hub.requests)
+        assert f"GET /someone/tiny-m3ae/resolve/{hub.commit}/model.safetensors" in hub.requests
+    repo = tmp_path / "cache" / "models--someone--tiny-m3ae"
+    assert (repo / "refs" / "main").read_text() == hub.commit
+    assert (repo / "snapshots" / hub.commit / "tokenizer.json").is_symlink()
+    offline = _run(features, {**env, "HF_HUB_OFFLINE": "1"}, tmp_path)
+    assert offline.returncode == 0, offline.stderr
+    with torch.no_grad():
+        expected = source.features(images=torch.ones(1, 3, 32, 32), captions=["a dog"]).sum().item()
+    for run in (online, offline):
+        value, std = run.stdout.split(" ", 1)
+        assert float(value) == pytest.approx(expected, rel=1e-5) and "0.229" in std
