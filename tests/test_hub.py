@@ -47,7 +47,7 @@ def test_hub_id_loads_from_the_cache_offline(tmp_path):
     from data_files import write_tokenizer
     from m3ae.data.tokenizer import load_tokenizer
 
-    first, second = _tiny(0), _tiny(1)
+    second = _tiny(1)
     tok = load_tokenizer(write_tokenizer(tmp_path))
     cache = tmp_path / "cache"
     v1, v2 = "a" * 40, "b" * 40
@@ -67,7 +67,6 @@ def test_hub_id_loads_from_the_cache_offline(tmp_path):
         M3AE.from_pretrained("someone/other", cache_dir=cache, local_files_only=True)
     with pytest.raises(FileNotFoundError, match="checkpoint folder not found"):
         M3AE.from_pretrained(tmp_path / "no" / "such" / "folder")
-    del first
 
 
 def test_offline_env_and_local_folder_first(tmp_path):

@@ -16,7 +16,6 @@ from ..data.sources import IndexedSource, Record, build_source
 from ..data.sources.base import require_path
 from ..data.sources.wds import iter_tar
 from ..data.spec import parse_item
-from ..model import M3AE
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
