@@ -4,6 +4,7 @@ offline; the model card; the upload itself is not exercised (it needs the Hub)."
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -118,7 +119,7 @@ def _run(code: str, env: dict, cwd) -> subprocess.CompletedProcess:
 
 def test_push_and_download_through_a_local_hub_mirror(tmp_path):
     """The real huggingface_hub code paths against tests/hub_mirror.py (a local server speaking the
-    endpoints one repo needs): push_to_hub (create repo, card validation, preupload, commit), then
+    endpoints one repo needs): `m3ae push` (create repo, card validation, preupload, commit), then
     m3ae.load downloads into an empty cache, then loads again offline with the server gone. The
     mirror takes every file as a regular upload: the Hub's LFS / Xet upload path is not exercised."""
     from hub_mirror import HubMirror
@@ -138,15 +139,19 @@ def test_push_and_download_through_a_local_hub_mirror(tmp_path):
                 "m.preprocessing.std)")
     with HubMirror("someone/tiny-m3ae") as hub:
         env["HF_ENDPOINT"] = hub.url
-        push = _run(f"import m3ae.hub as h; print(h.push_to_hub({str(tmp_path / 'ckpt')!r}, 'someone/tiny-m3ae', "
-                    "token='hf_local', results={'probe top-1': '46.5 %'}).oid)", env, tmp_path)
+        result = tmp_path / "probe.json"
+        result.write_text(json.dumps({"command": "probe", "data": {"val": "cifar:val"},
+                                      "metrics": {"top1": 46.5, "note": "text"}}))
+        push = subprocess.run([sys.executable, "-m", "m3ae", "push", str(tmp_path / "ckpt"), "someone/tiny-m3ae",
+                               "--results", str(result)], env={**env, "HF_TOKEN": "hf_local"}, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=180)
         assert push.returncode == 0, push.stderr
-        assert push.stdout.strip() == hub.commit
+        assert push.stdout.strip().endswith(f"/someone/tiny-m3ae/commit/{hub.commit}")
         assert set(hub.uploaded) == {"config.json", "model.safetensors", "tokenizer.json",
                                      "preprocessor_config.json", "README.md"}  # no train_state.pt
         assert hub.uploaded["model.safetensors"] == (tmp_path / "ckpt" / "model.safetensors").read_bytes()
         assert hub.card_metadata["library_name"] == "m3ae"
-        assert "| probe top-1 | 46.5 % |" in hub.uploaded["README.md"].decode()
+        assert "| probe top1 (cifar:val) | 46.5 |" in hub.uploaded["README.md"].decode()
 
         online = _run(features, env, tmp_path)
         assert online.returncode == 0, online.stderr
