@@ -158,3 +158,13 @@ def test_older_checkpoints_load_with_a_warning(tmp_path):
         bare = m3ae.load(ckpt)
     with pytest.raises(ValueError, match="has no tokenizer.json"):
         bare.features(captions=["a dog"])
+
+
+def test_a_broken_preprocessor_config_names_the_file(tmp_path):
+    ckpt = _tiny().save_pretrained(tmp_path / "ckpt")
+    (ckpt / "preprocessor_config.json").write_text('{"image_size": 32, "mean": [0.5, 0.5], "std": [1, 1, 1]}')
+    with pytest.raises(ValueError, match="preprocessor_config.json: preprocessing needs 3 means"):
+        m3ae.load(ckpt)
+    (ckpt / "preprocessor_config.json").write_text('{"image_size": 32, "resize_to": 40}')
+    with pytest.raises(ValueError, match=r"unknown preprocessing keys \['resize_to'\]"):
+        m3ae.load(ckpt)

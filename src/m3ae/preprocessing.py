@@ -37,6 +37,11 @@ class Preprocessing:
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
         if self.image_size <= 0:
             raise ValueError(f"image_size must be positive, got {self.image_size}")
+        if self.interpolation != "bicubic":  # recorded for other libraries; our transforms are bicubic
+            raise ValueError(f"only bicubic resizing is implemented, got interpolation={self.interpolation!r}")
+        if self.square not in ("crop", "pad") or not 0 <= int(self.pad_value) <= 255:
+            raise ValueError(f"square must be 'crop' or 'pad' and pad_value a grey level 0..255, got "
+                             f"{self.square!r} / {self.pad_value}")
 
     @classmethod
     def from_stats(cls, image_size: int, stats: str | tuple = "cc12m", **kwargs: Any) -> "Preprocessing":
