@@ -17,9 +17,11 @@ from .layers import OutputHead, Transformer, gather_rows
 from .masking import Masks, make_masks, text_target_index
 from .patches import patchify
 from .posembed import image_position_table, text_position_table
+from .preprocessing import Preprocessing
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_NAME = "tokenizer.json"
 
 
 @dataclass
@@ -72,6 +74,9 @@ class M3AE(nn.Module):
         self.register_buffer("dec_image_pos", image_position_table(dd, g), persistent=False)
         self.register_buffer("enc_text_pos", text_position_table(d, c.text_length), persistent=False)
         self.register_buffer("dec_text_pos", text_position_table(dd, c.text_length), persistent=False)
+        # Tables for other input grids, built on first use (the reference computes them from the
+        # input's grid); a plain dict, so they are neither parameters nor saved.
+        self._grid_tables: dict[tuple, torch.Tensor] = {}
         self.reset_parameters()
 
     # -- initialisation (as the reference) ------------------------------------------------------
@@ -101,9 +106,10 @@ class M3AE(nn.Module):
         if image is not None:
             if image.ndim != 4 or image.shape[1] != c.in_chans:
                 raise ValueError(f"image must be (B, {c.in_chans}, H, W), got {tuple(image.shape)}")
-            if image.shape[-2:] != (c.image_size, c.image_size):
-                raise ValueError(f"image must be {c.image_size}x{c.image_size}, got "
-                                 f"{tuple(image.shape[-2:])}")
+            h, w = image.shape[-2:]
+            if h % c.patch_size or w % c.patch_size or h == 0 or w == 0:
+                raise ValueError(f"image height and width must be positive multiples of the patch size "
+                                 f"{c.patch_size}, got {h}x{w}")
         if text is not None:
             if not c.has_text:
                 raise ValueError("this model is image-only (vocab_size=0); it takes no text")
@@ -114,9 +120,29 @@ class M3AE(nn.Module):
             if image is not None and image.shape[0] != text.shape[0]:
                 raise ValueError("image and text batch sizes differ")
 
-    def embed_image(self, patches: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Patch embedding + position + type; only at `ids` (B, K) when given (cheaper, same values)."""
-        pos = self.enc_image_pos
+    def image_positions(self, which: str, grid: tuple[int, int]) -> torch.Tensor:
+        """(1, gh*gw, D) sin-cos table of the encoder ("enc") or decoder ("dec") for a patch grid:
+        the buffer for the configured grid, else one built for `grid` and cached."""
+        buffer = self.enc_image_pos if which == "enc" else self.dec_image_pos
+        g = self.config.grid_size
+        if tuple(grid) == (g, g):
+            return buffer
+        key = (which, *grid, buffer.device, buffer.dtype)
+        if key not in self._grid_tables:
+            table = image_position_table(buffer.shape[-1], grid[0], grid[1])
+            self._grid_tables[key] = table.to(device=buffer.device, dtype=buffer.dtype)
+        return self._grid_tables[key]
+
+    def patch_grid(self, image: torch.Tensor) -> tuple[int, int]:
+        p = self.config.patch_size
+        return image.shape[-2] // p, image.shape[-1] // p
+
+    def embed_image(self, patches: torch.Tensor, ids: torch.Tensor | None = None,
+                    grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """Patch embedding + position + type; only at `ids` (B, K) when given (cheaper, same values).
+        `grid`: the (rows, cols) of patches; default the configured square grid."""
+        g = self.config.grid_size
+        pos = self.image_positions("enc", grid or (g, g))
         if ids is not None:
             patches = gather_rows(patches, ids)
             pos = gather_rows(pos.expand(patches.shape[0], -1, -1), ids)
@@ -141,7 +167,7 @@ class M3AE(nn.Module):
         tokens = [self.cls_token.expand(batch, -1, -1)]
         padding = None
         if image is not None:
-            tokens.append(self.embed_image(patchify(image, self.config.patch_size)))
+            tokens.append(self.embed_image(patchify(image, self.config.patch_size), grid=self.patch_grid(image)))
         if text is not None:
             tokens.append(self.embed_text(text))
             if text_padding_mask is not None:
@@ -154,9 +180,10 @@ class M3AE(nn.Module):
     # -- masked autoencoding -------------------------------------------------------------------
     def make_masks(self, batch: int, has_image: bool, text_padding_mask: torch.Tensor | None,
                    text_length: int | None, generator: torch.Generator | None = None,
-                   device: torch.device | str = "cpu") -> Masks:
+                   device: torch.device | str = "cpu", num_patches: int | None = None) -> Masks:
         c = self.config
-        return make_masks(batch, num_patches=c.num_patches if has_image else None,
+        num_patches = num_patches or c.num_patches
+        return make_masks(batch, num_patches=num_patches if has_image else None,
                           text_padding=text_padding_mask, text_length=text_length,
                           image_ratio=c.image_mask_ratio, text_ratio=c.text_mask_ratio,
                           mode=c.masking, generator=generator, device=device)
@@ -179,16 +206,18 @@ class M3AE(nn.Module):
         if text is not None:
             padding = (text_padding_mask.bool() if text_padding_mask is not None
                        else torch.zeros_like(text, dtype=torch.bool))
+        grid = self.patch_grid(image) if image is not None else (c.grid_size, c.grid_size)
+        num_patches = grid[0] * grid[1]
         if masks is None:
             masks = self.make_masks(batch, image is not None, padding,
-                                    None if text is None else text.shape[1], generator, device)
+                                    None if text is None else text.shape[1], generator, device, num_patches)
         patches = patchify(image, c.patch_size) if image is not None else None
 
         # Encoder over [CLS] + kept image + kept text.
         tokens = [self.cls_token.expand(batch, -1, -1)]
         key_padding = None
         if patches is not None:
-            tokens.append(self.embed_image(patches, masks.image_ids[:, : masks.image_keep]))
+            tokens.append(self.embed_image(patches, masks.image_ids[:, : masks.image_keep], grid))
         if text is not None:
             text_kept = masks.text_ids[:, : masks.text_keep]
             tokens.append(self.embed_text(text, text_kept))
@@ -204,9 +233,9 @@ class M3AE(nn.Module):
         if patches is not None:
             kept = proj[:, offset: offset + masks.image_keep]
             offset += masks.image_keep
-            slots = self.image_mask_token.expand(batch, c.num_patches, dd).to(kept.dtype)
+            slots = self.image_mask_token.expand(batch, num_patches, dd).to(kept.dtype)
             slots = slots.scatter(1, masks.image_ids[:, : masks.image_keep, None].expand(-1, -1, dd), kept)
-            parts.append(slots + self.dec_image_pos + self._type("decoder_image_type"))
+            parts.append(slots + self.image_positions("dec", grid) + self._type("decoder_image_type"))
         if text is not None:
             length = text.shape[1]
             kept = proj[:, offset:]
@@ -214,7 +243,7 @@ class M3AE(nn.Module):
             slots = slots.scatter(1, masks.text_ids[:, : masks.text_keep, None].expand(-1, -1, dd), kept)
             parts.append(slots + self.dec_text_pos[:, :length] + self._type("decoder_text_type"))
         dec_padding = None
-        n_front = 1 + (c.num_patches if patches is not None else 0)
+        n_front = 1 + (num_patches if patches is not None else 0)
         if text is not None:
             dec_padding = torch.cat([padding.new_zeros(batch, n_front), padding], dim=1)
         # Only hidden slots reach a loss: unless every output is wanted, the decoder returns just
@@ -243,8 +272,8 @@ class M3AE(nn.Module):
                 offset += hidden_ids.shape[1]
                 out.image_loss = patch_mse(pred, gather_rows(target, hidden_ids))
             else:
-                dec_image = dec[:, 1: 1 + c.num_patches]
-                offset += c.num_patches
+                dec_image = dec[:, 1: 1 + num_patches]
+                offset += num_patches
                 if full_outputs:
                     # Heads everywhere, loss weighted by the mask (the reference's way; parity checks).
                     out.image_output = self.image_head(dec_image)
@@ -285,10 +314,14 @@ class M3AE(nn.Module):
 
     # -- persistence ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike,
-                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write config.json + model.safetensors into `directory`, each atomically.
+                        state_dict: dict[str, torch.Tensor] | None = None, *, tokenizer=None,
+                        preprocessing: Preprocessing | None = None) -> Path:
+        """Write config.json + model.safetensors + preprocessor_config.json (+ tokenizer.json when a
+        tokenizer is given) into `directory`, each atomically: the folder is all a user needs.
 
         `state_dict`: weights to write instead of this module's own (e.g. gathered from FSDP shards).
+        `preprocessing`: the image rule the model was trained for (default: the config's image size,
+        CC12M statistics, the whole shorter side).
         """
         from safetensors.torch import save_file
 
@@ -298,17 +331,29 @@ class M3AE(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
         atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
         atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json()))
+        (preprocessing or Preprocessing(image_size=self.config.image_size)).save(directory)
+        if tokenizer is not None:
+            atomic_write(directory / TOKENIZER_NAME, lambda p: tokenizer.save(str(p)))
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu",
-                        **config_overrides) -> "M3AE":
-        """Load a folder written by `save_pretrained` (or `m3ae convert-jax`)."""
+    def from_pretrained(cls, name_or_path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+                        revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                        local_files_only: bool = False, **config_overrides) -> "M3AE":
+        """Load a folder written by `save_pretrained` (or `m3ae convert-jax`), or a Hugging Face Hub
+        id ("user/repo", at `revision`, cached in `cache_dir`; offline with `local_files_only` or
+        HF_HUB_OFFLINE=1). A local folder of that name wins over the hub."""
+        from .hub import resolve_checkpoint
+
+        directory = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir,
+                                       local_files_only=local_files_only)
+        return cls._from_folder(directory, map_location, **config_overrides)
+
+    @classmethod
+    def _from_folder(cls, directory: Path, map_location: str | torch.device = "cpu", **config_overrides) -> "M3AE":
+        """The one place a checkpoint folder's config and weights are read."""
         from safetensors.torch import load_file
 
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"checkpoint folder not found: {directory}")
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory} has no {name}; is it an M3AE checkpoint folder?")
@@ -321,6 +366,18 @@ class M3AE(nn.Module):
         state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
         model.load_weights(state, source=str(directory / WEIGHTS_NAME))
         return model
+
+    def push_to_hub(self, repo_id: str, *, tokenizer=None, preprocessing: Preprocessing | None = None,
+                    private: bool = False, revision: str | None = None, token: str | None = None,
+                    results: dict | None = None):
+        """save_pretrained into a temp folder, write a model card, upload (huggingface_hub)."""
+        import tempfile
+
+        from .hub import push_to_hub
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, tokenizer=tokenizer, preprocessing=preprocessing)
+            return push_to_hub(tmp, repo_id, private=private, revision=revision, token=token, results=results)
 
     def load_weights(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
         """Strict load that names every missing, unexpected or mis-shaped tensor."""

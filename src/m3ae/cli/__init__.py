@@ -12,6 +12,8 @@ COMMANDS = [
     "m3ae.cli.pretrain",
     "m3ae.cli.demo",
     "m3ae.cli.convert_jax",
+    "m3ae.cli.export",
+    "m3ae.cli.push",
     "m3ae.cli.data",
     "m3ae.cli.tokenizer",
     "m3ae.cli.bench",

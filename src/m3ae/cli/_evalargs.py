@@ -7,17 +7,20 @@ from pathlib import Path
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="model folder (config.json + model.safetensors)")
+    p.add_argument("--checkpoint", required=True, help="model folder (config.json + model.safetensors) or hub id")
     p.add_argument("--pool", choices=("cls", "mean"), default="cls", help="[CLS] token or mean of image tokens")
     p.add_argument("--batch-size", type=int, default=256, help="batch size for feature extraction")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--normalization", default="cc12m", help="pixel statistics: cc12m | imagenet")
-    p.add_argument("--crop-pct", type=float, default=1.0,
-                   help="eval transform: resize shorter side to size/crop_pct, centre-crop (ImageNet: 0.875)")
-    p.add_argument("--square", choices=("crop", "pad"), default="crop",
-                   help="non-square photos: crop as they are, or pad to a square first (product photos)")
-    p.add_argument("--pad-value", type=int, default=255, help="grey level of the padding (255: white)")
+    # Defaults (None): the checkpoint's own preprocessing (preprocessor_config.json), as m3ae.load uses.
+    p.add_argument("--normalization", default=None,
+                   help="pixel statistics: cc12m | imagenet | m1,m2,m3/s1,s2,s3 (default: the checkpoint's)")
+    p.add_argument("--crop-pct", type=float, default=None,
+                   help="eval transform: resize shorter side to size/crop_pct, centre-crop "
+                        "(default: the checkpoint's, 1.0 = whole shorter side; ImageNet: 0.875)")
+    p.add_argument("--square", choices=("crop", "pad"), default=None,
+                   help="non-square photos: crop as they are, or pad to a square first (default: the checkpoint's)")
+    p.add_argument("--pad-value", type=int, default=None, help="grey level of the padding (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result", default=None, help="JSON result file (default: next to --out or ./results)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -36,12 +39,29 @@ def load_encoder(checkpoint: str, device, **overrides):
     return model.to(device).eval()
 
 
+def preprocessing(args, image_size: int):
+    """The checkpoint's preprocessing, with the options given on the command line in its place."""
+    from dataclasses import replace
+
+    from ..data.normalization import resolve_stats
+    from ..hub import resolve_checkpoint
+    from ..pretrained import checkpoint_preprocessing
+
+    pre = checkpoint_preprocessing(resolve_checkpoint(args.checkpoint), image_size)
+    if args.normalization is not None:
+        mean, std = resolve_stats(args.normalization)
+        pre = replace(pre, mean=mean, std=std)
+    given = {k: getattr(args, k) for k in ("crop_pct", "square", "pad_value") if getattr(args, k) is not None}
+    return replace(pre, image_size=image_size, **given)
+
+
 def dataset(args, spec: str, split: str, image_size: int, train_transform: bool = False, limit=None,
             crop_scale=(0.2, 1.0)):
     from ..eval.labelled import labelled_dataset
-    return labelled_dataset(spec, split, image_size, train_transform, args.normalization,
-                            crop_scale=crop_scale, crop_pct=args.crop_pct, limit=limit, seed=args.seed,
-                            square=args.square, pad_value=args.pad_value)
+    pre = preprocessing(args, image_size)
+    return labelled_dataset(spec, split, image_size, train_transform, pre.stats,
+                            crop_scale=crop_scale, crop_pct=pre.crop_pct, limit=limit, seed=args.seed,
+                            square=pre.square, pad_value=pre.pad_value)
 
 
 def features_for(args, model, spec: str, split: str, limit, device):

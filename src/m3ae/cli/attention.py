@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="ROW,COL patch whose attention to the words is shown (default: the patch the "
                         "word attends to most)")
     p.add_argument("--per-head", action="store_true", help="one map per head instead of the head average")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: found beside the checkpoint)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json / vocab.txt (default: the checkpoint's)")
     p.add_argument("--stats", default=None, help="pixel normalisation (default: the run's, else cc12m)")
     p.set_defaults(func=run)
 
@@ -28,11 +28,12 @@ def run(args: argparse.Namespace) -> int:
     from ..viz.attention import (attention_analysis, attention_figure, default_token, find_token,
                                  parse_region, tokenize_caption)
 
-    model = inputs.load_checkpoint(args.checkpoint)
+    loaded = inputs.load_checkpoint(args.checkpoint, args.tokenizer)
+    model = loaded.model
     c = model.config
     if not c.has_text:
         raise ValueError("cross-modal attention needs a model with text (this one has vocab_size=0)")
-    stats = args.stats or inputs.checkpoint_stats(args.checkpoint)
+    stats = args.stats or loaded.preprocessing.stats
     if args.image == "demo":
         sample = inputs.load_samples("demo", c.image_size, stats, 1, 0, c.text_length)[0]
         image, caption = sample.image, args.caption or sample.caption
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--caption is required with --image FILE")
         image, caption = inputs.load_image(args.image, c.image_size, stats), args.caption
     layer = args.layer if args.layer == "mean" else int(args.layer)
-    tokenizer = inputs.load_tokenizer(args.checkpoint, args.tokenizer, c.vocab_size)
+    tokenizer = inputs.require_tokenizer(loaded)
     tokens = tokenize_caption(tokenizer, caption, c.text_length)
     positions = find_token(tokens, args.token) if args.token else default_token(tokens)
     region = parse_region(args.region, c.grid_size) if args.region else None

@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="encoder heads (default: saved variant, else the preset for the width)")
     p.add_argument("--dec-num-heads", type=int, default=None,
                    help="decoder heads (default: saved variant, else the preset for the width)")
-    p.add_argument("--image-size", type=int, default=None, help="image size (default 256)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="the configured image size (default 256; any size divisible by the patch is accepted)")
     p.add_argument("--text-length", type=int, default=None, help="longest text (default 64)")
     p.set_defaults(func=run)
 

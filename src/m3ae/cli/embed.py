@@ -17,8 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="val", help="which part of CIFAR / HDF5 data: train | val")
     p.add_argument("--out", required=True, help="FILE.safetensors | FILE.npz | FILE.npy")
     p.add_argument("--inputs", choices=("image", "text", "joint"), default="image",
-                   help="text / joint need a CSV manifest with a caption column and --tokenizer")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json for text / joint inputs")
+                   help="text / joint need a CSV manifest with a caption column")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json / vocab.txt for text / joint inputs (default: the checkpoint's)")
     p.add_argument("--limit", type=int, default=None, help="a fixed random subset of this many items")
     p.set_defaults(func=run)
 
@@ -34,7 +35,7 @@ class _Captioned:
 
     def __getitem__(self, i):
         image, label = self.ds[i]
-        ids = self.tokenizer.encode(self.ds.captions[i]).ids[: self.text_length]
+        ids = self.tokenizer.encode(self.ds.captions[i], add_special_tokens=False).ids[: self.text_length]
         item = {"text": ids, "label": label}
         if self.inputs == "joint":
             item["image"] = image
@@ -63,12 +64,14 @@ def run(args: argparse.Namespace) -> int:
     if args.inputs != "image":
         if not hasattr(ds, "captions"):
             raise ValueError("--inputs text/joint needs a CSV manifest (image,label,caption) as --data")
-        if not args.tokenizer:
-            raise ValueError("--inputs text/joint needs --tokenizer tokenizer.json")
-        from tokenizers import Tokenizer
         if not model.config.has_text:
             raise ValueError("this model is image-only; it takes no text")
-        ds, collate = _Captioned(ds, Tokenizer.from_file(args.tokenizer), model.config.text_length, args.inputs), _collate
+        from ..hub import resolve_checkpoint
+        from ..pretrained import checkpoint_tokenizer
+        tokenizer = checkpoint_tokenizer(resolve_checkpoint(args.checkpoint), model.config.vocab_size, args.tokenizer)
+        if tokenizer is None:
+            raise ValueError(f"{args.checkpoint} has no tokenizer.json; pass --tokenizer")
+        ds, collate = _Captioned(ds, tokenizer, model.config.text_length, args.inputs), _collate
     feats, labels = extract_features(model, ds, args.pool, args.batch_size, device, args.num_workers,
                                      progress=not args.quiet, desc="embed", collate=collate)
     keys = ds.ds.keys if collate else ds.keys

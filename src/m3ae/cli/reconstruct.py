@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-mask-ratio", type=float, default=None,
                    help="default: the model's; 0 with --caption (the caption is the condition)")
     p.add_argument("--caption", default=None, help="also reconstruct conditioned on this caption")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: found beside the checkpoint)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json / vocab.txt (default: the checkpoint's)")
     p.add_argument("--stats", default=None, help="pixel normalisation (default: the run's, else cc12m)")
     p.add_argument("--restore", choices=("local", "global", "true"), default="local",
                    help="norm_pix models: patch statistics from nearby (local) or all visible patches, "
@@ -36,21 +36,22 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and not 0.0 <= value < 1.0:
             raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
-    model = inputs.load_checkpoint(args.checkpoint)
+    loaded = inputs.load_checkpoint(args.checkpoint, args.tokenizer)
+    model = loaded.model
     c = model.config
-    stats = args.stats or inputs.checkpoint_stats(args.checkpoint)
+    stats = args.stats or loaded.preprocessing.stats
     samples = inputs.load_samples(args.data, c.image_size, stats, args.n, args.offset, c.text_length)
     image = inputs.stack_images(samples)
     captions = [s.caption for s in samples]
     decode = text = padding = None
     if c.has_text and any(captions):
-        tokenizer = inputs.load_tokenizer(args.checkpoint, args.tokenizer, c.vocab_size)
+        tokenizer = inputs.require_tokenizer(loaded)
         decode = inputs.decoder_for(tokenizer)
         text, padding = inputs.text_batch(tokenizer, captions, c.text_length)
     elif args.caption and not c.has_text:
         raise ValueError("--caption needs a model with text; this one is image-only (vocab_size=0)")
     elif args.caption:
-        tokenizer = inputs.load_tokenizer(args.checkpoint, args.tokenizer, c.vocab_size)
+        tokenizer = inputs.require_tokenizer(loaded)
         decode = inputs.decoder_for(tokenizer)
 
     text_ratio = args.text_mask_ratio if args.text_mask_ratio is not None else (0.0 if args.caption else None)

@@ -255,8 +255,9 @@ class TrainTransform(_Decoding):
 
 @dataclass
 class EvalTransform(_Decoding):
-    """Evaluation: resize the shorter side to `resize` (default size / 0.875) + centre crop;
-    `resize=size` keeps the whole shorter side."""
+    """Evaluation: resize the shorter side to `resize` + centre crop. The default keeps the whole
+    shorter side (resize = size, crop_pct 1.0), the rule of every command and of checkpoints'
+    preprocessing (m3ae.preprocessing); ImageNet-style evaluation passes resize = size / 0.875."""
 
     size: int = 256
     resize: int | None = None
@@ -264,7 +265,7 @@ class EvalTransform(_Decoding):
     def __call__(self, data: bytes | str | Image.Image, rng: np.random.Generator | None = None,
                  key: str = "") -> torch.Tensor:
         image = self.open(data, key)
-        resize = self.resize or int(round(self.size / 0.875))
+        resize = self.resize or self.size
         w, h = self.frame_size(image)
         s = resize / min(w, h)  # output pixels per input pixel
         cw, ch = self.size / s, self.size / s  # the centre crop in input pixels

@@ -113,13 +113,12 @@ def source_uses(data: DataConfig, model_config: M3AEConfig) -> list[SourceUse]:
 
 def make_sample_maker(data: DataConfig, model_config: M3AEConfig, uses: list[SourceUse], tokenizer=None,
                       train: bool = True) -> SampleMaker:
-    from .tokenizer import load_tokenizer
+    from .tokenizer import check_vocab_size, load_tokenizer
 
     if tokenizer is None and any(u.text for u in uses):
         tokenizer = load_tokenizer(data.tokenizer or DEFAULT_TOKENIZER)
-    if tokenizer is not None and model_config.has_text and tokenizer.get_vocab_size() > model_config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size "
-                         f"is {model_config.vocab_size}")
+    if tokenizer is not None and model_config.has_text:
+        check_vocab_size(tokenizer, model_config.vocab_size, f"tokenizer {data.tokenizer or DEFAULT_TOKENIZER}")
     transform = TrainTransform(model_config.image_size, scale=(data.crop_scale_min, data.crop_scale_max),
                                flip=data.hflip, stats=data.normalization, draft=data.jpeg_draft,
                                max_pixels=data.max_image_pixels, square=data.square, pad_value=data.pad_value)

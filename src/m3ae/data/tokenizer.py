@@ -2,10 +2,12 @@
 `text_length` (64); padding happens in the collator (to the longest caption, with a mask).
 
 `load_tokenizer` accepts a local tokenizer.json, a BERT vocab.txt, or a hub name such as
-`bert-base-uncased` (downloaded once, then read from the local HF cache)."""
+`bert-base-uncased` (downloaded once, then read from the local HF cache). It is the project's one
+tokenizer loader: training, checkpoints, the Python API and every command read tokenizers with it."""
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Iterable, Sequence
 
 import torch
@@ -26,17 +28,30 @@ def wordpiece_from_vocab(vocab_file: str, lowercase: bool = True):
     return tok
 
 
-def load_tokenizer(name_or_path: str, lowercase: bool = True):
+def load_tokenizer(name_or_path: str | os.PathLike, lowercase: bool = True, vocab_size: int | None = None):
+    """A tokenizer.json, a BERT vocab.txt, a folder holding one, or a hub name; padding and
+    truncation settings saved in the file are switched off (see `neutralise`); with `vocab_size`,
+    a tokenizer whose ids would not fit the model is refused."""
+    tokenizer = neutralise(_read_tokenizer(os.fspath(name_or_path), lowercase), os.fspath(name_or_path))
+    if vocab_size is not None:
+        check_vocab_size(tokenizer, vocab_size, os.fspath(name_or_path))
+    return tokenizer
+
+
+def _read_tokenizer(name_or_path: str, lowercase: bool):
     from tokenizers import Tokenizer
 
     if os.path.isdir(name_or_path):
         for candidate in ("tokenizer.json", "vocab.txt"):
             if os.path.exists(os.path.join(name_or_path, candidate)):
-                return load_tokenizer(os.path.join(name_or_path, candidate), lowercase)
+                return _read_tokenizer(os.path.join(name_or_path, candidate), lowercase)
         raise FileNotFoundError(f"no tokenizer.json or vocab.txt in {name_or_path}")
     if os.path.exists(name_or_path):
         if name_or_path.endswith(".json"):
-            return Tokenizer.from_file(name_or_path)
+            try:
+                return Tokenizer.from_file(name_or_path)
+            except Exception as err:  # noqa: BLE001 - the Rust parser's errors: name the file
+                raise ValueError(f"{name_or_path} is not a tokenizers JSON file: {err}") from None
         return wordpiece_from_vocab(name_or_path, lowercase)
     if name_or_path.endswith((".json", ".txt")) or name_or_path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"tokenizer file not found: {name_or_path}")
@@ -47,6 +62,30 @@ def load_tokenizer(name_or_path: str, lowercase: bool = True):
             f"could not load tokenizer {name_or_path!r} from the Hugging Face hub or its local cache "
             f"({err}); pass a local tokenizer.json or vocab.txt, or train one with `m3ae tokenizer train`"
         ) from None
+
+
+def neutralise(tokenizer, source: str = "tokenizer"):
+    """Switch off padding and truncation stored in a tokenizer file (most saved HF tokenizers carry
+    them): padded ids would be taken for text, since M3AE pads in the collator with a mask and
+    truncates to `text_length` itself. Warns when something was switched off."""
+    found = [name for name, value in (("padding", tokenizer.padding), ("truncation", tokenizer.truncation))
+             if value is not None]
+    if found:
+        warnings.warn(f"{source}: its {' and '.join(found)} settings are ignored (M3AE pads in the "
+                      "collator, with a padding mask, and truncates to the model's text_length)", stacklevel=3)
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+    return tokenizer
+
+
+def check_vocab_size(tokenizer, vocab_size: int, source: str = "the tokenizer") -> None:
+    """A tokenizer whose ids reach past the model's embedding table is refused (clear message)."""
+    size = tokenizer.get_vocab_size()
+    if vocab_size <= 0:
+        raise ValueError(f"the model is image-only (vocab_size=0); it takes no text ({source})")
+    if size > vocab_size:
+        raise ValueError(f"{source} has {size} tokens but the model's vocab_size is {vocab_size}; "
+                         "use the run's tokenizer, or set model.vocab_size to at least its size")
 
 
 def source_texts(sources) -> Iterable[str]:

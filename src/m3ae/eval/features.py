@@ -39,12 +39,20 @@ def pool_tokens(tokens: torch.Tensor, pool: str, num_image_tokens: int,
     return (text * keep).sum(1) / keep.sum(1).clamp_min(1.0)
 
 
+def num_image_tokens(model, image: torch.Tensor | None) -> int:
+    """Image tokens in the encoder output for this input (any image size the model accepts)."""
+    if image is None:
+        return 0
+    p = model.config.patch_size
+    return (image.shape[-2] // p) * (image.shape[-1] // p)
+
+
 @torch.no_grad()
 def encode_pooled(model, image: torch.Tensor | None, pool: str = "cls", text: torch.Tensor | None = None,
                   text_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Pooled features of one batch: no masking, deterministic (model in eval mode)."""
     tokens = model.encode(image, text, text_padding_mask)
-    n_image = model.config.num_patches if image is not None else 0
+    n_image = num_image_tokens(model, image)
     return pool_tokens(tokens, pool, n_image, text_padding_mask).float()
 
 
@@ -94,7 +102,7 @@ def extract_pooled_features(model, dataset, pools: Sequence[str] = POOLS, batch_
             with autocast:
                 image, text, pad = move(image), move(text), move(pad)
                 tokens = model.encode(image, text, pad)
-                n_image = model.config.num_patches if image is not None else 0
+                n_image = num_image_tokens(model, image)
                 for p in pools:
                     feats[p].append(pool_tokens(tokens, p, n_image, pad).float().cpu())
             labels.append(torch.as_tensor(label, dtype=torch.long))

@@ -60,7 +60,7 @@ class Classifier(nn.Module):
     def features(self, image: torch.Tensor) -> torch.Tensor:
         """The normalised pre-logit features (used by OOD scoring)."""
         tokens = self.encoder.encode(image)
-        return self.norm(pool_tokens(tokens, self.pool, self.encoder.config.num_patches))
+        return self.norm(pool_tokens(tokens, self.pool, tokens.shape[1] - 1))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(image))

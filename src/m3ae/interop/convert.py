@@ -132,7 +132,7 @@ def infer_config(params: Mapping[str, np.ndarray], variant: Mapping[str, Any] | 
         (v for k, v in variant.items() if k.endswith("data.image_size") and v), None)
     if not image_size:
         image_size = DEFAULT_IMAGE_SIZE
-        notes.append(f"image_size = {image_size} (default; only sets the fixed position tables)")
+        notes.append(f"image_size = {image_size} (default; the model takes any size divisible by the patch)")
 
     extra: dict[str, Any] = {}
     for name in ("image_mask_ratio", "text_mask_ratio", "drop", "att_drop", "drop_path"):

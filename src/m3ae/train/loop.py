@@ -21,6 +21,7 @@ from ..model import M3AE
 from ..optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 from ..perf import batch_train_flops, device_name, table_peak
 from ..precision import autocast as precision_autocast, uses_bf16
+from ..preprocessing import Preprocessing
 from ..data.bad import DataQualityError
 from ..data.loader import build_train_data
 from ..threads import ThreadChoice, torch_threads
@@ -229,6 +230,10 @@ def _pretrain(config: TrainConfig, out_dir: str | Path, threads: ThreadChoice, *
         eval_copy.load_state_dict(state)
         return eval_copy
 
+    # Checkpoints carry the tokenizer and the image rule: the folder alone is enough to use the model.
+    preprocessing = Preprocessing.from_stats(config.model.image_size, config.data.normalization,
+                                             square=config.data.square, pad_value=config.data.pad_value)
+
     def checkpoint(step: int, micro: int) -> Path | None:
         # Full (unsharded) state on rank 0: it resumes with any number of processes.
         model_state, optim_full = dist_utils.full_state_dicts(model, optimizer, fsdp)
@@ -237,8 +242,8 @@ def _pretrain(config: TrainConfig, out_dir: str | Path, threads: ThreadChoice, *
         if is_main:
             train_state = {"step": step, "optimizer": optim_full, "rng": rng_state(),
                            "data": data_state, "skipped_steps": skipped, "world_size": world_size}
-            path = save_checkpoint(out_dir, step, _Weights(model, model_state), train_state, run_yaml,
-                                   config.keep_last)
+            path = save_checkpoint(out_dir, step, _Weights(model, model_state, data.tokenizer, preprocessing),
+                                   train_state, run_yaml, config.keep_last)
         dist_utils.barrier(info)
         return path
 
@@ -385,11 +390,13 @@ def _gather_data_state(state: dict[str, Any], world_size: int) -> dict[str, Any]
 class _Weights:
     """What save_checkpoint needs from a model (save_pretrained), with an already gathered state."""
 
-    def __init__(self, model: M3AE, state: dict[str, torch.Tensor]):
-        self.model, self.state = model, state
+    def __init__(self, model: M3AE, state: dict[str, torch.Tensor], tokenizer=None,
+                 preprocessing: Preprocessing | None = None):
+        self.model, self.state, self.tokenizer, self.preprocessing = model, state, tokenizer, preprocessing
 
     def save_pretrained(self, directory: Path) -> Path:
-        return self.model.save_pretrained(directory, state_dict=self.state)
+        return self.model.save_pretrained(directory, state_dict=self.state, tokenizer=self.tokenizer,
+                                          preprocessing=self.preprocessing)
 
 
 def _step_flags(grad_norm: torch.Tensor, stop: StopRequest, info: dist_utils.DistInfo) -> tuple[bool, bool]:

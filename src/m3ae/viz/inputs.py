@@ -16,10 +16,8 @@ from ..data.sources import IndexedSource, Record, build_source
 from ..data.sources.base import require_path
 from ..data.sources.wds import iter_tar
 from ..data.spec import parse_item
-from ..model import M3AE
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-TOKENIZER_NAME = "tokenizer.json"
 
 
 @dataclass
@@ -30,58 +28,17 @@ class Sample:
 
 
 # -- checkpoint -----------------------------------------------------------------------------------
-def load_checkpoint(directory: str | os.PathLike) -> M3AE:
-    model = M3AE.from_pretrained(directory)
-    model.eval()
-    return model
+def load_checkpoint(checkpoint: str | os.PathLike, tokenizer: str | None = None):
+    """Model (eval mode), preprocessing and tokenizer of a checkpoint folder or hub id (m3ae.load)."""
+    from ..pretrained import load
+
+    return load(checkpoint, tokenizer=tokenizer)
 
 
-def checkpoint_stats(directory: str | os.PathLike, default: str = "cc12m") -> str:
-    """The pixel normalisation the checkpoint was trained with (run_config.yaml), else `default`."""
-    path = Path(directory) / "run_config.yaml"
-    if path.is_file():
-        from omegaconf import OmegaConf
-
-        value = OmegaConf.select(OmegaConf.load(path), "data.normalization")
-        if isinstance(value, str):
-            return value
-    return default
-
-
-# -- tokenizer ------------------------------------------------------------------------------------
-def find_tokenizer(checkpoint: str | os.PathLike, explicit: str | None = None, levels: int = 3) -> Path | None:
-    """`explicit`, else tokenizer.json in the checkpoint folder or one of its parents."""
-    if explicit:
-        path = Path(explicit)
-        if path.is_dir():
-            path = path / TOKENIZER_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer not found: {explicit}")
-        return path
-    folder = Path(checkpoint).resolve()
-    for _ in range(levels + 1):
-        if (folder / TOKENIZER_NAME).is_file():
-            return folder / TOKENIZER_NAME
-        folder = folder.parent
-    return None
-
-
-def load_tokenizer(checkpoint: str | os.PathLike, explicit: str | None = None, vocab_size: int | None = None):
-    """The run's tokenizer; the built-in demo tokenizer when none is found (and it fits the model)."""
-    from tokenizers import Tokenizer
-
-    path = find_tokenizer(checkpoint, explicit)
-    if path is not None:
-        tokenizer = Tokenizer.from_file(str(path))
-    else:
-        from ..data.synthetic import build_demo_tokenizer
-
-        tokenizer = build_demo_tokenizer()
-    if vocab_size and tokenizer.get_vocab_size() > vocab_size:
-        where = path or "the built-in demo tokenizer"
-        raise ValueError(f"{where} has {tokenizer.get_vocab_size()} tokens but the model's vocab_size is "
-                         f"{vocab_size}; pass the run's tokenizer with --tokenizer")
-    return tokenizer
+def require_tokenizer(loaded):
+    if loaded.tokenizer is None:
+        raise ValueError(f"{loaded.source} has no tokenizer.json and its run names none; pass --tokenizer")
+    return loaded.tokenizer
 
 
 def encode_caption(tokenizer, caption: str, text_length: int):

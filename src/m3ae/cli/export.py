@@ -1,0 +1,31 @@
+"""`m3ae export CKPT --to hf-vit|hf-vitmae|timm OUT`: the image encoder in another library's format."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write the image encoder for transformers (ViT, ViTMAE) or timm",
+                       description="Rewrites the encoder's weights under the target library's key names, "
+                                   "with its config, so its own loader reads them: "
+                                   "transformers.ViTModel/ViTMAEModel.from_pretrained(OUT) or "
+                                   "timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay="
+                                   "dict(file='OUT/model.safetensors'), **model_args) (see docs/checkpoints.md).")
+    p.add_argument("checkpoint", help="checkpoint folder or hub id")
+    p.add_argument("out_dir", help="folder to write")
+    p.add_argument("--to", required=True, choices=("hf-vit", "hf-vitmae", "timm"), dest="format")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="image size of the exported position table (default: the checkpoint's)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..interop.export import export
+    from ..pretrained import load
+
+    loaded = load(args.checkpoint)
+    out = export(loaded.model, loaded.preprocessing, args.format, args.out_dir, args.image_size)
+    c = loaded.model.config
+    print(f"wrote {out} ({args.format}: encoder {c.emb_dim}x{c.depth}, patch {c.patch_size}, "
+          f"image {args.image_size or c.image_size})")
+    return 0

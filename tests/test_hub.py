@@ -1,0 +1,169 @@
+"""Hugging Face Hub: hub ids resolved through huggingface_hub's own snapshot_download against a
+cache the test builds in the library's real layout (models--OWNER--NAME/{blobs,refs,snapshots}),
+offline; the model card; the upload itself is not exercised (it needs the Hub)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import m3ae
+from m3ae import M3AE, M3AEConfig, Preprocessing
+from m3ae.hub import model_card, resolve_checkpoint
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def _tiny(seed=0) -> M3AE:
+    torch.manual_seed(seed)
+    return M3AE(M3AEConfig.from_preset("nano", image_size=32, patch_size=8, vocab_size=40, text_length=16)).eval()
+
+
+def _cache_repo(cache: Path, repo_id: str, folder: Path, commit: str, refs=("main",)) -> None:
+    """Lay `folder` out as huggingface_hub caches a download: content-addressed blobs, a snapshot
+    of relative symlinks per commit, refs naming the commit."""
+    root = cache / f"models--{repo_id.replace('/', '--')}"
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot = root / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for f in sorted(folder.iterdir()):
+        data = f.read_bytes()
+        blob = hashlib.sha256(data).hexdigest() if f.suffix == ".safetensors" else hashlib.sha1(
+            b"blob %d\0" % len(data) + data).hexdigest()
+        (root / "blobs" / blob).write_bytes(data)
+        (snapshot / f.name).symlink_to(os.path.relpath(root / "blobs" / blob, snapshot))
+    (root / "refs").mkdir(exist_ok=True)
+    for ref in refs:
+        (root / "refs" / ref).write_text(commit)
+
+
+def test_hub_id_loads_from_the_cache_offline(tmp_path):
+    """Failure 5: M3AE.from_pretrained("user/repo") said "checkpoint folder not found"."""
+    from data_files import write_tokenizer
+    from m3ae.data.tokenizer import load_tokenizer
+
+    second = _tiny(1)
+    tok = load_tokenizer(write_tokenizer(tmp_path))
+    cache = tmp_path / "cache"
+    v1, v2 = "a" * 40, "b" * 40
+    big = M3AE(M3AEConfig.from_preset("nano", image_size=32, patch_size=8, vocab_size=256, text_length=16))
+    big.save_pretrained(tmp_path / "v1", tokenizer=tok, preprocessing=Preprocessing.from_stats(32, "imagenet"))
+    second.save_pretrained(tmp_path / "v2")
+    _cache_repo(cache, "someone/tiny-m3ae", tmp_path / "v1", v1, refs=())
+    _cache_repo(cache, "someone/tiny-m3ae", tmp_path / "v2", v2, refs=("main",))
+
+    latest = M3AE.from_pretrained("someone/tiny-m3ae", cache_dir=cache, local_files_only=True)
+    for k, v in second.state_dict().items():
+        torch.testing.assert_close(latest.state_dict()[k], v)
+    pinned = m3ae.load("someone/tiny-m3ae", revision=v1, cache_dir=cache, local_files_only=True)
+    assert pinned.model.config.vocab_size == 256 and pinned.tokenizer.get_vocab() == tok.get_vocab()
+    assert pinned.preprocessing.std == (0.229, 0.224, 0.225)
+    with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache"):
+        M3AE.from_pretrained("someone/other", cache_dir=cache, local_files_only=True)
+    with pytest.raises(FileNotFoundError, match="checkpoint folder not found"):
+        M3AE.from_pretrained(tmp_path / "no" / "such" / "folder")
+
+
+def test_offline_env_and_local_folder_first(tmp_path):
+    """HF_HUB_OFFLINE=1 + HF_HUB_CACHE: the command line reads the cache and never the network;
+    a local folder with the hub id's name wins over the hub."""
+    cache = tmp_path / "cache"
+    _tiny(0).save_pretrained(tmp_path / "v")
+    _cache_repo(cache, "someone/tiny-m3ae", tmp_path / "v", "c" * 40)
+    (tmp_path / "someone").mkdir()
+    _tiny(5).save_pretrained(tmp_path / "someone" / "tiny-m3ae")  # same name, local
+    code = ("import m3ae, torch, sys; m = m3ae.load('someone/tiny-m3ae').model; "
+            "print(float(m.cls_token.sum()))")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "PYTHONPATH": SRC,
+           "OMP_NUM_THREADS": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}  # any request would fail
+    from_cache = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path.parent,
+                                capture_output=True, text=True, timeout=120)
+    assert from_cache.returncode == 0, from_cache.stderr
+    local = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True,
+                           text=True, timeout=120)
+    assert local.returncode == 0, local.stderr
+    assert float(from_cache.stdout) == pytest.approx(float(_tiny(0).cls_token.sum()))
+    assert float(local.stdout) == pytest.approx(float(_tiny(5).cls_token.sum()))
+
+
+def test_model_card_describes_the_checkpoint(tmp_path):
+    folder = _tiny().save_pretrained(tmp_path / "ckpt", preprocessing=Preprocessing.from_stats(32, "imagenet"))
+    (folder / "run_config.yaml").write_text("steps: 1000\nbatch_size: 128\ndata:\n  spec: shards/{0..9}.tar\n"
+                                            "optim:\n  lr: 0.0015\n")
+    card = model_card(folder, "someone/tiny-m3ae", results={"CIFAR-10 linear probe top-1": "46.5 %"})
+    assert card.startswith("---\nlibrary_name: m3ae")
+    for text in ("64 wide x 2 blocks", "patch 8 px", "data.spec: shards/{0..9}.tar", "steps: 1000",
+                 "optim.lr: 0.0015", "std [0.229, 0.224, 0.225]", "| CIFAR-10 linear probe top-1 | 46.5 % |",
+                 "m3ae.load('someone/tiny-m3ae')"):
+        assert text in card, text
+
+
+def test_resolve_keeps_local_folders_and_rejects_bad_ids(tmp_path):
+    assert resolve_checkpoint(tmp_path) == tmp_path
+    with pytest.raises(FileNotFoundError, match="checkpoint folder not found"):
+        resolve_checkpoint("./missing/folder")
+    with pytest.raises(FileNotFoundError, match="checkpoint folder not found"):
+        resolve_checkpoint("bad id with spaces/x y")
+
+
+def _run(code: str, env: dict, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=180)
+
+
+def test_push_and_download_through_a_local_hub_mirror(tmp_path):
+    """The real huggingface_hub code paths against tests/hub_mirror.py (a local server speaking the
+    endpoints one repo needs): `m3ae push` (create repo, card validation, preupload, commit), then
+    m3ae.load downloads into an empty cache, then loads again offline with the server gone. The
+    mirror takes every file as a regular upload: the Hub's LFS / Xet upload path is not exercised."""
+    from hub_mirror import HubMirror
+
+    from data_files import write_tokenizer
+    from m3ae.data.tokenizer import load_tokenizer
+
+    model = M3AE(M3AEConfig.from_preset("nano", image_size=32, patch_size=8, vocab_size=256, text_length=16))
+    tok = load_tokenizer(write_tokenizer(tmp_path))
+    source = m3ae.Pretrained(model.eval(), Preprocessing.from_stats(32, "imagenet"), tok, "memory")
+    source.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "train_state.pt").write_bytes(b"training state: stays local")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "home"),
+           "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    features = ("import m3ae, torch; m = m3ae.load('someone/tiny-m3ae'); "
+                "print(m.features(images=torch.ones(1, 3, 32, 32), captions=['a dog']).sum().item(), "
+                "m.preprocessing.std)")
+    with HubMirror("someone/tiny-m3ae") as hub:
+        env["HF_ENDPOINT"] = hub.url
+        result = tmp_path / "probe.json"
+        result.write_text(json.dumps({"command": "probe", "data": {"val": "cifar:val"},
+                                      "metrics": {"top1": 46.5, "note": "text"}}))
+        push = subprocess.run([sys.executable, "-m", "m3ae", "push", str(tmp_path / "ckpt"), "someone/tiny-m3ae",
+                               "--results", str(result)], env={**env, "HF_TOKEN": "hf_local"}, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=180)
+        assert push.returncode == 0, push.stderr
+        assert push.stdout.strip().endswith(f"/someone/tiny-m3ae/commit/{hub.commit}")
+        assert set(hub.uploaded) == {"config.json", "model.safetensors", "tokenizer.json",
+                                     "preprocessor_config.json", "README.md"}  # no train_state.pt
+        assert hub.uploaded["model.safetensors"] == (tmp_path / "ckpt" / "model.safetensors").read_bytes()
+        assert hub.card_metadata["library_name"] == "m3ae"
+        assert "| probe top1 (cifar:val) | 46.5 |" in hub.uploaded["README.md"].decode()
+
+        online = _run(features, env, tmp_path)
+        assert online.returncode == 0, online.stderr
+        assert any(r.startswith("GET /api/models/someone/tiny-m3ae/tree/") for r in hub.requests)
+        assert f"GET /someone/tiny-m3ae/resolve/{hub.commit}/model.safetensors" in hub.requests
+    repo = tmp_path / "cache" / "models--someone--tiny-m3ae"
+    assert (repo / "refs" / "main").read_text() == hub.commit
+    assert (repo / "snapshots" / hub.commit / "tokenizer.json").is_symlink()
+    offline = _run(features, {**env, "HF_HUB_OFFLINE": "1"}, tmp_path)
+    assert offline.returncode == 0, offline.stderr
+    with torch.no_grad():
+        expected = source.features(images=torch.ones(1, 3, 32, 32), captions=["a dog"]).sum().item()
+    for run in (online, offline):
+        value, std = run.stdout.split(" ", 1)
+        assert float(value) == pytest.approx(expected, rel=1e-5) and "0.229" in std
