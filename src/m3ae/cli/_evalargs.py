@@ -37,11 +37,11 @@ def load_encoder(checkpoint: str, device, **overrides):
 
 
 def dataset(args, spec: str, split: str, image_size: int, train_transform: bool = False, limit=None,
-            crop_scale=(0.2, 1.0)):
+            crop_scale=(0.2, 1.0), unlabelled: bool = False):
     from ..eval.labelled import labelled_dataset
     return labelled_dataset(spec, split, image_size, train_transform, args.normalization,
                             crop_scale=crop_scale, crop_pct=args.crop_pct, limit=limit, seed=args.seed,
-                            square=args.square, pad_value=args.pad_value)
+                            square=args.square, pad_value=args.pad_value, unlabelled=unlabelled)
 
 
 def features_for(args, model, spec: str, split: str, limit, device):

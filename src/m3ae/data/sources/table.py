@@ -1,0 +1,165 @@
+"""Arrow tables as a stream of records: what Parquet files and Hugging Face datasets saved on disk
+have in common. A table is read one *unit* at a time (a Parquet row group, an Arrow record batch),
+never whole; units play the part shards play for tar streams (see wds.py): each (rank, worker)
+share takes every `parts`-th unit of an endless sequence of per-epoch unit permutations, and the
+position (unit slot, rows read in it) resumes exactly.
+
+Columns: the image is encoded bytes (binary), a path or URL (string, relative to `root`), or a
+Hugging Face `Image` struct {bytes, path}; the caption a string or binary column; the label an
+integer column. Each is found by name (see the candidate lists) or named with #image= / #caption= /
+#label=. A unit that cannot be read becomes one `bad_table` skip per row it holds.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .base import Record, Source, is_url
+
+IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img", "image_bytes", "image_path", "filepath", "path",
+                 "file", "filename")
+CAPTION_COLUMNS = ("caption", "txt", "text", "title", "sentence", "alt")
+LABEL_COLUMNS = ("label", "labels", "cls", "class", "target")
+
+log = logging.getLogger("m3ae.data")
+
+INSTALL_HINT = "pip install 'm3ae[data]'"
+
+
+def import_pyarrow():
+    """pyarrow, or an error that says how to install it."""
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise ImportError(f"Parquet and Hugging Face datasets need pyarrow: {INSTALL_HINT}") from None
+    return pyarrow
+
+
+def find_column(schema, wanted: str | None, candidates: Sequence[str], where: str, what: str,
+                required: bool) -> str | None:
+    """The named column, else the first candidate present (case-insensitive), else None / an error."""
+    names = list(schema.names)
+    if wanted:
+        if wanted not in names:
+            raise ValueError(f"{where}: no column {wanted!r} (columns: {names})")
+        return wanted
+    lower = {n.lower(): n for n in names}
+    for c in candidates:
+        if c in lower:
+            return lower[c]
+    if required:
+        raise ValueError(f"{where}: no {what} column; name one with #{what}=COLUMN (columns: {names})")
+    return None
+
+
+def _image_value(value, root: str):
+    """bytes as they are; a path joined to `root` unless absolute or a URL; HF structs unpacked."""
+    if isinstance(value, dict):  # datasets.Image: {"bytes": ..., "path": ...}
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, str):
+        if not value:
+            return None
+        return value if os.path.isabs(value) or is_url(value) else os.path.join(root, value)
+    return value
+
+
+class TableSource(Source):
+    """Subclasses fill `units` (any picklable ids), `unit_rows` and `read_unit`, then call `_choose`."""
+
+    exact = False  # a stream: resume re-reads the unit it stopped in (exact with the same ranks x workers)
+    units: list = []
+    unit_rows: list[int] = []
+
+    def __init__(self, role: str = "paired", shuffle_block: int = 0):
+        self.role = role
+        # Rows of a unit are yielded in a seeded random order within blocks of this many (0 or 1: as
+        # stored); set from data.shuffle_buffer, as for tar shards.
+        self.shuffle_block = int(shuffle_block)
+
+    def read_unit(self, unit):
+        """The unit's rows as a pyarrow Table or RecordBatch, with at least `self.columns`."""
+        raise NotImplementedError
+
+    def unit_name(self, unit) -> str:
+        return str(unit)
+
+    def _choose(self, schema, where: str, image: str | None, caption: str | None, label: str | None,
+                root: str) -> None:
+        pa = import_pyarrow()
+        self.root = root
+        self.image_col = None if self.role == "text" else find_column(
+            schema, image, IMAGE_COLUMNS, where, "image", required=True)
+        self.caption_col = None if self.role == "image" else find_column(
+            schema, caption, CAPTION_COLUMNS, where, "caption", required=self.role in ("paired", "text"))
+        self.label_col = find_column(schema, label, LABEL_COLUMNS, where, "label", required=False)
+        if self.image_col is not None:
+            t = schema.field(self.image_col).type
+            ok = (pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_string(t)
+                  or pa.types.is_large_string(t) or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0))
+            if not ok:
+                raise ValueError(f"{where}: image column {self.image_col!r} is {t}; expected encoded bytes, "
+                                 f"a path/URL string or an Image struct {{bytes, path}}")
+        if self.label_col is not None and not pa.types.is_integer(schema.field(self.label_col).type):
+            if label is not None:
+                raise ValueError(f"{where}: label column {label!r} is {schema.field(label).type}, not integers")
+            self.label_col = None  # a column merely called "class" or "target" that holds something else
+        self.columns = [c for c in (self.image_col, self.caption_col, self.label_col) if c is not None]
+        self.provides = frozenset({n for n, c in (("image", self.image_col), ("text", self.caption_col),
+                                                  ("label", self.label_col)) if c is not None})
+
+    def __len__(self) -> int:
+        return int(sum(self.unit_rows))
+
+    def describe(self) -> str:
+        return (f"{self.kind}:{self.name} ({len(self)} rows in {len(self.units)} units; "
+                f"columns {', '.join(self.columns)})")
+
+    def unit_records(self, unit, number: int) -> list[Record]:
+        """All records of one unit; unreadable data gives a `bad_table` record per row."""
+        prefix = f"{self.unit_name(unit)}"
+        try:
+            table = self.read_unit(unit)
+            cols = {c: table.column(c).to_pylist() for c in self.columns}
+        except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for corrupt pages
+            rows = self.unit_rows[number]
+            log.warning("skipping %d rows of %s: cannot read them (%s: %s)", rows, prefix, type(err).__name__,
+                        str(err)[:200])
+            return [Record(key=f"{prefix}#{i}", missing="bad_table") for i in range(rows)]
+        n = len(cols[self.columns[0]]) if self.columns else 0
+        out = []
+        for i in range(n):
+            label = cols[self.label_col][i] if self.label_col else None
+            out.append(Record(
+                key=f"{prefix}#{i}",
+                image=_image_value(cols[self.image_col][i], self.root) if self.image_col else None,
+                caption=cols[self.caption_col][i] if self.caption_col else None,
+                label=None if label is None else int(label)))
+        return out
+
+    def unit_order(self, seed: int, epoch: int) -> np.ndarray:
+        return np.random.default_rng([seed, epoch, 0x7AB1E]).permutation(len(self.units))
+
+    def iterate(self, part, parts, seed, state=None, epochs=None) -> Iterator:
+        slot, skip = (0, 0) if state is None else (int(state[0]), int(state[1]))
+        n = len(self.units)
+        while True:
+            epoch, within = divmod(slot * parts + part, n)
+            if epochs is not None and epoch >= epochs:
+                return
+            number = int(self.unit_order(seed, epoch)[within])
+            records = self.unit_records(self.units[number], number)
+            order = self._order(len(records), (seed, epoch, within))
+            for done, i in enumerate(order[skip:], start=skip + 1):
+                yield (slot, done), records[int(i)]
+            slot, skip = slot + 1, 0
+
+    def _order(self, n: int, key: tuple[int, int, int]) -> np.ndarray:
+        if self.shuffle_block <= 1:
+            return np.arange(n)
+        rng = np.random.default_rng([*key, 0x53485546])
+        return np.concatenate([start + rng.permutation(min(self.shuffle_block, n - start))
+                               for start in range(0, n, self.shuffle_block)] or [np.arange(0)])
