@@ -5,7 +5,6 @@ import argparse
 import time
 from pathlib import Path
 
-from ..distributed import pick_device
 from . import _evalargs as E
 
 
@@ -58,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from ..eval.results import summary_line, write_result
 
     t0 = time.perf_counter()
+    from ..distributed import pick_device  # torch: imported when run, not for --help
     device = pick_device(args.device)
     model = E.load_encoder(args.checkpoint, device)
     ds = E.dataset(args, args.data, args.split, model.config.image_size, False, args.limit, unlabelled=True)

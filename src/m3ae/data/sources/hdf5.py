@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 
+from ...optional import require
 from .base import IndexedSource, Record, require_path
 
 
@@ -29,10 +30,7 @@ class HDF5Source(IndexedSource):
 
     def __init__(self, path: str, split: str | None = None, role: str | None = None, image: str | None = None,
                  caption: str | None = None, label: str | None = None):
-        try:
-            import h5py
-        except ImportError:
-            raise ImportError("HDF5 files need h5py: pip install 'm3ae[data]'") from None
+        h5py = require("h5py", "reading HDF5 files")
 
         self.name = path
         with h5py.File(require_path(path, "HDF5 file"), "r") as f:

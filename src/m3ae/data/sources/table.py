@@ -17,6 +17,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ...optional import require
 from .base import Record, Source, is_url
 
 IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img", "image_bytes", "image_path", "filepath", "path",
@@ -26,16 +27,11 @@ LABEL_COLUMNS = ("label", "labels", "cls", "class", "target")
 
 log = logging.getLogger("m3ae.data")
 
-INSTALL_HINT = "pip install 'm3ae[data]'"
-
-
 def import_pyarrow():
-    """pyarrow, or an error that says how to install it."""
-    try:
-        import pyarrow
-        import pyarrow.parquet  # noqa: F401
-    except ImportError:
-        raise ImportError(f"Parquet and Hugging Face datasets need pyarrow: {INSTALL_HINT}") from None
+    """pyarrow (with its parquet module loaded), or an error that says how to install it."""
+    require("pyarrow.parquet", "reading Parquet and Hugging Face datasets")
+    import pyarrow
+
     return pyarrow
 
 
