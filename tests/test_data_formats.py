@@ -100,8 +100,11 @@ def test_parquet_paths_column_mapping_and_labels(tmp_path, capsys):
         build_source(parse_item(f"{tmp_path}/meta.parquet#caption=nope"))
     with pytest.raises(ValueError, match="no caption column; name one with #caption="):
         build_source(parse_item(f"{tmp_path}/meta.parquet#image=file"))
+    pq.write_table(pa.table({"jpg": [jpeg_bytes(seed=0)], "caption": [["two", "captions"]]}), tmp_path / "l.parquet")
+    with pytest.raises(ValueError, match="caption column 'caption' is list<.*not text"):
+        build_source(parse_item(f"{tmp_path}/l.parquet"))
     assert main(["data", "stats", spec]) == 0
-    assert "samples: 5" in capsys.readouterr().out and True
+    assert "samples: 5" in capsys.readouterr().out
 
 
 def test_parquet_bad_data_is_counted_or_a_clear_error(tmp_path, capsys):
@@ -212,3 +215,31 @@ def test_embed_unlabelled_folder_manifest_shards_and_parquet(tmp_path):
                      "--num-workers", "0", "--device", "cpu"]) == 0
         feats, labels, keys = load_features(out)
         assert feats.shape == (3, 32) and labels.tolist() == [-1, -1, -1] and len(set(keys)) == 3
+
+
+def test_shard_bench_and_tokenizer_from_parquet_hf_and_hdf5(tmp_path, capsys):
+    datasets = pytest.importorskip("datasets")
+    folder = write_img2dataset_parquet(tmp_path / "i2d", shards=1, n=5, failed={1})
+    ds = datasets.Dataset.from_dict({"image": [{"bytes": jpeg_bytes(seed=i), "path": None} for i in range(3)],
+                                     "caption": [caption(i) for i in range(3)]},
+                                    features=datasets.Features({"image": datasets.Image(),
+                                                                "caption": datasets.Value("string")}))
+    ds.save_to_disk(str(tmp_path / "hf"))
+    for spec, n in ((folder, 4), (f"hf:{tmp_path}/hf", 3)):
+        pattern = str(tmp_path / f"out{n}" / "s-%03d.tar")
+        assert main(["data", "shard", spec, "--out", pattern, "--per-shard", "2"]) == 0
+        assert f"wrote {n} samples" in capsys.readouterr().out
+        assert main(["data", "stats", str(tmp_path / f"out{n}")]) == 0
+        assert f"samples: {n}" in capsys.readouterr().out
+        with tarfile.open(pattern % 0) as tar:
+            assert {m.name.split(".", 1)[1] for m in tar.getmembers()} == {"jpg", "txt", "json"}
+    assert main(["bench", "data", folder, "--samples", "8", "--workers", "1", "--batch", "4",
+                 "--image-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("/s") >= 4 and "columns jpg, caption" in out  # ours and the baseline, 1 and 1 worker
+    tok = str(tmp_path / "tok.json")
+    assert main(["tokenizer", "train", f"text={folder}", "--vocab-size", "120", "--min-frequency", "1",
+                 "--out", tok]) == 0
+    from tokenizers import Tokenizer
+
+    assert Tokenizer.from_file(tok).token_to_id("grass") is not None

@@ -99,6 +99,12 @@ class TableSource(Source):
             if not ok:
                 raise ValueError(f"{where}: image column {self.image_col!r} is {t}; expected encoded bytes, "
                                  f"a path/URL string or an Image struct {{bytes, path}}")
+        if self.caption_col is not None:
+            t = schema.field(self.caption_col).type
+            if not any(f(t) for f in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
+                                      pa.types.is_large_binary)):
+                raise ValueError(f"{where}: caption column {self.caption_col!r} is {t}, not text; name a text "
+                                 f"column with #caption=COLUMN")
         if self.label_col is not None and not pa.types.is_integer(schema.field(self.label_col).type):
             if label is not None:
                 raise ValueError(f"{where}: label column {label!r} is {schema.field(label).type}, not integers")
