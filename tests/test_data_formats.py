@@ -243,3 +243,24 @@ def test_shard_bench_and_tokenizer_from_parquet_hf_and_hdf5(tmp_path, capsys):
     from tokenizers import Tokenizer
 
     assert Tokenizer.from_file(tok).token_to_id("grass") is not None
+
+
+def test_img2dataset_files_folder_is_unlabelled_captioned_images(tmp_path, capsys):
+    folder = tmp_path / "i2d_files"
+    for s in range(2):  # what img2dataset --output_format files writes per shard
+        shard = folder / f"{s:05d}"
+        shard.mkdir(parents=True)
+        for i in range(s * 3, s * 3 + 3):
+            (shard / f"{s:05d}{i:04d}.jpg").write_bytes(jpeg_bytes(seed=i))
+            (shard / f"{s:05d}{i:04d}.txt").write_text(caption(i))
+            (shard / f"{s:05d}{i:04d}.json").write_text(json.dumps({"caption": caption(i)}))
+        pq.write_table(pa.table({"key": [f"{s:05d}{i:04d}" for i in range(3)], "status": ["success"] * 3}),
+                       folder / f"{s:05d}.parquet")
+        (folder / f"{s:05d}_stats.json").write_text(json.dumps({"count": 3}))
+    item = parse_item(str(folder))
+    assert item.kind == "folder"
+    src = build_source(item)
+    assert src.provides == {"image", "text"} and len(src) == 6  # shard folders are not classes
+    assert sorted(src.record(i).caption.decode() for i in range(6)) == sorted(caption(i) for i in range(6))
+    assert main(["data", "stats", str(folder)]) == 0
+    assert "samples: 6" in capsys.readouterr().out

@@ -10,7 +10,8 @@ Kind from the path: .csv/.tsv/.jsonl manifests, .tar/.tar.gz/.tgz or a {..} patt
 .h5/.hdf5 -> hdf5, .txt -> text, .parquet -> parquet. A directory: wds if it holds tar shards
 (img2dataset's webdataset output, whatever .parquet/.json files sit beside them), hf if it is a
 saved Hugging Face dataset (state.json / dataset_dict.json), parquet if it holds .parquet files
-(img2dataset's parquet output), else folder.
+(img2dataset's parquet output), else folder (img2dataset's files output: numbered image folders
+beside NNNNN_stats.json, read unlabelled).
 Examples:
     data/captions.csv#root=images
     wds:shards/{00000..00099}.tar
@@ -86,7 +87,9 @@ def _directory_kind(path: str) -> str:
         return "wds"
     if "state.json" in names or "dataset_dict.json" in names:
         return "hf"
-    if any(n.endswith(".parquet") for n in names):
+    from .sources.folder import is_img2dataset_files
+
+    if any(n.endswith(".parquet") for n in names) and not is_img2dataset_files(path, names):
         return "parquet"
     return "folder"
 
