@@ -154,6 +154,12 @@ def test_hf_save_to_disk_dataset_and_dict(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "samples: 9" in out and "labels: 3 classes" in out
     pretrain_and_resume(tmp_path, f"hf:{tmp_path}/dict", "data.num_workers=2")
+    from m3ae.eval.labelled import labelled_dataset
+
+    labelled = labelled_dataset(f"hf:{tmp_path}/one", "train", 32)  # ClassLabel -> evaluation labels
+    assert len(labelled) == 9 and sorted(labelled.labels) == sorted(rows["label"])
+    image, label = labelled[0]
+    assert tuple(image.shape) == (3, 32, 32) and label in (0, 1, 2)
 
 
 def test_hf_parquet_shards_as_on_the_hub(tmp_path, capsys):

@@ -58,6 +58,7 @@ class ArrowSource(TableSource):
     """The Arrow stream files of `save_to_disk`, one record batch per unit (memory-mapped)."""
 
     kind = "hf"
+    unit_word = "record batches"
 
     def __init__(self, path: str, image: str | None = None, caption: str | None = None, label: str | None = None,
                  role: str = "paired"):
@@ -79,8 +80,9 @@ class ArrowSource(TableSource):
                 if missing:
                     raise ValueError(f"{file}: no column(s) {missing} (columns: {reader.schema.names})")
                 for b, batch in enumerate(reader):  # zero-copy: only the batch headers are read
-                    self.units.append((index, b))
-                    self.unit_rows.append(batch.num_rows)
+                    if batch.num_rows:
+                        self.units.append((index, b))
+                        self.unit_rows.append(batch.num_rows)
             except (pa.ArrowException, OSError) as err:
                 raise ValueError(f"{file}: not a readable Arrow stream file ({err})") from None
         if not self.units:

@@ -31,6 +31,7 @@ def list_parquet(pattern: str) -> list[str]:
 
 class ParquetSource(TableSource):
     kind = "parquet"
+    unit_word = "row groups"
 
     def __init__(self, path: str, image: str | None = None, caption: str | None = None, label: str | None = None,
                  root: str | None = None, role: str = "paired", files: list[str] | None = None):
@@ -55,8 +56,9 @@ class ParquetSource(TableSource):
             if missing:
                 raise ValueError(f"{file}: no column(s) {missing} (columns: {schema.names})")
             for g in range(meta.num_row_groups):
-                self.units.append((index, g))
-                self.unit_rows.append(meta.row_group(g).num_rows)
+                if meta.row_group(g).num_rows:
+                    self.units.append((index, g))
+                    self.unit_rows.append(meta.row_group(g).num_rows)
         if not self.units:
             raise ValueError(f"parquet:{path}: the files hold no rows")
         self._open: dict = {}

@@ -67,8 +67,9 @@ class TableSource(Source):
     """Subclasses fill `units` (any picklable ids), `unit_rows` and `read_unit`, then call `_choose`."""
 
     exact = False  # a stream: resume re-reads the unit it stopped in (exact with the same ranks x workers)
-    units: list = []
+    units: list = []  # only units with rows (an endless stream of empty units would never yield)
     unit_rows: list[int] = []
+    unit_word = "units"
 
     def __init__(self, role: str = "paired", shuffle_block: int = 0):
         self.role = role
@@ -117,7 +118,7 @@ class TableSource(Source):
         return int(sum(self.unit_rows))
 
     def describe(self) -> str:
-        return (f"{self.kind}:{self.name} ({len(self)} rows in {len(self.units)} units; "
+        return (f"{self.kind}:{self.name} ({len(self)} rows in {len(self.units)} {self.unit_word}; "
                 f"columns {', '.join(self.columns)})")
 
     def unit_records(self, unit, number: int) -> list[Record]:
