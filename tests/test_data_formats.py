@@ -154,9 +154,13 @@ def test_hf_save_to_disk_dataset_and_dict(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "samples: 9" in out and "labels: 3 classes" in out
     pretrain_and_resume(tmp_path, f"hf:{tmp_path}/dict", "data.num_workers=2")
+    arrow = sorted((tmp_path / "one").glob("*.arrow"))[-1]  # a truncated file: an error naming it
+    arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    assert main(["data", "stats", f"hf:{tmp_path}/one"]) == 2
+    assert f"{arrow.name}: not a readable Arrow stream file" in capsys.readouterr().err
     from m3ae.eval.labelled import labelled_dataset
 
-    labelled = labelled_dataset(f"hf:{tmp_path}/one", "train", 32)  # ClassLabel -> evaluation labels
+    labelled = labelled_dataset(f"hf:{tmp_path}/dict", "train", 32)  # ClassLabel -> evaluation labels
     assert len(labelled) == 9 and sorted(labelled.labels) == sorted(rows["label"])
     image, label = labelled[0]
     assert tuple(image.shape) == (3, 32, 32) and label in (0, 1, 2)
