@@ -123,11 +123,12 @@ class TableSource(Source):
 
     def unit_records(self, unit, number: int) -> list[Record]:
         """All records of one unit; unreadable data gives a `bad_table` record per row."""
-        prefix = f"{self.unit_name(unit)}"
+        pa = import_pyarrow()
+        prefix = self.unit_name(unit)
         try:
             table = self.read_unit(unit)
             cols = {c: table.column(c).to_pylist() for c in self.columns}
-        except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for corrupt pages
+        except (pa.ArrowException, OSError, ValueError) as err:  # corrupt pages, a truncated file
             rows = self.unit_rows[number]
             log.warning("skipping %d rows of %s: cannot read them (%s: %s)", rows, prefix, type(err).__name__,
                         str(err)[:200])
