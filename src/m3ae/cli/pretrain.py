@@ -24,7 +24,7 @@ class _HelpWithSettings(argparse.Action):
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="pretrain a model", add_help=False,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Pretrain M3AE. Settings: a YAML preset, then key=value overrides "
+                       description="Pretrain M3AE. Settings: a YAML preset, then key=value overrides\n"
                                    "(e.g. model.depth=4 optim.lr=1e-3 data.num_workers=4).")
     p.add_argument("-h", "--help", action=_HelpWithSettings, help="show this help and every setting, then exit")
     p.add_argument("--config", default=None, help="shipped preset name (demo, m3ae_base_cc12m, ...) or a YAML path")
@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="stop (and checkpoint) at this step without changing the schedule")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard with FSDP2 instead of DDP (shorthand for distributed.fsdp=true)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings (listed below)")
     p.set_defaults(func=run)
 
 
