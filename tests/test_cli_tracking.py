@@ -122,3 +122,23 @@ def test_wandb_missing_is_the_install_command(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)
     assert main(["pretrain", "--config", "demo", "--out", str(tmp_path), *TINY, "steps=1", "wandb=true"]) == 2
     assert "pip install 'm3ae[wandb]'" in capsys.readouterr().err
+
+
+@__import__("dataclasses").dataclass
+class _Documented:
+    # crop range
+    # (two lines)
+    low: float = 0.2
+    high: float = 1.0
+    flip: bool = True  # its own meaning
+    bare: int = 0
+
+    # after a blank line
+    other: int = 1
+
+
+def test_field_meanings_come_from_trailing_comments_and_blocks_above():
+    from m3ae.train.settings import field_comments
+
+    assert field_comments(_Documented) == {"low": "crop range (two lines)", "high": "crop range (two lines)",
+                                           "flip": "its own meaning", "other": "after a blank line"}

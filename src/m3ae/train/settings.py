@@ -1,6 +1,7 @@
 """Every `KEY=VALUE` setting of a run, with its type, default and meaning, read from the config
 dataclasses themselves: the meaning is the comment on the field's line, else the comment block
-just above it. `m3ae pretrain --help` prints them; a test keeps every field documented."""
+above it (which covers the fields right below it, up to a blank line or a field with its own
+comment). `m3ae pretrain --help` prints them; a test keeps every field documented."""
 from __future__ import annotations
 
 import dataclasses
@@ -27,17 +28,20 @@ def field_comments(cls: type) -> dict[str, str]:
     """Field name -> its comment (trailing, else the block right above), as one line."""
     out: dict[str, str] = {}
     block: list[str] = []
+    shared = False  # the block above was used by the previous field: it covers the next ones too
     for line in inspect.getsource(cls).splitlines()[1:]:
         comment = _COMMENT.match(line)
         if comment:
-            block.append(comment.group(1).strip())
+            block = ([] if shared else block) + [comment.group(1).strip()]
+            shared = False
             continue
         field = _FIELD.match(line)
-        if field:
-            text = field.group(2) or " ".join(block)
-            if text:
-                out[field.group(1)] = text.strip()
-        block = []
+        if field and (field.group(2) or block):
+            out[field.group(1)] = (field.group(2) or " ".join(block)).strip()
+        # a block comment covers the fields right below it, up to a blank line or a field's own comment
+        shared = bool(field and not field.group(2) and block)
+        if not shared:
+            block = []
     return out
 
 
