@@ -274,3 +274,23 @@ def test_img2dataset_files_folder_is_unlabelled_captioned_images(tmp_path, capsy
     assert sorted(src.record(i).caption.decode() for i in range(6)) == sorted(caption(i) for i in range(6))
     assert main(["data", "stats", str(folder)]) == 0
     assert "samples: 6" in capsys.readouterr().out
+
+
+def test_remote_parquet_with_image_urls_through_fsspec(tmp_path, capsys):
+    """A Parquet file and the images its URL column names, in an fsspec in-memory 'bucket' (the
+    s3:// / gs:// / https:// code path without a network)."""
+    fsspec = pytest.importorskip("fsspec")
+    fs, root = fsspec.filesystem("memory"), f"/m3ae-pq-{os.getpid()}-{tmp_path.name}"
+    try:
+        for i in range(4):
+            fs.pipe(f"{root}/img/{i}.jpg", jpeg_bytes(seed=i))
+        local = tmp_path / "urls.parquet"
+        pq.write_table(pa.table({"URL": [f"memory://{root}/img/{i}.jpg" for i in range(4)] + ["memory://nope.jpg"],
+                                 "TEXT": [caption(i) for i in range(5)]}), local)
+        fs.put(str(local), f"{root}/meta/urls.parquet")
+        spec = f"parquet:memory://{root}/meta/urls.parquet#image=URL"
+        assert main(["data", "stats", spec]) == 0
+        out = capsys.readouterr().out
+        assert "samples: 4" in out and "missing_image: 1" in out  # TEXT found as the caption, any case
+    finally:
+        fs.rm(root, recursive=True)
