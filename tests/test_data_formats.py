@@ -61,8 +61,9 @@ def test_img2dataset_parquet_folder_stats_pretrain_resume(tmp_path, capsys):
 def test_parquet_resume_position_is_exact_within_a_row_group(tmp_path):
     folder = write_img2dataset_parquet(tmp_path / "p", shards=1, n=10, row_group=5)
     src = build_source(parse_item(folder))
-    src.shuffle_block = 3
+    src.shuffle_block, src.batch_rows = 3, 2  # blocks and decoded batches cross each other
     full = list(src.iterate(0, 2, seed=7, epochs=2))
+    assert sorted(r.key for _, r in full[:5]) != [r.key for _, r in full[:5]]  # shuffled within the unit
     for cut in (1, 3, 4):
         rest = list(src.iterate(0, 2, seed=7, state=full[cut - 1][0], epochs=2))
         assert [r.key for _, r in rest] == [r.key for _, r in full[cut:]]

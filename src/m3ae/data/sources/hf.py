@@ -98,7 +98,7 @@ class ArrowSource(TableSource):
     def unit_name(self, unit) -> str:
         return f"{os.path.basename(self.files[unit[0]])}:b{unit[1]}"
 
-    def read_unit(self, unit):
+    def read_batches(self, unit):
         pa = import_pyarrow()
         if self._pid != os.getpid():
             self._batches, self._pid = {}, os.getpid()
@@ -107,4 +107,6 @@ class ArrowSource(TableSource):
             if len(self._batches) >= 8:
                 self._batches.pop(next(iter(self._batches)))
             self._batches[index] = pa.ipc.open_stream(pa.memory_map(self.files[index])).read_all().to_batches()
-        return self._batches[index][number]
+        batch = self._batches[index][number]
+        step = self.batch_rows
+        return (batch.slice(start, step) for start in range(0, batch.num_rows, step))  # zero-copy slices

@@ -72,7 +72,7 @@ class ParquetSource(TableSource):
     def unit_name(self, unit) -> str:
         return f"{os.path.basename(self.files[unit[0]])}:rg{unit[1]}"
 
-    def read_unit(self, unit):
+    def read_batches(self, unit):
         pa = import_pyarrow()
         if self._pid != os.getpid():
             self._open, self._pid = {}, os.getpid()
@@ -81,5 +81,7 @@ class ParquetSource(TableSource):
             if len(self._open) >= 8:  # few handles: a share reads its units one after another
                 self._open.pop(next(iter(self._open)))[0].close()
             f = open_file(self.files[index], "rb")
-            self._open[index] = (f, pa.parquet.ParquetFile(f))
-        return self._open[index][1].read_row_group(group, columns=self.columns)
+            # Buffered page by page, not a whole column chunk at once: memory stays near batch_rows rows.
+            self._open[index] = (f, pa.parquet.ParquetFile(f, buffer_size=1 << 20, pre_buffer=False))
+        return self._open[index][1].iter_batches(self.batch_rows, row_groups=[group], columns=self.columns,
+                                                 use_threads=False)

@@ -2,7 +2,8 @@
 have in common. A table is read one *unit* at a time (a Parquet row group, an Arrow record batch),
 never whole; units play the part shards play for tar streams (see wds.py): each (rank, worker)
 share takes every `parts`-th unit of an endless sequence of per-epoch unit permutations, and the
-position (unit slot, rows read in it) resumes exactly.
+position (unit slot, rows read in it) resumes exactly. Within a unit, rows are converted
+`BATCH_ROWS` at a time (a row group may hold a million images).
 
 Columns: the image is encoded bytes (binary), a path or URL (string, relative to `root`), or a
 Hugging Face `Image` struct {bytes, path}; the caption a string or binary column; the label an
@@ -26,6 +27,8 @@ CAPTION_COLUMNS = ("caption", "txt", "text", "title", "sentence", "alt")
 LABEL_COLUMNS = ("label", "labels", "cls", "class", "target")
 
 log = logging.getLogger("m3ae.data")
+
+BATCH_ROWS = 256  # rows decoded into records at a time
 
 def import_pyarrow():
     """pyarrow (with its parquet module loaded), or an error that says how to install it."""
@@ -64,12 +67,14 @@ def _image_value(value, root: str):
 
 
 class TableSource(Source):
-    """Subclasses fill `units` (any picklable ids), `unit_rows` and `read_unit`, then call `_choose`."""
+    """Subclasses fill `units` (any picklable ids) and `unit_rows`, call `_choose`, and read with
+    `read_batches`."""
 
     exact = False  # a stream: resume re-reads the unit it stopped in (exact with the same ranks x workers)
     units: list = []  # only units with rows (an endless stream of empty units would never yield)
     unit_rows: list[int] = []
     unit_word = "units"
+    batch_rows = BATCH_ROWS
 
     def __init__(self, role: str = "paired", shuffle_block: int = 0):
         self.role = role
@@ -77,8 +82,9 @@ class TableSource(Source):
         # stored); set from data.shuffle_buffer, as for tar shards.
         self.shuffle_block = int(shuffle_block)
 
-    def read_unit(self, unit):
-        """The unit's rows as a pyarrow Table or RecordBatch, with at least `self.columns`."""
+    def read_batches(self, unit) -> Iterator:
+        """The unit's rows, in order, as pyarrow RecordBatches of at most `batch_rows` rows holding
+        at least `self.columns`."""
         raise NotImplementedError
 
     def unit_name(self, unit) -> str:
@@ -121,28 +127,28 @@ class TableSource(Source):
         return (f"{self.kind}:{self.name} ({len(self)} rows in {len(self.units)} {self.unit_word}; "
                 f"columns {', '.join(self.columns)})")
 
-    def unit_records(self, unit, number: int) -> list[Record]:
-        """All records of one unit; unreadable data gives a `bad_table` record per row."""
+    def unit_records(self, unit, number: int) -> Iterator[Record]:
+        """The records of one unit, in order; rows that cannot be read are `bad_table` records."""
         pa = import_pyarrow()
         prefix = self.unit_name(unit)
+        done = 0
         try:
-            table = self.read_unit(unit)
-            cols = {c: table.column(c).to_pylist() for c in self.columns}
+            for batch in self.read_batches(unit):
+                cols = {c: batch.column(c).to_pylist() for c in self.columns}
+                for i in range(batch.num_rows):
+                    label = cols[self.label_col][i] if self.label_col else None
+                    yield Record(
+                        key=f"{prefix}#{done}",
+                        image=_image_value(cols[self.image_col][i], self.root) if self.image_col else None,
+                        caption=cols[self.caption_col][i] if self.caption_col else None,
+                        label=None if label is None else int(label))
+                    done += 1
         except (pa.ArrowException, OSError, ValueError) as err:  # corrupt pages, a truncated file
             rows = self.unit_rows[number]
-            log.warning("skipping %d rows of %s: cannot read them (%s: %s)", rows, prefix, type(err).__name__,
-                        str(err)[:200])
-            return [Record(key=f"{prefix}#{i}", missing="bad_table") for i in range(rows)]
-        n = len(cols[self.columns[0]]) if self.columns else 0
-        out = []
-        for i in range(n):
-            label = cols[self.label_col][i] if self.label_col else None
-            out.append(Record(
-                key=f"{prefix}#{i}",
-                image=_image_value(cols[self.image_col][i], self.root) if self.image_col else None,
-                caption=cols[self.caption_col][i] if self.caption_col else None,
-                label=None if label is None else int(label)))
-        return out
+            log.warning("skipping rows %d-%d of %s: cannot read them (%s: %s)", done, rows - 1, prefix,
+                        type(err).__name__, str(err)[:200])
+            for i in range(done, rows):
+                yield Record(key=f"{prefix}#{i}", missing="bad_table")
 
     def unit_order(self, seed: int, epoch: int) -> np.ndarray:
         return np.random.default_rng([seed, epoch, 0x7AB1E]).permutation(len(self.units))
@@ -155,15 +161,28 @@ class TableSource(Source):
             if epochs is not None and epoch >= epochs:
                 return
             number = int(self.unit_order(seed, epoch)[within])
-            records = self.unit_records(self.units[number], number)
-            order = self._order(len(records), (seed, epoch, within))
-            for done, i in enumerate(order[skip:], start=skip + 1):
-                yield (slot, done), records[int(i)]
+            records = self._shuffled(self.unit_records(self.units[number], number), (seed, epoch, within))
+            for done, record in enumerate(records, start=1):
+                if done > skip:
+                    yield (slot, done), record
             slot, skip = slot + 1, 0
 
-    def _order(self, n: int, key: tuple[int, int, int]) -> np.ndarray:
+    def _shuffled(self, records: Iterator[Record], key: tuple[int, int, int]) -> Iterator[Record]:
+        """Seeded random order within consecutive blocks of `shuffle_block` records (fixed blocks:
+        the position stays exact)."""
         if self.shuffle_block <= 1:
-            return np.arange(n)
-        rng = np.random.default_rng([*key, 0x53485546])
-        return np.concatenate([start + rng.permutation(min(self.shuffle_block, n - start))
-                               for start in range(0, n, self.shuffle_block)] or [np.arange(0)])
+            yield from records
+            return
+        block: list[Record] = []
+        number = 0
+        for record in records:
+            block.append(record)
+            if len(block) == self.shuffle_block:
+                yield from self._permuted(block, key, number)
+                block, number = [], number + 1
+        yield from self._permuted(block, key, number)
+
+    @staticmethod
+    def _permuted(block: list[Record], key: tuple[int, int, int], number: int) -> Iterator[Record]:
+        for i in np.random.default_rng([*key, number, 0x53485546]).permutation(len(block)):
+            yield block[int(i)]
