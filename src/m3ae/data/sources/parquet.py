@@ -80,8 +80,14 @@ class ParquetSource(TableSource):
         if index not in self._open:
             if len(self._open) >= 8:  # few handles: a share reads its units one after another
                 self._open.pop(next(iter(self._open)))[0].close()
-            f = open_file(self.files[index], "rb")
-            # Buffered page by page, not a whole column chunk at once: memory stays near batch_rows rows.
-            self._open[index] = (f, pa.parquet.ParquetFile(f, buffer_size=1 << 20, pre_buffer=False))
+            path = self.files[index]
+            # Local files are memory-mapped: pages are read as rows are decoded (clean, reclaimable
+            # page cache), where a file object makes pyarrow hold the row group's column chunks in memory.
+            if is_url(path):
+                f = open_file(path, "rb")
+                self._open[index] = (f, pa.parquet.ParquetFile(f))
+            else:
+                pf = pa.parquet.ParquetFile(path, memory_map=True)
+                self._open[index] = (pf, pf)  # (what to close, the reader)
         return self._open[index][1].iter_batches(self.batch_rows, row_groups=[group], columns=self.columns,
                                                  use_threads=False)

@@ -28,7 +28,7 @@ LABEL_COLUMNS = ("label", "labels", "cls", "class", "target")
 
 log = logging.getLogger("m3ae.data")
 
-BATCH_ROWS = 256  # rows decoded into records at a time
+BATCH_ROWS = 64  # rows decoded into records at a time (64 photos: a few MB)
 
 def import_pyarrow():
     """pyarrow (with its parquet module loaded), or an error that says how to install it."""
