@@ -62,6 +62,7 @@ class M3AEConfig:
     layer_norm_eps: float = 1e-6  # LayerNorm epsilon
     grad_checkpointing: bool = False  # recompute block activations in backward (less memory, slower)
     preset: str | None = field(default=None, compare=False)  # size preset applied first (nano ... huge)
+
     def __post_init__(self) -> None:
         self.validate()
 

@@ -70,6 +70,7 @@ class TrainConfig:
     eval_every: int = 0
     eval_train: Optional[str] = None  # labelled training set of the periodic probe
     eval_val: Optional[str] = None  # labelled validation set of the periodic probe
+
     def peak_lr(self) -> float:
         return self.optim.lr if self.optim.lr is not None else scaled_lr(self.optim.base_lr, self.batch_size)
 
