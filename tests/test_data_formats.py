@@ -84,6 +84,7 @@ def test_img2dataset_webdataset_folder_is_read_as_shards(tmp_path, capsys):
     assert item.kind == "wds"
     assert main(["data", "stats", str(folder)]) == 0
     assert "samples: 8" in capsys.readouterr().out
+    pretrain_and_resume(tmp_path, str(folder))
 
 
 def test_parquet_paths_column_mapping_and_labels(tmp_path, capsys):
@@ -180,6 +181,7 @@ def test_hf_parquet_shards_as_on_the_hub(tmp_path, capsys):
     assert (len(train), len(val)) == (6, 2) and train.provides == {"image", "text"}
     assert main(["data", "stats", f"hf:{tmp_path}/repo"]) == 0
     assert "samples: 6" in capsys.readouterr().out
+    pretrain_and_resume(tmp_path, f"hf:{tmp_path}/repo#image=img")
     with pytest.raises(FileNotFoundError, match="saved on disk"):
         build_source(parse_item("hf:someone/some-dataset"))
 
@@ -275,6 +277,7 @@ def test_img2dataset_files_folder_is_unlabelled_captioned_images(tmp_path, capsy
     assert sorted(src.record(i).caption.decode() for i in range(6)) == sorted(caption(i) for i in range(6))
     assert main(["data", "stats", str(folder)]) == 0
     assert "samples: 6" in capsys.readouterr().out
+    pretrain_and_resume(tmp_path, str(folder))
 
 
 def test_remote_parquet_with_image_urls_through_fsspec(tmp_path, capsys):
