@@ -77,3 +77,30 @@ def write_text(tmp_path, n=30, name="corpus.txt") -> str:
     with open(path, "w") as f:
         f.write("".join(caption(1000 + i) + "\n" for i in range(n)))
     return path
+
+
+def write_img2dataset_parquet(folder, shards=2, n=6, failed=(), row_group=4) -> str:
+    """img2dataset's `parquet` output, written with pyarrow as it writes it: per shard NNNNN.parquet
+    (key, url, caption, status, error_message, width, height, jpg; failed downloads have a null
+    jpg) + NNNNN_stats.json. Rows listed in `failed` (global index) are failed downloads."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(folder, exist_ok=True)
+    for s in range(shards):
+        rows = range(s * n, (s + 1) * n)
+        ok = [i not in failed for i in rows]
+        table = pa.table({
+            "key": [f"{s:05d}{i:04d}" for i in rows],
+            "url": [f"http://example.invalid/{i}.jpg" for i in rows],
+            "caption": [caption(i) for i in rows],
+            "status": ["success" if good else "failed_to_download" for good in ok],
+            "error_message": [None if good else "404" for good in ok],
+            "width": pa.array([48 if good else None for good in ok], pa.int64()),
+            "height": pa.array([40 if good else None for good in ok], pa.int64()),
+            "jpg": pa.array([jpeg_bytes(seed=i) if good else None for i, good in zip(rows, ok)], pa.binary()),
+        })
+        pq.write_table(table, os.path.join(folder, f"{s:05d}.parquet"), row_group_size=row_group)
+        with open(os.path.join(folder, f"{s:05d}_stats.json"), "w") as f:
+            json.dump({"count": n, "successes": sum(ok), "failed_to_download": n - sum(ok)}, f)
+    return str(folder)

@@ -211,3 +211,16 @@ def test_remote_shards_and_manifest_through_fsspec(tmp_path, memory_bucket):
         seen = {k for b in take(td, 4) for p in b.parts for k in p.keys}
         assert len(seen) == n  # every record read, images decoded (a missing one would be skipped)
         assert td.counter is None or td.counter.total_bad == 0
+
+
+def test_stream_resume_at_an_odd_micro_batch_with_two_workers(tmp_path):
+    """Micro-batch m comes from share m % workers: resuming at an odd m must not swap the shares."""
+    spec = shards(tmp_path, [6, 6, 6, 6])
+    data = cfg(spec, tmp_path, num_workers=2)
+    full = take(build_train_data(data, MODEL, seed=0, micro_batch=4), 6)
+    td = build_train_data(data, MODEL, seed=0, micro_batch=4)
+    take(td, 3)
+    resumed = take(build_train_data(data, MODEL, seed=0, micro_batch=4, start_micro_batch=3,
+                                    resume_state=td.state(3)), 3)
+    assert [b.step for b in resumed] == [3, 4, 5]
+    assert [keys(b) for b in resumed] == [keys(b) for b in full[3:]]

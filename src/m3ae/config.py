@@ -31,37 +31,37 @@ class M3AEConfig:
     `vocab_size=0` gives an image-only model (the MAE baseline): no text parameters at all.
     """
 
-    image_size: int = 256
-    patch_size: int = 16
-    in_chans: int = 3
-    emb_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    dec_emb_dim: int = 512
-    dec_depth: int = 8
-    dec_num_heads: int = 16
-    mlp_ratio: float = 4.0
-    vocab_size: int = 30522
-    text_length: int = 64
-    use_type_embedding: bool = True
-    output_head_depth: int = 0
-    drop: float = 0.0
-    att_drop: float = 0.0
-    drop_path: float = 0.0
-    image_mask_ratio: float = 0.75
-    text_mask_ratio: float = 0.75
-    image_loss_weight: float = 1.0
-    text_loss_weight: float = 0.5
-    norm_pix_loss: bool = False
+    image_size: int = 256  # input image side, pixels
+    patch_size: int = 16  # patch side, pixels (image_size must be a multiple)
+    in_chans: int = 3  # image channels
+    emb_dim: int = 768  # encoder width
+    depth: int = 12  # encoder blocks
+    num_heads: int = 12  # encoder attention heads
+    dec_emb_dim: int = 512  # decoder width
+    dec_depth: int = 8  # decoder blocks
+    dec_num_heads: int = 16  # decoder attention heads
+    mlp_ratio: float = 4.0  # MLP hidden width / block width
+    vocab_size: int = 30522  # text vocabulary (0: image-only MAE, no text parameters)
+    text_length: int = 64  # caption tokens kept (longer captions are truncated)
+    use_type_embedding: bool = True  # add a learned image / text type embedding to each token
+    output_head_depth: int = 0  # hidden layers of the output heads (0: one linear layer)
+    drop: float = 0.0  # dropout rate
+    att_drop: float = 0.0  # attention dropout rate
+    drop_path: float = 0.0  # stochastic depth rate
+    image_mask_ratio: float = 0.75  # share of image patches hidden
+    text_mask_ratio: float = 0.75  # share of caption tokens hidden
+    image_loss_weight: float = 1.0  # weight of the pixel reconstruction loss
+    text_loss_weight: float = 0.5  # weight of the masked-word loss
+    norm_pix_loss: bool = False  # targets are per-patch normalised pixels (MAE's option)
     # "per_sample": independent mask per sample, text ratio over real tokens only (our default).
     # "reference": one permutation for the batch over all text positions (the authors' code).
     masking: str = "per_sample"
     # "sdpa": fused scaled_dot_product_attention (ours); "explicit": softmax(QK^T) with padded-key
     # scores replaced by -1e7, as the authors compute it (reference-equivalent benchmarking).
     attention: str = "sdpa"
-    layer_norm_eps: float = 1e-6
-    grad_checkpointing: bool = False
-    preset: str | None = field(default=None, compare=False)
+    layer_norm_eps: float = 1e-6  # LayerNorm epsilon
+    grad_checkpointing: bool = False  # recompute block activations in backward (less memory, slower)
+    preset: str | None = field(default=None, compare=False)  # size preset applied first (nano ... huge)
 
     def __post_init__(self) -> None:
         self.validate()

@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from ..data.bad import DataQualityError
+from ..optional import missing_dependency
 
 COMMANDS = [
     "m3ae.cli.pretrain",
@@ -30,8 +31,21 @@ COMMANDS = [
 ]
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    from .. import __version__
+
+    try:
+        torch = metadata.version("torch")  # without importing it (slow)
+    except metadata.PackageNotFoundError:
+        torch = "not installed"
+    return f"m3ae {__version__} (torch {torch}, python {sys.version.split()[0]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m3ae", description="Multimodal Masked Autoencoders")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(name).register(sub)
@@ -43,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except ImportError as err:  # an optional dependency: say which extra brings it
+        message = missing_dependency(err)
+        if message is None:
+            raise
+        print(f"m3ae {args.command}: error: {message}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as err:  # configuration and input errors: no traceback
         print(f"m3ae {args.command}: error: {err}", file=sys.stderr)
         return 2

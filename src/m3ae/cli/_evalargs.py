@@ -56,12 +56,12 @@ def preprocessing(args, image_size: int):
 
 
 def dataset(args, spec: str, split: str, image_size: int, train_transform: bool = False, limit=None,
-            crop_scale=(0.2, 1.0)):
+            crop_scale=(0.2, 1.0), unlabelled: bool = False):
     from ..eval.labelled import labelled_dataset
     pre = preprocessing(args, image_size)
     return labelled_dataset(spec, split, image_size, train_transform, pre.stats,
                             crop_scale=crop_scale, crop_pct=pre.crop_pct, limit=limit, seed=args.seed,
-                            square=pre.square, pad_value=pre.pad_value)
+                            square=pre.square, pad_value=pre.pad_value, unlabelled=unlabelled)
 
 
 def features_for(args, model, spec: str, split: str, limit, device):

@@ -3,13 +3,13 @@ plain baseline (full PIL decode, PIL crop + resize, to tensor, normalise), per w
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
 import time
 
 import numpy as np
-import torch
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +27,8 @@ class BaselineTransform:
     """The plain pipeline: decode the whole image, crop, resize (bicubic), flip, to tensor, normalise."""
 
     def __init__(self, size: int, stats="cc12m"):
+        import torch
+
         from m3ae.data.normalization import resolve_stats
 
         self.size = size
@@ -34,12 +36,13 @@ class BaselineTransform:
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
 
-    def __call__(self, path: str, rng: np.random.Generator) -> torch.Tensor:
+    def __call__(self, data: str | bytes, rng: np.random.Generator):
+        import torch
         from PIL import Image
 
         from m3ae.data.images import random_resized_crop_box
 
-        image = Image.open(path).convert("RGB")
+        image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data).convert("RGB")
         box = random_resized_crop_box(*image.size, rng)
         image = image.crop(box).resize((self.size, self.size), Image.BICUBIC)
         if rng.random() < 0.5:
@@ -48,7 +51,7 @@ class BaselineTransform:
         return (x - self.mean) / self.std
 
 
-class _Files(torch.utils.data.Dataset):
+class _Files:  # a map-style dataset (torch is imported only when the bench runs, not for --help)
     def __init__(self, records, transform):
         self.records, self.transform = records, transform
 
@@ -60,6 +63,8 @@ class _Files(torch.utils.data.Dataset):
 
 
 def _rate(dataset, n: int, workers: int, batch: int) -> float:
+    import torch
+
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, shuffle=False,
                                          sampler=[i % len(dataset) for i in range(n)])
     it = iter(loader)
@@ -71,6 +76,8 @@ def _rate(dataset, n: int, workers: int, batch: int) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from m3ae.data.images import TrainTransform
     from m3ae.data.sources import build_sources
 

@@ -5,15 +5,16 @@ import argparse
 import time
 from pathlib import Path
 
-from ..distributed import pick_device
 from . import _evalargs as E
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("embed", help="export encoder features of a labelled set",
-                       description="Write features (N, D) float32, labels (N,) int64 and keys.")
+    p = sub.add_parser("embed", help="export encoder features of an image set (labelled or not)",
+                       description="Write features (N, D) float32, labels (N,) int64 and keys. Data without "
+                                   "labels (a folder of photos, a manifest without a label column, shards "
+                                   "without .cls) gets label -1 everywhere.")
     E.add_model_args(p)
-    p.add_argument("--data", required=True, help="labelled data spec (see m3ae.eval.labelled)")
+    p.add_argument("--data", required=True, help="data spec, labelled or not (see m3ae.eval.labelled)")
     p.add_argument("--split", default="val", help="which part of CIFAR / HDF5 data: train | val")
     p.add_argument("--out", required=True, help="FILE.safetensors | FILE.npz | FILE.npy")
     p.add_argument("--inputs", choices=("image", "text", "joint"), default="image",
@@ -57,9 +58,10 @@ def run(args: argparse.Namespace) -> int:
     from ..eval.results import summary_line, write_result
 
     t0 = time.perf_counter()
+    from ..distributed import pick_device  # torch: imported when run, not for --help
     device = pick_device(args.device)
     model = E.load_encoder(args.checkpoint, device)
-    ds = E.dataset(args, args.data, args.split, model.config.image_size, False, args.limit)
+    ds = E.dataset(args, args.data, args.split, model.config.image_size, False, args.limit, unlabelled=True)
     collate = None
     if args.inputs != "image":
         if not hasattr(ds, "captions"):

@@ -5,7 +5,6 @@ import argparse
 import time
 from pathlib import Path
 
-from ..distributed import pick_device
 from . import _evalargs as E
 
 
@@ -36,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from ..eval.results import summary_line, write_result
 
     t0 = time.perf_counter()
+    from ..distributed import pick_device  # torch: imported when run, not for --help
     device = pick_device(args.device)
     encoder = load_for_finetune(args.checkpoint, args.drop_path)
     size = encoder.config.image_size

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..distributed import pick_device
 from . import _evalargs as E
 
 
@@ -23,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from ..eval.results import summary_line, write_result
 
     t0 = time.perf_counter()
+    from ..distributed import pick_device  # torch: imported when run, not for --help
     device = pick_device(args.device)
     need_model = not (is_feature_file(args.train) and is_feature_file(args.val))
     model = E.load_encoder(args.checkpoint, device) if need_model else None

@@ -5,7 +5,6 @@ import argparse
 import time
 from pathlib import Path
 
-from ..distributed import pick_device
 from . import _evalargs as E
 
 
@@ -46,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from ..eval.results import summary_line, write_result
 
     t0 = time.perf_counter()
+    from ..distributed import pick_device  # torch: imported when run, not for --help
     device = pick_device(args.device)
     in_classes, out_classes = parse_classes(args.in_classes), parse_classes(args.out_classes)
     finetuned = is_classifier_dir(args.checkpoint)

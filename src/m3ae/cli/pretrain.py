@@ -6,12 +6,31 @@ import shlex
 import sys
 
 
+class _HelpWithSettings(argparse.Action):
+    """-h/--help that also lists every KEY=VALUE setting (built only when asked: it imports the
+    config classes, which `m3ae --help` should not wait for)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from ..train.settings import settings_help
+
+        parser.epilog = settings_help()
+        parser.print_help()
+        parser.exit()
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pretrain", help="pretrain a model",
-                       description="Pretrain M3AE. Settings: a YAML preset, then key=value overrides "
+    p = sub.add_parser("pretrain", help="pretrain a model", add_help=False,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Pretrain M3AE. Settings: a YAML preset, then key=value overrides\n"
                                    "(e.g. model.depth=4 optim.lr=1e-3 data.num_workers=4).")
+    p.add_argument("-h", "--help", action=_HelpWithSettings, help="show this help and every setting, then exit")
     p.add_argument("--config", default=None, help="shipped preset name (demo, m3ae_base_cc12m, ...) or a YAML path")
-    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, run_config.yaml")
+    p.add_argument("--out", default=None, help="run folder: checkpoints, metrics.jsonl, run_config.yaml (required)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved settings (preset + overrides) as YAML, then exit")
     p.add_argument("--data", default=None, help="data spec (shorthand for data.spec=...)")
     p.add_argument("--steps", type=int, default=None, help="total optimiser steps (shorthand for steps=N)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch (shorthand for batch_size=N)")
@@ -21,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="stop (and checkpoint) at this step without changing the schedule")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard with FSDP2 instead of DDP (shorthand for distributed.fsdp=true)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings (listed below)")
     p.set_defaults(func=run)
 
 
@@ -53,6 +72,15 @@ def run(args: argparse.Namespace) -> int:
     if args.fsdp:
         overrides.append("distributed.fsdp=true")
     config = load_config(args.config, overrides)
+    for warning in config.warnings():
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.print_config:
+        from ..train.config import to_yaml
+
+        print(to_yaml(config), end="")
+        return 0
+    if args.out is None:
+        raise ValueError("--out is required (the run folder)")
     # Launched by torchrun: join the process group (DDP/FSDP); otherwise a single process.
     info = init_distributed(config.device)
     try:

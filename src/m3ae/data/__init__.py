@@ -7,6 +7,16 @@ Contract between sources and the trainer: a source yields *samples*, dicts with
   "step":  int, the micro-batch index this sample belongs to (set by the sampler; seeds masks)
 `Collator` turns a list of samples into a batch of modality groups, each with its masks.
 """
-from .collate import Batch, BatchPart, Collator
+from __future__ import annotations
+
+
+def __getattr__(name: str):
+    # Lazy (collate imports torch): `m3ae.data.bad` and `m3ae.data.spec` stay light for the CLI.
+    if name in ("Batch", "BatchPart", "Collator"):
+        from . import collate
+
+        return getattr(collate, name)
+    raise AttributeError(f"module 'm3ae.data' has no attribute {name!r}")
+
 
 __all__ = ["Batch", "BatchPart", "Collator"]

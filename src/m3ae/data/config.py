@@ -12,10 +12,10 @@ class DataConfig:
     # Tokenizer: a hub name, a tokenizer.json / vocab.txt path; None = the source's own (demo: built
     # in), "bert-base-uncased" (the paper's) for real data.
     tokenizer: Optional[str] = None
-    num_workers: int = 2
-    prefetch_factor: int = 2
+    num_workers: int = 2  # loader worker processes per rank
+    prefetch_factor: int = 2  # batches each worker prepares ahead
     normalization: str = "cc12m"  # "cc12m", "imagenet", or "mean1,mean2,mean3/std1,std2,std3"
-    demo_samples: int = 8192
+    demo_samples: int = 8192  # size of the built-in synthetic set (spec demo)
     # Tar shards: records are read in a seeded random order within blocks of this many per shard
     # (memory: that many encoded samples per loader worker). Shards are often sorted (by id, by class).
     shuffle_buffer: int = 2000
@@ -23,14 +23,14 @@ class DataConfig:
     caption_drop: float = 0.0
     # RandomResizedCrop area range (the paper: 0.2-1) and horizontal flips.
     crop_scale_min: float = 0.2
-    crop_scale_max: float = 1.0
-    hflip: bool = True
+    crop_scale_max: float = 1.0  # upper end of the crop area range
+    hflip: bool = True  # random horizontal flips
     # Non-square photos: "crop" takes crops of the photo as it is; "pad" first pads it to a centred
     # square of grey level `pad_value` (255: white, for studio product photos), so nothing is cut off.
     square: str = "crop"
-    pad_value: int = 255
+    pad_value: int = 255  # grey level of the padding of square=pad
     jpeg_draft: bool = True  # decode JPEGs at reduced DCT scale when the crop is much larger than the output
     max_image_pixels: int = 178_956_970  # refuse larger images (decompression bombs)
     # Stop the run when more than this share of samples is unusable (after bad_min_samples seen).
     max_bad_fraction: float = 0.05
-    bad_min_samples: int = 200
+    bad_min_samples: int = 200  # samples seen before max_bad_fraction is enforced

@@ -258,7 +258,9 @@ class StreamDataset(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator:
         info = torch.utils.data.get_worker_info()
         w, nw = (0, 1) if info is None else (info.id, info.num_workers)
-        g, parts = self.rank * nw + w, self.world_size * nw
+        # Micro-batch m comes from share m % nw: after a resume at an odd start, worker 0 continues
+        # the share that produced the odd batches (keeping w would swap the shares' data).
+        g, parts = self.rank * nw + (self.start + w) % nw, self.world_size * nw
         state = self._initial_state(g, parts)
         n = int(state["n"])
         positions = list(state["sources"])

@@ -3,11 +3,15 @@
     SPEC  := ITEM ("," ITEM)*
     ITEM  := [ROLE "="] [KIND ":"] PATH ("#" OPTION)* ["@" WEIGHT]
     ROLE  := paired | image | text       what the source contributes (default: all it has)
-    KIND  := csv | tsv | jsonl | wds | hdf5 | folder | text   (default: from the path)
+    KIND  := csv | tsv | jsonl | wds | hdf5 | folder | text | parquet | hf   (default: from the path)
     OPTION:= NAME "=" VALUE | VALUE     (a bare VALUE is the text column for text corpora)
 
 Kind from the path: .csv/.tsv/.jsonl manifests, .tar/.tar.gz/.tgz or a {..} pattern -> wds,
-.h5/.hdf5 -> hdf5, .txt -> text, a directory -> folder (or wds if it holds only shards).
+.h5/.hdf5 -> hdf5, .txt -> text, .parquet -> parquet. A directory: wds if it holds tar shards
+(img2dataset's webdataset output, whatever .parquet/.json files sit beside them), hf if it is a
+saved Hugging Face dataset (state.json / dataset_dict.json), parquet if it holds .parquet files
+(img2dataset's parquet output), else folder (img2dataset's files output: numbered image folders
+beside NNNNN_stats.json, read unlabelled).
 Examples:
     data/captions.csv#root=images
     wds:shards/{00000..00099}.tar
@@ -22,8 +26,9 @@ import re
 from dataclasses import dataclass, field
 
 ROLES = ("paired", "image", "text")
-KINDS = ("csv", "tsv", "jsonl", "wds", "hdf5", "folder", "text")
-_ALIASES = {"tar": "wds", "webdataset": "wds", "h5": "hdf5", "json": "jsonl", "dir": "folder"}
+KINDS = ("csv", "tsv", "jsonl", "wds", "hdf5", "folder", "text", "parquet", "hf")
+_ALIASES = {"tar": "wds", "webdataset": "wds", "h5": "hdf5", "json": "jsonl", "dir": "folder", "pq": "parquet",
+            "huggingface": "hf"}
 
 
 @dataclass
@@ -59,7 +64,7 @@ def detect_kind(path: str) -> str:
     if "{" in path or p.endswith((".tar", ".tar.gz", ".tgz")):
         return "wds"
     for ext, kind in ((".csv", "csv"), (".tsv", "tsv"), (".jsonl", "jsonl"), (".json", "jsonl"),
-                      (".h5", "hdf5"), (".hdf5", "hdf5"), (".txt", "text")):
+                      (".h5", "hdf5"), (".hdf5", "hdf5"), (".txt", "text"), (".parquet", "parquet")):
         if p.endswith(ext):
             return kind
     if any(ch in path for ch in "*?[") and "://" not in path:
@@ -70,13 +75,23 @@ def detect_kind(path: str) -> str:
             raise FileNotFoundError(f"no files match {path!r}")
         return detect_kind(found[0])
     if os.path.isdir(path):
-        names = os.listdir(path)
-        if names and all(n.endswith((".tar", ".tar.gz", ".tgz")) or n.startswith(".") for n in names):
-            return "wds"
-        return "folder"
+        return _directory_kind(path)
     if not os.path.exists(path) and "://" not in path:
         raise FileNotFoundError(f"data path does not exist: {path}")
     raise ValueError(f"cannot tell the kind of {path!r}; prefix it, e.g. csv:{path} (kinds: {', '.join(KINDS)})")
+
+
+def _directory_kind(path: str) -> str:
+    names = [n for n in os.listdir(path) if not n.startswith(".")]
+    if any(n.endswith((".tar", ".tar.gz", ".tgz")) for n in names):
+        return "wds"
+    if "state.json" in names or "dataset_dict.json" in names:
+        return "hf"
+    from .sources.folder import is_img2dataset_files
+
+    if any(n.endswith(".parquet") for n in names) and not is_img2dataset_files(path, names):
+        return "parquet"
+    return "folder"
 
 
 def parse_item(item: str) -> SourceSpec:

@@ -10,6 +10,9 @@ hold both):
     {key}.<image> + {key}.cls; the authors' HDF5 layout {split}_jpg + {split}_labels (split train
     or val, unless the item sets #split=); CSV/TSV/JSONL manifests with a label column (integers or
     class names, numbered in sorted order) and an optional caption column.
+Parquet files and Hugging Face datasets on disk (parquet:/hf:) with a label column are read whole
+into memory (encoded bytes). `unlabelled=True` (m3ae embed) also takes sets without labels: every
+label is then -1.
 Images are decoded and transformed by m3ae.data.images (TrainTransform / EvalTransform). Bad images
 are skipped, counted (BadCounter) and logged; a missing path is an error.
 """
@@ -103,14 +106,14 @@ class LabelledImages(torch.utils.data.Dataset):
 def labelled_dataset(spec: str, split: str, image_size: int, train_transform: bool = False,
                      stats="cc12m", *, crop_scale=(0.2, 1.0), crop_pct: float = 1.0,
                      limit: int | None = None, seed: int = 0, square: str = "crop",
-                     pad_value: int = 255) -> LabelledImages:
+                     pad_value: int = 255, unlabelled: bool = False) -> LabelledImages:
     """The one entry point: a spec (see the module doc) -> Dataset of (normalised image, label).
     Training: RandomResizedCrop of area `crop_scale` + flip; else the shorter side resized to
     image_size / crop_pct and centre-cropped. `square="pad"`: photos padded to a square first."""
     pad = dict(square=square, pad_value=pad_value)
     transform = (TrainTransform(image_size, tuple(crop_scale), stats=stats, **pad) if train_transform
                  else EvalTransform(image_size, int(round(image_size / crop_pct)), stats=stats, **pad))
-    return _read(spec, split, transform).subset(limit, seed)
+    return _read(spec, split, transform, unlabelled).subset(limit, seed)
 
 
 def _is_cifar(path: Path) -> bool:
@@ -119,7 +122,7 @@ def _is_cifar(path: Path) -> bool:
     return path.is_file() and path.name.startswith(("data_batch", "test_batch"))
 
 
-def _read(spec: str, split: str, transform) -> LabelledImages:
+def _read(spec: str, split: str, transform, unlabelled: bool = False) -> LabelledImages:
     train = split == "train"
     if spec.startswith("cifar:"):
         return read_cifar(spec[len("cifar:"):], train, transform)
@@ -132,12 +135,14 @@ def _read(spec: str, split: str, transform) -> LabelledImages:
         source = build_source(item, default_role="labelled")
     except FileNotFoundError as err:
         raise FileNotFoundError(f"labelled data not found: {err}") from None
-    if "label" not in source.provides:
+    if "label" not in source.provides and not unlabelled:
         raise ValueError(f"{spec}: {item.kind} data without labels (class folders, .cls members, "
                          f"{{split}}_labels or a label column are needed)")
     if isinstance(source, WebDatasetSource):
-        return _from_shards(source, transform)
-    return _from_indexed(source, transform)
+        return _from_shards(source, transform, unlabelled)
+    if not isinstance(source, IndexedSource):
+        return _from_stream(source, transform, unlabelled)
+    return _from_indexed(source, transform, unlabelled)
 
 
 def _image_of(record: Record):
@@ -148,8 +153,10 @@ def _image_of(record: Record):
     return record.image
 
 
-def _from_indexed(source: IndexedSource, transform) -> LabelledImages:
+def _from_indexed(source: IndexedSource, transform, unlabelled: bool = False) -> LabelledImages:
     labels, keys = source.labels(), source.keys()
+    if unlabelled:
+        labels = [-1 if label is None else label for label in labels]
     keep = [i for i, label in enumerate(labels) if label is not None]
     if not keep:
         raise ValueError(f"{source.describe()}: no labelled records")
@@ -160,11 +167,13 @@ def _from_indexed(source: IndexedSource, transform) -> LabelledImages:
     return ds
 
 
-def _from_shards(source: WebDatasetSource, transform) -> LabelledImages:
+def _from_shards(source: WebDatasetSource, transform, keep_unlabelled: bool = False) -> LabelledImages:
     """Every record with an image and a .cls label, held in memory (compressed bytes)."""
     records, bad, unlabelled = [], [], 0
     for shard in source.shards:
         for record in iter_tar(shard):
+            if keep_unlabelled and record.label is None:
+                record.label = -1
             if record.missing:
                 bad.append(record)
             elif record.label is None:
@@ -178,6 +187,25 @@ def _from_shards(source: WebDatasetSource, transform) -> LabelledImages:
     ds = LabelledImages(lambda i: _image_of(records[i]), [r.label for r in records],
                         [r.key for r in records], transform, source.describe())
     for record in bad:  # truncated shards, unreadable .cls: counted now, never indexed
+        ds.skip(record.key, BadSample(record.missing))
+    return ds
+
+
+def _from_stream(source, transform, unlabelled: bool = False) -> LabelledImages:
+    """Streamed tables (parquet:, hf:): one pass, records held in memory (encoded bytes)."""
+    records, bad = [], []
+    for _, record in source.iterate(0, 1, seed=0, epochs=1):
+        if unlabelled and record.label is None:
+            record.label = -1
+        if record.missing:
+            bad.append(record)
+        elif record.label is not None:
+            records.append(record)
+    if not records:
+        raise ValueError(f"{source.describe()}: no labelled records")
+    ds = LabelledImages(lambda i: _image_of(records[i]), [r.label for r in records],
+                        [r.key for r in records], transform, source.describe())
+    for record in bad:
         ds.skip(record.key, BadSample(record.missing))
     return ds
 

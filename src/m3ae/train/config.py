@@ -17,14 +17,14 @@ from ..optim import scaled_lr
 @dataclass
 class OptimConfig:
     base_lr: float = 1.5e-4  # scaled by global batch / 256 unless `lr` is given
-    lr: Optional[float] = None
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    lr: Optional[float] = None  # peak learning rate as given (None: from base_lr)
+    min_lr: float = 0.0  # learning rate at the end of the cosine decay
+    weight_decay: float = 0.05  # AdamW weight decay (not on biases, norms, embeddings)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
     warmup_steps: Optional[int] = None  # None: 5% of the run
-    clip_grad: Optional[float] = 1.0
+    clip_grad: Optional[float] = 1.0  # clip the gradient norm to this (None: no clipping)
     decay_mode: str = "mae"  # "mae" or "reference" (the authors' decay mask)
 
 
@@ -39,13 +39,13 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    steps: int = 1000
+    steps: int = 1000  # optimiser steps of the run
     batch_size: int = 64  # global batch per optimiser step (all processes, all accumulation steps)
-    grad_accum: int = 1
-    seed: int = 0
-    log_every: int = 10
-    ckpt_every: int = 1000
-    keep_last: int = 3
+    grad_accum: int = 1  # micro-batches accumulated per optimiser step
+    seed: int = 0  # seeds the model, masks and data order
+    log_every: int = 10  # steps between metrics.jsonl rows
+    ckpt_every: int = 1000  # steps between checkpoints
+    keep_last: int = 3  # checkpoints kept (the newest)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16 matmul, else fp32) | fp32 | bf16
     # torch CPU threads; None: auto = usable cores - data.num_workers, at least 1 (OMP_NUM_THREADS
@@ -55,17 +55,24 @@ class TrainConfig:
     # Device peak TFLOP/s (per process) for the logged MFU; None: m3ae.perf's table by device name
     # (no MFU where the device is not in it).
     peak_tflops: Optional[float] = None
-    compile: bool = False
+    compile: bool = False  # torch.compile the model
     # Texts padded to text_length and a fixed number of visible text slots, so shapes never change
     # (no recompiles under compile). None: on exactly when compile is.
     static_shapes: Optional[bool] = None
-    tensorboard: bool = False
-    progress: bool = True
+    tensorboard: bool = False  # also log to OUT/tensorboard (scalars, viz_every grids, hparams)
+    progress: bool = True  # show a progress bar
+    # Weights & Biases (pip install 'm3ae[wandb]'): the metrics.jsonl rows, the viz_every grids and
+    # the resolved config; a resumed run continues the same W&B run.
+    wandb: bool = False
+    wandb_project: str = "m3ae"  # W&B project
+    wandb_name: Optional[str] = None  # W&B run name (None: the --out folder's name)
+    wandb_tags: Optional[str] = None  # comma-separated W&B tags
+    wandb_mode: Optional[str] = None  # online | offline | disabled (None: WANDB_MODE, else online)
     viz_every: int = 0  # write a reconstruction grid every K steps (0: never)
     # Fast probe + kNN on a small labelled set every K steps (0: never); specs as m3ae.eval.labelled.
     eval_every: int = 0
-    eval_train: Optional[str] = None
-    eval_val: Optional[str] = None
+    eval_train: Optional[str] = None  # labelled training set of the periodic probe
+    eval_val: Optional[str] = None  # labelled validation set of the periodic probe
 
     def peak_lr(self) -> float:
         return self.optim.lr if self.optim.lr is not None else scaled_lr(self.optim.base_lr, self.batch_size)
@@ -88,6 +95,16 @@ class TrainConfig:
             raise ConfigError(f"optim.decay_mode must be 'mae' or 'reference', got {self.optim.decay_mode!r}")
         if self.eval_every > 0 and not (self.eval_train and self.eval_val):
             raise ConfigError("eval_every needs eval_train and eval_val (labelled data specs)")
+        if self.wandb_mode not in (None, "online", "offline", "disabled"):
+            raise ConfigError(f"wandb_mode must be online, offline or disabled, got {self.wandb_mode!r}")
+
+    def warnings(self) -> list[str]:
+        """Settings that run but are probably not what was meant."""
+        out = []
+        if self.warmup() >= self.steps:
+            out.append(f"warmup ({self.warmup()} steps) is not shorter than the run ({self.steps} steps): the "
+                       f"learning rate never reaches its peak {self.peak_lr():g}; lower optim.warmup_steps")
+        return out
 
 
 def preset_path(name: str) -> Path:

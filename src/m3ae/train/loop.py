@@ -26,6 +26,7 @@ from ..data.bad import DataQualityError
 from ..data.loader import build_train_data
 from ..threads import ThreadChoice, torch_threads
 from .config import TrainConfig, to_yaml
+from .tracking import Trackers
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -90,28 +91,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class MetricsLog:
-    """Append-only JSONL; rows at log intervals only (one host sync per interval)."""
+    """Append-only JSONL; rows at log intervals only (one host sync per interval). The same rows go
+    to the trackers (TensorBoard, W&B) when the run has any."""
 
-    def __init__(self, path: Path, enabled: bool, tensorboard_dir: Path | None = None):
+    def __init__(self, path: Path, enabled: bool, trackers: Trackers | None = None):
         self.path = path
         self.enabled = enabled
-        self.writer = None
-        if enabled and tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(str(tensorboard_dir))
-            except ImportError:
-                print("tensorboard is not installed; pip install 'm3ae[tensorboard]'", file=sys.stderr)
+        self.trackers = trackers
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.writer is not None:
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
-                    self.writer.add_scalar(key, value, row["step"])
+        if self.trackers is not None:
+            self.trackers.scalars(row)
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop rows the crashed/stopped run wrote after its last checkpoint."""
@@ -121,9 +115,9 @@ class MetricsLog:
                 if line.strip() and json.loads(line).get("step", 0) <= step]
         self.path.write_text("".join(r + "\n" for r in rows))
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+    def close(self, last: dict[str, Any] | None = None) -> None:
+        if self.trackers is not None:
+            self.trackers.close(last)
 
 
 def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = None,
@@ -202,8 +196,8 @@ def _pretrain(config: TrainConfig, out_dir: str | Path, threads: ThreadChoice, *
         print(f"data: {data.description}", file=sys.stderr)
         print(f"device: {device_name(device)}, precision {'bf16 autocast' if use_bf16 else 'fp32'} "
               f"({config.precision}), threads {threads}", file=sys.stderr)
-    metrics = MetricsLog(out_dir / METRICS_NAME, is_main,
-                         out_dir / "tensorboard" if config.tensorboard else None)
+    trackers = Trackers(config, out_dir, is_main)
+    metrics = MetricsLog(out_dir / METRICS_NAME, is_main, trackers)
     metrics.truncate_after(start_step)
     run_yaml = to_yaml(config)
     if is_main:
@@ -337,7 +331,7 @@ def _pretrain(config: TrainConfig, out_dir: str | Path, threads: ThreadChoice, *
                 if do_viz or do_eval:
                     whole = whole_model()  # every rank calls it: a collective under FSDP
                     if viz is not None and do_viz:
-                        viz(whole, step)
+                        trackers.image("reconstruction", viz(whole, step), step)
                     if eval_sets is not None and do_eval:
                         metrics.write(_eval_row(step, whole, eval_sets, device, on_log))
                     run_model.train()
@@ -367,7 +361,7 @@ def _pretrain(config: TrainConfig, out_dir: str | Path, threads: ThreadChoice, *
         result.checkpoint = checkpoint(step, step * config.grad_accum)
     result.step = step
     result.skipped_steps = skipped
-    metrics.close()
+    metrics.close(result.history[-1] if result.history else None)
     return result
 
 

@@ -1,42 +1,76 @@
-"""Sources: each turns one SpecItem into a `Source` of raw `Record`s (see base.py)."""
+"""Sources: each turns one SpecItem into a `Source` of raw `Record`s (see base.py).
+A source kind is its module plus one row of `BUILDERS` (and its name in spec.KINDS)."""
 from __future__ import annotations
 
-from ..spec import SourceSpec, parse_spec
+from typing import Callable
+
+from ..spec import KINDS, SourceSpec, parse_spec
 from .base import IndexedSource, Record, Source
 from .folder import ImageFolder
 from .hdf5 import HDF5Source
 from .manifest import ManifestSource, TextCorpus
 from .wds import ShardWriter, WebDatasetSource, iter_tar, list_shards
 
-_OPTIONS = {"csv": {"image", "caption", "label", "root"}, "tsv": {"image", "caption", "label", "root"},
-            "jsonl": {"image", "caption", "label", "root"}, "text": {"column"}, "hdf5": {"split"},
-            "folder": {"captions"}, "wds": set()}
+
+def _manifest(item: SourceSpec, role: str) -> Source:
+    o = item.options
+    if role == "text":
+        return TextCorpus(item.path, o.get("column") or o.get("caption"))
+    return ManifestSource(item.path, o.get("image"), o.get("caption"), o.get("label"), o.get("root"), role=role)
+
+
+def _folder(item: SourceSpec, role: str) -> Source:
+    o = item.options
+    captions = None if "captions" not in o else o["captions"].lower() in ("1", "true", "yes")
+    return ImageFolder(item.path, role=role, captions=captions)
+
+
+def _parquet(item: SourceSpec, role: str) -> Source:
+    from .parquet import ParquetSource
+
+    o = item.options
+    return ParquetSource(item.path, o.get("image"), o.get("caption") or o.get("column"), o.get("label"),
+                         o.get("root"), role=role)
+
+
+def _hf(item: SourceSpec, role: str) -> Source:
+    from .hf import open_hf
+
+    o = item.options
+    return open_hf(item.path, o.get("split"), o.get("image"), o.get("caption") or o.get("column"), o.get("label"),
+                   role=role)
+
+
+_COLUMNS = {"image", "caption", "label"}
+
+# kind -> (options it takes, builder(item, role))
+BUILDERS: dict[str, tuple[set[str], Callable[[SourceSpec, str], Source]]] = {
+    "csv": (_COLUMNS | {"root"}, _manifest),
+    "tsv": (_COLUMNS | {"root"}, _manifest),
+    "jsonl": (_COLUMNS | {"root"}, _manifest),
+    "text": ({"column"}, lambda item, role: TextCorpus(item.path, item.options.get("column"))),
+    "folder": ({"captions"}, _folder),
+    "hdf5": (_COLUMNS | {"split"}, lambda item, role: HDF5Source(
+        item.path, item.options.get("split"), role, item.options.get("image"),
+        item.options.get("caption") or item.options.get("column"), item.options.get("label"))),
+    "wds": (set(), lambda item, role: WebDatasetSource(item.path, role=role)),
+    "parquet": (_COLUMNS | {"root"}, _parquet),
+    "hf": (_COLUMNS | {"split"}, _hf),
+}
+assert set(BUILDERS) == set(KINDS), "every kind of spec.KINDS needs a builder here"
 
 
 def build_source(item: SourceSpec, default_role: str = "paired") -> Source:
     """Open one source (`default_role` where the item names none). Errors here (missing path, empty
     glob, bad columns) stop a run before it starts."""
-    unknown = set(item.options) - _OPTIONS[item.kind] - ({"column"} if item.role == "text" else set())
+    if item.kind not in BUILDERS:
+        raise ValueError(f"unknown source kind {item.kind!r}")
+    options, builder = BUILDERS[item.kind]
+    unknown = set(item.options) - options - ({"column"} if item.role == "text" else set())
     if unknown:
         raise ValueError(f"{item.kind}:{item.path}: unknown option(s) {sorted(unknown)} "
-                         f"(known: {sorted(_OPTIONS[item.kind])})")
-    o = item.options
-    role = item.role or default_role
-    if item.kind in ("csv", "tsv", "jsonl"):
-        if role == "text":
-            return TextCorpus(item.path, o.get("column") or o.get("caption"))
-        return ManifestSource(item.path, o.get("image"), o.get("caption"), o.get("label"), o.get("root"),
-                              role=role)
-    if item.kind == "text":
-        return TextCorpus(item.path, o.get("column"))
-    if item.kind == "folder":
-        captions = None if "captions" not in o else o["captions"].lower() in ("1", "true", "yes")
-        return ImageFolder(item.path, role=role, captions=captions)
-    if item.kind == "hdf5":
-        return HDF5Source(item.path, o.get("split"), role)
-    if item.kind == "wds":
-        return WebDatasetSource(item.path, role=role)
-    raise ValueError(f"unknown source kind {item.kind!r}")
+                         f"(known: {sorted(options)})")
+    return builder(item, item.role or default_role)
 
 
 def build_sources(spec: str) -> list[tuple[SourceSpec, Source]]:
@@ -45,4 +79,4 @@ def build_sources(spec: str) -> list[tuple[SourceSpec, Source]]:
 
 __all__ = ["IndexedSource", "Record", "Source", "ImageFolder", "HDF5Source", "ManifestSource", "TextCorpus",
            "WebDatasetSource", "ShardWriter", "iter_tar", "list_shards", "build_source", "build_sources",
-           "SourceSpec", "parse_spec"]
+           "SourceSpec", "parse_spec", "BUILDERS"]

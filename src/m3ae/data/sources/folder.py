@@ -1,5 +1,7 @@
 """Image folders: DIR/*.jpg (unlabelled) or DIR/<class>/*.jpg (class index = sorted folder order).
-A caption may sit beside an image as the same name with .txt (img2dataset's folder layout)."""
+A caption may sit beside an image as the same name with .txt (img2dataset's folder layout).
+img2dataset's `files` output (DIR/00000/*.jpg + .txt, DIR/00000_stats.json) is unlabelled: its
+sub-folders are shards, not classes."""
 from __future__ import annotations
 
 import os
@@ -7,6 +9,12 @@ import os
 from .base import IndexedSource, Record, require_path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def is_img2dataset_files(path: str, entries: list[str]) -> bool:
+    """img2dataset's `files` output: numbered shard folders with a NNNNN_stats.json beside each."""
+    return any(n.endswith("_stats.json") and os.path.isdir(os.path.join(path, n[: -len("_stats.json")]))
+               for n in entries)
 
 
 class ImageFolder(IndexedSource):
@@ -19,8 +27,13 @@ class ImageFolder(IndexedSource):
             raise ValueError(f"folder:{path} is not a directory")
         entries = sorted(os.listdir(path))
         self.classes = [d for d in entries if os.path.isdir(os.path.join(path, d)) and not d.startswith(".")]
+        shards = is_img2dataset_files(path, entries)
         files: list[tuple[str, int | None]] = []
-        if self.classes:
+        if shards:
+            files = [(os.path.join(path, d, n), None) for d in self.classes
+                     for n in sorted(os.listdir(os.path.join(path, d))) if n.lower().endswith(IMAGE_EXTENSIONS)]
+            self.classes = []
+        elif self.classes:
             for label, cls in enumerate(self.classes):
                 for dirpath, dirnames, names in os.walk(os.path.join(path, cls)):
                     dirnames.sort()

@@ -1,5 +1,7 @@
-"""The authors' HDF5 layout: `jpg` (encoded bytes) + `caption` (UTF-8 bytes) for pairs; `text`
-for text corpora; `train_jpg`/`train_labels` and `val_jpg`/`val_labels` for classification.
+"""HDF5 files. The authors' layout is found by itself: `jpg` (encoded bytes) + `caption` (UTF-8
+bytes) for pairs; `text` for text corpora; `train_jpg`/`train_labels` and `val_jpg`/`val_labels`
+for classification. Any other layout: name the datasets with #image= / #caption= / #label=
+(paths such as `train/images` work; images are encoded bytes, one per row).
 The file is opened lazily in each worker (h5py handles do not survive a fork)."""
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import os
 
 import numpy as np
 
+from ...optional import require
 from .base import IndexedSource, Record, require_path
 
 
@@ -25,13 +28,21 @@ def as_bytes(value) -> bytes:
 class HDF5Source(IndexedSource):
     kind = "hdf5"
 
-    def __init__(self, path: str, split: str | None = None, role: str | None = None):
-        import h5py
+    def __init__(self, path: str, split: str | None = None, role: str | None = None, image: str | None = None,
+                 caption: str | None = None, label: str | None = None):
+        h5py = require("h5py", "reading HDF5 files")
 
         self.name = path
         with h5py.File(require_path(path, "HDF5 file"), "r") as f:
             keys = set(f.keys())
-            if split or ("jpg" not in keys and "text" not in keys and "train_jpg" in keys):
+            if image or caption or label:
+                keys = {k for k in (image, caption, label) if k and k in f} | keys
+                self.image_key = image if role != "text" else None
+                self.caption_key = caption if role != "image" else None
+                self.label_key = label
+                if self.image_key is None and self.caption_key is None:
+                    raise ValueError(f"{path}: name the image and/or caption dataset (#image=NAME, #caption=NAME)")
+            elif split or ("jpg" not in keys and "text" not in keys and "train_jpg" in keys):
                 split = split or "train"
                 self.image_key, self.caption_key, self.label_key = f"{split}_jpg", None, f"{split}_labels"
             elif "jpg" in keys and role != "text":
@@ -42,12 +53,16 @@ class HDF5Source(IndexedSource):
                 self.caption_key = "text" if "text" in keys else "caption"
             else:
                 raise ValueError(f"{path}: no datasets of the M3AE layout (jpg/caption, text, "
-                                 f"train_jpg/train_labels); found {sorted(keys)}")
+                                 f"train_jpg/train_labels); found {sorted(keys)}; name yours with #image=NAME "
+                                 f"#caption=NAME [#label=NAME]")
             for k in (self.image_key, self.caption_key, self.label_key):
                 if k is not None and k not in keys:
                     raise ValueError(f"{path}: dataset {k!r} missing (found {sorted(keys)})")
             main = self.image_key or self.caption_key
             self.length = len(f[main])
+            for k in (self.image_key, self.caption_key, self.label_key):
+                if k is not None and len(f[k]) != self.length:
+                    raise ValueError(f"{path}: dataset {k!r} has {len(f[k])} rows but {main!r} has {self.length}")
         self.provides = frozenset({n for n, k in (("image", self.image_key), ("text", self.caption_key),
                                                   ("label", self.label_key)) if k})
         self._file, self._pid = None, None

@@ -1,0 +1,112 @@
+"""`hf:DIR`: a Hugging Face dataset on disk, read with pyarrow alone (the `datasets` package is not
+needed to read). DIR is what `Dataset.save_to_disk` wrote (`state.json` + `data-*.arrow`), what
+`DatasetDict.save_to_disk` wrote (`dataset_dict.json` + one folder per split; #split=, default
+train), or a folder of Parquet shards as the Hub stores them (`data/train-00000-of-00004.parquet`;
+#split= keeps the files of that split). `Image` columns ({bytes, path} structs) and `ClassLabel`
+integers are understood; #image= / #caption= / #label= name other columns.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+from .base import is_url
+from .parquet import ParquetSource
+from .table import TableSource, import_pyarrow
+
+
+def _split_dir(path: str, split: str | None) -> str:
+    with open(os.path.join(path, "dataset_dict.json")) as f:
+        splits = list(json.load(f).get("splits", []))
+    chosen = split or ("train" if "train" in splits else splits[0] if splits else None)
+    if chosen not in splits:
+        raise ValueError(f"hf:{path}: no split {chosen!r} (splits: {splits})")
+    return os.path.join(path, chosen)
+
+
+def _split_files(path: str, split: str | None) -> list[str]:
+    files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
+
+    def in_split(f: str, name: str) -> bool:
+        parts = os.path.relpath(f, path).split(os.sep)
+        return name in parts[:-1] or parts[-1].startswith((f"{name}-", f"{name}_", f"{name}."))
+
+    wanted = split or ("train" if any(in_split(f, "train") for f in files) else None)
+    if wanted is not None:
+        files = [f for f in files if in_split(f, wanted)]
+    if not files:
+        raise FileNotFoundError(f"hf:{path}: no Parquet files{f' of split {wanted!r}' if wanted else ''}")
+    return files
+
+
+def open_hf(path: str, split: str | None = None, image: str | None = None, caption: str | None = None,
+            label: str | None = None, role: str = "paired") -> TableSource:
+    if is_url(path) or not os.path.isdir(path):
+        raise FileNotFoundError(f"hf:{path} is not a folder; hf: reads datasets saved on disk (save a Hub "
+                                f"dataset with datasets.load_dataset(...).save_to_disk(DIR) first)")
+    if os.path.exists(os.path.join(path, "dataset_dict.json")):
+        path = _split_dir(path, split)
+    if os.path.exists(os.path.join(path, "state.json")):
+        return ArrowSource(path, image, caption, label, role)
+    source = ParquetSource(path, image, caption, label, role=role, files=_split_files(path, split))
+    source.kind = "hf"
+    return source
+
+
+class ArrowSource(TableSource):
+    """The Arrow stream files of `save_to_disk`, one record batch per unit (memory-mapped)."""
+
+    kind = "hf"
+    unit_word = "record batches"
+
+    def __init__(self, path: str, image: str | None = None, caption: str | None = None, label: str | None = None,
+                 role: str = "paired"):
+        super().__init__(role)
+        pa = import_pyarrow()
+        self.name = path
+        with open(os.path.join(path, "state.json")) as f:
+            names = [d["filename"] for d in json.load(f).get("_data_files", [])]
+        if not names:
+            raise ValueError(f"hf:{path}: state.json lists no data files")
+        self.files = [os.path.join(path, n) for n in names]
+        self.units, self.unit_rows = [], []
+        for index, file in enumerate(self.files):
+            try:
+                reader = pa.ipc.open_stream(pa.memory_map(file))
+                if index == 0:
+                    self._choose(reader.schema, file, image, caption, label, path)
+                missing = [c for c in self.columns if c not in reader.schema.names]
+                if missing:
+                    raise ValueError(f"{file}: no column(s) {missing} (columns: {reader.schema.names})")
+                for b, batch in enumerate(reader):  # zero-copy: only the batch headers are read
+                    if batch.num_rows:
+                        self.units.append((index, b))
+                        self.unit_rows.append(batch.num_rows)
+            except (pa.ArrowException, OSError) as err:
+                raise ValueError(f"{file}: not a readable Arrow stream file ({err})") from None
+        if not self.units:
+            raise ValueError(f"hf:{path}: the dataset has no rows")
+        self._batches: dict = {}
+        self._pid = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_batches"] = {}
+        return state
+
+    def unit_name(self, unit) -> str:
+        return f"{os.path.basename(self.files[unit[0]])}:b{unit[1]}"
+
+    def read_batches(self, unit):
+        pa = import_pyarrow()
+        if self._pid != os.getpid():
+            self._batches, self._pid = {}, os.getpid()
+        index, number = unit
+        if index not in self._batches:
+            if len(self._batches) >= 8:
+                self._batches.pop(next(iter(self._batches)))
+            self._batches[index] = pa.ipc.open_stream(pa.memory_map(self.files[index])).read_all().to_batches()
+        batch = self._batches[index][number]
+        step = self.batch_rows
+        return (batch.slice(start, step) for start in range(0, batch.num_rows, step))  # zero-copy slices

@@ -1,0 +1,93 @@
+"""Parquet files: one file, a glob, a {..} pattern or a folder of them (img2dataset's `parquet`
+output: `00000.parquet` with `jpg` bytes + `caption`/`txt`, failed downloads as null images).
+Streamed one row group at a time (see table.py); only the columns used are read. Footers are read
+up front, so a file that is not Parquet, or lacks a mapped column, stops the run before it starts.
+"""
+from __future__ import annotations
+
+import glob
+import os
+
+from .base import is_url, open_file, require_path
+from .table import TableSource, import_pyarrow
+from .wds import expand_braces
+
+
+def list_parquet(pattern: str) -> list[str]:
+    files: list[str] = []
+    for p in expand_braces(pattern):
+        if is_url(p):
+            files.append(p)
+        elif any(ch in p for ch in "*?["):
+            files += sorted(glob.glob(p))
+        elif os.path.isdir(p):
+            files += sorted(glob.glob(os.path.join(p, "**", "*.parquet"), recursive=True))
+        else:
+            files.append(require_path(p, "Parquet file"))
+    if not files:
+        raise FileNotFoundError(f"no Parquet files match {pattern!r}")
+    return files
+
+
+class ParquetSource(TableSource):
+    kind = "parquet"
+    unit_word = "row groups"
+
+    def __init__(self, path: str, image: str | None = None, caption: str | None = None, label: str | None = None,
+                 root: str | None = None, role: str = "paired", files: list[str] | None = None):
+        super().__init__(role)
+        pa = import_pyarrow()
+        self.name = path
+        self.files = files if files is not None else list_parquet(path)
+        self.units, self.unit_rows = [], []
+        first_dir = os.path.dirname(self.files[0])
+        for index, file in enumerate(self.files):
+            try:
+                with open_file(file, "rb") as f:
+                    meta = pa.parquet.ParquetFile(f).metadata
+                    schema = meta.schema.to_arrow_schema()
+            except (pa.ArrowException, OSError) as err:
+                raise ValueError(f"{file}: not a readable Parquet file ({err})") from None
+            if index == 0:  # relative image paths: beside the (first) Parquet file, or under #root=
+                base = first_dir if root is None else root if os.path.isabs(root) or is_url(root) else \
+                    os.path.join(first_dir, root)
+                self._choose(schema, file, image, caption, label, base)
+            missing = [c for c in self.columns if c not in schema.names]
+            if missing:
+                raise ValueError(f"{file}: no column(s) {missing} (columns: {schema.names})")
+            for g in range(meta.num_row_groups):
+                if meta.row_group(g).num_rows:
+                    self.units.append((index, g))
+                    self.unit_rows.append(meta.row_group(g).num_rows)
+        if not self.units:
+            raise ValueError(f"parquet:{path}: the files hold no rows")
+        self._open: dict = {}
+        self._pid = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_open"] = {}  # file handles do not cross a fork / pickle
+        return state
+
+    def unit_name(self, unit) -> str:
+        return f"{os.path.basename(self.files[unit[0]])}:rg{unit[1]}"
+
+    def read_batches(self, unit):
+        pa = import_pyarrow()
+        if self._pid != os.getpid():
+            self._open, self._pid = {}, os.getpid()
+        index, group = unit
+        if index not in self._open:
+            if len(self._open) >= 8:  # few handles: a share reads its units one after another
+                self._open.pop(next(iter(self._open)))[0].close()
+            path = self.files[index]
+            # Local files are memory-mapped: pages are read as rows are decoded (clean, reclaimable
+            # page cache), where a file object makes pyarrow hold the row group's column chunks in memory.
+            if is_url(path):
+                f = open_file(path, "rb")
+                self._open[index] = (f, pa.parquet.ParquetFile(f))
+            else:
+                pf = pa.parquet.ParquetFile(path, memory_map=True)
+                self._open[index] = (pf, pf)  # (what to close, the reader)
+        return self._open[index][1].iter_batches(self.batch_rows, row_groups=[group], columns=self.columns,
+                                                 use_threads=False)

@@ -1,0 +1,144 @@
+"""A CLI that explains itself (--help with every setting, --print-config, --version, fast --help,
+install commands for missing extras, a warmup warning) and the trackers (TensorBoard images and
+hparams, Weights & Biases offline)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from m3ae.cli import main
+from m3ae.train.settings import settings
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+TINY = ["model.image_size=32", "model.patch_size=8", "model.emb_dim=32", "model.depth=1", "model.num_heads=2",
+        "model.dec_emb_dim=32", "model.dec_depth=1", "model.dec_num_heads=2", "data.num_workers=0",
+        "batch_size=4", "log_every=1", "progress=false", "optim.warmup_steps=1", "data.demo_samples=16"]
+
+
+def test_pretrain_help_lists_every_setting_with_type_default_and_meaning(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["pretrain", "--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # the table wraps; compare words
+    every = settings()
+    assert len(every) > 70 and all(s.meaning for s in every)  # a new field needs its comment
+    for s in every:
+        assert s.key in out, s.key
+    assert "model.depth int = 12 encoder blocks" in out
+    assert "optim.lr float or null = null peak learning rate" in out
+    assert "--print-config" in out
+
+
+def test_print_config_resolves_preset_and_overrides_then_exits(tmp_path, capsys):
+    assert main(["pretrain", "--config", "demo", "--print-config", "model.depth=3", "--steps", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "depth: 3" in out and "steps: 7" in out and "emb_dim: 128" in out  # 128 from the demo preset
+    assert not list(tmp_path.iterdir())
+    assert main(["pretrain", "--config", "demo"]) == 2
+    assert "--out is required" in capsys.readouterr().err
+
+
+def test_warmup_not_shorter_than_the_run_warns(capsys):
+    assert main(["pretrain", "--config", "demo", "--print-config", "steps=10", "optim.warmup_steps=10"]) == 0
+    assert "warning: warmup (10 steps) is not shorter than the run (10 steps)" in capsys.readouterr().err
+    assert main(["pretrain", "--config", "demo", "--print-config", "steps=100", "optim.warmup_steps=10"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_version_and_a_help_that_does_not_import_torch():
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "m3ae", "--version"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.startswith("m3ae 0.1.0 (torch ")
+    # torch takes seconds to import; `m3ae --help` and every command's parser must not need it
+    code = ("import sys, m3ae.cli; m3ae.cli.build_parser().format_help(); "
+            "print(sorted(m for m in ('torch', 'matplotlib', 'pyarrow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+    out = subprocess.run([sys.executable, "-m", "m3ae", "--help"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "pretrain" in out.stdout
+
+
+@pytest.mark.parametrize("module, command, extra", [
+    ("matplotlib", lambda d: ["plot", str(d / "metrics.jsonl"), "--out", str(d / "c.png")], "viz"),
+    ("pyarrow", lambda d: ["data", "stats", str(d / "x.parquet")], "data"),
+    ("h5py", lambda d: ["data", "stats", str(d / "x.h5")], "data"),
+])
+def test_missing_optional_dependency_gives_the_install_command(tmp_path, capsys, monkeypatch, module, command, extra):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    (tmp_path / "x.parquet").write_bytes(b"")
+    (tmp_path / "x.h5").write_bytes(b"")
+    for name in list(sys.modules):
+        if name == module or name.startswith(module + "."):
+            monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now fails as if not installed
+    assert main(command(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert f"pip install 'm3ae[{extra}]'" in err and "Traceback" not in err
+
+
+def test_tensorboard_gets_reconstruction_images_and_hparams(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert main(["pretrain", "--config", "demo", "--out", str(tmp_path), *TINY, "steps=4", "viz_every=2",
+                 "tensorboard=true"]) == 0
+    ea = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
+    ea.Reload()
+    tags = ea.Tags()
+    assert "reconstruction" in tags["images"]
+    images = ea.Images("reconstruction")
+    assert [im.step for im in images] == [2, 4] and images[0].width > 32
+    assert [s.step for s in ea.Scalars("loss")] == [1, 2, 3, 4]
+    hparams = ea.PluginTagToContent("hparams")
+    assert "_hparams_/session_start_info" in hparams
+    assert b"model.depth" in hparams["_hparams_/session_start_info"]
+
+
+def test_wandb_offline_run_logs_rows_grids_and_settings_and_resumes_the_same_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.chdir(tmp_path)
+    args = ["pretrain", "--config", "demo", "--out", str(tmp_path / "run"), *TINY, "steps=4", "viz_every=2",
+            "wandb=true", "wandb_mode=offline", "wandb_tags=tiny,test-tag", "wandb_project=m3ae-tests"]
+    assert main(args + ["--stop-at-step", "2"]) == 0
+    run_id = (tmp_path / "run" / "wandb_run_id").read_text()
+    assert main(args + ["--resume", "auto"]) == 0
+    assert (tmp_path / "run" / "wandb_run_id").read_text() == run_id
+    runs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)  # one W&B run, two parts
+    images = list((tmp_path / "run" / "wandb").glob("offline-run-*/files/media/images/reconstruction_*.png"))
+    assert len(images) == 2
+    data = b"".join(r.joinpath(f"run-{run_id}.wandb").read_bytes() for r in runs)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for key in (b"model.depth", b"test-tag", b"m3ae-tests", b"text_accuracy"):
+        assert key in data, key
+    assert json.dumps(rows[0]["loss"]).encode() in data  # the logged value itself
+
+
+def test_wandb_missing_is_the_install_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    assert main(["pretrain", "--config", "demo", "--out", str(tmp_path), *TINY, "steps=1", "wandb=true"]) == 2
+    assert "pip install 'm3ae[wandb]'" in capsys.readouterr().err
+
+
+@__import__("dataclasses").dataclass
+class _Documented:
+    # crop range
+    # (two lines)
+    low: float = 0.2
+    high: float = 1.0
+    flip: bool = True  # its own meaning
+    bare: int = 0
+
+    # after a blank line
+    other: int = 1
+
+
+def test_field_meanings_come_from_trailing_comments_and_blocks_above():
+    from m3ae.train.settings import field_comments
+
+    assert field_comments(_Documented) == {"low": "crop range (two lines)", "high": "crop range (two lines)",
+                                           "flip": "its own meaning", "other": "after a blank line"}
