@@ -68,7 +68,7 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        base = _reset_peak_rss() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     times = []
     for i in range(args.steps + 1):
         t0 = time.perf_counter()
@@ -77,10 +77,33 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
         if i:  # the first pass warms up
             times.append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            else _peak_rss() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"variant": variant, "step_s": statistics.median(times), "extra_memory_bytes": peak - base,
             "device": str(device), "precision": "bf16" if bf16 else "fp32",
             "threads": torch.get_num_threads()}
+
+
+def _peak_rss() -> int | None:
+    """The process's peak resident set (VmHWM), in bytes; None where /proc does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _reset_peak_rss() -> int | None:
+    """Reset the peak to the current resident set (Linux >= 4.0: clear_refs 5), so a peak reached
+    while importing libraries is not mistaken for the step's; returns the new peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return _peak_rss()
 
 
 def _in_fresh_process(variant: str, args: argparse.Namespace) -> dict:
