@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 
 from ..data.bad import DataQualityError
 
@@ -46,6 +47,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (FloatingPointError, DataQualityError) as err:  # a run that had to stop
         print(f"m3ae {args.command}: stopped: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a full disk, a vanished mount, a permission: the environment, not a bug
+        print(f"m3ae {args.command}: stopped: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"m3ae {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug or an unforeseen failure: the traceback for the report, then exit
+        traceback.print_exc()
+        print(f"m3ae {args.command}: failed: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
 
 

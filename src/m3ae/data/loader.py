@@ -7,7 +7,11 @@ last delivered batch ended, provided ranks x workers is unchanged, else at shard
 """
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
+import os
 import signal
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -35,7 +39,14 @@ class TrackedBatches:
         self.stream: dict[str, Any] = {}
 
     def __iter__(self) -> Iterator[Batch]:
-        for batch in self.loader:
+        batches = iter(self.loader)
+        try:
+            yield from self._tracked(batches)
+        finally:  # an error (or close()) stops the workers now, not at interpreter exit
+            stop_workers(batches)
+
+    def _tracked(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        for batch in batches:
             stats = batch.extra.get("data_stats")
             if stats:
                 self.counter.add(stats)
@@ -70,11 +81,36 @@ class TrainData:
         return {**self.counter.as_dict(), "bad_fraction": self.counter.bad_fraction}
 
 
+def stop_workers(batches: Any) -> None:
+    """Stop the worker processes behind a batch iterator now. A worker ignores SIGTERM (below), so
+    one left to multiprocessing's exit handler (terminate, then join) would hang the exit forever."""
+    if hasattr(batches, "_shutdown_workers"):  # a DataLoader iterator: None to each worker, join
+        batches._shutdown_workers()
+    elif hasattr(batches, "close"):  # a generator over one (TrackedBatches): its finally stops them
+        batches.close()
+
+
 def _quiet_worker(_: int) -> None:
     # Ctrl-C / SIGTERM go to the main process, which finishes the step and checkpoints;
     # workers must not die first and break the loader.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker when the trainer dies (even by SIGKILL), so no worker
+    outlives it, whatever it is blocked in."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before prctl took effect
+        os._exit(1)
 
 
 def _loader_kwargs(data: DataConfig) -> dict[str, Any]:

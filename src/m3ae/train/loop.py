@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from .. import distributed as dist_utils
-from ..checkpoint import latest_checkpoint, load_train_state, save_checkpoint
+from ..checkpoint import checkpoint_root, clean_stale, load_train_state, newest_intact, save_checkpoint
+from ..files import FolderLock, atomic_write
 from ..model import M3AE
 from ..optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 from ..perf import batch_train_flops, device_name, table_peak
-from ..data.bad import DataQualityError
-from ..data.loader import build_train_data
+from ..data.loader import build_train_data, stop_workers
 from .config import TrainConfig, to_yaml
 
 METRICS_NAME = "metrics.jsonl"
@@ -104,8 +104,13 @@ class MetricsLog:
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        # One write() of the whole row in append mode: a kill leaves whole rows (or a cut last one,
+        # which truncate_after drops), never rows interleaved.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(row) + "\n").encode())
+        finally:
+            os.close(fd)
         if self.writer is not None:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
@@ -115,24 +120,44 @@ class MetricsLog:
         """On resume, drop rows the crashed/stopped run wrote after its last checkpoint."""
         if not (self.enabled and self.path.is_file()):
             return
-        rows = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(r + "\n" for r in rows))
+        rows = [line for line in self.path.read_text(errors="replace").splitlines()
+                if (row := _parse_row(line)) is not None and row.get("step", 0) <= step]
+        atomic_write(self.path, lambda p: Path(p).write_text("".join(r + "\n" for r in rows)))
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
 
 
+def _parse_row(line: str) -> dict[str, Any] | None:
+    """A metrics row, or None for a blank line or one a kill cut short."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
 def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = None,
              stop_at_step: int | None = None, rank: int = 0, world_size: int = 1,
              on_log: Callable[[dict[str, Any]], None] | None = None,
              model_hook: Callable[[M3AE], torch.nn.Module] | None = None) -> TrainResult:
-    """Pretrain an M3AE. `resume`: None, "auto" (newest checkpoint in out_dir, if any) or a path."""
+    """Pretrain an M3AE. `resume`: None, "auto" (newest intact checkpoint in out_dir, if any) or a path.
+    Rank 0 holds out_dir's lock for the whole run: a second run on the same folder is refused."""
     config.validate()
     out_dir = Path(out_dir)
-    is_main = rank == 0
     out_dir.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out_dir) if rank == 0 else contextlib.nullcontext():
+        if rank == 0:
+            for name in clean_stale(out_dir):
+                print(f"removed {name} left in {checkpoint_root(out_dir)} by an interrupted run", file=sys.stderr)
+        return _pretrain(config, out_dir, resume, stop_at_step, rank, world_size, on_log, model_hook)
+
+
+def _pretrain(config: TrainConfig, out_dir: Path, resume: str | None, stop_at_step: int | None, rank: int,
+              world_size: int, on_log: Callable[[dict[str, Any]], None] | None,
+              model_hook: Callable[[M3AE], torch.nn.Module] | None) -> TrainResult:
+    is_main = rank == 0
     # Under torchrun each process drives cuda:LOCAL_RANK (CPU: gloo, every process on the CPU).
     device = dist_utils.pick_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
     info = dist_utils.DistInfo(rank, world_size, device.index or 0, device,
@@ -149,17 +174,22 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
     if rank > 0:
         torch.manual_seed(config.seed + rank)  # then distinct dropout / drop-path streams per rank
     start_step, skipped, data_state, optim_state = 0, 0, None, None
-    checkpoint_dir = latest_checkpoint(out_dir) if resume == "auto" else (Path(resume) if resume else None)
-    if checkpoint_dir is not None:
+    checkpoint_dir, loaded = None, None
+    if resume == "auto":
+        found = newest_intact(out_dir, lambda p: (M3AE.from_pretrained(p), load_train_state(p)))
+        if found is not None:
+            checkpoint_dir, (loaded, state) = found
+    elif resume:
+        checkpoint_dir = Path(resume)
         if not checkpoint_dir.is_dir():
             raise FileNotFoundError(f"checkpoint to resume from not found: {checkpoint_dir}")
-        loaded = M3AE.from_pretrained(checkpoint_dir)
+        loaded, state = M3AE.from_pretrained(checkpoint_dir), load_train_state(checkpoint_dir)
+    if checkpoint_dir is not None:
         if loaded.config.to_dict() != config.model.to_dict():
             diff = {k: (v, config.model.to_dict()[k]) for k, v in loaded.config.to_dict().items()
                     if config.model.to_dict().get(k) != v}
             raise ValueError(f"{checkpoint_dir} holds a model with another configuration {diff}")
         model.load_state_dict(loaded.state_dict())
-        state = load_train_state(checkpoint_dir)
         optim_state = state["optimizer"]
         set_rng_state(state["rng"])
         if rank > 0:  # the saved RNG is rank 0's; keep the other ranks' streams distinct
@@ -216,22 +246,26 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
         eval_copy.load_state_dict(state)
         return eval_copy
 
-    def checkpoint(step: int, micro: int) -> Path | None:
+    saving = False  # a failure while saving is not followed by another save attempt
+
+    def checkpoint(step: int, micro: int, rng: dict[str, Any] | None = None) -> Path | None:
         # Full (unsharded) state on rank 0: it resumes with any number of processes.
+        nonlocal saving
+        saving = True
         model_state, optim_full = dist_utils.full_state_dicts(model, optimizer, fsdp)
         data_state = _gather_data_state(data.state(micro), world_size)
         path = None
         if is_main:
-            train_state = {"step": step, "optimizer": optim_full, "rng": rng_state(),
+            train_state = {"step": step, "optimizer": optim_full, "rng": rng or rng_state(),
                            "data": data_state, "skipped_steps": skipped, "world_size": world_size}
             path = save_checkpoint(out_dir, step, _Weights(model, model_state), train_state, run_yaml,
                                    config.keep_last)
         dist_utils.barrier(info)
+        saving = False
         return path
 
     end = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
     result = TrainResult(out_dir, start_step, "finished", None, skipped_steps=skipped)
-    batches = iter(data.batches)
     pending: list[torch.Tensor] = []  # per-step [loss, image, text, acc, grad_norm] kept on device
     nonfinite_run, last_ckpt_step = 0, start_step
     window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
@@ -243,10 +277,13 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
     progress = _progress(config, start_step, is_main)
     eval_sets = _eval_sets(config) if is_main else None
     run_model.train()
-    step = start_step
+    step, step_rng = start_step, None
+    batches = iter(data.batches)  # a DataLoader starts its workers here: stopped in the finally below
     try:
         with StopRequest() as stop:
             while step < end:
+                # The RNG as this step starts: what a checkpoint written after a failure mid-step needs.
+                step_rng = rng_state() if world_size == 1 else None
                 lr = lr_at(step, config.peak_lr(), config.warmup(), config.steps, config.optim.min_lr)
                 set_lr(optimizer, lr)
                 # Metric sums weighted by samples, each over the parts that have that modality.
@@ -332,15 +369,23 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
                         name = signal.Signals(stop.signal).name
                         print(f"\nreceived {name}: stopping after step {step}", file=sys.stderr)
                     break
-    except (DataQualityError, FloatingPointError):
-        # Stopping for bad data or a diverged loss must not lose the steps done since the last
-        # checkpoint (the weights are intact: non-finite updates were skipped). One process only:
-        # a save on one rank while the others wait in a collective would hang.
+    except Exception:
+        # Stopping for any error (bad data, a diverged loss, a dead loader worker, a full disk, a bug)
+        # must not lose the steps done since the last checkpoint: the weights hold whole steps only
+        # (non-finite updates were skipped). One process only: a save on one rank while the others
+        # wait in a collective would hang.
+        stop_workers(batches)
         if progress is not None:
             progress.close()
-        if world_size == 1 and step > last_ckpt_step:
-            print(f"saved {checkpoint(step, step * config.grad_accum)} before stopping", file=sys.stderr)
+        if world_size == 1 and step > last_ckpt_step and not saving:
+            try:
+                saved = checkpoint(step, step * config.grad_accum, step_rng)
+                print(f"saved {saved} before stopping", file=sys.stderr)
+            except Exception as err:  # the first error is the one to report
+                print(f"could not save a checkpoint before stopping: {err}", file=sys.stderr)
         raise
+    finally:
+        stop_workers(batches)
     if progress is not None:
         progress.close()
     if step < config.steps:
