@@ -51,7 +51,7 @@ class FolderLock:
     second run on the same folder is refused. The kernel releases it when the process dies, so a
     killed run never leaves a stale lock."""
 
-    NAME = ".lock"
+    NAME = ".train.lock"  # not the study runner's .lock: flock conflicts even within one process
 
     def __init__(self, folder: str | os.PathLike):
         self.path = Path(folder) / self.NAME

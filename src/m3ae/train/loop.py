@@ -17,13 +17,13 @@ import numpy as np
 import torch
 
 from .. import distributed as dist_utils
-from ..checkpoint import checkpoint_root, clean_stale, load_train_state, newest_intact, save_checkpoint
+from ..checkpoint import RUN_CONFIG_NAME, checkpoint_root, clean_stale, load_train_state, newest_intact, save_checkpoint
 from ..files import FolderLock, atomic_write
 from ..model import M3AE
 from ..optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 from ..perf import batch_train_flops, device_name, table_peak
 from ..data.loader import build_train_data, stop_workers
-from .config import TrainConfig, to_yaml
+from .config import TrainConfig, check_resume_changes, to_yaml
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -141,9 +141,12 @@ def _parse_row(line: str) -> dict[str, Any] | None:
 def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = None,
              stop_at_step: int | None = None, rank: int = 0, world_size: int = 1,
              on_log: Callable[[dict[str, Any]], None] | None = None,
-             model_hook: Callable[[M3AE], torch.nn.Module] | None = None) -> TrainResult:
-    """Pretrain an M3AE. `resume`: None, "auto" (newest intact checkpoint in out_dir, if any) or a path.
-    Rank 0 holds out_dir's lock for the whole run: a second run on the same folder is refused."""
+             model_hook: Callable[[M3AE], torch.nn.Module] | None = None,
+             allow_changes: bool = False) -> TrainResult:
+    """Pretrain an M3AE. `resume`: None, "auto" (newest intact checkpoint in out_dir, if any) or a path;
+    settings changed since that checkpoint are reported, and those that break exactness refused
+    unless `allow_changes`. Rank 0 holds out_dir's lock for the whole run: a second run on the same
+    folder is refused."""
     config.validate()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -151,12 +154,13 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
         if rank == 0:
             for name in clean_stale(out_dir):
                 print(f"removed {name} left in {checkpoint_root(out_dir)} by an interrupted run", file=sys.stderr)
-        return _pretrain(config, out_dir, resume, stop_at_step, rank, world_size, on_log, model_hook)
+        return _pretrain(config, out_dir, resume, stop_at_step, rank, world_size, on_log, model_hook,
+                         allow_changes)
 
 
 def _pretrain(config: TrainConfig, out_dir: Path, resume: str | None, stop_at_step: int | None, rank: int,
               world_size: int, on_log: Callable[[dict[str, Any]], None] | None,
-              model_hook: Callable[[M3AE], torch.nn.Module] | None) -> TrainResult:
+              model_hook: Callable[[M3AE], torch.nn.Module] | None, allow_changes: bool) -> TrainResult:
     is_main = rank == 0
     # Under torchrun each process drives cuda:LOCAL_RANK (CPU: gloo, every process on the CPU).
     device = dist_utils.pick_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -190,6 +194,11 @@ def _pretrain(config: TrainConfig, out_dir: Path, resume: str | None, stop_at_st
                     if config.model.to_dict().get(k) != v}
             raise ValueError(f"{checkpoint_dir} holds a model with another configuration {diff}")
         model.load_state_dict(loaded.state_dict())
+        saved_yaml = checkpoint_dir / RUN_CONFIG_NAME
+        if saved_yaml.is_file():
+            for line in check_resume_changes(saved_yaml.read_text(), config, allow_changes, str(checkpoint_dir)):
+                if is_main:
+                    print(f"changed since the checkpoint: {line}", file=sys.stderr)
         optim_state = state["optimizer"]
         set_rng_state(state["rng"])
         if rank > 0:  # the saved RNG is rank 0's; keep the other ranks' streams distinct
