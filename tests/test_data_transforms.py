@@ -127,3 +127,22 @@ def test_pad_mode_leaves_square_images_alone_and_rejects_bad_settings():
         EvalTransform(32, square="letterbox")
     with pytest.raises(ValueError, match="pad_value"):
         TrainTransform(32, square="pad", pad_value=300)
+
+
+@pytest.mark.parametrize("width, height", [(400, 100), (401, 99), (399, 98), (397, 101), (99, 401), (512, 97)])
+def test_extreme_aspect_photos_decode_with_every_crop_setting(width, height):
+    # Was: "box offset can't be negative" (Caltech-101-like 4:1 photos, ~100 px shorter side): a crop
+    # as tall as the photo came out a hair outside it after float rounding or a draft scale.
+    import itertools
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 10, 10)).save(buffer, "JPEG")
+    data = buffer.getvalue()
+    # Output sizes from no draft to 1/2, 1/4 and 1/8 DCT scales.
+    for size, keep_side, square, draft in itertools.product([12, 16, 24, 32, 48, 224], [False, True],
+                                                           ["crop", "pad"], [True, False]):
+        ev = EvalTransform(size=size, resize=size if keep_side else None, square=square, draft=draft)
+        assert ev(data).shape == (3, size, size)
+        tr = TrainTransform(size=size, square=square, draft=draft, scale=(0.05, 1.0))
+        for seed in range(3):
+            assert tr(data, np.random.default_rng(seed)).shape == (3, size, size)

@@ -17,6 +17,7 @@ REASONS = (
     "too_large",        # above the pixel limit (decompression bomb guard)
     "bad_text",         # caption / label bytes are not UTF-8 or not a number
     "truncated_tar",    # a tar shard ends in the middle of a member
+    "not_a_file",       # a path names a directory, device or FIFO, not a regular file
 )
 
 

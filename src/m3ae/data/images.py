@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import stat
 import warnings
 from dataclasses import dataclass, field
 from struct import error as struct_error
@@ -18,23 +20,42 @@ import torch
 from PIL import Image
 
 from .bad import BadSample
-from .sources.base import open_file
+from .sources.base import is_url, open_file
 from .normalization import resolve_stats
 
 # The default pixel limit: ~ 16k x 11k. Above it we refuse to decode (decompression bombs).
 # We set PIL's own limit explicitly and turn its warning into an error, so either path is caught.
 DEFAULT_MAX_PIXELS = 178_956_970
 Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
+DEFAULT_MAX_BYTES = 256 << 20  # an encoded image file larger than this is refused unread
+
+
+def read_image_file(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes of an image file. Only regular files are read (a directory, /dev/zero or a FIFO
+    named by a manifest would fail, exhaust memory or block forever), and at most `max_bytes`.
+    Raises BadSample."""
+    try:
+        if not is_url(path):
+            info = os.stat(path)
+            if not stat.S_ISREG(info.st_mode):
+                raise BadSample("not_a_file", f"{path} is not a regular file")
+            if info.st_size > max_bytes:
+                raise BadSample("too_large", f"{path}: {info.st_size} bytes > {max_bytes}")
+        with open_file(path) as f:
+            data = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise BadSample("missing_image", path) from None
+    except (OSError, ValueError) as err:  # a symlink loop, a NUL byte in the path, no permission
+        raise BadSample("missing_image", f"{path!r}: {err}") from None
+    if len(data) > max_bytes:
+        raise BadSample("too_large", f"{path}: more than {max_bytes} bytes")
+    return data
 
 
 def open_image(data: bytes | str, key: str = "", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open (header only) from bytes, a local path or a URL (fsspec). Raises BadSample."""
     if isinstance(data, str):
-        try:
-            with open_file(data) as f:
-                data = f.read()
-        except FileNotFoundError:
-            raise BadSample("missing_image", data) from None
+        data = read_image_file(data)
     if not data:
         raise BadSample("empty", key)
     try:
@@ -106,7 +127,14 @@ def draft_for_box(image: Image.Image, box: tuple[float, float, float, float], ou
     image.draft(image.mode if image.mode in ("RGB", "L") else None, want)
     nw, nh = image.size
     sx, sy = nw / w, nh / h
-    return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    return clamp_box((box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy), nw, nh)
+
+
+def clamp_box(box: tuple[float, float, float, float], width: int, height: int) -> tuple[float, float, float, float]:
+    """`box` inside (0, 0, width, height): float rounding (a crop as wide as the image, a draft
+    scale) can put an edge a hair outside, which PIL's resize refuses ("box offset can't be negative")."""
+    left, top = min(max(box[0], 0.0), width), min(max(box[1], 0.0), height)
+    return left, top, min(max(box[2], left), width), min(max(box[3], top), height)
 
 
 def to_tensor(image: Image.Image, stats) -> torch.Tensor:
@@ -247,6 +275,6 @@ class EvalTransform(_Decoding):
         w, h = self.frame_size(image)
         s = resize / min(w, h)  # output pixels per input pixel
         cw, ch = self.size / s, self.size / s  # the centre crop in input pixels
-        box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
+        box = clamp_box(((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2), w, h)
         image, box = self.decoded(image, box, self.size)
         return to_tensor(image.resize((self.size, self.size), Image.BICUBIC, box=box), self.stats)

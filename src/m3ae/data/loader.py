@@ -138,6 +138,7 @@ def source_uses(data: DataConfig, model_config: M3AEConfig) -> list[SourceUse]:
     for item, source in build_sources(data.spec):
         if hasattr(source, "shuffle_block"):  # tar shards: read in a shuffled order (see WebDatasetSource)
             source.shuffle_block = data.shuffle_buffer
+            source.max_member_bytes, source.max_shard_bytes = data.max_member_bytes, data.max_shard_bytes
         image = "image" in source.provides and item.role != "text"
         text = "text" in source.provides and item.role != "image" and model_config.has_text
         if not (image or text):
