@@ -7,6 +7,7 @@ the output, which is the common case for RandomResizedCrop on photos.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -183,6 +184,19 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, s
     return x, y, x + w, y + h
 
 
+@contextlib.contextmanager
+def as_bad_sample(key: str):
+    """One bad-data policy for every reader: whatever goes wrong with one image (a decoder error
+    PIL does not classify, an odd size) is that sample's `BadSample`, counted and skipped by the
+    caller, never the end of a run or a command. The detail keeps the error for bug reports."""
+    try:
+        yield
+    except BadSample:
+        raise
+    except Exception as err:
+        raise BadSample("undecodable", f"{key}: {type(err).__name__}: {err}") from None
+
+
 @dataclass
 class _Decoding:
     """What both transforms share: normalisation and decoding limits (keyword-only, so each transform's
@@ -249,6 +263,10 @@ class TrainTransform(_Decoding):
 
     def __call__(self, data: bytes | str | Image.Image, rng: np.random.Generator | None = None,
                  key: str = "") -> torch.Tensor:
+        with as_bad_sample(key):
+            return self._apply(data, rng, key)
+
+    def _apply(self, data, rng, key: str) -> torch.Tensor:
         image = self.open(data, key)
         rng = torch_seeded_rng() if rng is None else rng
         box = random_resized_crop_box(*self.frame_size(image), rng, self.scale, self.ratio)
@@ -270,6 +288,10 @@ class EvalTransform(_Decoding):
 
     def __call__(self, data: bytes | str | Image.Image, rng: np.random.Generator | None = None,
                  key: str = "") -> torch.Tensor:
+        with as_bad_sample(key):
+            return self._apply(data, key)
+
+    def _apply(self, data, key: str) -> torch.Tensor:
         image = self.open(data, key)
         resize = self.resize or int(round(self.size / 0.875))
         w, h = self.frame_size(image)
