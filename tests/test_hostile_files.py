@@ -224,3 +224,39 @@ def test_tar_budgets_come_from_the_data_settings(tmp_path):
                          "data.max_shard_bytes=99999")
     (use,) = source_uses(config.data, config.model)
     assert (use.source.max_member_bytes, use.source.max_shard_bytes) == (1234, 99999)
+
+
+# -- one bad record is one counted sample -------------------------------------------------------------
+def test_csv_rows_that_cannot_be_parsed_are_counted_and_the_rest_read(tmp_path):
+    from m3ae.data.sources.manifest import ManifestSource
+
+    write_manifest(tmp_path, n=6)
+    lines = (tmp_path / "captions.csv").read_text().splitlines(keepends=True)
+    long_row = "img001.jpg," + "word " * 200_000 + "\n"  # 1e6 characters: over the csv field limit
+    open_quote = 'img002.jpg,"a quote never closed\n'
+    (tmp_path / "bad.csv").write_text("".join(lines[:2] + [long_row] + lines[2:3] + [open_quote] + lines[3:]))
+    source = ManifestSource(str(tmp_path / "bad.csv"))
+    records = [source.record(i) for i in range(len(source))]
+    assert [r.missing for r in records] == [None, "bad_text", None, "bad_text", None, None, None, None]
+    assert "bad.csv:3: field larger" in records[1].key and "bad.csv:5: unexpected end of data" in records[3].key
+    assert [r.key for r in records if not r.missing] == [f"img{i:03d}.jpg" for i in range(6)]
+
+
+def test_hdf5_short_caption_lists_and_integer_captions_are_counted(tmp_path):
+    import h5py
+    import numpy as np
+
+    from m3ae.data.sources.hdf5 import HDF5Source
+
+    path = tmp_path / "d.h5"
+    with h5py.File(path, "w") as f:
+        jpg = f.create_dataset("jpg", (4,), dtype=h5py.vlen_dtype(np.uint8))
+        for i in range(4):
+            jpg[i] = np.frombuffer(jpeg_bytes(seed=i), dtype=np.uint8)
+        f.create_dataset("caption", data=np.array([b"one", b"two"], dtype=object), dtype=h5py.string_dtype())
+    source = HDF5Source(str(path))
+    assert [source.record(i).missing for i in range(4)] == [None, None, "missing_caption", "missing_caption"]
+    with h5py.File(tmp_path / "ints.h5", "w") as f:
+        f.create_dataset("text", data=np.arange(3))
+    source = HDF5Source(str(tmp_path / "ints.h5"))
+    assert [source.record(i).missing for i in range(3)] == ["bad_text"] * 3
