@@ -146,3 +146,24 @@ def test_extreme_aspect_photos_decode_with_every_crop_setting(width, height):
         tr = TrainTransform(size=size, square=square, draft=draft, scale=(0.05, 1.0))
         for seed in range(3):
             assert tr(data, np.random.default_rng(seed)).shape == (3, size, size)
+
+
+def test_exif_orientation_is_applied():
+    # Was: phone photos came out lying on their side (the EXIF orientation was ignored).
+    rng = np.random.default_rng(0)
+    upright = Image.fromarray(rng.integers(0, 255, (60, 30, 3), dtype=np.uint8))  # 30 wide, 60 tall
+    stored = upright.transpose(Image.ROTATE_90)  # as the camera wrote it: 60 wide, 30 tall
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    tagged, plain = io.BytesIO(), io.BytesIO()
+    stored.save(tagged, "PNG", exif=exif.tobytes())
+    upright.save(plain, "PNG")
+    t = EvalTransform(16, resize=16, draft=False)
+    assert torch.equal(t(tagged.getvalue()), t(plain.getvalue()))
+    assert not torch.equal(t(tagged.getvalue()), EvalTransform(16, resize=16)(_png(stored)))
+
+
+def _png(image):
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()

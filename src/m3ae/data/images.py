@@ -18,7 +18,7 @@ from struct import error as struct_error
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .bad import BadSample
 from .sources.base import is_url, open_file
@@ -75,6 +75,18 @@ def open_image(data: bytes | str, key: str = "", max_pixels: int = DEFAULT_MAX_P
     if w * h > max_pixels:
         raise BadSample("too_large", f"{w}x{h} > {max_pixels} pixels")
     return image
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The photo as it is meant to be seen: an EXIF orientation (phone photos) is applied. Such
+    images are decoded in full here (no draft mode); the rest pass through untouched."""
+    try:
+        orientation = image.getexif().get(0x0112, 1)  # 0x0112: Orientation
+    except Exception:  # an unreadable EXIF block is no reason to drop the image
+        return image
+    if orientation in (1, None) or not isinstance(orientation, int) or not 2 <= orientation <= 8:
+        return image
+    return ImageOps.exif_transpose(_load(image))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -217,7 +229,7 @@ class _Decoding:
             raise ValueError(f"pad_value must be a grey level in 0..255, got {self.pad_value}")
 
     def open(self, data: bytes | str | Image.Image, key: str) -> Image.Image:
-        return data if isinstance(data, Image.Image) else open_image(data, key, self.max_pixels)
+        return upright(data if isinstance(data, Image.Image) else open_image(data, key, self.max_pixels))
 
     def decoded(self, image: Image.Image, box: tuple[float, float, float, float] | None, out: int
                 ) -> tuple[Image.Image, tuple[float, float, float, float] | None]:
