@@ -219,3 +219,19 @@ def test_metrics_rows_are_whole_lines(tmp_path):
     pretrain(tiny_config("steps=3"), tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_the_first_row_after_a_resume_covers_the_same_steps_as_a_straight_run(tmp_path):
+    # Was: a stop between log steps wrote a row of the partial window, and the first row after the
+    # resume averaged only the rest of it.
+    pretrain(tiny_config("steps=6", "log_every=2"), tmp_path / "straight")
+    pretrain(tiny_config("steps=6", "log_every=2"), tmp_path / "split", stop_at_step=3)
+    pretrain(tiny_config("steps=6", "log_every=2"), tmp_path / "split", resume="auto")
+
+    def rows(run):
+        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    straight, split = rows("straight"), rows("split")
+    assert [r["step"] for r in split] == [r["step"] for r in straight] == [2, 4, 6]
+    for a, b in zip(straight, split):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        assert a["step_losses"] == pytest.approx(b["step_losses"], abs=1e-6)

@@ -177,7 +177,7 @@ def _pretrain(config: TrainConfig, out_dir: Path, resume: str | None, stop_at_st
     model = M3AE(config.model).to(device)
     if rank > 0:
         torch.manual_seed(config.seed + rank)  # then distinct dropout / drop-path streams per rank
-    start_step, skipped, data_state, optim_state = 0, 0, None, None
+    start_step, skipped, data_state, optim_state, carried = 0, 0, None, None, None
     checkpoint_dir, loaded = None, None
     if resume == "auto":
         found = newest_intact(out_dir, lambda p: (M3AE.from_pretrained(p), load_train_state(p)))
@@ -204,6 +204,7 @@ def _pretrain(config: TrainConfig, out_dir: Path, resume: str | None, stop_at_st
         if rank > 0:  # the saved RNG is rank 0's; keep the other ranks' streams distinct
             torch.manual_seed(config.seed + rank + 1_000_003 * int(state["step"]))
         start_step, skipped, data_state = int(state["step"]), int(state.get("skipped_steps", 0)), state.get("data")
+        carried = state.get("pending_metrics")  # the unlogged steps of a partial log window
         if is_main:
             print(f"resuming from {checkpoint_dir} at step {start_step}", file=sys.stderr)
     if model_hook is None and world_size > 1:
@@ -266,7 +267,8 @@ def _pretrain(config: TrainConfig, out_dir: Path, resume: str | None, stop_at_st
         path = None
         if is_main:
             train_state = {"step": step, "optimizer": optim_full, "rng": rng or rng_state(),
-                           "data": data_state, "skipped_steps": skipped, "world_size": world_size}
+                           "data": data_state, "skipped_steps": skipped, "world_size": world_size,
+                           "pending_metrics": torch.stack(pending).cpu() if pending else None}
             path = save_checkpoint(out_dir, step, _Weights(model, model_state), train_state, run_yaml,
                                    config.keep_last)
         dist_utils.barrier(info)
@@ -276,6 +278,8 @@ def _pretrain(config: TrainConfig, out_dir: Path, resume: str | None, stop_at_st
     end = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
     result = TrainResult(out_dir, start_step, "finished", None, skipped_steps=skipped)
     pending: list[torch.Tensor] = []  # per-step [loss, image, text, acc, grad_norm] kept on device
+    if carried is not None:  # so the first row after a resume covers the same steps as a straight run's
+        pending = list(carried.to(device))
     nonfinite_run, last_ckpt_step = 0, start_step
     window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
     # Achieved model FLOP/s (analytic, m3ae.perf) and MFU where the device's peak is known.
@@ -340,7 +344,9 @@ def _pretrain(config: TrainConfig, out_dir: Path, resume: str | None, stop_at_st
                                           grad_norm.float().reshape(1)]))
                 if progress is not None:
                     progress.update(1)
-                if step % config.log_every == 0 or step == end:
+                # Rows at log steps and the run's end; a stop elsewhere saves its partial window
+                # in the checkpoint instead (the resumed run logs it with the rest of the window).
+                if step % config.log_every == 0 or step == config.steps:
                     values = dist_utils.all_reduce_mean(torch.stack(pending), info).cpu().tolist()
                     pending.clear()
                     elapsed = time.perf_counter() - window_start
