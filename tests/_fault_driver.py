@@ -8,11 +8,13 @@ FAULT is `none`, or KIND:N with KIND one of
     enospc_ckpt    the N-th train_state.pt write fails with ENOSPC after writing half of it
     enospc_metrics the N-th metrics row fails with ENOSPC
     kill_in_ckpt   SIGKILL between the checkpoint's files (weights written, train state not) at the N-th
+    stall_data     each loader worker blocks forever at its N-th sample
 """
 import errno
 import os
 import signal
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
@@ -63,6 +65,15 @@ def inject(fault: str) -> None:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
             return real_write(self, row)
         loop.MetricsLog.write = write
+    elif kind == "stall_data":
+        from m3ae.data.synthetic import SyntheticShapes
+        real_item = SyntheticShapes.__getitem__
+
+        def item(self, index):  # counted per process: each loader worker stalls at its N-th sample
+            if nth():
+                time.sleep(600)  # a read that never returns (a FIFO, a hung network mount)
+            return real_item(self, index)
+        SyntheticShapes.__getitem__ = item
     else:
         raise SystemExit(f"unknown fault {fault}")
 

@@ -7,7 +7,7 @@ import importlib
 import sys
 import traceback
 
-from ..data.bad import DataQualityError
+from ..data.bad import DataQualityError, LoaderError
 
 COMMANDS = [
     "m3ae.cli.pretrain",
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:  # configuration and input errors: no traceback
         print(f"m3ae {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except (FloatingPointError, DataQualityError) as err:  # a run that had to stop
+    except (FloatingPointError, DataQualityError, LoaderError) as err:  # a run that had to stop
         print(f"m3ae {args.command}: stopped: {err}", file=sys.stderr)
         return 1
     except OSError as err:  # a full disk, a vanished mount, a permission: the environment, not a bug

@@ -33,6 +33,10 @@ class DataQualityError(RuntimeError):
     """Too much of the data is unusable: stop rather than train on a silently shrunken set."""
 
 
+class LoaderError(RuntimeError):
+    """The loader could not deliver a batch: a worker process died (killed, out of memory)."""
+
+
 class BadCounter:
     """Counts used and skipped samples; `check` raises once the skipped share passes the limit
     (only after `min_samples` attempts, so one early bad file does not stop a run)."""

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from ..config import M3AEConfig
-from .bad import BadCounter
+from .bad import BadCounter, DataQualityError, LoaderError
 from .collate import Batch, Collator
 from .config import DataConfig
 from .images import TrainTransform
@@ -79,6 +79,20 @@ class TrainData:
     def stats(self) -> dict[str, Any]:
         """Samples used and skipped (by reason, with example keys) so far on this rank."""
         return {**self.counter.as_dict(), "bad_fraction": self.counter.bad_fraction}
+
+
+def next_batch(batches: Iterator[Batch]) -> Batch:
+    """next(batches), with a dead loader worker named as such: the broken connection to it
+    surfaces as one of several errors."""
+    try:
+        return next(batches)
+    except (ConnectionError, EOFError) as err:
+        raise LoaderError(f"a data loader worker died ({type(err).__name__}: {err}); killed, or out of "
+                          "memory?") from err
+    except RuntimeError as err:
+        if "DataLoader worker" in str(err) and not isinstance(err, DataQualityError):
+            raise LoaderError(f"{err} (killed, or out of memory?)") from err
+        raise
 
 
 def stop_workers(batches: Any) -> None:

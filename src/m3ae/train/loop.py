@@ -22,7 +22,7 @@ from ..files import FolderLock, atomic_write
 from ..model import M3AE
 from ..optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 from ..perf import batch_train_flops, device_name, table_peak
-from ..data.loader import build_train_data, stop_workers
+from ..data.loader import build_train_data, next_batch, stop_workers
 from .config import TrainConfig, check_resume_changes, to_yaml
 
 METRICS_NAME = "metrics.jsonl"
@@ -304,7 +304,7 @@ def _pretrain(config: TrainConfig, out_dir: Path, resume: str | None, stop_at_st
                 counts = torch.zeros(4, device=device)  # on device: no host->device copy per step
                 for micro in range(config.grad_accum):
                     t0 = time.perf_counter()
-                    batch = next(batches).to(device, non_blocking=True)
+                    batch = next_batch(batches).to(device, non_blocking=True)
                     data_wait += time.perf_counter() - t0
                     window_samples += batch.size * world_size
                     window_flops += batch_train_flops(batch, config.model) * world_size  # host-side shapes
