@@ -340,6 +340,7 @@ def _pretrain(config: TrainConfig, out_dir: Path, resume: str | None, stop_at_st
                                                  "stopping (lower the learning rate or check the data)")
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                step_rng = None  # the step is whole: a checkpoint from here on takes the RNG as it is
                 pending.append(torch.cat([sums / counts,  # 0/0 = nan: modality absent this step
                                           grad_norm.float().reshape(1)]))
                 if progress is not None:
