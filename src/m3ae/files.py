@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -65,11 +66,15 @@ class FolderLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise FolderBusyError(f"{self.path.parent} is in use by another run (pid {holder}); "
                                   "two runs writing one folder would overwrite each other") from None
+        except OSError as err:  # a filesystem without locks (some network mounts): run unguarded
+            os.close(fd)
+            warnings.warn(f"cannot lock {self.path} ({err}); nothing stops a second run on this folder")
+            return self
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd

@@ -406,7 +406,9 @@ def _pretrain(config: TrainConfig, out_dir: Path, resume: str | None, stop_at_st
         progress.close()
     if step < config.steps:
         result.status = "stopped"
-    if step != last_ckpt_step or result.checkpoint is None:
+    if step == start_step and checkpoint_dir is not None and checkpoint_dir.parent == checkpoint_root(out_dir):
+        result.checkpoint = checkpoint_dir  # nothing done since it was written (a finished run re-run)
+    elif step != last_ckpt_step or result.checkpoint is None:
         result.checkpoint = checkpoint(step, step * config.grad_accum)
     result.step = step
     result.skipped_steps = skipped
