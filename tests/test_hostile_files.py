@@ -60,6 +60,9 @@ def test_a_huge_model_is_refused_before_allocating(saved):
     assert time.perf_counter() - start < 2
     with pytest.raises(ConfigError, match="more than this machine's memory"):
         check_fits_memory(nano_config(), memory_bytes=1000)
+    # Position tables are buffers, not parameters, and can be as large.
+    with pytest.raises(ConfigError, match="more than this machine's memory"):
+        M3AE(nano_config(text_length=10**12))
 
 
 def test_the_parameter_count_is_known_before_building():
@@ -131,6 +134,7 @@ def test_train_state_is_loaded_without_unpickling_objects(tmp_path):
     ("data.crop_scale_min=0", "data.crop_scale_min"),
     ("data.max_bad_fraction=2", "data.max_bad_fraction must be in \\[0, 1\\]"),
     ("data.num_workers=-1", "data.num_workers must be >= 0"),
+    ("data.caption_drop=1.5", "data.caption_drop must be in \\[0, 1\\]"),
 ])
 def test_every_setting_is_checked_against_its_range(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -188,12 +188,13 @@ def _short(value: Any) -> str:
 def check_fits_memory(config: M3AEConfig, memory_bytes: int | None = None) -> None:
     """Refuse, before allocating anything, a model whose fp32 parameters alone exceed the machine's
     memory (a hostile or mistyped config.json: depth 1000000 would otherwise allocate for minutes)."""
-    n = config.num_parameters()
+    # Parameters plus the sin-cos position tables (buffers: image_size or text_length alone can be huge).
+    n = config.num_parameters() + (config.num_patches + config.text_length) * (config.emb_dim + config.dec_emb_dim)
     if memory_bytes is None:
         try:
             memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError, AttributeError):  # not POSIX: no check
             return
     if 4 * n > memory_bytes:
-        raise ConfigError(f"the model would have {n:,} parameters ({4 * n / 2**30:.1f} GiB in fp32), more "
+        raise ConfigError(f"the model would have {n:,} parameters and position entries ({4 * n / 2**30:.1f} GiB in fp32), more "
                           f"than this machine's memory ({memory_bytes / 2**30:.1f} GiB)")

@@ -96,6 +96,8 @@ class TrainConfig:
             ("data.num_workers", d.num_workers >= 0, ">= 0"),
             ("data.prefetch_factor", d.prefetch_factor >= 1, ">= 1"),
             ("data.demo_samples", d.demo_samples >= 1, ">= 1"),
+            ("data.caption_drop", 0 <= d.caption_drop <= 1, "in [0, 1]"),
+            ("data.shuffle_buffer", d.shuffle_buffer >= 0, ">= 0 (0: shard order)"),
             ("data.crop_scale_min", 0 < d.crop_scale_min <= d.crop_scale_max <= 1,
              "with crop_scale_max: 0 < min <= max <= 1"),
             ("data.max_image_pixels", d.max_image_pixels >= 1, ">= 1"),
