@@ -123,3 +123,6 @@ def test_evaluation_stops_past_the_bad_data_threshold(tmp_path, capsys):
     code = main(["embed", "--checkpoint", str(tmp_path / "ckpt"), "--num-workers", "0", "--quiet",
                  "--data", str(tmp_path / "bad.tar.gz"), "--out", str(tmp_path / "f.npz")])
     assert code == 1 and "max_bad_fraction" in capsys.readouterr().err
+    assert main(["embed", "--checkpoint", str(tmp_path / "ckpt"), "--num-workers", "0", "--quiet",
+                 "--data", str(tmp_path / "bad.tar.gz"), "--out", str(tmp_path / "f.npz"),
+                 "--max-bad-fraction", "1.0"]) == 0  # keep going whatever the share

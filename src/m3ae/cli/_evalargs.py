@@ -19,6 +19,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="non-square photos: crop as they are, or pad to a square first (product photos)")
     p.add_argument("--pad-value", type=int, default=255, help="grey level of the padding (255: white)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-bad-fraction", type=float, default=0.05,
+                   help="stop when more than this share of images is unusable (after 200); each is skipped, "
+                        "counted and logged")
     p.add_argument("--result", default=None, help="JSON result file (default: next to --out or ./results)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -39,9 +42,11 @@ def load_encoder(checkpoint: str, device, **overrides):
 def dataset(args, spec: str, split: str, image_size: int, train_transform: bool = False, limit=None,
             crop_scale=(0.2, 1.0)):
     from ..eval.labelled import labelled_dataset
-    return labelled_dataset(spec, split, image_size, train_transform, args.normalization,
-                            crop_scale=crop_scale, crop_pct=args.crop_pct, limit=limit, seed=args.seed,
-                            square=args.square, pad_value=args.pad_value)
+    ds = labelled_dataset(spec, split, image_size, train_transform, args.normalization,
+                          crop_scale=crop_scale, crop_pct=args.crop_pct, limit=limit, seed=args.seed,
+                          square=args.square, pad_value=args.pad_value)
+    ds.counter.max_bad_fraction = getattr(args, "max_bad_fraction", ds.counter.max_bad_fraction)
+    return ds
 
 
 def features_for(args, model, spec: str, split: str, limit, device):
