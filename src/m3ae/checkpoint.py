@@ -54,6 +54,7 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model, train_state: d
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
+    trash = None
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -66,13 +67,14 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model, train_state: d
         if final.exists():  # re-saving a step: move the old one aside first, then swap
             trash = root / f".old-step_{step:08d}-{os.getpid()}"
             os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if trash is not None and trash.exists() and not final.exists():
+            os.replace(trash, final)  # the previous save of this step stays
         raise
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
     fsync_dir(root)
     if keep_last > 0:
         for _, old in list_checkpoints(out_dir)[:-keep_last]:

@@ -82,17 +82,27 @@ class TrainData:
 
 
 def next_batch(batches: Iterator[Batch]) -> Batch:
-    """next(batches), with a dead loader worker named as such: the broken connection to it
-    surfaces as one of several errors."""
+    """next(batches), with a dead loader worker named as such (LoaderError)."""
     try:
         return next(batches)
-    except (ConnectionError, EOFError) as err:
-        raise LoaderError(f"a data loader worker died ({type(err).__name__}: {err}); killed, or out of "
-                          "memory?") from err
-    except RuntimeError as err:
-        if "DataLoader worker" in str(err) and not isinstance(err, DataQualityError):
-            raise LoaderError(f"{err} (killed, or out of memory?)") from err
-        raise
+    except Exception as err:
+        named = loader_error(err)
+        if named is None:
+            raise
+        raise named from err
+
+
+def loader_error(err: BaseException) -> LoaderError | None:
+    """A LoaderError for an error that means a loader worker died, else None. Its death surfaces in
+    several ways: a broken connection, or torch's RuntimeError from the SIGCHLD handler, which can
+    go off anywhere in the main process (also mid-step)."""
+    if isinstance(err, LoaderError):
+        return err
+    if isinstance(err, (ConnectionError, EOFError)):
+        return LoaderError(f"a data loader worker died ({type(err).__name__}: {err}); killed, or out of memory?")
+    if isinstance(err, RuntimeError) and not isinstance(err, DataQualityError) and "DataLoader worker" in str(err):
+        return LoaderError(f"{err} (killed, or out of memory?)")
+    return None
 
 
 def stop_workers(batches: Any) -> None:

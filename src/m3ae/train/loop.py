@@ -22,7 +22,7 @@ from ..files import FolderLock, atomic_write
 from ..model import M3AE
 from ..optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 from ..perf import batch_train_flops, device_name, table_peak
-from ..data.loader import build_train_data, next_batch, stop_workers
+from ..data.loader import build_train_data, loader_error, next_batch, stop_workers
 from .config import TrainConfig, check_resume_changes, to_yaml
 
 METRICS_NAME = "metrics.jsonl"
@@ -385,7 +385,7 @@ def _pretrain(config: TrainConfig, out_dir: Path, resume: str | None, stop_at_st
                         name = signal.Signals(stop.signal).name
                         print(f"\nreceived {name}: stopping after step {step}", file=sys.stderr)
                     break
-    except Exception:
+    except Exception as err:
         # Stopping for any error (bad data, a diverged loss, a dead loader worker, a full disk, a bug)
         # must not lose the steps done since the last checkpoint: the weights hold whole steps only
         # (non-finite updates were skipped). One process only: a save on one rank while the others
@@ -397,8 +397,11 @@ def _pretrain(config: TrainConfig, out_dir: Path, resume: str | None, stop_at_st
             try:
                 saved = checkpoint(step, step * config.grad_accum, step_rng)
                 print(f"saved {saved} before stopping", file=sys.stderr)
-            except Exception as err:  # the first error is the one to report
-                print(f"could not save a checkpoint before stopping: {err}", file=sys.stderr)
+            except Exception as save_err:  # the first error is the one to report
+                print(f"could not save a checkpoint before stopping: {save_err}", file=sys.stderr)
+        named = loader_error(err)
+        if named is not None and named is not err:
+            raise named from err
         raise
     finally:
         stop_workers(batches)
