@@ -14,7 +14,7 @@ from conftest import nano_config
 from data_files import jpeg_bytes, write_img2dataset_tar, write_manifest
 from m3ae import M3AE
 from m3ae.checkpoint import load_train_state
-from m3ae.config import ConfigError, M3AEConfig, check_fits_memory
+from m3ae.config import ConfigError, check_fits_memory
 from m3ae.data.bad import BadSample
 from m3ae.data.images import read_image_file
 from m3ae.data.sources.wds import iter_tar

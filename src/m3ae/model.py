@@ -1,7 +1,6 @@
 """The Multimodal Masked Autoencoder: one encoder over [CLS] + image patches + text tokens."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
