@@ -133,7 +133,7 @@ def test_a_killed_loader_worker_stops_the_run_with_a_checkpoint(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 1
     last = err.strip().splitlines()[-1]
-    assert last.startswith("m3ae pretrain: stopped:") and "worker" in last and "before stopping" in err
+    assert last.startswith("m3ae pretrain: stopped:") and "worker" in last and "before stopping" in err, err[-3000:]
     assert steps_of(tmp_path) and steps_of(tmp_path)[-1] >= 3
     assert wait_until(lambda: not session_processes(proc.pid))
 

@@ -107,11 +107,16 @@ def loader_error(err: BaseException) -> LoaderError | None:
 
 def stop_workers(batches: Any) -> None:
     """Stop the worker processes behind a batch iterator now. A worker ignores SIGTERM (below), so
-    one left to multiprocessing's exit handler (terminate, then join) would hang the exit forever."""
-    if hasattr(batches, "_shutdown_workers"):  # a DataLoader iterator: None to each worker, join
-        batches._shutdown_workers()
-    elif hasattr(batches, "close"):  # a generator over one (TrackedBatches): its finally stops them
-        batches.close()
+    one left to multiprocessing's exit handler (terminate, then join) would hang the exit forever.
+    Errors are ignored: the loop is ending anyway, and torch's SIGCHLD handler reports a dead worker
+    again while the others are joined."""
+    try:
+        if hasattr(batches, "_shutdown_workers"):  # a DataLoader iterator: None to each worker, join
+            batches._shutdown_workers()
+        elif hasattr(batches, "close"):  # a generator over one (TrackedBatches): its finally stops them
+            batches.close()
+    except Exception:
+        pass
 
 
 def _quiet_worker(_: int) -> None:
