@@ -145,3 +145,43 @@ def test_resize_box_matches_pils_bicubic(box, size):
     pil = torch.from_numpy(np.array(image.resize((size, size), Image.BICUBIC, box=box))).permute(2, 0, 1)
     diff = (ours.int() - pil.int()).abs()
     assert diff.float().mean() < 0.1 and diff.max() <= 3
+
+
+@pytest.mark.parametrize("width, height", [(400, 100), (401, 99), (399, 98), (397, 101), (99, 401), (512, 97)])
+def test_extreme_aspect_photos_decode_with_every_crop_setting(width, height):
+    # Was: "box offset can't be negative" (Caltech-101-like 4:1 photos, ~100 px shorter side): a crop
+    # as tall as the photo came out a hair outside it after float rounding or a draft scale.
+    import itertools
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 10, 10)).save(buffer, "JPEG")
+    data = buffer.getvalue()
+    # Output sizes from no draft to 1/2, 1/4 and 1/8 DCT scales.
+    for size, keep_side, square, draft in itertools.product([12, 16, 24, 32, 48, 224], [False, True],
+                                                           ["crop", "pad"], [True, False]):
+        ev = EvalTransform(size=size, resize=size if keep_side else None, square=square, draft=draft)
+        assert ev(data).shape == (3, size, size)
+        tr = TrainTransform(size=size, square=square, draft=draft, scale=(0.05, 1.0))
+        for seed in range(3):
+            assert tr(data, np.random.default_rng(seed)).shape == (3, size, size)
+
+
+def test_exif_orientation_is_applied():
+    # Was: phone photos came out lying on their side (the EXIF orientation was ignored).
+    rng = np.random.default_rng(0)
+    upright = Image.fromarray(rng.integers(0, 255, (60, 30, 3), dtype=np.uint8))  # 30 wide, 60 tall
+    stored = upright.transpose(Image.ROTATE_90)  # as the camera wrote it: 60 wide, 30 tall
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    tagged, plain = io.BytesIO(), io.BytesIO()
+    stored.save(tagged, "PNG", exif=exif.tobytes())
+    upright.save(plain, "PNG")
+    t = EvalTransform(16, resize=16, draft=False)
+    assert torch.equal(t(tagged.getvalue()), t(plain.getvalue()))
+    assert not torch.equal(t(tagged.getvalue()), EvalTransform(16, resize=16)(_png(stored)))
+
+
+def _png(image):
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()

@@ -88,3 +88,41 @@ def test_eval_commands_can_pad_photos_to_a_square(tmp_path):
     with np.load(tmp_path / "crop.npz") as a, np.load(tmp_path / "pad.npz") as b:
         assert a["features"].shape == b["features"].shape == (6, 32)
         assert not np.allclose(a["features"], b["features"])  # the padded view is another image
+
+
+def test_evaluation_on_extreme_aspect_photos_counts_what_fails(tmp_path, capsys, monkeypatch):
+    # Was: 4:1 photos with a ~100 px shorter side raised "box offset can't be negative" in a loader
+    # worker and ended the whole command; any one image's failure now is one counted skip.
+    from PIL import Image
+
+    from m3ae.data.images import EvalTransform
+
+    for c in range(2):
+        (tmp_path / "photos" / f"class_{c}").mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (399 + i, 98 + c), (40 * i, 100 * c, 50)).save(
+                tmp_path / "photos" / f"class_{c}" / f"{i}.jpg", quality=90)
+    tiny_model().save_pretrained(tmp_path / "ckpt")
+    real = EvalTransform._apply
+
+    def flaky(self, data, key):  # an error no decoder check foresaw, on one image
+        if key.endswith("class_1/3.jpg"):
+            raise ZeroDivisionError("unforeseen")
+        return real(self, data, key)
+    monkeypatch.setattr(EvalTransform, "_apply", flaky)
+    common = ["--checkpoint", str(tmp_path / "ckpt"), "--num-workers", "0", "--quiet", "--batch-size", "4",
+              "--crop-pct", "1.0"]
+    assert main(["embed", *common, "--data", str(tmp_path / "photos"), "--out", str(tmp_path / "f.npz")]) == 0
+    err = capsys.readouterr().err
+    assert "skipping" in err and "class_1/3.jpg" in err and "ZeroDivisionError: unforeseen" in err
+
+
+def test_evaluation_stops_past_the_bad_data_threshold(tmp_path, capsys):
+    tiny_model().save_pretrained(tmp_path / "ckpt")
+    write_shard(tmp_path / "bad.tar.gz", 300, corrupt=200)  # two thirds undecodable
+    code = main(["embed", "--checkpoint", str(tmp_path / "ckpt"), "--num-workers", "0", "--quiet",
+                 "--data", str(tmp_path / "bad.tar.gz"), "--out", str(tmp_path / "f.npz")])
+    assert code == 1 and "max_bad_fraction" in capsys.readouterr().err
+    assert main(["embed", "--checkpoint", str(tmp_path / "ckpt"), "--num-workers", "0", "--quiet",
+                 "--data", str(tmp_path / "bad.tar.gz"), "--out", str(tmp_path / "f.npz"),
+                 "--max-bad-fraction", "1.0"]) == 0  # keep going whatever the share

@@ -265,7 +265,9 @@ def test_resuming_a_finished_run_exits_cleanly(tmp_path, capsys):
     argv = ["pretrain", "--config", "demo", "--out", str(tmp_path), "--steps", "3", *TINY]
     assert main(argv) == 0
     before = params(latest_checkpoint(tmp_path))
+    written = (latest_checkpoint(tmp_path) / "train_state.pt").stat().st_mtime_ns
     assert main(argv + ["--resume", "auto"]) == 0  # a re-queued job that already finished
+    assert (latest_checkpoint(tmp_path) / "train_state.pt").stat().st_mtime_ns == written  # not rewritten
     assert "already finished (3 steps)" in capsys.readouterr().out
     after = params(latest_checkpoint(tmp_path))
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -4,18 +4,21 @@
         model.safetensors, config.json   # loadable alone with M3AE.from_pretrained
         train_state.pt                   # optimiser, step, RNG, data position: weights_only-loadable
         run_config.yaml                  # the full run configuration
-A checkpoint is built in a hidden temp folder and renamed into place, so a crash mid-write never
-leaves a folder that looks complete.
+A checkpoint is built in a hidden temp folder, fsynced, and renamed into place, so a crash mid-write
+never leaves a folder that looks complete; what killed runs leave behind is removed by `clean_stale`.
 """
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+from .files import fsync_dir, fsync_file
 
 STATE_NAME = "train_state.pt"
 RUN_CONFIG_NAME = "run_config.yaml"
@@ -45,28 +48,75 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
 
 def save_checkpoint(out_dir: str | os.PathLike, step: int, model, train_state: dict[str, Any],
                     run_config_yaml: str, keep_last: int = 3) -> Path:
+    """Write the step's folder atomically. On any failure (a full disk) the temp folder is removed
+    and every earlier checkpoint is left as it was."""
     root = checkpoint_root(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    torch.save(train_state, tmp / STATE_NAME)
-    (tmp / RUN_CONFIG_NAME).write_text(run_config_yaml)
-    _fsync_dir(tmp)
-    if final.exists():  # re-saving a step: move the old one aside first, then swap
-        trash = root / f".old-step_{step:08d}-{os.getpid()}"
-        os.replace(final, trash)
+    trash = None
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp)
+        torch.save(train_state, tmp / STATE_NAME)
+        (tmp / RUN_CONFIG_NAME).write_text(run_config_yaml)
+        for path in tmp.iterdir():  # the data on disk before the rename makes the folder visible
+            fsync_file(path)
+        fsync_dir(tmp)
+        if final.exists():  # re-saving a step: move the old one aside first, then swap
+            trash = root / f".old-step_{step:08d}-{os.getpid()}"
+            os.replace(final, trash)
         os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if trash is not None and trash.exists() and not final.exists():
+            os.replace(trash, final)  # the previous save of this step stays
+        raise
+    if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     if keep_last > 0:
         for _, old in list_checkpoints(out_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     return final
+
+
+def _remove(path: Path) -> None:
+    """Rename aside, then delete: a kill mid-delete leaves a hidden folder (cleaned at the next
+    start), never a half-deleted step folder."""
+    trash = path.with_name(f".old-{path.name}-{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def clean_stale(out_dir: str | os.PathLike) -> list[str]:
+    """Remove what killed runs left in the checkpoint folder: temp folders (`.tmp-*`), folders set
+    aside for deletion (`.old-*`) and step folders missing a file. Call only while holding the run
+    folder's lock (no other run is writing there). Returns the names removed."""
+    root = checkpoint_root(out_dir)
+    if not root.is_dir():
+        return []
+    complete = {path for _, path in list_checkpoints(out_dir)}
+    removed = []
+    for path in sorted(root.iterdir()):
+        if path.name.startswith((".tmp-", ".old-")) or (_STEP_DIR.match(path.name) and path not in complete):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
+def newest_intact(out_dir: str | os.PathLike, load: Callable[[Path], Any]) -> tuple[Path, Any] | None:
+    """The newest checkpoint that `load` reads without error, with what it returned; each one
+    that fails is reported and the previous one tried (a corrupt newest checkpoint costs the
+    steps since the one before, not the run)."""
+    for _, path in reversed(list_checkpoints(out_dir)):
+        try:
+            return path, load(path)
+        except Exception as err:  # any unreadable file: safetensors, torch.load, json, shapes
+            print(f"warning: checkpoint {path} is unreadable ({type(err).__name__}: {err}); "
+                  "falling back to the previous one", file=sys.stderr)
+    return None
 
 
 def load_train_state(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
@@ -75,16 +125,3 @@ def load_train_state(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no {STATE_NAME} in {checkpoint_dir}")
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

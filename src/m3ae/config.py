@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,7 +106,53 @@ class M3AEConfig:
     def has_text(self) -> bool:
         return self.vocab_size > 0
 
+    def num_parameters(self) -> int:
+        """The model's parameter count, from the sizes alone (nothing is allocated)."""
+        def transformer(d: int, depth: int) -> int:
+            h = int(d * self.mlp_ratio)
+            block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * h + h) + (h * d + d)
+            return depth * block + 2 * d
+
+        def head(d: int, out: int) -> int:
+            k = self.output_head_depth
+            return (2 * d if k else 0) + k * (d * d + 3 * d) + d * out + out
+
+        d, dd, text = self.emb_dim, self.dec_emb_dim, self.has_text
+        n = d + self.patch_dim * d + d + dd  # cls, image embedding, image mask token
+        n += (self.vocab_size * d + dd) if text else 0
+        n += (d + dd) * (2 if text else 1) if self.use_type_embedding else 0
+        n += transformer(d, self.depth) + d * dd + dd + transformer(dd, self.dec_depth)
+        n += head(dd, self.patch_dim) + (head(dd, self.vocab_size) if text else 0)
+        return n
+
+    def check_types(self) -> None:
+        """Each field holds a value of its declared type (config.json may hold anything)."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            if kind == "bool":
+                ok = isinstance(value, bool)
+            elif kind == "int":
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif kind == "float":
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            else:  # str, str | None
+                ok = isinstance(value, str) or (value is None and "None" in kind)
+            if not ok:
+                raise ConfigError(f"{f.name} must be {'a finite float' if kind == 'float' else kind}, "
+                                  f"got {_short(value)}")
+
     def validate(self) -> None:
+        self.check_types()
+        for name in ("image_size", "patch_size", "in_chans", "emb_dim", "depth", "num_heads", "dec_emb_dim",
+                     "dec_depth", "dec_num_heads", "text_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("vocab_size", "output_head_depth", "image_loss_weight", "text_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("mlp_ratio", "layer_norm_eps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.patch_size <= 0 or self.image_size <= 0:
             raise ConfigError("image_size and patch_size must be positive")
         if self.image_size % self.patch_size != 0:
@@ -130,3 +178,23 @@ class M3AEConfig:
         for name in ("drop", "att_drop", "drop_path"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1)")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_fits_memory(config: M3AEConfig, memory_bytes: int | None = None) -> None:
+    """Refuse, before allocating anything, a model whose fp32 parameters alone exceed the machine's
+    memory (a hostile or mistyped config.json: depth 1000000 would otherwise allocate for minutes)."""
+    # Parameters plus the sin-cos position tables (buffers: image_size or text_length alone can be huge).
+    n = config.num_parameters() + (config.num_patches + config.text_length) * (config.emb_dim + config.dec_emb_dim)
+    if memory_bytes is None:
+        try:
+            memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # not POSIX: no check
+            return
+    if 4 * n > memory_bytes:
+        raise ConfigError(f"the model would have {n:,} parameters and position entries ({4 * n / 2**30:.1f} GiB in fp32), more "
+                          f"than this machine's memory ({memory_bytes / 2**30:.1f} GiB)")

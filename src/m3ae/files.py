@@ -1,8 +1,10 @@
-"""Writing files so that a kill at any moment leaves the old file or the new one, never half of one."""
+"""Writing files so that a kill at any moment leaves the old file or the new one, never half of one;
+a lock so that two runs never write one folder."""
 from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -15,8 +17,74 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     os.close(fd)
     try:
         write(tmp)
+        fsync_file(tmp)  # the data on disk before the name: a power cut never leaves an empty file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside `path` durable (where the platform allows opening a folder)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class FolderLock:
+    """An exclusive lock on a run folder (flock on FOLDER/.lock) held while a run writes there, so a
+    second run on the same folder is refused. The kernel releases it when the process dies, so a
+    killed run never leaves a stale lock."""
+
+    NAME = ".train.lock"  # not the study runner's .lock: flock conflicts even within one process
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / self.NAME
+        self.fd: int | None = None
+
+    def __enter__(self) -> "FolderLock":
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise FolderBusyError(f"{self.path.parent} is in use by another run (pid {holder}); "
+                                  "two runs writing one folder would overwrite each other") from None
+        except OSError as err:  # a filesystem without locks (some network mounts): run unguarded
+            os.close(fd)
+            warnings.warn(f"cannot lock {self.path} ({err}); nothing stops a second run on this folder")
+            return self
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
+
+
+class FolderBusyError(ValueError):
+    """Another live process holds the folder's lock."""

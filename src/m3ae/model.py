@@ -1,7 +1,6 @@
 """The Multimodal Masked Autoencoder: one encoder over [CLS] + image patches + text tokens."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ConfigError, M3AEConfig
+from .config import ConfigError, M3AEConfig, check_fits_memory
 from .files import atomic_write
 from .linear_cross_entropy import linear_cross_entropy
 from .losses import normalize_patches, packed_token_weights, patch_mse, token_cross_entropy
@@ -46,6 +45,7 @@ class M3AE(nn.Module):
     def __init__(self, config: M3AEConfig):
         super().__init__()
         config.validate()
+        check_fits_memory(config)  # before allocating anything
         self.config = c = config
         d, dd = c.emb_dim, c.dec_emb_dim
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
@@ -354,15 +354,17 @@ class M3AE(nn.Module):
         """The one place a checkpoint folder's config and weights are read."""
         from safetensors.torch import load_file
 
+        from .validate import check_safetensors, read_model_config
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"checkpoint folder not found: {directory}")
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory} has no {name}; is it an M3AE checkpoint folder?")
-        try:
-            data = json.loads((directory / CONFIG_NAME).read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{directory / CONFIG_NAME} is not valid JSON: {err}") from err
-        config = M3AEConfig.from_dict({**data, **config_overrides})
-        model = cls(config)
+        # Checked before use: config types, ranges and size; the weights' header against the config.
+        model = cls(read_model_config(directory / CONFIG_NAME, **config_overrides))
+        check_safetensors(directory / WEIGHTS_NAME, model.state_dict())
         state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
         model.load_weights(state, source=str(directory / WEIGHTS_NAME))
         return model

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 
-from ..data.bad import DataQualityError
+from ..data.bad import DataQualityError, LoaderError
 from ..optional import missing_dependency
 
 COMMANDS = [
@@ -66,8 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:  # configuration and input errors: no traceback
         print(f"m3ae {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except (FloatingPointError, DataQualityError) as err:  # a run that had to stop
+    except (FloatingPointError, DataQualityError, LoaderError) as err:  # a run that had to stop
         print(f"m3ae {args.command}: stopped: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a full disk, a vanished mount, a permission: the environment, not a bug
+        print(f"m3ae {args.command}: stopped: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"m3ae {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug or an unforeseen failure: the traceback for the report, then exit
+        traceback.print_exc()
+        print(f"m3ae {args.command}: failed: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
 
 

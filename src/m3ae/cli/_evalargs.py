@@ -22,6 +22,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="non-square photos: crop as they are, or pad to a square first (default: the checkpoint's)")
     p.add_argument("--pad-value", type=int, default=None, help="grey level of the padding (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-bad-fraction", type=float, default=0.05,
+                   help="stop when more than this share of images is unusable (after 200); each is skipped, "
+                        "counted and logged")
     p.add_argument("--result", default=None, help="JSON result file (default: next to --out or ./results)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -59,9 +62,11 @@ def dataset(args, spec: str, split: str, image_size: int, train_transform: bool 
             crop_scale=(0.2, 1.0), unlabelled: bool = False):
     from ..eval.labelled import labelled_dataset
     pre = preprocessing(args, image_size)
-    return labelled_dataset(spec, split, image_size, train_transform, pre.stats,
-                            crop_scale=crop_scale, crop_pct=pre.crop_pct, limit=limit, seed=args.seed,
-                            square=pre.square, pad_value=pre.pad_value, unlabelled=unlabelled)
+    ds = labelled_dataset(spec, split, image_size, train_transform, pre.stats,
+                          crop_scale=crop_scale, crop_pct=pre.crop_pct, limit=limit, seed=args.seed,
+                          square=pre.square, pad_value=pre.pad_value, unlabelled=unlabelled)
+    ds.counter.max_bad_fraction = getattr(args, "max_bad_fraction", ds.counter.max_bad_fraction)
+    return ds
 
 
 def features_for(args, model, spec: str, split: str, limit, device):

@@ -37,9 +37,10 @@ def _percentiles(values) -> str:
 
 def _decode(record, max_pixels):
     """Full decode to RGB (so broken files are found), or raise BadSample."""
-    from m3ae.data.images import _load, open_image, to_rgb
+    from m3ae.data.images import _load, as_bad_sample, open_image, to_rgb
 
-    return to_rgb(_load(open_image(record.image, record.key, max_pixels)))
+    with as_bad_sample(record.key):  # whatever fails on one image is that record's bad sample
+        return to_rgb(_load(open_image(record.image, record.key, max_pixels)))
 
 
 def run_stats(args: argparse.Namespace) -> int:

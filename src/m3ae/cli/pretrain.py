@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="global batch (shorthand for batch_size=N)")
     p.add_argument("--resume", default=None,
                    help="'auto' continues from the newest checkpoint in --out (if any); or a checkpoint folder")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="resume even though settings that make the run differ from an uninterrupted one "
+                        "(batch, data, schedule, seed, ...) changed since the checkpoint")
     p.add_argument("--stop-at-step", type=int, default=None,
                    help="stop (and checkpoint) at this step without changing the schedule")
     p.add_argument("--fsdp", action="store_true",
@@ -85,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     info = init_distributed(config.device)
     try:
         result = pretrain(config, args.out, resume=args.resume, stop_at_step=args.stop_at_step,
-                          rank=info.rank, world_size=info.world_size)
+                          rank=info.rank, world_size=info.world_size, allow_changes=args.allow_changes)
     finally:
         cleanup()
     if not info.is_main:

@@ -18,6 +18,7 @@ REASONS = (
     "bad_text",         # caption / label bytes are not UTF-8 or not a number
     "truncated_tar",    # a tar shard ends in the middle of a member
     "bad_table",        # a Parquet row group / Arrow batch that cannot be read (one per row it holds)
+    "not_a_file",       # a path names a directory, device or FIFO, not a regular file
 )
 
 
@@ -31,6 +32,10 @@ class BadSample(Exception):
 
 class DataQualityError(RuntimeError):
     """Too much of the data is unusable: stop rather than train on a silently shrunken set."""
+
+
+class LoaderError(RuntimeError):
+    """The loader could not deliver a batch: a worker process died (killed, out of memory)."""
 
 
 class BadCounter:

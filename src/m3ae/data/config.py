@@ -31,6 +31,10 @@ class DataConfig:
     pad_value: int = 255  # grey level of the padding of square=pad
     jpeg_draft: bool = True  # decode JPEGs at reduced DCT scale when the crop is much larger than the output
     max_image_pixels: int = 178_956_970  # refuse larger images (decompression bombs)
+    # Tar shards: a member larger than this is skipped unread (counted too_large); a shard stops
+    # being read after this many bytes of members (gzip bombs). Memory stays bounded by the first.
+    max_member_bytes: int = 256 << 20
+    max_shard_bytes: int = 64 << 30
     # Stop the run when more than this share of samples is unusable (after bad_min_samples seen).
     max_bad_fraction: float = 0.05
     bad_min_samples: int = 200  # samples seen before max_bad_fraction is enforced

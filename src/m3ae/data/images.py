@@ -9,8 +9,11 @@ resize) and normalised in one pass from uint8.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import os
+import stat
 import warnings
 from dataclasses import dataclass, field
 from struct import error as struct_error
@@ -18,26 +21,45 @@ from struct import error as struct_error
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .bad import BadSample
-from .sources.base import open_file
+from .sources.base import is_url, open_file
 from .normalization import resolve_stats
 
 # The default pixel limit: ~ 16k x 11k. Above it we refuse to decode (decompression bombs).
 # We set PIL's own limit explicitly and turn its warning into an error, so either path is caught.
 DEFAULT_MAX_PIXELS = 178_956_970
 Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
+DEFAULT_MAX_BYTES = 256 << 20  # an encoded image file larger than this is refused unread
+
+
+def read_image_file(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes of an image file. Only regular files are read (a directory, /dev/zero or a FIFO
+    named by a manifest would fail, exhaust memory or block forever), and at most `max_bytes`.
+    Raises BadSample."""
+    try:
+        if not is_url(path):
+            info = os.stat(path)
+            if not stat.S_ISREG(info.st_mode):
+                raise BadSample("not_a_file", f"{path} is not a regular file")
+            if info.st_size > max_bytes:
+                raise BadSample("too_large", f"{path}: {info.st_size} bytes > {max_bytes}")
+        with open_file(path) as f:
+            data = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise BadSample("missing_image", path) from None
+    except (OSError, ValueError) as err:  # a symlink loop, a NUL byte in the path, no permission
+        raise BadSample("missing_image", f"{path!r}: {err}") from None
+    if len(data) > max_bytes:
+        raise BadSample("too_large", f"{path}: more than {max_bytes} bytes")
+    return data
 
 
 def open_image(data: bytes | str, key: str = "", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open (header only) from bytes, a local path or a URL (fsspec). Raises BadSample."""
     if isinstance(data, str):
-        try:
-            with open_file(data) as f:
-                data = f.read()
-        except FileNotFoundError:
-            raise BadSample("missing_image", data) from None
+        data = read_image_file(data)
     if not data:
         raise BadSample("empty", key)
     try:
@@ -56,6 +78,18 @@ def open_image(data: bytes | str, key: str = "", max_pixels: int = DEFAULT_MAX_P
     if w * h > max_pixels:
         raise BadSample("too_large", f"{w}x{h} > {max_pixels} pixels")
     return image
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The photo as it is meant to be seen: an EXIF orientation (phone photos) is applied. Such
+    images are decoded in full here (no draft mode); the rest pass through untouched."""
+    try:
+        orientation = image.getexif().get(0x0112, 1)  # 0x0112: Orientation
+    except Exception:  # an unreadable EXIF block is no reason to drop the image
+        return image
+    if orientation in (1, None) or not isinstance(orientation, int) or not 2 <= orientation <= 8:
+        return image
+    return ImageOps.exif_transpose(_load(image))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -109,7 +143,14 @@ def draft_for_box(image: Image.Image, box: tuple[float, float, float, float], ou
     image.draft(image.mode if image.mode in ("RGB", "L") else None, want)
     nw, nh = image.size
     sx, sy = nw / w, nh / h
-    return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    return clamp_box((box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy), nw, nh)
+
+
+def clamp_box(box: tuple[float, float, float, float], width: int, height: int) -> tuple[float, float, float, float]:
+    """`box` inside (0, 0, width, height): float rounding (a crop as wide as the image, a draft
+    scale) can put an edge a hair outside, which PIL's resize refuses ("box offset can't be negative")."""
+    left, top = min(max(box[0], 0.0), width), min(max(box[1], 0.0), height)
+    return left, top, min(max(box[2], left), width), min(max(box[3], top), height)
 
 
 def to_tensor(image: Image.Image | torch.Tensor, stats) -> torch.Tensor:
@@ -176,6 +217,19 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, s
     return x, y, x + w, y + h
 
 
+@contextlib.contextmanager
+def as_bad_sample(key: str):
+    """One bad-data policy for every reader: whatever goes wrong with one image (a decoder error
+    PIL does not classify, an odd size) is that sample's `BadSample`, counted and skipped by the
+    caller, never the end of a run or a command. The detail keeps the error for bug reports."""
+    try:
+        yield
+    except BadSample:
+        raise
+    except Exception as err:
+        raise BadSample("undecodable", f"{key}: {type(err).__name__}: {err}") from None
+
+
 @dataclass
 class _Decoding:
     """What both transforms share: normalisation and decoding limits (keyword-only, so each transform's
@@ -196,7 +250,7 @@ class _Decoding:
             raise ValueError(f"pad_value must be a grey level in 0..255, got {self.pad_value}")
 
     def open(self, data: bytes | str | Image.Image, key: str) -> Image.Image:
-        return data if isinstance(data, Image.Image) else open_image(data, key, self.max_pixels)
+        return upright(data if isinstance(data, Image.Image) else open_image(data, key, self.max_pixels))
 
     def decoded(self, image: Image.Image, box: tuple[float, float, float, float] | None, out: int
                 ) -> tuple[Image.Image, tuple[float, float, float, float] | None]:
@@ -242,6 +296,10 @@ class TrainTransform(_Decoding):
 
     def __call__(self, data: bytes | str | Image.Image, rng: np.random.Generator | None = None,
                  key: str = "") -> torch.Tensor:
+        with as_bad_sample(key):
+            return self._apply(data, rng, key)
+
+    def _apply(self, data, rng, key: str) -> torch.Tensor:
         image = self.open(data, key)
         rng = torch_seeded_rng() if rng is None else rng
         box = random_resized_crop_box(*self.frame_size(image), rng, self.scale, self.ratio)
@@ -264,11 +322,15 @@ class EvalTransform(_Decoding):
 
     def __call__(self, data: bytes | str | Image.Image, rng: np.random.Generator | None = None,
                  key: str = "") -> torch.Tensor:
+        with as_bad_sample(key):
+            return self._apply(data, key)
+
+    def _apply(self, data, key: str) -> torch.Tensor:
         image = self.open(data, key)
         resize = self.resize or self.size
         w, h = self.frame_size(image)
         s = resize / min(w, h)  # output pixels per input pixel
         cw, ch = self.size / s, self.size / s  # the centre crop in input pixels
-        box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
+        box = clamp_box(((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2), w, h)
         image, box = self.decoded(image, box, self.size)
         return to_tensor(resize_box(image, box, self.size), self.stats)

@@ -7,14 +7,18 @@ last delivered batch ended, provided ranks x workers is unchanged, else at shard
 """
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
+import os
 import signal
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import torch
 
 from ..config import M3AEConfig
-from .bad import BadCounter
+from .bad import BadCounter, DataQualityError, LoaderError
 from .collate import Batch, Collator
 from .config import DataConfig
 from .images import TrainTransform
@@ -35,7 +39,14 @@ class TrackedBatches:
         self.stream: dict[str, Any] = {}
 
     def __iter__(self) -> Iterator[Batch]:
-        for batch in self.loader:
+        batches = iter(self.loader)
+        try:
+            yield from self._tracked(batches)
+        finally:  # an error (or close()) stops the workers now, not at interpreter exit
+            stop_workers(batches)
+
+    def _tracked(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        for batch in batches:
             stats = batch.extra.get("data_stats")
             if stats:
                 self.counter.add(stats)
@@ -70,11 +81,65 @@ class TrainData:
         return {**self.counter.as_dict(), "bad_fraction": self.counter.bad_fraction}
 
 
+def next_batch(batches: Iterator[Batch]) -> Batch:
+    """next(batches), with a dead loader worker named as such (LoaderError)."""
+    try:
+        return next(batches)
+    except Exception as err:
+        named = loader_error(err)
+        if named is None:
+            raise
+        raise named from err
+
+
+def loader_error(err: BaseException) -> LoaderError | None:
+    """A LoaderError for an error that means a loader worker died, else None. Its death surfaces in
+    several ways: a broken connection, or torch's RuntimeError from the SIGCHLD handler, which can
+    go off anywhere in the main process (also mid-step)."""
+    if isinstance(err, LoaderError):
+        return err
+    if isinstance(err, (ConnectionError, EOFError)):
+        return LoaderError(f"a data loader worker died ({type(err).__name__}: {err}); killed, or out of memory?")
+    if isinstance(err, RuntimeError) and not isinstance(err, DataQualityError) and "DataLoader worker" in str(err):
+        return LoaderError(f"{err} (killed, or out of memory?)")
+    return None
+
+
+def stop_workers(batches: Any) -> None:
+    """Stop the worker processes behind a batch iterator now. A worker ignores SIGTERM (below), so
+    one left to multiprocessing's exit handler (terminate, then join) would hang the exit forever.
+    Errors are ignored: the loop is ending anyway, and torch's SIGCHLD handler reports a dead worker
+    again while the others are joined."""
+    try:
+        if hasattr(batches, "_shutdown_workers"):  # a DataLoader iterator: None to each worker, join
+            batches._shutdown_workers()
+        elif hasattr(batches, "close"):  # a generator over one (TrackedBatches): its finally stops them
+            batches.close()
+    except Exception:
+        pass
+
+
 def _quiet_worker(_: int) -> None:
     # Ctrl-C / SIGTERM go to the main process, which finishes the step and checkpoints;
     # workers must not die first and break the loader.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker when the trainer dies (even by SIGKILL), so no worker
+    outlives it, whatever it is blocked in."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before prctl took effect
+        os._exit(1)
 
 
 def _loader_kwargs(data: DataConfig) -> dict[str, Any]:
@@ -102,6 +167,7 @@ def source_uses(data: DataConfig, model_config: M3AEConfig) -> list[SourceUse]:
     for item, source in build_sources(data.spec):
         if hasattr(source, "shuffle_block"):  # tar shards: read in a shuffled order (see WebDatasetSource)
             source.shuffle_block = data.shuffle_buffer
+            source.max_member_bytes, source.max_shard_bytes = data.max_member_bytes, data.max_shard_bytes
         image = "image" in source.provides and item.role != "text"
         text = "text" in source.provides and item.role != "image" and model_config.has_text
         if not (image or text):

@@ -78,6 +78,7 @@ class LabelledImages(torch.utils.data.Dataset):
             except BadSample as err:
                 self._bad.add(i)
                 self.skip(self.keys[i], err)
+                self.counter.check()  # past max_bad_fraction: DataQualityError ends the command
                 continue
             self.counter.good += 1
             return image, self.labels[i]

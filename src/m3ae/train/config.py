@@ -1,6 +1,8 @@
 """Run configuration: typed dataclasses, YAML presets, `key.sub=value` command-line overrides."""
 from __future__ import annotations
 
+import math
+import operator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -81,10 +83,45 @@ class TrainConfig:
         return self.optim.warmup_steps if self.optim.warmup_steps is not None else int(0.05 * self.steps)
 
     def validate(self) -> None:
+        """Every setting against its allowed range (a wrong sign must not train silently wrong)."""
         if self.steps <= 0:
             raise ConfigError("steps must be positive")
         if self.batch_size <= 0 or self.grad_accum <= 0:
             raise ConfigError("batch_size and grad_accum must be positive")
+        o, d = self.optim, self.data
+        checks = [
+            ("log_every", self.log_every >= 1, ">= 1"), ("ckpt_every", self.ckpt_every >= 1, ">= 1"),
+            ("keep_last", self.keep_last >= 0, ">= 0 (0: keep all)"),
+            ("max_nonfinite", self.max_nonfinite >= 1, ">= 1"),
+            ("viz_every", self.viz_every >= 0, ">= 0"), ("eval_every", self.eval_every >= 0, ">= 0"),
+            ("optim.base_lr", _finite(o.base_lr) and o.base_lr > 0, "> 0"),
+            ("optim.lr", o.lr is None or (_finite(o.lr) and o.lr > 0), "> 0 or null"),
+            ("optim.min_lr", _finite(o.min_lr) and 0 <= o.min_lr <= self.peak_lr(), "in [0, peak lr]"),
+            ("optim.weight_decay", _finite(o.weight_decay) and o.weight_decay >= 0, ">= 0"),
+            ("optim.beta1", 0 <= o.beta1 < 1, "in [0, 1)"), ("optim.beta2", 0 <= o.beta2 < 1, "in [0, 1)"),
+            ("optim.eps", _finite(o.eps) and o.eps > 0, "> 0"),
+            ("optim.warmup_steps", o.warmup_steps is None or o.warmup_steps >= 0, ">= 0 or null"),
+            ("optim.clip_grad", o.clip_grad is None or (_finite(o.clip_grad) and o.clip_grad > 0),
+             "> 0, or null for no clipping"),
+            ("data.num_workers", d.num_workers >= 0, ">= 0"),
+            ("data.prefetch_factor", d.prefetch_factor >= 1, ">= 1"),
+            ("data.demo_samples", d.demo_samples >= 1, ">= 1"),
+            ("data.caption_drop", 0 <= d.caption_drop <= 1, "in [0, 1]"),
+            ("data.shuffle_buffer", d.shuffle_buffer >= 0, ">= 0 (0: shard order)"),
+            ("data.crop_scale_min", 0 < d.crop_scale_min <= d.crop_scale_max <= 1,
+             "with crop_scale_max: 0 < min <= max <= 1"),
+            ("data.max_image_pixels", d.max_image_pixels >= 1, ">= 1"),
+            ("data.max_bad_fraction", 0 <= d.max_bad_fraction <= 1, "in [0, 1]"),
+            ("data.bad_min_samples", d.bad_min_samples >= 0, ">= 0"),
+            ("data.pad_value", 0 <= d.pad_value <= 255, "in 0..255"),
+            ("data.square", d.square in ("crop", "pad"), "crop or pad"),
+            ("data.max_member_bytes", d.max_member_bytes >= 1, ">= 1"),
+            ("data.max_shard_bytes", d.max_shard_bytes >= d.max_member_bytes, ">= data.max_member_bytes"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                value = operator.attrgetter(name)(self)
+                raise ConfigError(f"{name} must be {allowed}, got {value!r}")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise ConfigError(f"peak_tflops must be positive, got {self.peak_tflops}")
         if self.threads is not None and self.threads < 1:
@@ -105,6 +142,10 @@ class TrainConfig:
             out.append(f"warmup ({self.warmup()} steps) is not shorter than the run ({self.steps} steps): the "
                        f"learning rate never reaches its peak {self.peak_lr():g}; lower optim.warmup_steps")
         return out
+
+
+def _finite(value: float) -> bool:
+    return math.isfinite(value)
 
 
 def preset_path(name: str) -> Path:
@@ -166,3 +207,42 @@ def to_yaml(config: TrainConfig) -> str:
 def from_yaml(text: str) -> TrainConfig:
     merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(text))
     return OmegaConf.to_object(merged)
+
+
+# Settings that may change on resume without changing what is computed (logging, speed, limits).
+RESUME_SAFE = ("log_every", "ckpt_every", "keep_last", "progress", "tensorboard", "device", "viz_every",
+               "eval_every", "eval_train", "eval_val", "max_nonfinite", "peak_tflops", "compile",
+               "static_shapes", "distributed.fsdp", "data.num_workers", "data.prefetch_factor",
+               "data.max_bad_fraction", "data.bad_min_samples", "data.max_member_bytes", "data.max_shard_bytes")
+
+
+def setting_changes(old: TrainConfig, new: TrainConfig) -> dict[str, tuple]:
+    """Every setting (dotted name) whose value differs: {name: (old, new)}."""
+    def flat(node, prefix=""):
+        out = {}
+        for key, value in node.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[prefix + key] = value
+        return out
+    a = flat(OmegaConf.to_container(OmegaConf.structured(old)))
+    b = flat(OmegaConf.to_container(OmegaConf.structured(new)))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def check_resume_changes(checkpoint_yaml: str, config: TrainConfig, allow: bool, source: str) -> list[str]:
+    """Lines describing what changed since the checkpoint's run; raises ConfigError for changes that
+    break exact resumption (batch, data, schedule, model, seed, ...) unless `allow`."""
+    try:
+        old = from_yaml(checkpoint_yaml)
+    except (OmegaConfBaseException, ValueError) as err:
+        raise ConfigError(f"{source}: cannot read the run config: {str(err).splitlines()[0]}") from None
+    changes = setting_changes(old, config)
+    breaking = [k for k in changes if k not in RESUME_SAFE]
+    lines = [f"{k}: {v[0]!r} -> {v[1]!r}" + ("" if k in RESUME_SAFE else " (not exact)") for k, v in changes.items()]
+    if breaking and not allow:
+        raise ConfigError(f"resuming with settings changed since {source}: {'; '.join(lines)}. These make "
+                          "the run differ from an uninterrupted one; pass --allow-changes "
+                          "(allow_changes=True) to continue anyway")
+    return lines

@@ -1,6 +1,7 @@
 """The pretraining loop: one process now; rank/world hooks so DDP/FSDP drop in."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,16 +17,16 @@ import numpy as np
 import torch
 
 from .. import distributed as dist_utils
-from ..checkpoint import latest_checkpoint, load_train_state, save_checkpoint
+from ..checkpoint import RUN_CONFIG_NAME, checkpoint_root, clean_stale, load_train_state, newest_intact, save_checkpoint
+from ..files import FolderLock, atomic_write
 from ..model import M3AE
 from ..optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 from ..perf import batch_train_flops, device_name, table_peak
 from ..precision import autocast as precision_autocast, uses_bf16
 from ..preprocessing import Preprocessing
-from ..data.bad import DataQualityError
-from ..data.loader import build_train_data
+from ..data.loader import build_train_data, loader_error, next_batch, stop_workers
 from ..threads import ThreadChoice, torch_threads
-from .config import TrainConfig, to_yaml
+from .config import TrainConfig, check_resume_changes, to_yaml
 from .tracking import Trackers
 
 METRICS_NAME = "metrics.jsonl"
@@ -102,8 +103,13 @@ class MetricsLog:
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        # One write() of the whole row in append mode: a kill leaves whole rows (or a cut last one,
+        # which truncate_after drops), never rows interleaved.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(row) + "\n").encode())
+        finally:
+            os.close(fd)
         if self.trackers is not None:
             self.trackers.scalars(row)
 
@@ -111,34 +117,50 @@ class MetricsLog:
         """On resume, drop rows the crashed/stopped run wrote after its last checkpoint."""
         if not (self.enabled and self.path.is_file()):
             return
-        rows = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(r + "\n" for r in rows))
+        rows = [line for line in self.path.read_text(errors="replace").splitlines()
+                if (row := _parse_row(line)) is not None and row.get("step", 0) <= step]
+        atomic_write(self.path, lambda p: Path(p).write_text("".join(r + "\n" for r in rows)))
 
     def close(self, last: dict[str, Any] | None = None) -> None:
         if self.trackers is not None:
             self.trackers.close(last)
 
 
+def _parse_row(line: str) -> dict[str, Any] | None:
+    """A metrics row, or None for a blank line or one a kill cut short."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
 def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = None,
              stop_at_step: int | None = None, rank: int = 0, world_size: int = 1,
              on_log: Callable[[dict[str, Any]], None] | None = None,
-             model_hook: Callable[[M3AE], torch.nn.Module] | None = None) -> TrainResult:
-    """Pretrain an M3AE. `resume`: None, "auto" (newest checkpoint in out_dir, if any) or a path.
-    Runs with `config.threads` torch threads (m3ae.threads) and restores the count after."""
+             model_hook: Callable[[M3AE], torch.nn.Module] | None = None,
+             allow_changes: bool = False) -> TrainResult:
+    """Pretrain an M3AE. `resume`: None, "auto" (newest intact checkpoint in out_dir, if any) or a path;
+    settings changed since that checkpoint are reported, and those that break exactness refused
+    unless `allow_changes`. Rank 0 holds out_dir's lock for the whole run: a second run on the same
+    folder is refused. Runs with `config.threads` torch threads (m3ae.threads), restored after."""
     config.validate()
-    with torch_threads(config.threads, config.data.num_workers) as threads:
-        return _pretrain(config, out_dir, threads, resume=resume, stop_at_step=stop_at_step, rank=rank,
-                         world_size=world_size, on_log=on_log, model_hook=model_hook)
-
-
-def _pretrain(config: TrainConfig, out_dir: str | Path, threads: ThreadChoice, *, resume: str | None,
-              stop_at_step: int | None, rank: int, world_size: int,
-              on_log: Callable[[dict[str, Any]], None] | None,
-              model_hook: Callable[[M3AE], torch.nn.Module] | None) -> TrainResult:
     out_dir = Path(out_dir)
-    is_main = rank == 0
     out_dir.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out_dir) if rank == 0 else contextlib.nullcontext():
+        if rank == 0:
+            for name in clean_stale(out_dir):
+                print(f"removed {name} left in {checkpoint_root(out_dir)} by an interrupted run", file=sys.stderr)
+        with torch_threads(config.threads, config.data.num_workers) as threads:
+            return _pretrain(config, out_dir, resume, stop_at_step, rank, world_size, on_log, model_hook,
+                             allow_changes, threads)
+
+
+def _pretrain(config: TrainConfig, out_dir: Path, resume: str | None, stop_at_step: int | None, rank: int,
+              world_size: int, on_log: Callable[[dict[str, Any]], None] | None,
+              model_hook: Callable[[M3AE], torch.nn.Module] | None, allow_changes: bool,
+              threads: ThreadChoice) -> TrainResult:
+    is_main = rank == 0
     # Under torchrun each process drives cuda:LOCAL_RANK (CPU: gloo, every process on the CPU).
     device = dist_utils.pick_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
     info = dist_utils.DistInfo(rank, world_size, device.index or 0, device,
@@ -154,23 +176,34 @@ def _pretrain(config: TrainConfig, out_dir: str | Path, threads: ThreadChoice, *
     model = M3AE(config.model).to(device)
     if rank > 0:
         torch.manual_seed(config.seed + rank)  # then distinct dropout / drop-path streams per rank
-    start_step, skipped, data_state, optim_state = 0, 0, None, None
-    checkpoint_dir = latest_checkpoint(out_dir) if resume == "auto" else (Path(resume) if resume else None)
-    if checkpoint_dir is not None:
+    start_step, skipped, data_state, optim_state, carried = 0, 0, None, None, None
+    checkpoint_dir, loaded = None, None
+    if resume == "auto":
+        found = newest_intact(out_dir, lambda p: (M3AE.from_pretrained(p), load_train_state(p)))
+        if found is not None:
+            checkpoint_dir, (loaded, state) = found
+    elif resume:
+        checkpoint_dir = Path(resume)
         if not checkpoint_dir.is_dir():
             raise FileNotFoundError(f"checkpoint to resume from not found: {checkpoint_dir}")
-        loaded = M3AE.from_pretrained(checkpoint_dir)
+        loaded, state = M3AE.from_pretrained(checkpoint_dir), load_train_state(checkpoint_dir)
+    if checkpoint_dir is not None:
         if loaded.config.to_dict() != config.model.to_dict():
             diff = {k: (v, config.model.to_dict()[k]) for k, v in loaded.config.to_dict().items()
                     if config.model.to_dict().get(k) != v}
             raise ValueError(f"{checkpoint_dir} holds a model with another configuration {diff}")
         model.load_state_dict(loaded.state_dict())
-        state = load_train_state(checkpoint_dir)
+        saved_yaml = checkpoint_dir / RUN_CONFIG_NAME
+        if saved_yaml.is_file():
+            for line in check_resume_changes(saved_yaml.read_text(), config, allow_changes, str(checkpoint_dir)):
+                if is_main:
+                    print(f"changed since the checkpoint: {line}", file=sys.stderr)
         optim_state = state["optimizer"]
         set_rng_state(state["rng"])
         if rank > 0:  # the saved RNG is rank 0's; keep the other ranks' streams distinct
             torch.manual_seed(config.seed + rank + 1_000_003 * int(state["step"]))
         start_step, skipped, data_state = int(state["step"]), int(state.get("skipped_steps", 0)), state.get("data")
+        carried = state.get("pending_metrics")  # the unlogged steps of a partial log window
         if is_main:
             print(f"resuming from {checkpoint_dir} at step {start_step}", file=sys.stderr)
     if model_hook is None and world_size > 1:
@@ -228,23 +261,30 @@ def _pretrain(config: TrainConfig, out_dir: str | Path, threads: ThreadChoice, *
     preprocessing = Preprocessing.from_stats(config.model.image_size, config.data.normalization,
                                              square=config.data.square, pad_value=config.data.pad_value)
 
-    def checkpoint(step: int, micro: int) -> Path | None:
+    saving = False  # a failure while saving is not followed by another save attempt
+
+    def checkpoint(step: int, micro: int, rng: dict[str, Any] | None = None) -> Path | None:
         # Full (unsharded) state on rank 0: it resumes with any number of processes.
+        nonlocal saving
+        saving = True
         model_state, optim_full = dist_utils.full_state_dicts(model, optimizer, fsdp)
         data_state = _gather_data_state(data.state(micro), world_size)
         path = None
         if is_main:
-            train_state = {"step": step, "optimizer": optim_full, "rng": rng_state(),
-                           "data": data_state, "skipped_steps": skipped, "world_size": world_size}
+            train_state = {"step": step, "optimizer": optim_full, "rng": rng or rng_state(),
+                           "data": data_state, "skipped_steps": skipped, "world_size": world_size,
+                           "pending_metrics": torch.stack(pending).cpu() if pending else None}
             path = save_checkpoint(out_dir, step, _Weights(model, model_state, data.tokenizer, preprocessing),
                                    train_state, run_yaml, config.keep_last)
         dist_utils.barrier(info)
+        saving = False
         return path
 
     end = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
     result = TrainResult(out_dir, start_step, "finished", None, skipped_steps=skipped)
-    batches = iter(data.batches)
     pending: list[torch.Tensor] = []  # per-step [loss, image, text, acc, grad_norm] kept on device
+    if carried is not None:  # so the first row after a resume covers the same steps as a straight run's
+        pending = list(carried.to(device))
     nonfinite_run, last_ckpt_step = 0, start_step
     window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
     # Achieved model FLOP/s (analytic, m3ae.perf) and MFU where the device's peak is known.
@@ -254,10 +294,13 @@ def _pretrain(config: TrainConfig, out_dir: str | Path, threads: ThreadChoice, *
     progress = _progress(config, start_step, is_main)
     eval_sets = _eval_sets(config) if is_main else None
     run_model.train()
-    step = start_step
+    step, step_rng = start_step, None
+    batches = iter(data.batches)  # a DataLoader starts its workers here: stopped in the finally below
     try:
         with StopRequest() as stop:
             while step < end:
+                # The RNG as this step starts: what a checkpoint written after a failure mid-step needs.
+                step_rng = rng_state() if world_size == 1 else None
                 lr = lr_at(step, config.peak_lr(), config.warmup(), config.steps, config.optim.min_lr)
                 set_lr(optimizer, lr)
                 # Metric sums weighted by samples, each over the parts that have that modality.
@@ -265,7 +308,7 @@ def _pretrain(config: TrainConfig, out_dir: str | Path, threads: ThreadChoice, *
                 counts = torch.zeros(4, device=device)  # on device: no host->device copy per step
                 for micro in range(config.grad_accum):
                     t0 = time.perf_counter()
-                    batch = next(batches).to(device, non_blocking=True)
+                    batch = next_batch(batches).to(device, non_blocking=True)
                     data_wait += time.perf_counter() - t0
                     window_samples += batch.size * world_size
                     window_flops += batch_train_flops(batch, config.model) * world_size  # host-side shapes
@@ -301,11 +344,14 @@ def _pretrain(config: TrainConfig, out_dir: str | Path, threads: ThreadChoice, *
                                                  "stopping (lower the learning rate or check the data)")
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                step_rng = None  # the step is whole: a checkpoint from here on takes the RNG as it is
                 pending.append(torch.cat([sums / counts,  # 0/0 = nan: modality absent this step
                                           grad_norm.float().reshape(1)]))
                 if progress is not None:
                     progress.update(1)
-                if step % config.log_every == 0 or step == end:
+                # Rows at log steps and the run's end; a stop elsewhere saves its partial window
+                # in the checkpoint instead (the resumed run logs it with the rest of the window).
+                if step % config.log_every == 0 or step == config.steps:
                     values = dist_utils.all_reduce_mean(torch.stack(pending), info).cpu().tolist()
                     pending.clear()
                     elapsed = time.perf_counter() - window_start
@@ -344,20 +390,33 @@ def _pretrain(config: TrainConfig, out_dir: str | Path, threads: ThreadChoice, *
                         name = signal.Signals(stop.signal).name
                         print(f"\nreceived {name}: stopping after step {step}", file=sys.stderr)
                     break
-    except (DataQualityError, FloatingPointError):
-        # Stopping for bad data or a diverged loss must not lose the steps done since the last
-        # checkpoint (the weights are intact: non-finite updates were skipped). One process only:
-        # a save on one rank while the others wait in a collective would hang.
+    except Exception as err:
+        # Stopping for any error (bad data, a diverged loss, a dead loader worker, a full disk, a bug)
+        # must not lose the steps done since the last checkpoint: the weights hold whole steps only
+        # (non-finite updates were skipped). One process only: a save on one rank while the others
+        # wait in a collective would hang.
+        stop_workers(batches)
         if progress is not None:
             progress.close()
-        if world_size == 1 and step > last_ckpt_step:
-            print(f"saved {checkpoint(step, step * config.grad_accum)} before stopping", file=sys.stderr)
+        if world_size == 1 and step > last_ckpt_step and not saving:
+            try:
+                saved = checkpoint(step, step * config.grad_accum, step_rng)
+                print(f"saved {saved} before stopping", file=sys.stderr)
+            except Exception as save_err:  # the first error is the one to report
+                print(f"could not save a checkpoint before stopping: {save_err}", file=sys.stderr)
+        named = loader_error(err)
+        if named is not None and named is not err:
+            raise named from err
         raise
+    finally:
+        stop_workers(batches)
     if progress is not None:
         progress.close()
     if step < config.steps:
         result.status = "stopped"
-    if step != last_ckpt_step or result.checkpoint is None:
+    if step == start_step and checkpoint_dir is not None and checkpoint_dir.parent == checkpoint_root(out_dir):
+        result.checkpoint = checkpoint_dir  # nothing done since it was written (a finished run re-run)
+    elif step != last_ckpt_step or result.checkpoint is None:
         result.checkpoint = checkpoint(step, step * config.grad_accum)
     result.step = step
     result.skipped_steps = skipped

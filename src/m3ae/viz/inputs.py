@@ -5,7 +5,9 @@ Images and captions are read with the data pipeline (m3ae.data sources, SPEC par
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
+from typing import Iterator
 from pathlib import Path
 
 import torch
@@ -80,22 +82,19 @@ def _image(data: bytes | str, image_size: int, stats: str | tuple, key: str) -> 
         raise ValueError(f"cannot use image {key}: {err}") from None
 
 
-def _first_records(source, offset: int, n: int) -> list[Record]:
-    """Records offset .. offset + n, each image once (a manifest may list several captions per image)."""
+def _records_from(source, offset: int) -> Iterator[Record]:
+    """Records from `offset` on, each image once (a manifest may list several captions per image)."""
     if isinstance(source, IndexedSource):
         stream = (source.record(i) for i in range(len(source)))
     else:
         stream = (record for shard in source.shards for record in iter_tar(shard))
-    seen, out = set(), []
+    seen = set()
     for record in stream:
         if record.image is None or record.key in seen:
             continue
         seen.add(record.key)
         if len(seen) > offset:
-            out.append(record)
-        if len(out) == n:
-            break
-    return out
+            yield record
 
 
 def _caption(record: Record) -> str | None:
@@ -133,13 +132,22 @@ def load_samples(spec: str, image_size: int, stats: str | tuple = "cc12m", n: in
         raise FileNotFoundError(f"--data {spec}: {err} (use 'demo', a CSV, images or another data spec)") from None
     if "image" not in source.provides:
         raise ValueError(f"--data {spec}: {source.describe()} has no images")
-    records = _first_records(source, offset, n)
-    if not records:
-        raise ValueError(f"--data {spec}: no images found (offset {offset})")
-    samples = []
-    for r in records:
-        image = require_path(r.image, "image") if isinstance(r.image, str) else r.image
-        samples.append(Sample(_image(image, image_size, stats, r.key), _caption(r), os.path.basename(r.key)))
+    samples, skipped = [], 0
+    transform = EvalTransform(image_size, resize=image_size, stats=stats)
+    for r in _records_from(source, offset):
+        try:  # the bad-data policy: an unusable image is skipped and counted, the next one taken
+            image = transform(r.image, key=r.key)
+        except BadSample as err:
+            skipped += 1
+            print(f"--data {spec}: skipping {r.key} ({err}); {skipped} skipped", file=sys.stderr)
+            if skipped > max(20, n):
+                raise ValueError(f"--data {spec}: {skipped} unusable images before {n} usable ones") from None
+            continue
+        samples.append(Sample(image, _caption(r), os.path.basename(r.key)))
+        if len(samples) == n:
+            break
+    if not samples:
+        raise ValueError(f"--data {spec}: no usable images found (offset {offset})")
     return samples
 
 

@@ -60,9 +60,9 @@ class HDF5Source(IndexedSource):
                     raise ValueError(f"{path}: dataset {k!r} missing (found {sorted(keys)})")
             main = self.image_key or self.caption_key
             self.length = len(f[main])
-            for k in (self.image_key, self.caption_key, self.label_key):
-                if k is not None and len(f[k]) != self.length:
-                    raise ValueError(f"{path}: dataset {k!r} has {len(f[k])} rows but {main!r} has {self.length}")
+            # A shorter caption or label list than the image list: the records past its end are
+            # counted bad samples, not an IndexError that ends the run.
+            self.sizes = {k: len(f[k]) for k in (self.caption_key, self.label_key) if k is not None}
         self.provides = frozenset({n for n, k in (("image", self.image_key), ("text", self.caption_key),
                                                   ("label", self.label_key)) if k})
         self._file, self._pid = None, None
@@ -92,9 +92,18 @@ class HDF5Source(IndexedSource):
 
             self._file, self._pid = h5py.File(self.name, "r"), os.getpid()
         f = self._file
+        key = f"{self.image_key or self.caption_key}[{index}]"
+        sizes = getattr(self, "sizes", {})
+        if any(index >= n for n in sizes.values()):
+            short = [k for k, n in sizes.items() if index >= n]
+            return Record(key=f"{key} (no {short[0]}: it has {sizes[short[0]]} entries)",
+                          missing="missing_caption" if short[0] == self.caption_key else "bad_text")
+        caption = f[self.caption_key][index] if self.caption_key else None
+        if isinstance(caption, (np.number, int, float)):  # not text: bytes() would give NUL bytes
+            return Record(key=key, missing="bad_text")
         return Record(
-            key=f"{self.image_key or self.caption_key}[{index}]",
+            key=key,
             image=as_bytes(f[self.image_key][index]) if self.image_key else None,
-            caption=as_bytes(f[self.caption_key][index]) if self.caption_key else None,
+            caption=as_bytes(caption) if caption is not None else None,
             label=int(f[self.label_key][index]) if self.label_key else None,
         )

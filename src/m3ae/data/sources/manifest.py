@@ -28,7 +28,43 @@ def read_rows(path: str) -> list[dict]:
                     except json.JSONDecodeError as err:
                         raise ValueError(f"{path}:{i + 1}: not a JSON object ({err})") from None
             return rows
-        return list(csv.DictReader(text, delimiter="\t" if path.endswith(".tsv") else ","))
+        return csv_rows(text.read().splitlines(keepends=True), "\t" if path.endswith(".tsv") else ",", path)
+
+
+BROKEN = "\0broken"  # the key a row that could not be parsed carries (with what was wrong)
+MAX_ROW_LINES = 8  # a quoted caption spanning more lines is taken as an unterminated quote
+
+
+def csv_rows(lines: list[str], delimiter: str, path: str) -> list[dict]:
+    """Rows as dicts keyed by the header. A row that cannot be parsed (a field over the csv
+    module's size limit, a stray or unclosed quote that would swallow the rows after it) becomes
+    {BROKEN: why}, one counted bad sample, and reading goes on at the line after its first."""
+    if not lines:
+        return []
+    header = next(csv.reader(lines[:1], delimiter=delimiter), [])
+    rows: list[dict] = []
+    start = 1
+    while start < len(lines):
+        reader = csv.reader(lines[start:], delimiter=delimiter, strict=True)
+        restart = None
+        while restart is None:
+            first = reader.line_num
+            try:
+                values = next(reader)
+                if reader.line_num - first > MAX_ROW_LINES:
+                    raise csv.Error("a quote is not closed")
+            except StopIteration:
+                break
+            except csv.Error as err:
+                rows.append({BROKEN: f"{path}:{start + first + 1}: {err}"})
+                restart = start + first + 1
+                continue
+            if values:
+                rows.append(dict(zip(header, values + [None] * (len(header) - len(values)))))
+        if restart is None:
+            break
+        start = restart
+    return rows
 
 
 def pick_column(columns, wanted: str | None, candidates, path: str, what: str, required: bool = True):
@@ -57,14 +93,16 @@ class ManifestSource(IndexedSource):
         rows = read_rows(require_path(path, "manifest"))
         if not rows:
             raise ValueError(f"manifest {path} has no rows")
-        columns = set(rows[0])
+        columns = set().union(*(r for r in rows if BROKEN not in r))
         icol = pick_column(columns, image, IMAGE_COLUMNS, path, "image")
         ccol = None if role == "image" else pick_column(columns, caption, CAPTION_COLUMNS, path, "caption",
                                                         required=role == "paired")
         lcol = pick_column(columns, label, LABEL_COLUMNS, path, "label", required=False)
-        self.root = self._find_root(path, root, str(rows[0][icol]))
+        self.root = self._find_root(path, root, str(next(r for r in rows if BROKEN not in r)[icol]))
         labels, self.classes = self._labels([r.get(lcol) for r in rows] if lcol else [None] * len(rows))
-        self.items = [(str(r[icol]), None if ccol is None else r.get(ccol), label)
+        # Rows that could not be parsed stay as counted bad samples (their key says where and why).
+        self.broken = {i for i, r in enumerate(rows) if BROKEN in r}
+        self.items = [(r[BROKEN] if BROKEN in r else str(r[icol]), None if ccol is None else r.get(ccol), label)
                       for r, label in zip(rows, labels)]
         self.provides = frozenset({"image"} | ({"text"} if ccol else set()) | ({"label"} if lcol else set()))
 
@@ -105,6 +143,8 @@ class ManifestSource(IndexedSource):
 
     def record(self, index: int) -> Record:
         image, caption, label = self.items[index]
+        if index in self.broken:
+            return Record(key=image, missing="bad_text")
         full = image if os.path.isabs(image) or "://" in image else os.path.join(self.root, image)
         return Record(key=image, image=full, caption=caption, label=label)
 
@@ -122,7 +162,8 @@ class TextCorpus(IndexedSource):
             rows = read_rows(path)
             if not rows:
                 raise ValueError(f"text corpus {path} is empty")
-            col = pick_column(set(rows[0]), column, CAPTION_COLUMNS, path, "caption")
+            col = pick_column(set().union(*(r for r in rows if BROKEN not in r)), column, CAPTION_COLUMNS, path,
+                              "caption")
             self.texts = [r.get(col) for r in rows]
         else:
             with open_file(path, "rb") as f:

@@ -22,6 +22,8 @@ import numpy as np
 from .base import Record, Source, is_url, open_file
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MAX_MEMBER_BYTES = 256 << 20  # defaults of data.max_member_bytes / data.max_shard_bytes
+MAX_SHARD_BYTES = 64 << 30
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
 
@@ -95,10 +97,19 @@ def group_to_record(key: str, files: dict[str, bytes], shard: str) -> Record:
                   meta=meta if isinstance(meta, dict) else None)
 
 
-def iter_tar(shard: str) -> Iterator[Record]:
+def iter_tar(shard: str, max_member_bytes: int = MAX_MEMBER_BYTES,
+             max_shard_bytes: int = MAX_SHARD_BYTES) -> Iterator[Record]:
     """Records of one shard, in order. A truncated shard yields a record marked `truncated_tar`
-    for the member it broke in, then stops."""
-    current, files = None, {}
+    for the member it broke in, then stops. A group with a member over `max_member_bytes` is
+    yielded as `too_large` without reading it (memory stays bounded whatever a header claims); past
+    `max_shard_bytes` of members (a gzip bomb) the group being read is `too_large` and the shard ends."""
+    current, files, oversize, total = None, {}, False, 0
+
+    def group() -> Record:
+        if oversize:
+            return Record(key=f"{os.path.basename(shard)}/{current}", missing="too_large")
+        return group_to_record(current, files, shard)
+
     try:
         with open_file(shard, "rb") as raw:
             with tarfile.open(fileobj=raw, mode="r|*") as tar:
@@ -108,8 +119,15 @@ def iter_tar(shard: str) -> Iterator[Record]:
                     key, ext = split_name(member.name)
                     if key != current:
                         if current is not None:
-                            yield group_to_record(current, files, shard)
-                        current, files = key, {}
+                            yield group()
+                        current, files, oversize = key, {}, False
+                    total += member.size
+                    if total > max_shard_bytes:
+                        oversize = True
+                        break
+                    if member.size > max_member_bytes:
+                        oversize = True  # the stream skips its data on the next member
+                        continue
                     f = tar.extractfile(member)
                     data = f.read() if f is not None else b""
                     if len(data) != member.size:
@@ -120,7 +138,7 @@ def iter_tar(shard: str) -> Iterator[Record]:
         yield Record(key=f"{os.path.basename(shard)}/{current or '?'}", missing="truncated_tar")
         return
     if current is not None:
-        yield group_to_record(current, files, shard)
+        yield group()
 
 
 class WebDatasetSource(Source):
@@ -135,6 +153,7 @@ class WebDatasetSource(Source):
         # many (0 or 1: as stored). Shards are often sorted (by product id, by class): without it, a
         # batch is a run of near-identical samples. Fixed blocks keep the position resumable exactly.
         self.shuffle_block = int(shuffle_block)
+        self.max_member_bytes, self.max_shard_bytes = MAX_MEMBER_BYTES, MAX_SHARD_BYTES  # see iter_tar
         # What a shard holds is only known by reading it; peek at the first record.
         first = next(iter_tar(self.shards[0]), None)
         provides = {"image"}
@@ -170,12 +189,13 @@ class WebDatasetSource(Source):
             slot, skip = slot + 1, 0
 
     def _shard_records(self, shard: str, key: tuple[int, int, int]) -> Iterator[Record]:
+        records = iter_tar(shard, self.max_member_bytes, self.max_shard_bytes)
         if self.shuffle_block <= 1:
-            yield from iter_tar(shard)
+            yield from records
             return
         block: list[Record] = []
         number = 0
-        for record in iter_tar(shard):
+        for record in records:
             block.append(record)
             if len(block) == self.shuffle_block:
                 yield from self._permuted(block, key, number)

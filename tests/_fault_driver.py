@@ -1,0 +1,85 @@
+"""Runs `m3ae pretrain` with one injected fault (test_faults.py starts it as a subprocess):
+
+    python _fault_driver.py FAULT -- PRETRAIN ARGS...
+
+FAULT is `none`, or KIND:N with KIND one of
+    raise_at       an unexpected RuntimeError at step N (a bug)
+    sigkill_at     SIGKILL of the trainer at step N
+    enospc_ckpt    the N-th train_state.pt write fails with ENOSPC after writing half of it
+    enospc_metrics the N-th metrics row fails with ENOSPC
+    kill_in_ckpt   SIGKILL between the checkpoint's files (weights written, train state not) at the N-th
+    stall_data     each loader worker blocks forever at its N-th sample
+"""
+import errno
+import os
+import signal
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+import torch  # noqa: E402
+
+import m3ae.checkpoint as checkpoint  # noqa: E402
+import m3ae.train.loop as loop  # noqa: E402
+from m3ae.cli import main  # noqa: E402
+
+
+def inject(fault: str) -> None:
+    if fault == "none":
+        return
+    kind, n = fault.split(":")
+    n, calls = int(n), [0]
+
+    def nth() -> bool:
+        calls[0] += 1
+        return calls[0] == n
+
+    if kind in ("raise_at", "sigkill_at"):
+        real_clip = loop.clip_grad_norm
+
+        def clip(*args, **kwargs):  # called once per step, after the backward passes
+            if nth():
+                if kind == "raise_at":
+                    raise RuntimeError("injected fault")
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_clip(*args, **kwargs)
+        loop.clip_grad_norm = clip
+    elif kind in ("enospc_ckpt", "kill_in_ckpt"):
+        real_save = torch.save
+
+        def save(obj, path, *args, **kwargs):
+            if nth():
+                if kind == "kill_in_ckpt":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                with open(path, "wb") as f:
+                    f.write(b"\0" * 1000)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            return real_save(obj, path, *args, **kwargs)
+        checkpoint.torch.save = save
+    elif kind == "enospc_metrics":
+        real_write = loop.MetricsLog.write
+
+        def write(self, row):
+            if nth():
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+            return real_write(self, row)
+        loop.MetricsLog.write = write
+    elif kind == "stall_data":
+        from m3ae.data.synthetic import SyntheticShapes
+        real_item = SyntheticShapes.__getitem__
+
+        def item(self, index):  # counted per process: each loader worker stalls at its N-th sample
+            if nth():
+                time.sleep(600)  # a read that never returns (a FIFO, a hung network mount)
+            return real_item(self, index)
+        SyntheticShapes.__getitem__ = item
+    else:
+        raise SystemExit(f"unknown fault {fault}")
+
+
+if __name__ == "__main__":
+    fault, sep, *args = sys.argv[1:]
+    assert sep == "--"
+    inject(fault)
+    sys.exit(main(["pretrain", *args]))

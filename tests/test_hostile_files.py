@@ -1,0 +1,266 @@
+"""Hostile or broken files and settings: each is refused with the file and field named (or counted
+as one bad sample), before anything large is allocated or anything blocks."""
+import io
+import json
+import os
+import struct
+import tarfile
+import time
+
+import pytest
+import torch
+
+from conftest import nano_config
+from data_files import jpeg_bytes, write_img2dataset_tar, write_manifest
+from m3ae import M3AE
+from m3ae.checkpoint import load_train_state
+from m3ae.config import ConfigError, check_fits_memory
+from m3ae.data.bad import BadSample
+from m3ae.data.images import read_image_file
+from m3ae.data.sources.wds import iter_tar
+from m3ae.train.loop import pretrain
+from test_train import tiny_config
+
+
+@pytest.fixture
+def saved(tmp_path, nano_model):
+    return nano_model.save_pretrained(tmp_path / "ckpt")
+
+
+def edit_config(folder, **changes):
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("depth", 2.5, "depth must be int"),
+    ("depth", "2", "depth must be int"),
+    ("depth", True, "depth must be int"),
+    ("depth", -1, "depth must be >= 1"),
+    ("image_loss_weight", -1, "image_loss_weight must be >= 0"),
+    ("text_loss_weight", float("nan"), "text_loss_weight must be a finite float"),
+    ("masking", 3, "masking must be str"),
+    ("mlp_ratio", 0, "mlp_ratio must be > 0"),
+])
+def test_config_json_types_and_ranges_name_the_file_and_field(saved, field, value, message):
+    edit_config(saved, **{field: value})
+    with pytest.raises(ConfigError, match=message) as err:
+        M3AE.from_pretrained(saved)
+    assert str(saved / "config.json") in str(err.value)
+
+
+def test_a_huge_model_is_refused_before_allocating(saved):
+    # Was: depth 1000000 built the model first (59 s, > 8 GB).
+    edit_config(saved, depth=1_000_000, emb_dim=1024, num_heads=16)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="parameters .* more than this machine's memory"):
+        M3AE.from_pretrained(saved)
+    assert time.perf_counter() - start < 2
+    with pytest.raises(ConfigError, match="more than this machine's memory"):
+        check_fits_memory(nano_config(), memory_bytes=1000)
+    # Position tables are buffers, not parameters, and can be as large.
+    with pytest.raises(ConfigError, match="more than this machine's memory"):
+        M3AE(nano_config(text_length=10**12))
+
+
+def test_the_parameter_count_is_known_before_building():
+    for config in (nano_config(), nano_config(vocab_size=0), nano_config(output_head_depth=2, mlp_ratio=3.0),
+                   nano_config(use_type_embedding=False)):
+        assert config.num_parameters() == M3AE(config).num_parameters()
+
+
+def test_deeply_nested_or_non_object_json_is_a_clear_error(saved):
+    (saved / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match="config.json"):
+        M3AE.from_pretrained(saved)
+    (saved / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="must hold a JSON object"):
+        M3AE.from_pretrained(saved)
+
+
+def _rewrite_header(path, edit):
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: h["cls_token"].update(shape=[1, 1, 65]), "cls_token has shape"),
+    (lambda h: h["cls_token"].update(data_offsets=[0, 10**12]), "cls_token's bytes"),
+    (lambda h: h["cls_token"].update(dtype="I64"), "not a float type"),
+    (lambda h: h.pop("cls_token"), "missing \\['cls_token'\\]"),
+    (lambda h: h["cls_token"].update(shape="big"), "malformed"),
+])
+def test_safetensors_headers_are_checked_against_the_config(saved, edit, message):
+    _rewrite_header(saved / "model.safetensors", edit)
+    with pytest.raises(ConfigError, match=message):
+        M3AE.from_pretrained(saved)
+
+
+def test_a_safetensors_header_length_past_the_file_is_refused(saved):
+    path = saved / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", 2**40) + path.read_bytes()[8:])
+    with pytest.raises(ConfigError, match="does not fit in the file"):
+        M3AE.from_pretrained(saved)
+
+
+class Payload:  # a pickled object of a non-allowlisted class: weights_only refuses it
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_train_state_is_loaded_without_unpickling_objects(tmp_path):
+    torch.save({"step": 1, "evil": Payload()}, tmp_path / "train_state.pt")
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        load_train_state(tmp_path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.image_loss_weight=-1", "image_loss_weight must be >= 0"),
+    ("model.depth=-1", "depth must be >= 1"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
+    ("optim.warmup_steps=-5", "optim.warmup_steps must be >= 0"),
+    ("optim.clip_grad=0", "optim.clip_grad must be > 0, or null"),
+    ("optim.clip_grad=-1", "optim.clip_grad must be > 0, or null"),
+    ("model.text_loss_weight=nan", "text_loss_weight must be a finite float"),
+    ("optim.lr=-1e-3", "optim.lr must be > 0"),
+    ("optim.beta2=1.0", "optim.beta2 must be in \\[0, 1\\)"),
+    ("keep_last=-1", "keep_last must be >= 0"),
+    ("data.crop_scale_min=0", "data.crop_scale_min"),
+    ("data.max_bad_fraction=2", "data.max_bad_fraction must be in \\[0, 1\\]"),
+    ("data.num_workers=-1", "data.num_workers must be >= 0"),
+    ("data.caption_drop=1.5", "data.caption_drop must be in \\[0, 1\\]"),
+])
+def test_every_setting_is_checked_against_its_range(override, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(override)
+    assert tiny_config("optim.clip_grad=null").optim.clip_grad is None  # clipping off, explicitly
+
+
+def test_resume_reports_changed_settings_and_refuses_inexact_ones(tmp_path, capsys):
+    pretrain(tiny_config("steps=4"), tmp_path, stop_at_step=2)
+    with pytest.raises(ConfigError, match="batch_size: 8 -> 16 \\(not exact\\).*--allow-changes"):
+        pretrain(tiny_config("steps=4", "batch_size=16"), tmp_path, resume="auto")
+    # Logging and speed settings may change freely; they are still reported.
+    pretrain(tiny_config("steps=4", "log_every=2"), tmp_path, resume="auto", stop_at_step=3)
+    assert "changed since the checkpoint: log_every: 1 -> 2" in capsys.readouterr().err
+    result = pretrain(tiny_config("steps=4", "optim.lr=1e-2", "log_every=2"), tmp_path, resume="auto",
+                      allow_changes=True)
+    assert result.step == 4 and "optim.lr: 0.002 -> 0.01 (not exact)" in capsys.readouterr().err
+
+
+# -- bounded resources -------------------------------------------------------------------------------
+def test_only_regular_files_are_read_as_images(tmp_path):
+    fifo = tmp_path / "fifo.jpg"
+    os.mkfifo(fifo)  # opening it would block forever
+    (tmp_path / "dir.jpg").mkdir()
+    loop = tmp_path / "loop.jpg"
+    os.symlink(loop, loop)
+    cases = {str(fifo): "not_a_file", "/dev/zero": "not_a_file", str(tmp_path / "dir.jpg"): "not_a_file",
+             str(loop): "missing_image", "a\0b.jpg": "missing_image", str(tmp_path / "none.jpg"): "missing_image"}
+    for path, reason in cases.items():
+        with pytest.raises(BadSample) as err:
+            read_image_file(path)
+        assert err.value.reason == reason, path
+    big = tmp_path / "big.jpg"
+    big.write_bytes(jpeg_bytes())
+    with pytest.raises(BadSample, match="too_large"):
+        read_image_file(str(big), max_bytes=100)
+    assert read_image_file(str(big)) == big.read_bytes()
+
+
+def test_a_manifest_with_hostile_paths_trains_and_counts_them(tmp_path):
+    manifest = write_manifest(tmp_path, n=12)
+    os.mkfifo(tmp_path / "images" / "fifo.jpg")
+    with open(manifest, "a") as f:
+        f.write("fifo.jpg,a fifo\n/dev/zero,endless zeros\n/,a directory\n")
+    config = tiny_config("steps=3", f"data.spec={manifest}", "model.vocab_size=256", "data.max_bad_fraction=1",
+                         f"data.tokenizer={_tokenizer(tmp_path)}")
+    result = pretrain(config, tmp_path / "run")
+    assert result.step == 3 and result.history[-1]["bad_samples"] >= 1
+
+
+def _tokenizer(tmp_path):
+    from data_files import write_tokenizer
+    return write_tokenizer(tmp_path)
+
+
+def _add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_tar_members_over_the_byte_budget_are_skipped_unread(tmp_path):
+    path = str(tmp_path / "s.tar")
+    with tarfile.open(path, "w") as tar:
+        _add(tar, "a.jpg", jpeg_bytes(seed=1))
+        _add(tar, "a.txt", b"fine")
+        _add(tar, "b.jpg", b"\0" * 50_000)  # over a 10 kB budget
+        _add(tar, "b.txt", b"huge")
+        _add(tar, "c.jpg", jpeg_bytes(seed=2))
+    records = list(iter_tar(path, max_member_bytes=10_000))
+    assert [(r.key.split("/")[1], r.missing) for r in records] == [("a", None), ("b", "too_large"), ("c", None)]
+    assert records[2].image == jpeg_bytes(seed=2)
+
+
+def test_a_gzip_bomb_stops_at_the_shard_budget(tmp_path):
+    path = str(tmp_path / "bomb.tar.gz")
+    with tarfile.open(path, "w:gz") as tar:
+        _add(tar, "a.jpg", jpeg_bytes(seed=1))
+        for i in range(20):
+            _add(tar, f"z{i:02d}.jpg", b"\0" * 1_000_000)  # 20 MB of zeros, ~20 kB compressed
+    assert os.path.getsize(path) < 200_000
+    records = list(iter_tar(path, max_member_bytes=2_000_000, max_shard_bytes=3_000_000))
+    assert records[0].missing is None and records[-1].missing == "too_large" and len(records) <= 4
+
+
+def test_tar_budgets_come_from_the_data_settings(tmp_path):
+    from m3ae.data.loader import source_uses
+
+    write_img2dataset_tar(str(tmp_path / "s.tar"))
+    config = tiny_config(f"data.spec=wds:{tmp_path / 's.tar'}", "data.max_member_bytes=1234",
+                         "data.max_shard_bytes=99999")
+    (use,) = source_uses(config.data, config.model)
+    assert (use.source.max_member_bytes, use.source.max_shard_bytes) == (1234, 99999)
+
+
+# -- one bad record is one counted sample -------------------------------------------------------------
+def test_csv_rows_that_cannot_be_parsed_are_counted_and_the_rest_read(tmp_path):
+    from m3ae.data.sources.manifest import ManifestSource
+
+    write_manifest(tmp_path, n=6)
+    lines = (tmp_path / "captions.csv").read_text().splitlines(keepends=True)
+    long_row = "img001.jpg," + "word " * 200_000 + "\n"  # 1e6 characters: over the csv field limit
+    open_quote = 'img002.jpg,"a quote never closed\n'
+    (tmp_path / "bad.csv").write_text("".join(lines[:2] + [long_row] + lines[2:3] + [open_quote] + lines[3:]))
+    source = ManifestSource(str(tmp_path / "bad.csv"))
+    records = [source.record(i) for i in range(len(source))]
+    assert [r.missing for r in records] == [None, "bad_text", None, "bad_text", None, None, None, None]
+    assert "bad.csv:3: field larger" in records[1].key and "bad.csv:5: unexpected end of data" in records[3].key
+    assert [r.key for r in records if not r.missing] == [f"img{i:03d}.jpg" for i in range(6)]
+
+
+def test_hdf5_short_caption_lists_and_integer_captions_are_counted(tmp_path):
+    import h5py
+    import numpy as np
+
+    from m3ae.data.sources.hdf5 import HDF5Source
+
+    path = tmp_path / "d.h5"
+    with h5py.File(path, "w") as f:
+        jpg = f.create_dataset("jpg", (4,), dtype=h5py.vlen_dtype(np.uint8))
+        for i in range(4):
+            jpg[i] = np.frombuffer(jpeg_bytes(seed=i), dtype=np.uint8)
+        f.create_dataset("caption", data=np.array([b"one", b"two"], dtype=object), dtype=h5py.string_dtype())
+    source = HDF5Source(str(path))
+    assert [source.record(i).missing for i in range(4)] == [None, None, "missing_caption", "missing_caption"]
+    with h5py.File(tmp_path / "ints.h5", "w") as f:
+        f.create_dataset("text", data=np.arange(3))
+    source = HDF5Source(str(tmp_path / "ints.h5"))
+    assert [source.record(i).missing for i in range(3)] == ["bad_text"] * 3
