@@ -21,7 +21,8 @@ def register(subparsers) -> None:
     w.add_argument("spec")
     w.add_argument("--out", required=True, help="shard pattern with an index, e.g. out/shard-%%05d.tar")
     w.add_argument("--per-shard", type=int, default=1000)
-    w.add_argument("--shorter-side", type=int, default=256, help="downscale so the shorter side is this (0: keep)")
+    w.add_argument("--shorter-side", "--resize", dest="shorter_side", type=int, default=256,
+                   help="pre-resize: downscale so the shorter side is this, as img2dataset does (0: keep)")
     w.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
     w.add_argument("--limit", type=int, default=None)
     w.set_defaults(func=run_shard)
