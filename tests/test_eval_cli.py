@@ -51,6 +51,30 @@ def test_missing_data_is_a_clear_cli_error(tmp_path, capsys):
     assert code == 2 and "not found" in capsys.readouterr().err
 
 
+def test_eval_commands_apply_the_thread_policy_and_restore_it(tmp_path, capsys):
+    from PIL import Image
+
+    tiny_model(vocab_size=32).save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "photos").mkdir()
+    for i in range(3):
+        Image.new("RGB", (20, 20), (40 * i, 0, 0)).save(tmp_path / "photos" / f"{i}.png")
+    before = torch.get_num_threads()
+    seen = []
+    import m3ae.cli.embed as embed
+
+    real = embed.run
+    embed_run = lambda args: seen.append(torch.get_num_threads()) or real(args)  # noqa: E731
+    parser_args = ["embed", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "photos"),
+                   "--quiet", "--num-workers", "0", "--threads", str(before + 1), "--out", str(tmp_path / "f.npz")]
+    from m3ae.cli import build_parser, _run
+
+    args = build_parser().parse_args(parser_args)
+    args.func = embed_run
+    assert _run(args) == 0
+    assert seen == [before + 1] and torch.get_num_threads() == before
+    assert f"threads {before + 1} (threads setting)" in capsys.readouterr().err
+
+
 def test_embed_text_and_joint_from_a_manifest(tmp_path):
     from PIL import Image
 

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        return _run(args)
     except ImportError as err:  # an optional dependency: say which extra brings it
         message = missing_dependency(err)
         if message is None:
@@ -80,6 +80,17 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print(f"m3ae {args.command}: failed: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, under the thread policy (m3ae.threads) when it takes --threads / --num-workers."""
+    if not getattr(args, "thread_policy", False):
+        return int(args.func(args) or 0)
+    from ..threads import torch_threads
+
+    with torch_threads(args.threads, args.num_workers) as threads:
+        print(f"m3ae {args.command}: threads {threads}", file=sys.stderr)
+        return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="batch size for feature extraction")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default auto: usable cores - --num-workers, at least 1; "
+                        "OMP_NUM_THREADS wins over auto)")
+    p.set_defaults(thread_policy=True)  # cli.main applies m3ae.threads around the command
     # Defaults (None): the checkpoint's own preprocessing (preprocessor_config.json), as m3ae.load uses.
     p.add_argument("--normalization", default=None,
                    help="pixel statistics: cc12m | imagenet | m1,m2,m3/s1,s2,s3 (default: the checkpoint's)")
