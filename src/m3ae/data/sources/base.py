@@ -25,6 +25,28 @@ class Record:
     meta: dict | None = None  # a WebDataset sample's parsed {key}.json, when it has one
 
 
+def shuffled_blocks(records: Iterator[Record], block_size: int, key: tuple[int, ...]) -> Iterator[Record]:
+    """`records` in a seeded random order within consecutive blocks of `block_size` (fixed blocks:
+    a position in the stream stays exact for resume). The order depends only on `key` and the
+    block's number."""
+    if block_size <= 1:
+        yield from records
+        return
+    block: list[Record] = []
+    number = 0
+    for record in records:
+        block.append(record)
+        if len(block) == block_size:
+            yield from _permuted(block, key, number)
+            block, number = [], number + 1
+    yield from _permuted(block, key, number)
+
+
+def _permuted(block: list[Record], key: tuple[int, ...], number: int) -> Iterator[Record]:
+    for i in np.random.default_rng([*key, number, 0x53485546]).permutation(len(block)):
+        yield block[int(i)]
+
+
 def is_url(path: str) -> bool:
     return "://" in path
 

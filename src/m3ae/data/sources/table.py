@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ...optional import require
-from .base import Record, Source, is_url
+from .base import Record, Source, is_url, shuffled_blocks
 
 IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img", "image_bytes", "image_path", "filepath", "path",
                  "file", "filename")
@@ -161,28 +161,9 @@ class TableSource(Source):
             if epochs is not None and epoch >= epochs:
                 return
             number = int(self.unit_order(seed, epoch)[within])
-            records = self._shuffled(self.unit_records(self.units[number], number), (seed, epoch, within))
+            records = shuffled_blocks(self.unit_records(self.units[number], number), self.shuffle_block,
+                                      (seed, epoch, within))
             for done, record in enumerate(records, start=1):
                 if done > skip:
                     yield (slot, done), record
             slot, skip = slot + 1, 0
-
-    def _shuffled(self, records: Iterator[Record], key: tuple[int, int, int]) -> Iterator[Record]:
-        """Seeded random order within consecutive blocks of `shuffle_block` records (fixed blocks:
-        the position stays exact)."""
-        if self.shuffle_block <= 1:
-            yield from records
-            return
-        block: list[Record] = []
-        number = 0
-        for record in records:
-            block.append(record)
-            if len(block) == self.shuffle_block:
-                yield from self._permuted(block, key, number)
-                block, number = [], number + 1
-        yield from self._permuted(block, key, number)
-
-    @staticmethod
-    def _permuted(block: list[Record], key: tuple[int, int, int], number: int) -> Iterator[Record]:
-        for i in np.random.default_rng([*key, number, 0x53485546]).permutation(len(block)):
-            yield block[int(i)]

@@ -19,7 +19,7 @@ from zlib import error as zlib_error
 
 import numpy as np
 
-from .base import Record, Source, is_url, open_file
+from .base import Record, Source, is_url, open_file, shuffled_blocks
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_MEMBER_BYTES = 256 << 20  # defaults of data.max_member_bytes / data.max_shard_bytes
@@ -179,7 +179,8 @@ class WebDatasetSource(Source):
                 return
             shard = self.shards[int(self.shard_order(seed, epoch)[within])]
             done = 0
-            for record in self._shard_records(shard, (seed, epoch, within)):
+            records = iter_tar(shard, self.max_member_bytes, self.max_shard_bytes)
+            for record in shuffled_blocks(records, self.shuffle_block, (seed, epoch, within)):
                 done += 1
                 if done <= skip:
                     continue
@@ -187,26 +188,6 @@ class WebDatasetSource(Source):
                     record.caption = None
                 yield (slot, done), record
             slot, skip = slot + 1, 0
-
-    def _shard_records(self, shard: str, key: tuple[int, int, int]) -> Iterator[Record]:
-        records = iter_tar(shard, self.max_member_bytes, self.max_shard_bytes)
-        if self.shuffle_block <= 1:
-            yield from records
-            return
-        block: list[Record] = []
-        number = 0
-        for record in records:
-            block.append(record)
-            if len(block) == self.shuffle_block:
-                yield from self._permuted(block, key, number)
-                block, number = [], number + 1
-        yield from self._permuted(block, key, number)
-
-    @staticmethod
-    def _permuted(block: list[Record], key: tuple[int, int, int], number: int) -> Iterator[Record]:
-        order = np.random.default_rng([*key, number, 0x53485546]).permutation(len(block))
-        for i in order:
-            yield block[int(i)]
 
 
 class ShardWriter:
