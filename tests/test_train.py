@@ -194,6 +194,33 @@ def test_bf16_autocast_path_runs(tmp_path):
     assert next(iter(M3AE.from_pretrained(result.checkpoint).parameters())).dtype == torch.float32
 
 
+def test_resume_can_switch_on_activation_checkpointing(tmp_path, capsys):
+    """A run that ran out of memory resumes with grad_checkpointing on (a runtime switch, not
+    architecture: not in config.json), and ends exactly as a straight run."""
+    pretrain(tiny_config("steps=4", "ckpt_every=100"), tmp_path / "straight")
+    pretrain(tiny_config("steps=4"), tmp_path / "split", stop_at_step=2)
+    config = json.loads((tmp_path / "split" / "checkpoints" / "step_00000002" / "config.json").read_text())
+    assert "grad_checkpointing" not in config and "attention" not in config
+    result = pretrain(tiny_config("steps=4", "model.grad_checkpointing=true"), tmp_path / "split", resume="auto")
+    assert "model.grad_checkpointing: False -> True" in capsys.readouterr().err
+    assert result.step == 4
+    assert losses(tmp_path / "straight") == pytest.approx(losses(tmp_path / "split"), abs=1e-6)
+    a = M3AE.from_pretrained(tmp_path / "straight" / "checkpoints" / "step_00000004").state_dict()
+    b = M3AE.from_pretrained(tmp_path / "split" / "checkpoints" / "step_00000004").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_runtime_switches_change_a_built_model():
+    from m3ae import M3AEConfig
+
+    model = M3AE(M3AEConfig.from_preset("nano", image_size=16, patch_size=4, vocab_size=20, text_length=8))
+    model.set_grad_checkpointing(True).set_attention("explicit")
+    assert model.encoder.grad_checkpointing and model.decoder.blocks[0].attn.explicit
+    assert "attention" not in model.config.to_dict()
+    with pytest.raises(ValueError, match="attention must be"):
+        model.set_attention("flash")
+
+
 def test_threads_setting_is_applied_logged_and_restored(tmp_path, capsys):
     before = torch.get_num_threads()
     seen = []

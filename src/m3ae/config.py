@@ -20,6 +20,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 MASKING_MODES = ("per_sample", "reference")
+# How the model runs, not what it is: left out of config.json and free to change on resume.
+RUNTIME_FIELDS = ("attention", "grad_checkpointing")
 
 
 class ConfigError(ValueError):
@@ -60,9 +62,13 @@ class M3AEConfig:
     masking: str = "per_sample"
     # "sdpa": fused scaled_dot_product_attention (ours); "explicit": softmax(QK^T) with padded-key
     # scores replaced by -1e7, as the authors compute it (reference-equivalent benchmarking).
-    attention: str = "sdpa"
+    # Runtime switch, not architecture (not saved in config.json, may change on resume; also
+    # M3AE.set_attention).
+    attention: str = field(default="sdpa", compare=False)
     layer_norm_eps: float = 1e-6  # LayerNorm epsilon
-    grad_checkpointing: bool = False  # recompute block activations in backward (less memory, slower)
+    # Runtime switch: recompute block activations in backward (less memory, slower); not saved in
+    # config.json, may change on resume; also M3AE.set_grad_checkpointing.
+    grad_checkpointing: bool = field(default=False, compare=False)
     preset: str | None = field(default=None, compare=False)  # size preset applied first (nano ... huge)
 
     def __post_init__(self) -> None:
@@ -84,7 +90,8 @@ class M3AEConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Architecture and objective: what a checkpoint's config.json holds (no runtime switches)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME_FIELDS}
 
     def to_json(self) -> str:
         return json.dumps({"model_type": "m3ae", "format_version": 1, **self.to_dict()}, indent=2)

@@ -397,5 +397,23 @@ class M3AE(nn.Module):
                               "model of another shape")
         self.load_state_dict(state, strict=True)
 
+    # -- runtime switches (timm-style): how the model runs, not what it computes ------------------
+    def set_grad_checkpointing(self, enable: bool = True) -> "M3AE":
+        """Recompute each block's activations in backward (less memory, slower; same values)."""
+        for transformer in (self.encoder, self.decoder):
+            transformer.grad_checkpointing = enable
+        self.config.grad_checkpointing = enable
+        return self
+
+    def set_attention(self, kind: str) -> "M3AE":
+        """"sdpa" (fused) or "explicit" (softmax(QK^T) as the authors compute it)."""
+        if kind not in ("sdpa", "explicit"):
+            raise ValueError(f"attention must be 'sdpa' or 'explicit', got {kind!r}")
+        for transformer in (self.encoder, self.decoder):
+            for block in transformer.blocks:
+                block.attn.explicit = kind == "explicit"
+        self.config.attention = kind
+        return self
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
