@@ -174,3 +174,21 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(nano_model):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+
+
+def test_the_model_names_its_no_weight_decay_parameters():
+    from torch import nn
+
+    from m3ae.optim import param_groups
+
+    model = M3AE(nano_config())
+    params = set(dict(model.named_parameters()))
+    linear_weights = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert params - model.no_weight_decay("mae") == linear_weights  # only Linear matrices decay
+    ref = model.no_weight_decay("reference")
+    assert {"cls_token", "text_embedding.weight", "text_mask_token"} <= ref
+    assert "encoder.blocks.0.norm1.weight" not in ref  # the authors decay LayerNorm scales
+    decay, no_decay = param_groups(model, 0.05, "reference")
+    assert {id(p) for p in no_decay["params"]} == {id(p) for n, p in model.named_parameters() if n in ref}
+    with pytest.raises(ValueError, match="weight-decay mode"):
+        model.no_weight_decay("adamw")

@@ -41,6 +41,12 @@ class M3AEOutput:
     attentions: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
+# The authors' no-decay lists (prefixes of their Flax paths, in our names): decay_mode="reference".
+_REFERENCE_M3AE_NO_DECAY = ("cls_token", "encoder_image_type", "encoder_text_type", "decoder_image_type",
+                            "decoder_text_type", "image_mask_token", "text_mask_token", "text_embedding")
+_REFERENCE_MAE_NO_DECAY = ("cls_token", "encoder_image_type", "image_mask_token")
+
+
 class M3AE(nn.Module):
     def __init__(self, config: M3AEConfig):
         super().__init__()
@@ -396,6 +402,19 @@ class M3AE(nn.Module):
             raise ConfigError(f"{source} does not fit this model ({details}); it was saved from a "
                               "model of another shape")
         self.load_state_dict(state, strict=True)
+
+    def no_weight_decay(self, mode: str = "mae") -> set[str]:
+        """Names of the parameters AdamW leaves undecayed. "mae" (ours): all but the weight matrices
+        of Linear layers (biases, norms, tokens, type embeddings, the text embedding); "reference":
+        the authors' lists (their Flax paths in our names) and biases."""
+        names = dict(self.named_parameters())
+        if mode == "mae":
+            return {n for n, p in names.items()
+                    if n.endswith(".bias") or p.ndim != 2 or n.startswith("text_embedding")}
+        if mode == "reference":
+            listed = _REFERENCE_M3AE_NO_DECAY if self.config.has_text else _REFERENCE_MAE_NO_DECAY
+            return {n for n in names if n.endswith(".bias") or n.startswith(listed)}
+        raise ValueError(f"unknown weight-decay mode {mode!r}; use 'mae' or 'reference'")
 
     # -- runtime switches (timm-style): how the model runs, not what it computes ------------------
     def set_grad_checkpointing(self, enable: bool = True) -> "M3AE":

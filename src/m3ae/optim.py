@@ -7,31 +7,23 @@ from typing import Iterable
 import torch
 from torch import nn
 
-# The authors' no-decay lists, as substrings of their Flax paths, translated to our names.
-_REFERENCE_M3AE_NO_DECAY = ("cls_token", "encoder_image_type", "encoder_text_type", "decoder_image_type",
-                            "decoder_text_type", "image_mask_token", "text_mask_token", "text_embedding")
-_REFERENCE_MAE_NO_DECAY = ("cls_token", "encoder_image_type", "image_mask_token")
-
-
-def _decays(name: str, param: nn.Parameter, mode: str, image_only: bool) -> bool:
-    if name.endswith(".bias"):
-        return False
-    if mode == "mae":
-        # MAE convention: only matrices of Linear layers decay (no norms, embeddings, tokens).
-        return param.ndim == 2 and not name.startswith("text_embedding")
-    if mode == "reference":
-        listed = _REFERENCE_MAE_NO_DECAY if image_only else _REFERENCE_M3AE_NO_DECAY
-        return not any(name.startswith(entry) for entry in listed)
-    raise ValueError(f"unknown weight-decay mode {mode!r}; use 'mae' or 'reference'")
+DECAY_MODES = ("mae", "reference")
 
 
 def param_groups(model: nn.Module, weight_decay: float, mode: str = "mae") -> list[dict]:
-    """Two groups, decayed and not, by `mode` ("mae" = our default, "reference" = the authors')."""
-    image_only = not getattr(getattr(model, "config", None), "has_text", True)
+    """Two groups, decayed and not. The model names what it keeps undecayed (`no_weight_decay(mode)`:
+    "mae" = our default, "reference" = the authors' lists); any other module: biases and
+    non-matrix tensors."""
+    if mode not in DECAY_MODES:
+        raise ValueError(f"unknown weight-decay mode {mode!r}; use 'mae' or 'reference'")
+    if hasattr(model, "no_weight_decay"):
+        skip = model.no_weight_decay(mode)
+    else:
+        skip = {n for n, p in model.named_parameters() if n.endswith(".bias") or p.ndim != 2}
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if _decays(name, param, mode, image_only) else no_decay).append(param)
+            (no_decay if name in skip else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 

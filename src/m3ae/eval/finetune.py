@@ -109,12 +109,12 @@ def layer_decay_groups(model: Classifier, weight_decay: float, layer_decay: floa
     """Groups with `lr_scale` = layer_decay ** (depth + 1 - layer); biases, 1-D tensors and the
     learned tokens / embeddings are not weight-decayed."""
     depth = model.encoder.config.depth
+    encoder_skip = {"encoder." + n for n in model.encoder.no_weight_decay()}
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        short = name.split(".", 1)[1] if name.startswith("encoder.") else name
-        no_decay = p.ndim <= 1 or name.endswith(".bias") or "." not in short or short.startswith("text_embedding")
+        no_decay = name in encoder_skip or (not name.startswith("encoder.") and (p.ndim <= 1 or name.endswith(".bias")))
         lid = layer_id(name, depth)
         group = groups.setdefault((lid, no_decay), {
             "params": [], "names": [], "layer": lid, "lr_scale": layer_decay ** (depth + 1 - lid),
