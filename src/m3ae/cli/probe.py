@@ -73,10 +73,13 @@ def run(args: argparse.Namespace) -> int:
         extra["history"] = res["history"]
         if args.out:
             from pathlib import Path
+
             from safetensors.torch import save_file
+
+            from ..files import atomic_write
             Path(args.out).mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous().cpu() for k, v in res["head"].state_dict().items()},
-                      str(Path(args.out) / "probe_head.safetensors"))
+            state = {k: v.contiguous().cpu() for k, v in res["head"].state_dict().items()}
+            atomic_write(Path(args.out) / "probe_head.safetensors", lambda p: save_file(state, p))
         command = "probe"
     seconds = time.perf_counter() - t0
     path = write_result(E.result_path(args, "probe-fast" if args.fast else "probe", args.out), command,

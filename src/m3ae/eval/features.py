@@ -14,6 +14,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from ..files import atomic_write
 from ..precision import autocast as precision_autocast
 
 POOLS = ("cls", "mean")
@@ -114,6 +115,11 @@ def extract_pooled_features(model, dataset, pools: Sequence[str] = POOLS, batch_
 
 
 # -- files ---------------------------------------------------------------------------------------
+def _with_open(path: str, write) -> None:
+    with open(path, "wb") as f:
+        write(f)
+
+
 def save_features(path: str | Path, features: torch.Tensor, labels: torch.Tensor,
                   keys: list[str] | None = None, metadata: dict[str, Any] | None = None) -> Path:
     path = Path(path)
@@ -124,17 +130,20 @@ def save_features(path: str | Path, features: torch.Tensor, labels: torch.Tensor
     if len(keys) != len(labs) or feats.shape[0] != len(labs):
         raise ValueError(f"{feats.shape[0]} features, {len(labs)} labels and {len(keys)} keys differ")
     suffix = path.suffix.lower()
+    # Each file appears whole or not at all (m3ae.files.atomic_write); numpy writes to open files so
+    # it adds no suffix of its own to the temp name.
     if suffix == ".safetensors":
         from safetensors.torch import save_file
         meta = {"keys": json.dumps(keys), "metadata": json.dumps(metadata or {})}
-        save_file({"features": feats, "labels": labs}, str(path), metadata=meta)
+        atomic_write(path, lambda p: save_file({"features": feats, "labels": labs}, p, metadata=meta))
     elif suffix == ".npz":
-        np.savez(path, features=feats.numpy(), labels=labs.numpy(), keys=np.array(keys, dtype=str),
-                 metadata=np.array(json.dumps(metadata or {})))
+        arrays = dict(features=feats.numpy(), labels=labs.numpy(), keys=np.array(keys, dtype=str),
+                      metadata=np.array(json.dumps(metadata or {})))
+        atomic_write(path, lambda p: _with_open(p, lambda f: np.savez(f, **arrays)))
     elif suffix == ".npy":
-        np.save(path, feats.numpy())
-        np.save(path.with_suffix(".labels.npy"), labs.numpy())
-        path.with_suffix(".keys.json").write_text(json.dumps(keys))
+        atomic_write(path, lambda p: _with_open(p, lambda f: np.save(f, feats.numpy())))
+        atomic_write(path.with_suffix(".labels.npy"), lambda p: _with_open(p, lambda f: np.save(f, labs.numpy())))
+        atomic_write(path.with_suffix(".keys.json"), lambda p: Path(p).write_text(json.dumps(keys)))
     else:
         raise ValueError(f"feature file must end in .safetensors, .npz or .npy, got {path.name}")
     return path

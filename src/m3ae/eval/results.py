@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from ..files import atomic_write
+
 
 def _clean(value: Any) -> Any:
     """JSON-safe: tensors/numpy to Python, non-finite floats to None, paths to strings."""
@@ -38,7 +40,8 @@ def write_result(path: str | Path, command: str, *, checkpoint: str | None, data
               "metrics": metrics, "seconds": seconds,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": torch.__version__,
               "host": platform.node(), **(extra or {})}
-    path.write_text(json.dumps(_clean(record), indent=2) + "\n")
+    text = json.dumps(_clean(record), indent=2) + "\n"
+    atomic_write(path, lambda p: Path(p).write_text(text))
     return path
 
 
