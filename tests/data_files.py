@@ -104,3 +104,25 @@ def write_img2dataset_parquet(folder, shards=2, n=6, failed=(), row_group=4) -> 
         with open(os.path.join(folder, f"{s:05d}_stats.json"), "w") as f:
             json.dump({"count": n, "successes": sum(ok), "failed_to_download": n - sum(ok)}, f)
     return str(folder)
+
+
+def write_hdf5_table(path, n=8, table="train/rows", images_dir=None, chunks=None) -> str:
+    """A compound HDF5 dataset written with h5py, one row per sample: `jpg` (variable-length uint8:
+    encoded bytes), `blob` (the same bytes in a fixed-length byte string), `file` (a relative path,
+    written under `images_dir` when given), `title` (a UTF-8 string), `y` (an integer label),
+    `pix` (a raw pixel array) and `score` (a float). `chunks` with gzip when given."""
+    import h5py
+
+    dtype = np.dtype([("jpg", h5py.vlen_dtype(np.uint8)), ("blob", "S4096"), ("file", "S32"),
+                      ("title", h5py.string_dtype()), ("y", "<i8"), ("pix", "u1", (4, 4, 3)), ("score", "<f4")])
+    rows = np.zeros(n, dtype=dtype)
+    for i in range(n):
+        data = jpeg_bytes(seed=i)
+        rows[i] = (np.frombuffer(data, np.uint8), data, f"p{i}.jpg".encode(), caption(i), i % 2, 0, i / n)
+        if images_dir is not None:
+            os.makedirs(images_dir, exist_ok=True)
+            with open(os.path.join(images_dir, f"p{i}.jpg"), "wb") as f:
+                f.write(data)
+    with h5py.File(path, "w") as f:
+        f.create_dataset(table, data=rows, chunks=chunks, compression="gzip" if chunks else None)
+    return str(path)

@@ -8,7 +8,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from data_files import caption, jpeg_bytes, write_img2dataset_parquet, write_img2dataset_tar, write_tokenizer
+from data_files import (caption, jpeg_bytes, write_hdf5_table, write_img2dataset_parquet, write_img2dataset_tar,
+                        write_tokenizer)
 from m3ae.cli import main
 from m3ae.data.sources import build_source
 from m3ae.data.spec import parse_item
@@ -208,6 +209,38 @@ def test_hdf5_named_datasets(tmp_path, capsys):
     assert short.record(5).missing == "missing_caption" and "it has 3 entries" in short.record(5).key
     assert main(["data", "stats", spec]) == 0
     assert "samples: 8" in capsys.readouterr().out
+    pretrain_and_resume(tmp_path, spec)
+
+
+def test_hdf5_table_stats_pretrain_resume(tmp_path, capsys):
+    import pickle
+
+    pytest.importorskip("h5py")
+    path = write_hdf5_table(tmp_path / "table.h5", n=8, images_dir=tmp_path / "imgs")
+    spec = f"{path}#table=train/rows#caption=title#label=y"  # the image field `jpg` is found by its name
+    src = build_source(parse_item(spec))
+    assert src.provides == {"image", "text", "label"} and len(src) == 8
+    assert "#table=train/rows (8 rows; fields image=jpg, caption=title, label=y)" in src.describe()
+    r = src.record(3)
+    assert (r.key, r.image, r.caption.decode(), r.label) == ("train/rows[3]", jpeg_bytes(seed=3), caption(3), 1)
+    assert src.labels() == [src.record(i).label for i in range(8)] == [0, 1] * 4
+    assert src.keys() == [src.record(i).key for i in range(8)] == [f"train/rows[{i}]" for i in range(8)]
+    assert sorted(r.key for r in records(src)) == sorted(src.keys())  # one epoch reads every row once
+    assert pickle.loads(pickle.dumps(src)).record(5).image == jpeg_bytes(seed=5)  # an open handle is not pickled
+    # Encoded bytes in a fixed-length byte string; paths relative to #root= (itself beside the file).
+    assert build_source(parse_item(f"{path}#table=train/rows#image=blob#caption=title")).record(2).image == \
+        jpeg_bytes(seed=2)
+    by_path = f"{path}#table=train/rows#image=file#caption=title#root=imgs"
+    assert build_source(parse_item(by_path)).record(4).image == str(tmp_path / "imgs" / "p4.jpg")
+    images_only = build_source(parse_item(f"image={path}#table=train/rows"))  # y is not a label by name
+    assert images_only.provides == {"image"} and images_only.record(0).caption is None
+    assert main(["data", "stats", spec]) == 0
+    out = capsys.readouterr().out
+    assert "samples: 8" in out and "image width:  min 48" in out
+    os.remove(tmp_path / "imgs" / "p6.jpg")  # a path to nothing: a counted skip
+    assert main(["data", "stats", by_path]) == 0
+    out = capsys.readouterr().out
+    assert "samples: 7" in out and "missing_image: 1" in out
     pretrain_and_resume(tmp_path, spec)
 
 

@@ -264,3 +264,55 @@ def test_hdf5_short_caption_lists_and_integer_captions_are_counted(tmp_path):
         f.create_dataset("text", data=np.arange(3))
     source = HDF5Source(str(tmp_path / "ints.h5"))
     assert [source.record(i).missing for i in range(3)] == ["bad_text"] * 3
+
+
+def test_hdf5_table_bad_rows_are_counted_and_bad_fields_named(tmp_path, capsys):
+    h5py = pytest.importorskip("h5py")
+    import numpy as np
+
+    from data_files import write_hdf5_table
+    from m3ae.cli import main
+    from m3ae.data.sources import build_source
+    from m3ae.data.spec import parse_item
+
+    path = write_hdf5_table(tmp_path / "t.h5", n=8, table="rows", chunks=(2,))
+    with h5py.File(path, "r+") as f:
+        rows = f["rows"]
+        row = rows[1]
+        row["jpg"], row["title"] = np.zeros(0, np.uint8), ""  # an empty image, an empty caption
+        rows[1] = row
+        f.create_dataset("plain", data=np.arange(3))
+        blobs = np.empty(2, dtype=[("text", h5py.vlen_dtype(np.uint8))])  # captions as bytes
+        blobs[0], blobs[1] = (np.frombuffer(b"\xff\xfe not UTF-8", np.uint8),), (np.frombuffer(b"ok", np.uint8),)
+        f.create_dataset("blobs", data=blobs)
+        chunk = rows.id.get_chunk_info_by_coord((4,))  # rows 4-5, gzip: garbage makes them unreadable
+    with open(path, "r+b") as raw:
+        raw.seek(chunk.byte_offset)
+        raw.write(b"\xff" * chunk.size)
+    source = build_source(parse_item(f"{path}#table=rows#caption=title"))
+    got = [source.record(i) for i in range(8)]
+    assert [r.missing for r in got] == [None] * 4 + ["bad_table"] * 2 + [None] * 2
+    assert got[4].key.startswith("rows[4] (") and got[7].image == jpeg_bytes(seed=7)
+    assert main(["data", "stats", f"{path}#table=rows#caption=title"]) == 0  # counted, the run goes on
+    out = capsys.readouterr().out
+    assert "samples: 5" in out and "bad_table: 2" in out and "empty: 1" in out
+    bad_text = build_source(parse_item(f"text={path}#table=blobs"))
+    assert bad_text.provides == {"text"} and bad_text.record(0).caption.startswith(b"\xff")
+    assert main(["data", "stats", f"text={path}#table=blobs"]) == 0
+    assert "bad_text: 1" in capsys.readouterr().out
+
+    # Tables and fields that cannot be read are refused up front, naming the file and the field.
+    for options, message in (
+            ("#table=nope", "'nope' is no such dataset.*tables here: \\['blobs', 'rows'\\]"),
+            ("#table=plain", "'plain' is not a table \\(dtype int64\\)"),
+            ("#table=rows#image=pix#caption=title", "image field 'pix' is .*raw pixel arrays are not read"),
+            ("#table=rows#caption=score", "caption field 'score' is float32, not text"),
+            ("#table=rows#caption=title#label=file", "label field 'file' is \\|S32, not integers"),
+            ("#table=rows#image=photo", "no field 'photo' \\(fields: \\['jpg', 'blob', 'file', 'title'"),
+            ("#table=blobs", "no image field; name one with #image=FIELD"),
+            ("#table=rows#split=val", "#split= is for the authors' layout"),
+            ("#image=rows", "'rows' is a table .*read it with #table=rows"),
+            ("", "#image=NAME.*or read a table with #table=NAME \\(tables here: \\['blobs', 'rows'\\]\\)")):
+        with pytest.raises(ValueError, match=message) as err:
+            build_source(parse_item(path + options))
+        assert path in str(err.value)

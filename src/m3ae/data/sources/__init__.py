@@ -7,7 +7,7 @@ from typing import Callable
 from ..spec import KINDS, SourceSpec, parse_spec
 from .base import IndexedSource, Record, Source
 from .folder import ImageFolder
-from .hdf5 import HDF5Source
+from .hdf5 import HDF5Source, HDF5Table
 from .manifest import ManifestSource, TextCorpus
 from .wds import ShardWriter, WebDatasetSource, iter_tar, list_shards
 
@@ -23,6 +23,18 @@ def _folder(item: SourceSpec, role: str) -> Source:
     o = item.options
     captions = None if "captions" not in o else o["captions"].lower() in ("1", "true", "yes")
     return ImageFolder(item.path, role=role, captions=captions)
+
+
+def _hdf5(item: SourceSpec, role: str) -> Source:
+    o = item.options
+    caption = o.get("caption") or o.get("column")
+    if "table" in o:  # one compound dataset, fields named or found by name
+        if "split" in o:
+            raise ValueError(f"{item.path}: #split= is for the authors' layout; name a table with #table= alone")
+        return HDF5Table(item.path, o["table"], role, o.get("image"), caption, o.get("label"), o.get("root"))
+    if "root" in o:
+        raise ValueError(f"{item.path}: #root= is for a table whose image field holds paths (#table=DSET)")
+    return HDF5Source(item.path, o.get("split"), role, o.get("image"), caption, o.get("label"))
 
 
 def _parquet(item: SourceSpec, role: str) -> Source:
@@ -50,9 +62,7 @@ BUILDERS: dict[str, tuple[set[str], Callable[[SourceSpec, str], Source]]] = {
     "jsonl": (_COLUMNS | {"root"}, _manifest),
     "text": ({"column"}, lambda item, role: TextCorpus(item.path, item.options.get("column"))),
     "folder": ({"captions"}, _folder),
-    "hdf5": (_COLUMNS | {"split"}, lambda item, role: HDF5Source(
-        item.path, item.options.get("split"), role, item.options.get("image"),
-        item.options.get("caption") or item.options.get("column"), item.options.get("label"))),
+    "hdf5": (_COLUMNS | {"split", "table", "root"}, _hdf5),
     "wds": (set(), lambda item, role: WebDatasetSource(item.path, role=role)),
     "parquet": (_COLUMNS | {"root"}, _parquet),
     "hf": (_COLUMNS | {"split"}, _hf),
@@ -77,6 +87,6 @@ def build_sources(spec: str) -> list[tuple[SourceSpec, Source]]:
     return [(item, build_source(item)) for item in parse_spec(spec)]
 
 
-__all__ = ["IndexedSource", "Record", "Source", "ImageFolder", "HDF5Source", "ManifestSource", "TextCorpus",
-           "WebDatasetSource", "ShardWriter", "iter_tar", "list_shards", "build_source", "build_sources",
+__all__ = ["IndexedSource", "Record", "Source", "ImageFolder", "HDF5Source", "HDF5Table", "ManifestSource",
+           "TextCorpus", "WebDatasetSource", "ShardWriter", "iter_tar", "list_shards", "build_source", "build_sources",
            "SourceSpec", "parse_spec", "BUILDERS"]

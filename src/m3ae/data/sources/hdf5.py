@@ -1,7 +1,9 @@
 """HDF5 files. The authors' layout is found by itself: `jpg` (encoded bytes) + `caption` (UTF-8
 bytes) for pairs; `text` for text corpora; `train_jpg`/`train_labels` and `val_jpg`/`val_labels`
 for classification. Any other layout: name the datasets with #image= / #caption= / #label=
-(paths such as `train/images` work; images are encoded bytes, one per row).
+(paths such as `train/images` work; images are encoded bytes, one per row). A table - one
+compound dataset whose named fields hold each row's image, caption and label - is read with
+#table=DSET, its fields found by name or named with #image= / #caption= / #label= (HDF5Table).
 The file is opened lazily in each worker (h5py handles do not survive a fork)."""
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import os
 import numpy as np
 
 from ...optional import require
-from .base import IndexedSource, Record, require_path
+from .base import IndexedSource, Record, is_url, require_path
+from .table import CAPTION_COLUMNS, IMAGE_COLUMNS, LABEL_COLUMNS
 
 
 def as_bytes(value) -> bytes:
@@ -52,12 +55,17 @@ class HDF5Source(IndexedSource):
                 self.image_key, self.label_key = None, None
                 self.caption_key = "text" if "text" in keys else "caption"
             else:
+                tables = compound_datasets(f)
+                hint = f"; or read a table with #table=NAME (tables here: {tables})" if tables else ""
                 raise ValueError(f"{path}: no datasets of the M3AE layout (jpg/caption, text, "
                                  f"train_jpg/train_labels); found {sorted(keys)}; name yours with #image=NAME "
-                                 f"#caption=NAME [#label=NAME]")
+                                 f"#caption=NAME [#label=NAME]{hint}")
             for k in (self.image_key, self.caption_key, self.label_key):
                 if k is not None and k not in keys:
                     raise ValueError(f"{path}: dataset {k!r} missing (found {sorted(keys)})")
+                if k is not None and isinstance(f[k], h5py.Dataset) and f[k].dtype.names:
+                    raise ValueError(f"{path}: {k!r} is a table (fields {list(f[k].dtype.names)}); read it "
+                                     f"with #table={k} [#image=FIELD #caption=FIELD #label=FIELD]")
             main = self.image_key or self.caption_key
             self.length = len(f[main])
             # A shorter caption or label list than the image list: the records past its end are
@@ -86,12 +94,15 @@ class HDF5Source(IndexedSource):
     def keys(self) -> list[str]:
         return [f"{self.image_key or self.caption_key}[{i}]" for i in range(self.length)]
 
-    def record(self, index: int) -> Record:
+    def handle(self):
         if self._file is None or self._pid != os.getpid():  # reopen after a fork
             import h5py
 
             self._file, self._pid = h5py.File(self.name, "r"), os.getpid()
-        f = self._file
+        return self._file
+
+    def record(self, index: int) -> Record:
+        f = self.handle()
         key = f"{self.image_key or self.caption_key}[{index}]"
         sizes = getattr(self, "sizes", {})
         if any(index >= n for n in sizes.values()):
@@ -107,3 +118,147 @@ class HDF5Source(IndexedSource):
             caption=as_bytes(caption) if caption is not None else None,
             label=int(f[self.label_key][index]) if self.label_key else None,
         )
+
+
+def compound_datasets(f) -> list[str]:
+    """Paths of the file's tables (1-D compound datasets), for error messages."""
+    import h5py
+
+    found: list[str] = []
+    f.visititems(lambda name, obj: found.append(name) if isinstance(obj, h5py.Dataset) and obj.dtype.names
+                 and obj.ndim == 1 else None)
+    return found
+
+
+def field_kind(dtype: np.dtype) -> str:
+    """What a compound field holds: 'text' (vlen or fixed strings), 'bytes' (variable-length uint8,
+    opaque, or a 1-D uint8 array), 'int', 'array' (a fixed-shape array, e.g. raw pixels) or 'other'."""
+    import h5py
+
+    if h5py.check_string_dtype(dtype) is not None:
+        return "text"
+    base = h5py.check_vlen_dtype(dtype)
+    if base is not None:
+        return "bytes" if base.kind in "iu" and base.itemsize == 1 else "other"
+    if dtype.subdtype is not None:
+        base, shape = dtype.subdtype
+        return "bytes" if len(shape) == 1 and base.kind in "iu" and base.itemsize == 1 else "array"
+    if dtype.kind == "V" and not dtype.names:
+        return "bytes"
+    return "int" if dtype.kind in "iu" else "other"
+
+
+def pick_field(fields: dict[str, str], wanted: str | None, candidates, where: str, what: str,
+               required: bool) -> str | None:
+    """The named field, else the first candidate present (case-insensitive), else None / an error."""
+    if wanted:
+        if wanted not in fields:
+            raise ValueError(f"{where}: no field {wanted!r} (fields: {list(fields)})")
+        return wanted
+    lower = {n.lower(): n for n in fields}
+    for c in candidates:
+        if c in lower:
+            return lower[c]
+    if required:
+        raise ValueError(f"{where}: no {what} field; name one with #{what}=FIELD (fields: {list(fields)})")
+    return None
+
+
+class HDF5Table(HDF5Source):
+    """One compound dataset (`#table=DSET`), a row per sample. The image field holds encoded bytes
+    (variable-length uint8, opaque, a 1-D uint8 array, or a fixed-length byte string) or a path
+    (a string; relative paths are beside the file or under #root=); the caption a string or UTF-8
+    bytes; the label an integer. Fields are found by name as Parquet columns are (jpg/image/path...,
+    caption/txt/text/title..., label/cls/class...) or named with #image= / #caption= / #label=.
+    Only the fields used are read; a row whose chunk cannot be read is a `bad_table` skip."""
+
+    def __init__(self, path: str, table: str, role: str | None = None, image: str | None = None,
+                 caption: str | None = None, label: str | None = None, root: str | None = None):
+        h5py = require("h5py", "reading HDF5 files")
+
+        self.name, self.table = path, table
+        where = f"{path}#table={table}"
+        with h5py.File(require_path(path, "HDF5 file"), "r") as f:
+            ds = f.get(table)
+            if not isinstance(ds, h5py.Dataset) or not ds.dtype.names or ds.ndim != 1:
+                what = ("no such dataset" if ds is None else "a group" if isinstance(ds, h5py.Group)
+                        else f"a {ds.ndim}-D dataset" if ds.dtype.names else f"not a table (dtype {ds.dtype})")
+                raise ValueError(f"{path}: {table!r} is {what}; a table is a 1-D compound dataset "
+                                 f"(tables here: {compound_datasets(f) or 'none'})")
+            types = {n: ds.dtype.fields[n][0] for n in ds.dtype.names}
+            kinds = {n: field_kind(t) for n, t in types.items()}
+            self.length = len(ds)
+        role = role or "paired"
+        self.image_key = None if role == "text" else pick_field(kinds, image, IMAGE_COLUMNS, where, "image",
+                                                                required=True)
+        self.caption_key = None if role == "image" else pick_field(kinds, caption, CAPTION_COLUMNS, where,
+                                                                   "caption", required=True)
+        self.label_key = pick_field(kinds, label, LABEL_COLUMNS, where, "label", required=False)
+        if self.image_key and kinds[self.image_key] not in ("bytes", "text"):
+            raw = " (raw pixel arrays are not read: store encoded JPEG/PNG bytes)" \
+                if kinds[self.image_key] == "array" else ""
+            raise ValueError(f"{where}: image field {self.image_key!r} is {types[self.image_key]}; expected "
+                             f"encoded bytes (variable-length uint8 or opaque) or a path string{raw}")
+        if self.caption_key and kinds[self.caption_key] not in ("text", "bytes"):
+            raise ValueError(f"{where}: caption field {self.caption_key!r} is {types[self.caption_key]}, not "
+                             f"text; name a text field with #caption=FIELD")
+        if self.label_key and kinds[self.label_key] != "int":
+            if label is not None:
+                raise ValueError(f"{where}: label field {label!r} is {types[label]}, not integers")
+            self.label_key = None  # a field merely called "class" or "target" that holds something else
+        self.image_is_text = bool(self.image_key) and kinds[self.image_key] == "text"
+        base = os.path.dirname(path)  # relative image paths: beside the file, or under #root=
+        self.root = base if root is None else root if os.path.isabs(root) or is_url(root) else os.path.join(base, root)
+        self.fields = [k for k in (self.image_key, self.caption_key, self.label_key) if k]
+        self.provides = frozenset({n for n, k in (("image", self.image_key), ("text", self.caption_key),
+                                                  ("label", self.label_key)) if k})
+        self._file, self._pid, self._rows = None, None, None
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_rows"] = None
+        return state
+
+    def describe(self) -> str:
+        named = ", ".join(f"{n}={k}" for n, k in (("image", self.image_key), ("caption", self.caption_key),
+                                                 ("label", self.label_key)) if k)
+        return f"{self.kind}:{self.name}#table={self.table} ({self.length} rows; fields {named})"
+
+    def labels(self) -> list[int | None]:
+        if self.label_key is None:
+            return [None] * self.length
+        import h5py
+
+        with h5py.File(self.name, "r") as f:
+            return np.asarray(f[self.table].fields(self.label_key)[:]).astype(np.int64).reshape(-1).tolist()
+
+    def keys(self) -> list[str]:
+        return [f"{self.table}[{i}]" for i in range(self.length)]
+
+    def record(self, index: int) -> Record:
+        key = f"{self.table}[{index}]"
+        f = self.handle()
+        if self._rows is None or self._rows[0] is not f:
+            self._rows = (f, f[self.table].fields(self.fields))
+        try:
+            row = self._rows[1][index]
+        except OSError as err:  # a chunk that cannot be read or decompressed: this row, not the run
+            return Record(key=f"{key} ({err})", missing="bad_table")
+        return Record(
+            key=key,
+            image=self.image_value(row[self.image_key]) if self.image_key else None,
+            caption=as_bytes(row[self.caption_key]) if self.caption_key else None,
+            label=int(row[self.label_key]) if self.label_key else None,
+        )
+
+    def image_value(self, value) -> bytes | str | None:
+        data = as_bytes(value)
+        if not self.image_is_text:
+            return data
+        try:  # a string field holds a path; a fixed-length one may hold encoded bytes (not UTF-8)
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            return data
+        if not text or "\0" in text:
+            return data or None
+        return text if os.path.isabs(text) or is_url(text) else os.path.join(self.root, text)
