@@ -123,3 +123,18 @@ def text_target_index(ids: torch.Tensor, keep: int, padding: torch.Tensor) -> to
     """
     real = ~padding.bool().gather(1, ids[:, keep:])
     return real.flatten().nonzero().squeeze(1)
+
+
+def masks_for(config, batch: int, *, has_image: bool, text_padding: torch.Tensor | None,
+              text_length: int | None = None, generator: torch.Generator | None = None,
+              device: torch.device | str = "cpu", num_patches: int | None = None, mode: str | None = None,
+              image_ratio: float | None = None, text_ratio: float | None = None,
+              static_text_keep: bool = False) -> Masks:
+    """Masks as a model config asks for them (its ratios, masking mode and patch count), each
+    overridable: the one place a config becomes masks (model, collator, benchmark, pictures)."""
+    return make_masks(batch, num_patches=(num_patches or config.num_patches) if has_image else None,
+                      text_padding=text_padding, text_length=text_length,
+                      image_ratio=config.image_mask_ratio if image_ratio is None else image_ratio,
+                      text_ratio=config.text_mask_ratio if text_ratio is None else text_ratio,
+                      mode=config.masking if mode is None else mode, generator=generator, device=device,
+                      static_text_keep=static_text_keep)

@@ -13,7 +13,7 @@ from .files import atomic_write
 from .linear_cross_entropy import linear_cross_entropy
 from .losses import normalize_patches, packed_token_weights, patch_mse, token_cross_entropy
 from .layers import OutputHead, Transformer, gather_rows
-from .masking import Masks, make_masks, text_target_index
+from .masking import Masks, masks_for, text_target_index
 from .patches import patchify
 from .posembed import image_position_table, text_position_table
 from .preprocessing import Preprocessing
@@ -187,12 +187,8 @@ class M3AE(nn.Module):
     def make_masks(self, batch: int, has_image: bool, text_padding_mask: torch.Tensor | None,
                    text_length: int | None, generator: torch.Generator | None = None,
                    device: torch.device | str = "cpu", num_patches: int | None = None) -> Masks:
-        c = self.config
-        num_patches = num_patches or c.num_patches
-        return make_masks(batch, num_patches=num_patches if has_image else None,
-                          text_padding=text_padding_mask, text_length=text_length,
-                          image_ratio=c.image_mask_ratio, text_ratio=c.text_mask_ratio,
-                          mode=c.masking, generator=generator, device=device)
+        return masks_for(self.config, batch, has_image=has_image, text_padding=text_padding_mask,
+                         text_length=text_length, generator=generator, device=device, num_patches=num_patches)
 
     def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None,
                 text_padding_mask: torch.Tensor | None = None, *, masks: Masks | None = None,

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import torch
 
 from ..config import M3AEConfig
-from ..masking import Masks, make_masks
+from ..masking import Masks, masks_for
 
 
 @dataclass
@@ -106,10 +106,8 @@ class Collator:
             if has_text:
                 text, padding = pad_texts([torch.as_tensor(s["text"], dtype=torch.long)[: self.config.text_length]
                                            for s in group], self.config.text_length if self.static_shapes else None)
-            masks = make_masks(len(group), num_patches=self.config.num_patches if has_image else None,
-                               text_padding=padding, image_ratio=self.config.image_mask_ratio,
-                               text_ratio=self.config.text_mask_ratio, mode=self.config.masking,
-                               generator=generator, static_text_keep=self.static_shapes)
+            masks = masks_for(self.config, len(group), has_image=has_image, text_padding=padding,
+                              generator=generator, static_text_keep=self.static_shapes)
             labels = (torch.tensor([int(s.get("label", -1)) for s in group])
                       if any("label" in s for s in group) else None)
             parts.append(BatchPart(image, text, padding, masks, [str(s.get("key", "")) for s in group], labels))

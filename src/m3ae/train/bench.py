@@ -31,7 +31,7 @@ import torch
 
 from ..config import M3AEConfig
 from ..data.collate import Batch, BatchPart, Collator
-from ..masking import make_masks
+from ..masking import masks_for
 from ..model import M3AE
 from ..optim import build_optimizer, clip_grad_norm
 from ..distributed import pick_device
@@ -90,9 +90,8 @@ def reference_batch(batch: Batch, config: M3AEConfig, generator: torch.Generator
             text = torch.zeros(b, config.text_length, dtype=p.text.dtype)
             pad = torch.ones(b, config.text_length, dtype=torch.bool)
             text[:, :length], pad[:, :length] = p.text, p.text_padding_mask
-        masks = make_masks(p.size, num_patches=config.num_patches if p.image is not None else None,
-                           text_padding=pad, image_ratio=config.image_mask_ratio,
-                           text_ratio=config.text_mask_ratio, mode="reference", generator=generator)
+        masks = masks_for(config, p.size, has_image=p.image is not None, text_padding=pad, mode="reference",
+                          generator=generator)
         parts.append(BatchPart(p.image, text, pad, masks, p.keys))
     return Batch(parts, batch.step)
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..data.normalization import denormalize
-from ..masking import Masks, make_masks
+from ..masking import Masks, masks_for
 from ..model import M3AE
 from ..patches import patchify, unpatchify
 
@@ -70,14 +70,11 @@ def draw_masks(model: M3AE, image: torch.Tensor | None, text_padding_mask: torch
                text_length: int | None = None, image_ratio: float | None = None,
                text_ratio: float | None = None, seed: int = 0) -> Masks:
     """Masks at chosen ratios (the model's own when None), seeded, independent per sample."""
-    c = model.config
     batch = image.shape[0] if image is not None else text_padding_mask.shape[0]
     generator = torch.Generator().manual_seed(seed)
-    return make_masks(batch, num_patches=c.num_patches if image is not None else None,
-                      text_padding=text_padding_mask, text_length=text_length,
-                      image_ratio=c.image_mask_ratio if image_ratio is None else image_ratio,
-                      text_ratio=c.text_mask_ratio if text_ratio is None else text_ratio,
-                      mode="per_sample", generator=generator)
+    return masks_for(model.config, batch, has_image=image is not None, text_padding=text_padding_mask,
+                     text_length=text_length, generator=generator, mode="per_sample",
+                     image_ratio=image_ratio, text_ratio=text_ratio)
 
 
 @torch.no_grad()
