@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 import m3ae.checkpoint as checkpoint  # noqa: E402
 import m3ae.train.loop as loop  # noqa: E402
+import m3ae.train.step as train_step  # noqa: E402
 from m3ae.cli import main  # noqa: E402
 
 
@@ -36,7 +37,7 @@ def inject(fault: str) -> None:
         return calls[0] == n
 
     if kind in ("raise_at", "sigkill_at"):
-        real_clip = loop.clip_grad_norm
+        real_clip = train_step.clip_grad_norm
 
         def clip(*args, **kwargs):  # called once per step, after the backward passes
             if nth():
@@ -44,7 +45,7 @@ def inject(fault: str) -> None:
                     raise RuntimeError("injected fault")
                 os.kill(os.getpid(), signal.SIGKILL)
             return real_clip(*args, **kwargs)
-        loop.clip_grad_norm = clip
+        train_step.clip_grad_norm = clip
     elif kind in ("enospc_ckpt", "kill_in_ckpt"):
         real_save = torch.save
 

@@ -154,3 +154,22 @@ def test_gpu_check_refuses_a_cpu_without_dry_run(tmp_path, capsys):
         pytest.skip("a GPU is here")
     assert main(["bench", "check", "--out", str(tmp_path)]) == 2
     assert "--dry-run" in capsys.readouterr().err
+
+
+def test_bench_times_the_trainers_own_step(tmp_path, monkeypatch):
+    """`m3ae bench train` and `m3ae pretrain` run one step function (m3ae.train.step.TrainStep)."""
+    from m3ae.cli import main
+    from m3ae.train import step as step_module
+    from m3ae.train.config import load_config
+    from m3ae.train.loop import pretrain
+
+    calls = []
+    real = step_module.TrainStep.backward
+    monkeypatch.setattr(step_module.TrainStep, "backward", lambda self, mb: calls.append(1) or real(self, mb))
+    assert main(["bench", "train", "--preset", "nano", "--image-size", "16", "--patch-size", "4", "--text-length",
+                 "8", "--vocab-size", "50", "--batch", "4", "--steps", "2", "--warmup", "1", "--no-reference"]) == 0
+    assert len(calls) == 3  # 1 warm-up + 2 timed
+    pretrain(load_config(None, ["model.preset=nano", "model.image_size=16", "model.patch_size=4",
+                                "model.text_length=8", "model.vocab_size=50", "data.spec=demo", "steps=2",
+                                "batch_size=4", "progress=false"]), tmp_path)
+    assert len(calls) == 5

@@ -33,10 +33,11 @@ from ..config import M3AEConfig
 from ..data.collate import Batch, BatchPart, Collator
 from ..masking import masks_for
 from ..model import M3AE
-from ..optim import build_optimizer, clip_grad_norm
+from ..optim import build_optimizer
 from ..distributed import pick_device
 from ..perf import batch_train_flops, device_name, measure_matmul_tflops, synchronize, table_peak
 from ..precision import autocast, uses_bf16
+from .step import TrainStep
 
 
 @dataclass
@@ -97,29 +98,20 @@ def reference_batch(batch: Batch, config: M3AEConfig, generator: torch.Generator
 
 
 class _Step:
-    """One optimiser step over a Batch (every part: forward, backward), then clip + AdamW."""
+    """The trainer's own step (m3ae.train.step.TrainStep) over one Batch, clip 1.0, AdamW, with the
+    trainer's one host sync per step (the finite check on the gradient norm)."""
 
     def __init__(self, model: M3AE, device: torch.device, bf16: bool, full_outputs: bool,
                  compile: bool, fused_adamw: bool | None = None):
-        self.model = model
-        self.device = device
-        self.full = full_outputs
-        self.run = torch.compile(model) if compile else model
-        self.optimizer = build_optimizer(model, 1e-4, 0.05, fused=fused_adamw)  # None: fused where available
-        self.autocast = autocast(device, bf16)
+        run = torch.compile(model) if compile else model
+        optimizer = build_optimizer(model, 1e-4, 0.05, fused=fused_adamw)  # None: fused where available
+        self.step = TrainStep(model, run, optimizer, device=device, autocast=autocast(device, bf16),
+                              clip_grad=1.0, full_outputs=full_outputs)
 
     def __call__(self, batch: Batch) -> torch.Tensor:
-        loss_sum = torch.zeros((), device=self.device)
-        with self.autocast:
-            for part in batch.parts:
-                out = self.run(**part.model_inputs(), full_outputs=self.full)
-                share = part.size / batch.size
-                (out.loss * share).backward()
-                loss_sum += out.loss.detach().float() * share
-        clip_grad_norm(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum
+        metrics, grad_norm = self.step.backward([batch])
+        self.step.update(bool(torch.isfinite(grad_norm)))
+        return metrics[0]
 
 
 def _time_steps(runs: dict[str, tuple[_Step, list[Batch]]], opts: BenchOptions, device: torch.device

@@ -20,13 +20,14 @@ from .. import distributed as dist_utils
 from ..checkpoint import RUN_CONFIG_NAME, checkpoint_root, clean_stale, load_train_state, newest_intact, save_checkpoint
 from ..files import FolderLock, atomic_write
 from ..model import M3AE
-from ..optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+from ..optim import build_optimizer, lr_at, set_lr
 from ..perf import batch_train_flops, device_name, table_peak
 from ..precision import autocast as precision_autocast, uses_bf16
 from ..preprocessing import Preprocessing
 from ..data.loader import build_train_data, loader_error, next_batch, stop_workers
 from ..threads import ThreadChoice, torch_threads
 from .config import TrainConfig, check_resume_changes, to_yaml
+from .step import TrainStep
 from .tracking import Trackers
 
 METRICS_NAME = "metrics.jsonl"
@@ -290,7 +291,22 @@ def _pretrain(config: TrainConfig, out_dir: Path, resume: str | None, stop_at_st
     # Achieved model FLOP/s (analytic, m3ae.perf) and MFU where the device's peak is known.
     window_flops = 0.0
     peak_tflops = config.peak_tflops or table_peak(device_name(device), "bf16" if use_bf16 else "fp32")
-    autocast = precision_autocast(device, use_bf16)
+    train_step = TrainStep(model, run_model, optimizer, device=device, autocast=precision_autocast(device, use_bf16),
+                           clip_grad=config.optim.clip_grad, grad_accum=config.grad_accum,
+                           world_size=world_size, fsdp=fsdp)
+
+    def micro_batches():
+        """The step's micro-batches from the loader; the data wait and the window's samples and
+        FLOPs (host-side shapes: no sync) are counted on the way."""
+        nonlocal data_wait, window_samples, window_flops
+        for _ in range(config.grad_accum):
+            t0 = time.perf_counter()
+            batch = next_batch(batches).to(device, non_blocking=True)
+            data_wait += time.perf_counter() - t0
+            window_samples += batch.size * world_size
+            window_flops += batch_train_flops(batch, config.model) * world_size
+            yield batch
+
     progress = _progress(config, start_step, is_main)
     eval_sets = _eval_sets(config) if is_main else None
     run_model.train()
@@ -303,35 +319,12 @@ def _pretrain(config: TrainConfig, out_dir: Path, resume: str | None, stop_at_st
                 step_rng = rng_state() if world_size == 1 else None
                 lr = lr_at(step, config.peak_lr(), config.warmup(), config.steps, config.optim.min_lr)
                 set_lr(optimizer, lr)
-                # Metric sums weighted by samples, each over the parts that have that modality.
-                sums = torch.zeros(4, device=device)
-                counts = torch.zeros(4, device=device)  # on device: no host->device copy per step
-                for micro in range(config.grad_accum):
-                    t0 = time.perf_counter()
-                    batch = next_batch(batches).to(device, non_blocking=True)
-                    data_wait += time.perf_counter() - t0
-                    window_samples += batch.size * world_size
-                    window_flops += batch_train_flops(batch, config.model) * world_size  # host-side shapes
-                    with autocast:
-                        for i, part in enumerate(batch.parts):
-                            # Gradients are all-reduced once per step: in the last backward only.
-                            last = micro == config.grad_accum - 1 and i == len(batch.parts) - 1
-                            with dist_utils.gradient_sync(run_model, last):
-                                out = run_model(**part.model_inputs())
-                                share = part.size / batch.size / config.grad_accum
-                                guard = (dist_utils.unused_parameter_guard(model, part)
-                                         if world_size > 1 and not fsdp else 0.0)
-                                (out.loss * share + guard).backward()
-                            for k, value in enumerate((out.loss, out.image_loss, out.text_loss, out.text_accuracy)):
-                                if value is not None:
-                                    sums[k] += value.detach().float() * part.size
-                                    counts[k] += part.size
-                grad_norm = clip_grad_norm(model.parameters(), config.optim.clip_grad)
+                step_metrics, grad_norm = train_step.backward(micro_batches())
                 # The one per-step sync: a non-finite step must not touch the weights or Adam moments,
                 # and (distributed) every rank must stop at the same step if any was signalled.
                 finite, stop_now = _step_flags(grad_norm, stop, info)
+                train_step.update(finite)
                 if finite:
-                    optimizer.step()
                     nonfinite_run = 0
                 else:
                     skipped += 1
@@ -339,14 +332,11 @@ def _pretrain(config: TrainConfig, out_dir: Path, resume: str | None, stop_at_st
                     print(f"step {step + 1}: non-finite loss or gradient, update skipped "
                           f"({nonfinite_run} in a row)", file=sys.stderr)
                     if nonfinite_run >= config.max_nonfinite:
-                        optimizer.zero_grad(set_to_none=True)
                         raise FloatingPointError(f"{nonfinite_run} non-finite steps in a row at step {step + 1}; "
                                                  "stopping (lower the learning rate or check the data)")
-                optimizer.zero_grad(set_to_none=True)
                 step += 1
                 step_rng = None  # the step is whole: a checkpoint from here on takes the RNG as it is
-                pending.append(torch.cat([sums / counts,  # 0/0 = nan: modality absent this step
-                                          grad_norm.float().reshape(1)]))
+                pending.append(torch.cat([step_metrics, grad_norm.float().reshape(1)]))
                 if progress is not None:
                     progress.update(1)
                 # Rows at log steps and the run's end; a stop elsewhere saves its partial window
