@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
-import random
 import signal
 import sys
 import time
@@ -13,12 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from .. import distributed as dist_utils
 from ..checkpoint import RUN_CONFIG_NAME, checkpoint_root, clean_stale, load_train_state, newest_intact, save_checkpoint
-from ..files import FolderLock, atomic_write
+from ..files import FolderLock
 from ..model import M3AE
 from ..optim import build_optimizer, lr_at, set_lr
 from ..perf import batch_train_flops, device_name, table_peak
@@ -27,11 +23,11 @@ from ..preprocessing import Preprocessing
 from ..data.loader import build_train_data, loader_error, next_batch, stop_workers
 from ..threads import ThreadChoice, torch_threads
 from .config import TrainConfig, check_resume_changes, to_yaml
+from .metrics import METRICS_NAME, MetricsLog, window_row
+from .rng import rng_state, set_rng_state
+from .signals import StopRequest
 from .step import TrainStep
 from .tracking import Trackers
-
-METRICS_NAME = "metrics.jsonl"
-
 
 @dataclass
 class TrainResult:
@@ -42,98 +38,6 @@ class TrainResult:
     last_loss: float | None = None
     skipped_steps: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop finishes the step, checkpoints and exits cleanly."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopRequest":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no handlers, no preemption support
-                pass
-        return self
-
-    def _handle(self, signum, _frame) -> None:
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C means now
-        self.signal = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class MetricsLog:
-    """Append-only JSONL; rows at log intervals only (one host sync per interval). The same rows go
-    to the trackers (TensorBoard, W&B) when the run has any."""
-
-    def __init__(self, path: Path, enabled: bool, trackers: Trackers | None = None):
-        self.path = path
-        self.enabled = enabled
-        self.trackers = trackers
-
-    def write(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        # One write() of the whole row in append mode: a kill leaves whole rows (or a cut last one,
-        # which truncate_after drops), never rows interleaved.
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, (json.dumps(row) + "\n").encode())
-        finally:
-            os.close(fd)
-        if self.trackers is not None:
-            self.trackers.scalars(row)
-
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop rows the crashed/stopped run wrote after its last checkpoint."""
-        if not (self.enabled and self.path.is_file()):
-            return
-        rows = [line for line in self.path.read_text(errors="replace").splitlines()
-                if (row := _parse_row(line)) is not None and row.get("step", 0) <= step]
-        atomic_write(self.path, lambda p: Path(p).write_text("".join(r + "\n" for r in rows)))
-
-    def close(self, last: dict[str, Any] | None = None) -> None:
-        if self.trackers is not None:
-            self.trackers.close(last)
-
-
-def _parse_row(line: str) -> dict[str, Any] | None:
-    """A metrics row, or None for a blank line or one a kill cut short."""
-    try:
-        row = json.loads(line)
-    except ValueError:
-        return None
-    return row if isinstance(row, dict) else None
 
 
 def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = None,
@@ -345,7 +249,7 @@ def _pretrain(config: TrainConfig, out_dir: Path, resume: str | None, stop_at_st
                     values = dist_utils.all_reduce_mean(torch.stack(pending), info).cpu().tolist()
                     pending.clear()
                     elapsed = time.perf_counter() - window_start
-                    row = _row(step, values, lr, window_samples / max(elapsed, 1e-9),
+                    row = window_row(step, values, lr, window_samples / max(elapsed, 1e-9),
                                data_wait / max(elapsed, 1e-9), skipped)
                     row["model_tflops"] = window_flops / max(elapsed, 1e-9) / 1e12
                     row["threads"] = threads.threads
@@ -450,18 +354,6 @@ def _step_flags(grad_norm: torch.Tensor, stop: StopRequest, info: dist_utils.Dis
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
     nonfinite, stop_now = flags.tolist()
     return nonfinite == 0.0, stop_now > 0.0
-
-
-def _row(step: int, values: list[list[float]], lr: float, samples_per_s: float, data_wait_share: float,
-         skipped: int) -> dict[str, Any]:
-    def mean(i: int) -> float | None:
-        vals = [v[i] for v in values if math.isfinite(v[i])]
-        return sum(vals) / len(vals) if vals else None
-    row = {"step": step, "loss": mean(0), "image_loss": mean(1), "text_loss": mean(2),
-           "text_accuracy": mean(3), "grad_norm": mean(4), "lr": lr,
-           "samples_per_s": samples_per_s, "data_wait_share": data_wait_share, "skipped_steps": skipped,
-           "step_losses": [v[0] for v in values]}
-    return {k: v for k, v in row.items() if v is not None}
 
 
 # -- periodic representation check (fast probe + kNN); see m3ae.eval.monitor ----------------------
