@@ -19,3 +19,35 @@ def test_data_stats_and_shard_roundtrip(tmp_path, capsys):
 def test_stats_of_missing_path_is_a_clear_error(tmp_path, capsys):
     assert main(["data", "stats", f"{tmp_path}/nothing-*.tar"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_stats_and_shard_stop_past_max_bad_fraction(tmp_path, capsys):
+    # Was: `data stats` counted any share of bad records and exited 0; now the training policy
+    # (data.max_bad_fraction after data.bad_min_samples) holds here too.
+    manifest = write_manifest(tmp_path, n=10)
+    for i in range(6):  # 60 % bad
+        (tmp_path / "images" / f"img{i:03d}.jpg").write_bytes(b"")
+    spec = f"{manifest},text={write_text(tmp_path)}"
+    assert main(["data", "stats", spec, "--bad-min-samples", "5", "--max-bad-fraction", "0.3"]) == 1
+    captured = capsys.readouterr()
+    last = captured.err.strip().splitlines()[-1]
+    assert last.startswith("m3ae data: stopped:") and "max_bad_fraction 30.0%" in last and "empty" in last
+    assert "stopped: past --max-bad-fraction" in captured.out  # the counts read so far are printed
+    assert main(["data", "stats", spec, "--bad-min-samples", "5", "--max-bad-fraction", "0.7"]) == 0
+    assert "bad: 6 (60.00%)" in capsys.readouterr().out
+    pattern = str(tmp_path / "shards" / "s-%03d.tar")
+    assert main(["data", "shard", manifest, "--out", pattern, "--bad-min-samples", "5",
+                 "--max-bad-fraction", "0.3"]) == 1
+    assert "max_bad_fraction" in capsys.readouterr().err
+    assert main(["data", "stats", spec, "--max-bad-fraction", "2"]) == 2
+    assert "--max-bad-fraction must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_stats_default_policy_is_the_training_one(tmp_path, capsys):
+    # 250 records naming one empty file: past the default 5 % once 200 were read.
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image,caption\n" + "".join(f"empty.jpg,a dog {i}\n" for i in range(250)))
+    assert main(["data", "stats", str(manifest)]) == 1
+    captured = capsys.readouterr()
+    assert "200 of 200 samples were unusable" in captured.err and "bad: 200 (100.00%)" in captured.out

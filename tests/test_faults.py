@@ -3,6 +3,7 @@ line, a non-zero exit, no hang and no orphan process, and keep (or first write) 
 run resumed after several kills equals a straight run."""
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from m3ae import M3AE
-from m3ae.checkpoint import list_checkpoints
+from m3ae.checkpoint import list_checkpoints, load_train_state
 from m3ae.cli import main
 from m3ae.files import FolderBusyError, FolderLock
 from m3ae.train.loop import pretrain
@@ -231,3 +232,70 @@ def test_the_first_row_after_a_resume_covers_the_same_steps_as_a_straight_run(tm
     for a, b in zip(straight, split):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
         assert a["step_losses"] == pytest.approx(b["step_losses"], abs=1e-6)
+
+
+# -- a seeded-random kill schedule -----------------------------------------------------------
+# Each seed draws several SIGKILLs, at a random step or at a random point inside a random
+# checkpoint save (see _fault_driver.py), each followed by `--resume auto`. One seed is fixed;
+# one is new each session, so the suite keeps exploring. A failure names its seed in the test id:
+# replay it with M3AE_FAULT_SEEDS=SEED (comma-separated for several).
+CKPT_PHASES = ("weights", "state", "files", "rename", "renamed", "prune")
+KILL_RUN = ("steps=12", "ckpt_every=2", "keep_last=3")
+KILL_STEPS, KILL_EVERY, KILL_KEEP, KILLS = 12, 2, 3, 3
+
+
+def _kill_seeds() -> list[int]:
+    given = os.environ.get("M3AE_FAULT_SEEDS")
+    if given:
+        return [int(s) for s in given.split(",")]
+    return [1129, random.SystemRandom().randrange(10**6)]
+
+
+def draw_kill(rng: random.Random, start: int, complete: int) -> tuple[str, int]:
+    """(fault, the newest complete checkpoint's step it must leave) for a run resumed at `start`
+    with `complete` checkpoints on disk."""
+    if rng.random() < 0.3:
+        j = rng.randint(1, KILL_STEPS - start)  # killed at step start + j, before its update
+        return f"sigkill_at:{j}", (start + j - 1) // KILL_EVERY * KILL_EVERY
+    n = rng.randint(1, (KILL_STEPS - start) // KILL_EVERY)  # the n-th save of this run
+    # Old checkpoints are pruned at save n only when there are more than keep_last.
+    phases = [p for p in CKPT_PHASES if p != "prune" or complete + n > KILL_KEEP]
+    phase = rng.choice(phases)
+    saved = phase in ("renamed", "prune")  # killed after the rename: the new checkpoint counts
+    return f"kill_ckpt:{n}:{phase}", start + (n if saved else n - 1) * KILL_EVERY
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight")
+    pretrain(tiny_config(*KILL_RUN), out)
+    return out
+
+
+@pytest.mark.parametrize("seed", _kill_seeds())
+def test_random_kills_then_resume_equals_a_straight_run(tmp_path, straight_run, seed):
+    rng, run, done = random.Random(seed), tmp_path / "run", []
+    for _ in range(KILLS):
+        start = steps_of(run)[-1] if steps_of(run) else 0
+        if start == KILL_STEPS:  # killed after its final checkpoint was in place
+            break
+        fault, newest = draw_kill(rng, start, len(steps_of(run)))
+        done.append(fault)
+        print(f"seed {seed}: {fault} (resumed at step {start})")
+        r = run_with(fault, run, *KILL_RUN, options=("--resume", "auto"))
+        assert r.returncode == -signal.SIGKILL, f"seed {seed}, {done}: not killed\n{r.stderr[-2000:]}"
+        assert (steps_of(run) or [0])[-1] == newest, f"seed {seed}, {done}"
+        for _, path in list_checkpoints(run):  # a kill never leaves a complete-looking broken folder
+            M3AE.from_pretrained(path)
+            load_train_state(path)
+    result = pretrain(tiny_config(*KILL_RUN), run, resume="auto")
+    assert result.step == KILL_STEPS
+    assert not [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert losses(run) == losses(straight_run), f"seed {seed}, {done}"  # per step, bit for bit
+    final = f"checkpoints/step_{KILL_STEPS:08d}"
+    a, b = params(run / final), params(straight_run / final)
+    assert all(torch.equal(a[k], b[k]) for k in b), f"seed {seed}, {done}: weights differ"
+    sa, sb = load_train_state(run / final), load_train_state(straight_run / final)
+    assert len(sa["optimizer"]["state"]) == len(sb["optimizer"]["state"]) > 0
+    for x, y in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert all(torch.equal(x[k], y[k]) for k in y), f"seed {seed}, {done}: optimizer state differs"

@@ -16,6 +16,7 @@ def register(subparsers) -> None:
     s.add_argument("spec", help="a data SPEC (see m3ae.data.spec)")
     s.add_argument("--tokenizer", help="count caption lengths in tokens of this tokenizer (default: words)")
     s.add_argument("--limit", type=int, default=None, help="read at most this many records per source")
+    add_bad_data_args(s)
     s.set_defaults(func=run_stats)
     w = sub.add_parser("shard", help="write WebDataset tar shards (key.jpg/.txt/.cls) from any source")
     w.add_argument("spec")
@@ -25,7 +26,28 @@ def register(subparsers) -> None:
                    help="pre-resize: downscale so the shorter side is this, as img2dataset does (0: keep)")
     w.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
     w.add_argument("--limit", type=int, default=None)
+    add_bad_data_args(w)
     w.set_defaults(func=run_shard)
+
+
+def add_bad_data_args(p: argparse.ArgumentParser) -> None:
+    from m3ae.data.config import DataConfig  # the training defaults: one policy for every reader
+
+    p.add_argument("--max-bad-fraction", type=float, default=DataConfig.max_bad_fraction,
+                   help="stop when more than this share of a source's records is unusable "
+                        "(default %(default)s; 1: never stop)")
+    p.add_argument("--bad-min-samples", type=int, default=DataConfig.bad_min_samples,
+                   help="records read before --max-bad-fraction is enforced (default %(default)s)")
+
+
+def _bad_counter(args: argparse.Namespace, max_logged: int):
+    from m3ae.data.bad import BadCounter
+
+    if not 0 <= args.max_bad_fraction <= 1:
+        raise ValueError(f"--max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}")
+    if args.bad_min_samples < 0:
+        raise ValueError(f"--bad-min-samples must be >= 0, got {args.bad_min_samples}")
+    return BadCounter(args.max_bad_fraction, args.bad_min_samples, max_logged=max_logged)
 
 
 def _percentiles(values) -> str:
@@ -45,7 +67,7 @@ def _decode(record, max_pixels):
 
 
 def run_stats(args: argparse.Namespace) -> int:
-    from m3ae.data.bad import BadCounter, BadSample
+    from m3ae.data.bad import BadSample, DataQualityError
     from m3ae.data.images import DEFAULT_MAX_PIXELS
     from m3ae.data.pipeline import decode_caption
     from m3ae.data.sources import build_sources
@@ -53,7 +75,8 @@ def run_stats(args: argparse.Namespace) -> int:
 
     tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
     for item, source in build_sources(args.spec):
-        counter = BadCounter(max_logged=0)
+        counter = _bad_counter(args, max_logged=0)
+        stopped = None
         lengths, widths, heights, labels = [], [], [], Counter()
         take_image = "image" in source.provides and item.role != "text"
         take_text = "text" in source.provides and item.role != "image"
@@ -76,6 +99,11 @@ def run_stats(args: argparse.Namespace) -> int:
                     heights.append(h)
             except BadSample as err:
                 counter.record_bad(err.reason, record.key, err.detail, log_it=False)
+                try:
+                    counter.check()
+                except DataQualityError as too_many:  # report what was read, then stop (exit 1)
+                    stopped = DataQualityError(f"{source.describe()}: {too_many}")
+                    break
                 continue
             if caption:
                 lengths.append(len(tok.encode(caption, add_special_tokens=False).ids) if tok else len(caption.split()))
@@ -96,18 +124,21 @@ def run_stats(args: argparse.Namespace) -> int:
             print(f"  shorter side: {_percentiles(np.minimum(widths, heights).tolist())}")
         if labels:
             print(f"  labels: {len(labels)} classes, {min(labels.values())}-{max(labels.values())} per class")
+        if stopped is not None:
+            print("  stopped: past --max-bad-fraction (the counts above are of the records read so far)")
+            raise stopped
     return 0
 
 
 def run_shard(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from m3ae.data.bad import BadCounter, BadSample
+    from m3ae.data.bad import BadSample
     from m3ae.data.images import DEFAULT_MAX_PIXELS
     from m3ae.data.pipeline import decode_caption
     from m3ae.data.sources import ShardWriter, build_sources
 
-    counter = BadCounter(max_logged=10)
+    counter = _bad_counter(args, max_logged=10)
     index = 0
     with ShardWriter(args.out, args.per_shard) as writer:
         for item, source in build_sources(args.spec):
@@ -124,6 +155,7 @@ def run_shard(args: argparse.Namespace) -> int:
                     caption = decode_caption(record.caption) if take_text else None
                 except BadSample as err:
                     counter.record_bad(err.reason, record.key, err.detail)
+                    counter.check()  # past --max-bad-fraction: stop (the shards so far are closed whole)
                     continue
                 side = min(image.size)
                 if args.shorter_side and side > args.shorter_side:
