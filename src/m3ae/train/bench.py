@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..config import M3AEConfig
-from ..data.collate import Batch, BatchPart, Collator
+from ..data.collate import Batch, BatchPart, Collator, pad_texts
 from ..masking import masks_for
 from ..model import M3AE
 from ..optim import build_optimizer
@@ -87,10 +87,8 @@ def reference_batch(batch: Batch, config: M3AEConfig, generator: torch.Generator
     for p in batch.parts:
         text = pad = None
         if p.text is not None:
-            b, length = p.text.shape
-            text = torch.zeros(b, config.text_length, dtype=p.text.dtype)
-            pad = torch.ones(b, config.text_length, dtype=torch.bool)
-            text[:, :length], pad[:, :length] = p.text, p.text_padding_mask
+            text, pad = pad_texts([row[~row_pad] for row, row_pad in zip(p.text, p.text_padding_mask)],
+                                  config.text_length)
         masks = masks_for(config, p.size, has_image=p.image is not None, text_padding=pad, mode="reference",
                           generator=generator)
         parts.append(BatchPart(p.image, text, pad, masks, p.keys))
