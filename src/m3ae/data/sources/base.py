@@ -25,6 +25,24 @@ class Record:
     meta: dict | None = None  # a WebDataset sample's parsed {key}.json, when it has one
 
 
+def pick_name(names, wanted: str | None, candidates, where: str, what: str, required: bool = True,
+              noun: str = "column") -> str | None:
+    """Which column (or field) holds `what`: the one named by the user, else the first of
+    `candidates` present (case-insensitive), else None, or an error naming `where` and what is there."""
+    names = list(names)
+    if wanted:
+        if wanted not in names:
+            raise ValueError(f"{where}: no {noun} {wanted!r} ({noun}s: {names})")
+        return wanted
+    lower = {n.lower(): n for n in names}
+    for c in candidates:
+        if c in lower:
+            return lower[c]
+    if required:
+        raise ValueError(f"{where}: no {what} {noun}; name one with #{what}={noun.upper()} ({noun}s: {names})")
+    return None
+
+
 def shuffled_blocks(records: Iterator[Record], block_size: int, key: tuple[int, ...]) -> Iterator[Record]:
     """`records` in a seeded random order within consecutive blocks of `block_size` (fixed blocks:
     a position in the stream stays exact for resume). The order depends only on `key` and the

@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from ...optional import require
-from .base import IndexedSource, Record, is_url, require_path
+from .base import IndexedSource, Record, is_url, pick_name, require_path
 from .table import CAPTION_COLUMNS, IMAGE_COLUMNS, LABEL_COLUMNS
 
 
@@ -150,18 +150,7 @@ def field_kind(dtype: np.dtype) -> str:
 
 def pick_field(fields: dict[str, str], wanted: str | None, candidates, where: str, what: str,
                required: bool) -> str | None:
-    """The named field, else the first candidate present (case-insensitive), else None / an error."""
-    if wanted:
-        if wanted not in fields:
-            raise ValueError(f"{where}: no field {wanted!r} (fields: {list(fields)})")
-        return wanted
-    lower = {n.lower(): n for n in fields}
-    for c in candidates:
-        if c in lower:
-            return lower[c]
-    if required:
-        raise ValueError(f"{where}: no {what} field; name one with #{what}=FIELD (fields: {list(fields)})")
-    return None
+    return pick_name(fields, wanted, candidates, where, what, required, noun="field")
 
 
 class HDF5Table(HDF5Source):

@@ -7,7 +7,7 @@ import json
 import os
 import re
 
-from .base import IndexedSource, Record, is_url, open_file, path_exists, require_path
+from .base import IndexedSource, Record, is_url, open_file, path_exists, pick_name, require_path
 
 IMAGE_COLUMNS = ("image", "filepath", "file", "path", "image_path", "img", "filename", "jpg")
 CAPTION_COLUMNS = ("caption", "text", "title", "sentence", "txt")
@@ -68,16 +68,7 @@ def csv_rows(lines: list[str], delimiter: str, path: str) -> list[dict]:
 
 
 def pick_column(columns, wanted: str | None, candidates, path: str, what: str, required: bool = True):
-    if wanted:
-        if wanted not in columns:
-            raise ValueError(f"{path}: no column {wanted!r} (columns: {sorted(columns)})")
-        return wanted
-    for c in candidates:
-        if c in columns:
-            return c
-    if required:
-        raise ValueError(f"{path}: no {what} column; name one with #{what}=COLUMN (columns: {sorted(columns)})")
-    return None
+    return pick_name(sorted(columns), wanted, candidates, path, what, required)
 
 
 class ManifestSource(IndexedSource):

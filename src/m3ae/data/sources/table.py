@@ -12,6 +12,7 @@ integer column. Each is found by name (see the candidate lists) or named with #i
 """
 from __future__ import annotations
 
+import abc
 import logging
 import os
 from typing import Iterator, Sequence
@@ -19,7 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ...optional import require
-from .base import Record, Source, is_url, shuffled_blocks
+from .base import Record, Source, is_url, pick_name, shuffled_blocks
 
 IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img", "image_bytes", "image_path", "filepath", "path",
                  "file", "filename")
@@ -40,19 +41,7 @@ def import_pyarrow():
 
 def find_column(schema, wanted: str | None, candidates: Sequence[str], where: str, what: str,
                 required: bool) -> str | None:
-    """The named column, else the first candidate present (case-insensitive), else None / an error."""
-    names = list(schema.names)
-    if wanted:
-        if wanted not in names:
-            raise ValueError(f"{where}: no column {wanted!r} (columns: {names})")
-        return wanted
-    lower = {n.lower(): n for n in names}
-    for c in candidates:
-        if c in lower:
-            return lower[c]
-    if required:
-        raise ValueError(f"{where}: no {what} column; name one with #{what}=COLUMN (columns: {names})")
-    return None
+    return pick_name(schema.names, wanted, candidates, where, what, required)
 
 
 def _image_value(value, root: str):
@@ -82,10 +71,10 @@ class TableSource(Source):
         # stored); set from data.shuffle_buffer, as for tar shards.
         self.shuffle_block = int(shuffle_block)
 
+    @abc.abstractmethod
     def read_batches(self, unit) -> Iterator:
         """The unit's rows, in order, as pyarrow RecordBatches of at most `batch_rows` rows holding
-        at least `self.columns`."""
-        raise NotImplementedError
+        at least `self.columns` (each table format says how)."""
 
     def unit_name(self, unit) -> str:
         return str(unit)
