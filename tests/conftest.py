@@ -8,7 +8,7 @@ import torch
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
-from m3ae import M3AE, M3AEConfig
+from m3ae import M3AE, M3AEConfig  # noqa: E402  (after the thread setting above)
 
 
 def nano_config(**overrides) -> M3AEConfig:

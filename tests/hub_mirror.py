@@ -14,7 +14,8 @@ from urllib.parse import unquote, urlparse
 
 
 class HubMirror:
-    def __init__(self, repo_id: str, folder: Path | None = None, commit: str = "0123456789abcdef0123456789abcdef01234567"):
+    def __init__(self, repo_id: str, folder: Path | None = None,
+                 commit: str = "0123456789abcdef0123456789abcdef01234567"):
         self.repo_id, self.commit = repo_id, commit
         self.files = {f.name: f.read_bytes() for f in sorted(Path(folder).iterdir()) if f.is_file()} if folder else {}
         self.requests: list[str] = []

@@ -82,8 +82,8 @@ def test_bench_head_command_fused_uses_less_memory(tmp_path, capsys):
     from m3ae.cli import main
 
     out = tmp_path / "head.json"
-    rc = main(["bench", "head", "--rows", "1024", "--dim", "16", "--steps", "1", "--device", "cpu", "--precision", "fp32",
-               "--json", str(out)])
+    rc = main(["bench", "head", "--rows", "1024", "--dim", "16", "--steps", "1", "--device", "cpu",
+               "--precision", "fp32", "--json", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "fused vs unfused" in text and "speed-up" in text and "memory" in text

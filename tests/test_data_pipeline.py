@@ -2,7 +2,6 @@ import os
 import tarfile
 from collections import Counter
 
-import numpy as np
 import pytest
 import torch
 
@@ -155,7 +154,8 @@ def test_missing_caption_counted(tmp_path):
     with tarfile.open(d / "x.tar", "w") as tar:
         import io
         for i in range(4):
-            for ext, data in (("jpg", jpeg_bytes(seed=i)), ("txt", b"a dog")) if i % 2 == 0 else (("jpg", jpeg_bytes()),):
+            members = (("jpg", jpeg_bytes(seed=i)), ("txt", b"a dog")) if i % 2 == 0 else (("jpg", jpeg_bytes()),)
+            for ext, data in members:
                 info = tarfile.TarInfo(f"k{i}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))

@@ -22,7 +22,8 @@ def _checkpoint(tmp_path, **kw):
     with torch.no_grad():  # non-trivial type embedding and [CLS], so their mapping is tested
         model.encoder_image_type.normal_()
         model.cls_token.normal_()
-    return model.eval(), model.save_pretrained(tmp_path / "ckpt", preprocessing=Preprocessing.from_stats(32, "imagenet"))
+    preprocessing = Preprocessing.from_stats(32, "imagenet")
+    return model.eval(), model.save_pretrained(tmp_path / "ckpt", preprocessing=preprocessing)
 
 
 def _loaded(cls, folder, **kw):
@@ -83,7 +84,8 @@ def test_timm_export_follows_timms_layout(tmp_path):
     assert torch.equal(timm["patch_embed.proj.weight"], hf["embeddings.patch_embeddings.projection.weight"])
     assert torch.equal(timm["pos_embed"], hf["embeddings.position_embeddings"])
     for i in range(2):
-        stacked = torch.cat([hf[f"encoder.layer.{i}.attention.attention.{x}.weight"] for x in ("query", "key", "value")])
+        stacked = torch.cat([hf[f"encoder.layer.{i}.attention.attention.{x}.weight"]
+                             for x in ("query", "key", "value")])
         assert torch.equal(timm[f"blocks.{i}.attn.qkv.weight"], stacked)
         assert torch.equal(timm[f"blocks.{i}.mlp.fc1.weight"], hf[f"encoder.layer.{i}.intermediate.dense.weight"])
     assert timm_state_dict(model).keys() == timm.keys()

@@ -92,7 +92,7 @@ def test_gradients_match(model):
     for name, ref in grads.items():
         got = to_flax_layout(name, params[torch_name(name)].grad)
         np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4, err_msg=name)
-    for i, block in enumerate(model.encoder.blocks):  # why key biases are excluded below
+    for block in model.encoder.blocks:  # why key biases are excluded below
         dim = block.attn.qkv.bias.shape[0] // 3
         assert block.attn.qkv.bias.grad[dim: 2 * dim].abs().max() < 1e-6
     norm = clip_grad_norm(model.parameters(), max_norm=None)  # measure only

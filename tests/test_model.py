@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import nano_config, random_batch
-from m3ae import M3AE, ConfigError, M3AEConfig, Masks
+from m3ae import M3AE, ConfigError, M3AEConfig
 
 
 def test_forward_shapes_every_mode(nano_model):

@@ -119,7 +119,8 @@ def test_study_runs_every_arm_evaluation_and_report(study_file):
     md = (out / "results.md").read_text()
     assert "| m3ae | 2 |" in md and "mismatched image" in md
     for name in ("evals_cls.png", "evals_mean.png", "masked_words.png", "loss_curves.png",
-                 "reconstruct_m3ae.png", "reconstruct_conditioned_m3ae.png", "tsne_type.png", "attention_m3ae_watch.png", "attention_m3ae_red.png"):
+                 "reconstruct_m3ae.png", "reconstruct_conditioned_m3ae.png", "tsne_type.png",
+                 "attention_m3ae_watch.png", "attention_m3ae_red.png"):
         assert (out / name).stat().st_size > 1000, name
     # The seeds differ, the trained runs moved away from their init.
     assert not torch.equal(weights(out, parse_arm(study_file, "m3ae"), 0)["cls_token"],
@@ -197,7 +198,8 @@ def test_bad_study_files_are_clear_errors(study_file):
     with pytest.raises(ConfigError, match="unknown keys"):
         EvalSpec.from_dict({"probez": []})
     # A typo in any arm fails before anything runs.
-    (study_file / "bad.yaml").write_text("name: b\nbase: tiny.yaml\narms: [{name: a}, {name: b, overrides: [model.depht=2]}]\n")
+    (study_file / "bad.yaml").write_text(
+        "name: b\nbase: tiny.yaml\narms: [{name: a}, {name: b, overrides: [model.depht=2]}]\n")
     code = main(["study", str(study_file / "bad.yaml"), "--out", str(study_file / "o")])
     assert code == 2 and not (study_file / "o" / "runs").exists()
 

@@ -7,7 +7,7 @@ from .threads import limit_openmp_spin as _limit_openmp_spin
 _limit_openmp_spin()
 
 import importlib  # noqa: E402
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING  # noqa: E402
 
 __version__ = "0.1.0"
 

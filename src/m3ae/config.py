@@ -203,5 +203,6 @@ def check_fits_memory(config: M3AEConfig, memory_bytes: int | None = None) -> No
         except (ValueError, OSError, AttributeError):  # not POSIX: no check
             return
     if 4 * n > memory_bytes:
-        raise ConfigError(f"the model would have {n:,} parameters and position entries ({4 * n / 2**30:.1f} GiB in fp32), more "
+        raise ConfigError(f"the model would have {n:,} parameters and position entries "
+                          f"({4 * n / 2**30:.1f} GiB in fp32), more "
                           f"than this machine's memory ({memory_bytes / 2**30:.1f} GiB)")

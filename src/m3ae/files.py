@@ -73,7 +73,8 @@ class FolderLock:
                                   "two runs writing one folder would overwrite each other") from None
         except OSError as err:  # a filesystem without locks (some network mounts): run unguarded
             os.close(fd)
-            warnings.warn(f"cannot lock {self.path} ({err}); nothing stops a second run on this folder")
+            warnings.warn(f"cannot lock {self.path} ({err}); nothing stops a second run on this folder",
+                          stacklevel=2)
             return self
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())

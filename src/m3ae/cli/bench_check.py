@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", type=float, default=470.0, help="seconds for all stages together")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU: nano models, a few steps, no compile (checks the check itself)")
-    p.add_argument("--tests", default="tests", help="tests to run with -m cuda (folder or file; the stage is skipped if absent)")
+    p.add_argument("--tests", default="tests",
+                   help="tests to run with -m cuda (folder or file; the stage is skipped if absent)")
     p.set_defaults(func=run)
 
 
@@ -175,5 +176,6 @@ def markdown(report: dict) -> str:
              f"torch {m['torch']}, CUDA {m['cuda']}, Python {m['python']}", "",
              "| stage | status | seconds | numbers |", "|---|---|---|---|"]
     for name, r in report["stages"].items():
-        lines.append(f"| {name} | {r['status']} | {r.get('seconds', '')} | {summary(name, r) if 'seconds' in r else ''} |")
+        numbers = summary(name, r) if "seconds" in r else ""
+        lines.append(f"| {name} | {r['status']} | {r.get('seconds', '')} | {numbers} |")
     return "\n".join(lines) + "\n"

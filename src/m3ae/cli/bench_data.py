@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'source':48s} {'pipeline':9s} {'1 worker':>12s} {f'{args.workers} workers':>12s}")
     torch.set_num_threads(1)
     rows = []
-    for item, source in build_sources(",".join(args.spec)):
+    for _, source in build_sources(",".join(args.spec)):
         records = [r for _, r in source.iterate(0, 1, seed=0, epochs=1) if r.image is not None]
         if not records:
             continue

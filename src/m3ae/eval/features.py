@@ -99,7 +99,8 @@ def extract_pooled_features(model, dataset, pools: Sequence[str] = POOLS, batch_
                 label = batch["label"]
             else:
                 (image, label), text, pad = batch, None, None
-            move = (lambda t: t.to(device, non_blocking=True) if t is not None else None)
+            def move(t):
+                return t.to(device, non_blocking=True) if t is not None else None
             with autocast:
                 image, text, pad = move(image), move(text), move(pad)
                 tokens = model.encode(image, text, pad)

@@ -78,7 +78,8 @@ def collect(study: StudySpec, out: Path) -> dict[str, Any]:
         for seed in (arm.seeds if arm.seeds is not None else study.seeds):
             directory = run_dir(out, arm, seed)
             done, result = read_json(directory / DONE), read_json(directory / EVAL)
-            row = {"arm": arm.name, "seed": seed, "status": "evaluated" if result else ("trained" if done else "pending")}
+            status = "evaluated" if result else ("trained" if done else "pending")
+            row = {"arm": arm.name, "seed": seed, "status": status}
             if done:
                 row.update(train_seconds=done.get("train_seconds"), steps=done.get("steps"),
                            checkpoint=done.get("checkpoint"))

@@ -142,7 +142,8 @@ class Evaluator:
             t0 = time.perf_counter()
             self._probes[key] = load_probe_sets(task, image_size, stats, self._images)
             s = self._probes[key]
-            self.log(f"probe {task.name}: {len(s.classes)} classes, {len(s.train_index)} train / {len(s.test_index)} test "
+            self.log(f"probe {task.name}: {len(s.classes)} classes, {len(s.train_index)} train / "
+                     f"{len(s.test_index)} test "
                      f"images ({time.perf_counter() - t0:.0f} s to read)")
         return self._probes[key]
 

@@ -118,7 +118,7 @@ def parse_study(raw: dict[str, Any], data_root: str | None = None, path: Path | 
                       overrides=[str(o) for o in raw.get("overrides") or []],
                       seeds=[int(s) for s in raw.get("seeds") or [0]], tokenizer=TokenizerSpec(**tok),
                       evals=dict(raw.get("evals") or {}), path=path)
-    for arm, seed in study.runs():
+    for arm, _seed in study.runs():
         if any(o.split("=", 1)[0] == "seed" for o in arm.overrides):
             raise ConfigError(f"arm {arm.name!r}: give seeds with 'seeds:', not a seed= override")
     return study

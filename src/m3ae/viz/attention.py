@@ -65,7 +65,7 @@ def find_token(caption: CaptionTokens, word: str) -> list[int]:
 
 def default_token(caption: CaptionTokens) -> list[int]:
     """The first content word (not a stop word), else the first word."""
-    for i, w in enumerate(caption.words):
+    for w in caption.words:
         if w.lower() not in STOP_WORDS:
             return find_token(caption, w)
     return find_token(caption, caption.words[0])
@@ -167,7 +167,8 @@ def attention_analysis(model: M3AE, image: torch.Tensor, caption: CaptionTokens,
     if region is None:  # the patch the chosen word attends to most (head average)
         region = int(t2i.mean(0).argmax())
     i2t = image_to_text(weights, region, n)[0]
-    name = "mean over blocks" if layer == "mean" else f"layer {int(layer) % len(weights_all)} of {len(weights_all)} (0-based)"
+    name = ("mean over blocks" if layer == "mean"
+            else f"layer {int(layer) % len(weights_all)} of {len(weights_all)} (0-based)")
     return AttentionResult(image, caption, list(token_positions), region, c.grid_size, t2i, share, i2t, name)
 
 

@@ -73,7 +73,7 @@ def embed_2d(features: np.ndarray, method: str = "auto", seed: int = 0,
             from sklearn.manifold import TSNE
         except ImportError:
             if method == "tsne":
-                raise ValueError("t-SNE needs scikit-learn (pip install 'm3ae[eval]'); or use --method pca")
+                raise ValueError("t-SNE needs scikit-learn (pip install 'm3ae[eval]'); or use --method pca") from None
         else:
             # Perplexity must stay below the number of points.
             perp = float(min(perplexity, max(2.0, (len(x) - 1) / 3)))
