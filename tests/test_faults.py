@@ -38,7 +38,8 @@ def run_with(fault: str, out: Path, *overrides: str, options=(), timeout: float 
     return subprocess.CompletedProcess(proc.args, proc.returncode, out_text, err_text)
 
 
-def session_processes(sid: int) -> list[int]:
+def _processes(field: int, value: int) -> list[int]:
+    """Live processes whose /proc stat field (after the command name) equals `value`."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -46,22 +47,17 @@ def session_processes(sid: int) -> list[int]:
                 fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[3]) == sid and fields[0] != "Z":  # session id; zombies are gone
+            if int(fields[field]) == value and fields[0] != "Z":  # zombies are gone
                 found.append(int(entry))
     return found
+
+
+def session_processes(sid: int) -> list[int]:
+    return _processes(3, sid)
 
 
 def children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry))
-    return found
+    return _processes(1, pid)
 
 
 def wait_until(condition, timeout: float = 20.0) -> bool:

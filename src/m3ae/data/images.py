@@ -148,7 +148,7 @@ def draft_for_box(image: Image.Image, box: tuple[float, float, float, float], ou
 
 def clamp_box(box: tuple[float, float, float, float], width: int, height: int) -> tuple[float, float, float, float]:
     """`box` inside (0, 0, width, height): float rounding (a crop as wide as the image, a draft
-    scale) can put an edge a hair outside, which PIL's resize refuses ("box offset can't be negative")."""
+    scale) can put an edge a hair outside the image."""
     left, top = min(max(box[0], 0.0), width), min(max(box[1], 0.0), height)
     return left, top, min(max(box[2], left), width), min(max(box[3], top), height)
 
@@ -169,10 +169,9 @@ def resize_box(image: Image.Image, box: tuple[float, float, float, float], size:
     (torch's uint8 kernel, the filter PIL uses). The box is rounded to whole pixels and kept inside
     the image (at least one pixel)."""
     w, h = image.size
-    x0 = min(max(0, int(round(box[0]))), w - 1)
-    y0 = min(max(0, int(round(box[1]))), h - 1)
-    x1 = min(max(x0 + 1, int(round(box[2]))), w)
-    y1 = min(max(y0 + 1, int(round(box[3]))), h)
+    left, top, right, bottom = clamp_box(box, w, h)
+    x0, y0 = min(int(round(left)), w - 1), min(int(round(top)), h - 1)
+    x1, y1 = max(x0 + 1, int(round(right))), max(y0 + 1, int(round(bottom)))
     crop = image if (x0, y0, x1, y1) == (0, 0, w, h) else image.crop((x0, y0, x1, y1))
     pixels = torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)
     if pixels.shape[-2:] == (size, size):
