@@ -61,3 +61,28 @@ def test_pad_texts_to_a_length():
 
     with pytest.raises(ValueError, match="more than the padded length"):
         pad_texts([torch.tensor([1, 2, 3])], length=2)
+
+
+def test_the_loaders_pin_memory_reaches_every_tensor_of_a_batch(monkeypatch):
+    # DataLoader(pin_memory=True) leaves objects it does not know unpinned; a Batch must say how,
+    # or every host-to-GPU copy is synchronous. CPU torch cannot pin, so pinning is recorded.
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    pinned = []
+
+    def fake_pin(t, *args, **kwargs):
+        pinned.append(t)
+        return t.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    batch = Collator(nano_config(), seed=0)([_sample("a", label=0), _sample("b", text=None, label=1),
+                                             _sample("c", image=False, label=2)])
+    tensors = [t for p in batch.parts
+               for t in (p.image, p.text, p.text_padding_mask, p.labels, p.masks.image_ids, p.masks.text_ids,
+                         p.masks.text_targets) if t is not None]
+    out = pin_memory([batch])[0]  # what the loader's pin thread does to each delivered list of batches
+    assert len(pinned) == len(tensors) and {id(t) for t in pinned} == {id(t) for t in tensors}
+    assert out.step == batch.step and [p.keys for p in out.parts] == [p.keys for p in batch.parts]
+    assert all(o.masks.image_keep == p.masks.image_keep and o.masks.text_keep == p.masks.text_keep
+               for o, p in zip(out.parts, batch.parts))
+    assert all(torch.equal(o.image, p.image) for o, p in zip(out.parts, batch.parts) if p.image is not None)

@@ -13,6 +13,7 @@ attention and never reach a loss. So padding is never visible and the shapes sta
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -28,11 +29,15 @@ class Masks:
     # the 30k-wide text head on exactly those M rows without a host sync; None: the model derives it.
     text_targets: torch.Tensor | None = None
 
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Masks":
+        """The same masks with `fn` applied to every tensor (moves, pinning)."""
+        def apply(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else fn(t)
+        return Masks(apply(self.image_ids), self.image_keep, apply(self.text_ids), self.text_keep,
+                     apply(self.text_targets))
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Masks":
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device, non_blocking=non_blocking)
-        return Masks(move(self.image_ids), self.image_keep, move(self.text_ids), self.text_keep,
-                     move(self.text_targets))
+        return self.map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
 
     @staticmethod
     def hidden(ids: torch.Tensor, keep: int) -> torch.Tensor:

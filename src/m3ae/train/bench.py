@@ -186,7 +186,8 @@ def run_train_bench(opts: BenchOptions, log=lambda msg: print(msg, file=sys.stde
         ref_batches = [reference_batch(b, ref_config, g) for b in batches]
         runs["reference"] = (_Step(ref_model, device, False, True, False, fused_adamw=opts.reference_fused_adamw),
                              ref_batches)
-    if device.type == "cuda":
+    if device.type == "cuda":  # as the trainer's loader delivers them (pin_memory=True)
+        runs = {name: (step, [b.pin_memory() for b in pool]) for name, (step, pool) in runs.items()}
         torch.cuda.reset_peak_memory_stats(device)
     log(f"timing {' + '.join(runs)} steps, interleaved: {opts.warmup} warm-up + {opts.steps} timed each"
         + (f", {opts.background_load} busy background process(es)" if opts.background_load else "") + " ...")

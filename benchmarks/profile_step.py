@@ -1,0 +1,85 @@
+"""Where the training step's time goes: torch.profiler over a few of the trainer's steps, the top
+operators (CPU) or kernels (CUDA) by self time, and the share of matmul and attention work.
+
+    python benchmarks/profile_step.py [--steps 5] [--precision fp32|bf16]          # CPU, MAE mode
+    python benchmarks/profile_step.py --device cuda --preset base --batch 256 --image-size 256
+
+Without --preset: the MAE-mode shapes of benchmarks/mae_vs_hf.py (192 x 6 encoder, 128 x 2 decoder,
+64 px, patch 8, batch 32). With --preset: that M3AE preset (text on) at --image-size.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+# Kernel / operator names that count as matrix or attention work (CPU operators and CUDA kernels).
+MATMUL_CPU = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::linear", "aten::matmul")
+MATMUL_CUDA = ("gemm", "sm90_xmma", "cutlass", "flash", "fmha", "attention", "nvjet", "wgmma")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--preset", default=None, help="an M3AE preset (default: the small MAE-mode shapes)")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--top", type=int, default=15)
+    args = p.parse_args()
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from m3ae import M3AE, M3AEConfig
+    from m3ae.train.bench import BenchOptions, _Step, synthetic_batches
+
+    device = torch.device(args.device)
+    if args.preset:
+        cfg = M3AEConfig.from_preset(args.preset, image_size=args.image_size)
+    else:
+        cfg = M3AEConfig(image_size=64, patch_size=8, emb_dim=192, depth=6, num_heads=3, dec_emb_dim=128,
+                         dec_depth=2, dec_num_heads=4, vocab_size=0)
+    opts = BenchOptions(cfg, batch=args.batch, compile=args.compile)
+    batches = synthetic_batches(cfg, opts)
+    if device.type == "cuda":
+        batches = [b.pin_memory() for b in batches]
+    torch.manual_seed(0)
+    step = _Step(M3AE(cfg).to(device), device, args.precision == "bf16", False, args.compile)
+    for b in batches[:3]:
+        step(b.to(device, non_blocking=True))
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for i in range(args.steps):
+            step(batches[i % len(batches)].to(device, non_blocking=True))
+        if cuda:
+            torch.cuda.synchronize(device)
+    events = prof.key_averages()
+    if cuda:
+        # Kernels only: operators also carry the device time of the kernels they launch.
+        from torch.autograd import DeviceType
+        timed = [(e.key, getattr(e, "self_device_time_total", 0), e.count) for e in events
+                 if getattr(e, "device_type", None) == DeviceType.CUDA]
+        matmul = lambda key: any(k in key.lower() for k in MATMUL_CUDA)  # noqa: E731
+        unit = "GPU"
+    else:
+        timed = [(e.key, e.self_cpu_time_total, e.count) for e in events]
+        matmul = lambda key: key in MATMUL_CPU  # noqa: E731
+        unit = "CPU"
+    total = sum(t for _, t, _ in timed)
+    print(f"{cfg.emb_dim} x {cfg.depth} encoder, batch {args.batch}, {args.precision}, compile {args.compile}, "
+          f"{device}: {args.steps} steps, {total / 1e3 / args.steps:.1f} ms self {unit} time per step"
+          + ("" if cuda else f", {torch.get_num_threads()} threads"))
+    share = sum(t for k, t, _ in timed if matmul(k)) / total
+    print(f"matmul + attention: {100 * share:.0f}% of self {unit} time")
+    for key, t, count in sorted(timed, key=lambda r: -r[1])[: args.top]:
+        print(f"{key[:90]:90s} {100 * t / total:5.1f}%  calls/step {count / args.steps:6.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
