@@ -52,7 +52,7 @@ def plan(out: Path, dry: bool, gpus: int, cores: int, tests: Path) -> list[Stage
     Cheap stages run first and the compiled steps last, so a tight budget costs the slowest numbers
     (compile takes a minute or more per size), not the rest of the report.
     """
-    stages = [Stage("cuda tests", [sys.executable, "-m", "pytest", "-q", "-m", "cuda", str(tests)], 120,
+    stages = [Stage("cuda tests", [sys.executable, "-m", "pytest", "-m", "cuda", str(tests)], 120,
                     skip=None if tests.exists() else f"no tests at {tests}")]
     if dry:
         sizes = [("nano", ["--image-size", "32", "--patch-size", "8", "--text-length", "16", "--batch", "4",
@@ -116,7 +116,7 @@ def run_stage(stage: Stage, log: Path, timeout: float) -> dict:
     if stage.json_out and Path(stage.json_out).is_file():
         result["result"] = json.loads(Path(stage.json_out).read_text())
     lines = log.read_text(errors="replace").strip().splitlines()
-    result["tail"] = lines[-3:]
+    result["tail"] = lines[-8:]
     return result
 
 
@@ -124,7 +124,10 @@ def summary(name: str, r: dict) -> str:
     """The stage's key numbers in one cell."""
     res = r.get("result")
     if not res:
-        return (r.get("tail") or [""])[-1][:120]
+        tail = r.get("tail") or [""]
+        # pytest ends with a warnings footer: the count line ("4 passed in 56 s") is the number.
+        counts = [line for line in tail if " passed" in line or " failed" in line or " error" in line]
+        return (counts or tail)[-1].strip("= ")[:120]
     if name.startswith("train"):
         mem = (f"{res['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in res
                else f"{res.get('peak_rss_gib', 0):.1f} GiB RSS")
