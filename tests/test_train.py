@@ -252,6 +252,20 @@ def test_resume_can_switch_on_activation_checkpointing(tmp_path, capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_accepts_changed_runtime_switches(tmp_path, capsys):
+    """attention kernel, threads and activation checkpointing change how the model runs, not what it
+    computes: resumed without --allow-changes, listed, and the run continues from the checkpoint."""
+    pretrain(tiny_config("steps=4", "ckpt_every=100"), tmp_path / "straight")
+    pretrain(tiny_config("steps=4"), tmp_path / "split", stop_at_step=2)
+    switches = ("model.attention=explicit", "model.grad_checkpointing=true", "threads=1")
+    result = pretrain(tiny_config("steps=4", *switches), tmp_path / "split", resume="auto")
+    err = capsys.readouterr().err
+    assert "model.attention: 'sdpa' -> 'explicit'" in err and "threads: None -> 1" in err
+    assert "(not exact)" not in err and result.step == 4
+    # bf16 autocast: the explicit softmax(QK^T) rounds differently from the fused kernel
+    assert losses(tmp_path / "split") == pytest.approx(losses(tmp_path / "straight"), rel=1e-3)
+
+
 def test_runtime_switches_change_a_built_model():
     from m3ae import M3AEConfig
 
