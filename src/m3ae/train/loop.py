@@ -21,7 +21,7 @@ from ..optim import build_optimizer, lr_at, set_lr
 from ..perf import batch_train_flops, device_name, table_peak
 from ..precision import autocast as precision_autocast, uses_bf16
 from ..preprocessing import Preprocessing
-from ..data.loader import build_train_data, loader_error, next_batch, stop_workers
+from ..data.loader import TrainData, build_train_data, loader_error, next_batch, stop_workers
 from ..threads import ThreadChoice, torch_threads
 from .config import TrainConfig, to_yaml
 from .metrics import METRICS_NAME, MetricsLog, window_row
@@ -103,7 +103,8 @@ def _wrap(config: TrainConfig, model: M3AE, dist: dist_utils.DistInfo,
     return run_model, optimizer
 
 
-def _train_data(config: TrainConfig, dist: dist_utils.DistInfo, micro_batch: int, resumed: Resumed | None):
+def _train_data(config: TrainConfig, dist: dist_utils.DistInfo, micro_batch: int, resumed: Resumed | None
+                ) -> TrainData:
     start_micro = resumed.step * config.grad_accum if resumed is not None else 0
     data_state = resumed.data_state if resumed is not None else None
     if data_state is not None:
@@ -119,7 +120,7 @@ class _Run:
     end of the run, sharing the state below."""
 
     def __init__(self, config: TrainConfig, out_dir: Path, dist: dist_utils.DistInfo, threads: ThreadChoice,
-                 model: M3AE, run_model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: Any,
+                 model: M3AE, run_model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: TrainData,
                  resumed: Resumed | None, on_log: Callable[[dict[str, Any]], None] | None):
         self.config, self.out_dir, self.dist, self.threads = config, out_dir, dist, threads
         self.model, self.run_model, self.optimizer, self.data = model, run_model, optimizer, data
