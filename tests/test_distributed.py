@@ -67,7 +67,7 @@ def _run(rank, world_size, port, out, overrides, resume):
     loop.build_train_data = lambda data, model, **kw: _fake_data(config, **kw)
     info = init_distributed("cpu")
     try:
-        result = loop.pretrain(config, out, rank=info.rank, world_size=info.world_size, resume=resume,
+        result = loop.pretrain(config, out, dist=info, resume=resume,
                                allow_changes=True)  # resumes extend the run: steps 3 -> 5
         from m3ae import M3AE
         from m3ae.checkpoint import latest_checkpoint

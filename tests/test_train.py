@@ -143,6 +143,48 @@ def test_resume_refuses_other_model_shape(tmp_path):
         pretrain(tiny_config("steps=4", "model.depth=3"), tmp_path, resume="auto")
 
 
+def test_resume_refuses_another_architecture_given_by_path(tmp_path):
+    """Named checkpoint folder: the refusal names the differing field, before anything is loaded."""
+    pretrain(tiny_config("steps=2"), tmp_path)
+    with pytest.raises(ValueError, match="another configuration.*'depth': \\(2, 3\\)"):
+        pretrain(tiny_config("steps=4", "model.depth=3"), tmp_path / "other",
+                 resume=str(tmp_path / "checkpoints" / "step_00000002"))
+    with pytest.raises(FileNotFoundError, match="checkpoint to resume from not found"):
+        pretrain(tiny_config("steps=4"), tmp_path / "other", resume=str(tmp_path / "nope"))
+
+
+def test_resume_loads_into_the_run_model_without_building_another(tmp_path, monkeypatch):
+    """The checkpoint's weights go into the one model the run builds (no second M3AE: on a large
+    model that is a whole copy's memory and init time)."""
+    pretrain(tiny_config("steps=4"), tmp_path, stop_at_step=2)
+    saved = params(tmp_path / "checkpoints" / "step_00000002")
+    built, seen = [], []
+    init = M3AE.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(self)
+        init(self, *args, **kwargs)
+
+    def hook(model):  # called once setup has restored the checkpoint, before any step
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return model
+    monkeypatch.setattr(M3AE, "__init__", counting_init)
+    result = pretrain(tiny_config("steps=4"), tmp_path, resume="auto", model_hook=hook)
+    assert result.step == 4 and len(built) == 1
+    assert seen[0].keys() == saved.keys() and all(torch.equal(seen[0][k], saved[k]) for k in saved)
+
+
+def test_unreadable_checkpoints_leave_the_model_as_built(tmp_path, capsys):
+    """Every checkpoint unreadable (here the train state): a fresh start, exactly as a straight run;
+    nothing from the half-read checkpoint reached the model."""
+    pretrain(tiny_config("steps=2", "ckpt_every=100"), tmp_path / "straight")
+    pretrain(tiny_config("steps=2", "ckpt_every=100"), tmp_path / "run", stop_at_step=1)
+    (tmp_path / "run" / "checkpoints" / "step_00000001" / "train_state.pt").write_bytes(b"not a pickle")
+    result = pretrain(tiny_config("steps=2", "ckpt_every=100"), tmp_path / "run", resume="auto")
+    assert "step_00000001 is unreadable" in capsys.readouterr().err and result.step == 2
+    assert losses(tmp_path / "run") == losses(tmp_path / "straight")
+
+
 @pytest.mark.parametrize("override, message", [
     ("model.image_size=30", "not divisible"),
     ("model.image_mask_ratio=1.0", "image_mask_ratio"),
@@ -208,6 +250,20 @@ def test_resume_can_switch_on_activation_checkpointing(tmp_path, capsys):
     a = M3AE.from_pretrained(tmp_path / "straight" / "checkpoints" / "step_00000004").state_dict()
     b = M3AE.from_pretrained(tmp_path / "split" / "checkpoints" / "step_00000004").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_accepts_changed_runtime_switches(tmp_path, capsys):
+    """attention kernel, threads and activation checkpointing change how the model runs, not what it
+    computes: resumed without --allow-changes, listed, and the run continues from the checkpoint."""
+    pretrain(tiny_config("steps=4", "ckpt_every=100"), tmp_path / "straight")
+    pretrain(tiny_config("steps=4"), tmp_path / "split", stop_at_step=2)
+    switches = ("model.attention=explicit", "model.grad_checkpointing=true", "threads=1")
+    result = pretrain(tiny_config("steps=4", *switches), tmp_path / "split", resume="auto")
+    err = capsys.readouterr().err
+    assert "model.attention: 'sdpa' -> 'explicit'" in err and "threads: None -> 1" in err
+    assert "(not exact)" not in err and result.step == 4
+    # bf16 autocast: the explicit softmax(QK^T) rounds differently from the fused kernel
+    assert losses(tmp_path / "split") == pytest.approx(losses(tmp_path / "straight"), rel=1e-3)
 
 
 def test_runtime_switches_change_a_built_model():

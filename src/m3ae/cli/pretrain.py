@@ -87,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
     # Launched by torchrun: join the process group (DDP/FSDP); otherwise a single process.
     info = init_distributed(config.device)
     try:
-        result = pretrain(config, args.out, resume=args.resume, stop_at_step=args.stop_at_step,
-                          rank=info.rank, world_size=info.world_size, allow_changes=args.allow_changes)
+        result = pretrain(config, args.out, resume=args.resume, stop_at_step=args.stop_at_step, dist=info,
+                          allow_changes=args.allow_changes)
     finally:
         cleanup()
     if not info.is_main:

@@ -209,13 +209,14 @@ def from_yaml(text: str) -> TrainConfig:
     return OmegaConf.to_object(merged)
 
 
-# Settings that may change on resume without changing what is computed (logging, speed, limits).
+# Settings that may change on resume without changing what is computed (logging, speed, limits;
+# compile, device and model.attention change the float rounding only).
 RESUME_SAFE = ("log_every", "ckpt_every", "keep_last", "progress", "tensorboard", "device", "viz_every",
                "eval_every", "eval_train", "eval_val", "max_nonfinite", "peak_tflops", "compile",
                "static_shapes", "distributed.fsdp", "data.num_workers", "data.prefetch_factor",
                "data.max_bad_fraction", "data.bad_min_samples", "data.max_member_bytes", "data.max_shard_bytes",
-               "threads", "model.grad_checkpointing", "wandb", "wandb_project", "wandb_name", "wandb_tags",
-               "wandb_mode")
+               "threads", "model.grad_checkpointing", "model.attention", "wandb", "wandb_project", "wandb_name",
+               "wandb_tags", "wandb_mode")
 
 
 def setting_changes(old: TrainConfig, new: TrainConfig) -> dict[str, tuple]:
