@@ -82,11 +82,11 @@ class EvalSettings(Runtime):
 
         return torch_threads(self.threads, self.num_workers) if self.threads else contextlib.nullcontext()
 
-    def load_encoder(self, device=None, **overrides):
+    def load_encoder(self, device=None):
         """The checkpoint's M3AE in eval mode on `device` (default: this device)."""
         from ..model import M3AE
 
-        model = M3AE.from_pretrained(self.checkpoint, **overrides)
+        model = M3AE.from_pretrained(self.checkpoint)
         return model.to(device if device is not None else self.torch_device()).eval()
 
     def dataset(self, spec: str, split: str, image_size: int, train_transform: bool = False,
