@@ -110,6 +110,8 @@ def test_the_shared_settings_are_defined_once_and_every_option_comes_from_them()
 
 
 def test_bad_settings_are_clear_errors(tmp_path, capsys):
+    with pytest.raises(TypeError, match="checkpoint"):  # the one setting without a default
+        EvalSettings(pool="cls")
     with pytest.raises(ValueError, match="pool"):
         EvalSettings(checkpoint="x", pool="max")
     with pytest.raises(ValueError, match="square"):

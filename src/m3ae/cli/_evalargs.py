@@ -20,16 +20,15 @@ def _comments(cls: type) -> dict[str, str]:
     return out
 
 
-def add_fields(p: argparse.ArgumentParser, cls: type, *, rename: dict[str, str] | None = None,
-               skip: typing.Iterable[str] = (), required: typing.Iterable[str] = ()) -> None:
-    """One option per field of the dataclass `cls` (`--name-with-dashes`, or `rename`d)."""
+def add_fields(p: argparse.ArgumentParser, cls: type, *, rename: dict[str, str] | None = None) -> None:
+    """One option per field of the dataclass `cls` (`--name-with-dashes`, or `rename`d); a field
+    without a default is a required option."""
     hints, comments, rename = typing.get_type_hints(cls), _comments(cls), rename or {}
     for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
         name = rename.get(f.name, f.name)
         flag, help_ = "--" + name.replace("_", "-"), comments.get(f.name, "").replace("%", "%%")
-        if f.default is not None and not isinstance(f.default, bool) and f.default != "" and f.name not in required:
+        required = f.default is dataclasses.MISSING
+        if not required and f.default is not None and not isinstance(f.default, bool):
             help_ += f" (default: {' '.join(map(str, f.default)) if isinstance(f.default, tuple) else f.default})"
         kind = hints[f.name]
         args = [a for a in typing.get_args(kind) if a is not type(None)]
@@ -38,8 +37,8 @@ def add_fields(p: argparse.ArgumentParser, cls: type, *, rename: dict[str, str] 
         elif typing.get_origin(kind) is tuple:
             p.add_argument(flag, dest=name, type=args[0], nargs=len(args), default=list(f.default), help=help_)
         else:
-            p.add_argument(flag, dest=name, type=args[0] if args else kind, default=f.default,
-                           required=f.name in required, help=help_)
+            p.add_argument(flag, dest=name, type=args[0] if args else kind, default=None if required else f.default,
+                           required=required, help=help_)
 
 
 def from_args(cls: type, args: argparse.Namespace, rename: dict[str, str] | None = None):
@@ -62,7 +61,7 @@ def eval_parser(sub: argparse._SubParsersAction, name: str, splits: bool = True,
 def add_model_args(p: argparse.ArgumentParser) -> None:
     from ..eval.settings import EvalSettings
 
-    add_fields(p, EvalSettings, required=("checkpoint",))
+    add_fields(p, EvalSettings)
     p.set_defaults(thread_policy=True)  # cli.main applies m3ae.threads around the command
     p.add_argument("--result", default=None, help="JSON result file (default: next to --out or ./results)")
 

@@ -33,10 +33,10 @@ class Runtime:
         return train, DataLoader(val_set, batch_size=batch_size, shuffle=False, num_workers=self.num_workers)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EvalSettings(Runtime):
     """A checkpoint and how its images are read and encoded: the settings of every evaluation."""
-    checkpoint: str = ""  # model folder (config.json + model.safetensors) or hub id
+    checkpoint: str  # model folder (config.json + model.safetensors) or hub id
     batch_size: int = 256  # batch size for feature extraction
     # torch CPU threads during the evaluation (None: as the process has them; the m3ae commands then
     # choose usable cores - num_workers, at least 1, and OMP_NUM_THREADS wins over that)
