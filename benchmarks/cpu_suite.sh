@@ -6,7 +6,7 @@ set -uo pipefail
 OUT=${1:?OUT}; FLICKR=${2:-../shared/data/flickr8k-1k}
 M3AE=${M3AE:-m3ae}; PY=${PY:-python}
 mkdir -p "$OUT"
-CFG="--preset tiny --depth 6 --image-size 64 --patch-size 8 --text-length 32 --batch 32 --steps 20 --warmup 5"
+CFG="--preset tiny --batch 32 --steps 20 --warmup 5 model.depth=6 model.image_size=64 model.patch_size=8 model.text_length=32"
 lscpu | grep -E "Model name|^CPU\(s\)" > "$OUT/machine.txt"
 grep -o -w -E "avx2|avx512f|avx512_bf16|amx_bf16" /proc/cpuinfo | sort | uniq -c >> "$OUT/machine.txt"
 # 1. Quiet vs one busy process: the thread policy and OpenMP spin limit (new defaults) against
@@ -24,8 +24,8 @@ done
 for rep in 1 2; do
   for prec in fp32 bf16; do
     $M3AE bench train $CFG --precision $prec --json "$OUT/prec-tiny-$prec-$rep.json" > "$OUT/prec-tiny-$prec-$rep.txt" 2>&1
-    $M3AE bench train --preset base --depth 4 --image-size 128 --patch-size 16 --text-length 32 --batch 16 \
-      --steps 8 --warmup 2 --no-reference --precision $prec \
+    $M3AE bench train --preset base --batch 16 --steps 8 --warmup 2 --no-reference --precision $prec \
+      model.depth=4 model.image_size=128 model.patch_size=16 model.text_length=32 \
       --json "$OUT/prec-base-$prec-$rep.json" > "$OUT/prec-base-$prec-$rep.txt" 2>&1
   done
 done

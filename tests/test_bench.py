@@ -46,16 +46,17 @@ def test_flop_formula_matches_flop_counter():
 
 
 @pytest.mark.parametrize("extra", [[], ["--reference-fused-adamw", "--static-shapes"],
-                                   ["--vocab-size", "0", "--threads", "1"]])  # MAE mode (crashed before)
+                                   ["model.vocab_size=0", "--threads", "1"]])  # MAE mode (crashed before)
 def test_bench_train_command(tmp_path, capsys, extra):
     import json
 
     from m3ae.cli import main
 
     out = tmp_path / "bench.json"
-    rc = main(["bench", "train", "--preset", "nano", "--image-size", "16", "--patch-size", "4",
-               "--text-length", "12", "--vocab-size", "100", "--batch", "4", "--steps", "2", "--warmup", "1",
-               "--min-caption", "2", "--json", str(out), *extra])
+    options = [o for o in extra if "=" not in o]
+    rc = main(["bench", "train", "--preset", "nano", "--batch", "4", "--steps", "2", "--warmup", "1",
+               "--min-caption", "2", "--json", str(out), *options, "model.image_size=16", "model.patch_size=4",
+               "model.text_length=12", "model.vocab_size=100", *[o for o in extra if "=" in o]])
     assert rc == 0
     text = capsys.readouterr().out
     for key in ("samples/s", "data wait", "GFLOP/sample", "MFU", "measured matmul peak", "peak memory",
@@ -64,7 +65,7 @@ def test_bench_train_command(tmp_path, capsys, extra):
     r = json.loads(out.read_text())
     assert r["samples_per_s"] > 0 and r["reference"]["samples_per_s"] > 0
     assert r["reference"]["flops_per_sample"] > r["flops_per_sample"]  # heads everywhere cost more
-    assert r["mode"] == ("mae" if "0" in extra else "m3ae")
+    assert r["mode"] == ("mae" if "model.vocab_size=0" in extra else "m3ae")
     assert r["params"] == M3AE(M3AEConfig(**r["config"])).num_parameters()
 
 
@@ -166,10 +167,36 @@ def test_bench_times_the_trainers_own_step(tmp_path, monkeypatch):
     calls = []
     real = step_module.TrainStep.backward
     monkeypatch.setattr(step_module.TrainStep, "backward", lambda self, mb: calls.append(1) or real(self, mb))
-    assert main(["bench", "train", "--preset", "nano", "--image-size", "16", "--patch-size", "4", "--text-length",
-                 "8", "--vocab-size", "50", "--batch", "4", "--steps", "2", "--warmup", "1", "--no-reference"]) == 0
+    assert main(["bench", "train", "--preset", "nano", "--batch", "4", "--steps", "2", "--warmup", "1",
+                 "--no-reference", "model.image_size=16", "model.patch_size=4", "model.text_length=8",
+                 "model.vocab_size=50"]) == 0
     assert len(calls) == 3  # 1 warm-up + 2 timed
     pretrain(load_config(None, ["model.preset=nano", "model.image_size=16", "model.patch_size=4",
                                 "model.text_length=8", "model.vocab_size=50", "data.spec=demo", "steps=2",
                                 "batch_size=4", "progress=false"]), tmp_path)
     assert len(calls) == 5
+
+
+def test_bench_train_reads_model_settings_with_the_run_config_parser(capsys):
+    """`bench train` spells the model as `pretrain` does; the old flags stay one release as aliases."""
+    from m3ae.cli import build_parser
+    from m3ae.cli.bench_train import deprecated_overrides
+    from m3ae.train.bench import bench_model_config
+    from m3ae.train.config import load_config
+
+    new = bench_model_config("tiny", ["model.depth=6", "model.image_size=64", "model.grad_checkpointing=true"])
+    assert new == load_config(None, ["model.preset=tiny", "model.depth=6", "model.image_size=64"]).model
+    assert new.depth == 6 and new.image_size == 64 and new.emb_dim == 192 and new.grad_checkpointing
+    args = build_parser().parse_args(["bench", "train", "--preset", "tiny", "--depth", "6", "--image-size", "64",
+                                      "--mask-ratio", "0.5", "--grad-checkpointing"])
+    old = bench_model_config(args.preset, deprecated_overrides(args))
+    assert old.image_mask_ratio == old.text_mask_ratio == 0.5
+    assert old == bench_model_config("tiny", ["model.depth=6", "model.image_size=64", "model.image_mask_ratio=0.5",
+                                              "model.text_mask_ratio=0.5", "model.grad_checkpointing=true"])
+    assert old.grad_checkpointing  # a runtime switch: not compared by ==, so checked on its own
+    err = capsys.readouterr().err
+    assert "--depth is deprecated" in err and "model.depth=6" in err and "model.text_mask_ratio=0.5" in err
+    with pytest.raises(ValueError, match="model.KEY=VALUE settings only"):
+        bench_model_config("tiny", ["steps=3"])
+    with pytest.raises(ValueError, match="depth"):  # a misspelt key names the near ones
+        bench_model_config("tiny", ["model.dept=3"])

@@ -7,6 +7,7 @@ from m3ae.eval.finetune import Classifier, FinetuneConfig, finetune
 from m3ae.eval.labelled import labelled_dataset
 from m3ae.eval.linear_probe import ProbeConfig, train_linear_probe
 from m3ae.eval.monitor import probe_metrics
+from m3ae.eval.settings import Runtime
 
 
 def _sets(tmp_path, per_class_train=30, per_class_val=10):
@@ -19,8 +20,8 @@ def _sets(tmp_path, per_class_train=30, per_class_val=10):
 def test_finetune_improves_on_dominant_colour_task(tmp_path):
     train, val = _sets(tmp_path)
     config = FinetuneConfig(epochs=6, warmup_epochs=1, batch_size=16, base_lr=1e-2, drop_path=0.1,
-                            mixup=0.0, cutmix=0.0, smoothing=0.1, num_workers=0, layer_decay=0.75)
-    model, res = finetune(tiny_model(drop_path=0.1), train, val, 4, config)
+                            mixup=0.0, cutmix=0.0, smoothing=0.1, layer_decay=0.75)
+    model, res = finetune(tiny_model(drop_path=0.1), train, val, 4, config, Runtime(num_workers=0))
     assert res["top1"] >= 75 and res["top1"] > res["top1_before"] + 20, res
     model.save_pretrained(tmp_path / "clf")
     loaded = Classifier.from_pretrained(tmp_path / "clf").eval()
@@ -34,10 +35,10 @@ def test_finetune_improves_on_dominant_colour_task(tmp_path):
 def test_linear_probe_learns_and_reports_per_epoch(tmp_path):
     train, val = _sets(tmp_path)
     rows = []
-    config = ProbeConfig(epochs=4, warmup_epochs=1, batch_size=32, base_lr=2.0, optimizer="sgd", num_workers=0)
+    config = ProbeConfig(epochs=4, warmup_epochs=1, batch_size=32, base_lr=2.0, optimizer="sgd")
     model = tiny_model()
     before = [p.detach().clone() for p in model.parameters()]
-    res = train_linear_probe(model, train, val, 4, config, on_epoch=rows.append)
+    res = train_linear_probe(model, train, val, 4, config, Runtime(num_workers=0), on_epoch=rows.append)
     assert len(rows) == 4 and {"top1", "top5", "loss"} <= set(rows[0])
     assert res["best_top1"] > 60, res["history"]
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # encoder frozen

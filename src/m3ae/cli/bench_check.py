@@ -55,11 +55,11 @@ def plan(out: Path, dry: bool, gpus: int, cores: int, tests: Path) -> list[Stage
     stages = [Stage("cuda tests", [sys.executable, "-m", "pytest", "-m", "cuda", str(tests)], 120,
                     skip=None if tests.exists() else f"no tests at {tests}")]
     if dry:
-        sizes = [("nano", ["--image-size", "32", "--patch-size", "8", "--text-length", "16", "--batch", "4",
-                           "--steps", "2", "--warmup", "1", "--device", "cpu"])]
+        sizes = [("nano", ["--batch", "4", "--steps", "2", "--warmup", "1", "--device", "cpu",
+                           "model.image_size=32", "model.patch_size=8", "model.text_length=16"])]
     else:
-        sizes = [("base", ["--image-size", "256", "--batch", "256", "--steps", "15", "--warmup", "5"]),
-                 ("large", ["--image-size", "256", "--batch", "128", "--steps", "15", "--warmup", "5"])]
+        sizes = [("base", ["--batch", "256", "--steps", "15", "--warmup", "5", "model.image_size=256"]),
+                 ("large", ["--batch", "128", "--steps", "15", "--warmup", "5", "model.image_size=256"])]
 
     def train(preset: str, args: list[str], compiled: bool) -> Stage:
         name = f"train {preset}{' compile' if compiled else ''}"
@@ -102,12 +102,19 @@ def write_jpegs(folder: Path, count: int, size: tuple[int, int] = (640, 480)) ->
         Image.fromarray(np.clip(base, 0, 255).astype("uint8")).save(folder / f"{i:05d}.jpg", quality=90)
 
 
+def _own_package_path() -> dict[str, str]:
+    """PYTHONPATH with this m3ae first: stages run the code of the check that starts them (a source
+    tree or worktree can differ from the installed package)."""
+    root = str(Path(__file__).resolve().parents[2])
+    return {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+
+
 def run_stage(stage: Stage, log: Path, timeout: float) -> dict:
     t0 = time.perf_counter()
     with log.open("w") as f:
         try:
             done = subprocess.run(stage.argv, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
-                                  env={**os.environ, **stage.env})
+                                  env={**os.environ, **_own_package_path(), **stage.env})
             status = "ok" if done.returncode == 0 else f"failed (exit {done.returncode})"
         except subprocess.TimeoutExpired:
             status = f"timeout after {timeout:.0f} s"

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-SHAPE_FLAGS = ["image_size", "patch_size", "text_length", "vocab_size", "emb_dim", "depth", "num_heads",
-               "dec_emb_dim", "dec_depth", "dec_num_heads", "output_head_depth"]
+# The model flags of earlier releases, kept one release as hidden aliases of `model.KEY=VALUE`.
+DEPRECATED_FLAGS = ["image_size", "patch_size", "text_length", "vocab_size", "emb_dim", "depth", "num_heads",
+                    "dec_emb_dim", "dec_depth", "dec_num_heads", "output_head_depth", "mask_ratio"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,11 +15,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Median step time, samples/s, data-wait share, analytic model FLOPs, "
                                    "TFLOP/s, MFU and peak memory of the training step, beside a "
                                    "reference-equivalent step (fp32, full-length text, heads everywhere, "
-                                   "batch-shared masks) run in the same process.")
+                                   "batch-shared masks) run in the same process. The model: --preset, then "
+                                   "model.KEY=VALUE settings as `m3ae pretrain` takes them (e.g. model.depth=6 "
+                                   "model.image_size=64 model.grad_checkpointing=true; `m3ae pretrain --help` "
+                                   "lists them).")
     p.add_argument("--preset", default="tiny", help="model size preset (nano, tiny, small, base, ...)")
-    for name in SHAPE_FLAGS:
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=f"model {name}")
-    p.add_argument("--mask-ratio", type=float, default=None, help="image and text mask ratio")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=20, help="timed steps (after --warmup)")
     p.add_argument("--warmup", type=int, default=5)
@@ -28,7 +30,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the fast step's model")
     p.add_argument("--static-shapes", default=None, action=argparse.BooleanOptionalAction,
                    help="texts padded to text_length, fixed visible text slots (default: with --compile)")
-    p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per block")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default auto: usable cores; OMP_NUM_THREADS wins over auto)")
     p.add_argument("--background-load", type=int, default=0, metavar="N",
@@ -38,20 +39,34 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="give the reference step the fused AdamW too (default: torch's default AdamW)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (overrides the table)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    for name in DEPRECATED_FLAGS:
+        p.add_argument("--" + name.replace("_", "-"), dest="deprecated_" + name, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--grad-checkpointing", dest="deprecated_grad_checkpointing", action="store_const",
+                   const="true", default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", metavar="model.KEY=VALUE", help="model settings (after the options)")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..config import M3AEConfig
-    from ..threads import torch_threads
-    from ..train.bench import BenchOptions, format_report, run_train_bench
+def deprecated_overrides(args: argparse.Namespace) -> list[str]:
+    """The old model flags given, as the `model.KEY=VALUE` settings they stand for (with a warning)."""
+    out = []
+    for name in [*DEPRECATED_FLAGS, "grad_checkpointing"]:
+        value = getattr(args, "deprecated_" + name)
+        if value is None:
+            continue
+        keys = ["image_mask_ratio", "text_mask_ratio"] if name == "mask_ratio" else [name]
+        new = [f"model.{key}={value}" for key in keys]
+        print(f"m3ae bench train: --{name.replace('_', '-')} is deprecated and goes in the next release; "
+              f"use {' '.join(new)}", file=sys.stderr)
+        out += new
+    return out
 
-    shape = {k: getattr(args, k) for k in SHAPE_FLAGS if getattr(args, k) is not None}
-    if args.mask_ratio is not None:
-        shape.update(image_mask_ratio=args.mask_ratio, text_mask_ratio=args.mask_ratio)
-    if args.grad_checkpointing:
-        shape["grad_checkpointing"] = True
-    config = M3AEConfig.from_preset(args.preset, **shape)
+
+def run(args: argparse.Namespace) -> int:
+    from ..threads import torch_threads
+    from ..train.bench import BenchOptions, bench_model_config, format_report, run_train_bench
+
+    config = bench_model_config(args.preset, [*deprecated_overrides(args), *args.overrides])
     opts = BenchOptions(config, batch=args.batch, steps=args.steps, warmup=args.warmup,
                         min_caption=args.min_caption, max_caption=args.max_caption, device=args.device,
                         precision=args.precision, compile=args.compile, static_shapes=args.static_shapes,

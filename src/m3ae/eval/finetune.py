@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -21,11 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import M3AEConfig
+from ..distributed import pick_device
 from ..files import atomic_write
 from ..model import M3AE
-from ..optim import lr_at, scaled_lr
+from ..optim import lr_at
 from .features import pool_tokens
 from .knn import topk_accuracy
+from .results import EvalResult
+from .recipes import FinetuneConfig
+from .settings import EvalSettings, Runtime
 
 # Everything M3AE.encode never touches.
 _DECODER_PARTS = ("decoder_input_projection", "decoder", "image_head", "text_head", "image_mask_token",
@@ -160,29 +163,6 @@ def mix_batch(images: torch.Tensor, labels: torch.Tensor, num_classes: int, mixu
 
 
 # -- training ----------------------------------------------------------------------------------
-@dataclass
-class FinetuneConfig:
-    epochs: int = 100
-    warmup_epochs: int = 5
-    batch_size: int = 1024
-    base_lr: float = 1e-3  # x batch / 256
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    layer_decay: float = 0.75
-    drop_path: float = 0.1
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    smoothing: float = 0.1
-    clip_grad: float | None = None
-    pool: str = "cls"
-    num_workers: int = 2
-    device: str = "cpu"
-    seed: int = 0
-
-    def peak_lr(self) -> float:
-        return scaled_lr(self.base_lr, self.batch_size)
-
-
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, loader, device) -> dict[str, float]:
     was = model.training
@@ -201,19 +181,18 @@ def _autocast(device: torch.device):
 
 
 def finetune(encoder: M3AE, train_set, val_set, num_classes: int, config: FinetuneConfig,
-             on_epoch: Callable[[dict], None] | None = None, progress: bool = False) -> tuple[Classifier, dict]:
+             runtime: Runtime | None = None, on_epoch: Callable[[dict], None] | None = None,
+             progress: bool = False) -> tuple[Classifier, dict]:
     """Fine-tune; `encoder` should carry config.drop_path already (see `load_for_finetune`)."""
-    device = torch.device(config.device)
-    torch.manual_seed(config.seed)
-    model = Classifier(encoder, num_classes, config.pool).to(device)
+    runtime = runtime or Runtime()
+    device = pick_device(runtime.device)
+    torch.manual_seed(runtime.seed)
+    model = Classifier(encoder, num_classes, runtime.pool).to(device)
     groups = layer_decay_groups(model, config.weight_decay, config.layer_decay)
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
                                   lr=config.peak_lr(), betas=(0.9, 0.999))
-    loader = torch.utils.data.DataLoader(train_set, batch_size=config.batch_size, shuffle=True,
-                                         num_workers=config.num_workers, drop_last=len(train_set) > config.batch_size,
-                                         persistent_workers=config.num_workers > 0)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=config.batch_size, shuffle=False,
-                                             num_workers=config.num_workers)
+    loader, val_loader = runtime.loaders(train_set, val_set, config.batch_size,
+                                         drop_last=len(train_set) > config.batch_size)
     total, warmup = config.epochs * len(loader), config.warmup_epochs * len(loader)
     before = evaluate_classifier(model, val_loader, device)
     history, step = [], 0
@@ -240,12 +219,7 @@ def finetune(encoder: M3AE, train_set, val_set, num_classes: int, config: Finetu
             seen += len(label)
         row = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "lr": lr,
                **evaluate_classifier(model, val_loader, device), "seconds": time.perf_counter() - t0}
-        history.append(row)
-        if progress:
-            print(f"finetune epoch {row['epoch']}/{config.epochs}: loss {row['loss']:.4f} top1 {row['top1']:.2f} "
-                  f"top5 {row['top5']:.2f} ({row['seconds']:.1f} s)", file=sys.stderr)
-        if on_epoch is not None:
-            on_epoch(row)
+        config.record_epoch("finetune", row, history, progress, on_epoch)
     last = history[-1] if history else {**before}
     return model, {"top1": last["top1"], "top5": last["top5"], "top1_before": before["top1"],
                    "best_top1": max((h["top1"] for h in history), default=before["top1"]),
@@ -254,3 +228,21 @@ def finetune(encoder: M3AE, train_set, val_set, num_classes: int, config: Finetu
 
 def load_for_finetune(checkpoint: str | Path, drop_path: float) -> M3AE:
     return M3AE.from_pretrained(checkpoint, drop_path=drop_path)
+
+
+def run_finetune(settings: EvalSettings, train: str, val: str, out: str | Path,
+                 config: FinetuneConfig | None = None, *, limit_train: int | None = None,
+                 limit_val: int | None = None) -> EvalResult:
+    """Fine-tune a checkpoint into the classifier folder `out`, in one call (`m3ae finetune`)."""
+    t0 = time.perf_counter()
+    config = config or FinetuneConfig()
+    with settings.threads_applied():
+        encoder = load_for_finetune(settings.checkpoint, config.drop_path)
+        train_set, val_set, classes = settings.train_val_sets(train, val, encoder.config.image_size,
+                                                              config.crop_scale, limit_train, limit_val)
+        model, res = finetune(encoder, train_set, val_set, classes, config, settings, progress=not settings.quiet)
+    model.save_pretrained(out)
+    metrics = {k: res[k] for k in ("top1", "top5", "best_top1", "top1_before")}
+    metrics.update(n_train=len(train_set), n_val=len(val_set))
+    return EvalResult("finetune", metrics, {"history": res["history"], "classifier": str(out)},
+                      time.perf_counter() - t0)

@@ -1,8 +1,13 @@
 """Weighted k-nearest-neighbour classification on cosine similarity (the InstDisc/DINO protocol)."""
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
+
+from .results import EvalResult
+from .settings import EvalSettings
 
 
 @torch.no_grad()
@@ -37,3 +42,14 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: flo
     num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
     scores = knn_scores(train_x, train_y, test_x, num_classes, k, temperature)
     return topk_accuracy(scores, test_y)
+
+
+def run_knn(settings: EvalSettings, train: str, val: str, *, k: int = 20, temperature: float = 0.07,
+            limit_train: int | None = None, limit_val: int | None = None) -> EvalResult:
+    """kNN accuracy of a checkpoint's features (or of two feature files), in one call (`m3ae knn`)."""
+    t0 = time.perf_counter()
+    with settings.threads_applied():
+        train_x, train_y, val_x, val_y = settings.train_val_features(train, val, limit_train, limit_val)
+        metrics = {**knn_accuracy(train_x, train_y, val_x, val_y, k, temperature),
+                   "n_train": len(train_y), "n_val": len(val_y)}
+    return EvalResult("knn", metrics, seconds=time.perf_counter() - t0)

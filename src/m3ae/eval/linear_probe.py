@@ -4,37 +4,24 @@ linear warmup + cosine, no weight decay, RandomResizedCrop + flip on the trainin
 from __future__ import annotations
 
 import math
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..optim import lr_at, scaled_lr, set_lr
+from ..distributed import pick_device
+from ..files import atomic_write
+from ..optim import lr_at, set_lr
 from .features import encode_pooled
 from .knn import topk_accuracy
 from .lars import LARS, lars_param_groups
-
-
-@dataclass
-class ProbeConfig:
-    epochs: int = 90
-    warmup_epochs: int = 10
-    batch_size: int = 2048
-    base_lr: float = 0.1  # x batch / 256
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    optimizer: str = "lars"  # lars | sgd
-    pool: str = "cls"
-    num_workers: int = 2
-    device: str = "cpu"
-    seed: int = 0
-
-    def peak_lr(self) -> float:
-        return scaled_lr(self.base_lr, self.batch_size)
+from .results import EvalResult
+from .recipes import ProbeConfig
+from .settings import EvalSettings, Runtime
 
 
 class ProbeHead(nn.Module):
@@ -74,20 +61,18 @@ def evaluate_probe(model, head: nn.Module, loader, pool: str, device) -> dict[st
 
 
 def train_linear_probe(model, train_set, val_set, num_classes: int, config: ProbeConfig,
-                       on_epoch: Callable[[dict], None] | None = None, progress: bool = False) -> dict:
+                       runtime: Runtime | None = None, on_epoch: Callable[[dict], None] | None = None,
+                       progress: bool = False) -> dict:
     """Train the probe head on frozen features; returns {'top1', 'top5', 'best_top1', 'history'}."""
-    device = torch.device(config.device)
-    torch.manual_seed(config.seed)
+    runtime = runtime or Runtime()
+    device = pick_device(runtime.device)
+    torch.manual_seed(runtime.seed)
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     head = ProbeHead(model.config.emb_dim, num_classes).to(device)
     optimizer = build_probe_optimizer(head, config)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=config.batch_size, shuffle=True,
-                                         num_workers=config.num_workers, drop_last=False,
-                                         persistent_workers=config.num_workers > 0)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=config.batch_size, shuffle=False,
-                                             num_workers=config.num_workers)
+    loader, val_loader = runtime.loaders(train_set, val_set, config.batch_size)
     steps_per_epoch = len(loader)
     total, warmup = config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch
     history, step = [], 0
@@ -97,7 +82,7 @@ def train_linear_probe(model, train_set, val_set, num_classes: int, config: Prob
         for image, label in loader:
             set_lr(optimizer, lr_at(step, config.peak_lr(), warmup, total))
             with torch.no_grad():
-                feats = encode_pooled(model, image.to(device), config.pool)
+                feats = encode_pooled(model, image.to(device), runtime.pool)
             loss = F.cross_entropy(head(feats), label.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -106,15 +91,33 @@ def train_linear_probe(model, train_set, val_set, num_classes: int, config: Prob
             loss_sum += loss.item() * len(label)
             seen += len(label)
         row = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1),
-               **evaluate_probe(model, head, val_loader, config.pool, device),
+               **evaluate_probe(model, head, val_loader, runtime.pool, device),
                "seconds": time.perf_counter() - t0}
-        history.append(row)
-        if progress:
-            print(f"probe epoch {row['epoch']}/{config.epochs}: loss {row['loss']:.4f} "
-                  f"top1 {row['top1']:.2f} top5 {row['top5']:.2f} ({row['seconds']:.1f} s)", file=sys.stderr)
-        if on_epoch is not None:
-            on_epoch(row)
+        config.record_epoch("probe", row, history, progress, on_epoch)
     last = history[-1] if history else {"top1": math.nan, "top5": math.nan}
     return {"top1": last["top1"], "top5": last["top5"],
             "best_top1": max((h["top1"] for h in history), default=math.nan),
             "history": history, "config": asdict(config), "head": head}
+
+
+def run_linear_probe(settings: EvalSettings, train: str, val: str, config: ProbeConfig | None = None, *,
+                     limit_train: int | None = None, limit_val: int | None = None,
+                     out: str | Path | None = None) -> EvalResult:
+    """The paper's probe of a checkpoint on two labelled data specs, in one call (`m3ae probe`);
+    with `out`, the trained head is kept as OUT/probe_head.safetensors."""
+    t0 = time.perf_counter()
+    config = config or ProbeConfig()
+    with settings.threads_applied():
+        model = settings.load_encoder()
+        train_set, val_set, classes = settings.train_val_sets(train, val, model.config.image_size, config.crop_scale,
+                                                              limit_train, limit_val)
+        res = train_linear_probe(model, train_set, val_set, classes, config, settings, progress=not settings.quiet)
+    metrics = {"top1": res["top1"], "top5": res["top5"], "best_top1": res["best_top1"],
+               "n_train": len(train_set), "n_val": len(val_set)}
+    if out is not None:
+        from safetensors.torch import save_file
+
+        Path(out).mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous().cpu() for k, v in res["head"].state_dict().items()}
+        atomic_write(Path(out) / "probe_head.safetensors", lambda p: save_file(state, p))
+    return EvalResult("probe", metrics, {"history": res["history"]}, time.perf_counter() - t0)

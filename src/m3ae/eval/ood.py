@@ -3,9 +3,15 @@ scored by Mahalanobis distance (class means + one shared covariance) and by max 
 of in- vs out-of-distribution scores (in = positive; higher score = more in-distribution)."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
 
 import torch
+
+from .results import EvalResult
+from .settings import EvalSettings
 
 
 def auroc(in_scores: torch.Tensor, out_scores: torch.Tensor) -> float:
@@ -97,3 +103,82 @@ def parse_classes(text: str | None) -> list[int] | None:
         lo, _, hi = part.partition("-")
         out.extend(range(int(lo), int(hi or lo) + 1))
     return out
+
+
+def select_classes(x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None, classes: Sequence[int],
+                   remap: torch.Tensor | None = None):
+    """Rows whose label is in `classes`; labels renumbered through `remap` when given."""
+    mask = torch.isin(y, torch.tensor(classes))
+    y = y[mask] if remap is None else remap[y[mask]]
+    return x[mask], y, (logits[mask] if logits is not None else None)
+
+
+@torch.no_grad()
+def _classifier_outputs(model, ds, settings: EvalSettings, device):
+    """(features, labels, logits) of a fine-tuned classifier over a labelled set."""
+    xs, ls, ys = [], [], []
+    for image, label in torch.utils.data.DataLoader(ds, batch_size=settings.batch_size,
+                                                    num_workers=settings.num_workers):
+        f = model.features(image.to(device)).float()
+        xs.append(f.cpu()), ls.append(model.head(f).float().cpu()), ys.append(label)
+    return torch.cat(xs), torch.cat(ys), torch.cat(ls)
+
+
+def run_ood(settings: EvalSettings, in_train: str, in_test: str, out: str | Path, *, out_test: str | None = None,
+            in_classes: str | Sequence[int] | None = None, out_classes: str | Sequence[int] | None = None,
+            limit_train: int | None = None, limit_test: int | None = None) -> EvalResult:
+    """OOD detection of a checkpoint in one call (`m3ae ood`): a fine-tuned classifier folder, or a
+    pretrained encoder with a fast linear probe fitted on `in_train`; Mahalanobis and max-softmax
+    AUROC of `in_test` vs `out_test` (default: `in_test`, split by `in_classes` / `out_classes`,
+    e.g. "0-4"); the score histograms go to OUT/ood_hist.png."""
+    from .fast_probe import fast_probe, fit_logistic
+    from .finetune import Classifier, is_classifier_dir
+
+    t0 = time.perf_counter()
+    in_classes = parse_classes(in_classes) if isinstance(in_classes, str) else in_classes
+    out_classes = parse_classes(out_classes) if isinstance(out_classes, str) else out_classes
+    finetuned = is_classifier_dir(settings.checkpoint)
+    if finetuned and in_classes is not None:
+        raise ValueError("in-distribution classes need a pretrained encoder (a fine-tuned head has fixed classes)")
+    with settings.threads_applied():
+        device = settings.torch_device()
+        model = (Classifier.from_pretrained(settings.checkpoint).to(device).eval() if finetuned
+                 else settings.load_encoder(device))
+
+        def features(spec, split, limit):
+            if not finetuned:
+                return (*settings.features(model, spec, split, limit, device)[:2], None)
+            return _classifier_outputs(model, settings.dataset(spec, split, model.config.image_size, False, limit),
+                                       settings, device)
+
+        train_x, train_y, train_l = features(in_train, "train", limit_train)
+        in_x, in_y, in_l = features(in_test, "val", limit_test)
+        if out_test in (None, in_test):  # one dataset split by classes: extract it once
+            out_x, out_y, out_l = in_x, in_y, in_l
+        else:
+            out_x, out_y, out_l = features(out_test, "val", limit_test)
+        if in_classes is not None:  # keep in-classes and renumber them 0..k-1
+            remap = torch.full((int(max(train_y.max(), in_y.max(), max(in_classes))) + 1,), -1, dtype=torch.long)
+            remap[torch.tensor(in_classes)] = torch.arange(len(in_classes))
+            train_x, train_y, train_l = select_classes(train_x, train_y, train_l, in_classes, remap)
+            in_x, in_y, in_l = select_classes(in_x, in_y, in_l, in_classes, remap)
+        if out_classes is not None:
+            out_x, out_y, out_l = select_classes(out_x, out_y, out_l, out_classes)
+        if not len(train_x) or not len(in_x) or not len(out_x):
+            raise ValueError("an empty set after class selection; check the in- / out-of-distribution classes")
+        classes = int(train_y.max()) + 1
+        extra = {}
+        if finetuned:
+            in_logits, out_logits = in_l, out_l
+        else:  # an in-distribution linear classifier on the frozen features, for max softmax
+            probe = fast_probe(train_x, train_y, in_x, in_y, classes)
+            linear = fit_logistic(train_x, train_y, classes, probe["l2"])
+            in_logits, out_logits = linear.logits(in_x), linear.logits(out_x)
+            extra["in_probe_top1"] = probe["top1"]
+        aurocs, scores = ood_scores(train_x, train_y, in_x, out_x, in_logits, out_logits, classes)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    png = ood_histogram(Path(out) / "ood_hist.png", scores, aurocs)
+    metrics = {"auroc_mahalanobis": 100 * aurocs["mahalanobis"], "auroc_max_softmax": 100 * aurocs["max_softmax"],
+               **extra, "n_in": len(in_x), "n_out": len(out_x), "n_train": len(train_x)}
+    return EvalResult("ood", metrics, {"classifier": "finetuned" if finetuned else "frozen encoder + fast probe",
+                                       "histogram": str(png)}, time.perf_counter() - t0)

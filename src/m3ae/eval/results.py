@@ -5,12 +5,26 @@ import json
 import math
 import platform
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..files import atomic_write
+
+
+@dataclass
+class EvalResult:
+    """What one evaluation found: scalar metrics, what else is worth keeping (histories, sweeps,
+    written files) and how long it took. `m3ae` commands write it with `write_result`."""
+    command: str
+    metrics: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+    seconds: float | None = None
+
+    def summary(self) -> str:
+        return summary_line(self.command, self.metrics, self.seconds)
 
 
 def _clean(value: Any) -> Any:

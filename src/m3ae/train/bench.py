@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -37,6 +37,7 @@ from ..optim import build_optimizer
 from ..distributed import pick_device
 from ..perf import batch_train_flops, device_name, measure_matmul_tflops, synchronize, table_peak
 from ..precision import autocast, uses_bf16
+from .config import load_config
 from .step import TrainStep
 
 
@@ -62,6 +63,15 @@ class BenchOptions:
     @property
     def uses_static_shapes(self) -> bool:
         return self.compile if self.static_shapes is None else self.static_shapes
+
+
+def bench_model_config(preset: str, overrides: Sequence[str] = ()) -> M3AEConfig:
+    """The model of a size preset with `model.KEY=VALUE` overrides, read by the run config's own
+    parser (m3ae.train.config.load_config), so `bench train` and `pretrain` spell models alike."""
+    other = [o for o in overrides if not o.startswith("model.")]
+    if other:
+        raise ValueError(f"bench train takes model.KEY=VALUE settings only, got {other}")
+    return load_config(None, [f"model.preset={preset}", *overrides]).model
 
 
 def synthetic_batches(config: M3AEConfig, opts: BenchOptions) -> list[Batch]:

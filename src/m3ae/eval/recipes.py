@@ -1,0 +1,59 @@
+"""The recipes of the trained evaluation heads, as typed settings: the epoch schedule they share
+(`HeadTraining`), the linear probe's (`ProbeConfig`) and fine-tuning's (`FinetuneConfig`). Where and
+on what they run is m3ae.eval.settings.Runtime. Importing this module does not import torch."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass
+class HeadTraining:
+    """The epoch schedule of a trained head or encoder: linear warmup, then cosine, lr scaled by batch."""
+    epochs: int = 90  # training epochs
+    warmup_epochs: int = 10  # epochs of linear lr warmup
+    batch_size: int = 1024  # training batch (lr scales with it)
+    base_lr: float = 0.1  # lr = base x batch / 256
+    weight_decay: float = 0.0  # decoupled weight decay (not on biases and norms)
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range of the training images
+
+    def peak_lr(self) -> float:
+        from ..optim import scaled_lr
+
+        return scaled_lr(self.base_lr, self.batch_size)
+
+    def record_epoch(self, name: str, row: dict, history: list[dict], progress: bool = False,
+                     on_epoch: Callable[[dict], None] | None = None) -> None:
+        """Keep an epoch's row {epoch, loss, top1, top5, seconds, ...}, say it, hand it on."""
+        history.append(row)
+        if progress:
+            print(f"{name} epoch {row['epoch']}/{self.epochs}: loss {row['loss']:.4f} top1 {row['top1']:.2f} "
+                  f"top5 {row['top5']:.2f} ({row['seconds']:.1f} s)", file=sys.stderr)
+        if on_epoch is not None:
+            on_epoch(row)
+
+
+@dataclass
+class ProbeConfig(HeadTraining):
+    """The probe's recipe (MAE's: 90 epochs, 10 of warmup, base lr 0.1, no weight decay)."""
+    batch_size: int = 2048
+    momentum: float = 0.9  # LARS / SGD momentum
+    optimizer: str = "lars"  # lars | sgd
+
+
+@dataclass
+class FinetuneConfig(HeadTraining):
+    """The fine-tuning recipe (MAE's ViT-B: 100 epochs, 5 of warmup, base lr 1e-3, layer decay 0.75)."""
+    epochs: int = 100
+    warmup_epochs: int = 5
+    base_lr: float = 1e-3
+    weight_decay: float = 0.05
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    min_lr: float = 1e-6  # lr at the end of the cosine
+    layer_decay: float = 0.75  # lr x layer_decay ** (depth + 1 - layer): lower blocks learn slower
+    drop_path: float = 0.1  # stochastic depth rate of the encoder blocks
+    mixup: float = 0.8  # mixup alpha (0: off)
+    cutmix: float = 1.0  # cutmix alpha (0: off)
+    smoothing: float = 0.1  # label smoothing
+    clip_grad: float | None = None  # clip the gradient norm to this (None: no clipping)

@@ -1,0 +1,139 @@
+"""What every evaluation shares, defined once: where it computes (`Runtime`), the checkpoint and how
+its images are read (`EvalSettings`); and the inputs they make: the encoder, labelled sets prepared
+with the checkpoint's own preprocessing, features. The `m3ae` evaluation commands build their
+options from these fields (cli/_evalargs.py), so a setting added here is a command-line option too
+(the trained heads' recipes: eval/recipes.py). Importing this module does not import torch.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+
+
+@dataclass
+class Runtime:
+    """Where and how an evaluation computes (the probe and fine-tuning training loops take it too)."""
+    pool: str = "cls"  # [CLS] token or mean of image tokens (cls | mean)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_workers: int = 2  # data-loader worker processes
+    seed: int = 0  # seeds the data subsets, head initialisation and shuffling
+
+    def __post_init__(self) -> None:
+        if self.pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be cls or mean, got {self.pool!r}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+
+    def loaders(self, train_set, val_set, batch_size: int, drop_last: bool = False):
+        """Shuffled training batches and ordered validation batches, on this runtime's workers."""
+        from torch.utils.data import DataLoader
+
+        train = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=self.num_workers,
+                           drop_last=drop_last, persistent_workers=self.num_workers > 0)
+        return train, DataLoader(val_set, batch_size=batch_size, shuffle=False, num_workers=self.num_workers)
+
+
+@dataclass(kw_only=True)
+class EvalSettings(Runtime):
+    """A checkpoint and how its images are read and encoded: the settings of every evaluation."""
+    checkpoint: str  # model folder (config.json + model.safetensors) or hub id
+    batch_size: int = 256  # batch size for feature extraction
+    # torch CPU threads during the evaluation (None: as the process has them; the m3ae commands then
+    # choose usable cores - num_workers, at least 1, and OMP_NUM_THREADS wins over that)
+    threads: int | None = None
+    # Image preparation; None: the checkpoint's own (preprocessor_config.json), as m3ae.load uses.
+    normalization: str | None = None  # pixel statistics: cc12m | imagenet | m1,m2,m3/s1,s2,s3
+    # eval transform: resize the shorter side to size/crop_pct, centre-crop (1.0: the whole shorter side)
+    crop_pct: float | None = None
+    square: str | None = None  # non-square photos: crop as they are, or pad to a square first (crop | pad)
+    pad_value: int | None = None  # grey level of the padding
+    # stop when more than this share of images is unusable (after 200); each is skipped, counted and logged
+    max_bad_fraction: float = 0.05
+    quiet: bool = False  # no progress bars or per-epoch lines
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.square not in (None, "crop", "pad"):
+            raise ValueError(f"square must be crop or pad, got {self.square!r}")
+        if self.batch_size < 1 or (self.threads is not None and self.threads < 1):
+            raise ValueError(f"batch_size and threads must be >= 1, got {self.batch_size} and {self.threads}")
+
+    def preprocessing(self, image_size: int):
+        """The checkpoint's preprocessing, with the settings given here in its place."""
+        from ..data.normalization import resolve_stats
+        from ..hub import resolve_checkpoint
+        from ..pretrained import checkpoint_preprocessing
+
+        pre = checkpoint_preprocessing(resolve_checkpoint(self.checkpoint), image_size)
+        if self.normalization is not None:
+            mean, std = resolve_stats(self.normalization)
+            pre = replace(pre, mean=mean, std=std)
+        given = {k: getattr(self, k) for k in ("crop_pct", "square", "pad_value") if getattr(self, k) is not None}
+        return replace(pre, image_size=image_size, **given)
+
+    def torch_device(self):
+        from ..distributed import pick_device
+
+        return pick_device(self.device)
+
+    def threads_applied(self):
+        """A block under `threads` (when set), torch's thread count restored after it."""
+        from ..threads import torch_threads
+
+        return torch_threads(self.threads, self.num_workers) if self.threads else contextlib.nullcontext()
+
+    def load_encoder(self, device=None):
+        """The checkpoint's M3AE in eval mode on `device` (default: this device)."""
+        from ..model import M3AE
+
+        model = M3AE.from_pretrained(self.checkpoint)
+        return model.to(device if device is not None else self.torch_device()).eval()
+
+    def dataset(self, spec: str, split: str, image_size: int, train_transform: bool = False,
+                limit: int | None = None, crop_scale=(0.2, 1.0), unlabelled: bool = False):
+        """A labelled set (m3ae.eval.labelled) read with the checkpoint's preprocessing."""
+        from .labelled import labelled_dataset
+
+        pre = self.preprocessing(image_size)
+        ds = labelled_dataset(spec, split, image_size, train_transform, pre.stats,
+                              crop_scale=crop_scale, crop_pct=pre.crop_pct, limit=limit, seed=self.seed,
+                              square=pre.square, pad_value=pre.pad_value, unlabelled=unlabelled)
+        ds.counter.max_bad_fraction = self.max_bad_fraction
+        return ds
+
+    def features(self, model, spec: str, split: str, limit: int | None = None, device=None):
+        """(features, labels, keys) of a data spec, or straight from a feature file (`model` unused)."""
+        from .features import extract_features, is_feature_file, load_features
+
+        if is_feature_file(spec):
+            feats, labels, keys = load_features(spec)
+            if limit and limit < len(labels):
+                import torch
+
+                g = torch.Generator().manual_seed(self.seed)
+                pick = torch.randperm(len(labels), generator=g)[:limit].sort().values
+                feats, labels, keys = feats[pick], labels[pick], [keys[i] for i in pick.tolist()]
+            return feats, labels, keys
+        ds = self.dataset(spec, split, model.config.image_size, False, limit)
+        feats, labels = extract_features(model, ds, self.pool, self.batch_size,
+                                         device if device is not None else self.torch_device(),
+                                         self.num_workers, progress=not self.quiet, desc=f"features {split}")
+        return feats, labels, ds.keys
+
+    def train_val_sets(self, train: str, val: str, image_size: int, crop_scale=(0.2, 1.0),
+                       limit_train: int | None = None, limit_val: int | None = None):
+        """(training set with augmentation, validation set, classes) for a trained head."""
+        train_set = self.dataset(train, "train", image_size, True, limit_train, tuple(crop_scale))
+        val_set = self.dataset(val, "val", image_size, False, limit_val)
+        return train_set, val_set, max(train_set.num_classes, val_set.num_classes)
+
+    def train_val_features(self, train: str, val: str, limit_train: int | None = None,
+                           limit_val: int | None = None):
+        """(train_x, train_y, val_x, val_y); the encoder is loaded only when a spec is not a feature file."""
+        from .features import is_feature_file
+
+        model = None if is_feature_file(train) and is_feature_file(val) else self.load_encoder()
+        train_x, train_y, _ = self.features(model, train, "train", limit_train)
+        val_x, val_y, _ = self.features(model, val, "val", limit_val)
+        return train_x, train_y, val_x, val_y
+
