@@ -39,9 +39,11 @@ def draw_pictures(study: StudySpec, out: str | Path, which: str, n: int = 6,
     spec = EvalSpec.from_dict(study.evals)
     if spec.masked_words is None or not model.config.has_text:
         raise ValueError("--pictures needs a model with text and the study's masked_words data")
+    if not config.data.tokenizer:
+        raise ValueError("--pictures needs the study's tokenizer (OUT/tokenizer.json or tokenizer.path)")
     tokenizer = load_tokenizer(config.data.tokenizer)
-    data = Evaluator(spec, lambda m: None).captioned(config.data.tokenizer, model.config.image_size,
-                                                      model.config.text_length, config.data.normalization)
+    data = Evaluator(spec).captioned(config.data.tokenizer, model.config.image_size, model.config.text_length,
+                                     config.data.normalization)
     stats = config.data.normalization
     written = []
     # Evenly spaced held-out products (shards are ordered by product id: spread them out).

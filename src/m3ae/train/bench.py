@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import os
 import resource
+import logging
 import statistics
 import subprocess
 import sys
@@ -39,6 +40,7 @@ from ..perf import batch_train_flops, device_name, measure_matmul_tflops, synchr
 from ..precision import autocast, uses_bf16
 from .step import TrainStep
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class BenchOptions:
@@ -159,7 +161,7 @@ def background_load(processes: int):
             p.wait()
 
 
-def run_train_bench(opts: BenchOptions, log=lambda msg: print(msg, file=sys.stderr)) -> dict[str, Any]:
+def run_train_bench(opts: BenchOptions) -> dict[str, Any]:
     device = pick_device(opts.device)
     bf16 = uses_bf16(opts.precision, device)
     config = opts.model
@@ -189,7 +191,7 @@ def run_train_bench(opts: BenchOptions, log=lambda msg: print(msg, file=sys.stde
     if device.type == "cuda":  # as the trainer's loader delivers them (pin_memory=True)
         runs = {name: (step, [b.pin_memory() for b in pool]) for name, (step, pool) in runs.items()}
         torch.cuda.reset_peak_memory_stats(device)
-    log(f"timing {' + '.join(runs)} steps, interleaved: {opts.warmup} warm-up + {opts.steps} timed each"
+    log.info(f"timing {' + '.join(runs)} steps, interleaved: {opts.warmup} warm-up + {opts.steps} timed each"
         + (f", {opts.background_load} busy background process(es)" if opts.background_load else "") + " ...")
     with background_load(opts.background_load):
         timed = _time_steps(runs, opts, device)
