@@ -81,9 +81,12 @@ class Pretrained:
         size, or captions of one length per batch)."""
         from .eval.features import num_image_tokens, pool_tokens
 
-        if images is None and captions is None:
+        if images is not None:
+            n = len(images)
+        elif captions is not None:
+            n = len(captions)
+        else:
             raise ValueError("give images, captions, or both")
-        n = len(images) if images is not None else len(captions)
         if images is not None and captions is not None and len(captions) != n:
             raise ValueError(f"{n} images but {len(captions)} captions")
         model = self.model
