@@ -8,7 +8,6 @@ EXTRAS = {
     "h5py": "data",
     "pyarrow": "data",
     "fsspec": "data",
-    "webdataset": "data",
     "sklearn": "eval",
     "tensorboard": "tensorboard",
     "wandb": "wandb",

@@ -200,7 +200,6 @@ def run_one(study: StudySpec, arm: ArmSpec, seed: int, out: Path, tokenizer: str
                                "or delete that folder to redo the run")
         done = read_json(directory / DONE)
         if done is None:
-            t0 = time.perf_counter()
             if arm.train:
                 from ..train.loop import pretrain
                 log.info("%s seed %d: pretraining %d steps -> %s", arm.name, seed, config.steps, directory)
@@ -215,9 +214,8 @@ def run_one(study: StudySpec, arm: ArmSpec, seed: int, out: Path, tokenizer: str
                 model.save_pretrained(directory / INIT)
                 saved.write_text(to_yaml(config))
                 checkpoint = str((directory / INIT).relative_to(out))
-            done = {"checkpoint": checkpoint, "trained": arm.train, "steps": config.steps if arm.train else 0,
-                    "train_seconds": train_seconds(directory / "metrics.jsonl", config.batch_size),
-                    "wall_seconds_last_call": time.perf_counter() - t0}
+            done = {"checkpoint": checkpoint, "steps": config.steps if arm.train else 0,
+                    "train_seconds": train_seconds(directory / "metrics.jsonl", config.batch_size)}
             write_json(directory / DONE, done)
         fingerprint = eval_fingerprint(evaluator.spec, config, done["checkpoint"])
         existing = read_json(directory / EVAL)
