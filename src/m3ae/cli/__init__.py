@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @contextmanager
-def log_to_stderr(level: int = logging.INFO) -> Iterator[None]:
+def log_to_stderr() -> Iterator[None]:
     """The library's log records ("m3ae.*" loggers) as plain lines on stderr, for one command: the
     library itself configures no handler, so an application embedding it decides where they go."""
     logger = logging.getLogger("m3ae")
@@ -65,7 +65,7 @@ def log_to_stderr(level: int = logging.INFO) -> Iterator[None]:
     handler.setFormatter(logging.Formatter("%(message)s"))
     previous = logger.level
     logger.addHandler(handler)
-    logger.setLevel(level)
+    logger.setLevel(logging.INFO)
     try:
         yield
     finally:

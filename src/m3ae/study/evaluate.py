@@ -222,7 +222,7 @@ def run_probe(sets: ProbeSets, spec: EvalSpec, features: FeatureCache) -> dict[s
     train_y, test_y = sets.train_labels, sets.test_labels
     result: dict[str, Any] = {"classes": len(sets.classes), "train_images": len(train_y),
                               "test_images": len(test_y), "embed_s": s1 + s2,
-                              "dropped_images": list(sets.dropped_images)}
+                              "dropped_classes": sets.dropped_classes, "dropped_images": list(sets.dropped_images)}
     n = len(sets.classes)
     for pool in spec.pools:
         t1 = time.perf_counter()
