@@ -32,6 +32,7 @@ from ..masking import Masks, make_masks, text_target_index
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class ProbeTask:
     name: str

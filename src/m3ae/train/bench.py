@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import resource
-import logging
 import statistics
 import subprocess
 import sys
@@ -41,6 +41,7 @@ from ..precision import autocast, uses_bf16
 from .step import TrainStep
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class BenchOptions:
@@ -192,7 +193,7 @@ def run_train_bench(opts: BenchOptions) -> dict[str, Any]:
         runs = {name: (step, [b.pin_memory() for b in pool]) for name, (step, pool) in runs.items()}
         torch.cuda.reset_peak_memory_stats(device)
     log.info(f"timing {' + '.join(runs)} steps, interleaved: {opts.warmup} warm-up + {opts.steps} timed each"
-        + (f", {opts.background_load} busy background process(es)" if opts.background_load else "") + " ...")
+             + (f", {opts.background_load} busy background process(es)" if opts.background_load else "") + " ...")
     with background_load(opts.background_load):
         timed = _time_steps(runs, opts, device)
     fast = timed["fast"]
