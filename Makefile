@@ -22,6 +22,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check src tests
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 clean:

@@ -1,7 +1,8 @@
 """A CLI that explains itself (--help with every setting, --print-config, --version, fast --help,
 install commands for missing extras, a warmup warning) and the trackers (TensorBoard images and
-hparams, Weights & Biases offline)."""
+hparams, Weights & Biases offline), and the library's log records on stderr during a command."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from m3ae.cli import main
+from m3ae.cli import log_to_stderr, main
 from m3ae.train.settings import settings
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -142,3 +143,18 @@ def test_field_meanings_come_from_trailing_comments_and_blocks_above():
 
     assert field_comments(_Documented) == {"low": "crop range (two lines)", "high": "crop range (two lines)",
                                            "flip": "its own meaning", "other": "after a blank line"}
+
+
+def test_library_log_records_are_plain_stderr_lines_during_a_command_only(capsys, caplog):
+    logger = logging.getLogger("m3ae.train.somewhere")
+    root = logging.getLogger("m3ae")
+    level, handlers = root.level, list(root.handlers)
+    with log_to_stderr():
+        logger.info("resuming from %s at step %d", "ckpt", 7)
+        logger.debug("not shown")
+        logging.getLogger("elsewhere").warning("not ours")
+    logger.warning("after the command")
+    err = capsys.readouterr().err
+    assert err == "resuming from ckpt at step 7\n"  # the message alone, as the prints were
+    assert root.level == level and root.handlers == handlers  # nothing left configured
+    assert "after the command" in caplog.text  # still a record for whoever configures logging

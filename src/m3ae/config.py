@@ -22,6 +22,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 MASKING_MODES = ("per_sample", "reference")
 # How the model runs, not what it is: left out of config.json and free to change on resume.
 RUNTIME_FIELDS = ("attention", "grad_checkpointing")
+FORMAT_VERSION = 1  # of config.json; raise it when a change would make older code misread a file
 
 
 class ConfigError(ValueError):
@@ -87,6 +88,10 @@ class M3AEConfig:
         unknown = sorted(set(data) - known - {"model_type", "format_version"})
         if unknown:
             raise ConfigError(f"unknown model config keys: {unknown}")
+        version = data.get("format_version", FORMAT_VERSION)  # a file of a later layout: refuse, not misread
+        if type(version) is not int or version > FORMAT_VERSION:
+            raise ConfigError(f"format_version {version!r}: this m3ae reads format_version up to {FORMAT_VERSION} "
+                              "(a newer m3ae wrote it? upgrade)")
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_dict(self) -> dict[str, Any]:
@@ -94,7 +99,7 @@ class M3AEConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME_FIELDS}
 
     def to_json(self) -> str:
-        return json.dumps({"model_type": "m3ae", "format_version": 1, **self.to_dict()}, indent=2)
+        return json.dumps({"model_type": "m3ae", "format_version": FORMAT_VERSION, **self.to_dict()}, indent=2)
 
     # -- derived sizes ------------------------------------------------------------------------
     @property

@@ -34,8 +34,8 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *, revision: str | None 
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     try:
-        folder = snapshot_download(name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-                                   allow_patterns=HUB_FILES, library_name="m3ae")
+        folder = snapshot_download(name, revision=revision, cache_dir=None if cache_dir is None else str(cache_dir),
+                                   local_files_only=local_files_only, allow_patterns=HUB_FILES, library_name="m3ae")
     except HFValidationError as err:
         raise FileNotFoundError(f"checkpoint folder not found: {name} ({err})") from None
     except LocalEntryNotFoundError:

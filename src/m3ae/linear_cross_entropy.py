@@ -67,6 +67,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             per_token[start:stop] = top + total.log() - target_logit
             if not want_grad:
                 continue
+            assert grad_hidden is not None and grad_weight is not None  # allocated when want_grad
             # d loss / d logits = token_weight * (softmax - onehot), built in place.
             scale = token_weight[start:stop]
             column_scale = torch.zeros(padded, dtype=acc, device=hidden.device)
@@ -93,7 +94,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("linear_cross_entropy's backward ran twice (retain_graph); it is single-use")
         grads, ctx.grads = ctx.grads, None
-        out = []
+        out: list[torch.Tensor | None] = []
         for grad, needed, dtype in zip(grads, ctx.needs_input_grad[:3], (None, ctx.weight_dtype, ctx.weight_dtype)):
             if grad is None or not needed:
                 out.append(None)

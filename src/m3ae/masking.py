@@ -109,6 +109,7 @@ def make_masks(batch: int, *, num_patches: int | None, text_padding: torch.Tenso
         masks.image_keep = keep_count(num_patches, image_ratio)
     if text_padding is not None or text_length is not None:
         if text_padding is None:
+            assert text_length is not None
             text_padding = torch.zeros(batch, text_length, dtype=torch.bool, device=device)
         length = text_padding.shape[1]
         if shared:

@@ -8,7 +8,6 @@ EXTRAS = {
     "h5py": "data",
     "pyarrow": "data",
     "fsspec": "data",
-    "webdataset": "data",
     "sklearn": "eval",
     "tensorboard": "tensorboard",
     "wandb": "wandb",
@@ -26,7 +25,7 @@ def missing_dependency(err: ImportError) -> str | None:
     if "pip install" in str(err):  # raised by `require`: already says what needs it
         return str(err)
     command = install_command(name) if name else None
-    if command is None:
+    if name is None or command is None:
         return None
     return f"{name.split('.')[0]} is not installed; it comes with {command}"
 

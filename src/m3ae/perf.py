@@ -118,7 +118,7 @@ def device_name(device: torch.device) -> str:
     """GPU name, or CPU model with thread count and its matmul-relevant flags (from /proc/cpuinfo)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model, flags = "cpu", set()
+    model, flags = "cpu", set[str]()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

@@ -81,9 +81,12 @@ class Pretrained:
         size, or captions of one length per batch)."""
         from .eval.features import num_image_tokens, pool_tokens
 
-        if images is None and captions is None:
+        if images is not None:
+            n = len(images)
+        elif captions is not None:
+            n = len(captions)
+        else:
             raise ValueError("give images, captions, or both")
-        n = len(images) if images is not None else len(captions)
         if images is not None and captions is not None and len(captions) != n:
             raise ValueError(f"{n} images but {len(captions)} captions")
         model = self.model
@@ -188,11 +191,11 @@ def checkpoint_tokenizer(folder: str | os.PathLike, vocab_size: int, explicit: s
     return found
 
 
-def _legacy_tokenizer(folder: Path, levels: int = 3) -> tuple[Any, str]:
+def _legacy_tokenizer(folder: Path) -> tuple[Any, str]:
     """(a tokenizer name/path or object, a description) for a checkpoint written before checkpoints
     carried their tokenizer; (None, '') when the run does not say."""
     parent = folder.resolve()
-    for _ in range(levels):  # the demo's layout: OUT/tokenizer.json beside OUT/checkpoints/
+    for _ in range(3):  # the demo's layout: OUT/tokenizer.json beside OUT/checkpoints/
         parent = parent.parent
         if (parent / TOKENIZER_NAME).is_file():
             return str(parent / TOKENIZER_NAME), f"the run's {parent / TOKENIZER_NAME}"

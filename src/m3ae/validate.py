@@ -12,7 +12,7 @@ import math
 import os
 import struct
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, TypeGuard
 
 import torch
 
@@ -73,10 +73,9 @@ def check_safetensors(path: str | os.PathLike, expected: Mapping[str, torch.Tens
                           f"{unexpected[:8]}); it was saved from a model of another shape")
     for name, want in expected.items():
         info = header[name]
-        ok = isinstance(info, dict) and info.get("dtype") in _DTYPE_BYTES
-        shape, offsets = (info.get("shape"), info.get("data_offsets")) if ok else (None, None)
-        ok = ok and _int_list(shape) and _int_list(offsets) and len(offsets) == 2
-        if not ok:
+        shape, offsets = (info.get("shape"), info.get("data_offsets")) if isinstance(info, dict) else (None, None)
+        if not (isinstance(info, dict) and info.get("dtype") in _DTYPE_BYTES and _int_list(shape)
+                and _int_list(offsets) and len(offsets) == 2):
             raise ConfigError(f"{path}: tensor {name} has a malformed header entry")
         if info["dtype"] not in _TORCH_NAMES.values():
             raise ConfigError(f"{path}: tensor {name} is {info['dtype']}, not a float type")
@@ -89,6 +88,6 @@ def check_safetensors(path: str | os.PathLike, expected: Mapping[str, torch.Tens
                               f"file ({data_bytes} data bytes)")
 
 
-def _int_list(value) -> bool:
+def _int_list(value: object) -> TypeGuard[list[int]]:
     return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
                                            for v in value)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 import traceback
+from contextlib import contextmanager
+from typing import Iterator
 
 from ..data.bad import DataQualityError, LoaderError
 from ..optional import missing_dependency
@@ -53,9 +56,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def log_to_stderr() -> Iterator[None]:
+    """The library's log records ("m3ae.*" loggers) as plain lines on stderr, for one command: the
+    library itself configures no handler, so an application embedding it decides where they go."""
+    logger = logging.getLogger("m3ae")
+    handler = logging.StreamHandler(sys.stderr)  # the stderr of now (tests swap it per test)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    previous = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with log_to_stderr():
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except ImportError as err:  # an optional dependency: say which extra brings it

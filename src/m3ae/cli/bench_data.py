@@ -44,9 +44,9 @@ class BaselineTransform:
 
         image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data).convert("RGB")
         box = random_resized_crop_box(*image.size, rng)
-        image = image.crop(box).resize((self.size, self.size), Image.BICUBIC)
+        image = image.crop(box).resize((self.size, self.size), Image.Resampling.BICUBIC)
         if rng.random() < 0.5:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255.0
         return (x - self.mean) / self.std
 

@@ -77,7 +77,8 @@ def run_stats(args: argparse.Namespace) -> int:
     for item, source in build_sources(args.spec):
         counter = _bad_counter(args, max_logged=0)
         stopped = None
-        lengths, widths, heights, labels = [], [], [], Counter()
+        lengths, widths, heights = [], [], []
+        labels: Counter[int] = Counter()
         take_image = "image" in source.provides and item.role != "text"
         take_text = "text" in source.provides and item.role != "image"
         for i, (_, record) in enumerate(source.iterate(0, 1, seed=0, epochs=1)):
@@ -161,10 +162,10 @@ def run_shard(args: argparse.Namespace) -> int:
                 if args.shorter_side and side > args.shorter_side:
                     s = args.shorter_side / side
                     image = image.resize((max(1, round(image.width * s)), max(1, round(image.height * s))),
-                                         Image.BICUBIC)
+                                         Image.Resampling.BICUBIC)
                 buf = io.BytesIO()
                 image.save(buf, "JPEG", quality=args.quality)
-                sample = {"__key__": f"{index:09d}", "jpg": buf.getvalue()}
+                sample: dict[str, object] = {"__key__": f"{index:09d}", "jpg": buf.getvalue()}
                 if caption:
                     sample["txt"] = caption
                 if record.label is not None:

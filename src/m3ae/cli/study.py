@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     only = [a for a in args.arms.split(",") if a] if args.arms else None
     if args.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
-    stopped = None
+    stopped: str | Exception | None = None
     if not args.report_only:
         if args.jobs > 1:
             threads = args.threads or max(1, len(os.sched_getaffinity(0)) // args.jobs)

@@ -18,8 +18,8 @@ are skipped, counted (BadCounter) and logged; a missing path is an error.
 """
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -36,6 +36,8 @@ from ..interop.safe_pickle import UnsafePickleError, find_opaque, safe_load
 
 __all__ = ["LabelledImages", "labelled_dataset", "load_cifar_batch", "read_cifar", "EvalTransform",
            "TrainTransform", "expand_braces"]
+
+log = logging.getLogger(__name__)
 
 _CIFAR_TRAIN = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5")
 
@@ -85,9 +87,9 @@ class LabelledImages(torch.utils.data.Dataset):
         raise RuntimeError(f"{self.description}: no usable image at all ({dict(self.counter.bad)})")
 
     def skip(self, key: str, err: BadSample) -> None:
-        self.counter.record_bad(err.reason, key, err.detail, log_it=False)  # printed: eval runs log to stderr
-        print(f"{self.description}: skipping {key!r} ({err}); {self.skipped} skipped so far in this process",
-              file=sys.stderr)
+        self.counter.record_bad(err.reason, key, err.detail, log_it=False)  # logged below, with the source
+        log.warning("%s: skipping %r (%s); %d skipped so far in this process", self.description, key, err,
+                    self.skipped)
 
     def subset(self, limit: int | None, seed: int = 0) -> "LabelledImages":
         """A fixed random subset of `limit` items (shards are often class-sorted)."""
@@ -182,7 +184,7 @@ def _from_shards(source: WebDatasetSource, transform, keep_unlabelled: bool = Fa
             else:
                 records.append(record)
     if unlabelled:
-        print(f"{source.name}: ignored {unlabelled} samples without a .cls label", file=sys.stderr)
+        log.warning("%s: ignored %d samples without a .cls label", source.name, unlabelled)
     if not records:
         raise ValueError(f"{source.name}: no samples with a .cls label")
     ds = LabelledImages(lambda i: _image_of(records[i]), [r.label for r in records],

@@ -39,6 +39,7 @@ class Opaque:
 
     module = ""
     qualname = ""
+    _record: dict[str, Any]  # set in __new__ (instances refuse __setattr__)
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "Opaque":
         self = object.__new__(cls)
@@ -179,7 +180,7 @@ def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: str) -> np.ndarray:
     if order not in ("C", "F"):
         raise UnsafePickleError(f"bad array order {order!r}")
     array = np.frombuffer(buffer, dtype=dtype)
-    return array.reshape(shape, order=order).copy(order="K")
+    return array.reshape(shape, order="F" if order == "F" else "C").copy(order="K")
 
 
 def _scalar(dtype: Any, data: Any = None) -> Any:

@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,6 +29,8 @@ from ..eval.features import extract_pooled_features
 from ..eval.knn import knn_accuracy
 from ..eval.labelled import LabelledImages
 from ..masking import Masks, make_masks, text_target_index
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -93,7 +95,8 @@ class EvalSpec:
 # -- labelled sets --------------------------------------------------------------------------------
 def _records(pattern: str, limit: int | None = None, seed: int = 0) -> list:
     """Usable records (with an image) of some shards, in order; a fixed random subset if `limit`."""
-    records, bad = [], Counter()
+    records: list = []
+    bad: Counter[str] = Counter()
     for shard in list_shards(pattern):
         for r in iter_tar(shard):
             if r.missing or r.image is None:
@@ -101,7 +104,7 @@ def _records(pattern: str, limit: int | None = None, seed: int = 0) -> list:
             else:
                 records.append(r)
     if bad:  # truncated shards, unreadable labels, samples without an image: counted, not fatal
-        print(f"{pattern}: skipped {sum(bad.values())} unusable records {dict(bad)}", file=sys.stderr)
+        log.warning("%s: skipped %d unusable records %s", pattern, sum(bad.values()), dict(bad))
     if limit and limit < len(records):
         g = torch.Generator().manual_seed(seed)
         keep = sorted(torch.randperm(len(records), generator=g)[:limit].tolist())
@@ -220,7 +223,7 @@ def run_probe(sets: ProbeSets, spec: EvalSpec, features: FeatureCache) -> dict[s
     train_y, test_y = sets.train_labels, sets.test_labels
     result: dict[str, Any] = {"classes": len(sets.classes), "train_images": len(train_y),
                               "test_images": len(test_y), "embed_s": s1 + s2,
-                              "dropped_images": list(sets.dropped_images)}
+                              "dropped_classes": sets.dropped_classes, "dropped_images": list(sets.dropped_images)}
     n = len(sets.classes)
     for pool in spec.pools:
         t1 = time.perf_counter()
@@ -259,7 +262,7 @@ def load_captioned(task: MaskedWordsTask, tokenizer, image_size: int, text_lengt
             image = transform(record.image, key=record.key)
         except BadSample as err:
             skipped += 1
-            print(f"masked words: skipping {record.key!r} ({err})", file=sys.stderr)
+            log.warning("masked words: skipping %r (%s)", record.key, err)
             continue
         keys.append(record.key)
         images.append(image)
@@ -299,13 +302,15 @@ def masked_word_accuracy(model, data: CaptionedSet, task: MaskedWordsTask, batch
             b = image.shape[0]
             text_masks = make_masks(b, num_patches=None, text_padding=padding, image_ratio=0.0,
                                     text_ratio=task.ratio, generator=g)
-            if b < 2 or len(text_masks.text_targets) == 0:
+            text_ids, hidden_targets = text_masks.text_ids, text_masks.text_targets  # drawn: text_padding given
+            assert text_ids is not None and hidden_targets is not None
+            if b < 2 or len(hidden_targets) == 0:
                 continue
             wrong = image[derangement(b, g)]
             everything = torch.arange(model.config.num_patches).expand(b, -1)
-            with_image = Masks(everything, model.config.num_patches, text_masks.text_ids, text_masks.text_keep,
-                               text_target_index(text_masks.text_ids, text_masks.text_keep, padding))
-            targets = len(with_image.text_targets)
+            targets_index = text_target_index(text_ids, text_masks.text_keep, padding)
+            with_image = Masks(everything, model.config.num_patches, text_ids, text_masks.text_keep, targets_index)
+            targets = len(targets_index)
             for name, img, masks in (("true_image", image, with_image), ("mismatched_image", wrong, with_image),
                                      ("no_image", None, text_masks)):
                 out = model(None if img is None else img.to(device), text.to(device), padding.to(device),

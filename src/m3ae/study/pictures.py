@@ -39,9 +39,11 @@ def draw_pictures(study: StudySpec, out: str | Path, which: str, n: int = 6,
     spec = EvalSpec.from_dict(study.evals)
     if spec.masked_words is None or not model.config.has_text:
         raise ValueError("--pictures needs a model with text and the study's masked_words data")
+    if not config.data.tokenizer:
+        raise ValueError("--pictures needs the study's tokenizer (OUT/tokenizer.json or tokenizer.path)")
     tokenizer = load_tokenizer(config.data.tokenizer)
-    data = Evaluator(spec, lambda m: None).captioned(config.data.tokenizer, model.config.image_size,
-                                                      model.config.text_length, config.data.normalization)
+    data = Evaluator(spec).captioned(config.data.tokenizer, model.config.image_size, model.config.text_length,
+                                     config.data.normalization)
     stats = config.data.normalization
     written = []
     # Evenly spaced held-out products (shards are ordered by product id: spread them out).
@@ -96,10 +98,10 @@ def conditioned_picture(model: M3AE, data, pick: torch.Tensor, decode, stats, pa
     return path
 
 
-def tsne_picture(study: StudySpec, out: str | Path, arms: list[str], task: str | None = None, seed: int = 0,
-                 classes: int = 10, points: int = 1500) -> Path:
-    """t-SNE of held-out images of the `classes` most frequent classes of a probe task (the first by
-    default), mean-pooled features, one panel per arm (those of `arms` that exist and are done)."""
+def tsne_picture(study: StudySpec, out: str | Path, arms: list[str], seed: int = 0) -> Path:
+    """t-SNE of up to 1500 held-out images of the 10 most frequent classes of the first probe task,
+    mean-pooled features, one panel per arm (those of `arms` that exist and are done)."""
+    classes, points = 10, 1500
     import numpy as np
 
     from ..viz.tsne import FeatureSet, tsne_figure
@@ -107,9 +109,9 @@ def tsne_picture(study: StudySpec, out: str | Path, arms: list[str], task: str |
 
     out = Path(out)
     spec = EvalSpec.from_dict(study.evals)
-    probe = next((p for p in spec.probes if task in (None, p.name)), None)
-    if probe is None:
-        raise ValueError(f"no probe task {task!r} in the study")
+    if not spec.probes:
+        raise ValueError("the study has no probe task")
+    probe = spec.probes[0]
     panels = []
     sets = None
     for name in arms:

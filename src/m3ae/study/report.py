@@ -79,7 +79,7 @@ def collect(study: StudySpec, out: Path) -> dict[str, Any]:
             directory = run_dir(out, arm, seed)
             done, result = read_json(directory / DONE), read_json(directory / EVAL)
             status = "evaluated" if result else ("trained" if done else "pending")
-            row = {"arm": arm.name, "seed": seed, "status": status}
+            row: dict[str, Any] = {"arm": arm.name, "seed": seed, "status": status}
             if done:
                 row.update(train_seconds=done.get("train_seconds"), steps=done.get("steps"),
                            checkpoint=done.get("checkpoint"))

@@ -12,12 +12,12 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import sys
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -31,6 +31,8 @@ from .spec import ArmSpec, StudySpec
 DONE = "done.json"
 EVAL = "eval.json"
 INIT = "init"  # an untrained arm's weights
+
+log = logging.getLogger(__name__)
 
 
 class StudyStopped(Exception):
@@ -69,7 +71,7 @@ def run_lock(directory: Path) -> Iterator[bool]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def prepare_tokenizer(study: StudySpec, out: Path, log: Callable[[str], None]) -> str | None:
+def prepare_tokenizer(study: StudySpec, out: Path) -> str | None:
     """OUT/tokenizer.json, which every arm uses: a copy of `tokenizer.path` (relative to the study
     file), or trained once on `tokenizer.train_from`. HF WordPiece training orders tied tokens by a
     randomly seeded hash map, so two trainings on the same texts differ: a study that must be
@@ -93,8 +95,9 @@ def prepare_tokenizer(study: StudySpec, out: Path, log: Callable[[str], None]) -
         from ..data.spec import parse_item
         from ..data.tokenizer import source_texts, train_wordpiece
 
-        log(f"training a {tok.vocab_size}-token WordPiece vocabulary on {tok.train_from}")
-        tokenizer = train_wordpiece(source_texts([build_source(parse_item(tok.train_from))]), tok.vocab_size,
+        train_from = str(tok.train_from)  # set: checked above
+        log.info("training a %d-token WordPiece vocabulary on %s", tok.vocab_size, train_from)
+        tokenizer = train_wordpiece(source_texts([build_source(parse_item(train_from))]), tok.vocab_size,
                                     tok.min_frequency)
     atomic_write(path, lambda tmp: tokenizer.save(tmp))
     return str(path)
@@ -130,8 +133,8 @@ def train_seconds(metrics_path: Path, batch_size: int) -> float:
 class Evaluator:
     """The study's evaluation sets, loaded once per process and shared by every run."""
 
-    def __init__(self, spec: EvalSpec, log: Callable[[str], None]):
-        self.spec, self.log = spec, log
+    def __init__(self, spec: EvalSpec):
+        self.spec = spec
         self._probes: dict[tuple, Any] = {}
         self._images = ImageCache()
         self._captioned: dict[tuple, Any] = {}
@@ -142,15 +145,16 @@ class Evaluator:
             t0 = time.perf_counter()
             self._probes[key] = load_probe_sets(task, image_size, stats, self._images)
             s = self._probes[key]
-            self.log(f"probe {task.name}: {len(s.classes)} classes, {len(s.train_index)} train / "
-                     f"{len(s.test_index)} test "
-                     f"images ({time.perf_counter() - t0:.0f} s to read)")
+            log.info("probe %s: %d classes, %d train / %d test images (%.0f s to read)", task.name,
+                     len(s.classes), len(s.train_index), len(s.test_index), time.perf_counter() - t0)
         return self._probes[key]
 
     def captioned(self, tokenizer_path: str, image_size: int, text_length: int, stats):
         from ..data.tokenizer import load_tokenizer
         key = (tokenizer_path, image_size, text_length, str(stats))
         if key not in self._captioned:
+            if self.spec.masked_words is None:
+                raise ValueError("the study has no masked_words evaluation")
             self._captioned[key] = load_captioned(self.spec.masked_words, load_tokenizer(tokenizer_path),
                                                   image_size, text_length, stats)
         return self._captioned[key]
@@ -164,7 +168,7 @@ class Evaluator:
             result["probes"][task.name] = run_probe(sets, self.spec, features)
             summary = ", ".join(f"{p} probe {r['probe_top1']:.2f} knn {r['knn_top1']:.2f}"
                                 for p, r in result["probes"][task.name].items() if isinstance(r, dict))
-            self.log(f"  {task.name}: {summary}")
+            log.info("  %s: %s", task.name, summary)
         mw = self.spec.masked_words
         if mw is not None and config.model.has_text and config.data.tokenizer:
             t0 = time.perf_counter()
@@ -175,19 +179,19 @@ class Evaluator:
             words = masked_word_accuracy(model, data, mw, self.spec.batch_size)
             words["seconds"] = time.perf_counter() - t0
             result["masked_words"] = words
-            self.log(f"  masked words: true image {words['true_image']:.2f}, mismatched "
-                     f"{words['mismatched_image']:.2f}, no image {words['no_image']:.2f} (%)")
+            log.info("  masked words: true image %.2f, mismatched %.2f, no image %.2f (%%)", words["true_image"],
+                     words["mismatched_image"], words["no_image"])
         return result
 
 
 def run_one(study: StudySpec, arm: ArmSpec, seed: int, out: Path, tokenizer: str | None,
-            evaluator: Evaluator, log: Callable[[str], None]) -> str:
+            evaluator: Evaluator) -> str:
     """Pretrain (or resume) and evaluate one run; returns 'done', 'busy' (another process has it)."""
     directory = run_dir(out, arm, seed)
     config = arm_config(study, arm, seed, tokenizer)
     with run_lock(directory) as mine:
         if not mine:
-            log(f"{arm.name} seed {seed}: another process is on it; skipping")
+            log.info("%s seed %d: another process is on it; skipping", arm.name, seed)
             return "busy"
         config.progress = False
         saved = directory / "run_config.yaml"
@@ -196,13 +200,13 @@ def run_one(study: StudySpec, arm: ArmSpec, seed: int, out: Path, tokenizer: str
                                "or delete that folder to redo the run")
         done = read_json(directory / DONE)
         if done is None:
-            t0 = time.perf_counter()
             if arm.train:
                 from ..train.loop import pretrain
-                log(f"{arm.name} seed {seed}: pretraining {config.steps} steps -> {directory}")
+                log.info("%s seed %d: pretraining %d steps -> %s", arm.name, seed, config.steps, directory)
                 result = pretrain(config, directory, resume="auto")
                 if result.status != "finished":
                     raise StudyStopped(f"{arm.name} seed {seed} stopped at step {result.step}")
+                assert result.checkpoint is not None  # a finished run has saved its last step
                 checkpoint = str(result.checkpoint.relative_to(out))
             else:
                 torch.manual_seed(config.seed)
@@ -210,33 +214,31 @@ def run_one(study: StudySpec, arm: ArmSpec, seed: int, out: Path, tokenizer: str
                 model.save_pretrained(directory / INIT)
                 saved.write_text(to_yaml(config))
                 checkpoint = str((directory / INIT).relative_to(out))
-            done = {"checkpoint": checkpoint, "trained": arm.train, "steps": config.steps if arm.train else 0,
-                    "train_seconds": train_seconds(directory / "metrics.jsonl", config.batch_size),
-                    "wall_seconds_last_call": time.perf_counter() - t0}
+            done = {"checkpoint": checkpoint, "steps": config.steps if arm.train else 0,
+                    "train_seconds": train_seconds(directory / "metrics.jsonl", config.batch_size)}
             write_json(directory / DONE, done)
         fingerprint = eval_fingerprint(evaluator.spec, config, done["checkpoint"])
         existing = read_json(directory / EVAL)
         if existing is None or existing.get("fingerprint") != fingerprint:
-            log(f"{arm.name} seed {seed}: evaluating {done['checkpoint']}")
+            log.info("%s seed %d: evaluating %s", arm.name, seed, done["checkpoint"])
             t0 = time.perf_counter()
             model = M3AE.from_pretrained(out / done["checkpoint"])
-            result = evaluator(model, config)
-            result.update(fingerprint=fingerprint, arm=arm.name, seed=seed, checkpoint=done["checkpoint"],
-                          eval_seconds=time.perf_counter() - t0)
-            write_json(directory / EVAL, result)
+            evaluation = evaluator(model, config)
+            evaluation.update(fingerprint=fingerprint, arm=arm.name, seed=seed, checkpoint=done["checkpoint"],
+                              eval_seconds=time.perf_counter() - t0)
+            write_json(directory / EVAL, evaluation)
     return "done"
 
 
-def run_study(study: StudySpec, out: str | Path, *, only: list[str] | None = None,
-              log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> dict[str, str]:
+def run_study(study: StudySpec, out: str | Path, *, only: list[str] | None = None) -> dict[str, str]:
     """Every (arm, seed) of the study (or of the arms named in `only`); returns {run: status}."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     unknown = sorted(set(only or []) - {a.name for a in study.arms})
     if unknown:
         raise ValueError(f"unknown arms {unknown}; the study has {[a.name for a in study.arms]}")
-    tokenizer = prepare_tokenizer(study, out, log)
-    evaluator = Evaluator(EvalSpec.from_dict(study.evals), log)
+    tokenizer = prepare_tokenizer(study, out)
+    evaluator = Evaluator(EvalSpec.from_dict(study.evals))
     # Check every arm's config before spending time on any (a typo in the last arm fails now).
     for arm, seed in study.runs():
         arm_config(study, arm, seed, tokenizer)
@@ -244,5 +246,5 @@ def run_study(study: StudySpec, out: str | Path, *, only: list[str] | None = Non
     for arm, seed in study.runs():
         if only and arm.name not in only:
             continue
-        status[f"{arm.name}/seed{seed}"] = run_one(study, arm, seed, out, tokenizer, evaluator, log)
+        status[f"{arm.name}/seed{seed}"] = run_one(study, arm, seed, out, tokenizer, evaluator)
     return status

@@ -84,7 +84,7 @@ def _substitute(value: Any, data_root: str | None) -> Any:
     return value
 
 
-def parse_study(raw: dict[str, Any], data_root: str | None = None, path: Path | None = None) -> StudySpec:
+def parse_study(raw: dict[Any, Any], data_root: str | None = None, path: Path | None = None) -> StudySpec:
     raw = _substitute(raw, data_root)
     unknown = sorted(set(raw) - {"name", "base", "arms", "overrides", "seeds", "tokenizer", "evals"})
     if unknown:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import resource
 import statistics
@@ -39,6 +40,8 @@ from ..perf import batch_train_flops, device_name, measure_matmul_tflops, synchr
 from ..precision import autocast, uses_bf16
 from .config import load_config
 from .step import TrainStep
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -169,7 +172,7 @@ def background_load(processes: int):
             p.wait()
 
 
-def run_train_bench(opts: BenchOptions, log=lambda msg: print(msg, file=sys.stderr)) -> dict[str, Any]:
+def run_train_bench(opts: BenchOptions) -> dict[str, Any]:
     device = pick_device(opts.device)
     bf16 = uses_bf16(opts.precision, device)
     config = opts.model
@@ -199,8 +202,8 @@ def run_train_bench(opts: BenchOptions, log=lambda msg: print(msg, file=sys.stde
     if device.type == "cuda":  # as the trainer's loader delivers them (pin_memory=True)
         runs = {name: (step, [b.pin_memory() for b in pool]) for name, (step, pool) in runs.items()}
         torch.cuda.reset_peak_memory_stats(device)
-    log(f"timing {' + '.join(runs)} steps, interleaved: {opts.warmup} warm-up + {opts.steps} timed each"
-        + (f", {opts.background_load} busy background process(es)" if opts.background_load else "") + " ...")
+    log.info(f"timing {' + '.join(runs)} steps, interleaved: {opts.warmup} warm-up + {opts.steps} timed each"
+             + (f", {opts.background_load} busy background process(es)" if opts.background_load else "") + " ...")
     with background_load(opts.background_load):
         timed = _time_steps(runs, opts, device)
     fast = timed["fast"]

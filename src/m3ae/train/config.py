@@ -6,7 +6,7 @@ import operator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -193,7 +193,7 @@ def load_config(preset: str | None = None, overrides: Sequence[str] = ()) -> Tra
                 raise ConfigError(f"unknown model preset {size!r}; choose one of {sorted(PRESETS)}")
             layers.insert(0, OmegaConf.create({"model": PRESETS[size]}))
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), *layers, cli)
-        config = OmegaConf.to_object(merged)
+        config = _to_config(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(str(err).splitlines()[0]) from err
     config.validate()
@@ -206,7 +206,13 @@ def to_yaml(config: TrainConfig) -> str:
 
 def from_yaml(text: str) -> TrainConfig:
     merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(text))
-    return OmegaConf.to_object(merged)
+    return _to_config(merged)
+
+
+def _to_config(merged: Any) -> TrainConfig:
+    config = OmegaConf.to_object(merged)
+    assert isinstance(config, TrainConfig)  # a merge onto the TrainConfig schema builds one
+    return config
 
 
 # Settings that may change on resume without changing what is computed (logging, speed, limits;

@@ -9,8 +9,9 @@ import torch
 
 
 def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # the legacy form: ("MT19937", keys, pos, has_gauss, gauss)
+    state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
         "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),

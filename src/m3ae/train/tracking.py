@@ -3,20 +3,22 @@
 (`wandb=true`: the same rows, grids and settings; offline with wandb_mode=offline). Rank 0 only.
 
 A resumed run continues the same W&B run (its id is kept in OUT/wandb_run_id). A tracker that
-fails to log must not stop training: errors are printed once and that tracker is dropped.
+fails to log must not stop training: errors are logged once and that tracker is dropped.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import secrets
-import sys
 from pathlib import Path
 from typing import Any
 
 from ..optional import require
 
 WANDB_ID_FILE = "wandb_run_id"
+
+log = logging.getLogger(__name__)
 
 
 def flat_settings(config) -> dict[str, Any]:
@@ -46,7 +48,7 @@ class Trackers:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tensorboard = SummaryWriter(str(out_dir / "tensorboard"))
             except ImportError:
-                print("tensorboard is not installed; pip install 'm3ae[tensorboard]'", file=sys.stderr)
+                log.warning("tensorboard is not installed; pip install 'm3ae[tensorboard]'")
         if config.wandb:
             self.wandb = self._start_wandb(config, out_dir)
 
@@ -65,15 +67,18 @@ class Trackers:
         try:
             fn()
         except Exception as err:  # a tracker must never stop a training run
-            print(f"{name} logging failed ({err}); no more {name} logging in this run", file=sys.stderr)
+            log.warning("%s logging failed (%s); no more %s logging in this run", name, err, name)
             setattr(self, name, None)
 
     def scalars(self, row: dict[str, Any]) -> None:
         step = int(row["step"])
         values = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                   and k != "step" and math.isfinite(v)}
-        if self.tensorboard is not None:
-            self._guard("tensorboard", lambda: [self.tensorboard.add_scalar(k, v, step) for k, v in values.items()])
+        if (writer := self.tensorboard) is not None:
+            def add_scalars() -> None:
+                for k, v in values.items():
+                    writer.add_scalar(k, v, step)
+            self._guard("tensorboard", add_scalars)
         if self.wandb is not None:
             self._guard("wandb", lambda: self.wandb.log(values, step=step))
 
@@ -81,14 +86,14 @@ class Trackers:
         """A picture the run wrote (a PNG), e.g. the reconstruction grid of `viz_every`."""
         if path is None or (self.tensorboard is None and self.wandb is None):
             return
-        if self.tensorboard is not None:
+        if (writer := self.tensorboard) is not None:
             def add():
                 import numpy as np
                 from PIL import Image
 
                 with Image.open(path) as im:
                     pixels = np.asarray(im.convert("RGB"))
-                self.tensorboard.add_image(tag, pixels, step, dataformats="HWC")
+                writer.add_image(tag, pixels, step, dataformats="HWC")
             self._guard("tensorboard", add)
         if self.wandb is not None:
             import wandb
