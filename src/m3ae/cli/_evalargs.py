@@ -35,7 +35,8 @@ def add_fields(p: argparse.ArgumentParser, cls: type, *, rename: dict[str, str] 
         if kind is bool:
             p.add_argument(flag, dest=name, action="store_true", help=help_)
         elif typing.get_origin(kind) is tuple:
-            p.add_argument(flag, dest=name, type=args[0], nargs=len(args), default=list(f.default), help=help_)
+            p.add_argument(flag, dest=name, type=args[0], nargs=len(args),
+                           default=list(typing.cast(tuple, f.default)), help=help_)
         else:
             p.add_argument(flag, dest=name, type=args[0] if args else kind, default=None if required else f.default,
                            required=required, help=help_)

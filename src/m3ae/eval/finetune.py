@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -195,7 +195,8 @@ def finetune(encoder: M3AE, train_set, val_set, num_classes: int, config: Finetu
                                          drop_last=len(train_set) > config.batch_size)
     total, warmup = config.epochs * len(loader), config.warmup_epochs * len(loader)
     before = evaluate_classifier(model, val_loader, device)
-    history, step = [], 0
+    history: list[dict[str, Any]] = []
+    step = 0
     for epoch in range(config.epochs):
         model.train()
         t0, loss_sum, seen = time.perf_counter(), 0.0, 0

@@ -7,7 +7,7 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +75,8 @@ def train_linear_probe(model, train_set, val_set, num_classes: int, config: Prob
     loader, val_loader = runtime.loaders(train_set, val_set, config.batch_size)
     steps_per_epoch = len(loader)
     total, warmup = config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch
-    history, step = [], 0
+    history: list[dict[str, Any]] = []
+    step = 0
     for epoch in range(config.epochs):
         head.train()
         t0, loss_sum, seen = time.perf_counter(), 0.0, 0

@@ -120,7 +120,9 @@ def _classifier_outputs(model, ds, settings: EvalSettings, device):
     for image, label in torch.utils.data.DataLoader(ds, batch_size=settings.batch_size,
                                                     num_workers=settings.num_workers):
         f = model.features(image.to(device)).float()
-        xs.append(f.cpu()), ls.append(model.head(f).float().cpu()), ys.append(label)
+        xs.append(f.cpu())
+        ls.append(model.head(f).float().cpu())
+        ys.append(label)
     return torch.cat(xs), torch.cat(ys), torch.cat(ls)
 
 
