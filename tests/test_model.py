@@ -295,3 +295,13 @@ def test_strip_decoder_keeps_exactly_what_encode_uses(nano_model):
     assert nano_model.strip_decoder() is nano_model
     assert set(dict(nano_model.named_parameters())) == used
     assert torch.equal(nano_model.encode(image, text, padding), before)
+
+
+def test_masks_without_a_part_the_input_has_are_a_clear_error(nano_model):
+    image, text, padding = random_batch()
+    masks = nano_model.make_masks(4, True, None, None, torch.Generator().manual_seed(0))  # image part only
+    with pytest.raises(ValueError, match="no text part"):
+        nano_model(image, text, padding, masks=masks)
+    text_only = nano_model.make_masks(4, False, padding, None, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="no image part"):
+        nano_model(image, text, padding, masks=text_only)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,7 +13,7 @@ from .config import ConfigError, M3AEConfig, check_fits_memory
 from .files import atomic_write
 from .linear_cross_entropy import linear_cross_entropy
 from .losses import normalize_patches, packed_token_weights, patch_mse, token_cross_entropy
-from .layers import OutputHead, Transformer, gather_rows
+from .layers import Attention, OutputHead, Transformer, gather_rows
 from .masking import Masks, masks_for, text_target_index
 from .patches import patchify
 from .posembed import image_position_table, text_position_table
@@ -61,6 +62,13 @@ class ModelInputs:
         return self.num_patches if self.patches is not None else 0
 
 
+def _order(ids: torch.Tensor | None, modality: str) -> torch.Tensor:
+    """A modality's keep-order from Masks, or a clear error when the masks lack a part the input has."""
+    if ids is None:
+        raise ValueError(f"the masks have no {modality} part ({modality}_ids) but the input has {modality}")
+    return ids
+
+
 # What only the masked-autoencoding stages use (strip_decoder).
 _DECODER_PARTS = ("decoder_input_projection", "decoder", "image_head", "text_head", "image_mask_token",
                   "text_mask_token", "decoder_image_type", "decoder_text_type")
@@ -72,6 +80,12 @@ _REFERENCE_MAE_NO_DECAY = ("cls_token", "encoder_image_type", "image_mask_token"
 
 
 class M3AE(nn.Module):
+    # Fixed sin-cos tables (non-persistent buffers), declared for type checkers.
+    enc_image_pos: torch.Tensor
+    dec_image_pos: torch.Tensor
+    enc_text_pos: torch.Tensor
+    dec_text_pos: torch.Tensor
+
     def __init__(self, config: M3AEConfig):
         super().__init__()
         config.validate()
@@ -90,7 +104,7 @@ class M3AE(nn.Module):
             if c.has_text:
                 self.encoder_text_type = nn.Parameter(torch.zeros(1, 1, d))
                 self.decoder_text_type = nn.Parameter(torch.zeros(1, 1, dd))
-        common = dict(mlp_ratio=c.mlp_ratio, drop=c.drop, att_drop=c.att_drop, drop_path=c.drop_path,
+        common: dict[str, Any] = dict(mlp_ratio=c.mlp_ratio, drop=c.drop, att_drop=c.att_drop, drop_path=c.drop_path,
                       eps=c.layer_norm_eps, grad_checkpointing=c.grad_checkpointing,
                       explicit_attention=c.attention == "explicit")
         self.encoder = Transformer(d, c.depth, c.num_heads, **common)
@@ -245,10 +259,11 @@ class M3AE(nn.Module):
         """Check the inputs and cut the image (B, C, H, W) into patches: the batch every stage takes."""
         self._check_inputs(image, text, text_padding_mask)
         c = self.config
-        batch = image.shape[0] if image is not None else text.shape[0]
+        first = image if image is not None else text
+        assert first is not None  # _check_inputs refused neither
         grid = self.patch_grid(image) if image is not None else (c.grid_size, c.grid_size)
         return ModelInputs(
-            batch=batch, grid=grid,
+            batch=first.shape[0], grid=grid,
             patches=None if image is None else patchify(image, c.patch_size),
             text=text,
             padding=None if text is None or text_padding_mask is None else text_padding_mask.bool())
@@ -260,10 +275,10 @@ class M3AE(nn.Module):
         tokens = [self.cls_token.expand(inputs.batch, -1, -1)]
         key_padding = None
         if inputs.patches is not None:
-            kept = None if masks is None else masks.image_ids[:, : masks.image_keep]
+            kept = None if masks is None else _order(masks.image_ids, "image")[:, : masks.image_keep]
             tokens.append(self.embed_image(inputs.patches, kept, inputs.grid))
         if inputs.text is not None:
-            kept = None if masks is None else masks.text_ids[:, : masks.text_keep]
+            kept = None if masks is None else _order(masks.text_ids, "text")[:, : masks.text_keep]
             tokens.append(self.embed_text(inputs.text, kept))
             if inputs.padding is not None:
                 padding = inputs.padding if kept is None else inputs.padding.gather(1, kept)
@@ -288,13 +303,13 @@ class M3AE(nn.Module):
         offset = 1
         if inputs.patches is not None:
             slots = self._fill_slots(proj[:, offset: offset + masks.image_keep], self.image_mask_token,
-                                     masks.image_ids, inputs.num_patches)
+                                     _order(masks.image_ids, "image"), inputs.num_patches)
             offset += masks.image_keep
             parts.append(slots + self.image_positions("dec", inputs.grid) + self._type("decoder_image_type"))
         key_padding = None
         if inputs.text is not None:
             length = inputs.text.shape[1]
-            slots = self._fill_slots(proj[:, offset:], self.text_mask_token, masks.text_ids, length)
+            slots = self._fill_slots(proj[:, offset:], self.text_mask_token, _order(masks.text_ids, "text"), length)
             parts.append(slots + self.dec_text_pos[:, :length] + self._type("decoder_text_type"))
             if inputs.padding is not None:
                 front = inputs.padding.new_zeros(inputs.batch, 1 + inputs.image_slots)
@@ -313,9 +328,9 @@ class M3AE(nn.Module):
         text slots (padding included), each in mask order."""
         rows = []
         if inputs.patches is not None:
-            rows.append(1 + masks.image_ids[:, masks.image_keep:])
+            rows.append(1 + _order(masks.image_ids, "image")[:, masks.image_keep:])
         if inputs.text is not None:
-            rows.append(1 + inputs.image_slots + masks.text_ids[:, masks.text_keep:])
+            rows.append(1 + inputs.image_slots + _order(masks.text_ids, "text")[:, masks.text_keep:])
         return torch.cat(rows, dim=1)
 
     def forward_decoder(self, latent: torch.Tensor, inputs: ModelInputs, masks: Masks, *, every_slot: bool = False,
@@ -329,7 +344,7 @@ class M3AE(nn.Module):
         x, key_padding = self._decoder_input(latent, inputs, masks)
         rows = None if every_slot else self._loss_rows(inputs, masks)
         dec, attentions = self.decoder(x, key_padding, return_attention, None if return_attention else rows)
-        if every_slot:
+        if rows is None:  # every slot
             start, end = 1, 1 + inputs.image_slots  # after [CLS]
         else:
             if return_attention:  # the weights needed every row; the losses need only these
@@ -346,11 +361,13 @@ class M3AE(nn.Module):
         norm_pix_loss), from forward_decoder's image output. With `every_slot` (all patch slots in
         position order) the head predicts every patch and the loss is mask-weighted, the reference's
         way; returns (loss, those (B, N, p*p*C) predictions), else (loss, None)."""
-        target = normalize_patches(inputs.patches) if self.config.norm_pix_loss else inputs.patches
+        patches = inputs.patches
+        assert patches is not None, "image_loss needs an image"
+        target = normalize_patches(patches) if self.config.norm_pix_loss else patches
         if every_slot:
             pred = self.image_head(decoded)
             return patch_mse(pred, target, masks.image_mask()), pred
-        hidden = masks.image_ids[:, masks.image_keep:]
+        hidden = _order(masks.image_ids, "image")[:, masks.image_keep:]
         return patch_mse(self.image_head(decoded), gather_rows(target, hidden)), None
 
     def text_loss(self, decoded: torch.Tensor, inputs: ModelInputs, masks: Masks, *, every_slot: bool = False
@@ -360,19 +377,22 @@ class M3AE(nn.Module):
         batch). Returns (loss, accuracy, logits): logits (B, L, vocab) only with `every_slot` (all
         text slots in position order), else the head and the loss are fused over the hidden real
         tokens alone, so the (M, vocab) logits never exist."""
+        text, padding = inputs.text, inputs.padding
+        assert text is not None and padding is not None, "text_loss needs text and its padding mask"
         average = "batch" if self.config.masking == "reference" else "samples_with_targets"
         if every_slot:
             logits = self.text_head(decoded)
-            valid = masks.text_mask() & ~inputs.padding
-            return (*token_cross_entropy(logits, inputs.text, valid, average), logits)
-        hidden = masks.text_ids[:, masks.text_keep:]
+            loss, accuracy = token_cross_entropy(logits, text, masks.text_mask() & ~padding, average)
+            return loss, accuracy, logits
+        ids = _order(masks.text_ids, "text")
+        hidden = ids[:, masks.text_keep:]
         flat = masks.text_targets  # flat indices of the hidden slots that are real tokens
         if flat is None:  # hand-made masks: derive it here (a host sync on CUDA)
-            flat = text_target_index(masks.text_ids, masks.text_keep, inputs.padding)
+            flat = text_target_index(ids, masks.text_keep, padding)
         batch, n_hidden = hidden.shape
         rows = torch.div(flat, n_hidden, rounding_mode="floor")
         features = self.text_head.features(decoded.reshape(batch * n_hidden, -1)[flat])
-        targets = inputs.text.gather(1, hidden).reshape(-1)[flat]
+        targets = text.gather(1, hidden).reshape(-1)[flat]
         weight = packed_token_weights(rows, batch, average)
         head = self.text_head.out
         loss, _, correct = linear_cross_entropy(features, head.weight, head.bias, targets, weight)
@@ -497,9 +517,9 @@ class M3AE(nn.Module):
         """"sdpa" (fused) or "explicit" (softmax(QK^T) as the authors compute it)."""
         if kind not in ("sdpa", "explicit"):
             raise ValueError(f"attention must be 'sdpa' or 'explicit', got {kind!r}")
-        for transformer in (self.encoder, self.decoder):
-            for block in transformer.blocks:
-                block.attn.explicit = kind == "explicit"
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.explicit = kind == "explicit"
         self.config.attention = kind
         return self
 
