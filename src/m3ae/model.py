@@ -69,6 +69,11 @@ def _order(ids: torch.Tensor | None, modality: str) -> torch.Tensor:
     return ids
 
 
+def _text_key_padding(padding: torch.Tensor, n_front: int) -> torch.Tensor:
+    """Attention key padding (B, n_front + L) for n_front tokens ([CLS], image) before the text."""
+    return torch.cat([padding.new_zeros(padding.shape[0], n_front), padding], dim=1)
+
+
 # What only the masked-autoencoding stages use (strip_decoder).
 _DECODER_PARTS = ("decoder_input_projection", "decoder", "image_head", "text_head", "image_mask_token",
                   "text_mask_token", "decoder_image_type", "decoder_text_type")
@@ -104,9 +109,9 @@ class M3AE(nn.Module):
             if c.has_text:
                 self.encoder_text_type = nn.Parameter(torch.zeros(1, 1, d))
                 self.decoder_text_type = nn.Parameter(torch.zeros(1, 1, dd))
-        common: dict[str, Any] = dict(mlp_ratio=c.mlp_ratio, drop=c.drop, att_drop=c.att_drop, drop_path=c.drop_path,
-                      eps=c.layer_norm_eps, grad_checkpointing=c.grad_checkpointing,
-                      explicit_attention=c.attention == "explicit")
+        common: dict[str, Any] = dict(
+            mlp_ratio=c.mlp_ratio, drop=c.drop, att_drop=c.att_drop, drop_path=c.drop_path, eps=c.layer_norm_eps,
+            grad_checkpointing=c.grad_checkpointing, explicit_attention=c.attention == "explicit")
         self.encoder = Transformer(d, c.depth, c.num_heads, **common)
         self.decoder_input_projection = nn.Linear(d, dd)
         self.decoder = Transformer(dd, c.dec_depth, c.dec_num_heads, **common)
@@ -282,8 +287,7 @@ class M3AE(nn.Module):
             tokens.append(self.embed_text(inputs.text, kept))
             if inputs.padding is not None:
                 padding = inputs.padding if kept is None else inputs.padding.gather(1, kept)
-                n_front = sum(t.shape[1] for t in tokens[:-1])
-                key_padding = torch.cat([padding.new_zeros(inputs.batch, n_front), padding], dim=1)
+                key_padding = _text_key_padding(padding, sum(t.shape[1] for t in tokens[:-1]))
         return torch.cat(tokens, dim=1), key_padding
 
     def forward_encoder(self, inputs: ModelInputs, masks: Masks | None = None, return_attention: bool = False
@@ -312,8 +316,7 @@ class M3AE(nn.Module):
             slots = self._fill_slots(proj[:, offset:], self.text_mask_token, _order(masks.text_ids, "text"), length)
             parts.append(slots + self.dec_text_pos[:, :length] + self._type("decoder_text_type"))
             if inputs.padding is not None:
-                front = inputs.padding.new_zeros(inputs.batch, 1 + inputs.image_slots)
-                key_padding = torch.cat([front, inputs.padding], dim=1)
+                key_padding = _text_key_padding(inputs.padding, 1 + inputs.image_slots)
         return torch.cat(parts, dim=1), key_padding
 
     @staticmethod
