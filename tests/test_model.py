@@ -192,3 +192,116 @@ def test_the_model_names_its_no_weight_decay_parameters():
     assert {id(p) for p in no_decay["params"]} == {id(p) for n, p in model.named_parameters() if n in ref}
     with pytest.raises(ValueError, match="weight-decay mode"):
         model.no_weight_decay("adamw")
+
+
+# -- the named stages forward runs (public: encode() and the visualisations build on them) -------
+def _parts(image, text, padding, parts):
+    return (image if "image" in parts else None,
+            text if "text" in parts else None, padding if "text" in parts else None)
+
+
+@pytest.mark.parametrize("parts", [("image", "text"), ("image",), ("text",)])
+@pytest.mark.parametrize("full", [False, True])
+def test_forward_is_its_stages(nano_model, parts, full):
+    """prepare -> forward_encoder -> forward_decoder -> image_loss / text_loss, run by hand, give
+    forward's outputs bit for bit: the stages are what forward runs, not a second copy."""
+    image, text, padding = _parts(*random_batch(), parts)
+    masks = nano_model.make_masks(4, image is not None, padding, None, torch.Generator().manual_seed(1))
+    out = nano_model(image, text, padding, masks=masks, full_outputs=full)
+    inputs = nano_model.prepare(image, text, padding)
+    latent, _ = nano_model.forward_encoder(inputs, masks)
+    assert torch.equal(latent, out.encoder_output)
+    image_dec, text_dec, _ = nano_model.forward_decoder(latent, inputs, masks, every_slot=full)
+    assert (image_dec is None) == (image is None) and (text_dec is None) == (text is None)
+    c = nano_model.config
+    loss = torch.zeros(())
+    if image is not None:
+        image_loss, prediction = nano_model.image_loss(image_dec, inputs, masks, every_slot=full)
+        assert torch.equal(image_loss, out.image_loss)
+        assert (prediction is None) == (not full)
+        if full:
+            assert torch.equal(prediction, out.image_output)
+        loss = loss + c.image_loss_weight * image_loss
+    if text is not None:
+        text_loss, accuracy, logits = nano_model.text_loss(text_dec, inputs, masks, every_slot=full)
+        assert torch.equal(text_loss, out.text_loss) and torch.equal(accuracy, out.text_accuracy)
+        if full:
+            assert torch.equal(logits, out.text_output)
+        loss = loss + c.text_loss_weight * text_loss
+    assert torch.equal(loss, out.loss)
+
+
+def test_encode_is_the_encoder_stage_with_nothing_hidden(nano_model):
+    """encode() = forward_encoder without masks = forward_encoder with masks that keep every token
+    in place: masking only selects the visible tokens, the embedding and the encoder are shared."""
+    from m3ae import Masks
+
+    nano_model.eval()
+    image, text, padding = random_batch()
+    n, length = nano_model.config.num_patches, text.shape[1]
+    keep_all = Masks(image_ids=torch.arange(n).expand(4, -1), image_keep=n,
+                     text_ids=torch.arange(length).expand(4, -1), text_keep=length)
+    inputs = nano_model.prepare(image, text, padding)
+    encoded = nano_model.encode(image, text, padding)
+    assert torch.equal(nano_model.forward_encoder(inputs)[0], encoded)
+    torch.testing.assert_close(nano_model.forward_encoder(inputs, keep_all)[0], encoded, rtol=0, atol=1e-6)
+    tokens, key_padding = nano_model.embed(inputs, keep_all)
+    assert tokens.shape == (4, 1 + n + length, 64)
+    assert torch.equal(key_padding, torch.cat([torch.zeros(4, 1 + n, dtype=torch.bool), padding], 1))
+    # With masks, each modality keeps its first image_keep / text_keep ids, in that order.
+    masks = nano_model.make_masks(4, True, padding, None, torch.Generator().manual_seed(2))
+    tokens, key_padding = nano_model.embed(inputs, masks)
+    assert tokens.shape[1] == 1 + masks.image_keep + masks.text_keep
+    assert torch.equal(key_padding[:, 1 + masks.image_keep:], padding.gather(1, masks.text_ids[:, : masks.text_keep]))
+    assert torch.equal(tokens[:, 1: 1 + masks.image_keep],
+                       nano_model.embed_image(inputs.patches)[torch.arange(4)[:, None],
+                                                              masks.image_ids[:, : masks.image_keep]])
+
+
+def test_decoder_stage_returns_the_hidden_slots_in_mask_order(nano_model):
+    """By default forward_decoder returns only the hidden slots (its last block computes nothing
+    else); they are the every-slot outputs at the hidden positions, in mask order."""
+    from m3ae.layers import gather_rows
+
+    nano_model.eval()
+    image, text, padding = random_batch()
+    masks = nano_model.make_masks(4, True, padding, None, torch.Generator().manual_seed(3))
+    inputs = nano_model.prepare(image, text, padding)
+    latent, _ = nano_model.forward_encoder(inputs, masks)
+    every_image, every_text, _ = nano_model.forward_decoder(latent, inputs, masks, every_slot=True)
+    assert every_image.shape == (4, 16, 32) and every_text.shape == (4, text.shape[1], 32)
+    expected_image = gather_rows(every_image, masks.image_ids[:, masks.image_keep:])
+    expected_text = gather_rows(every_text, masks.text_ids[:, masks.text_keep:])
+    image_dec, text_dec, weights = nano_model.forward_decoder(latent, inputs, masks)
+    assert weights == []
+    torch.testing.assert_close(image_dec, expected_image, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(text_dec, expected_text, rtol=1e-5, atol=1e-6)
+    # Asking for the attention weights runs every row (the explicit path), then keeps the hidden slots.
+    every_image, every_text, every_weights = nano_model.forward_decoder(latent, inputs, masks, every_slot=True,
+                                                                        return_attention=True)
+    image_dec, text_dec, weights = nano_model.forward_decoder(latent, inputs, masks, return_attention=True)
+    assert len(weights) == nano_model.config.dec_depth
+    assert all(torch.equal(a, b) for a, b in zip(weights, every_weights))
+    assert torch.equal(image_dec, gather_rows(every_image, masks.image_ids[:, masks.image_keep:]))
+    assert torch.equal(text_dec, gather_rows(every_text, masks.text_ids[:, masks.text_keep:]))
+
+
+def test_strip_decoder_keeps_exactly_what_encode_uses(nano_model):
+    image, text, padding = random_batch()
+    nano_model.eval()
+    before = nano_model.encode(image, text, padding)
+    nano_model.encode(image, text, padding).sum().backward()
+    used = {n for n, p in nano_model.named_parameters() if p.grad is not None}
+    assert nano_model.strip_decoder() is nano_model
+    assert set(dict(nano_model.named_parameters())) == used
+    assert torch.equal(nano_model.encode(image, text, padding), before)
+
+
+def test_masks_without_a_part_the_input_has_are_a_clear_error(nano_model):
+    image, text, padding = random_batch()
+    masks = nano_model.make_masks(4, True, None, None, torch.Generator().manual_seed(0))  # image part only
+    with pytest.raises(ValueError, match="no text part"):
+        nano_model(image, text, padding, masks=masks)
+    text_only = nano_model.make_masks(4, False, padding, None, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="no image part"):
+        nano_model(image, text, padding, masks=text_only)

@@ -42,7 +42,7 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, valid: torc
     correct = (logits.argmax(dim=-1) == targets).to(torch.float32) * valid
     acc_per = correct.sum(dim=1) / denom
     if average_over == "batch":
-        n = float(valid.shape[0])  # a Python number: no host->device copy
+        n: float | torch.Tensor = float(valid.shape[0])  # a Python number: no host->device copy
     else:
         n = (count > 0).sum().to(torch.float32).clamp_min(1.0)
     return loss_per.sum() / n, acc_per.sum() / n
@@ -55,7 +55,7 @@ def packed_token_weights(rows: torch.Tensor, batch: int, average_over: str = "sa
     count = torch.zeros(batch, dtype=torch.float32, device=rows.device).index_add(
         0, rows, torch.ones(rows.shape, dtype=torch.float32, device=rows.device))
     if average_over == "batch":
-        n = float(batch)  # a Python number: no host->device copy
+        n: float | torch.Tensor = float(batch)  # a Python number: no host->device copy
     else:
         n = (count > 0).sum().to(torch.float32).clamp_min(1.0)
     return 1.0 / (count.clamp_min(1e-5)[rows] * n)

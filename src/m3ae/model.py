@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,7 +13,7 @@ from .config import ConfigError, M3AEConfig, check_fits_memory
 from .files import atomic_write
 from .linear_cross_entropy import linear_cross_entropy
 from .losses import normalize_patches, packed_token_weights, patch_mse, token_cross_entropy
-from .layers import OutputHead, Transformer, gather_rows
+from .layers import Attention, OutputHead, Transformer, gather_rows
 from .masking import Masks, masks_for, text_target_index
 from .patches import patchify
 from .posembed import image_position_table, text_position_table
@@ -41,6 +42,42 @@ class M3AEOutput:
     attentions: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
+@dataclass
+class ModelInputs:
+    """One batch as the model's stages take it (`M3AE.prepare`): the image cut into patches."""
+
+    batch: int
+    grid: tuple[int, int]  # (rows, cols) of patches; the configured grid when there is no image
+    patches: torch.Tensor | None = None  # (B, N, p*p*C)
+    text: torch.Tensor | None = None  # (B, L) token ids
+    padding: torch.Tensor | None = None  # (B, L) bool, True = padding; None: no padding mask
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def image_slots(self) -> int:
+        """Image positions in the whole sequence: N with an image, else 0."""
+        return self.num_patches if self.patches is not None else 0
+
+
+def _order(ids: torch.Tensor | None, modality: str) -> torch.Tensor:
+    """A modality's keep-order from Masks, or a clear error when the masks lack a part the input has."""
+    if ids is None:
+        raise ValueError(f"the masks have no {modality} part ({modality}_ids) but the input has {modality}")
+    return ids
+
+
+def _text_key_padding(padding: torch.Tensor, n_front: int) -> torch.Tensor:
+    """Attention key padding (B, n_front + L) for n_front tokens ([CLS], image) before the text."""
+    return torch.cat([padding.new_zeros(padding.shape[0], n_front), padding], dim=1)
+
+
+# What only the masked-autoencoding stages use (strip_decoder).
+_DECODER_PARTS = ("decoder_input_projection", "decoder", "image_head", "text_head", "image_mask_token",
+                  "text_mask_token", "decoder_image_type", "decoder_text_type")
+
 # The authors' no-decay lists (prefixes of their Flax paths, in our names): decay_mode="reference".
 _REFERENCE_M3AE_NO_DECAY = ("cls_token", "encoder_image_type", "encoder_text_type", "decoder_image_type",
                             "decoder_text_type", "image_mask_token", "text_mask_token", "text_embedding")
@@ -48,6 +85,12 @@ _REFERENCE_MAE_NO_DECAY = ("cls_token", "encoder_image_type", "image_mask_token"
 
 
 class M3AE(nn.Module):
+    # Fixed sin-cos tables (non-persistent buffers), declared for type checkers.
+    enc_image_pos: torch.Tensor
+    dec_image_pos: torch.Tensor
+    enc_text_pos: torch.Tensor
+    dec_text_pos: torch.Tensor
+
     def __init__(self, config: M3AEConfig):
         super().__init__()
         config.validate()
@@ -66,9 +109,9 @@ class M3AE(nn.Module):
             if c.has_text:
                 self.encoder_text_type = nn.Parameter(torch.zeros(1, 1, d))
                 self.decoder_text_type = nn.Parameter(torch.zeros(1, 1, dd))
-        common = dict(mlp_ratio=c.mlp_ratio, drop=c.drop, att_drop=c.att_drop, drop_path=c.drop_path,
-                      eps=c.layer_norm_eps, grad_checkpointing=c.grad_checkpointing,
-                      explicit_attention=c.attention == "explicit")
+        common: dict[str, Any] = dict(
+            mlp_ratio=c.mlp_ratio, drop=c.drop, att_drop=c.att_drop, drop_path=c.drop_path, eps=c.layer_norm_eps,
+            grad_checkpointing=c.grad_checkpointing, explicit_attention=c.attention == "explicit")
         self.encoder = Transformer(d, c.depth, c.num_heads, **common)
         self.decoder_input_projection = nn.Linear(d, dd)
         self.decoder = Transformer(dd, c.dec_depth, c.dec_num_heads, **common)
@@ -168,22 +211,11 @@ class M3AE(nn.Module):
 
         Returns (B, 1 + N + L, D); with return_attention, also the per-block attention weights.
         """
-        self._check_inputs(image, text, text_padding_mask)
-        batch = image.shape[0] if image is not None else text.shape[0]
-        tokens = [self.cls_token.expand(batch, -1, -1)]
-        padding = None
-        if image is not None:
-            tokens.append(self.embed_image(patchify(image, self.config.patch_size), grid=self.patch_grid(image)))
-        if text is not None:
-            tokens.append(self.embed_text(text))
-            if text_padding_mask is not None:
-                n_front = sum(t.shape[1] for t in tokens[:-1])
-                padding = torch.cat([text_padding_mask.new_zeros(batch, n_front, dtype=torch.bool),
-                                     text_padding_mask.bool()], dim=1)
-        x, attentions = self.encoder(torch.cat(tokens, dim=1), padding, return_attention)
+        x, attentions = self.forward_encoder(self.prepare(image, text, text_padding_mask),
+                                             return_attention=return_attention)
         return (x, attentions) if return_attention else x
 
-    # -- masked autoencoding -------------------------------------------------------------------
+    # -- masked autoencoding: the stages, in the order forward runs them -----------------------
     def make_masks(self, batch: int, has_image: bool, text_padding_mask: torch.Tensor | None,
                    text_length: int | None, generator: torch.Generator | None = None,
                    device: torch.device | str = "cpu", num_patches: int | None = None) -> Masks:
@@ -194,125 +226,181 @@ class M3AE(nn.Module):
                 text_padding_mask: torch.Tensor | None = None, *, masks: Masks | None = None,
                 generator: torch.Generator | None = None, full_outputs: bool = False,
                 return_attention: bool = False) -> M3AEOutput:
-        """Mask, encode the visible tokens, decode everything, and take the losses.
+        """Mask, encode the visible tokens, decode every slot, and take the losses.
 
         `masks` replays given keep-orders; otherwise they are drawn with `generator`. Output heads
         run only where a loss is taken (hidden patches, hidden real tokens). `full_outputs` runs
         them everywhere and takes the mask-weighted loss from those outputs (same value; slower).
+        The stages, each a method below: prepare -> masks -> forward_encoder (embed, keep the
+        visible tokens, encode) -> forward_decoder -> image_loss, text_loss.
         """
         c = self.config
-        self._check_inputs(image, text, text_padding_mask)
-        batch = image.shape[0] if image is not None else text.shape[0]
-        device = self.cls_token.device
-        padding = None
-        if text is not None:
-            padding = (text_padding_mask.bool() if text_padding_mask is not None
-                       else torch.zeros_like(text, dtype=torch.bool))
-        grid = self.patch_grid(image) if image is not None else (c.grid_size, c.grid_size)
-        num_patches = grid[0] * grid[1]
+        if text is not None and text_padding_mask is None:  # the losses and masks need one
+            text_padding_mask = torch.zeros_like(text, dtype=torch.bool)
+        inputs = self.prepare(image, text, text_padding_mask)
         if masks is None:
-            masks = self.make_masks(batch, image is not None, padding,
-                                    None if text is None else text.shape[1], generator, device, num_patches)
-        patches = patchify(image, c.patch_size) if image is not None else None
-
-        # Encoder over [CLS] + kept image + kept text.
-        tokens = [self.cls_token.expand(batch, -1, -1)]
-        key_padding = None
-        if patches is not None:
-            tokens.append(self.embed_image(patches, masks.image_ids[:, : masks.image_keep], grid))
-        if text is not None:
-            text_kept = masks.text_ids[:, : masks.text_keep]
-            tokens.append(self.embed_text(text, text_kept))
-            n_front = 1 + (masks.image_keep if patches is not None else 0)
-            key_padding = torch.cat([padding.new_zeros(batch, n_front), padding.gather(1, text_kept)], 1)
-        enc, enc_att = self.encoder(torch.cat(tokens, dim=1), key_padding, return_attention)
-
-        # Decoder over [CLS] + every image slot + every text slot, in original order.
-        proj = self.decoder_input_projection(enc)
-        dd = c.dec_emb_dim
-        parts = [proj[:, :1]]
-        offset = 1
-        if patches is not None:
-            kept = proj[:, offset: offset + masks.image_keep]
-            offset += masks.image_keep
-            slots = self.image_mask_token.expand(batch, num_patches, dd).to(kept.dtype)
-            slots = slots.scatter(1, masks.image_ids[:, : masks.image_keep, None].expand(-1, -1, dd), kept)
-            parts.append(slots + self.image_positions("dec", grid) + self._type("decoder_image_type"))
-        if text is not None:
-            length = text.shape[1]
-            kept = proj[:, offset:]
-            slots = self.text_mask_token.expand(batch, length, dd).to(kept.dtype)
-            slots = slots.scatter(1, masks.text_ids[:, : masks.text_keep, None].expand(-1, -1, dd), kept)
-            parts.append(slots + self.dec_text_pos[:, :length] + self._type("decoder_text_type"))
-        dec_padding = None
-        n_front = 1 + (num_patches if patches is not None else 0)
-        if text is not None:
-            dec_padding = torch.cat([padding.new_zeros(batch, n_front), padding], dim=1)
-        # Only hidden slots reach a loss: unless every output is wanted, the decoder returns just
-        # [hidden patches (in mask order), hidden text slots (in mask order)].
-        subset = not (full_outputs or return_attention)
-        output_rows = None
-        if subset:
-            rows = []
-            if patches is not None:
-                rows.append(1 + masks.image_ids[:, masks.image_keep:])
-            if text is not None:
-                rows.append(n_front + masks.text_ids[:, masks.text_keep:])
-            output_rows = torch.cat(rows, dim=1)
-        dec, dec_att = self.decoder(torch.cat(parts, dim=1), dec_padding, return_attention, output_rows)
-
-        out = M3AEOutput(loss=dec.new_zeros(()), masks=masks, encoder_output=enc)
+            masks = self.make_masks(inputs.batch, image is not None, inputs.padding,
+                                    None if text is None else text.shape[1], generator, self.cls_token.device,
+                                    inputs.num_patches)
+        latent, enc_att = self.forward_encoder(inputs, masks, return_attention)
+        image_dec, text_dec, dec_att = self.forward_decoder(latent, inputs, masks, every_slot=full_outputs,
+                                                            return_attention=return_attention)
+        out = M3AEOutput(loss=latent.new_zeros(()), masks=masks, encoder_output=latent)
         if return_attention:
             out.attentions = {"encoder": enc_att, "decoder": dec_att}
-        offset = 0 if subset else 1
-        if patches is not None:
-            target = normalize_patches(patches) if c.norm_pix_loss else patches
+        if image_dec is not None:
             out.image_mask = masks.image_mask()
-            hidden_ids = masks.image_ids[:, masks.image_keep:]
-            if subset:
-                pred = self.image_head(dec[:, : hidden_ids.shape[1]])
-                offset += hidden_ids.shape[1]
-                out.image_loss = patch_mse(pred, gather_rows(target, hidden_ids))
-            else:
-                dec_image = dec[:, 1: 1 + num_patches]
-                offset += num_patches
-                if full_outputs:
-                    # Heads everywhere, loss weighted by the mask (the reference's way; parity checks).
-                    out.image_output = self.image_head(dec_image)
-                    out.image_loss = patch_mse(out.image_output, target, out.image_mask)
-                else:
-                    pred = self.image_head(gather_rows(dec_image, hidden_ids))
-                    out.image_loss = patch_mse(pred, gather_rows(target, hidden_ids))
+            out.image_loss, out.image_output = self.image_loss(image_dec, inputs, masks, every_slot=full_outputs)
             out.loss = out.loss + c.image_loss_weight * out.image_loss
-        if text is not None:
-            dec_text = dec[:, offset:]  # subset: the hidden slots only, in mask order
-            average = "batch" if c.masking == "reference" else "samples_with_targets"
+        if text_dec is not None:
             out.text_mask = masks.text_mask()
-            if full_outputs:
-                out.text_output = self.text_head(dec_text)
-                out.text_loss, out.text_accuracy = token_cross_entropy(
-                    out.text_output, text, out.text_mask & ~padding, average)
-            else:
-                # The 30k-wide head runs only on hidden real tokens, packed to (M, dd): no padding rows.
-                hidden_ids = masks.text_ids[:, masks.text_keep:]
-                flat = masks.text_targets
-                if flat is None:  # hand-made masks: derive it here (a host sync on CUDA)
-                    flat = text_target_index(masks.text_ids, masks.text_keep, padding)
-                length, n_hidden = text.shape[1], hidden_ids.shape[1]
-                rows = torch.div(flat, n_hidden, rounding_mode="floor")
-                where = rows * length + hidden_ids.reshape(-1)[flat]
-                # Head and cross-entropy fused over row chunks: the (M, vocab) logits never exist.
-                picked = (dec_text.reshape(batch * n_hidden, -1)[flat] if subset
-                          else dec_text.reshape(batch * length, -1)[where])
-                features = self.text_head.features(picked)
-                weight = packed_token_weights(rows, batch, average)
-                text_loss, _, correct = linear_cross_entropy(
-                    features, self.text_head.out.weight, self.text_head.out.bias, text.reshape(-1)[where],
-                    weight)
-                out.text_loss = text_loss.float()  # fp32 like the unfused path (float64 models stay exact inside)
-                out.text_accuracy = (correct.to(weight.dtype) * weight).sum()
+            out.text_loss, out.text_accuracy, out.text_output = self.text_loss(text_dec, inputs, masks,
+                                                                               every_slot=full_outputs)
             out.loss = out.loss + c.text_loss_weight * out.text_loss
         return out
+
+    def prepare(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None,
+                text_padding_mask: torch.Tensor | None = None) -> ModelInputs:
+        """Check the inputs and cut the image (B, C, H, W) into patches: the batch every stage takes."""
+        self._check_inputs(image, text, text_padding_mask)
+        c = self.config
+        first = image if image is not None else text
+        assert first is not None  # _check_inputs refused neither
+        grid = self.patch_grid(image) if image is not None else (c.grid_size, c.grid_size)
+        return ModelInputs(
+            batch=first.shape[0], grid=grid,
+            patches=None if image is None else patchify(image, c.patch_size),
+            text=text,
+            padding=None if text is None or text_padding_mask is None else text_padding_mask.bool())
+
+    def embed(self, inputs: ModelInputs, masks: Masks | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The encoder's input: [CLS] + image tokens + text tokens (B, T, D) and its key-padding mask
+        (B, T) bool (None when `inputs` have no text padding mask). With `masks`, each modality keeps
+        only its visible tokens, in keep order (masking comes after position and type embeddings)."""
+        tokens = [self.cls_token.expand(inputs.batch, -1, -1)]
+        key_padding = None
+        if inputs.patches is not None:
+            kept = None if masks is None else _order(masks.image_ids, "image")[:, : masks.image_keep]
+            tokens.append(self.embed_image(inputs.patches, kept, inputs.grid))
+        if inputs.text is not None:
+            kept = None if masks is None else _order(masks.text_ids, "text")[:, : masks.text_keep]
+            tokens.append(self.embed_text(inputs.text, kept))
+            if inputs.padding is not None:
+                padding = inputs.padding if kept is None else inputs.padding.gather(1, kept)
+                key_padding = _text_key_padding(padding, sum(t.shape[1] for t in tokens[:-1]))
+        return torch.cat(tokens, dim=1), key_padding
+
+    def forward_encoder(self, inputs: ModelInputs, masks: Masks | None = None, return_attention: bool = False
+                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Encode the visible tokens (every token without `masks`): (B, 1 + kept image + kept text, D)
+        after the final norm, and the per-block attention weights (empty unless return_attention)."""
+        tokens, key_padding = self.embed(inputs, masks)
+        return self.encoder(tokens, key_padding, return_attention)
+
+    def _decoder_input(self, latent: torch.Tensor, inputs: ModelInputs, masks: Masks
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The decoder's input from the encoder output `latent`: [CLS] + every image slot + every text
+        slot in position order (B, 1 + N + L, dd), visible slots projected from `latent`, hidden ones
+        the modality's mask token, decoder positions and types added; and its key-padding mask."""
+        proj = self.decoder_input_projection(latent)
+        parts = [proj[:, :1]]
+        offset = 1
+        if inputs.patches is not None:
+            slots = self._fill_slots(proj[:, offset: offset + masks.image_keep], self.image_mask_token,
+                                     _order(masks.image_ids, "image"), inputs.num_patches)
+            offset += masks.image_keep
+            parts.append(slots + self.image_positions("dec", inputs.grid) + self._type("decoder_image_type"))
+        key_padding = None
+        if inputs.text is not None:
+            length = inputs.text.shape[1]
+            slots = self._fill_slots(proj[:, offset:], self.text_mask_token, _order(masks.text_ids, "text"), length)
+            parts.append(slots + self.dec_text_pos[:, :length] + self._type("decoder_text_type"))
+            if inputs.padding is not None:
+                key_padding = _text_key_padding(inputs.padding, 1 + inputs.image_slots)
+        return torch.cat(parts, dim=1), key_padding
+
+    @staticmethod
+    def _fill_slots(kept: torch.Tensor, mask_token: torch.Tensor, ids: torch.Tensor, length: int) -> torch.Tensor:
+        """(B, length, dd): the mask token everywhere, the kept rows (B, keep, dd) back at ids[:, :keep]."""
+        batch, keep, dim = kept.shape
+        slots = mask_token.expand(batch, length, dim).to(kept.dtype)
+        return slots.scatter(1, ids[:, :keep, None].expand(-1, -1, dim), kept)
+
+    def _loss_rows(self, inputs: ModelInputs, masks: Masks) -> torch.Tensor:
+        """(B, Q) rows of the decoder's input that carry a loss: the hidden patches, then the hidden
+        text slots (padding included), each in mask order."""
+        rows = []
+        if inputs.patches is not None:
+            rows.append(1 + _order(masks.image_ids, "image")[:, masks.image_keep:])
+        if inputs.text is not None:
+            rows.append(1 + inputs.image_slots + _order(masks.text_ids, "text")[:, masks.text_keep:])
+        return torch.cat(rows, dim=1)
+
+    def forward_decoder(self, latent: torch.Tensor, inputs: ModelInputs, masks: Masks, *, every_slot: bool = False,
+                        return_attention: bool = False
+                        ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[torch.Tensor]]:
+        """Decode the encoder output `latent` over every slot. Returns (image, text, attentions): the
+        decoder outputs, after its final norm, of the hidden patches (B, N - image_keep, dd) and of the
+        hidden text slots (B, L - text_keep, dd), each in mask order; with `every_slot`, of all slots,
+        (B, N, dd) and (B, L, dd) in position order. None for an absent modality. Unless every slot
+        or the attention weights are wanted, the last block computes only the hidden rows."""
+        x, key_padding = self._decoder_input(latent, inputs, masks)
+        rows = None if every_slot else self._loss_rows(inputs, masks)
+        dec, attentions = self.decoder(x, key_padding, return_attention, None if return_attention else rows)
+        if rows is None:  # every slot
+            start, end = 1, 1 + inputs.image_slots  # after [CLS]
+        else:
+            if return_attention:  # the weights needed every row; the losses need only these
+                dec = gather_rows(dec, rows)
+            hidden_patches = inputs.image_slots - masks.image_keep if inputs.patches is not None else 0
+            start, end = 0, hidden_patches
+        image = dec[:, start:end] if inputs.patches is not None else None
+        text = dec[:, end:] if inputs.text is not None else None
+        return image, text, attentions
+
+    def image_loss(self, decoded: torch.Tensor, inputs: ModelInputs, masks: Masks, *, every_slot: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The image head's MSE on the hidden patches (targets standardised per patch with
+        norm_pix_loss), from forward_decoder's image output. With `every_slot` (all patch slots in
+        position order) the head predicts every patch and the loss is mask-weighted, the reference's
+        way; returns (loss, those (B, N, p*p*C) predictions), else (loss, None)."""
+        patches = inputs.patches
+        assert patches is not None, "image_loss needs an image"
+        target = normalize_patches(patches) if self.config.norm_pix_loss else patches
+        if every_slot:
+            pred = self.image_head(decoded)
+            return patch_mse(pred, target, masks.image_mask()), pred
+        hidden = _order(masks.image_ids, "image")[:, masks.image_keep:]
+        return patch_mse(self.image_head(decoded), gather_rows(target, hidden)), None
+
+    def text_loss(self, decoded: torch.Tensor, inputs: ModelInputs, masks: Masks, *, every_slot: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The text head's cross-entropy and accuracy on the hidden real tokens, from forward_decoder's
+        text output: per sample, then over the samples with targets (reference masking: over the
+        batch). Returns (loss, accuracy, logits): logits (B, L, vocab) only with `every_slot` (all
+        text slots in position order), else the head and the loss are fused over the hidden real
+        tokens alone, so the (M, vocab) logits never exist."""
+        text, padding = inputs.text, inputs.padding
+        assert text is not None and padding is not None, "text_loss needs text and its padding mask"
+        average = "batch" if self.config.masking == "reference" else "samples_with_targets"
+        if every_slot:
+            logits = self.text_head(decoded)
+            loss, accuracy = token_cross_entropy(logits, text, masks.text_mask() & ~padding, average)
+            return loss, accuracy, logits
+        ids = _order(masks.text_ids, "text")
+        hidden = ids[:, masks.text_keep:]
+        flat = masks.text_targets  # flat indices of the hidden slots that are real tokens
+        if flat is None:  # hand-made masks: derive it here (a host sync on CUDA)
+            flat = text_target_index(ids, masks.text_keep, padding)
+        batch, n_hidden = hidden.shape
+        rows = torch.div(flat, n_hidden, rounding_mode="floor")
+        features = self.text_head.features(decoded.reshape(batch * n_hidden, -1)[flat])
+        targets = text.gather(1, hidden).reshape(-1)[flat]
+        weight = packed_token_weights(rows, batch, average)
+        head = self.text_head.out
+        loss, _, correct = linear_cross_entropy(features, head.weight, head.bias, targets, weight)
+        # fp32 like the unfused path (float64 models stay exact inside)
+        return loss.float(), (correct.to(weight.dtype) * weight).sum(), None
 
     # -- persistence ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike,
@@ -412,6 +500,14 @@ class M3AE(nn.Module):
             return {n for n in names if n.endswith(".bias") or n.startswith(listed)}
         raise ValueError(f"unknown weight-decay mode {mode!r}; use 'mae' or 'reference'")
 
+    def strip_decoder(self) -> "M3AE":
+        """Drop, in place, every part that encode() never uses (decoder, mask tokens, output heads):
+        fewer parameters to carry and save where only the encoder is wanted (fine-tuning)."""
+        for name in _DECODER_PARTS:
+            if hasattr(self, name):
+                delattr(self, name)
+        return self
+
     # -- runtime switches (timm-style): how the model runs, not what it computes ------------------
     def set_grad_checkpointing(self, enable: bool = True) -> "M3AE":
         """Recompute each block's activations in backward (less memory, slower; same values)."""
@@ -424,9 +520,9 @@ class M3AE(nn.Module):
         """"sdpa" (fused) or "explicit" (softmax(QK^T) as the authors compute it)."""
         if kind not in ("sdpa", "explicit"):
             raise ValueError(f"attention must be 'sdpa' or 'explicit', got {kind!r}")
-        for transformer in (self.encoder, self.decoder):
-            for block in transformer.blocks:
-                block.attn.explicit = kind == "explicit"
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.explicit = kind == "explicit"
         self.config.attention = kind
         return self
 

@@ -44,8 +44,8 @@ def num_image_tokens(model, image: torch.Tensor | None) -> int:
     """Image tokens in the encoder output for this input (any image size the model accepts)."""
     if image is None:
         return 0
-    p = model.config.patch_size
-    return (image.shape[-2] // p) * (image.shape[-1] // p)
+    rows, cols = model.patch_grid(image)
+    return rows * cols
 
 
 @torch.no_grad()

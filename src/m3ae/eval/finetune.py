@@ -30,25 +30,14 @@ from .results import EvalResult
 from .recipes import FinetuneConfig
 from .settings import EvalSettings, Runtime
 
-# Everything M3AE.encode never touches.
-_DECODER_PARTS = ("decoder_input_projection", "decoder", "image_head", "text_head", "image_mask_token",
-                  "text_mask_token", "decoder_image_type", "decoder_text_type")
 CLASSIFIER_CONFIG = "config.json"
 CLASSIFIER_WEIGHTS = "model.safetensors"
-
-
-def strip_decoder(model: M3AE) -> M3AE:
-    """Drop the decoder and output heads in place: fewer parameters to carry and save."""
-    for name in _DECODER_PARTS:
-        if hasattr(model, name):
-            delattr(model, name)
-    return model
 
 
 class Classifier(nn.Module):
     def __init__(self, encoder: M3AE, num_classes: int, pool: str = "cls", head_init_std: float = 2e-5):
         super().__init__()
-        self.encoder = strip_decoder(encoder)
+        self.encoder = encoder.strip_decoder()  # the encoder is all it uses
         self.pool, self.num_classes = pool, num_classes
         dim = encoder.config.emb_dim
         self.norm = nn.LayerNorm(dim, eps=encoder.config.layer_norm_eps)

@@ -211,7 +211,7 @@ def attention_figure(result: AttentionResult, out: str | Path, stats="cc12m", pe
     top_h = width / ncols + 0.8
     bottom_h = 0.3 * (heads + 1) + 1.7 if per_head else 2.8
     fig = Figure(figsize=(width, top_h + bottom_h), dpi=dpi, layout="constrained")
-    top, bottom = fig.subfigures(2, 1, height_ratios=[top_h, bottom_h])
+    top, bottom = fig.subfigures(2, 1, squeeze=False, height_ratios=[top_h, bottom_h])[:, 0]
     axes = top.subplots(1, ncols, squeeze=False)[0]
     axes[0].imshow(rgb)
     axes[0].set_xticks([])

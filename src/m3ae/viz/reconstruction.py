@@ -70,7 +70,10 @@ def draw_masks(model: M3AE, image: torch.Tensor | None, text_padding_mask: torch
                text_length: int | None = None, image_ratio: float | None = None,
                text_ratio: float | None = None, seed: int = 0) -> Masks:
     """Masks at chosen ratios (the model's own when None), seeded, independent per sample."""
-    batch = image.shape[0] if image is not None else text_padding_mask.shape[0]
+    first = image if image is not None else text_padding_mask
+    if first is None:
+        raise ValueError("draw_masks needs an image, a text padding mask, or both")
+    batch = first.shape[0]
     generator = torch.Generator().manual_seed(seed)
     return masks_for(model.config, batch, has_image=image is not None, text_padding=text_padding_mask,
                      text_length=text_length, generator=generator, mode="per_sample",
@@ -123,7 +126,7 @@ def caption_lines(rec: Reconstruction, index: int, decode) -> tuple[str, str]:
         if rec.text_padding_mask is not None and bool(rec.text_padding_mask[index, pos]):
             continue
         word = decode(int(rec.text[index, pos]))
-        if rec.text_mask is not None and bool(rec.text_mask[index, pos]):
+        if rec.text_mask is not None and rec.text_prediction is not None and bool(rec.text_mask[index, pos]):
             guess = decode(int(rec.text_prediction[index, pos]))
             words.append(f"[{word}]")
             guesses.append(f"{word}{'=' if guess == word else '→'}{guess}")
@@ -170,6 +173,7 @@ def _text_block(columns: Sequence[tuple[str, Reconstruction]], index: int, decod
 
 
 def _padding(rec: Reconstruction) -> torch.Tensor:
+    assert rec.text is not None  # only asked for reconstructions with text
     if rec.text_padding_mask is not None:
         return rec.text_padding_mask.bool()
     return torch.zeros_like(rec.text, dtype=torch.bool)
