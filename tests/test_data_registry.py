@@ -54,7 +54,7 @@ def test_demo_batches_keep_the_order_and_pixels_of_the_old_sampler():
         pixels = torch.stack([torch.from_numpy(np.asarray(render_sample(seed, i, 32)[0], dtype=np.float32) / 255.0)
                               .permute(2, 0, 1) for i in want])
         assert torch.equal(part.image, normalize(pixels, data.normalization))
-    assert batches[0].extra["data_stats"]["samples"] == B  # counted like any source's samples
+    assert batches[0].stats["samples"] == B  # counted like any source's samples
 
 
 def test_demo_mixes_with_other_sources(tmp_path):

@@ -23,6 +23,7 @@ from .collate import Batch
 from .config import DataConfig
 from .images import TrainTransform
 from .pipeline import BatchCollator, MixtureDataset, PositionSampler, SampleMaker, SourceUse, StreamDataset
+from .stream_position import StreamPosition
 
 DEFAULT_TOKENIZER = "bert-base-uncased"
 
@@ -31,10 +32,10 @@ class TrackedBatches:
     """Wraps the loader: merges each batch's data stats, enforces max_bad_fraction, and keeps the
     stream position of the last delivered batch of every (rank, worker) share."""
 
-    def __init__(self, loader: Iterable[Batch], counter: BadCounter):
+    def __init__(self, loader: Iterable[Batch], counter: BadCounter, stream: StreamPosition | None = None):
         self.loader = loader
         self.counter = counter
-        self.stream: dict[str, Any] = {}
+        self.stream = stream
 
     def __iter__(self) -> Iterator[Batch]:
         batches = iter(self.loader)
@@ -45,14 +46,11 @@ class TrackedBatches:
 
     def _tracked(self, batches: Iterator[Batch]) -> Iterator[Batch]:
         for batch in batches:
-            stats = batch.extra.get("data_stats")
-            if stats:
-                self.counter.add(stats)
+            if batch.stats:
+                self.counter.add(batch.stats)
                 self.counter.check()
-            pos = batch.extra.get("stream_state")
-            if pos:
-                self.stream["parts"] = pos["parts"]
-                self.stream.setdefault("workers", {})[str(pos["part"])] = pos["state"]
+            if batch.stream is not None:
+                self.stream = batch.stream if self.stream is None else self.stream.merged(batch.stream)
             yield batch
 
 
@@ -68,15 +66,21 @@ class TrainData:
 
     def state(self, next_micro_batch: int) -> dict[str, Any]:
         out: dict[str, Any] = {"next_micro_batch": next_micro_batch, "exact": self.exact_resume}
-        if isinstance(self.batches, TrackedBatches) and self.batches.stream:
-            # Only the local rank's shares; each rank saves and restores its own.
-            out["stream"] = {"parts": self.batches.stream["parts"],
-                             "workers": dict(self.batches.stream["workers"])}
+        if isinstance(self.batches, TrackedBatches) and self.batches.stream is not None:
+            # Only the local rank's shares; merge_data_states gathers every rank's.
+            out["stream"] = self.batches.stream.to_state()
         return out
 
     def stats(self) -> dict[str, Any]:
         """Samples used and skipped (by reason, with example keys) so far on this rank."""
         return {**self.counter.as_dict(), "bad_fraction": self.counter.bad_fraction}
+
+
+def merge_data_states(local: dict[str, Any], every_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """`local` (this rank's `TrainData.state`) with the stream positions of every rank's shares
+    merged in: the one state rank 0 saves, in which each rank finds its own on resume."""
+    stream = StreamPosition.merge(StreamPosition.from_state(s.get("stream")) for s in every_rank)
+    return local if stream is None else {**local, "stream": stream.to_state()}
 
 
 def next_batch(batches: Iterator[Batch]) -> Batch:
@@ -201,12 +205,11 @@ def build_train_data(data: DataConfig, model_config: M3AEConfig, *, seed: int, m
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
                                              **_loader_kwargs(data))
         return TrainData(TrackedBatches(loader, counter), description, maker.tokenizer, True, counter)
-    stream = (resume_state or {}).get("stream")
+    stream = StreamPosition.from_state((resume_state or {}).get("stream"))
     dataset = StreamDataset(uses, maker, collator, seed, micro_batch, start=start_micro_batch, rank=rank,
                             world_size=world_size, resume=stream)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, **_loader_kwargs(data))
-    tracked = TrackedBatches(loader, counter)
-    if stream and stream.get("parts") == world_size * max(int(data.num_workers), 1):
-        # Shares that deliver nothing before the next checkpoint keep their old position.
-        tracked.stream = {"parts": stream.get("parts"), "workers": dict(stream.get("workers", {}))}
+    # Shares that deliver nothing before the next checkpoint keep their old position.
+    same_layout = stream is not None and stream.parts == world_size * max(int(data.num_workers), 1)
+    tracked = TrackedBatches(loader, counter, stream if same_layout else None)
     return TrainData(tracked, description, maker.tokenizer, False, counter)
