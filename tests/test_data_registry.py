@@ -94,3 +94,15 @@ def test_every_kind_is_declared_once_and_spec_errors_name_them():
     assert kinds["tar"] is kinds["wds"] and kinds["h5"] is kinds["hdf5"] and kinds["pq"] is kinds["parquet"]
     with pytest.raises(ValueError, match="kinds: .*synthetic"):
         parse_item("nope:x")
+
+
+def test_every_data_command_reads_the_demo(tmp_path, capsys):
+    from m3ae.cli import main
+    from m3ae.data.images import open_image
+
+    src = build_source(parse_item("synthetic:shapes#samples=8#size=24#seed=2"))
+    assert np.array_equal(np.asarray(open_image(src.record(3).image)), np.asarray(render_sample(2, 3, 24)[0]))
+    assert main(["data", "shard", "demo#samples=8#size=24", "--out", str(tmp_path / "s-%03d.tar")]) == 0
+    assert main(["data", "stats", str(tmp_path / "s-000.tar")]) == 0
+    out = capsys.readouterr().out
+    assert "samples: 8   bad: 0" in out and "image width:  min 24" in out

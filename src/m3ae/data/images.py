@@ -56,8 +56,11 @@ def read_image_file(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     return data
 
 
-def open_image(data: bytes | str, key: str = "", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open (header only) from bytes, a local path or a URL (fsspec). Raises BadSample."""
+def open_image(data: bytes | str | torch.Tensor, key: str = "", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open (header only) from bytes, a local path or a URL (fsspec); a source's rendered float
+    [0, 1] (3, H, W) tensor as the 8-bit image it was drawn as. Raises BadSample."""
+    if isinstance(data, torch.Tensor):
+        return Image.fromarray(data.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
     if isinstance(data, str):
         data = read_image_file(data)
     if not data:
