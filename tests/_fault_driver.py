@@ -144,14 +144,14 @@ def inject(fault: str) -> None:
             return real_write(self, row)
         loop.MetricsLog.write = write
     elif kind == "stall_data":
-        from m3ae.data.synthetic import SyntheticShapes
-        real_item = SyntheticShapes.__getitem__
+        from m3ae.data.sources.synthetic import SyntheticShapes
+        real_record = SyntheticShapes.record
 
-        def item(self, index):  # counted per process: each loader worker stalls at its N-th sample
+        def record(self, index):  # counted per process: each loader worker stalls at its N-th sample
             if nth():
                 time.sleep(600)  # a read that never returns (a FIFO, a hung network mount)
-            return real_item(self, index)
-        SyntheticShapes.__getitem__ = item
+            return real_record(self, index)
+        SyntheticShapes.record = record
     else:
         raise SystemExit(f"unknown fault {fault}")
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from conftest import nano_config
@@ -5,7 +6,7 @@ from m3ae.data.collate import Collator, pad_texts
 
 
 def _sample(key, image=True, text=(3, 4, 5), label=None):
-    s = {"key": key, "step": 7}
+    s = {"key": key}
     if image:
         s["image"] = torch.zeros(3, 32, 32)
     if text is not None:
@@ -18,7 +19,7 @@ def _sample(key, image=True, text=(3, 4, 5), label=None):
 def test_groups_by_modality_and_keeps_labels_aligned():
     collate = Collator(nano_config(), seed=0)
     batch = collate([_sample("a", label=0), _sample("b", text=None, label=1), _sample("c", image=False, label=2),
-                     _sample("d", text=(), label=3), _sample("e", text=(9,) * 20, label=4)])
+                     _sample("d", text=(), label=3), _sample("e", text=(9,) * 20, label=4)], step=7)
     kinds = {(p.image is not None, p.text is not None): p for p in batch.parts}
     assert set(kinds) == {(True, True), (True, False), (False, True)}
     paired = kinds[(True, True)]
@@ -34,7 +35,14 @@ def test_masks_depend_only_on_seed_and_step():
     a = Collator(nano_config(), seed=3)(samples).parts[0].masks
     b = Collator(nano_config(), seed=3)(samples).parts[0].masks
     c = Collator(nano_config(), seed=4)(samples).parts[0].masks
+    d = Collator(nano_config(), seed=3)(samples, step=1).parts[0].masks
     assert torch.equal(a.image_ids, b.image_ids) and not torch.equal(a.image_ids, c.image_ids)
+    assert not torch.equal(a.image_ids, d.image_ids)
+
+
+def test_the_step_is_an_argument_not_a_sample_field():
+    with pytest.raises(ValueError, match="not in its samples"):
+        Collator(nano_config())([{**_sample("a"), "step": 3}])
 
 
 def test_pad_texts():

@@ -90,7 +90,8 @@ def test_stream_shares_disjoint_and_equal_batch_counts(tmp_path):
         assert len(batches) == 12 and [b.step for b in batches] == list(range(12))
         per_rank.append(batches)
     for rank, batches in enumerate(per_rank):  # share ids: rank * workers + worker
-        assert {b.extra["stream_state"]["part"] // 2 for b in batches} == {rank}
+        assert {g // 2 for b in batches for g in b.stream.shares} == {rank}
+        assert all(len(b.stream.shares) == 1 and b.stream.parts == 4 for b in batches)
     # Disjointness, checked directly on the share iterators for one epoch:
     from m3ae.data.sources import build_source
     from m3ae.data.spec import parse_spec

@@ -31,8 +31,8 @@ def _global_micro_batch(config, m: int, rows: int) -> Batch:
     c = config.model
     samples = [{"image": torch.randn(3, c.image_size, c.image_size, generator=g),
                 "text": torch.randint(1, c.vocab_size, (int(torch.randint(2, c.text_length + 1, (1,), generator=g)),),
-                                      generator=g).tolist(), "key": str(i), "step": m} for i in range(rows)]
-    return Collator(c, seed=7)(samples)
+                                      generator=g).tolist(), "key": str(i)} for i in range(rows)]
+    return Collator(c, seed=7)(samples, m)
 
 
 def _rows(batch: Batch, lo: int, hi: int) -> Batch:

@@ -291,12 +291,14 @@ def test_threads_setting_is_applied_logged_and_restored(tmp_path, capsys):
 def test_stream_positions_of_every_rank_are_merged_into_the_checkpoint(monkeypatch):
     from m3ae.train import loop
 
-    per_rank = [{"next_micro_batch": 4, "stream": {"parts": 4, "workers": {"0": "a", "1": "b"}}},
-                {"next_micro_batch": 4, "stream": {"parts": 4, "workers": {"2": "c", "3": "d"}}}]
+    def share(n):
+        return {"n": n, "sources": [[n, 2]]}
+    per_rank = [{"next_micro_batch": 4, "stream": {"parts": 4, "workers": {"0": share(1), "1": share(2)}}},
+                {"next_micro_batch": 4, "stream": {"parts": 4, "workers": {"2": share(3), "3": share(4)}}}]
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), per_rank))
     merged = loop._gather_data_state(per_rank[0], world_size=2)
-    assert merged["stream"] == {"parts": 4, "workers": {"0": "a", "1": "b", "2": "c", "3": "d"}}
+    assert merged["stream"] == {"parts": 4, "workers": {"0": share(1), "1": share(2), "2": share(3), "3": share(4)}}
     assert loop._gather_data_state(per_rank[0], world_size=1) is per_rank[0]
 
 

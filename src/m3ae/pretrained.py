@@ -166,7 +166,7 @@ def checkpoint_tokenizer(folder: str | os.PathLike, vocab_size: int, explicit: s
     """The checkpoint's tokenizer.json (or `explicit`), checked against the model's vocab_size.
 
     Older checkpoints have none: then, with a warning, a tokenizer.json in the run folder above it,
-    else the run's `data.tokenizer`, else the built-in demo vocabulary for demo runs; None (and a
+    else the run's `data.tokenizer`, else its data's own vocabulary (demo runs); None (and a
     warning) when nothing is known, and None for image-only models."""
     from .data.tokenizer import load_tokenizer
 
@@ -207,10 +207,11 @@ def _legacy_tokenizer(folder: Path) -> tuple[Any, str]:
             name, spec = OmegaConf.select(cfg, "data.tokenizer"), OmegaConf.select(cfg, "data.spec")
             if isinstance(name, str) and name:
                 return name, f"the tokenizer named in {run} ({name})"
-            if spec == "demo":
-                from .data.synthetic import build_demo_tokenizer
+            from .data.sources import spec_tokenizer
 
-                return build_demo_tokenizer(), f"the built-in demo vocabulary ({run} trained on demo data)"
+            own = spec_tokenizer(spec) if isinstance(spec, str) else None
+            if own is not None:  # the demo's synthetic shapes bring their own vocabulary
+                return own, f"the vocabulary of its data spec {spec!r} ({run})"
             from .data.loader import DEFAULT_TOKENIZER
 
             return DEFAULT_TOKENIZER, f"the default tokenizer of real-data runs ({DEFAULT_TOKENIZER}, per {run})"

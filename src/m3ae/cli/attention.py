@@ -9,8 +9,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Encoder attention over the unmasked image + caption: from a word to "
                                    "the image patches (heatmap), and from an image region to the words.")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder")
-    p.add_argument("--image", required=True, help="image file (or 'demo' for a synthetic sample)")
-    p.add_argument("--caption", default=None, help="caption (required unless --image demo)")
+    p.add_argument("--image", required=True,
+                   help="image file, or a data spec whose first sample is used (e.g. 'demo': a synthetic one)")
+    p.add_argument("--caption", default=None, help="caption (default: the sample's own, from a data spec)")
     p.add_argument("--out", required=True, help="output PNG")
     p.add_argument("--layer", default="-1", help="encoder block (negative counts from the last) or 'mean'")
     p.add_argument("--token", default=None, help="word of the caption (default: its first content word)")
@@ -34,13 +35,10 @@ def run(args: argparse.Namespace) -> int:
     if not c.has_text:
         raise ValueError("cross-modal attention needs a model with text (this one has vocab_size=0)")
     stats = args.stats or loaded.preprocessing.stats
-    if args.image == "demo":
-        sample = inputs.load_samples("demo", c.image_size, stats, 1, 0, c.text_length)[0]
-        image, caption = sample.image, args.caption or sample.caption
-    else:
-        if not args.caption:
-            raise ValueError("--caption is required with --image FILE")
-        image, caption = inputs.load_image(args.image, c.image_size, stats), args.caption
+    sample = inputs.load_samples(args.image, c.image_size, stats, 1, 0, c.text_length)[0]
+    image, caption = sample.image, args.caption or sample.caption
+    if not caption:
+        raise ValueError(f"--caption is required: {args.image} has no caption")
     layer = args.layer if args.layer == "mean" else int(args.layer)
     tokenizer = inputs.require_tokenizer(loaded)
     tokens = tokenize_caption(tokenizer, caption, c.text_length)

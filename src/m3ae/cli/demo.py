@@ -21,13 +21,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data.synthetic import SyntheticShapes
-    from ..data.collate import Collator
     from ..model import M3AE
+    from ..pretrained import checkpoint_tokenizer
     from ..train.config import load_config
     from ..train.loop import pretrain
     from ..viz.curves import plot_curves, read_metrics
     from ..viz.reconstruction import reconstruct, reconstruction_figure
+    from ..viz.training import fixed_viz_batch
 
     out = Path(args.out)
     overrides = list(args.overrides) + [f"seed={args.seed}"]
@@ -35,11 +35,10 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"steps={args.steps}")
     config = load_config("demo", overrides)
 
-    # Held-out samples (indices past the training set) with fixed masks, shown before and after.
-    shown = SyntheticShapes(config.data.demo_samples + args.samples, config.model.image_size,
-                            config.model.text_length, seed=config.seed, stats=config.data.normalization)
-    samples = [shown[(0, config.data.demo_samples + i)] for i in range(args.samples)]
-    batch = Collator(config.model, seed=config.seed + 1)(samples).parts[0]
+    # The run's first samples with fixed masks, shown before and after.
+    batch = fixed_viz_batch(config, n=args.samples)
+    if batch is None:
+        raise ValueError(f"no samples to show from data spec {config.data.spec!r}")
     torch.manual_seed(config.seed)  # the trainer builds its model from this same seed
     initial = M3AE(config.model)
     before = reconstruct(initial, **batch.model_inputs())
@@ -49,9 +48,10 @@ def run(args: argparse.Namespace) -> int:
     model = M3AE.from_pretrained(result.checkpoint)
     after = reconstruct(model, **batch.model_inputs())
 
-    tokenizer = shown.tokenizer
-    tokenizer.save(str(out / "tokenizer.json"))
-    vocab = {i: w for w, i in tokenizer.get_vocab().items()}
+    tokenizer = checkpoint_tokenizer(result.checkpoint, config.model.vocab_size)
+    if tokenizer is not None:
+        tokenizer.save(str(out / "tokenizer.json"))
+    vocab = {i: w for w, i in tokenizer.get_vocab().items()} if tokenizer is not None else {}
     loss_png = plot_curves([out / "metrics.jsonl"], out / "loss.png", labels=["demo"])
     recon_png = reconstruction_figure([("step 0", before), (f"step {result.step}", after)],
                                       out / "reconstruction.png", decode=lambda i: vocab.get(i, f"<{i}>"),

@@ -1,11 +1,13 @@
-"""Data: sample sources, collation into model batches, and the built-in synthetic demo set.
+"""Data: sample sources (the built-in synthetic demo set among them), collation into model batches.
 
-Contract between sources and the trainer: a source yields *samples*, dicts with
+Contract between the pipeline and the collator: *samples* are dicts with
   "image": float tensor (C, H, W), normalised — or absent/None for text-only samples
   "text":  long tensor (n,) of token ids, n <= text_length — or absent/None/empty for image-only
   "key":   str identifying the sample (for logs and bad-data reports)
-  "step":  int, the micro-batch index this sample belongs to (set by the sampler; seeds masks)
-`Collator` turns a list of samples into a batch of modality groups, each with its masks.
+  "label": int, optional
+`Collator(samples, step)` turns them into a `Batch` of modality groups, each with its masks (drawn
+from the micro-batch index `step`). What travels with a batch (its step, data counts, stream
+position) is in typed fields of `Batch`, never in the samples.
 """
 from __future__ import annotations
 

@@ -1,13 +1,16 @@
 """Samples -> batches. Masks are drawn here, in the loader workers, so the step never syncs."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
 from ..config import M3AEConfig
 from ..masking import Masks, masks_for
+
+if TYPE_CHECKING:
+    from .stream_position import StreamPosition
 
 
 @dataclass
@@ -43,15 +46,16 @@ class BatchPart:
 @dataclass
 class Batch:
     parts: list[BatchPart]
-    step: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)  # e.g. data-source stats
+    step: int = 0  # the micro-batch index (its masks were drawn from it)
+    stats: dict[str, Any] | None = None  # data counts since the last batch (used, skipped by reason)
+    stream: StreamPosition | None = None  # streams: the position, after this batch, of the share that made it
 
     @property
     def size(self) -> int:
         return sum(p.size for p in self.parts)
 
     def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Batch":
-        return Batch([p.map_tensors(fn) for p in self.parts], self.step, self.extra)
+        return Batch([p.map_tensors(fn) for p in self.parts], self.step, self.stats, self.stream)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         return self.map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
@@ -101,10 +105,12 @@ class Collator:
         self.rank = rank
         self.static_shapes = static_shapes
 
-    def __call__(self, samples: list[dict[str, Any]]) -> Batch:
+    def __call__(self, samples: list[dict[str, Any]], step: int = 0) -> Batch:
+        """Micro-batch `step` (it seeds the masks) of `samples`."""
         if not samples:
             raise ValueError("cannot collate an empty batch")
-        step = int(samples[0].get("step", 0))
+        if "step" in samples[0]:  # the old place of the step: refuse rather than draw other masks
+            raise ValueError("pass a micro-batch's step as Collator(...)(samples, step), not in its samples")
         generator = torch.Generator().manual_seed(mask_seed(self.seed, step, self.rank))
         groups: dict[tuple[bool, bool], list[dict[str, Any]]] = {}
         for s in samples:

@@ -7,7 +7,7 @@ from typing import Optional
 
 @dataclass
 class DataConfig:
-    # What to read: "demo" = the built-in synthetic shapes; otherwise a SPEC (see m3ae.data.spec).
+    # What to read: a SPEC (see m3ae.data.spec); "demo" is the built-in synthetic shapes source.
     spec: str = "demo"
     # Tokenizer: a hub name, a tokenizer.json / vocab.txt path; None = the source's own (demo: built
     # in), "bert-base-uncased" (the paper's) for real data.
@@ -15,7 +15,7 @@ class DataConfig:
     num_workers: int = 2  # loader worker processes per rank
     prefetch_factor: int = 2  # batches each worker prepares ahead
     normalization: str = "cc12m"  # "cc12m", "imagenet", or "mean1,mean2,mean3/std1,std2,std3"
-    demo_samples: int = 8192  # size of the built-in synthetic set (spec demo)
+    demo_samples: int = 8192  # size of the synthetic shapes set (spec demo) unless its #samples= says
     # Tar shards: records are read in a seeded random order within blocks of this many per shard
     # (memory: that many encoded samples per loader worker). Shards are often sorted (by id, by class).
     shuffle_buffer: int = 2000

@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 
 from .bad import BadSample
 from .sources.base import is_url, open_file
-from .normalization import resolve_stats
+from .normalization import normalize, resolve_stats
 
 # The default pixel limit: ~ 16k x 11k. Above it we refuse to decode (decompression bombs).
 # We set PIL's own limit explicitly and turn its warning into an error, so either path is caught.
@@ -56,8 +56,11 @@ def read_image_file(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     return data
 
 
-def open_image(data: bytes | str, key: str = "", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open (header only) from bytes, a local path or a URL (fsspec). Raises BadSample."""
+def open_image(data: bytes | str | torch.Tensor, key: str = "", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open (header only) from bytes, a local path or a URL (fsspec); a source's rendered float
+    [0, 1] (3, H, W) tensor as the 8-bit image it was drawn as. Raises BadSample."""
+    if isinstance(data, torch.Tensor):
+        return Image.fromarray(data.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
     if isinstance(data, str):
         data = read_image_file(data)
     if not data:
@@ -248,6 +251,13 @@ class _Decoding:
         if not 0 <= int(self.pad_value) <= 255:
             raise ValueError(f"pad_value must be a grey level in 0..255, got {self.pad_value}")
 
+    def rendered(self, pixels: torch.Tensor, size: int) -> torch.Tensor:
+        """A source's own rendering, float [0, 1] (3, H, W) (the synthetic shapes): normalised only,
+        resized if it is not `size` square. No crop or flip: its caption says where things are."""
+        if pixels.shape[-2:] != (size, size):
+            pixels = F.interpolate(pixels[None], size=(size, size), mode="bicubic", antialias=True)[0].clamp_(0, 1)
+        return normalize(pixels, self.stats)
+
     def open(self, data: bytes | str | Image.Image, key: str) -> Image.Image:
         return upright(data if isinstance(data, Image.Image) else open_image(data, key, self.max_pixels))
 
@@ -293,8 +303,10 @@ class TrainTransform(_Decoding):
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
 
-    def __call__(self, data: bytes | str | Image.Image, rng: np.random.Generator | None = None,
+    def __call__(self, data: bytes | str | Image.Image | torch.Tensor, rng: np.random.Generator | None = None,
                  key: str = "") -> torch.Tensor:
+        if isinstance(data, torch.Tensor):
+            return self.rendered(data, self.size)
         with as_bad_sample(key):
             return self._apply(data, rng, key)
 
@@ -319,8 +331,10 @@ class EvalTransform(_Decoding):
     size: int = 256
     resize: int | None = None
 
-    def __call__(self, data: bytes | str | Image.Image, rng: np.random.Generator | None = None,
+    def __call__(self, data: bytes | str | Image.Image | torch.Tensor, rng: np.random.Generator | None = None,
                  key: str = "") -> torch.Tensor:
+        if isinstance(data, torch.Tensor):
+            return self.rendered(data, self.size)
         with as_bad_sample(key):
             return self._apply(data, key)
 

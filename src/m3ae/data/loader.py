@@ -19,12 +19,11 @@ import torch
 
 from ..config import M3AEConfig
 from .bad import BadCounter, DataQualityError, LoaderError
-from .collate import Batch, Collator
+from .collate import Batch
 from .config import DataConfig
 from .images import TrainTransform
 from .pipeline import BatchCollator, MixtureDataset, PositionSampler, SampleMaker, SourceUse, StreamDataset
-from .sampler import IndexedBatchSampler
-from .synthetic import SyntheticShapes
+from .stream_position import StreamPosition
 
 DEFAULT_TOKENIZER = "bert-base-uncased"
 
@@ -33,10 +32,10 @@ class TrackedBatches:
     """Wraps the loader: merges each batch's data stats, enforces max_bad_fraction, and keeps the
     stream position of the last delivered batch of every (rank, worker) share."""
 
-    def __init__(self, loader: Iterable[Batch], counter: BadCounter):
+    def __init__(self, loader: Iterable[Batch], counter: BadCounter, stream: StreamPosition | None = None):
         self.loader = loader
         self.counter = counter
-        self.stream: dict[str, Any] = {}
+        self.stream = stream
 
     def __iter__(self) -> Iterator[Batch]:
         batches = iter(self.loader)
@@ -47,14 +46,11 @@ class TrackedBatches:
 
     def _tracked(self, batches: Iterator[Batch]) -> Iterator[Batch]:
         for batch in batches:
-            stats = batch.extra.get("data_stats")
-            if stats:
-                self.counter.add(stats)
+            if batch.stats:
+                self.counter.add(batch.stats)
                 self.counter.check()
-            pos = batch.extra.get("stream_state")
-            if pos:
-                self.stream["parts"] = pos["parts"]
-                self.stream.setdefault("workers", {})[str(pos["part"])] = pos["state"]
+            if batch.stream is not None:
+                self.stream = batch.stream if self.stream is None else self.stream.merged(batch.stream)
             yield batch
 
 
@@ -70,15 +66,21 @@ class TrainData:
 
     def state(self, next_micro_batch: int) -> dict[str, Any]:
         out: dict[str, Any] = {"next_micro_batch": next_micro_batch, "exact": self.exact_resume}
-        if isinstance(self.batches, TrackedBatches) and self.batches.stream:
-            # Only the local rank's shares; each rank saves and restores its own.
-            out["stream"] = {"parts": self.batches.stream["parts"],
-                             "workers": dict(self.batches.stream["workers"])}
+        if isinstance(self.batches, TrackedBatches) and self.batches.stream is not None:
+            # Only the local rank's shares; merge_data_states gathers every rank's.
+            out["stream"] = self.batches.stream.to_state()
         return out
 
     def stats(self) -> dict[str, Any]:
         """Samples used and skipped (by reason, with example keys) so far on this rank."""
         return {**self.counter.as_dict(), "bad_fraction": self.counter.bad_fraction}
+
+
+def merge_data_states(local: dict[str, Any], every_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """`local` (this rank's `TrainData.state`) with the stream positions of every rank's shares
+    merged in: the one state rank 0 saves, in which each rank finds its own on resume."""
+    stream = StreamPosition.merge(StreamPosition.from_state(s.get("stream")) for s in every_rank)
+    return local if stream is None else {**local, "stream": stream.to_state()}
 
 
 def next_batch(batches: Iterator[Batch]) -> Batch:
@@ -149,22 +151,12 @@ def _loader_kwargs(data: DataConfig) -> dict[str, Any]:
                 persistent_workers=False, pin_memory=torch.cuda.is_available())
 
 
-def indexed_loader(dataset: torch.utils.data.Dataset, model_config: M3AEConfig, data: DataConfig, *,
-                   seed: int, micro_batch: int, start_micro_batch: int = 0, rank: int = 0,
-                   world_size: int = 1, stop: int | None = None, static_shapes: bool = False
-                   ) -> torch.utils.data.DataLoader:
-    sampler = IndexedBatchSampler(len(dataset), micro_batch, seed=seed, start=start_micro_batch,
-                                  stop=stop, rank=rank, world_size=world_size)
-    collate = Collator(model_config, seed, rank, static_shapes)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, **_loader_kwargs(data))
-
-
-def source_uses(data: DataConfig, model_config: M3AEConfig) -> list[SourceUse]:
+def source_uses(data: DataConfig, model_config: M3AEConfig, seed: int = 0) -> list[SourceUse]:
     """Open every source of the spec (errors surface here, before training) and decide what each gives."""
-    from .sources import build_sources
+    from .sources import RunContext, build_sources
 
     uses = []
-    for item, source in build_sources(data.spec):
+    for item, source in build_sources(data.spec, RunContext(seed, model_config.image_size, data.demo_samples)):
         if hasattr(source, "shuffle_block"):  # tar shards: read in a shuffled order (see WebDatasetSource)
             source.shuffle_block = data.shuffle_buffer
             source.max_member_bytes, source.max_shard_bytes = data.max_member_bytes, data.max_shard_bytes
@@ -179,12 +171,15 @@ def source_uses(data: DataConfig, model_config: M3AEConfig) -> list[SourceUse]:
 
 def make_sample_maker(data: DataConfig, model_config: M3AEConfig, uses: list[SourceUse], tokenizer=None,
                       train: bool = True) -> SampleMaker:
+    from .sources import spec_tokenizer
     from .tokenizer import check_vocab_size, load_tokenizer
 
+    name = data.tokenizer or DEFAULT_TOKENIZER
     if tokenizer is None and any(u.text for u in uses):
-        tokenizer = load_tokenizer(data.tokenizer or DEFAULT_TOKENIZER)
+        own = None if data.tokenizer else spec_tokenizer(data.spec)  # e.g. the synthetic shapes' words
+        tokenizer, name = (own, "the spec's own vocabulary") if own is not None else (load_tokenizer(name), name)
     if tokenizer is not None and model_config.has_text:
-        check_vocab_size(tokenizer, model_config.vocab_size, f"tokenizer {data.tokenizer or DEFAULT_TOKENIZER}")
+        check_vocab_size(tokenizer, model_config.vocab_size, f"tokenizer {name}")
     transform = TrainTransform(model_config.image_size, scale=(data.crop_scale_min, data.crop_scale_max),
                                flip=data.hflip, stats=data.normalization, draft=data.jpeg_draft,
                                max_pixels=data.max_image_pixels, square=data.square, pad_value=data.pad_value)
@@ -195,21 +190,11 @@ def build_train_data(data: DataConfig, model_config: M3AEConfig, *, seed: int, m
                      start_micro_batch: int = 0, rank: int = 0, world_size: int = 1,
                      resume_state: dict[str, Any] | None = None, static_shapes: bool = False) -> TrainData:
     """The training batches for `data`. `static_shapes`: fixed text shapes (see Collator)."""
-    if data.spec == "demo":
-        dataset = SyntheticShapes(data.demo_samples, model_config.image_size, model_config.text_length,
-                                  seed=seed, stats=data.normalization)
-        if dataset.tokenizer.get_vocab_size() > model_config.vocab_size and model_config.has_text:
-            raise ValueError(f"the demo vocabulary has {dataset.tokenizer.get_vocab_size()} words but the "
-                             f"model's vocab_size is {model_config.vocab_size}")
-        loader = indexed_loader(dataset, model_config, data, seed=seed, micro_batch=micro_batch,
-                                start_micro_batch=start_micro_batch, rank=rank, world_size=world_size,
-                                static_shapes=static_shapes)
-        return TrainData(loader, f"synthetic shapes ({len(dataset)} samples)", dataset.tokenizer)
     if not 0.0 <= data.caption_drop <= 1.0:
         raise ValueError(f"caption_drop must be in [0, 1], got {data.caption_drop}")
     if data.shuffle_buffer < 0:
         raise ValueError(f"shuffle_buffer must be >= 0 (0: shard order), got {data.shuffle_buffer}")
-    uses = source_uses(data, model_config)
+    uses = source_uses(data, model_config, seed)
     maker = make_sample_maker(data, model_config, uses)
     counter = BadCounter(data.max_bad_fraction, data.bad_min_samples)
     collator = BatchCollator(model_config, seed, rank, static_shapes)
@@ -220,12 +205,11 @@ def build_train_data(data: DataConfig, model_config: M3AEConfig, *, seed: int, m
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
                                              **_loader_kwargs(data))
         return TrainData(TrackedBatches(loader, counter), description, maker.tokenizer, True, counter)
-    stream = (resume_state or {}).get("stream")
+    stream = StreamPosition.from_state((resume_state or {}).get("stream"))
     dataset = StreamDataset(uses, maker, collator, seed, micro_batch, start=start_micro_batch, rank=rank,
                             world_size=world_size, resume=stream)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, **_loader_kwargs(data))
-    tracked = TrackedBatches(loader, counter)
-    if stream and stream.get("parts") == world_size * max(int(data.num_workers), 1):
-        # Shares that deliver nothing before the next checkpoint keep their old position.
-        tracked.stream = {"parts": stream.get("parts"), "workers": dict(stream.get("workers", {}))}
+    # Shares that deliver nothing before the next checkpoint keep their old position.
+    same_layout = stream is not None and stream.parts == world_size * max(int(data.num_workers), 1)
+    tracked = TrackedBatches(loader, counter, stream if same_layout else None)
     return TrainData(tracked, description, maker.tokenizer, False, counter)

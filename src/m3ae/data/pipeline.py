@@ -3,13 +3,13 @@
 `MixtureDataset` (all sources indexed): global position p of the run -> (source, record) by a
 fixed weighted slot pattern, so position -> sample is a pure function and resume is exact.
 `StreamDataset` (any tar-shard source): each (rank, worker) share iterates its sources and
-assembles whole micro-batches in the worker; its position travels in `Batch.extra`.
+assembles whole micro-batches in the worker; its position travels in `Batch.stream`.
 Randomness of a sample (crop, flip, caption drop, source choice) comes from its own seeded
 generator, never from global state.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -19,6 +19,7 @@ from .bad import BadCounter, BadSample, DataQualityError
 from .collate import Collator
 from .images import TrainTransform, sample_rng
 from .sources.base import IndexedSource, Record, Source
+from .stream_position import ShareState, StreamPosition
 from .tokenizer import encode_batch
 
 MAX_RETRIES = 16  # replacement attempts for a bad record before the position is given up
@@ -99,6 +100,17 @@ class SampleMaker:
             for s in with_text:
                 s["caption"] = None
         return samples
+
+
+@dataclass
+class Samples:
+    """The samples of one micro-batch and what travels with them to the `Batch` (typed, never
+    inside a sample)."""
+
+    items: list[dict[str, Any]]
+    step: int  # the micro-batch index (seeds the masks)
+    stats: dict[str, Any] = field(default_factory=dict)  # data counts since the last batch (BadCounter.take)
+    stream: StreamPosition | None = None  # streams: the position of the share that made it, after it
 
 
 def usable(sample: dict[str, Any]) -> bool:
@@ -186,7 +198,7 @@ class MixtureDataset(torch.utils.data.Dataset):
         raise DataQualityError(f"{MAX_RETRIES} bad records in a row from {use.source.describe()}: "
                                f"{dict(self.counter.bad)}")
 
-    def __getitems__(self, items: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    def __getitems__(self, items: list[tuple[int, int]]) -> Samples:
         samples = [self.prepare(int(position)) for _, position in items]
         self.maker.tokenize(samples)
         for i, (_, position) in enumerate(items):
@@ -197,28 +209,19 @@ class MixtureDataset(torch.utils.data.Dataset):
                 attempt += 1
                 if attempt >= MAX_RETRIES:
                     raise DataQualityError(f"no usable sample for position {position}")
-        for sample, (step, _) in zip(samples, items):
-            sample["step"] = int(step)
         self.counter.good += len(samples)
-        # Per-batch counts ride on the first sample to the collator (see BatchCollator).
-        samples[0]["_stats"] = self.counter.take()
-        return samples
+        return Samples(samples, int(items[0][0]), self.counter.take())
 
     def __getitem__(self, item):
-        return self.__getitems__([item if isinstance(item, tuple) else (0, item)])[0]
+        return self.__getitems__([item if isinstance(item, tuple) else (0, item)]).items[0]
 
 
 class BatchCollator(Collator):
-    """The model collator plus the data stats (and stream position) of the batch in `extra`."""
+    """The model collator for `Samples`: their step, data stats and stream position go to the Batch."""
 
-    def __call__(self, samples):
-        stats = samples[0].pop("_stats", None)
-        state = samples[0].pop("_stream_state", None)
-        batch = super().__call__(samples)
-        if stats is not None:
-            batch.extra["data_stats"] = stats
-        if state is not None:
-            batch.extra["stream_state"] = state
+    def __call__(self, samples: Samples):  # type: ignore[override]
+        batch = super().__call__(samples.items, samples.step)
+        batch.stats, batch.stream = samples.stats, samples.stream
         return batch
 
 
@@ -228,32 +231,13 @@ class StreamDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, uses: list[SourceUse], maker: SampleMaker, collator: BatchCollator, seed: int,
                  batch_size: int, start: int = 0, rank: int = 0, world_size: int = 1,
-                 resume: dict | None = None, epochs: int | None = None):
+                 resume: StreamPosition | None = None, epochs: int | None = None):
         self.uses, self.maker, self.collator, self.seed = uses, maker, collator, seed
         self.batch_size, self.start, self.rank, self.world_size = batch_size, start, rank, world_size
-        self.resume = resume or {}
+        self.resume = resume
         self.epochs = epochs
         w = np.asarray([u.weight for u in uses], dtype=np.float64)
         self.cumulative = np.cumsum(w / w.sum())
-
-    def _initial_state(self, g: int, parts: int) -> dict[str, Any]:
-        saved = self.resume.get("workers", {})
-        if self.resume.get("parts") == parts and str(g) in saved:
-            return saved[str(g)]
-        if not saved:
-            return {"n": 0, "sources": [None] * len(self.uses)}
-        # Different rank x worker layout: restart every share at the slowest saved progress
-        # (shard level: at most one shard per old share is read twice).
-        old = int(self.resume["parts"])
-        positions = []
-        for i in range(len(self.uses)):
-            progress = []
-            for st in saved.values():
-                p = st["sources"][i]
-                progress.append(0 if p is None else (p[0] if isinstance(p, (list, tuple)) else p) * old)
-            slowest = min(progress) // parts
-            positions.append(None if slowest == 0 else ([slowest, 0] if not self.uses[i].source.exact else slowest))
-        return {"n": 0, "sources": positions}
 
     def __iter__(self) -> Iterator:
         info = torch.utils.data.get_worker_info()
@@ -261,9 +245,8 @@ class StreamDataset(torch.utils.data.IterableDataset):
         # Micro-batch m comes from share m % nw: after a resume at an odd start, worker 0 continues
         # the share that produced the odd batches (keeping w would swap the shares' data).
         g, parts = self.rank * nw + (self.start + w) % nw, self.world_size * nw
-        state = self._initial_state(g, parts)
-        n = int(state["n"])
-        positions = list(state["sources"])
+        start = (self.resume or StreamPosition(parts)).share_start(g, parts, [u.source.exact for u in self.uses])
+        n, positions = start.n, start.sources
         iters = [u.source.iterate(g, parts, self.seed + 1000 * i, positions[i], self.epochs)
                  for i, u in enumerate(self.uses)]
         alive = [True] * len(iters)
@@ -296,13 +279,9 @@ class StreamDataset(torch.utils.data.IterableDataset):
             samples = [x for x in samples if usable(x)]
             if not samples:
                 continue
-            for x in samples:
-                x["step"] = step
             counter.good += len(samples)
-            samples[0]["_stats"] = counter.take()
-            samples[0]["_stream_state"] = {"part": g, "parts": parts,
-                                           "state": {"n": n, "sources": [_plain(p) for p in positions]}}
-            yield self.collator(samples)
+            position = StreamPosition(parts, {g: ShareState(n, [_plain(p) for p in positions])})
+            yield self.collator(Samples(samples, step, counter.take(), position))
             step += nw
 
 

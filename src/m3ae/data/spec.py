@@ -3,10 +3,12 @@
     SPEC  := ITEM ("," ITEM)*
     ITEM  := [ROLE "="] [KIND ":"] PATH ("#" OPTION)* ["@" WEIGHT]
     ROLE  := paired | image | text       what the source contributes (default: all it has)
-    KIND  := csv | tsv | jsonl | wds | hdf5 | folder | text | parquet | hf   (default: from the path)
+    KIND  := a registered source kind (sources/registry.py): csv | tsv | jsonl | wds | hdf5 | folder
+             | text | parquet | hf | synthetic            (default: from the path)
     OPTION:= NAME "=" VALUE | VALUE     (a bare VALUE is the text column for text corpora)
 
-Kind from the path: .csv/.tsv/.jsonl manifests, .tar/.tar.gz/.tgz or a {..} pattern -> wds,
+Kind from the path (each kind declares what it recognises): `demo` -> the synthetic shapes,
+.csv/.tsv/.jsonl manifests, .tar/.tar.gz/.tgz or a {..} pattern -> wds,
 .h5/.hdf5 -> hdf5, .txt -> text, .parquet -> parquet. A directory: wds if it holds tar shards
 (img2dataset's webdataset output, whatever .parquet/.json files sit beside them), hf if it is a
 saved Hugging Face dataset (state.json / dataset_dict.json), parquet if it holds .parquet files
@@ -26,9 +28,6 @@ import re
 from dataclasses import dataclass, field
 
 ROLES = ("paired", "image", "text")
-KINDS = ("csv", "tsv", "jsonl", "wds", "hdf5", "folder", "text", "parquet", "hf")
-_ALIASES = {"tar": "wds", "webdataset": "wds", "h5": "hdf5", "json": "jsonl", "dir": "folder", "pq": "parquet",
-            "huggingface": "hf"}
 
 
 @dataclass
@@ -60,13 +59,16 @@ def split_items(spec: str) -> list[str]:
 
 
 def detect_kind(path: str) -> str:
+    from .sources.registry import kind_names, unique_kinds
+
+    kinds = unique_kinds()
+    for kind in kinds:
+        if kind.claims_path is not None and kind.claims_path(path):
+            return kind.name
     p = path.lower()
-    if "{" in path or p.endswith((".tar", ".tar.gz", ".tgz")):
-        return "wds"
-    for ext, kind in ((".csv", "csv"), (".tsv", "tsv"), (".jsonl", "jsonl"), (".json", "jsonl"),
-                      (".h5", "hdf5"), (".hdf5", "hdf5"), (".txt", "text"), (".parquet", "parquet")):
-        if p.endswith(ext):
-            return kind
+    endings = [(len(s), kind.name) for kind in kinds for s in kind.suffixes if p.endswith(s)]
+    if endings:
+        return max(endings)[1]
     if any(ch in path for ch in "*?[") and "://" not in path:
         import glob
 
@@ -75,23 +77,13 @@ def detect_kind(path: str) -> str:
             raise FileNotFoundError(f"no files match {path!r}")
         return detect_kind(found[0])
     if os.path.isdir(path):
-        return _directory_kind(path)
+        names = [n for n in os.listdir(path) if not n.startswith(".")]
+        for kind in kinds:
+            if kind.claims_directory is not None and kind.claims_directory(path, names):
+                return kind.name
     if not os.path.exists(path) and "://" not in path:
         raise FileNotFoundError(f"data path does not exist: {path}")
-    raise ValueError(f"cannot tell the kind of {path!r}; prefix it, e.g. csv:{path} (kinds: {', '.join(KINDS)})")
-
-
-def _directory_kind(path: str) -> str:
-    names = [n for n in os.listdir(path) if not n.startswith(".")]
-    if any(n.endswith((".tar", ".tar.gz", ".tgz")) for n in names):
-        return "wds"
-    if "state.json" in names or "dataset_dict.json" in names:
-        return "hf"
-    from .sources.folder import is_img2dataset_files
-
-    if any(n.endswith(".parquet") for n in names) and not is_img2dataset_files(path, names):
-        return "parquet"
-    return "folder"
+    raise ValueError(f"cannot tell the kind of {path!r}; prefix it, e.g. csv:{path} (kinds: {', '.join(kind_names())})")
 
 
 def parse_item(item: str) -> SourceSpec:
@@ -107,10 +99,12 @@ def parse_item(item: str) -> SourceSpec:
     kind = None
     m = re.match(r"(\w+):(?!//)", item)
     if m:
-        name = _ALIASES.get(m.group(1), m.group(1))
-        if name not in KINDS:
-            raise ValueError(f"unknown source kind {m.group(1)!r} in {item!r} (kinds: {', '.join(KINDS)})")
-        kind, item = name, item[m.end():]
+        from .sources.registry import find_kind, kind_names
+
+        found = find_kind(m.group(1))
+        if found is None:
+            raise ValueError(f"unknown source kind {m.group(1)!r} in {item!r} (kinds: {', '.join(kind_names())})")
+        kind, item = found.name, item[m.end():]
     path, *opts = item.split("#")
     options = {}
     for o in opts:

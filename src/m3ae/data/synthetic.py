@@ -1,15 +1,13 @@
 """Built-in synthetic captioned images: two coloured shapes and a caption that describes them.
 
 "a small red circle above a large blue square". Every sample is a pure function of (seed, index),
-so the set needs no download, is identical on every machine, and resumes exactly.
+so the set needs no download, is identical on every machine, and resumes exactly. It is read as a
+data source (spec `demo`, see sources/synthetic.py).
 """
 from __future__ import annotations
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
-
-from .normalization import normalize
 
 COLORS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 40),
@@ -76,31 +74,3 @@ def render_sample(seed: int, index: int, image_size: int = 64) -> tuple[Image.Im
     caption = (f"a {size_names[z1]} {names[c1]} {SHAPES[s1]} {relation} "
                f"a {size_names[z2]} {names[c2]} {SHAPES[s2]}")
     return image, caption
-
-
-class SyntheticShapes(torch.utils.data.Dataset):
-    """Indexed dataset of synthetic captioned shapes. Items may be `(step, index)` pairs from
-    `IndexedBatchSampler`; the step is passed through for mask seeding."""
-
-    def __init__(self, num_samples: int = 8192, image_size: int = 64, text_length: int = 16,
-                 seed: int = 0, stats: str | tuple = "cc12m", tokenizer=None):
-        self.num_samples = num_samples
-        self.image_size = image_size
-        self.text_length = text_length
-        self.seed = seed
-        self.stats = stats
-        self.tokenizer = tokenizer or build_demo_tokenizer()
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def caption(self, index: int) -> str:
-        return render_sample(self.seed, index, self.image_size)[1]
-
-    def __getitem__(self, item):
-        step, index = item if isinstance(item, tuple) else (0, item)
-        image, caption = render_sample(self.seed, int(index), self.image_size)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        ids = self.tokenizer.encode(caption, add_special_tokens=False).ids[: self.text_length]
-        return {"image": normalize(pixels, self.stats), "text": torch.tensor(ids, dtype=torch.long),
-                "caption": caption, "key": f"demo-{index:07d}", "step": step}

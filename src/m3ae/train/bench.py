@@ -89,8 +89,8 @@ def synthetic_batches(config: M3AEConfig, opts: BenchOptions) -> list[Batch]:
             n = int(torch.randint(opts.min_caption, hi + 1, (1,), generator=g))
             image = torch.randn(config.in_chans, config.image_size, config.image_size, generator=g)
             text = torch.randint(1, config.vocab_size, (n,), generator=g).tolist() if config.has_text else None
-            samples.append({"image": image, "text": text, "key": f"{step}-{i}", "step": step})
-        batches.append(collate(samples))
+            samples.append({"image": image, "text": text, "key": f"{step}-{i}"})
+        batches.append(collate(samples, step))
     return batches
 
 

@@ -21,7 +21,7 @@ from ..optim import build_optimizer, lr_at, set_lr
 from ..perf import batch_train_flops, device_name, table_peak
 from ..precision import autocast as precision_autocast, uses_bf16
 from ..preprocessing import Preprocessing
-from ..data.loader import TrainData, build_train_data, loader_error, next_batch, stop_workers
+from ..data.loader import TrainData, build_train_data, loader_error, merge_data_states, next_batch, stop_workers
 from ..threads import ThreadChoice, torch_threads
 from .config import TrainConfig, to_yaml
 from .metrics import METRICS_NAME, MetricsLog, window_row
@@ -346,19 +346,12 @@ class _Run:
 
 
 def _gather_data_state(state: dict[str, Any], world_size: int) -> dict[str, Any]:
-    """Stream positions live per (rank, worker) share, with global share ids: merge every rank's
-    into the one state rank 0 saves, so each rank finds its own on resume."""
+    """Stream positions live per (rank, worker) share: every rank's go into the state rank 0 saves."""
     if world_size <= 1 or not torch.distributed.is_initialized():
         return state
     states: list[Any] = [None] * world_size
     torch.distributed.all_gather_object(states, state)
-    workers: dict[str, Any] = {}
-    for s in states:
-        workers.update((s.get("stream") or {}).get("workers", {}))
-    if not workers:
-        return state
-    parts = next(s["stream"]["parts"] for s in states if s.get("stream"))
-    return {**state, "stream": {"parts": parts, "workers": workers}}
+    return merge_data_states(state, states)
 
 
 class _Weights:

@@ -14,7 +14,7 @@ import torch
 
 from ..data.bad import BadSample
 from ..data.images import EvalTransform
-from ..data.sources import IndexedSource, Record, build_source
+from ..data.sources import IndexedSource, Record, RunContext, build_source
 from ..data.sources.base import require_path
 from ..data.sources.wds import iter_tar
 from ..data.spec import parse_item
@@ -106,28 +106,18 @@ def _caption(record: Record) -> str | None:
 
 def load_samples(spec: str, image_size: int, stats: str | tuple = "cc12m", n: int = 4, offset: int = 0,
                  text_length: int = 64) -> list[Sample]:
-    """`demo` (held-out synthetic shapes), one image file, or a data SPEC item (m3ae.data.spec): a CSV
+    """One image file, or a data SPEC item (m3ae.data.spec): `demo` (the synthetic shapes), a CSV
     manifest (image[,caption]; paths relative to the CSV or its images/), an image folder (captions
     from .txt files beside the images), HDF5 or tar shards."""
     if n <= 0:
         raise ValueError("need at least one sample (--n)")
-    if spec == "demo":
-        from ..data.synthetic import SyntheticShapes
-
-        shapes = SyntheticShapes(1, image_size, text_length, stats=stats)
-        start = 1_000_000 + offset  # far past any demo training index: held-out samples
-        out = []
-        for i in range(start, start + n):
-            item = shapes[i]
-            out.append(Sample(item["image"], item["caption"], item["key"]))
-        return out
     path = Path(spec)
     if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
         if offset:
             raise ValueError(f"--data {spec}: one image, nothing at offset {offset}")
         return [Sample(load_image(path, image_size, stats), None, path.name)]
     try:  # anything the data SPEC syntax reads: manifests, folders, HDF5, shards
-        source = build_source(parse_item(spec), default_role="labelled")
+        source = build_source(parse_item(spec), default_role="labelled", context=RunContext(image_size=image_size))
     except FileNotFoundError as err:
         raise FileNotFoundError(f"--data {spec}: {err} (use 'demo', a CSV, images or another data spec)") from None
     if "image" not in source.provides:

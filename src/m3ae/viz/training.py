@@ -8,38 +8,26 @@ from typing import Callable
 
 import torch
 
-from ..data.collate import BatchPart, Collator
+from ..data.collate import BatchPart
 
 VIZ_DIR = "viz"
 
 
-def fixed_viz_batch(config, tokenizer=None, n: int = 4) -> BatchPart | None:
-    """Samples and masks fixed for the whole run, so successive grids are comparable.
-
-    demo: held-out synthetic samples (indices past the training set). Other specs: the first
+def fixed_viz_batch(config, n: int = 4) -> BatchPart | None:
+    """Samples and masks fixed for the whole run, so successive grids are comparable: the first
     micro-batch of a fresh, worker-less loader (training samples; a validation source can replace
-    this once the data pipeline has one). None when no batch can be had.
-    """
-    from ..data.synthetic import SyntheticShapes
+    this once the data pipeline has one). None when no batch can be had."""
+    from ..data.loader import build_train_data
 
-    model_cfg, data_cfg = config.model, config.data
-    if data_cfg.spec == "demo":
-        shapes = SyntheticShapes(data_cfg.demo_samples + n, model_cfg.image_size, model_cfg.text_length,
-                                 seed=config.seed, stats=data_cfg.normalization, tokenizer=tokenizer)
-        samples = [shapes[data_cfg.demo_samples + i] for i in range(n)]
-    else:
-        try:
-            from ..data.loader import build_train_data
-
-            data = build_train_data(dataclasses.replace(data_cfg, num_workers=0), model_cfg, seed=config.seed,
-                                    micro_batch=n)
+    try:  # a loader draws its base seed from torch's global generator: leave the run's stream as it was
+        with torch.random.fork_rng(devices=[]):
+            data = build_train_data(dataclasses.replace(config.data, num_workers=0), config.model,
+                                    seed=config.seed, micro_batch=n)
             return next(iter(data.batches)).parts[0]
-        except Exception as err:  # a picture must never stop a training run
-            print(f"viz_every: no fixed batch for data spec {data_cfg.spec!r} ({err}); "
-                  "reconstruction grids disabled", file=sys.stderr)
-            return None
-    # Own mask seed, unrelated to the training masks.
-    return Collator(model_cfg, seed=config.seed + 7919)(samples).parts[0]
+    except Exception as err:  # a picture must never stop a training run
+        print(f"viz_every: no fixed batch for data spec {config.data.spec!r} ({err}); "
+              "reconstruction grids disabled", file=sys.stderr)
+        return None
 
 
 def write_viz(model, step: int, out_dir: str | Path, fixed_batch: BatchPart,
@@ -65,7 +53,7 @@ class TrainingViz:
 
     @classmethod
     def for_run(cls, config, out_dir: str | Path, tokenizer=None) -> "TrainingViz | None":
-        batch = fixed_viz_batch(config, tokenizer)
+        batch = fixed_viz_batch(config)
         if batch is None:
             return None
         decode = None

@@ -1,92 +1,47 @@
 """Sources: each turns one SpecItem into a `Source` of raw `Record`s (see base.py).
-A source kind is its module plus one row of `BUILDERS` (and its name in spec.KINDS)."""
+A source kind is its module, with a `KINDS` tuple, named in `registry.MODULES`."""
 from __future__ import annotations
 
-from typing import Callable
-
-from ..spec import KINDS, SourceSpec, parse_spec
+from ..spec import SourceSpec, parse_spec
 from .base import IndexedSource, Record, Source
 from .folder import ImageFolder
 from .hdf5 import HDF5Source, HDF5Table
 from .manifest import ManifestSource, TextCorpus
+from .registry import RunContext, SourceKind, find_kind, source_kinds
 from .wds import ShardWriter, WebDatasetSource, iter_tar, list_shards
 
 
-def _manifest(item: SourceSpec, role: str) -> Source:
-    o = item.options
-    if role == "text":
-        return TextCorpus(item.path, o.get("column") or o.get("caption"))
-    return ManifestSource(item.path, o.get("image"), o.get("caption"), o.get("label"), o.get("root"), role=role)
-
-
-def _folder(item: SourceSpec, role: str) -> Source:
-    o = item.options
-    captions = None if "captions" not in o else o["captions"].lower() in ("1", "true", "yes")
-    return ImageFolder(item.path, role=role, captions=captions)
-
-
-def _hdf5(item: SourceSpec, role: str) -> Source:
-    o = item.options
-    caption = o.get("caption") or o.get("column")
-    if "table" in o:  # one compound dataset, fields named or found by name
-        if "split" in o:
-            raise ValueError(f"{item.path}: #split= is for the authors' layout; name a table with #table= alone")
-        return HDF5Table(item.path, o["table"], role, o.get("image"), caption, o.get("label"), o.get("root"))
-    if "root" in o:
-        raise ValueError(f"{item.path}: #root= is for a table whose image field holds paths (#table=DSET)")
-    return HDF5Source(item.path, o.get("split"), role, o.get("image"), caption, o.get("label"))
-
-
-def _parquet(item: SourceSpec, role: str) -> Source:
-    from .parquet import ParquetSource
-
-    o = item.options
-    return ParquetSource(item.path, o.get("image"), o.get("caption") or o.get("column"), o.get("label"),
-                         o.get("root"), role=role)
-
-
-def _hf(item: SourceSpec, role: str) -> Source:
-    from .hf import open_hf
-
-    o = item.options
-    return open_hf(item.path, o.get("split"), o.get("image"), o.get("caption") or o.get("column"), o.get("label"),
-                   role=role)
-
-
-_COLUMNS = {"image", "caption", "label"}
-
-# kind -> (options it takes, builder(item, role))
-BUILDERS: dict[str, tuple[set[str], Callable[[SourceSpec, str], Source]]] = {
-    "csv": (_COLUMNS | {"root"}, _manifest),
-    "tsv": (_COLUMNS | {"root"}, _manifest),
-    "jsonl": (_COLUMNS | {"root"}, _manifest),
-    "text": ({"column"}, lambda item, role: TextCorpus(item.path, item.options.get("column"))),
-    "folder": ({"captions"}, _folder),
-    "hdf5": (_COLUMNS | {"split", "table", "root"}, _hdf5),
-    "wds": (set(), lambda item, role: WebDatasetSource(item.path, role=role)),
-    "parquet": (_COLUMNS | {"root"}, _parquet),
-    "hf": (_COLUMNS | {"split"}, _hf),
-}
-assert set(BUILDERS) == set(KINDS), "every kind of spec.KINDS needs a builder here"
-
-
-def build_source(item: SourceSpec, default_role: str = "paired") -> Source:
+def build_source(item: SourceSpec, default_role: str = "paired", context: RunContext | None = None) -> Source:
     """Open one source (`default_role` where the item names none). Errors here (missing path, empty
-    glob, bad columns) stop a run before it starts."""
-    if item.kind not in BUILDERS:
+    glob, bad columns) stop a run before it starts. `context`: the run's seed and image size, for
+    sources that make their data."""
+    kind = find_kind(item.kind)
+    if kind is None:
         raise ValueError(f"unknown source kind {item.kind!r}")
-    options, builder = BUILDERS[item.kind]
-    unknown = set(item.options) - options - ({"column"} if item.role == "text" else set())
+    unknown = set(item.options) - kind.options - ({"column"} if item.role == "text" else set())
     if unknown:
         raise ValueError(f"{item.kind}:{item.path}: unknown option(s) {sorted(unknown)} "
-                         f"(known: {sorted(options)})")
-    return builder(item, item.role or default_role)
+                         f"(known: {sorted(kind.options)})")
+    return kind.build(item, item.role or default_role, context or RunContext())
 
 
-def build_sources(spec: str) -> list[tuple[SourceSpec, Source]]:
-    return [(item, build_source(item)) for item in parse_spec(spec)]
+def build_sources(spec: str, context: RunContext | None = None) -> list[tuple[SourceSpec, Source]]:
+    return [(item, build_source(item, context=context)) for item in parse_spec(spec)]
+
+
+def spec_tokenizer(spec: str):
+    """The vocabulary a spec's sources bring along (the synthetic shapes' word list) when every item's
+    kind has one, else None (also for a spec that cannot be parsed here)."""
+    try:
+        kinds = [find_kind(item.kind) for item in parse_spec(spec)]
+    except (OSError, ValueError):
+        return None
+    if kinds and all(k is not None for k in kinds) and len({k.tokenizer for k in kinds}) == 1 \
+            and kinds[0].tokenizer is not None:
+        return kinds[0].tokenizer()
+    return None
 
 
 __all__ = ["IndexedSource", "Record", "Source", "ImageFolder", "HDF5Source", "HDF5Table", "ManifestSource",
            "TextCorpus", "WebDatasetSource", "ShardWriter", "iter_tar", "list_shards", "build_source", "build_sources",
-           "SourceSpec", "parse_spec", "BUILDERS"]
+           "SourceSpec", "parse_spec", "RunContext", "SourceKind", "source_kinds", "spec_tokenizer"]

@@ -18,7 +18,7 @@ import numpy as np
 @dataclass
 class Record:
     key: str
-    image: bytes | str | None = None  # encoded bytes, or a local path
+    image: Any = None  # encoded bytes, a local path or URL; or a rendered float (3, H, W) tensor (synthetic)
     caption: str | bytes | None = None  # bytes are decoded (and checked) in the worker
     label: int | None = None
     missing: str | None = None  # a BadSample reason found while reading (e.g. a truncated tar)

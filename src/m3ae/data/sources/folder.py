@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 from .base import IndexedSource, Record, require_path
+from .registry import SourceKind
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -68,3 +69,14 @@ class ImageFolder(IndexedSource):
             except FileNotFoundError:
                 caption = None
         return Record(key=os.path.relpath(path, self.name), image=path, caption=caption, label=label)
+
+
+def _folder(item, role: str, context) -> ImageFolder:
+    o = item.options
+    captions = None if "captions" not in o else o["captions"].lower() in ("1", "true", "yes")
+    return ImageFolder(item.path, role=role, captions=captions)
+
+
+# Last in registry.MODULES: any directory no other kind claims is an image folder.
+KINDS = (SourceKind("folder", _folder, frozenset({"captions"}), aliases=("dir",),
+                    claims_directory=lambda path, names: True),)

@@ -13,6 +13,7 @@ import numpy as np
 
 from ...optional import require
 from .base import IndexedSource, Record, is_url, pick_name, require_path
+from .registry import SourceKind
 from .table import CAPTION_COLUMNS, IMAGE_COLUMNS, LABEL_COLUMNS
 
 
@@ -251,3 +252,19 @@ class HDF5Table(HDF5Source):
         if not text or "\0" in text:
             return data or None
         return text if os.path.isabs(text) or is_url(text) else os.path.join(self.root, text)
+
+
+def _hdf5(item, role: str, context) -> HDF5Source:
+    o = item.options
+    caption = o.get("caption") or o.get("column")
+    if "table" in o:  # one compound dataset, fields named or found by name
+        if "split" in o:
+            raise ValueError(f"{item.path}: #split= is for the authors' layout; name a table with #table= alone")
+        return HDF5Table(item.path, o["table"], role, o.get("image"), caption, o.get("label"), o.get("root"))
+    if "root" in o:
+        raise ValueError(f"{item.path}: #root= is for a table whose image field holds paths (#table=DSET)")
+    return HDF5Source(item.path, o.get("split"), role, o.get("image"), caption, o.get("label"))
+
+
+KINDS = (SourceKind("hdf5", _hdf5, frozenset({"image", "caption", "label", "split", "table", "root"}),
+                    aliases=("h5",), suffixes=(".h5", ".hdf5")),)

@@ -14,6 +14,7 @@ import os
 from .base import is_url
 from .parquet import ParquetSource
 from .table import TableSource, import_pyarrow
+from .registry import SourceKind
 
 
 def _split_dir(path: str, split: str | None) -> str:
@@ -110,3 +111,14 @@ class ArrowSource(TableSource):
         batch = self._batches[index][number]
         step = self.batch_rows
         return (batch.slice(start, step) for start in range(0, batch.num_rows, step))  # zero-copy slices
+
+
+def _hf(item, role: str, context):
+    o = item.options
+    return open_hf(item.path, o.get("split"), o.get("image"), o.get("caption") or o.get("column"), o.get("label"),
+                   role=role)
+
+
+KINDS = (SourceKind("hf", _hf, frozenset({"image", "caption", "label", "split"}), aliases=("huggingface",),
+                    # a saved Hugging Face dataset (save_to_disk)
+                    claims_directory=lambda path, names: "state.json" in names or "dataset_dict.json" in names),)

@@ -8,6 +8,7 @@ import os
 import re
 
 from .base import IndexedSource, Record, is_url, open_file, path_exists, pick_name, require_path
+from .registry import SourceKind
 
 IMAGE_COLUMNS = ("image", "filepath", "file", "path", "image_path", "img", "filename", "jpg")
 CAPTION_COLUMNS = ("caption", "text", "title", "sentence", "txt")
@@ -168,3 +169,20 @@ class TextCorpus(IndexedSource):
 
     def record(self, index: int) -> Record:
         return Record(key=f"{os.path.basename(self.name)}:{index + 1}", caption=self.texts[index])
+
+
+def _manifest(item, role: str, context) -> IndexedSource:
+    o = item.options
+    if role == "text":
+        return TextCorpus(item.path, o.get("column") or o.get("caption"))
+    return ManifestSource(item.path, o.get("image"), o.get("caption"), o.get("label"), o.get("root"), role=role)
+
+
+_COLUMNS = frozenset({"image", "caption", "label", "root"})
+KINDS = (
+    SourceKind("csv", _manifest, _COLUMNS, suffixes=(".csv",)),
+    SourceKind("tsv", _manifest, _COLUMNS, suffixes=(".tsv",)),
+    SourceKind("jsonl", _manifest, _COLUMNS, aliases=("json",), suffixes=(".jsonl", ".json")),
+    SourceKind("text", lambda item, role, context: TextCorpus(item.path, item.options.get("column")),
+               frozenset({"column"}), suffixes=(".txt",)),
+)

@@ -11,6 +11,7 @@ import os
 from .base import is_url, open_file, require_path
 from .table import TableSource, import_pyarrow
 from .wds import expand_braces
+from .registry import SourceKind
 
 
 def list_parquet(pattern: str) -> list[str]:
@@ -91,3 +92,20 @@ class ParquetSource(TableSource):
                 self._open[index] = (pf, pf)  # (what to close, the reader)
         return self._open[index][1].iter_batches(self.batch_rows, row_groups=[group], columns=self.columns,
                                                  use_threads=False)
+
+
+def _parquet(item, role: str, context) -> ParquetSource:
+    o = item.options
+    return ParquetSource(item.path, o.get("image"), o.get("caption") or o.get("column"), o.get("label"),
+                         o.get("root"), role=role)
+
+
+def _parquet_directory(path: str, names: list[str]) -> bool:
+    # img2dataset's parquet output; its `files` output (with .parquet metadata beside) is a folder
+    from .folder import is_img2dataset_files
+
+    return any(n.endswith(".parquet") for n in names) and not is_img2dataset_files(path, names)
+
+
+KINDS = (SourceKind("parquet", _parquet, frozenset({"image", "caption", "label", "root"}), aliases=("pq",),
+                    suffixes=(".parquet",), claims_directory=_parquet_directory),)

@@ -20,6 +20,7 @@ from zlib import error as zlib_error
 import numpy as np
 
 from .base import Record, Source, is_url, open_file, shuffled_blocks
+from .registry import SourceKind
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_MEMBER_BYTES = 256 << 20  # defaults of data.max_member_bytes / data.max_shard_bytes
@@ -242,3 +243,11 @@ class ShardWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+KINDS = (SourceKind("wds", lambda item, role, context: WebDatasetSource(item.path, role=role),
+                    aliases=("tar", "webdataset"), suffixes=TAR_SUFFIXES,
+                    claims_path=lambda path: "{" in path,  # a {000..099} shard pattern
+                    # img2dataset's webdataset output: tar shards, whatever .parquet/.json sit beside them
+                    claims_directory=lambda path, names: any(n.endswith(TAR_SUFFIXES) for n in names)),)
