@@ -4,7 +4,8 @@ import torch
 from m3ae.data.normalization import denormalize, normalize
 from m3ae.masking import Masks
 from m3ae.patches import patchify
-from m3ae.viz.reconstruction import draw_masks, reconstruct, reconstruction_figure, restore_patch_stats, to_rgb
+from m3ae.viz.reconstruction import (draw_masks, reconstruct, reconstruction_columns, reconstruction_figure,
+                                    restore_patch_stats, to_rgb)
 
 from viz_helpers import is_png, tiny_model
 
@@ -112,3 +113,25 @@ def test_true_restore_is_the_display_oracle():
     assert torch.allclose(restore_patch_stats(target, patches, hidden, grid=4, mode="true"), patches, atol=1e-4)
     with pytest.raises(ValueError, match="local, global or true"):
         restore_patch_stats(target, patches, hidden, grid=4, mode="nearest")
+
+
+def test_columns_share_the_image_mask_and_differ_only_in_the_caption():
+    model = tiny_model()
+    image, text, padding = _batch()
+    own = torch.randint(2, 40, (2, 10), generator=torch.Generator().manual_seed(5))
+    own_padding = torch.zeros(2, 10, dtype=torch.bool)
+    columns = reconstruction_columns(model, image, text, padding, caption=("a long caption of many words", own,
+                                                                           own_padding), seed=4)
+    assert [label for label, _ in columns] == ["with caption", "no caption", "“a long caption of many…”"]
+    first = columns[0][1]
+    assert all(torch.equal(rec.image_mask, first.image_mask) for _, rec in columns)
+    assert columns[1][1].text is None and torch.equal(columns[2][1].text, own)
+    assert not first.text_mask.any()  # with a caption given, captions are the condition: nothing hidden
+    # The first column is what reconstruct gives for the same seeded masks.
+    masks = draw_masks(model, image, padding, text_ratio=0.0, seed=4)
+    assert torch.equal(reconstruct(model, image, text, padding, masks).reconstruction, first.reconstruction)
+    # Without a caption: the model's text ratio, one column.
+    plain = reconstruction_columns(model, image, text, padding, seed=4)
+    assert [label for label, _ in plain] == ["reconstruction"] and plain[0][1].text_mask.any()
+    with pytest.raises(ValueError, match="image-only"):
+        reconstruction_columns(tiny_model(vocab_size=0), image, caption=("x", own, own_padding))

@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..viz import inputs
-    from ..viz.reconstruction import draw_masks, reconstruct, reconstruction_figure
+    from ..viz.reconstruction import reconstruction_columns, reconstruction_figure
 
     for name in ("image_mask_ratio", "text_mask_ratio"):
         value = getattr(args, name)
@@ -39,39 +39,22 @@ def run(args: argparse.Namespace) -> int:
     loaded = inputs.load_checkpoint(args.checkpoint, args.tokenizer)
     model = loaded.model
     c = model.config
+    if args.caption and not c.has_text:
+        raise ValueError("--caption needs a model with text; this one is image-only (vocab_size=0)")
     stats = args.stats or loaded.preprocessing.stats
     samples = inputs.load_samples(args.data, c.image_size, stats, args.n, args.offset, c.text_length)
     image = inputs.stack_images(samples)
     captions = [s.caption for s in samples]
-    decode = text = padding = None
-    if c.has_text and any(captions):
+    decode = text = padding = caption = None
+    if c.has_text and (any(captions) or args.caption):
         tokenizer = inputs.require_tokenizer(loaded)
         decode = inputs.decoder_for(tokenizer)
-        text, padding = inputs.text_batch(tokenizer, captions, c.text_length)
-    elif args.caption and not c.has_text:
-        raise ValueError("--caption needs a model with text; this one is image-only (vocab_size=0)")
-    elif args.caption:
-        tokenizer = inputs.require_tokenizer(loaded)
-        decode = inputs.decoder_for(tokenizer)
-
-    text_ratio = args.text_mask_ratio if args.text_mask_ratio is not None else (0.0 if args.caption else None)
-    masks = draw_masks(model, image, padding, image_ratio=args.image_mask_ratio, text_ratio=text_ratio,
-                       seed=args.seed)
-    columns = []
-    if text is not None:
-        columns.append(("with caption" if args.caption else "reconstruction",
-                        reconstruct(model, image, text, padding, masks, restore=args.restore)))
-    if args.caption or text is None:
-        image_only = type(masks)(masks.image_ids, masks.image_keep)  # same image mask, no text
-        columns.append(("no caption" if c.has_text else "reconstruction",
-                        reconstruct(model, image, masks=image_only, restore=args.restore)))
-    if args.caption:
-        own, own_padding = inputs.text_batch(tokenizer, [args.caption] * len(samples), c.text_length)
-        own_masks = draw_masks(model, image, own_padding, image_ratio=args.image_mask_ratio,
-                               text_ratio=text_ratio, seed=args.seed)
-        own_masks.image_ids, own_masks.image_keep = masks.image_ids, masks.image_keep
-        short = args.caption if len(args.caption) <= 24 else args.caption[:22] + "…"
-        columns.append((f"“{short}”", reconstruct(model, image, own, own_padding, own_masks, restore=args.restore)))
+        if any(captions):
+            text, padding = inputs.text_batch(tokenizer, captions, c.text_length)
+        if args.caption:
+            caption = (args.caption, *inputs.text_batch(tokenizer, [args.caption] * len(samples), c.text_length))
+    columns = reconstruction_columns(model, image, text, padding, caption=caption, image_ratio=args.image_mask_ratio,
+                                     text_ratio=args.text_mask_ratio, seed=args.seed, restore=args.restore)
     ratio = c.image_mask_ratio if args.image_mask_ratio is None else args.image_mask_ratio
     title = f"{args.checkpoint.rstrip('/').split('/')[-1]}: {ratio:.0%} of patches hidden"
     path = reconstruction_figure(columns, args.out, decode=decode, stats=stats, title=title)

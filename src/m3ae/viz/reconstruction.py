@@ -117,6 +117,39 @@ def reconstruct(model: M3AE, image: torch.Tensor, text: torch.Tensor | None = No
     )
 
 
+def reconstruction_columns(model: M3AE, image: torch.Tensor, text: torch.Tensor | None = None,
+                           text_padding_mask: torch.Tensor | None = None, *,
+                           caption: tuple[str, torch.Tensor, torch.Tensor] | None = None,
+                           image_ratio: float | None = None, text_ratio: float | None = None, seed: int = 0,
+                           restore: str = "local") -> list[tuple[str, Reconstruction]]:
+    """The figure's columns: the samples with their own captions; with `caption` (label, ids,
+    padding, one row per sample) also the same image mask with no caption and with that caption.
+
+    Every column hides the same image patches, so the columns differ only in the text the model
+    is given. Ratios default to the model's; with `caption` the text ratio defaults to 0 (the
+    caption is the condition, not a target)."""
+    if caption is not None and not model.config.has_text:
+        raise ValueError("a caption needs a model with text; this one is image-only (vocab_size=0)")
+    if text_ratio is None and caption is not None:
+        text_ratio = 0.0
+    masks = draw_masks(model, image, text_padding_mask, image_ratio=image_ratio, text_ratio=text_ratio, seed=seed)
+    columns = []
+    if text is not None:
+        columns.append(("with caption" if caption else "reconstruction",
+                        reconstruct(model, image, text, text_padding_mask, masks, restore=restore)))
+    if caption is not None or text is None:
+        image_only = Masks(masks.image_ids, masks.image_keep)  # same image mask, no text
+        columns.append(("no caption" if model.config.has_text else "reconstruction",
+                        reconstruct(model, image, masks=image_only, restore=restore)))
+    if caption is not None:
+        label, ids, padding = caption
+        own = draw_masks(model, image, padding, image_ratio=image_ratio, text_ratio=text_ratio, seed=seed)
+        own.image_ids, own.image_keep = masks.image_ids, masks.image_keep
+        short = label if len(label) <= 24 else label[:22] + "…"
+        columns.append((f"“{short}”", reconstruct(model, image, ids, padding, own, restore=restore)))
+    return columns
+
+
 def caption_lines(rec: Reconstruction, index: int, decode) -> tuple[str, str]:
     """("a small [red] circle ...", "predicted: red -> red, ...") for one sample."""
     if rec.text is None:
