@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     result = pretrain(config, out, resume="auto")
+    assert result.checkpoint is not None  # one process: it is rank 0, which always writes the last checkpoint
     model = M3AE.from_pretrained(result.checkpoint)
     after = reconstruct(model, **batch.model_inputs())
 

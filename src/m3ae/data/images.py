@@ -261,15 +261,15 @@ class _Decoding:
     def open(self, data: bytes | str | Image.Image, key: str) -> Image.Image:
         return upright(data if isinstance(data, Image.Image) else open_image(data, key, self.max_pixels))
 
-    def decoded(self, image: Image.Image, box: tuple[float, float, float, float] | None, out: int
-                ) -> tuple[Image.Image, tuple[float, float, float, float] | None]:
+    def decoded(self, image: Image.Image, box: tuple[float, float, float, float], out: int
+                ) -> tuple[Image.Image, tuple[float, float, float, float]]:
         """Decode `image` (in JPEG draft mode when `box` is much larger than `out`) as RGB, padded
         to a square when asked; `box` is in the padded frame and is returned in the decoded one."""
         if self.square == "pad":
             # The padded frame is the original's: crop boxes were drawn on it, so draft is skipped
             # (it would change the scale under the padding); pad mode is for small photos anyway.
             return pad_to_square(to_rgb(_load(image)), self.pad_value), box
-        if self.draft and box is not None:
+        if self.draft:
             box = draft_for_box(image, box, (out, out))
         return to_rgb(_load(image)), box
 
@@ -313,7 +313,8 @@ class TrainTransform(_Decoding):
     def _apply(self, data, rng, key: str) -> torch.Tensor:
         image = self.open(data, key)
         rng = torch_seeded_rng() if rng is None else rng
-        box = random_resized_crop_box(*self.frame_size(image), rng, self.scale, self.ratio)
+        box: tuple[float, float, float, float] = random_resized_crop_box(*self.frame_size(image), rng, self.scale,
+                                                                         self.ratio)
         flip = self.flip and rng.random() < 0.5
         image, box = self.decoded(image, box, self.size)
         out = resize_box(image, box, self.size)

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, cast
 
 import torch
 
@@ -153,12 +153,13 @@ def _loader_kwargs(data: DataConfig) -> dict[str, Any]:
 
 def source_uses(data: DataConfig, model_config: M3AEConfig, seed: int = 0) -> list[SourceUse]:
     """Open every source of the spec (errors surface here, before training) and decide what each gives."""
-    from .sources import RunContext, build_sources
+    from .sources import RunContext, WebDatasetSource, build_sources
 
     uses = []
     for item, source in build_sources(data.spec, RunContext(seed, model_config.image_size, data.demo_samples)):
-        if hasattr(source, "shuffle_block"):  # tar shards: read in a shuffled order (see WebDatasetSource)
+        if hasattr(source, "shuffle_block"):  # tar shards, tables: read in a shuffled order (see WebDatasetSource)
             source.shuffle_block = data.shuffle_buffer
+        if isinstance(source, WebDatasetSource):  # bounded reads of tar members (see iter_tar)
             source.max_member_bytes, source.max_shard_bytes = data.max_member_bytes, data.max_shard_bytes
         image = "image" in source.provides and item.role != "text"
         text = "text" in source.provides and item.role != "image" and model_config.has_text
@@ -200,9 +201,11 @@ def build_train_data(data: DataConfig, model_config: M3AEConfig, *, seed: int, m
     collator = BatchCollator(model_config, seed, rank, static_shapes)
     description = " + ".join(f"{u.source.describe()}@{u.weight:g}" for u in uses)
     if all(u.source.exact for u in uses):
-        dataset = MixtureDataset(uses, maker, seed)
+        dataset: torch.utils.data.Dataset = MixtureDataset(uses, maker, seed)
         sampler = PositionSampler(micro_batch, start=start_micro_batch, rank=rank, world_size=world_size)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
+        # The DataLoader hands collate_fn what __getitems__ returns (Samples); torch's stub says a list.
+        collate = cast(Callable[[list[Any]], Any], collator)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                              **_loader_kwargs(data))
         return TrainData(TrackedBatches(loader, counter), description, maker.tokenizer, True, counter)
     stream = StreamPosition.from_state((resume_state or {}).get("stream"))

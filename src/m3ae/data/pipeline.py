@@ -58,7 +58,7 @@ def decode_caption(caption: str | bytes | None) -> str | None:
 class SampleMaker:
     """Decodes + augments images and tokenises captions (in batches) for records of one batch."""
 
-    def __init__(self, transform: TrainTransform | None, tokenizer, text_length: int, caption_drop: float = 0.0):
+    def __init__(self, transform: TrainTransform, tokenizer, text_length: int, caption_drop: float = 0.0):
         self.transform = transform
         self.tokenizer = tokenizer
         self.text_length = text_length
@@ -165,6 +165,11 @@ class MixtureDataset(torch.utils.data.Dataset):
 
     def __init__(self, uses: list[SourceUse], maker: SampleMaker, seed: int, counter: BadCounter | None = None):
         self.uses = uses
+        # The same sources, typed: this dataset needs their length and random access.
+        self.sources = [u.source for u in uses if isinstance(u.source, IndexedSource)]
+        if len(self.sources) != len(uses):
+            raise TypeError("MixtureDataset takes indexed sources only, got "
+                            + ", ".join(u.source.describe() for u in uses if not isinstance(u.source, IndexedSource)))
         self.maker = maker
         self.seed = seed
         self.schedule = SlotSchedule([u.weight for u in uses], seed)
@@ -172,10 +177,10 @@ class MixtureDataset(torch.utils.data.Dataset):
         self._perms: dict[tuple[int, int], np.ndarray] = {}
 
     def __len__(self) -> int:  # one epoch of the largest source; the sampler is endless anyway
-        return max(len(u.source) for u in self.uses)
+        return max(len(source) for source in self.sources)
 
     def _index(self, s: int, k: int) -> int:
-        source: IndexedSource = self.uses[s].source
+        source = self.sources[s]
         epoch, within = divmod(k, len(source))
         if (s, epoch) not in self._perms:
             if len(self._perms) > 8:
@@ -185,13 +190,13 @@ class MixtureDataset(torch.utils.data.Dataset):
 
     def prepare(self, position: int, first_attempt: int = 0) -> dict[str, Any]:
         s, k = self.schedule(position)
-        use = self.uses[s]
-        n = len(use.source)
+        use, source = self.uses[s], self.sources[s]
+        n = len(source)
         for attempt in range(first_attempt, MAX_RETRIES):
             # A bad record is replaced by another of the same source, chosen deterministically.
             index = self._index(s, k) if attempt == 0 else (self._index(s, k) + attempt * 7919) % n
             try:
-                record = use.source.record(index)
+                record = source.record(index)
                 return self.maker.prepare(record, use, sample_rng(self.seed, position, attempt))
             except BadSample as err:
                 self.counter.record_bad(err.reason, f"{use.source.name}#{index}", err.detail)
@@ -253,7 +258,7 @@ class StreamDataset(torch.utils.data.IterableDataset):
         counter = BadCounter()
         step = self.start + w
         while True:
-            samples = []
+            samples: list[dict[str, Any]] = []
             while len(samples) < self.batch_size and any(alive):
                 rng = sample_rng(self.seed, g, n)
                 n += 1

@@ -45,7 +45,9 @@ class SourceSpec:
 
 def split_items(spec: str) -> list[str]:
     """Split on commas that are not inside {...}."""
-    items, depth, current = [], 0, []
+    items: list[str] = []
+    current: list[str] = []
+    depth = 0
     for ch in spec:
         depth += ch == "{"
         depth -= ch == "}"

@@ -33,10 +33,11 @@ def spec_tokenizer(spec: str):
     """The vocabulary a spec's sources bring along (the synthetic shapes' word list) when every item's
     kind has one, else None (also for a spec that cannot be parsed here)."""
     try:
-        kinds = [find_kind(item.kind) for item in parse_spec(spec)]
+        found = [find_kind(item.kind) for item in parse_spec(spec)]
     except (OSError, ValueError):
         return None
-    if kinds and all(k is not None for k in kinds) and len({k.tokenizer for k in kinds}) == 1 \
+    kinds = [k for k in found if k is not None]
+    if kinds and len(kinds) == len(found) and len({k.tokenizer for k in kinds}) == 1 \
             and kinds[0].tokenizer is not None:
         return kinds[0].tokenizer()
     return None

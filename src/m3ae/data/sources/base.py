@@ -134,7 +134,7 @@ class IndexedSource(Source):
         # permutations; the position is a count, so resume is exact.
         n = len(self)
         count = int(state or 0)
-        perm_epoch, perm = -1, None
+        perm_epoch, perm = -1, np.empty(0, dtype=np.int64)  # replaced before first use (epoch >= 0)
         while True:
             pos = count * parts + part
             epoch, within = divmod(pos, n)

@@ -8,6 +8,7 @@ The file is opened lazily in each worker (h5py handles do not survive a fork).""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 
@@ -22,8 +23,8 @@ def as_bytes(value) -> bytes:
         return value
     if isinstance(value, np.ndarray):
         return value.tobytes()
-    if isinstance(value, (np.void, np.bytes_)):
-        return bytes(value)
+    if isinstance(value, np.void):  # np.bytes_ is a bytes, handled above
+        return value.tobytes()
     if isinstance(value, str):
         return value.encode("utf-8")
     return bytes(value)
@@ -74,7 +75,8 @@ class HDF5Source(IndexedSource):
             self.sizes = {k: len(f[k]) for k in (self.caption_key, self.label_key) if k is not None}
         self.provides = frozenset({n for n, k in (("image", self.image_key), ("text", self.caption_key),
                                                   ("label", self.label_key)) if k})
-        self._file, self._pid = None, None
+        self._file: Any = None  # an h5py.File, opened lazily per process
+        self._pid: int | None = None
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -202,7 +204,8 @@ class HDF5Table(HDF5Source):
         self.fields = [k for k in (self.image_key, self.caption_key, self.label_key) if k]
         self.provides = frozenset({n for n, k in (("image", self.image_key), ("text", self.caption_key),
                                                   ("label", self.label_key)) if k})
-        self._file, self._pid, self._rows = None, None, None
+        self._file, self._pid = None, None
+        self._rows: tuple[Any, Any] | None = None  # (file, its table's field view)
 
     def __getstate__(self):
         state = super().__getstate__()

@@ -21,7 +21,7 @@ def _split_dir(path: str, split: str | None) -> str:
     with open(os.path.join(path, "dataset_dict.json")) as f:
         splits = list(json.load(f).get("splits", []))
     chosen = split or ("train" if "train" in splits else splits[0] if splits else None)
-    if chosen not in splits:
+    if chosen is None or chosen not in splits:
         raise ValueError(f"hf:{path}: no split {chosen!r} (splits: {splits})")
     return os.path.join(path, chosen)
 
@@ -89,7 +89,7 @@ class ArrowSource(TableSource):
         if not self.units:
             raise ValueError(f"hf:{path}: the dataset has no rows")
         self._batches: dict = {}
-        self._pid = None
+        self._pid: int | None = None
 
     def __getstate__(self):
         state = dict(self.__dict__)

@@ -63,7 +63,7 @@ class ParquetSource(TableSource):
         if not self.units:
             raise ValueError(f"parquet:{path}: the files hold no rows")
         self._open: dict = {}
-        self._pid = None
+        self._pid: int | None = None
 
     def __getstate__(self):
         state = dict(self.__dict__)

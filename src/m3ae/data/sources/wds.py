@@ -104,12 +104,14 @@ def iter_tar(shard: str, max_member_bytes: int = MAX_MEMBER_BYTES,
     for the member it broke in, then stops. A group with a member over `max_member_bytes` is
     yielded as `too_large` without reading it (memory stays bounded whatever a header claims); past
     `max_shard_bytes` of members (a gzip bomb) the group being read is `too_large` and the shard ends."""
-    current, files, oversize, total = None, {}, False, 0
+    current: str | None = None
+    files: dict[str, bytes] = {}
+    oversize, total = False, 0
 
-    def group() -> Record:
+    def group(key: str) -> Record:
         if oversize:
-            return Record(key=f"{os.path.basename(shard)}/{current}", missing="too_large")
-        return group_to_record(current, files, shard)
+            return Record(key=f"{os.path.basename(shard)}/{key}", missing="too_large")
+        return group_to_record(key, files, shard)
 
     try:
         with open_file(shard, "rb") as raw:
@@ -120,7 +122,7 @@ def iter_tar(shard: str, max_member_bytes: int = MAX_MEMBER_BYTES,
                     key, ext = split_name(member.name)
                     if key != current:
                         if current is not None:
-                            yield group()
+                            yield group(current)
                         current, files, oversize = key, {}, False
                     total += member.size
                     if total > max_shard_bytes:
@@ -139,7 +141,7 @@ def iter_tar(shard: str, max_member_bytes: int = MAX_MEMBER_BYTES,
         yield Record(key=f"{os.path.basename(shard)}/{current or '?'}", missing="truncated_tar")
         return
     if current is not None:
-        yield group()
+        yield group(current)
 
 
 class WebDatasetSource(Source):
@@ -205,7 +207,7 @@ class ShardWriter:
         self.tar: tarfile.TarFile | None = None
         self.written: list[str] = []
 
-    def _next(self) -> None:
+    def _next(self) -> tarfile.TarFile:
         self.close()
         self.index += 1
         path = self.pattern % self.index
@@ -213,10 +215,12 @@ class ShardWriter:
         self.tar = tarfile.open(path, "w:gz" if path.endswith((".gz", ".tgz")) else "w")
         self.written.append(path)
         self.count = 0
+        return self.tar
 
     def write(self, sample: dict) -> None:
-        if self.tar is None or self.count >= self.max_count:
-            self._next()
+        tar = self.tar
+        if tar is None or self.count >= self.max_count:
+            tar = self._next()
         key = sample["__key__"]
         for ext, value in sample.items():
             if ext == "__key__":
@@ -230,7 +234,7 @@ class ShardWriter:
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size = len(value)
             info.mtime = 0  # reproducible shards
-            self.tar.addfile(info, io.BytesIO(value))
+            tar.addfile(info, io.BytesIO(value))
         self.count += 1
 
     def close(self) -> None:
