@@ -332,3 +332,31 @@ def test_remote_parquet_with_image_urls_through_fsspec(tmp_path, capsys):
         assert "samples: 4" in out and "missing_image: 1" in out  # TEXT found as the caption, any case
     finally:
         fs.rm(root, recursive=True)
+
+
+def test_open_files_are_bounded_closed_when_dropped_and_never_cross_processes(monkeypatch):
+    import pickle
+
+    from m3ae.data.sources.table import OpenFiles
+
+    closed, opened = [], []
+
+    class Handle:
+        def __init__(self, key):
+            self.key = key
+            opened.append(key)
+
+    cache = OpenFiles(size=2, close=closed.append)
+    first = cache.get("a", lambda: Handle("a"))
+    assert cache.get("a", lambda: Handle("again")) is first  # reused, not reopened
+    cache.get("b", lambda: Handle("b"))
+    cache.get("c", lambda: Handle("c"))  # full: the oldest ("a") is dropped and closed
+    assert [h.key for h in closed] == ["a"] and opened == ["a", "b", "c"]
+    assert cache.get("a", lambda: Handle("a2")).key == "a2"
+    plain = OpenFiles(size=2)
+    plain.get("b", lambda: "opened in the parent")
+    copy = pickle.loads(pickle.dumps(plain))  # what a worker receives: no handles
+    assert copy.get("b", lambda: "opened in the worker") == "opened in the worker"
+    assert plain.get("b", lambda: "reopened") == "opened in the parent"
+    monkeypatch.setattr(os, "getpid", lambda: -1)  # as after a fork: inherited handles are not reused
+    assert cache.get("c", lambda: Handle("c-forked")).key == "c-forked"

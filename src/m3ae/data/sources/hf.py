@@ -13,7 +13,7 @@ import os
 
 from .base import is_url
 from .parquet import ParquetSource
-from .table import TableSource, import_pyarrow
+from .table import OpenFiles, TableSource, import_pyarrow
 from .registry import SourceKind
 
 
@@ -88,27 +88,17 @@ class ArrowSource(TableSource):
                 raise ValueError(f"{file}: not a readable Arrow stream file ({err})") from None
         if not self.units:
             raise ValueError(f"hf:{path}: the dataset has no rows")
-        self._batches: dict = {}
-        self._pid: int | None = None
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_batches"] = {}
-        return state
+        self._batches = OpenFiles()  # each file's record batches (memory-mapped, zero-copy)
 
     def unit_name(self, unit) -> str:
         return f"{os.path.basename(self.files[unit[0]])}:b{unit[1]}"
 
     def read_batches(self, unit):
-        pa = import_pyarrow()
-        if self._pid != os.getpid():
-            self._batches, self._pid = {}, os.getpid()
         index, number = unit
-        if index not in self._batches:
-            if len(self._batches) >= 8:
-                self._batches.pop(next(iter(self._batches)))
-            self._batches[index] = pa.ipc.open_stream(pa.memory_map(self.files[index])).read_all().to_batches()
-        batch = self._batches[index][number]
+        pa = import_pyarrow()
+        batches = self._batches.get(
+            index, lambda: pa.ipc.open_stream(pa.memory_map(self.files[index])).read_all().to_batches())
+        batch = batches[number]
         step = self.batch_rows
         return (batch.slice(start, step) for start in range(0, batch.num_rows, step))  # zero-copy slices
 

@@ -9,7 +9,7 @@ import glob
 import os
 
 from .base import is_url, open_file, require_path
-from .table import TableSource, import_pyarrow
+from .table import OpenFiles, TableSource, import_pyarrow
 from .wds import expand_braces
 from .registry import SourceKind
 
@@ -62,36 +62,31 @@ class ParquetSource(TableSource):
                     self.unit_rows.append(meta.row_group(g).num_rows)
         if not self.units:
             raise ValueError(f"parquet:{path}: the files hold no rows")
-        self._open: dict = {}
-        self._pid: int | None = None
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_open"] = {}  # file handles do not cross a fork / pickle
-        return state
+        self._open = OpenFiles(close=_close_handle)  # (what to close, the reader) per file
 
     def unit_name(self, unit) -> str:
         return f"{os.path.basename(self.files[unit[0]])}:rg{unit[1]}"
 
     def read_batches(self, unit):
-        pa = import_pyarrow()
-        if self._pid != os.getpid():
-            self._open, self._pid = {}, os.getpid()
         index, group = unit
-        if index not in self._open:
-            if len(self._open) >= 8:  # few handles: a share reads its units one after another
-                self._open.pop(next(iter(self._open)))[0].close()
-            path = self.files[index]
-            # Local files are memory-mapped: pages are read as rows are decoded (clean, reclaimable
-            # page cache), where a file object makes pyarrow hold the row group's column chunks in memory.
-            if is_url(path):
-                f = open_file(path, "rb")
-                self._open[index] = (f, pa.parquet.ParquetFile(f))
-            else:
-                pf = pa.parquet.ParquetFile(path, memory_map=True)
-                self._open[index] = (pf, pf)  # (what to close, the reader)
-        return self._open[index][1].iter_batches(self.batch_rows, row_groups=[group], columns=self.columns,
-                                                 use_threads=False)
+        reader = self._open.get(index, lambda: self._reader(self.files[index]))[1]
+        return reader.iter_batches(self.batch_rows, row_groups=[group], columns=self.columns, use_threads=False)
+
+    @staticmethod
+    def _reader(path: str):
+        """(what to close, the ParquetFile). Local files are memory-mapped: pages are read as rows
+        are decoded (clean, reclaimable page cache), where a file object makes pyarrow hold the row
+        group's column chunks in memory."""
+        pa = import_pyarrow()
+        if is_url(path):
+            f = open_file(path, "rb")
+            return f, pa.parquet.ParquetFile(f)
+        pf = pa.parquet.ParquetFile(path, memory_map=True)
+        return pf, pf
+
+
+def _close_handle(entry) -> None:
+    entry[0].close()
 
 
 def _parquet(item, role: str, context) -> ParquetSource:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 import logging
 import os
-from typing import Iterator, Sequence
+from typing import Any, Callable, Hashable, Iterator, Sequence
 
 import numpy as np
 
@@ -53,6 +53,31 @@ def _image_value(value, root: str):
             return None
         return value if os.path.isabs(value) or is_url(value) else os.path.join(root, value)
     return value
+
+
+class OpenFiles:
+    """At most `size` opened files (or what was read from them) per process. Handles do not cross
+    a fork or a pickle, so the cache starts empty in each worker; when full, the oldest entry is
+    dropped (and closed): a share reads its units one after another, so few are ever reused."""
+
+    def __init__(self, size: int = 8, close: Callable[[Any], None] | None = None):
+        self.size, self.close = size, close
+        self._items: dict[Hashable, Any] = {}
+        self._pid: int | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"size": self.size, "close": self.close, "_items": {}, "_pid": None}
+
+    def get(self, key: Hashable, opener: Callable[[], Any]) -> Any:
+        if self._pid != os.getpid():
+            self._items, self._pid = {}, os.getpid()
+        if key not in self._items:
+            if len(self._items) >= self.size:
+                oldest = self._items.pop(next(iter(self._items)))
+                if self.close is not None:
+                    self.close(oldest)
+            self._items[key] = opener()
+        return self._items[key]
 
 
 class TableSource(Source):
