@@ -90,10 +90,9 @@ def fast_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor
     else:
         best = grid[0]
     model = fit(train_x, train_y, best)
-    result = topk_accuracy(model.logits(val_x), val_y)
-    result.update(train_top1=topk_accuracy(model.logits(train_x), train_y, ks=(1,))["top1"], l2=best,
-                  method=method, sweep={str(k): v for k, v in sweep.items()})
-    return result
+    train_top1 = topk_accuracy(model.logits(train_x), train_y, ks=(1,))["top1"]
+    return {**topk_accuracy(model.logits(val_x), val_y), "train_top1": train_top1, "l2": best,
+            "method": method, "sweep": {str(k): v for k, v in sweep.items()}}
 
 
 def run_fast_probe(settings: EvalSettings, train: str, val: str, *, method: str = "logistic",

@@ -9,7 +9,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 
@@ -99,7 +99,8 @@ def _wrap(config: TrainConfig, model: M3AE, dist: dist_utils.DistInfo,
     if resumed is not None:
         resumed.load_optimizer(model, optimizer, fsdp)
     if config.compile:
-        run_model = torch.compile(run_model)
+        # torch.compile of a module returns a module (OptimizedModule); its stub says only Callable.
+        run_model = cast(torch.nn.Module, torch.compile(run_model))
     return run_model, optimizer
 
 
@@ -388,6 +389,7 @@ def _eval_sets(config: TrainConfig):
     if config.eval_every <= 0:
         return None
     from ..eval.monitor import monitor_sets
+    assert config.eval_train and config.eval_val  # TrainConfig.validate requires both with eval_every
     return monitor_sets(config.eval_train, config.eval_val, config.model.image_size, config.data.normalization)
 
 
