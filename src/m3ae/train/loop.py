@@ -15,7 +15,7 @@ from typing import Any, Callable, cast
 import torch
 
 from .. import distributed as dist_utils
-from ..checkpoint import checkpoint_root, clean_stale, save_checkpoint
+from ..checkpoint import RUN_CONFIG_NAME, checkpoint_root, clean_stale, save_checkpoint
 from ..files import FolderLock
 from ..model import M3AE
 from ..optim import build_optimizer, lr_at, set_lr
@@ -143,7 +143,7 @@ class _Run:
         self.metrics.truncate_after(self.start_step)
         self.run_yaml = to_yaml(config)
         if is_main:
-            (out_dir / "run_config.yaml").write_text(self.run_yaml)
+            (out_dir / RUN_CONFIG_NAME).write_text(self.run_yaml)
         # viz_every: fixed samples drawn once, a reconstruction grid every K steps (rank 0 only).
         self.viz = None
         if config.viz_every > 0 and is_main:
@@ -309,7 +309,7 @@ class _Run:
         if self.dist.is_main:
             pending = self.pending
             train_state = {"step": step, "optimizer": optim_full, "rng": rng or rng_state(),
-                           "data": data_state, "skipped_steps": self.skipped, "world_size": world_size,
+                           "data": data_state, "skipped_steps": self.skipped,
                            "pending_metrics": torch.stack(pending).cpu() if pending else None}
             weights = _Weights(self.model, model_state, self.data.tokenizer, self.preprocessing)
             path = save_checkpoint(self.out_dir, step, weights, train_state, self.run_yaml, self.config.keep_last)
