@@ -2,6 +2,7 @@
 line, a non-zero exit, no hang and no orphan process, and keep (or first write) its checkpoints; a
 run resumed after several kills equals a straight run."""
 import json
+import logging
 import os
 import random
 import signal
@@ -179,13 +180,14 @@ def test_kills_anywhere_including_inside_a_checkpoint_then_resume_is_exact(tmp_p
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
 
 
-def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="m3ae")  # the library logs; no CLI handler here
     pretrain(tiny_config("steps=6", "ckpt_every=2"), tmp_path, stop_at_step=4)
     newest = tmp_path / "checkpoints" / "step_00000004"
     data = (newest / "model.safetensors").read_bytes()
     (newest / "model.safetensors").write_bytes(data[: len(data) // 2])  # cut short
     result = pretrain(tiny_config("steps=6", "ckpt_every=2"), tmp_path, resume="auto")
-    err = capsys.readouterr().err
+    err = caplog.text
     assert "step_00000004 is unreadable" in err and "resuming from" in err and "step_00000002" in err
     assert result.step == 6
     pretrain(tiny_config("steps=6", "ckpt_every=2"), tmp_path / "straight")

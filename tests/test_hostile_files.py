@@ -2,6 +2,7 @@
 as one bad sample), before anything large is allocated or anything blocks."""
 import io
 import json
+import logging
 import os
 import struct
 import tarfile
@@ -144,16 +145,18 @@ def test_every_setting_is_checked_against_its_range(override, message):
     assert tiny_config("optim.clip_grad=null").optim.clip_grad is None  # clipping off, explicitly
 
 
-def test_resume_reports_changed_settings_and_refuses_inexact_ones(tmp_path, capsys):
+def test_resume_reports_changed_settings_and_refuses_inexact_ones(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="m3ae")  # the library logs; no CLI handler here
     pretrain(tiny_config("steps=4"), tmp_path, stop_at_step=2)
     with pytest.raises(ConfigError, match="batch_size: 8 -> 16 \\(not exact\\).*--allow-changes"):
         pretrain(tiny_config("steps=4", "batch_size=16"), tmp_path, resume="auto")
     # Logging and speed settings may change freely; they are still reported.
     pretrain(tiny_config("steps=4", "log_every=2"), tmp_path, resume="auto", stop_at_step=3)
-    assert "changed since the checkpoint: log_every: 1 -> 2" in capsys.readouterr().err
+    assert "changed since the checkpoint: log_every: 1 -> 2" in caplog.text
+    caplog.clear()  # the next resume's report only
     result = pretrain(tiny_config("steps=4", "optim.lr=1e-2", "log_every=2"), tmp_path, resume="auto",
                       allow_changes=True)
-    assert result.step == 4 and "optim.lr: 0.002 -> 0.01 (not exact)" in capsys.readouterr().err
+    assert result.step == 4 and "optim.lr: 0.002 -> 0.01 (not exact)" in caplog.text
 
 
 # -- bounded resources -------------------------------------------------------------------------------

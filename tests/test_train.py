@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 import os
 import signal
@@ -174,14 +175,15 @@ def test_resume_loads_into_the_run_model_without_building_another(tmp_path, monk
     assert seen[0].keys() == saved.keys() and all(torch.equal(seen[0][k], saved[k]) for k in saved)
 
 
-def test_unreadable_checkpoints_leave_the_model_as_built(tmp_path, capsys):
+def test_unreadable_checkpoints_leave_the_model_as_built(tmp_path, caplog):
     """Every checkpoint unreadable (here the train state): a fresh start, exactly as a straight run;
     nothing from the half-read checkpoint reached the model."""
+    caplog.set_level(logging.INFO, logger="m3ae")  # the library logs; no CLI handler here
     pretrain(tiny_config("steps=2", "ckpt_every=100"), tmp_path / "straight")
     pretrain(tiny_config("steps=2", "ckpt_every=100"), tmp_path / "run", stop_at_step=1)
     (tmp_path / "run" / "checkpoints" / "step_00000001" / "train_state.pt").write_bytes(b"not a pickle")
     result = pretrain(tiny_config("steps=2", "ckpt_every=100"), tmp_path / "run", resume="auto")
-    assert "step_00000001 is unreadable" in capsys.readouterr().err and result.step == 2
+    assert "step_00000001 is unreadable" in caplog.text and result.step == 2
     assert losses(tmp_path / "run") == losses(tmp_path / "straight")
 
 
@@ -236,15 +238,16 @@ def test_bf16_autocast_path_runs(tmp_path):
     assert next(iter(M3AE.from_pretrained(result.checkpoint).parameters())).dtype == torch.float32
 
 
-def test_resume_can_switch_on_activation_checkpointing(tmp_path, capsys):
+def test_resume_can_switch_on_activation_checkpointing(tmp_path, caplog):
     """A run that ran out of memory resumes with grad_checkpointing on (a runtime switch, not
     architecture: not in config.json), and ends exactly as a straight run."""
+    caplog.set_level(logging.INFO, logger="m3ae")  # the library logs; no CLI handler here
     pretrain(tiny_config("steps=4", "ckpt_every=100"), tmp_path / "straight")
     pretrain(tiny_config("steps=4"), tmp_path / "split", stop_at_step=2)
     config = json.loads((tmp_path / "split" / "checkpoints" / "step_00000002" / "config.json").read_text())
     assert "grad_checkpointing" not in config and "attention" not in config
     result = pretrain(tiny_config("steps=4", "model.grad_checkpointing=true"), tmp_path / "split", resume="auto")
-    assert "model.grad_checkpointing: False -> True" in capsys.readouterr().err
+    assert "model.grad_checkpointing: False -> True" in caplog.text
     assert result.step == 4
     assert losses(tmp_path / "straight") == pytest.approx(losses(tmp_path / "split"), abs=1e-6)
     a = M3AE.from_pretrained(tmp_path / "straight" / "checkpoints" / "step_00000004").state_dict()
@@ -252,14 +255,15 @@ def test_resume_can_switch_on_activation_checkpointing(tmp_path, capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_accepts_changed_runtime_switches(tmp_path, capsys):
+def test_resume_accepts_changed_runtime_switches(tmp_path, caplog):
     """attention kernel, threads and activation checkpointing change how the model runs, not what it
     computes: resumed without --allow-changes, listed, and the run continues from the checkpoint."""
+    caplog.set_level(logging.INFO, logger="m3ae")  # the library logs; no CLI handler here
     pretrain(tiny_config("steps=4", "ckpt_every=100"), tmp_path / "straight")
     pretrain(tiny_config("steps=4"), tmp_path / "split", stop_at_step=2)
     switches = ("model.attention=explicit", "model.grad_checkpointing=true", "threads=1")
     result = pretrain(tiny_config("steps=4", *switches), tmp_path / "split", resume="auto")
-    err = capsys.readouterr().err
+    err = caplog.text
     assert "model.attention: 'sdpa' -> 'explicit'" in err and "threads: None -> 1" in err
     assert "(not exact)" not in err and result.step == 4
     # bf16 autocast: the explicit softmax(QK^T) rounds differently from the fused kernel
@@ -277,7 +281,8 @@ def test_runtime_switches_change_a_built_model():
         model.set_attention("flash")
 
 
-def test_threads_setting_is_applied_logged_and_restored(tmp_path, capsys):
+def test_threads_setting_is_applied_logged_and_restored(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="m3ae")  # the library logs; no CLI handler here
     before = torch.get_num_threads()
     seen = []
     pretrain(tiny_config("steps=2", "log_every=1", f"threads={before + 1}"), tmp_path,
@@ -285,7 +290,7 @@ def test_threads_setting_is_applied_logged_and_restored(tmp_path, capsys):
     assert seen == [before + 1, before + 1] and torch.get_num_threads() == before
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["threads"] for r in rows] == [before + 1] * 2
-    assert f"threads {before + 1} (threads setting)" in capsys.readouterr().err
+    assert f"threads {before + 1} (threads setting)" in caplog.text
 
 
 def test_stream_positions_of_every_rank_are_merged_into_the_checkpoint(monkeypatch):

@@ -9,16 +9,18 @@ never leaves a folder that looks complete; what killed runs leave behind is remo
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from .files import fsync_dir, fsync_file
+
+log = logging.getLogger(__name__)
 
 STATE_NAME = "train_state.pt"
 RUN_CONFIG_NAME = "run_config.yaml"
@@ -114,8 +116,8 @@ def newest_intact(out_dir: str | os.PathLike, load: Callable[[Path], Any]) -> tu
         try:
             return path, load(path)
         except Exception as err:  # any unreadable file: safetensors, torch.load, json, shapes
-            print(f"warning: checkpoint {path} is unreadable ({type(err).__name__}: {err}); "
-                  "falling back to the previous one", file=sys.stderr)
+            log.warning("checkpoint %s is unreadable (%s: %s); falling back to the previous one", path,
+                        type(err).__name__, err)
     return None
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, cast
 
 import torch
 import torch.distributed as dist
@@ -87,7 +87,8 @@ def wrap_model(model: nn.Module, info: DistInfo, fsdp: bool = False) -> nn.Modul
         if not info.enabled:
             raise ValueError("FSDP needs a process group: launch with torchrun")
         from torch.distributed.fsdp import fully_shard
-        for block in [*model.encoder.blocks, *model.decoder.blocks]:
+        m3ae: Any = model  # the M3AE model: its block lists are named, not part of nn.Module
+        for block in [*m3ae.encoder.blocks, *m3ae.decoder.blocks]:
             fully_shard(block)
         fully_shard(model)
         return model
@@ -97,7 +98,7 @@ def wrap_model(model: nn.Module, info: DistInfo, fsdp: bool = False) -> nn.Modul
     ids = [info.device.index] if info.device.type == "cuda" else None
     # Our buffers are fixed position tables: no need to re-broadcast them every forward.
     import inspect
-    sync = ({"forward_sync_buffers": False}
+    sync: dict[str, Any] = ({"forward_sync_buffers": False}
             if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
             else {"broadcast_buffers": False})
     return DistributedDataParallel(model, device_ids=ids, **sync)
@@ -106,11 +107,13 @@ def wrap_model(model: nn.Module, info: DistInfo, fsdp: bool = False) -> nn.Modul
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     """Wrap forward + backward: all-reduce only when `enabled` (the last backward of a step)."""
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(enabled)
+    set_sync = getattr(model, "set_requires_gradient_sync", None)  # FSDP2
+    no_sync = getattr(model, "no_sync", None)  # DDP
+    if callable(set_sync):
+        set_sync(enabled)
         yield
-    elif hasattr(model, "no_sync") and not enabled:  # DDP
-        with model.no_sync():
+    elif callable(no_sync) and not enabled:
+        with no_sync():
             yield
     else:
         yield
@@ -158,7 +161,8 @@ def full_model_state(model: nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
     if not fsdp:
         return _unwrap(model).state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return cast(dict[str, torch.Tensor], state)  # full_state_dict: plain tensors, no DTensor shards
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
@@ -173,7 +177,8 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
+    inner = getattr(model, "module", None)  # DDP keeps the model as .module
+    return inner if isinstance(inner, nn.Module) else model
 
 
 def _param_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[str]:

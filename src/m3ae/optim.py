@@ -16,11 +16,13 @@ def param_groups(model: nn.Module, weight_decay: float, mode: str = "mae") -> li
     non-matrix tensors."""
     if mode not in DECAY_MODES:
         raise ValueError(f"unknown weight-decay mode {mode!r}; use 'mae' or 'reference'")
-    if hasattr(model, "no_weight_decay"):
-        skip = model.no_weight_decay(mode)
+    own_rule = getattr(model, "no_weight_decay", None)
+    if callable(own_rule):
+        skip = own_rule(mode)
     else:
         skip = {n for n, p in model.named_parameters() if n.endswith(".bias") or p.ndim != 2}
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if name in skip else decay).append(param)

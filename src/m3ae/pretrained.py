@@ -18,10 +18,9 @@ from typing import Any, Sequence
 
 import torch
 
+from .checkpoint import RUN_CONFIG_NAME
 from .model import M3AE, TOKENIZER_NAME
 from .preprocessing import PREPROCESSOR_NAME, Preprocessing
-
-RUN_CONFIG_NAME = "run_config.yaml"
 
 
 @dataclass

@@ -14,6 +14,7 @@ from .results import EvalResult
 from .settings import EvalSettings
 
 DEFAULT_L2 = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+HOLDOUT = 0.2  # share of the training features the L2 sweep holds out
 
 
 @dataclass
@@ -68,8 +69,8 @@ def fit_ridge(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
 
 def fast_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
                num_classes: int | None = None, method: str = "logistic", l2_grid=DEFAULT_L2,
-               holdout: float = 0.2, seed: int = 0, max_iter: int = 200) -> dict:
-    """Sweep L2 on a held-out `holdout` share of the training features, refit on all of them with
+               seed: int = 0, max_iter: int = 200) -> dict:
+    """Sweep L2 on a held-out share (HOLDOUT) of the training features, refit on all of them with
     the best value, report top-1/top-5 (%) on the validation features."""
     if method not in ("logistic", "ridge"):
         raise ValueError(f"method must be 'logistic' or 'ridge', got {method!r}")
@@ -81,7 +82,7 @@ def fast_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor
     if len(grid) > 1:
         g = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(train_y), generator=g)
-        n_hold = max(1, int(round(holdout * len(order))))
+        n_hold = max(1, int(round(HOLDOUT * len(order))))
         hold, fit_idx = order[:n_hold], order[n_hold:]
         for l2 in grid:
             model = fit(train_x[fit_idx], train_y[fit_idx], l2)
@@ -90,10 +91,9 @@ def fast_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor
     else:
         best = grid[0]
     model = fit(train_x, train_y, best)
-    result = topk_accuracy(model.logits(val_x), val_y)
-    result.update(train_top1=topk_accuracy(model.logits(train_x), train_y, ks=(1,))["top1"], l2=best,
-                  method=method, sweep={str(k): v for k, v in sweep.items()})
-    return result
+    train_top1 = topk_accuracy(model.logits(train_x), train_y, ks=(1,))["top1"]
+    return {**topk_accuracy(model.logits(val_x), val_y), "train_top1": train_top1, "l2": best,
+            "method": method, "sweep": {str(k): v for k, v in sweep.items()}}
 
 
 def run_fast_probe(settings: EvalSettings, train: str, val: str, *, method: str = "logistic",

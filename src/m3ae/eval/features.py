@@ -138,7 +138,7 @@ def save_features(path: str | Path, features: torch.Tensor, labels: torch.Tensor
         meta = {"keys": json.dumps(keys), "metadata": json.dumps(metadata or {})}
         atomic_write(path, lambda p: save_file({"features": feats, "labels": labs}, p, metadata=meta))
     elif suffix == ".npz":
-        arrays = dict(features=feats.numpy(), labels=labs.numpy(), keys=np.array(keys, dtype=str),
+        arrays: dict[str, Any] = dict(features=feats.numpy(), labels=labs.numpy(), keys=np.array(keys, dtype=str),
                       metadata=np.array(json.dumps(metadata or {})))
         atomic_write(path, lambda p: _with_open(p, lambda f: np.savez(f, **arrays)))
     elif suffix == ".npy":

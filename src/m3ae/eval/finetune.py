@@ -123,15 +123,18 @@ def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> 
         1, labels.view(-1, 1), 1.0 - smoothing + off)
 
 
+_CUTMIX_SHARE = 0.5  # with both on, the share of batches that get cutmix (MAE's recipe)
+
+
 def mix_batch(images: torch.Tensor, labels: torch.Tensor, num_classes: int, mixup_alpha: float = 0.8,
-              cutmix_alpha: float = 1.0, switch_prob: float = 0.5, smoothing: float = 0.1,
+              cutmix_alpha: float = 1.0, smoothing: float = 0.1,
               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch-level mixup or cutmix with the batch reversed as partner; returns (images, soft targets)."""
     targets = smooth_one_hot(labels, num_classes, smoothing)
     use_mixup, use_cutmix = mixup_alpha > 0, cutmix_alpha > 0
     if not (use_mixup or use_cutmix):
         return images, targets
-    cutmix = use_cutmix and (not use_mixup or bool(torch.rand((), generator=generator) < switch_prob))
+    cutmix = use_cutmix and (not use_mixup or bool(torch.rand((), generator=generator) < _CUTMIX_SHARE))
     alpha = cutmix_alpha if cutmix else mixup_alpha
     lam = float(torch.distributions.Beta(alpha, alpha).sample())
     partner = images.flip(0)

@@ -9,16 +9,18 @@ import torch.nn.functional as F
 from .results import EvalResult
 from .settings import EvalSettings
 
+_QUERY_CHUNK = 1024  # test rows per similarity matrix: bounds memory, not results
+
 
 @torch.no_grad()
 def knn_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, num_classes: int,
-               k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+               k: int = 20, temperature: float = 0.07) -> torch.Tensor:
     """Class scores (M, C): the k most cosine-similar training features vote with exp(sim / T)."""
     train = F.normalize(train_x.float(), dim=1)
     k = min(k, train.shape[0])
     out = []
-    for start in range(0, test_x.shape[0], chunk):
-        query = F.normalize(test_x[start: start + chunk].float(), dim=1)
+    for start in range(0, test_x.shape[0], _QUERY_CHUNK):
+        query = F.normalize(test_x[start: start + _QUERY_CHUNK].float(), dim=1)
         sims, idx = (query @ train.T).topk(k, dim=1)
         weights = (sims / temperature).exp()
         votes = torch.zeros(query.shape[0], num_classes, dtype=weights.dtype)

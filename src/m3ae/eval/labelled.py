@@ -49,7 +49,10 @@ class LabelledImages(torch.utils.data.Dataset):
     `load(i)` returns what the transform decodes (encoded bytes, a local path or a PIL image) or
     raises BadSample. Bad items are found lazily; rather than failing the batch, they are replaced
     by the next usable item and counted in `counter` (per process: DataLoader workers each keep one).
+    Manifest sets also carry `captions` (one per item; the attribute is absent elsewhere).
     """
+
+    captions: list[str]
 
     def __init__(self, load: Callable[[int], object], labels: Sequence[int], keys: Sequence[str],
                  transform: Callable, description: str, classes: Sequence[str] | None = None):
@@ -113,9 +116,10 @@ def labelled_dataset(spec: str, split: str, image_size: int, train_transform: bo
     """The one entry point: a spec (see the module doc) -> Dataset of (normalised image, label).
     Training: RandomResizedCrop of area `crop_scale` + flip; else the shorter side resized to
     image_size / crop_pct and centre-cropped. `square="pad"`: photos padded to a square first."""
-    pad = dict(square=square, pad_value=pad_value)
-    transform = (TrainTransform(image_size, tuple(crop_scale), stats=stats, **pad) if train_transform
-                 else EvalTransform(image_size, int(round(image_size / crop_pct)), stats=stats, **pad))
+    transform = (TrainTransform(image_size, tuple(crop_scale), stats=stats, square=square, pad_value=pad_value)
+                 if train_transform else
+                 EvalTransform(image_size, int(round(image_size / crop_pct)), stats=stats, square=square,
+                               pad_value=pad_value))
     return _read(spec, split, transform, unlabelled).subset(limit, seed)
 
 
@@ -163,7 +167,7 @@ def _from_indexed(source: IndexedSource, transform, unlabelled: bool = False) ->
     keep = [i for i, label in enumerate(labels) if label is not None]
     if not keep:
         raise ValueError(f"{source.describe()}: no labelled records")
-    ds = LabelledImages(lambda i: _image_of(source.record(keep[i])), [labels[i] for i in keep],
+    ds = LabelledImages(lambda i: _image_of(source.record(keep[i])), [lb for lb in labels if lb is not None],
                         [keys[i] for i in keep], transform, source.describe(), getattr(source, "classes", None))
     if isinstance(source, ManifestSource):  # text / joint inputs (m3ae embed) read the captions
         ds.captions = [str(source.items[i][1] or "") for i in keep]
@@ -172,25 +176,29 @@ def _from_indexed(source: IndexedSource, transform, unlabelled: bool = False) ->
 
 def _from_shards(source: WebDatasetSource, transform, keep_unlabelled: bool = False) -> LabelledImages:
     """Every record with an image and a .cls label, held in memory (compressed bytes)."""
-    records, bad, unlabelled = [], [], 0
+    records: list[Record] = []
+    labels: list[int] = []
+    bad: list[tuple[str, str]] = []  # (key, reason)
+    unlabelled = 0
     for shard in source.shards:
         for record in iter_tar(shard):
             if keep_unlabelled and record.label is None:
                 record.label = -1
             if record.missing:
-                bad.append(record)
+                bad.append((record.key, record.missing))
             elif record.label is None:
                 unlabelled += 1
             else:
                 records.append(record)
+                labels.append(record.label)
     if unlabelled:
         log.warning("%s: ignored %d samples without a .cls label", source.name, unlabelled)
     if not records:
         raise ValueError(f"{source.name}: no samples with a .cls label")
-    ds = LabelledImages(lambda i: _image_of(records[i]), [r.label for r in records],
-                        [r.key for r in records], transform, source.describe())
-    for record in bad:  # truncated shards, unreadable .cls: counted now, never indexed
-        ds.skip(record.key, BadSample(record.missing))
+    ds = LabelledImages(lambda i: _image_of(records[i]), labels, [r.key for r in records], transform,
+                        source.describe())
+    for key, reason in bad:  # truncated shards, unreadable .cls: counted now, never indexed
+        ds.skip(key, BadSample(reason))
     return ds
 
 
@@ -233,7 +241,8 @@ def read_cifar(spec: str, train: bool, transform) -> LabelledImages:
         files = [path / ("train" if train else "test")]
     else:
         files = [path / n for n in _CIFAR_TRAIN] if train else [path / "test_batch"]
-    arrays, labels = [], []
+    arrays: list[np.ndarray] = []
+    labels: list[int] = []
     for file in files:
         if not file.is_file():
             raise FileNotFoundError(f"CIFAR batch not found: {file}")

@@ -47,7 +47,8 @@ class LARS(torch.optim.Optimizer):
 
 def lars_param_groups(module: nn.Module, weight_decay: float = 0.0) -> list[dict]:
     """Matrices adapt (and decay); biases and other 1-D tensors (norm parameters) do not."""
-    adapt, plain = [], []
+    adapt: list[nn.Parameter] = []
+    plain: list[nn.Parameter] = []
     for name, p in module.named_parameters():
         if p.requires_grad:
             (plain if p.ndim <= 1 or name.endswith(".bias") else adapt).append(p)

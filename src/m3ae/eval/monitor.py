@@ -9,14 +9,14 @@ from .knn import knn_accuracy
 
 
 def probe_metrics(model, train_set, val_set, *, pool: str = "cls", batch_size: int = 256,
-                  device: str | torch.device = "cpu", k: int = 20, temperature: float = 0.07,
-                  l2_grid=(1e-4, 1e-3, 1e-2), num_classes: int | None = None) -> dict[str, float]:
+                  device: str | torch.device = "cpu", l2_grid=(1e-4, 1e-3, 1e-2),
+                  num_classes: int | None = None) -> dict[str, float]:
     """{'probe_top1', 'knn_top1'} (%) of the frozen encoder; leaves the model's train/eval mode as it was."""
     train_x, train_y = extract_features(model, train_set, pool, batch_size, device)
     val_x, val_y = extract_features(model, val_set, pool, batch_size, device)
     num_classes = num_classes or int(max(train_y.max(), val_y.max())) + 1
     probe = fast_probe(train_x, train_y, val_x, val_y, num_classes, l2_grid=l2_grid, max_iter=100)
-    knn = knn_accuracy(train_x, train_y, val_x, val_y, k, temperature, num_classes)
+    knn = knn_accuracy(train_x, train_y, val_x, val_y, num_classes=num_classes)
     return {"probe_top1": probe["top1"], "knn_top1": knn["top1"]}
 
 

@@ -33,28 +33,31 @@ def auroc(in_scores: torch.Tensor, out_scores: torch.Tensor) -> float:
     return (rank_sum - n_in * (n_in + 1) / 2) / (n_in * n_out)
 
 
+_SHRINKAGE = 1e-6  # ridge on the shared covariance, relative to its mean variance: keeps it invertible
+_SCORE_CHUNK = 4096  # rows per (B, C, D) difference tensor: bounds memory, not results
+
+
 @dataclass
 class Mahalanobis:
     means: torch.Tensor  # (C, D)
     precision: torch.Tensor  # (D, D)
 
     @classmethod
-    def fit(cls, features: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None,
-            shrinkage: float = 1e-6) -> "Mahalanobis":
+    def fit(cls, features: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None) -> "Mahalanobis":
         x = features.double()
         num_classes = num_classes or int(labels.max()) + 1
         means = torch.stack([x[labels == c].mean(0) if (labels == c).any() else torch.zeros(x.shape[1],
                              dtype=x.dtype) for c in range(num_classes)])
         centred = x - means[labels]
         cov = centred.T @ centred / max(len(x), 1)
-        cov = cov + shrinkage * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(x.shape[1], dtype=x.dtype)
+        cov = cov + _SHRINKAGE * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(x.shape[1], dtype=x.dtype)
         return cls(means, torch.linalg.pinv(cov, hermitian=True))
 
-    def score(self, features: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    def score(self, features: torch.Tensor) -> torch.Tensor:
         """Negative squared distance to the closest class mean (higher = more in-distribution)."""
         out = []
-        for start in range(0, len(features), chunk):
-            d = features[start: start + chunk].double()[:, None, :] - self.means[None]  # (B, C, D)
+        for start in range(0, len(features), _SCORE_CHUNK):
+            d = features[start: start + _SCORE_CHUNK].double()[:, None, :] - self.means[None]  # (B, C, D)
             dist = torch.einsum("bcd,de,bce->bc", d, self.precision, d)
             out.append(-dist.min(dim=1).values)
         return torch.cat(out).float() if out else torch.zeros(0)

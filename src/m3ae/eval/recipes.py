@@ -3,9 +3,11 @@
 on what they run is m3ae.eval.settings.Runtime. Importing this module does not import torch."""
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass
 from typing import Callable
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,8 +30,8 @@ class HeadTraining:
         """Keep an epoch's row {epoch, loss, top1, top5, seconds, ...}, say it, hand it on."""
         history.append(row)
         if progress:
-            print(f"{name} epoch {row['epoch']}/{self.epochs}: loss {row['loss']:.4f} top1 {row['top1']:.2f} "
-                  f"top5 {row['top5']:.2f} ({row['seconds']:.1f} s)", file=sys.stderr)
+            log.info("%s epoch %d/%d: loss %.4f top1 %.2f top5 %.2f (%.1f s)", name, row["epoch"], self.epochs,
+                     row["loss"], row["top1"], row["top5"], row["seconds"])
         if on_epoch is not None:
             on_epoch(row)
 

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 
@@ -100,6 +100,7 @@ def reference_batch(batch: Batch, config: M3AEConfig, generator: torch.Generator
     for p in batch.parts:
         text = pad = None
         if p.text is not None:
+            assert p.text_padding_mask is not None  # collate gives every text part its padding mask
             text, pad = pad_texts([row[~row_pad] for row, row_pad in zip(p.text, p.text_padding_mask)],
                                   config.text_length)
         masks = masks_for(config, p.size, has_image=p.image is not None, text_padding=pad, mode="reference",
@@ -114,7 +115,8 @@ class _Step:
 
     def __init__(self, model: M3AE, device: torch.device, bf16: bool, full_outputs: bool,
                  compile: bool, fused_adamw: bool | None = None):
-        run = torch.compile(model) if compile else model
+        # torch.compile of a module returns a module (OptimizedModule); its stub says only Callable.
+        run = cast(torch.nn.Module, torch.compile(model)) if compile else model
         optimizer = build_optimizer(model, 1e-4, 0.05, fused=fused_adamw)  # None: fused where available
         self.step = TrainStep(model, run, optimizer, device=device, autocast=autocast(device, bf16),
                               clip_grad=1.0, full_outputs=full_outputs)
@@ -126,14 +128,14 @@ class _Step:
 
 
 def _time_steps(runs: dict[str, tuple[_Step, list[Batch]]], opts: BenchOptions, device: torch.device
-                ) -> dict[str, dict[str, float]]:
+                ) -> dict[str, dict[str, Any]]:
     """Median wall and process-CPU time per step over opts.steps steps after opts.warmup.
 
     The steps of the runs are interleaved (fast, reference, fast, ...) so a shared or throttled
     machine slows both alike and the speed-up stays meaningful. Data wait is timed around next().
     """
     sources = {name: itertools.cycle(batches) for name, (_, batches) in runs.items()}
-    rec = {name: {"wall": [], "cpu": [], "wait": []} for name in runs}
+    rec: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": [], "wait": []} for name in runs}
     for i in range(opts.warmup + opts.steps):
         for name, (step, _) in runs.items():
             c0, t0 = time.process_time(), time.perf_counter()

@@ -4,17 +4,18 @@ One process, or one of a torchrun group (the caller's m3ae.distributed.DistInfo)
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 
 from .. import distributed as dist_utils
-from ..checkpoint import checkpoint_root, clean_stale, save_checkpoint
+from ..checkpoint import RUN_CONFIG_NAME, checkpoint_root, clean_stale, save_checkpoint
 from ..files import FolderLock
 from ..model import M3AE
 from ..optim import build_optimizer, lr_at, set_lr
@@ -30,6 +31,8 @@ from .rng import rng_state
 from .signals import StopRequest
 from .step import TrainStep
 from .tracking import Trackers
+
+log = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
@@ -60,7 +63,7 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
     with FolderLock(out_dir) if dist.is_main else contextlib.nullcontext():
         if dist.is_main:
             for name in clean_stale(out_dir):
-                print(f"removed {name} left in {checkpoint_root(out_dir)} by an interrupted run", file=sys.stderr)
+                log.info("removed %s left in %s by an interrupted run", name, checkpoint_root(out_dir))
         with torch_threads(config.threads, config.data.num_workers) as threads:
             run = _setup(config, out_dir, dist, threads, resume, allow_changes, model_hook, on_log)
             return run.train(config.steps if stop_at_step is None else min(stop_at_step, config.steps))
@@ -99,7 +102,8 @@ def _wrap(config: TrainConfig, model: M3AE, dist: dist_utils.DistInfo,
     if resumed is not None:
         resumed.load_optimizer(model, optimizer, fsdp)
     if config.compile:
-        run_model = torch.compile(run_model)
+        # torch.compile of a module returns a module (OptimizedModule); its stub says only Callable.
+        run_model = cast(torch.nn.Module, torch.compile(run_model))
     return run_model, optimizer
 
 
@@ -129,9 +133,9 @@ class _Run:
         device, is_main = dist.device, dist.is_main
         use_bf16 = uses_bf16(config.precision, device)
         if is_main:
-            print(f"data: {data.description}", file=sys.stderr)
-            print(f"device: {device_name(device)}, precision {'bf16 autocast' if use_bf16 else 'fp32'} "
-                  f"({config.precision}), threads {threads}", file=sys.stderr)
+            log.info("data: %s", data.description)
+            log.info("device: %s, precision %s (%s), threads %s", device_name(device),
+                     "bf16 autocast" if use_bf16 else "fp32", config.precision, threads)
         self.start_step = resumed.step if resumed is not None else 0
         self.step, self.skipped = self.start_step, resumed.skipped if resumed is not None else 0
         self.trackers = Trackers(config, out_dir, is_main)
@@ -139,7 +143,7 @@ class _Run:
         self.metrics.truncate_after(self.start_step)
         self.run_yaml = to_yaml(config)
         if is_main:
-            (out_dir / "run_config.yaml").write_text(self.run_yaml)
+            (out_dir / RUN_CONFIG_NAME).write_text(self.run_yaml)
         # viz_every: fixed samples drawn once, a reconstruction grid every K steps (rank 0 only).
         self.viz = None
         if config.viz_every > 0 and is_main:
@@ -216,7 +220,9 @@ class _Run:
             self.result.status = "stopped"
             if self.dist.is_main and stop.signal is not None:
                 name = signal.Signals(stop.signal).name
-                print(f"\nreceived {name}: stopping after step {step}", file=sys.stderr)
+                if self.progress is not None:
+                    self.progress.clear()  # the message on a line of its own, not after the bar
+                log.warning("received %s: stopping after step %d", name, step)
         return stop_now
 
     def _micro_batches(self):
@@ -238,8 +244,7 @@ class _Run:
         self.skipped += 1
         self.nonfinite_run += 1
         step = self.step + 1
-        print(f"step {step}: non-finite loss or gradient, update skipped ({self.nonfinite_run} in a row)",
-              file=sys.stderr)
+        log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, self.nonfinite_run)
         if self.nonfinite_run >= self.config.max_nonfinite:
             raise FloatingPointError(f"{self.nonfinite_run} non-finite steps in a row at step {step}; "
                                      "stopping (lower the learning rate or check the data)")
@@ -304,7 +309,7 @@ class _Run:
         if self.dist.is_main:
             pending = self.pending
             train_state = {"step": step, "optimizer": optim_full, "rng": rng or rng_state(),
-                           "data": data_state, "skipped_steps": self.skipped, "world_size": world_size,
+                           "data": data_state, "skipped_steps": self.skipped,
                            "pending_metrics": torch.stack(pending).cpu() if pending else None}
             weights = _Weights(self.model, model_state, self.data.tokenizer, self.preprocessing)
             path = save_checkpoint(self.out_dir, step, weights, train_state, self.run_yaml, self.config.keep_last)
@@ -324,9 +329,9 @@ class _Run:
             return
         try:
             saved = self.checkpoint(self.step, self.step * self.config.grad_accum, self.step_rng)
-            print(f"saved {saved} before stopping", file=sys.stderr)
+            log.warning("saved %s before stopping", saved)
         except Exception as save_err:  # the first error is the one to report
-            print(f"could not save a checkpoint before stopping: {save_err}", file=sys.stderr)
+            log.error("could not save a checkpoint before stopping: %s", save_err)
 
     def _finish(self) -> TrainResult:
         """The last checkpoint (unless one of this step exists) and the result."""
@@ -381,6 +386,7 @@ def _eval_sets(config: TrainConfig):
     if config.eval_every <= 0:
         return None
     from ..eval.monitor import monitor_sets
+    assert config.eval_train and config.eval_val  # TrainConfig.validate requires both with eval_every
     return monitor_sets(config.eval_train, config.eval_val, config.model.image_size, config.data.normalization)
 
 

@@ -10,7 +10,7 @@ stream's position goes to the loader as `Resumed.data_state`.
 """
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,8 @@ from ..model import CONFIG_NAME, WEIGHTS_NAME, M3AE
 from ..validate import check_safetensors, read_model_config
 from .config import TrainConfig, check_resume_changes
 from .rng import set_rng_state
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,7 +79,7 @@ def restore(resume: str | None, out_dir: Path, model: M3AE, config: TrainConfig,
     if saved_yaml.is_file():
         for line in check_resume_changes(saved_yaml.read_text(), config, allow_changes, str(path)):
             if rank == 0:
-                print(f"changed since the checkpoint: {line}", file=sys.stderr)
+                log.warning("changed since the checkpoint: %s", line)
     state = read.state
     set_rng_state(state["rng"])
     if rank > 0:  # the saved RNG is rank 0's; keep the other ranks' streams distinct
@@ -85,7 +87,7 @@ def restore(resume: str | None, out_dir: Path, model: M3AE, config: TrainConfig,
     resumed = Resumed(path, int(state["step"]), int(state.get("skipped_steps", 0)), state["optimizer"],
                       state.get("data"), state.get("pending_metrics"))
     if rank == 0:
-        print(f"resuming from {path} at step {resumed.step}", file=sys.stderr)
+        log.info("resuming from %s at step %d", path, resumed.step)
     return resumed
 
 
