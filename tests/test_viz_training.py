@@ -30,3 +30,20 @@ def test_write_viz_direct(tmp_path):
     path = write_viz(model, 7, tmp_path, batch, decode=lambda i: f"w{i}", stats="cc12m")
     assert path == tmp_path / "viz" / "step_00000007.png" and is_png(path)
     assert model.training
+
+
+def test_a_failing_picture_is_a_logged_warning_not_a_stop(tmp_path, caplog):
+    import logging
+
+    from m3ae.viz.training import TrainingViz
+
+    caplog.set_level(logging.WARNING, logger="m3ae")
+    config = load_config("demo", TINY)
+    broken = TrainingViz(tmp_path, fixed_viz_batch(config, n=2))
+    wrong_width = tiny_model(vocab_size=32, image_size=64)  # the batch's 32 px images do not fit
+    assert broken(wrong_width, 3) is None
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "step 3: reconstruction grid failed" in caplog.records[0].getMessage()
+    caplog.clear()
+    assert fixed_viz_batch(load_config("demo", TINY + ["data.spec=" + str(tmp_path / "missing.tar")])) is None
+    assert "reconstruction grids disabled" in caplog.records[0].getMessage()

@@ -65,7 +65,9 @@ def model_card(folder: str | os.PathLike, repo_id: str | None = None, results: d
              f"- patch {config['patch_size']} px, trained at {config['image_size']} px (any size divisible by "
              f"the patch works); text up to {config['text_length']} tokens, vocabulary {config['vocab_size']}",
              f"- mask ratios: image {config['image_mask_ratio']}, text {config['text_mask_ratio']}", ""]
-    run = folder / "run_config.yaml"
+    from .checkpoint import RUN_CONFIG_NAME
+
+    run = folder / RUN_CONFIG_NAME
     if run.is_file():
         from omegaconf import OmegaConf
 

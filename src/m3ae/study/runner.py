@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
+from ..checkpoint import RUN_CONFIG_NAME
 from ..files import atomic_write
 from ..model import M3AE
 from ..train.config import TrainConfig, load_config, to_yaml
@@ -194,7 +195,7 @@ def run_one(study: StudySpec, arm: ArmSpec, seed: int, out: Path, tokenizer: str
             log.info("%s seed %d: another process is on it; skipping", arm.name, seed)
             return "busy"
         config.progress = False
-        saved = directory / "run_config.yaml"
+        saved = directory / RUN_CONFIG_NAME
         if saved.is_file() and saved.read_text() != to_yaml(config):
             raise ValueError(f"{directory} was made by a different recipe or study file; use another --out, "
                                "or delete that folder to redo the run")

@@ -4,8 +4,8 @@ Images and captions are read with the data pipeline (m3ae.data sources, SPEC par
 """
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from dataclasses import dataclass
 from typing import Iterator
 from pathlib import Path
@@ -18,6 +18,8 @@ from ..data.sources import IndexedSource, Record, RunContext, build_source
 from ..data.sources.base import require_path
 from ..data.sources.wds import iter_tar
 from ..data.spec import parse_item
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
@@ -129,7 +131,7 @@ def load_samples(spec: str, image_size: int, stats: str | tuple = "cc12m", n: in
             image = transform(r.image, key=r.key)
         except BadSample as err:
             skipped += 1
-            print(f"--data {spec}: skipping {r.key} ({err}); {skipped} skipped", file=sys.stderr)
+            log.warning("--data %s: skipping %s (%s); %d skipped", spec, r.key, err, skipped)
             if skipped > max(20, n):
                 raise ValueError(f"--data {spec}: {skipped} unusable images before {n} usable ones") from None
             continue

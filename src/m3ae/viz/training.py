@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -11,6 +11,8 @@ import torch
 from ..data.collate import BatchPart
 
 VIZ_DIR = "viz"
+
+log = logging.getLogger(__name__)
 
 
 def fixed_viz_batch(config, n: int = 4) -> BatchPart | None:
@@ -25,8 +27,8 @@ def fixed_viz_batch(config, n: int = 4) -> BatchPart | None:
                                     seed=config.seed, micro_batch=n)
             return next(iter(data.batches)).parts[0]
     except Exception as err:  # a picture must never stop a training run
-        print(f"viz_every: no fixed batch for data spec {config.data.spec!r} ({err}); "
-              "reconstruction grids disabled", file=sys.stderr)
+        log.warning("viz_every: no fixed batch for data spec %r (%s); reconstruction grids disabled",
+                    config.data.spec, err)
         return None
 
 
@@ -68,5 +70,5 @@ class TrainingViz:
             with torch.no_grad():
                 return write_viz(model, step, self.out_dir, self.fixed_batch, self.decode, self.stats)
         except Exception as err:  # a picture must never stop a training run
-            print(f"step {step}: reconstruction grid failed ({err})", file=sys.stderr)
+            log.warning("step %d: reconstruction grid failed (%s)", step, err)
             return None
