@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -23,7 +23,6 @@ from ..config import M3AEConfig
 from ..distributed import pick_device
 from ..files import atomic_write
 from ..model import M3AE
-from ..optim import lr_at
 from .features import pool_tokens
 from .knn import topk_accuracy
 from .results import EvalResult
@@ -185,34 +184,25 @@ def finetune(encoder: M3AE, train_set, val_set, num_classes: int, config: Finetu
                                   lr=config.peak_lr(), betas=(0.9, 0.999))
     loader, val_loader = runtime.loaders(train_set, val_set, config.batch_size,
                                          drop_last=len(train_set) > config.batch_size)
-    total, warmup = config.epochs * len(loader), config.warmup_epochs * len(loader)
     before = evaluate_classifier(model, val_loader, device)
-    history: list[dict[str, Any]] = []
-    step = 0
-    for epoch in range(config.epochs):
-        model.train()
-        t0, loss_sum, seen = time.perf_counter(), 0.0, 0
-        for image, label in loader:
-            lr = lr_at(step, config.peak_lr(), warmup, total, config.min_lr)
-            for g in optimizer.param_groups:
-                g["lr"] = lr * g["lr_scale"]
-            image, label = image.to(device), label.to(device)
-            image, target = mix_batch(image, label, num_classes, config.mixup, config.cutmix,
-                                      smoothing=config.smoothing)
-            with _autocast(device):
-                logits = model(image)
-            loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-            optimizer.step()
-            step += 1
-            loss_sum += loss.item() * len(label)
-            seen += len(label)
-        row = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "lr": lr,
-               **evaluate_classifier(model, val_loader, device), "seconds": time.perf_counter() - t0}
-        config.record_epoch("finetune", row, history, progress, on_epoch)
+
+    def train_step(image: torch.Tensor, label: torch.Tensor, lr: float) -> torch.Tensor:
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+        image, label = image.to(device), label.to(device)
+        image, target = mix_batch(image, label, num_classes, config.mixup, config.cutmix, smoothing=config.smoothing)
+        with _autocast(device):
+            logits = model(image)
+        loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+        optimizer.step()
+        return loss
+
+    history = config.run_epochs("finetune", loader, train_step, lambda: evaluate_classifier(model, val_loader, device),
+                                start_epoch=model.train, progress=progress, on_epoch=on_epoch)
     last = history[-1] if history else {**before}
     return model, {"top1": last["top1"], "top5": last["top5"], "top1_before": before["top1"],
                    "best_top1": max((h["top1"] for h in history), default=before["top1"]),

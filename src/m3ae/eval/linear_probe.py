@@ -7,7 +7,7 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,7 @@ from torch import nn
 
 from ..distributed import pick_device
 from ..files import atomic_write
-from ..optim import lr_at, set_lr
+from ..optim import set_lr
 from .features import encode_pooled
 from .knn import topk_accuracy
 from .lars import LARS, lars_param_groups
@@ -73,28 +73,20 @@ def train_linear_probe(model, train_set, val_set, num_classes: int, config: Prob
     head = ProbeHead(model.config.emb_dim, num_classes).to(device)
     optimizer = build_probe_optimizer(head, config)
     loader, val_loader = runtime.loaders(train_set, val_set, config.batch_size)
-    steps_per_epoch = len(loader)
-    total, warmup = config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch
-    history: list[dict[str, Any]] = []
-    step = 0
-    for epoch in range(config.epochs):
-        head.train()
-        t0, loss_sum, seen = time.perf_counter(), 0.0, 0
-        for image, label in loader:
-            set_lr(optimizer, lr_at(step, config.peak_lr(), warmup, total))
-            with torch.no_grad():
-                feats = encode_pooled(model, image.to(device), runtime.pool)
-            loss = F.cross_entropy(head(feats), label.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            loss_sum += loss.item() * len(label)
-            seen += len(label)
-        row = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1),
-               **evaluate_probe(model, head, val_loader, runtime.pool, device),
-               "seconds": time.perf_counter() - t0}
-        config.record_epoch("probe", row, history, progress, on_epoch)
+
+    def train_step(image: torch.Tensor, label: torch.Tensor, lr: float) -> torch.Tensor:
+        set_lr(optimizer, lr)
+        with torch.no_grad():
+            feats = encode_pooled(model, image.to(device), runtime.pool)
+        loss = F.cross_entropy(head(feats), label.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    history = config.run_epochs("probe", loader, train_step,
+                                lambda: evaluate_probe(model, head, val_loader, runtime.pool, device),
+                                start_epoch=head.train, progress=progress, on_epoch=on_epoch)
     last = history[-1] if history else {"top1": math.nan, "top5": math.nan}
     return {"top1": last["top1"], "top5": last["top5"],
             "best_top1": max((h["top1"] for h in history), default=math.nan),

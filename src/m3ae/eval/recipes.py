@@ -4,8 +4,9 @@ on what they run is m3ae.eval.settings.Runtime. Importing this module does not i
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Iterable, Sized
 
 log = logging.getLogger(__name__)
 
@@ -19,11 +20,42 @@ class HeadTraining:
     base_lr: float = 0.1  # lr = base x batch / 256
     weight_decay: float = 0.0  # decoupled weight decay (not on biases and norms)
     crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range of the training images
+    min_lr: float = 0.0  # lr at the end of the cosine
 
     def peak_lr(self) -> float:
         from ..optim import scaled_lr
 
         return scaled_lr(self.base_lr, self.batch_size)
+
+    def lr(self, step: int, steps_per_epoch: int) -> float:
+        """The schedule after `step` updates: warmup over warmup_epochs, cosine to min_lr at the end."""
+        from ..optim import lr_at
+
+        return lr_at(step, self.peak_lr(), self.warmup_epochs * steps_per_epoch, self.epochs * steps_per_epoch,
+                     self.min_lr)
+
+    def run_epochs(self, name: str, loader: Iterable, train_step: Callable[[Any, Any, float], Any],
+                   evaluate: Callable[[], dict], start_epoch: Callable[[], object] = lambda: None,
+                   progress: bool = False, on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+        """The epoch loop the heads share: per batch `train_step(image, label, lr)` returns the
+        loss tensor (read once per batch for the epoch's mean), per epoch `evaluate()` gives
+        {top1, top5, ...}; returns the epochs' rows {epoch, loss, lr, top1, top5, seconds}."""
+        steps_per_epoch = len(loader) if isinstance(loader, Sized) else 0
+        history: list[dict] = []
+        step, lr = 0, self.lr(0, steps_per_epoch)
+        for epoch in range(self.epochs):
+            start_epoch()
+            t0, loss_sum, seen = time.perf_counter(), 0.0, 0
+            for image, label in loader:
+                lr = self.lr(step, steps_per_epoch)
+                loss = train_step(image, label, lr)
+                step += 1
+                loss_sum += loss.item() * len(label)
+                seen += len(label)
+            row = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "lr": lr, **evaluate(),
+                   "seconds": time.perf_counter() - t0}
+            self.record_epoch(name, row, history, progress, on_epoch)
+        return history
 
     def record_epoch(self, name: str, row: dict, history: list[dict], progress: bool = False,
                      on_epoch: Callable[[dict], None] | None = None) -> None:
@@ -52,7 +84,7 @@ class FinetuneConfig(HeadTraining):
     base_lr: float = 1e-3
     weight_decay: float = 0.05
     crop_scale: tuple[float, float] = (0.08, 1.0)
-    min_lr: float = 1e-6  # lr at the end of the cosine
+    min_lr: float = 1e-6
     layer_decay: float = 0.75  # lr x layer_decay ** (depth + 1 - layer): lower blocks learn slower
     drop_path: float = 0.1  # stochastic depth rate of the encoder blocks
     mixup: float = 0.8  # mixup alpha (0: off)
