@@ -135,8 +135,9 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, capsys):
     assert main(["bench", "check", "--dry-run", "--out", str(tmp_path), "--tests", str(tests)]) == 0
     report = json.loads((tmp_path / "check.json").read_text())
     stages = report["stages"]
-    assert set(stages) == {"cuda tests", "train nano", "train nano compile", "head", "ddp nccl 2 gpus", "data"}
-    for name in ("cuda tests", "train nano", "head", "data"):
+    assert set(stages) == {"cuda tests", "train nano", "train nano compile", "head", "ddp nccl 2 gpus", "data",
+                           "cpu fp32", "cpu bf16"}
+    for name in ("cuda tests", "train nano", "head", "data", "cpu fp32", "cpu bf16"):
         assert stages[name]["status"] == "ok", (name, stages[name])
     assert stages["train nano"]["result"]["samples_per_s"] > 0
     assert {row["pipeline"] for row in stages["data"]["result"]["rows"]} == {"baseline", "m3ae"}
@@ -144,6 +145,8 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, capsys):
     assert stages["ddp nccl 2 gpus"]["status"].startswith("skipped")
     md = (tmp_path / "check.md").read_text()
     assert "| train nano | ok |" in md and "samples/s" in md
+    assert [stages[f"cpu {p}"]["result"]["precision"] for p in ("fp32", "bf16")] == ["fp32", "bf16"]
+    assert "Host CPU, bf16 autocast vs fp32 step:" in md
 
 
 def test_gpu_check_refuses_a_cpu_without_dry_run(tmp_path, capsys):

@@ -3,10 +3,11 @@
 Stages (each in its own process, with a timeout, so an out-of-memory or a hang costs one stage, not
 the report): the CUDA-only tests, `bench train` for base and large at 256 px with and without
 torch.compile (samples/s, MFU against the device's table peak and a measured matmul peak, memory),
-`bench head`, a 2-process NCCL DDP run when 2 GPUs exist, and loader throughput at the machine's
-core count on synthetic JPEGs. Writes DIR/check.json and DIR/check.md. A stage that would start
-after the time budget is skipped and says so. `--dry-run` runs every stage that can run on a CPU
-with nano models and a few steps (the test suite does), to keep the check itself working.
+`bench head`, a 2-process NCCL DDP run when 2 GPUs exist, loader throughput at the machine's
+core count on synthetic JPEGs, and the host CPU's bf16 vs fp32 step. Writes DIR/check.json and
+DIR/check.md. A stage that would start after the time budget is skipped and says so. `--dry-run`
+runs every stage that can run on a CPU with nano models and a few steps (the test suite does), to
+keep the check itself working.
 """
 from __future__ import annotations
 
@@ -84,6 +85,17 @@ def plan(out: Path, dry: bool, gpus: int, cores: int, tests: Path) -> list[Stage
                                       "--samples", str(samples), "--batch", str(batch),
                                       "--json", str(out / "data.json")), 120,
                         str(out / "data.json"), env={"M3AE_CHECK_IMAGES": str(images)}))
+    # The host CPU: bf16 autocast vs fp32 at base width (BENCHMARKS.md's CPU bf16 row). GPU machines
+    # often have AMX Xeons, the CPUs on which precision=auto's bf16 is meant to double the step.
+    cpu = (["--batch", "4", "--steps", "2", "--warmup", "1", "model.image_size=32", "model.patch_size=8",
+            "model.text_length=16"] if dry else
+           ["--batch", "16", "--steps", "8", "--warmup", "2", "model.depth=4", "model.image_size=128",
+            "model.patch_size=16", "model.text_length=32"])
+    for precision in ("fp32", "bf16"):
+        path = str(out / f"cpu-{precision}.json")
+        stages.append(Stage(f"cpu {precision}", _m3ae("bench", "train", "--preset", "nano" if dry else "base",
+                                                      "--device", "cpu", "--precision", precision, *cpu,
+                                                      "--no-reference", "--json", path), 90, path))
     stages += [train(preset, args, True) for preset, args in sizes]
     return stages
 
@@ -135,7 +147,7 @@ def summary(name: str, r: dict) -> str:
         # pytest ends with a warnings footer: the count line ("4 passed in 56 s") is the number.
         counts = [line for line in tail if " passed" in line or " failed" in line or " error" in line]
         return (counts or tail)[-1].strip("= ")[:120]
-    if name.startswith("train"):
+    if name.startswith(("train", "cpu")):
         mem = (f"{res['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in res
                else f"{res.get('peak_rss_gib', 0):.1f} GiB RSS")
         return (f"{res['samples_per_s']:.1f} samples/s, MFU {100 * res['mfu']:.1f}% of {res['peak_tflops']:.3g} "
@@ -196,4 +208,8 @@ def markdown(report: dict) -> str:
     for name, r in report["stages"].items():
         numbers = summary(name, r) if "seconds" in r else ""
         lines.append(f"| {name} | {r['status']} | {r.get('seconds', '')} | {numbers} |")
+    fp32, bf16 = (report["stages"].get(f"cpu {p}", {}).get("result") for p in ("fp32", "bf16"))
+    if fp32 and bf16:
+        lines += ["", f"Host CPU, bf16 autocast vs fp32 step: {bf16['samples_per_s'] / fp32['samples_per_s']:.2f}x "
+                      "(same run, same model)."]
     return "\n".join(lines) + "\n"
