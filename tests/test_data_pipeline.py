@@ -225,3 +225,19 @@ def test_stream_resume_at_an_odd_micro_batch_with_two_workers(tmp_path):
                                     resume_state=td.state(3)), 3)
     assert [b.step for b in resumed] == [3, 4, 5]
     assert [keys(b) for b in resumed] == [keys(b) for b in full[3:]]
+
+
+def test_batches_are_pinned_only_for_a_gpu_run(tmp_path, monkeypatch):
+    # Pinning a CPU run's batches only costs page-locked memory; a GPU run needs it to overlap copies.
+    made = []
+    real = torch.utils.data.DataLoader
+
+    def recording_loader(*args, **kwargs):
+        made.append(kwargs["pin_memory"])
+        return real(*args, **{**kwargs, "pin_memory": False})  # CPU torch cannot pin
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", recording_loader)
+    data = cfg(write_manifest(tmp_path, n=8), tmp_path)
+    for pin in (False, True):
+        assert len(take(build_train_data(data, MODEL, seed=0, micro_batch=4, pin_memory=pin), 1)) == 1
+    assert made == [False, True]

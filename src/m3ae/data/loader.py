@@ -144,11 +144,11 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def _loader_kwargs(data: DataConfig) -> dict[str, Any]:
+def _loader_kwargs(data: DataConfig, pin_memory: bool) -> dict[str, Any]:
     workers = max(int(data.num_workers), 0)
     return dict(num_workers=workers, worker_init_fn=_quiet_worker if workers else None,
                 prefetch_factor=data.prefetch_factor if workers else None,
-                persistent_workers=False, pin_memory=torch.cuda.is_available())
+                persistent_workers=False, pin_memory=pin_memory)
 
 
 def source_uses(data: DataConfig, model_config: M3AEConfig, seed: int = 0) -> list[SourceUse]:
@@ -189,8 +189,10 @@ def make_sample_maker(data: DataConfig, model_config: M3AEConfig, uses: list[Sou
 
 def build_train_data(data: DataConfig, model_config: M3AEConfig, *, seed: int, micro_batch: int,
                      start_micro_batch: int = 0, rank: int = 0, world_size: int = 1,
-                     resume_state: dict[str, Any] | None = None, static_shapes: bool = False) -> TrainData:
-    """The training batches for `data`. `static_shapes`: fixed text shapes (see Collator)."""
+                     resume_state: dict[str, Any] | None = None, static_shapes: bool = False,
+                     pin_memory: bool = False) -> TrainData:
+    """The training batches for `data`. `static_shapes`: fixed text shapes (see Collator).
+    `pin_memory`: page-locked batches, for a run whose device is a GPU (the copy then overlaps)."""
     if not 0.0 <= data.caption_drop <= 1.0:
         raise ValueError(f"caption_drop must be in [0, 1], got {data.caption_drop}")
     if data.shuffle_buffer < 0:
@@ -206,12 +208,12 @@ def build_train_data(data: DataConfig, model_config: M3AEConfig, *, seed: int, m
         # The DataLoader hands collate_fn what __getitems__ returns (Samples); torch's stub says a list.
         collate = cast(Callable[[list[Any]], Any], collator)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                             **_loader_kwargs(data))
+                                             **_loader_kwargs(data, pin_memory))
         return TrainData(TrackedBatches(loader, counter), description, maker.tokenizer, True, counter)
     stream = StreamPosition.from_state((resume_state or {}).get("stream"))
     dataset = StreamDataset(uses, maker, collator, seed, micro_batch, start=start_micro_batch, rank=rank,
                             world_size=world_size, resume=stream)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, **_loader_kwargs(data))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, **_loader_kwargs(data, pin_memory))
     # Shares that deliver nothing before the next checkpoint keep their old position.
     same_layout = stream is not None and stream.parts == world_size * max(int(data.num_workers), 1)
     tracked = TrackedBatches(loader, counter, stream if same_layout else None)

@@ -115,7 +115,7 @@ def _train_data(config: TrainConfig, dist: dist_utils.DistInfo, micro_batch: int
         start_micro = int(data_state.get("next_micro_batch", start_micro))
     return build_train_data(config.data, config.model, seed=config.seed, micro_batch=micro_batch,
                             start_micro_batch=start_micro, rank=dist.rank, world_size=dist.world_size,
-                            resume_state=data_state,
+                            resume_state=data_state, pin_memory=dist.device.type == "cuda",
                             static_shapes=config.compile if config.static_shapes is None else config.static_shapes)
 
 
