@@ -3,6 +3,8 @@ operators (CPU) or kernels (CUDA) by self time, and the share of matmul and atte
 
     python benchmarks/profile_step.py [--steps 5] [--precision fp32|bf16]          # CPU, MAE mode
     python benchmarks/profile_step.py --device cuda --preset base --batch 256 --image-size 256
+    python benchmarks/profile_step.py --preset base --batch 16 --precision bf16 model.depth=4 \
+        model.image_size=128 model.text_length=32        # BENCHMARKS.md's CPU bf16 row
 
 Without --preset: the MAE-mode shapes of benchmarks/mae_vs_hf.py (192 x 6 encoder, 128 x 2 decoder,
 64 px, patch 8, batch 32). With --preset: that M3AE preset (text on) at --image-size.
@@ -30,16 +32,20 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("overrides", nargs="*", metavar="model.KEY=VALUE", help="with --preset: model settings")
     args = p.parse_args()
 
     from torch.profiler import ProfilerActivity, profile
 
     from m3ae import M3AE, M3AEConfig
-    from m3ae.train.bench import BenchOptions, _Step, synthetic_batches
+    from m3ae.train.bench import BenchOptions, _Step, bench_model_config, synthetic_batches
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.preset:
-        cfg = M3AEConfig.from_preset(args.preset, image_size=args.image_size)
+        cfg = bench_model_config(args.preset, [f"model.image_size={args.image_size}", *args.overrides])
     else:
         cfg = M3AEConfig(image_size=64, patch_size=8, emb_dim=192, depth=6, num_heads=3, dec_emb_dim=128,
                          dec_depth=2, dec_num_heads=4, vocab_size=0)

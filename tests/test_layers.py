@@ -1,8 +1,10 @@
-"""Transformer blocks: computing only some output rows gives exactly those rows of the full output."""
+"""Transformer blocks: computing only some output rows gives exactly those rows of the full output;
+a CPU bf16 training step runs its attention in fp32."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from m3ae.layers import Transformer, gather_rows
+from m3ae.layers import Attention, Transformer, gather_rows
 
 
 @pytest.mark.parametrize("explicit", [False, True])
@@ -32,3 +34,38 @@ def test_output_rows_without_blocks_is_a_gather():
     rows = torch.tensor([[4, 0], [1, 1]])
     out, _ = net(x, output_rows=rows)
     torch.testing.assert_close(out, net.norm(gather_rows(x, rows)))
+
+
+class _SdpaDtypes(TorchDispatchMode):
+    """Records the input dtype of every fused attention kernel that runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "scaled_dot_product" in func.name() and "backward" not in func.name():
+            self.dtypes.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+def test_cpu_bf16_training_attention_runs_in_fp32_and_inference_in_bf16():
+    # torch's CPU bf16 flash attention is slower than fp32 with a backward (benchmarks/attention_precision.py),
+    # and CPU autocast would cast fp32 inputs back to bf16: the layer must step out of autocast for it.
+    torch.manual_seed(0)
+    attn = Attention(32, num_heads=4)
+    x = torch.randn(2, 7, 32)
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[1, 5:] = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with _SdpaDtypes() as train:
+            out, _ = attn(x, padding)
+        out.float().sum().backward()
+        with torch.no_grad(), _SdpaDtypes() as infer:
+            out_infer, _ = attn(x, padding)
+    assert train.dtypes and set(train.dtypes) == {torch.float32}
+    assert infer.dtypes and set(infer.dtypes) == {torch.bfloat16}
+    assert out.dtype == out_infer.dtype == torch.bfloat16  # the layer's output dtype is unchanged
+    assert attn.qkv.weight.grad is not None and torch.isfinite(attn.qkv.weight.grad).all()
+    reference, _ = attn.float()(x, padding)
+    torch.testing.assert_close(out.float(), reference, atol=3e-2, rtol=3e-2)

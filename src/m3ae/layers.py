@@ -27,6 +27,14 @@ class DropPath(nn.Module):
         return x * x.new_empty(shape).bernoulli_(keep) / keep
 
 
+def cpu_bf16_training(q: torch.Tensor) -> bool:
+    """bf16 attention inputs on a CPU with gradients wanted: there torch's bf16 flash attention
+    (forward + backward) is 1.1-2.4x slower than fp32 at the model's lengths (48-321) on both CPUs
+    measured, AVX512-BF16 and AMX (`benchmarks/attention_precision.py`, BENCHMARKS.md), so the
+    attention of a CPU bf16 step runs in fp32; its matmuls around it stay bf16."""
+    return q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.requires_grad and torch.is_grad_enabled()
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one qkv projection laid out (3, heads, head_dim)."""
 
@@ -69,10 +77,14 @@ class Attention(nn.Module):
             out = F.dropout(probs, self.att_drop, self.training) @ v
         else:
             mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=self.att_drop if self.training else 0.0,
-                scale=self.scale,
-            )
+            dropout = self.att_drop if self.training else 0.0
+            if cpu_bf16_training(q):
+                # CPU autocast would cast fp32 inputs back to bf16 for this op: off around it.
+                with torch.autocast("cpu", enabled=False):
+                    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                         dropout_p=dropout, scale=self.scale).to(q.dtype)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
         out = out.transpose(1, 2).reshape(b, t, d)
         return self.proj_drop(self.proj(out)), weights
 

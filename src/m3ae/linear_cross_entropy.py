@@ -34,7 +34,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         per_token = torch.empty(rows, dtype=acc, device=hidden.device)
         correct = torch.empty(rows, dtype=torch.bool, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_grad else None
+        # The first chunk writes the weight gradient, later ones add to it: no zero-fill of a (V, D)
+        # buffer (zeros only when there are no rows at all).
+        grad_weight = ((torch.empty if rows else torch.zeros)(weight.shape, dtype=acc, device=weight.device)
+                       if want_grad else None)
         grad_bias = torch.zeros(vocab, dtype=acc, device=weight.device) if want_grad and bias is not None else None
         # Logits are laid out (V, chunk): W @ h_c^T is the GEMM shape BLAS runs fastest here
         # (long M, short K), and every later reduction is over dim 0. Widths are padded to a
@@ -76,10 +79,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad[:, :n].scatter_add_(0, tc[None, :], -scale[None, :])
             g = grad[:, :n] if direct else grad[:, :n].to(compute_dtype)
             grad_hidden[start:stop] = g.t() @ w
-            if direct:
+            if direct and start == 0:
+                torch.mm(g, hc, out=grad_weight)
+            elif direct:
                 torch.addmm(grad_weight, g, hc, out=grad_weight)  # (addmm_ escapes FLOP counters)
+            elif start == 0:
+                grad_weight.copy_(g @ hc)
             else:
-                grad_weight += (g @ hc).to(acc)
+                grad_weight.add_(g @ hc)  # bf16 product read once, summed in fp32
             if grad_bias is not None:
                 grad_bias += grad.sum(dim=1)
         # Kept as attributes, not saved tensors, so backward can scale them in place and hand them

@@ -1,0 +1,59 @@
+"""CPU attention in bf16 vs fp32: forward and forward+backward of F.scaled_dot_product_attention at
+the model's shapes, to see whether bf16 attention pays on this CPU (it does not on every CPU:
+BENCHMARKS.md) - the measurement behind m3ae.precision.cpu_bf16_attention_pays.
+
+    python benchmarks/attention_precision.py [--threads N] [--lengths 48 96 197] [--batch 16]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def timed(fn, repeats: int) -> float:
+    for _ in range(2):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t0) / repeats
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--lengths", type=int, nargs="+", default=[48, 96, 197])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=10)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"{torch.get_num_threads()} threads; batch {args.batch}, {args.heads} heads x {args.head_dim}")
+    print("| length | fp32 fwd ms | bf16 fwd ms | fp32 fwd+bwd ms | bf16 fwd+bwd ms | bf16/fp32 fwd+bwd time |")
+    print("|---|---|---|---|---|---|")
+    torch.manual_seed(0)
+    for length in args.lengths:
+        row = []
+        for dtype in (torch.float32, torch.bfloat16):
+            q, k, v = (torch.randn(args.batch, args.heads, length, args.head_dim, dtype=dtype, requires_grad=True)
+                       for _ in range(3))
+
+            def forward() -> None:
+                with torch.no_grad():
+                    F.scaled_dot_product_attention(q, k, v)
+
+            def train() -> None:
+                F.scaled_dot_product_attention(q, k, v).sum().backward()
+
+            row.append((timed(forward, args.repeats), timed(train, args.repeats)))
+        (f32, t32), (f16, t16) = row
+        print(f"| {length} | {f32 * 1e3:.2f} | {f16 * 1e3:.2f} | {t32 * 1e3:.2f} | {t16 * 1e3:.2f} | {t16 / t32:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
