@@ -22,6 +22,18 @@ def timed(fn, repeats: int) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
+def measure(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """Seconds per forward (no grad) and per forward + backward."""
+    def forward() -> None:
+        with torch.no_grad():
+            F.scaled_dot_product_attention(q, k, v)
+
+    def train() -> None:
+        F.scaled_dot_product_attention(q, k, v).sum().backward()
+
+    return timed(forward, repeats), timed(train, repeats)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=None)
@@ -42,15 +54,7 @@ def main() -> None:
         for dtype in (torch.float32, torch.bfloat16):
             q, k, v = (torch.randn(args.batch, args.heads, length, args.head_dim, dtype=dtype, requires_grad=True)
                        for _ in range(3))
-
-            def forward() -> None:
-                with torch.no_grad():
-                    F.scaled_dot_product_attention(q, k, v)
-
-            def train() -> None:
-                F.scaled_dot_product_attention(q, k, v).sum().backward()
-
-            row.append((timed(forward, args.repeats), timed(train, args.repeats)))
+            row.append(measure(q, k, v, args.repeats))
         (f32, t32), (f16, t16) = row
         print(f"| {length} | {f32 * 1e3:.2f} | {f16 * 1e3:.2f} | {t32 * 1e3:.2f} | {t16 * 1e3:.2f} | {t16 / t32:.2f} |")
 

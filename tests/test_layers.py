@@ -1,5 +1,5 @@
 """Transformer blocks: computing only some output rows gives exactly those rows of the full output;
-a CPU bf16 training step runs its attention in fp32."""
+a CPU bf16 training step runs its attention in fp32 (m3ae.precision.attention_in_fp32)."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

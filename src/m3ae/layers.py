@@ -6,6 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .precision import attention_in_fp32
+
 
 def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """x (B, T, D), rows (B, K) -> (B, K, D)."""
@@ -25,14 +27,6 @@ class DropPath(nn.Module):
         keep = 1.0 - self.prob
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
         return x * x.new_empty(shape).bernoulli_(keep) / keep
-
-
-def cpu_bf16_training(q: torch.Tensor) -> bool:
-    """bf16 attention inputs on a CPU with gradients wanted: there torch's bf16 flash attention
-    (forward + backward) is 1.1-2.4x slower than fp32 at the model's lengths (48-321) on both CPUs
-    measured, AVX512-BF16 and AMX (`benchmarks/attention_precision.py`, BENCHMARKS.md), so the
-    attention of a CPU bf16 step runs in fp32; its matmuls around it stay bf16."""
-    return q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.requires_grad and torch.is_grad_enabled()
 
 
 class Attention(nn.Module):
@@ -78,7 +72,7 @@ class Attention(nn.Module):
         else:
             mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
             dropout = self.att_drop if self.training else 0.0
-            if cpu_bf16_training(q):
+            if attention_in_fp32(q):
                 # CPU autocast would cast fp32 inputs back to bf16 for this op: off around it.
                 with torch.autocast("cpu", enabled=False):
                     out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,

@@ -86,7 +86,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             elif start == 0:
                 grad_weight.copy_(g @ hc)
             else:
-                grad_weight.add_(g @ hc)  # bf16 product read once, summed in fp32
+                grad_weight.add_(g @ hc)  # (add_ casts the bf16 product to fp32 first)
             if grad_bias is not None:
                 grad_bias += grad.sum(dim=1)
         # Kept as attributes, not saved tensors, so backward can scale them in place and hand them
