@@ -140,7 +140,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, capsys):
     for name in ("cuda tests", "train nano", "head", "data", "cpu fp32", "cpu bf16"):
         assert stages[name]["status"] == "ok", (name, stages[name])
     assert stages["train nano"]["result"]["samples_per_s"] > 0
-    assert {row["pipeline"] for row in stages["data"]["result"]["rows"]} == {"baseline", "m3ae"}
+    assert {row["pipeline"] for row in stages["data"]["result"]["rows"]} == {"baseline", "m3ae", "m3ae u8"}
     assert all(row["one_worker"] > 0 for row in stages["data"]["result"]["rows"])
     assert stages["ddp nccl 2 gpus"]["status"].startswith("skipped")
     md = (tmp_path / "check.md").read_text()

@@ -94,3 +94,33 @@ def test_the_loaders_pin_memory_reaches_every_tensor_of_a_batch(monkeypatch):
     assert all(o.masks.image_keep == p.masks.image_keep and o.masks.text_keep == p.masks.text_keep
                for o, p in zip(out.parts, batch.parts))
     assert all(torch.equal(o.image, p.image) for o, p in zip(out.parts, batch.parts) if p.image is not None)
+
+
+def test_uint8_images_stay_uint8_until_model_inputs_normalises_them():
+    from m3ae.data.normalization import normalize_uint8
+
+    g = torch.Generator().manual_seed(0)
+    pixels = [torch.randint(0, 256, (3, 32, 32), generator=g, dtype=torch.uint8) for _ in range(2)]
+    samples = [{**_sample(k), "image": p} for k, p in zip("ab", pixels)]
+    part = Collator(nano_config(), seed=0, pixel_stats="imagenet")(samples).parts[0]
+    assert part.image.dtype == torch.uint8 and part.pixel_stats == "imagenet"
+    moved = part.to("cpu")  # moves (and pins) as uint8: 4x fewer bytes than float32
+    assert moved.image.dtype == torch.uint8 and moved.pixel_stats == "imagenet"
+    image = moved.model_inputs()["image"]
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    torch.testing.assert_close(image, (torch.stack(pixels).float() / 255 - mean) / std)
+    assert torch.equal(image, torch.stack([normalize_uint8(p, "imagenet") for p in pixels]))
+
+
+def test_uint8_images_without_stats_are_refused_and_mixed_groups_normalised():
+    pixel = torch.full((3, 32, 32), 255, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="pixel_stats"):
+        Collator(nano_config(), seed=0)([{**_sample("a"), "image": pixel}])
+    # A float rendering (synthetic source) beside a uint8 photo in one group: all float, normalised.
+    collate = Collator(nano_config(), seed=0, pixel_stats="cc12m")
+    part = collate([{**_sample("a"), "image": pixel}, _sample("b")]).parts[0]
+    assert part.image.dtype == torch.float32 and part.pixel_stats is None
+    torch.testing.assert_close(part.image[0, :, 0, 0], (1 - torch.tensor([0.5762, 0.5503, 0.5213]))
+                               / torch.tensor([0.3207, 0.3169, 0.3307]))
+    assert torch.equal(part.image[1], torch.zeros(3, 32, 32))

@@ -241,3 +241,14 @@ def test_batches_are_pinned_only_for_a_gpu_run(tmp_path, monkeypatch):
     for pin in (False, True):
         assert len(take(build_train_data(data, MODEL, seed=0, micro_batch=4, pin_memory=pin), 1)) == 1
     assert made == [False, True]
+
+
+def test_training_images_travel_as_uint8_and_are_normalised_on_arrival(tmp_path):
+    data = cfg(write_manifest(tmp_path, n=8), tmp_path, normalization="imagenet")
+    part = take(build_train_data(data, MODEL, seed=3, micro_batch=4), 1)[0].parts[0]
+    assert part.image.dtype == torch.uint8 and part.pixel_stats == "imagenet"
+    image = part.model_inputs()["image"]
+    assert image.dtype == torch.float32 and image.shape == (4, 3, 32, 32)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    torch.testing.assert_close(image, (part.image.float() / 255 - mean) / std)

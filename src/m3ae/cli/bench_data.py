@@ -1,5 +1,8 @@
 """`m3ae bench data SPEC [SPEC ...]`: loader throughput (decoded + augmented samples/s), ours vs a
-plain baseline (full PIL decode, PIL crop + resize, to tensor, normalise), per worker and total."""
+plain baseline (full PIL decode, PIL crop + resize, to tensor, normalise), per worker and total.
+"m3ae" normalises in the workers (evaluation loaders); "m3ae u8" is how training batches travel:
+uint8 from the workers, normalised by the receiving process (on a GPU run, by the GPU; here the
+main process does it on the CPU, so the row counts that work)."""
 from __future__ import annotations
 
 import argparse
@@ -62,7 +65,7 @@ class _Files:  # a map-style dataset (torch is imported only when the bench runs
         return self.transform(self.records[i].image, np.random.default_rng([0, i]))
 
 
-def _rate(dataset, n: int, workers: int, batch: int) -> float:
+def _rate(dataset, n: int, workers: int, batch: int, finish=None) -> float:
     import torch
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, shuffle=False,
@@ -71,6 +74,8 @@ def _rate(dataset, n: int, workers: int, batch: int) -> float:
     next(it)  # start-up (fork, first batch) is not throughput
     t, done = time.perf_counter(), 0
     for b in it:
+        if finish is not None:
+            b = finish(b)
         done += len(b)
     return done / (time.perf_counter() - t)
 
@@ -79,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from m3ae.data.images import TrainTransform
+    from m3ae.data.normalization import normalize_uint8
     from m3ae.data.sources import build_sources
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -91,12 +97,13 @@ def run(args: argparse.Namespace) -> int:
         records = [r for _, r in source.iterate(0, 1, seed=0, epochs=1) if r.image is not None]
         if not records:
             continue
-        pipelines = {"baseline": BaselineTransform(args.image_size),
-                     "m3ae": TrainTransform(args.image_size)}
-        for name, transform in pipelines.items():
+        pipelines = {"baseline": (BaselineTransform(args.image_size), None),
+                     "m3ae": (TrainTransform(args.image_size), None),
+                     "m3ae u8": (TrainTransform(args.image_size, uint8=True), normalize_uint8)}
+        for name, (transform, finish) in pipelines.items():
             ds = _Files(records, transform)
-            one = _rate(ds, args.samples, 0, args.batch)
-            many = _rate(ds, args.samples, args.workers, args.batch)
+            one = _rate(ds, args.samples, 0, args.batch, finish)
+            many = _rate(ds, args.samples, args.workers, args.batch, finish)
             print(f"{source.describe()[-48:]:>48s} {name:9s} {one:9.0f}/s {many:9.0f}/s", flush=True)
             rows.append({"source": source.describe(), "pipeline": name, "one_worker": one,
                          "workers": args.workers, "many_workers": many})

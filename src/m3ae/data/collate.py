@@ -8,6 +8,7 @@ import torch
 
 from ..config import M3AEConfig
 from ..masking import Masks, masks_for
+from .normalization import normalize_uint8
 
 if TYPE_CHECKING:
     from .stream_position import StreamPosition
@@ -23,6 +24,9 @@ class BatchPart:
     masks: Masks
     keys: list[str]
     labels: torch.Tensor | None = None  # (size,) class labels, in this part's row order
+    # Set when `image` is uint8 (the transport format of training loaders): its normalisation,
+    # applied by model_inputs() on whatever device the part has been moved to.
+    pixel_stats: str | tuple | None = None
 
     @property
     def size(self) -> int:
@@ -33,13 +37,22 @@ class BatchPart:
         def apply(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else fn(t)
         return BatchPart(apply(self.image), apply(self.text), apply(self.text_padding_mask),
-                         self.masks.map_tensors(fn), self.keys, apply(self.labels))
+                         self.masks.map_tensors(fn), self.keys, apply(self.labels), self.pixel_stats)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "BatchPart":
         return self.map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
 
+    def normalized_image(self) -> torch.Tensor | None:
+        """The images as the model takes them: normalised float (uint8 ones are converted here, on
+        their device)."""
+        if self.image is None or self.image.dtype != torch.uint8:
+            return self.image
+        if self.pixel_stats is None:
+            raise ValueError("uint8 images need pixel_stats (the data's normalization) to be normalised")
+        return normalize_uint8(self.image, self.pixel_stats)
+
     def model_inputs(self) -> dict[str, Any]:
-        return dict(image=self.image, text=self.text, text_padding_mask=self.text_padding_mask,
+        return dict(image=self.normalized_image(), text=self.text, text_padding_mask=self.text_padding_mask,
                     masks=self.masks)
 
 
@@ -99,11 +112,13 @@ class Collator:
     decoder also runs over the extra padding slots.
     """
 
-    def __init__(self, model_config: M3AEConfig, seed: int = 0, rank: int = 0, static_shapes: bool = False):
+    def __init__(self, model_config: M3AEConfig, seed: int = 0, rank: int = 0, static_shapes: bool = False,
+                 pixel_stats: str | tuple | None = None):
         self.config = model_config
         self.seed = seed
         self.rank = rank
         self.static_shapes = static_shapes
+        self.pixel_stats = pixel_stats  # the normalisation of uint8 sample images (see BatchPart)
 
     def __call__(self, samples: list[dict[str, Any]], step: int = 0) -> Batch:
         """Micro-batch `step` (it seeds the masks) of `samples`."""
@@ -122,7 +137,7 @@ class Collator:
             groups.setdefault((has_image, has_text), []).append(s)
         parts = []
         for (has_image, has_text), group in sorted(groups.items(), reverse=True):
-            image = torch.stack([s["image"] for s in group]) if has_image else None
+            image = self._stack_images([s["image"] for s in group]) if has_image else None
             text = padding = None
             if has_text:
                 text, padding = pad_texts([torch.as_tensor(s["text"], dtype=torch.long)[: self.config.text_length]
@@ -131,5 +146,18 @@ class Collator:
                               generator=generator, static_text_keep=self.static_shapes)
             labels = (torch.tensor([int(s.get("label", -1)) for s in group])
                       if any("label" in s for s in group) else None)
-            parts.append(BatchPart(image, text, padding, masks, [str(s.get("key", "")) for s in group], labels))
+            stats = self.pixel_stats if image is not None and image.dtype == torch.uint8 else None
+            parts.append(BatchPart(image, text, padding, masks, [str(s.get("key", "")) for s in group], labels,
+                                   stats))
         return Batch(parts, step)
+
+    def _stack_images(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """uint8 images stay uint8; a group mixing them with float ones (a synthetic source beside a
+        photo source) is normalised here to float."""
+        raw = [i.dtype == torch.uint8 for i in images]
+        if not any(raw) or all(raw) and self.pixel_stats is not None:
+            return torch.stack(images)
+        if self.pixel_stats is None:
+            raise ValueError("uint8 sample images need Collator(pixel_stats=...) (the data's normalization)")
+        images = [normalize_uint8(i, self.pixel_stats) if r else i for i, r in zip(images, raw)]
+        return torch.stack(images)

@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 
 from .bad import BadSample
 from .sources.base import is_url, open_file
-from .normalization import normalize, resolve_stats
+from .normalization import normalize, normalize_uint8
 
 # The default pixel limit: ~ 16k x 11k. Above it we refuse to decode (decompression bombs).
 # We set PIL's own limit explicitly and turn its warning into an error, so either path is caught.
@@ -158,13 +158,10 @@ def clamp_box(box: tuple[float, float, float, float], width: int, height: int) -
 
 def to_tensor(image: Image.Image | torch.Tensor, stats) -> torch.Tensor:
     """uint8 RGB (PIL, or a (3, H, W) tensor) -> normalised float (3, H, W)."""
-    mean, std = resolve_stats(stats)
     if isinstance(image, Image.Image):
         # Channels first while still uint8: the float pass then runs over contiguous memory.
         image = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(3, 1, 1)
-    shift = torch.tensor([m / s for m, s in zip(mean, std)]).view(3, 1, 1)
-    return image.float().mul_(scale).sub_(shift)
+    return normalize_uint8(image, stats)
 
 
 def resize_box(image: Image.Image, box: tuple[float, float, float, float], size: int) -> torch.Tensor:
@@ -244,6 +241,9 @@ class _Decoding:
     # square of `pad_value` (grey level), so no crop rule can cut the object off (product photos).
     square: str = field(default="crop", kw_only=True)
     pad_value: int = field(default=255, kw_only=True)
+    # Hand out uint8 (3, H, W) pixels, normalised later where the batch lands (BatchPart.model_inputs):
+    # what training loaders do. The synthetic sources' float renderings are normalised here either way.
+    uint8: bool = field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
         if self.square not in SQUARE_MODES:
@@ -257,6 +257,10 @@ class _Decoding:
         if pixels.shape[-2:] != (size, size):
             pixels = F.interpolate(pixels[None], size=(size, size), mode="bicubic", antialias=True)[0].clamp_(0, 1)
         return normalize(pixels, self.stats)
+
+    def finished(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The transform's uint8 (3, H, W) output: as it is (uint8 mode) or normalised."""
+        return pixels if self.uint8 else to_tensor(pixels, self.stats)
 
     def open(self, data: bytes | str | Image.Image, key: str) -> Image.Image:
         return upright(data if isinstance(data, Image.Image) else open_image(data, key, self.max_pixels))
@@ -320,7 +324,7 @@ class TrainTransform(_Decoding):
         out = resize_box(image, box, self.size)
         if flip:
             out = out.flip(-1)
-        return to_tensor(out, self.stats)
+        return self.finished(out)
 
 
 @dataclass
@@ -347,4 +351,4 @@ class EvalTransform(_Decoding):
         cw, ch = self.size / s, self.size / s  # the centre crop in input pixels
         box = clamp_box(((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2), w, h)
         image, box = self.decoded(image, box, self.size)
-        return to_tensor(resize_box(image, box, self.size), self.stats)
+        return self.finished(resize_box(image, box, self.size))

@@ -171,7 +171,9 @@ def source_uses(data: DataConfig, model_config: M3AEConfig, seed: int = 0) -> li
 
 
 def make_sample_maker(data: DataConfig, model_config: M3AEConfig, uses: list[SourceUse], tokenizer=None,
-                      train: bool = True) -> SampleMaker:
+                      train: bool = True, uint8: bool = False) -> SampleMaker:
+    """Samples for training: `uint8` leaves images as uint8 pixels for the batch to normalise where
+    it lands (see BatchPart.model_inputs)."""
     from .sources import spec_tokenizer
     from .tokenizer import check_vocab_size, load_tokenizer
 
@@ -183,7 +185,8 @@ def make_sample_maker(data: DataConfig, model_config: M3AEConfig, uses: list[Sou
         check_vocab_size(tokenizer, model_config.vocab_size, f"tokenizer {name}")
     transform = TrainTransform(model_config.image_size, scale=(data.crop_scale_min, data.crop_scale_max),
                                flip=data.hflip, stats=data.normalization, draft=data.jpeg_draft,
-                               max_pixels=data.max_image_pixels, square=data.square, pad_value=data.pad_value)
+                               max_pixels=data.max_image_pixels, square=data.square, pad_value=data.pad_value,
+                               uint8=uint8)
     return SampleMaker(transform, tokenizer, model_config.text_length, data.caption_drop if train else 0.0)
 
 
@@ -198,9 +201,11 @@ def build_train_data(data: DataConfig, model_config: M3AEConfig, *, seed: int, m
     if data.shuffle_buffer < 0:
         raise ValueError(f"shuffle_buffer must be >= 0 (0: shard order), got {data.shuffle_buffer}")
     uses = source_uses(data, model_config, seed)
-    maker = make_sample_maker(data, model_config, uses)
+    # Images travel as uint8 (4x fewer bytes through worker queues and to the GPU) and are
+    # normalised on the step's device.
+    maker = make_sample_maker(data, model_config, uses, uint8=True)
     counter = BadCounter(data.max_bad_fraction, data.bad_min_samples)
-    collator = BatchCollator(model_config, seed, rank, static_shapes)
+    collator = BatchCollator(model_config, seed, rank, static_shapes, pixel_stats=data.normalization)
     description = " + ".join(f"{u.source.describe()}@{u.weight:g}" for u in uses)
     if all(u.source.exact for u in uses):
         dataset: torch.utils.data.Dataset = MixtureDataset(uses, maker, seed)

@@ -33,6 +33,16 @@ def normalize(image: torch.Tensor, stats: str | tuple = "cc12m") -> torch.Tensor
     return (image - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)
 
 
+def normalize_uint8(image: torch.Tensor, stats: str | tuple = "cc12m") -> torch.Tensor:
+    """uint8 pixels (..., 3, H, W) -> normalised float32, in one pass on the image's device: how
+    training images travel (4x fewer bytes from loader workers and to the GPU than float32)."""
+    mean, std = resolve_stats(stats)
+    shape = (3, 1, 1)
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=image.device).view(shape)
+    shift = torch.tensor([m / s for m, s in zip(mean, std)], device=image.device).view(shape)
+    return image.float().mul_(scale).sub_(shift)
+
+
 def denormalize(image: torch.Tensor, stats: str | tuple = "cc12m") -> torch.Tensor:
     """Normalised (..., C, H, W) -> [0, 1] (not clamped)."""
     mean, std = resolve_stats(stats)
