@@ -155,9 +155,11 @@ class Collator:
         """uint8 images stay uint8; a group mixing them with float ones (a synthetic source beside a
         photo source) is normalised here to float."""
         raw = [i.dtype == torch.uint8 for i in images]
-        if not any(raw) or all(raw) and self.pixel_stats is not None:
+        if not any(raw):
             return torch.stack(images)
-        if self.pixel_stats is None:
+        stats = self.pixel_stats
+        if stats is None:
             raise ValueError("uint8 sample images need Collator(pixel_stats=...) (the data's normalization)")
-        images = [normalize_uint8(i, self.pixel_stats) if r else i for i, r in zip(images, raw)]
+        if not all(raw):
+            images = [normalize_uint8(i, stats) if r else i for i, r in zip(images, raw)]
         return torch.stack(images)
