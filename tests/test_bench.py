@@ -146,7 +146,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, capsys):
     md = (tmp_path / "check.md").read_text()
     assert "| train nano | ok |" in md and "samples/s" in md
     assert [stages[f"cpu {p}"]["result"]["precision"] for p in ("fp32", "bf16")] == ["fp32", "bf16"]
-    assert "Host CPU, bf16 autocast vs fp32 step:" in md
+    assert "Host CPU, bf16 autocast vs fp32 step, base width:" in md
 
 
 def test_gpu_check_refuses_a_cpu_without_dry_run(tmp_path, capsys):
