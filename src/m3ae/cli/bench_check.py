@@ -47,10 +47,11 @@ def _m3ae(*args: str) -> list[str]:
     return [sys.executable, "-m", "m3ae", *args]
 
 
-# (stage name part, `bench train` arguments): the dry run's nano model, then base width and the whole base.
+# The host-CPU stages' models, (stage name part, `bench train` arguments): base width and the whole
+# base; the dry run times a nano model instead.
+DRY_CPU_MODELS = [("", ["--preset", "nano", "--batch", "4", "--steps", "2", "--warmup", "1", "model.image_size=32",
+                        "model.patch_size=8", "model.text_length=16"])]
 CPU_MODELS = [
-    ("", ["--preset", "nano", "--batch", "4", "--steps", "2", "--warmup", "1", "model.image_size=32",
-          "model.patch_size=8", "model.text_length=16"]),
     ("", ["--preset", "base", "--batch", "16", "--steps", "8", "--warmup", "2", "model.depth=4",
           "model.image_size=128", "model.patch_size=16", "model.text_length=32"]),
     ("base 256", ["--preset", "base", "--batch", "16", "--steps", "6", "--warmup", "2", "--max-caption", "32",
@@ -99,7 +100,7 @@ def plan(out: Path, dry: bool, gpus: int, cores: int, tests: Path) -> list[Stage
     # The host CPU: bf16 autocast vs fp32 at base width and for the paper's whole base at 256 px
     # (BENCHMARKS.md's CPU bf16 rows). GPU machines often have AMX Xeons, the CPUs on which
     # precision=auto's bf16 is meant to double the step.
-    for name, cpu in CPU_MODELS[:1] if dry else CPU_MODELS[1:]:
+    for name, cpu in DRY_CPU_MODELS if dry else CPU_MODELS:
         for precision in ("fp32", "bf16"):
             stage = f"cpu {name}{' ' if name else ''}{precision}"
             path = str(out / (stage.replace(" ", "-") + ".json"))
