@@ -45,7 +45,7 @@ def test_flop_formula_matches_flop_counter():
     assert abs(measured - b * train_flops(cfg, fast)) / measured < 0.03
 
 
-@pytest.mark.parametrize("extra", [[], ["--reference-fused-adamw", "--static-shapes"],
+@pytest.mark.parametrize("extra", [[], ["--reference-fused-adamw", "--static-shapes", "--image-dtype", "float32"],
                                    ["model.vocab_size=0", "--threads", "1"]])  # MAE mode (crashed before)
 def test_bench_train_command(tmp_path, capsys, extra):
     import json
@@ -67,6 +67,47 @@ def test_bench_train_command(tmp_path, capsys, extra):
     assert r["reference"]["flops_per_sample"] > r["flops_per_sample"]  # heads everywhere cost more
     assert r["mode"] == ("mae" if "model.vocab_size=0" in extra else "m3ae")
     assert r["params"] == M3AE(M3AEConfig(**r["config"])).num_parameters()
+    assert r["image_dtype"] == ("float32" if "float32" in extra else "uint8")
+
+
+def test_synthetic_uint8_batches_normalise_like_the_float_pipeline():
+    """The bench's default images are what the trainer's loader ships: uint8 plus the data's pixel
+    statistics, normalised where the batch lands (and the reference step's copies keep them)."""
+    from m3ae.data.normalization import normalize_uint8
+    from m3ae.train.bench import BenchOptions, reference_batch, synthetic_batches
+
+    cfg = M3AEConfig(image_size=16, patch_size=4, emb_dim=32, depth=1, num_heads=4, dec_emb_dim=16,
+                     dec_depth=1, dec_num_heads=2, vocab_size=100, text_length=12)
+    opts = BenchOptions(cfg, batch=3, pool=1)
+    (batch,) = synthetic_batches(cfg, opts)
+    part = batch.parts[0]
+    assert part.image.dtype == torch.uint8 and part.pixel_stats == "cc12m"
+    assert torch.equal(part.model_inputs()["image"], normalize_uint8(part.image, "cc12m"))
+    ref = reference_batch(batch, cfg, torch.Generator().manual_seed(0))
+    assert ref.parts[0].pixel_stats == "cc12m"
+    (floats,) = synthetic_batches(cfg, BenchOptions(cfg, batch=3, pool=1, image_dtype="float32"))
+    assert floats.parts[0].image.dtype == torch.float32 and floats.parts[0].pixel_stats is None
+    with pytest.raises(ValueError, match="image_dtype"):
+        synthetic_batches(cfg, BenchOptions(cfg, batch=3, pool=1, image_dtype="fp16"))
+
+
+def test_compile_graphs_counts_only_what_changed():
+    from torch._dynamo.utils import counters
+
+    from m3ae.train.bench import _dynamo_counters, compile_graphs
+
+    before = _dynamo_counters()
+    counters["stats"]["unique_graphs"] += 3
+    counters["graph_break"]["a disabled function"] += 2
+    counters["graph_break"]["data-dependent branch"] += 1
+    try:
+        got = compile_graphs(before)
+    finally:
+        counters["stats"]["unique_graphs"] -= 3
+        counters["graph_break"]["a disabled function"] -= 2
+        counters["graph_break"]["data-dependent branch"] -= 1
+    assert got == {"compile_graphs": 3, "graph_breaks": 3,
+                   "graph_break_reasons": ["a disabled function", "data-dependent branch"]}
 
 
 def test_background_load_runs_busy_processes_only_inside_the_block():
@@ -135,9 +176,9 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, capsys):
     assert main(["bench", "check", "--dry-run", "--out", str(tmp_path), "--tests", str(tests)]) == 0
     report = json.loads((tmp_path / "check.json").read_text())
     stages = report["stages"]
-    assert set(stages) == {"cuda tests", "train nano", "train nano compile", "head", "ddp nccl 2 gpus", "data",
-                           "cpu fp32", "cpu bf16"}
-    for name in ("cuda tests", "train nano", "head", "data", "cpu fp32", "cpu bf16"):
+    assert set(stages) == {"cuda tests", "train nano", "train nano float32 images", "train nano compile", "head",
+                           "ddp nccl 2 gpus", "data", "cpu fp32", "cpu bf16"}
+    for name in ("cuda tests", "train nano", "train nano float32 images", "head", "data", "cpu fp32", "cpu bf16"):
         assert stages[name]["status"] == "ok", (name, stages[name])
     assert stages["train nano"]["result"]["samples_per_s"] > 0
     assert {row["pipeline"] for row in stages["data"]["result"]["rows"]} == {"baseline", "m3ae", "m3ae u8"}
@@ -147,6 +188,9 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, capsys):
     assert "| train nano | ok |" in md and "samples/s" in md
     assert [stages[f"cpu {p}"]["result"]["precision"] for p in ("fp32", "bf16")] == ["fp32", "bf16"]
     assert "Host CPU, bf16 autocast vs fp32 step, base width:" in md
+    assert [stages[n]["result"]["image_dtype"] for n in ("train nano", "train nano float32 images")] == [
+        "uint8", "float32"]
+    assert "Train nano, uint8 images normalised on the device vs float32 from the host:" in md
 
 
 def test_gpu_check_refuses_a_cpu_without_dry_run(tmp_path, capsys):

@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="torch CPU threads (default auto: usable cores; OMP_NUM_THREADS wins over auto)")
     p.add_argument("--background-load", type=int, default=0, metavar="N",
                    help="run N busy processes during the measurement (a shared machine, repeatable)")
+    p.add_argument("--image-dtype", default="uint8", choices=["uint8", "float32"],
+                   help="images as the trainer's loader ships them (uint8, normalised on the device; default) "
+                        "or normalised float32 from the host (4x the bytes to copy)")
     p.add_argument("--no-reference", action="store_true", help="skip the reference-equivalent step")
     p.add_argument("--reference-fused-adamw", action="store_true",
                    help="give the reference step the fused AdamW too (default: torch's default AdamW)")
@@ -71,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
                         min_caption=args.min_caption, max_caption=args.max_caption, device=args.device,
                         precision=args.precision, compile=args.compile, static_shapes=args.static_shapes,
                         reference=not args.no_reference, reference_fused_adamw=args.reference_fused_adamw,
-                        peak_tflops=args.peak_tflops, background_load=args.background_load)
+                        peak_tflops=args.peak_tflops, background_load=args.background_load,
+                        image_dtype=args.image_dtype)
     with torch_threads(args.threads) as threads:
         result = run_train_bench(opts)
     result["threads_reason"] = str(threads)

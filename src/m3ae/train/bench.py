@@ -62,6 +62,9 @@ class BenchOptions:
     seed: int = 0
     pool: int = 8  # distinct pre-collated batches cycled through
     background_load: int = 0  # busy processes running beside the measurement
+    # "uint8": images reach the step as the trainer's loader ships them (uint8, normalised on the
+    # device); "float32": normalised float from the host (four times the bytes to copy)
+    image_dtype: str = "uint8"
 
     @property
     def uses_static_shapes(self) -> bool:
@@ -78,16 +81,24 @@ def bench_model_config(preset: str, overrides: Sequence[str] = ()) -> M3AEConfig
 
 
 def synthetic_batches(config: M3AEConfig, opts: BenchOptions) -> list[Batch]:
-    """Random images and captions of uniform length in [min_caption, max_caption], collated."""
+    """Random images and captions of uniform length in [min_caption, max_caption], collated. Images
+    are uint8 with the data's pixel statistics (as the trainer's loader ships them) or normalised
+    float32, by `opts.image_dtype`."""
+    if opts.image_dtype not in ("uint8", "float32"):
+        raise ValueError(f"image_dtype must be uint8 or float32, got {opts.image_dtype!r}")
     g = torch.Generator().manual_seed(opts.seed)
     hi = min(opts.max_caption or config.text_length, config.text_length)
-    collate = Collator(config, seed=opts.seed, static_shapes=opts.uses_static_shapes)
+    uint8 = opts.image_dtype == "uint8"
+    collate = Collator(config, seed=opts.seed, static_shapes=opts.uses_static_shapes,
+                       pixel_stats="cc12m" if uint8 else None)
     batches = []
     for step in range(opts.pool):
         samples = []
         for i in range(opts.batch):
             n = int(torch.randint(opts.min_caption, hi + 1, (1,), generator=g))
-            image = torch.randn(config.in_chans, config.image_size, config.image_size, generator=g)
+            shape = (config.in_chans, config.image_size, config.image_size)
+            image = (torch.randint(0, 256, shape, generator=g, dtype=torch.uint8) if uint8
+                     else torch.randn(shape, generator=g))
             text = torch.randint(1, config.vocab_size, (n,), generator=g).tolist() if config.has_text else None
             samples.append({"image": image, "text": text, "key": f"{step}-{i}"})
         batches.append(collate(samples, step))
@@ -105,7 +116,7 @@ def reference_batch(batch: Batch, config: M3AEConfig, generator: torch.Generator
                                   config.text_length)
         masks = masks_for(config, p.size, has_image=p.image is not None, text_padding=pad, mode="reference",
                           generator=generator)
-        parts.append(BatchPart(p.image, text, pad, masks, p.keys))
+        parts.append(BatchPart(p.image, text, pad, masks, p.keys, pixel_stats=p.pixel_stats))
     return Batch(parts, batch.step)
 
 
@@ -154,6 +165,25 @@ def _time_steps(runs: dict[str, tuple[_Step, list[Batch]]], opts: BenchOptions, 
             for name, r in rec.items()}
 
 
+def _dynamo_counters() -> dict[str, dict[str, int]]:
+    """A copy of dynamo's process-wide counters (graphs compiled, graph breaks by reason)."""
+    from torch._dynamo.utils import counters  # private, but what torch._dynamo.explain reads too
+
+    return {k: dict(v) for k, v in counters.items()}
+
+
+def compile_graphs(before: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """Graphs compiled and graph breaks (by reason) since `before`: a compiled step that breaks into
+    many graphs leaves fusion and CUDA-graph gains on the table."""
+    now = _dynamo_counters()
+    delta = lambda group: {k: n - before.get(group, {}).get(k, 0)  # noqa: E731
+                           for k, n in now.get(group, {}).items() if n != before.get(group, {}).get(k, 0)}
+    breaks = delta("graph_break")
+    return {"compile_graphs": delta("stats").get("unique_graphs", 0),
+            "graph_breaks": sum(breaks.values()),
+            "graph_break_reasons": sorted(breaks, key=lambda why: breaks[why], reverse=True)[:5]}
+
+
 def _spread(values: list[float]) -> tuple[float, float]:
     """10th and 90th percentile: how steady the timed steps were (a wide range = a noisy machine)."""
     ordered = sorted(values)
@@ -183,13 +213,14 @@ def run_train_bench(opts: BenchOptions) -> dict[str, Any]:
     batches = synthetic_batches(config, opts)
     result: dict[str, Any] = {
         "device": device_name(device), "batch": opts.batch, "precision": "bf16" if bf16 else "fp32",
-        "compile": opts.compile, "static_shapes": opts.uses_static_shapes,
+        "compile": opts.compile, "static_shapes": opts.uses_static_shapes, "image_dtype": opts.image_dtype,
         "threads": torch.get_num_threads(), "background_load": opts.background_load,
         "mode": "m3ae" if config.has_text else "mae", "params": model.num_parameters(),
         "config": config.to_dict(),
     }
     if hasattr(os, "getloadavg"):
         result["load_average_before"] = os.getloadavg()[0]
+    counters_before = _dynamo_counters() if opts.compile else {}
     runs = {"fast": (_Step(model, device, bf16, False, opts.compile), batches)}
     if opts.reference:
         # What the authors' code does: batch-shared masks over padded full-length text, explicit
@@ -209,6 +240,8 @@ def run_train_bench(opts: BenchOptions) -> dict[str, Any]:
     with background_load(opts.background_load):
         timed = _time_steps(runs, opts, device)
     fast = timed["fast"]
+    if opts.compile:
+        result.update(compile_graphs(counters_before))
     flops = sum(batch_train_flops(b, config) / b.size for b in batches) / len(batches)
     result.update(step_s=fast["step_s"], step_s_range=fast["step_s_range"], cpu_s=fast["cpu_s"],
                   samples_per_s=opts.batch / fast["step_s"],
@@ -258,6 +291,9 @@ def format_report(r: dict[str, Any]) -> str:
         f"MFU               {100 * r['mfu']:.1f}% of {r['peak_tflops']:.2f} TFLOP/s ({r['peak_source']}); "
         f"measured matmul peak {r['matmul_tflops']:.2f} TFLOP/s",
     ]
+    if "compile_graphs" in r:
+        lines.append(f"compiled          {r['compile_graphs']} graph(s), {r['graph_breaks']} graph break(s)"
+                     + "".join(f"\n                  break: {why[:150]}" for why in r["graph_break_reasons"]))
     if "peak_memory_gib" in r:
         lines.append(f"peak memory       {r['peak_memory_gib']:.2f} GiB (torch.cuda.max_memory_allocated)")
     else:
