@@ -75,7 +75,7 @@ def main() -> int:
 
         def __call__(self, batch):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-                loss = self.model(pixel_values=batch.parts[0].image).loss
+                loss = self.model(pixel_values=batch.parts[0].normalized_image()).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.optimizer.step()
@@ -83,9 +83,9 @@ def main() -> int:
             return loss.detach()
 
     runs = {
-        "ours": (_Step(ours, device, auto_bf16, False, False), batches),
-        "ours fp32": (_Step(ours32, device, False, False, False), batches),
-        "ours reference": (_Step(ref, device, False, True, False, fused_adamw=False), ref_batches),
+        "ours": (_Step(ours, device, "bf16" if auto_bf16 else "fp32", False, False), batches),
+        "ours fp32": (_Step(ours32, device, "fp32", False, False), batches),
+        "ours reference": (_Step(ref, device, "fp32", True, False, fused_adamw=False), ref_batches),
         "hf defaults": (HFStep(fused=False, bf16=False), batches),
         "hf fused": (HFStep(fused=True, bf16=False), batches),
     }

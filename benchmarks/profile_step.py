@@ -25,7 +25,7 @@ MATMUL_CUDA = ("gemm", "sm90_xmma", "cutlass", "flash", "fmha", "attention", "nv
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "bf32"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--preset", default=None, help="an M3AE preset (default: the small MAE-mode shapes)")
     p.add_argument("--image-size", type=int, default=256)
@@ -54,7 +54,7 @@ def main() -> int:
     if device.type == "cuda":
         batches = [b.pin_memory() for b in batches]
     torch.manual_seed(0)
-    step = _Step(M3AE(cfg).to(device), device, args.precision == "bf16", False, args.compile)
+    step = _Step(M3AE(cfg).to(device), device, args.precision, False, args.compile)
     for b in batches[:3]:
         step(b.to(device, non_blocking=True))
     cuda = device.type == "cuda"

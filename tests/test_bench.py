@@ -177,8 +177,9 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, capsys):
     report = json.loads((tmp_path / "check.json").read_text())
     stages = report["stages"]
     assert set(stages) == {"cuda tests", "train nano", "train nano float32 images", "train nano compile", "head",
-                           "ddp nccl 2 gpus", "data", "cpu fp32", "cpu bf16"}
-    for name in ("cuda tests", "train nano", "train nano float32 images", "head", "data", "cpu fp32", "cpu bf16"):
+                           "ddp nccl 2 gpus", "data", "cpu fp32", "cpu bf16", "cpu bf32"}
+    for name in ("cuda tests", "train nano", "train nano float32 images", "head", "data", "cpu fp32", "cpu bf16",
+                 "cpu bf32"):
         assert stages[name]["status"] == "ok", (name, stages[name])
     assert stages["train nano"]["result"]["samples_per_s"] > 0
     assert {row["pipeline"] for row in stages["data"]["result"]["rows"]} == {"baseline", "m3ae", "m3ae u8"}
@@ -186,8 +187,9 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, capsys):
     assert stages["ddp nccl 2 gpus"]["status"].startswith("skipped")
     md = (tmp_path / "check.md").read_text()
     assert "| train nano | ok |" in md and "samples/s" in md
-    assert [stages[f"cpu {p}"]["result"]["precision"] for p in ("fp32", "bf16")] == ["fp32", "bf16"]
+    assert [stages[f"cpu {p}"]["result"]["precision"] for p in ("fp32", "bf16", "bf32")] == ["fp32", "bf16", "bf32"]
     assert "Host CPU, bf16 autocast vs fp32 step, base width:" in md
+    assert "Host CPU, bf32 matmuls vs fp32 step, base width:" in md
     assert [stages[n]["result"]["image_dtype"] for n in ("train nano", "train nano float32 images")] == [
         "uint8", "float32"]
     assert "Train nano, uint8 images normalised on the device vs float32 from the host:" in md

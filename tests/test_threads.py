@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from m3ae.precision import autocast, cpu_has_native_bf16, uses_bf16
 from m3ae.threads import OPENMP_SPIN_COUNT, cgroup_cpu_quota, choose_threads, limit_openmp_spin, torch_threads
 
 
@@ -50,17 +49,3 @@ def test_torch_threads_applies_and_restores():
     with torch_threads(before + 1) as choice:
         assert torch.get_num_threads() == choice.threads == before + 1
     assert torch.get_num_threads() == before
-
-
-def test_precision_rule():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert uses_bf16("bf16", cpu) and not uses_bf16("fp32", cuda)
-    assert uses_bf16("auto", cuda)
-    assert uses_bf16("auto", cpu) == cpu_has_native_bf16()
-    with pytest.raises(ValueError, match="precision"):
-        uses_bf16("fp16", cpu)
-    x = torch.randn(4, 4)
-    with autocast(cpu, True):
-        assert (x @ x).dtype == torch.bfloat16
-    with autocast(cpu, False):
-        assert (x @ x).dtype == torch.float32

@@ -238,6 +238,26 @@ def test_bf16_autocast_path_runs(tmp_path):
     assert next(iter(M3AE.from_pretrained(result.checkpoint).parameters())).dtype == torch.float32
 
 
+def test_bf32_precision_trains_fp32_weights_near_fp32_and_restores_the_setting(tmp_path):
+    """bf32 (oneDNN's bf16-input matmuls; plain fp32 on CPUs without AMX) keeps every tensor fp32,
+    follows the fp32 run within bf16 rounding, and leaves torch's matmul setting as it found it."""
+    from m3ae.precision import _fp32_matmul_precision
+
+    before = _fp32_matmul_precision()
+    bf32 = pretrain(tiny_config("steps=3", "precision=bf32"), tmp_path / "bf32")
+    assert _fp32_matmul_precision() == before
+    fp32 = pretrain(tiny_config("steps=3", "precision=fp32"), tmp_path / "fp32")
+    got, want = losses(tmp_path / "bf32"), losses(tmp_path / "fp32")
+    assert len(got) == len(want) == 3 and got == pytest.approx(want, rel=2e-2)
+    assert next(iter(M3AE.from_pretrained(bf32.checkpoint).parameters())).dtype == torch.float32
+    assert fp32.checkpoint is not None
+
+
+def test_precision_setting_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match="precision must be one of auto, fp32, bf16, bf32"):
+        tiny_config("precision=fp16")
+
+
 def test_resume_can_switch_on_activation_checkpointing(tmp_path, caplog):
     """A run that ran out of memory resumes with grad_checkpointing on (a runtime switch, not
     architecture: not in config.json), and ends exactly as a straight run."""

@@ -5,6 +5,12 @@ where oneDNN's bf16 matmul is ~2x fp32: BENCHMARKS.md), fp32 elsewhere. Under au
 run in bf16 while softmax, normalisation statistics and the losses stay fp32 (torch's autocast
 lists, and m3ae.linear_cross_entropy's fp32 softmax). On a CPU, a bf16 step's attention runs in fp32
 (`attention_in_fp32`): torch's CPU bf16 attention kernels are slower than fp32 with a backward.
+
+bf32 (CPU only, opt-in) keeps weights, activations and every output in fp32 and lets oneDNN round
+the inputs of fp32 matmuls to bf16 inside the kernel (fp32 accumulation, fp32 result): the CPU's
+TF32. There are no cast passes and no bf16 activations, so it is at least as exact as bf16 autocast's
+matmuls. oneDNN applies it only where it has such kernels (AMX; PyTorch's own measurements on
+Sapphire Rapids: 1.4-4x fp32 matmuls); elsewhere, e.g. AVX512-BF16 without AMX, the step is fp32.
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ from functools import lru_cache
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "bf32")
 
 
 @lru_cache(maxsize=1)
@@ -28,13 +34,61 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def uses_bf16(precision: str, device: torch.device) -> bool:
-    """Whether a step with this precision setting runs under bf16 autocast on this device."""
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The mode a step with this precision setting runs in on this device: fp32, bf16 (autocast) or
+    bf32 (fp32 with bf16-input matmuls, CPU only)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf32" and device.type != "cpu":
+        raise ValueError(f"precision bf32 is a CPU mode (oneDNN's bf16 matmul math); on {device.type} use bf16")
     if precision != "auto":
-        return precision == "bf16"
-    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+        return precision
+    return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()) else "fp32"
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether a step with this precision setting runs under bf16 autocast on this device."""
+    return resolve_precision(precision, device) == "bf16"
+
+
+class Bf32Matmuls:
+    """fp32 matmuls computed by oneDNN from bf16-rounded inputs while the block runs (forward and
+    backward both: the setting is read when each matmul runs), the previous setting restored after.
+    Re-entrant and reusable, like the autocast context a step holds."""
+
+    def __init__(self) -> None:
+        self._saved: list[str] = []
+
+    def __enter__(self) -> "Bf32Matmuls":
+        self._saved.append(_fp32_matmul_precision())
+        _set_fp32_matmul_precision("bf16")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _set_fp32_matmul_precision(self._saved.pop())
+
+
+def _fp32_matmul_precision() -> str:
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    if matmul is not None and hasattr(matmul, "fp32_precision"):  # newer torch's per-backend setting
+        return matmul.fp32_precision
+    return torch.get_float32_matmul_precision()  # older torch: "medium" is bf32 for oneDNN
+
+
+def _set_fp32_matmul_precision(value: str) -> None:
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    if matmul is not None and hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision = value
+    else:
+        torch.set_float32_matmul_precision({"bf16": "medium"}.get(value, value))
+
+
+def step_context(device: torch.device, mode: str):
+    """The context a training step's forward and backward run in, for a resolved mode
+    (`resolve_precision`): bf16 autocast, bf32 matmuls, or nothing for fp32."""
+    if mode == "bf32":
+        return Bf32Matmuls()
+    return autocast(device, mode == "bf16")
 
 
 def autocast(device: torch.device, bf16: bool):

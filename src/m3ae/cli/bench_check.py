@@ -1,10 +1,12 @@
 """`m3ae bench check --out DIR`: the GPU check, one command that fits in ~8 minutes on one GPU.
 
 Stages (each in its own process, with a timeout, so an out-of-memory or a hang costs one stage, not
-the report): the CUDA-only tests, `bench train` for base and large at 256 px with and without
-torch.compile (samples/s, MFU against the device's table peak and a measured matmul peak, memory),
-`bench head`, a 2-process NCCL DDP run when 2 GPUs exist, loader throughput at the machine's
-core count on synthetic JPEGs, and the host CPU's bf16 vs fp32 step (base width and whole base).
+the report): the CUDA-only tests (and the AMX-only ones), `bench train` for base and large at
+256 px with and without torch.compile (samples/s, MFU against the device's table peak and a measured
+matmul peak, memory, compiled graphs), base once more with float32 images from the host (what uint8
+batches buy), `bench head`, a 2-process NCCL DDP run when 2 GPUs exist, loader throughput at the
+machine's core count on synthetic JPEGs, and the host CPU's bf16 and bf32 vs fp32 steps (base width
+and whole base).
 Writes DIR/check.json and DIR/check.md. A stage that would start after the time budget is skipped
 and says so. `--dry-run` runs every stage that can run on a CPU with nano models and a few steps
 (the test suite does), to keep the check itself working.
@@ -59,13 +61,17 @@ CPU_MODELS = [
 ]
 
 
+CPU_PRECISIONS = ("fp32", "bf16", "bf32")
+
+
 def plan(out: Path, dry: bool, gpus: int, cores: int, tests: Path) -> list[Stage]:
     """The stages, sized for one GPU (or, dry, for a CPU in seconds).
 
     Cheap stages run first and the compiled steps last, so a tight budget costs the slowest numbers
     (compile takes a minute or more per size), not the rest of the report.
     """
-    stages = [Stage("cuda tests", [sys.executable, "-m", "pytest", "-m", "cuda", str(tests)], 120,
+    # The CUDA tests, and the AMX ones: GPU machines' hosts are often AMX Xeons.
+    stages = [Stage("cuda tests", [sys.executable, "-m", "pytest", "-m", "cuda or amx", str(tests)], 120,
                     skip=None if tests.exists() else f"no tests at {tests}")]
     if dry:
         sizes = [("nano", ["--batch", "4", "--steps", "2", "--warmup", "1", "--device", "cpu",
@@ -101,11 +107,12 @@ def plan(out: Path, dry: bool, gpus: int, cores: int, tests: Path) -> list[Stage
                                       "--samples", str(samples), "--batch", str(batch),
                                       "--json", str(out / "data.json")), 120,
                         str(out / "data.json"), env={"M3AE_CHECK_IMAGES": str(images)}))
-    # The host CPU: bf16 autocast vs fp32 at base width and for the paper's whole base at 256 px
-    # (BENCHMARKS.md's CPU bf16 rows). GPU machines often have AMX Xeons, the CPUs on which
-    # precision=auto's bf16 is meant to double the step.
+    # The host CPU: bf16 autocast and bf32 (fp32 with oneDNN's bf16-input matmuls) vs fp32, at base
+    # width and for the paper's whole base at 256 px (BENCHMARKS.md's CPU bf16 rows). GPU machines
+    # often have AMX Xeons, the CPUs on which precision=auto's bf16 is meant to double the step and
+    # on which oneDNN runs bf32.
     for name, cpu in DRY_CPU_MODELS if dry else CPU_MODELS:
-        for precision in ("fp32", "bf16"):
+        for precision in CPU_PRECISIONS:
             stage = f"cpu {name}{' ' if name else ''}{precision}"
             path = str(out / (stage.replace(" ", "-") + ".json"))
             stages.append(Stage(stage, _m3ae("bench", "train", "--device", "cpu", "--precision", precision, *cpu,
@@ -225,10 +232,11 @@ def markdown(report: dict) -> str:
         numbers = summary(name, r) if "seconds" in r else ""
         lines.append(f"| {name} | {r['status']} | {r.get('seconds', '')} | {numbers} |")
     for name, label in (("", "base width"), ("base 256 ", "the whole base at 256 px")):
-        fp32, bf16 = (report["stages"].get(f"cpu {name}{p}", {}).get("result") for p in ("fp32", "bf16"))
-        if fp32 and bf16:
-            lines += ["", f"Host CPU, bf16 autocast vs fp32 step, {label}: "
-                          f"{bf16['samples_per_s'] / fp32['samples_per_s']:.2f}x (same run, same model)."]
+        fp32, bf16, bf32 = (report["stages"].get(f"cpu {name}{p}", {}).get("result") for p in CPU_PRECISIONS)
+        for low, what in ((bf16, "bf16 autocast"), (bf32, "bf32 matmuls")):
+            if fp32 and low:
+                lines += ["", f"Host CPU, {what} vs fp32 step, {label}: "
+                              f"{low['samples_per_s'] / fp32['samples_per_s']:.2f}x (same model, one after the other)."]
     stages = report["stages"]
     for name in stages:
         if name.endswith(" float32 images") and stages[name].get("result"):

@@ -26,7 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-caption", type=int, default=8, help="shortest synthetic caption (tokens)")
     p.add_argument("--max-caption", type=int, default=None, help="longest caption (default text length)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "bf32"],
+                   help="auto (bf16 autocast on CUDA and native-bf16 CPUs), fp32, bf16, or bf32 (CPU: fp32 "
+                        "with oneDNN's bf16-input matmuls, effective on AMX)")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast step's model")
     p.add_argument("--static-shapes", default=None, action=argparse.BooleanOptionalAction,
                    help="texts padded to text_length, fixed visible text slots (default: with --compile)")

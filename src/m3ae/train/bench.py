@@ -37,7 +37,7 @@ from ..model import M3AE
 from ..optim import build_optimizer
 from ..distributed import pick_device
 from ..perf import batch_train_flops, device_name, measure_matmul_tflops, synchronize, table_peak
-from ..precision import autocast, uses_bf16
+from ..precision import resolve_precision, step_context
 from .config import load_config
 from .step import TrainStep
 
@@ -124,12 +124,12 @@ class _Step:
     """The trainer's own step (m3ae.train.step.TrainStep) over one Batch, clip 1.0, AdamW, with the
     trainer's one host sync per step (the finite check on the gradient norm)."""
 
-    def __init__(self, model: M3AE, device: torch.device, bf16: bool, full_outputs: bool,
+    def __init__(self, model: M3AE, device: torch.device, mode: str, full_outputs: bool,
                  compile: bool, fused_adamw: bool | None = None):
         # torch.compile of a module returns a module (OptimizedModule); its stub says only Callable.
         run = cast(torch.nn.Module, torch.compile(model)) if compile else model
         optimizer = build_optimizer(model, 1e-4, 0.05, fused=fused_adamw)  # None: fused where available
-        self.step = TrainStep(model, run, optimizer, device=device, autocast=autocast(device, bf16),
+        self.step = TrainStep(model, run, optimizer, device=device, autocast=step_context(device, mode),
                               clip_grad=1.0, full_outputs=full_outputs)
 
     def __call__(self, batch: Batch) -> torch.Tensor:
@@ -206,13 +206,13 @@ def background_load(processes: int):
 
 def run_train_bench(opts: BenchOptions) -> dict[str, Any]:
     device = pick_device(opts.device)
-    bf16 = uses_bf16(opts.precision, device)
+    mode = resolve_precision(opts.precision, device)
     config = opts.model
     torch.manual_seed(opts.seed)
     model = M3AE(config).to(device)
     batches = synthetic_batches(config, opts)
     result: dict[str, Any] = {
-        "device": device_name(device), "batch": opts.batch, "precision": "bf16" if bf16 else "fp32",
+        "device": device_name(device), "batch": opts.batch, "precision": mode,
         "compile": opts.compile, "static_shapes": opts.uses_static_shapes, "image_dtype": opts.image_dtype,
         "threads": torch.get_num_threads(), "background_load": opts.background_load,
         "mode": "m3ae" if config.has_text else "mae", "params": model.num_parameters(),
@@ -221,7 +221,7 @@ def run_train_bench(opts: BenchOptions) -> dict[str, Any]:
     if hasattr(os, "getloadavg"):
         result["load_average_before"] = os.getloadavg()[0]
     counters_before = _dynamo_counters() if opts.compile else {}
-    runs = {"fast": (_Step(model, device, bf16, False, opts.compile), batches)}
+    runs = {"fast": (_Step(model, device, mode, False, opts.compile), batches)}
     if opts.reference:
         # What the authors' code does: batch-shared masks over padded full-length text, explicit
         # softmax attention, heads everywhere, fp32, torch's default AdamW. Same weights.
@@ -230,7 +230,7 @@ def run_train_bench(opts: BenchOptions) -> dict[str, Any]:
         ref_model.load_state_dict(model.state_dict())
         g = torch.Generator().manual_seed(opts.seed + 1)
         ref_batches = [reference_batch(b, ref_config, g) for b in batches]
-        runs["reference"] = (_Step(ref_model, device, False, True, False, fused_adamw=opts.reference_fused_adamw),
+        runs["reference"] = (_Step(ref_model, device, "fp32", True, False, fused_adamw=opts.reference_fused_adamw),
                              ref_batches)
     if device.type == "cuda":  # as the trainer's loader delivers them (pin_memory=True)
         runs = {name: (step, [b.pin_memory() for b in pool]) for name, (step, pool) in runs.items()}
@@ -254,8 +254,9 @@ def run_train_bench(opts: BenchOptions) -> dict[str, Any]:
     if hasattr(os, "getloadavg"):
         result["load_average_after"] = os.getloadavg()[0]
 
-    dtype = "bf16" if bf16 else "fp32"
-    result["matmul_tflops"] = measure_matmul_tflops(device, torch.bfloat16 if bf16 else torch.float32)
+    dtype = "fp32" if mode == "fp32" else "bf16"  # bf32's matmuls run at the bf16 rate
+    with step_context(device, mode) if mode == "bf32" else contextlib.nullcontext():
+        result["matmul_tflops"] = measure_matmul_tflops(device, torch.float32 if mode != "bf16" else torch.bfloat16)
     peak = opts.peak_tflops or table_peak(result["device"], dtype)
     result["peak_source"] = ("--peak-tflops" if opts.peak_tflops else "table" if peak
                              else "measured matmul (no table entry for this device)")

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..config import PRESETS, ConfigError, M3AEConfig
+from ..precision import PRECISIONS
 from ..data.config import DataConfig
 from ..optim import scaled_lr
 
@@ -49,7 +50,9 @@ class TrainConfig:
     ckpt_every: int = 1000  # steps between checkpoints
     keep_last: int = 3  # checkpoints kept (the newest)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16 matmul, else fp32) | fp32 | bf16
+    # auto (bf16 on CUDA and on CPUs with native bf16 matmul, else fp32) | fp32 | bf16 | bf32 (CPU:
+    # fp32 with oneDNN's bf16-input matmuls; m3ae.precision)
+    precision: str = "auto"
     # torch CPU threads; None: auto = usable cores - data.num_workers, at least 1 (OMP_NUM_THREADS
     # wins over auto). Not part of the run's results: resume may change it. See m3ae.threads.
     threads: Optional[int] = None
@@ -126,8 +129,8 @@ class TrainConfig:
             raise ConfigError(f"peak_tflops must be positive, got {self.peak_tflops}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be at least 1 (or null for auto), got {self.threads}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.optim.decay_mode not in ("mae", "reference"):
             raise ConfigError(f"optim.decay_mode must be 'mae' or 'reference', got {self.optim.decay_mode!r}")
         if self.eval_every > 0 and not (self.eval_train and self.eval_val):

@@ -20,7 +20,7 @@ from ..files import FolderLock
 from ..model import M3AE
 from ..optim import build_optimizer, lr_at, set_lr
 from ..perf import batch_train_flops, device_name, table_peak
-from ..precision import autocast as precision_autocast, uses_bf16
+from ..precision import resolve_precision, step_context
 from ..preprocessing import Preprocessing
 from ..data.loader import TrainData, build_train_data, loader_error, merge_data_states, next_batch, stop_workers
 from ..threads import ThreadChoice, torch_threads
@@ -131,11 +131,12 @@ class _Run:
         self.resumed, self.on_log = resumed, on_log
         self.fsdp = config.distributed.fsdp
         device, is_main = dist.device, dist.is_main
-        use_bf16 = uses_bf16(config.precision, device)
+        mode = resolve_precision(config.precision, device)
         if is_main:
             log.info("data: %s", data.description)
             log.info("device: %s, precision %s (%s), threads %s", device_name(device),
-                     "bf16 autocast" if use_bf16 else "fp32", config.precision, threads)
+                     {"bf16": "bf16 autocast", "bf32": "fp32, bf16-input matmuls"}.get(mode, mode),
+                     config.precision, threads)
         self.start_step = resumed.step if resumed is not None else 0
         self.step, self.skipped = self.start_step, resumed.skipped if resumed is not None else 0
         self.trackers = Trackers(config, out_dir, is_main)
@@ -163,9 +164,9 @@ class _Run:
         self.window_start, self.window_samples, self.data_wait = time.perf_counter(), 0, 0.0
         # Achieved model FLOP/s (analytic, m3ae.perf) and MFU where the device's peak is known.
         self.window_flops = 0.0
-        self.peak_tflops = config.peak_tflops or table_peak(device_name(device), "bf16" if use_bf16 else "fp32")
+        self.peak_tflops = config.peak_tflops or table_peak(device_name(device), "fp32" if mode == "fp32" else "bf16")
         self.train_step = TrainStep(model, run_model, optimizer, device=device,
-                                    autocast=precision_autocast(device, use_bf16), clip_grad=config.optim.clip_grad,
+                                    autocast=step_context(device, mode), clip_grad=config.optim.clip_grad,
                                     grad_accum=config.grad_accum, world_size=dist.world_size, fsdp=self.fsdp)
         self.progress = _progress(config, self.start_step, is_main)
         self.eval_sets = _eval_sets(config) if is_main else None
