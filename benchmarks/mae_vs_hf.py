@@ -1,6 +1,6 @@
 """MAE mode (vocab_size 0) against Hugging Face ViTMAE, same shapes, steps interleaved in one process.
 
-    python benchmarks/mae_vs_hf.py [--steps 20] [--warmup 5] [--batch 32] [--threads N]
+    python benchmarks/mae_vs_hf.py [--steps 20] [--warmup 5] [--batch 32] [--threads N] [--bf32]
 
 Needs `transformers` (pip install transformers -c constraints.txt). Runs, each a full training step
 (forward, backward, grad-norm clip 1.0, AdamW step) on the same synthetic images:
@@ -11,12 +11,14 @@ Needs `transformers` (pip install transformers -c constraints.txt). Runs, each a
   hf defaults     : ViTMAEForPreTraining with its default attention, fp32, torch.optim.AdamW()
   hf fused        : the same with fused AdamW
   hf fused bf16   : the same under bf16 autocast (when ours auto-picks bf16)
+  with --bf32, ours bf32 / hf fused bf32: both in fp32 with oneDNN's bf16-input matmuls (AMX CPUs)
 Same architecture: encoder 192 x 6 blocks / 3 heads, decoder 128 x 2 / 4 heads, 64 px, patch 8,
 mask ratio 0.75 (the CPU benchmark config of BENCHMARKS.md).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import replace
@@ -31,11 +33,12 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--bf32", action="store_true", help="also time both in bf32 (m3ae.precision.Bf32Matmuls)")
     args = p.parse_args()
 
     from m3ae import M3AE, M3AEConfig
     from m3ae.perf import device_name
-    from m3ae.precision import uses_bf16
+    from m3ae.precision import Bf32Matmuls, uses_bf16
     from m3ae.threads import choose_threads
     from m3ae.train.bench import BenchOptions, _Step, _time_steps, reference_batch, synthetic_batches
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
@@ -66,17 +69,19 @@ def main() -> int:
                           layer_norm_eps=1e-6, qkv_bias=True)
 
     class HFStep:
-        def __init__(self, fused: bool, bf16: bool):
+        def __init__(self, fused: bool, bf16: bool, bf32: bool = False):
             torch.manual_seed(0)
             self.model = ViTMAEForPreTraining(hf_cfg).train()
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.05,
                                                fused=True if fused else None)
             self.bf16 = bf16
+            self.matmuls = Bf32Matmuls() if bf32 else contextlib.nullcontext()
 
         def __call__(self, batch):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-                loss = self.model(pixel_values=batch.parts[0].normalized_image()).loss
-            loss.backward()
+            with self.matmuls:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                    loss = self.model(pixel_values=batch.parts[0].normalized_image()).loss
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -91,6 +96,11 @@ def main() -> int:
     }
     if auto_bf16:
         runs["hf fused bf16"] = (HFStep(fused=True, bf16=True), batches)
+    if args.bf32:
+        ours_bf32 = M3AE(cfg)
+        ours_bf32.load_state_dict(ours.state_dict())
+        runs["ours bf32"] = (_Step(ours_bf32, device, "bf32", False, False), batches)
+        runs["hf fused bf32"] = (HFStep(fused=True, bf16=False, bf32=True), batches)
     hf_attention = runs["hf defaults"][0].model.config._attn_implementation
     print(f"device {device_name(device)}, threads {threads}, transformers {transformers.__version__} "
           f"(ViTMAE attention: {hf_attention}), batch {args.batch}, {args.warmup} warm-up + {args.steps} timed "
@@ -106,6 +116,9 @@ def main() -> int:
               "ours / ours reference": sps["ours"] / sps["ours reference"]}
     if auto_bf16:
         ratios["ours bf16 / hf fused bf16 (same optimizer and precision)"] = sps["ours"] / sps["hf fused bf16"]
+    if args.bf32:
+        ratios["ours bf32 / hf fused bf32 (same optimizer and precision)"] = sps["ours bf32"] / sps["hf fused bf32"]
+        ratios["ours bf32 / hf (defaults)"] = sps["ours bf32"] / sps["hf defaults"]
     for k, v in ratios.items():
         print(f"{k:58s} {v:.2f}x")
     if args.json:

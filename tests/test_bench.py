@@ -177,7 +177,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, capsys):
     report = json.loads((tmp_path / "check.json").read_text())
     stages = report["stages"]
     assert set(stages) == {"cuda tests", "train nano", "train nano float32 images", "train nano compile", "head",
-                           "ddp nccl 2 gpus", "data", "cpu fp32", "cpu bf16", "cpu bf32"}
+                           "ddp nccl 2 gpus", "data", "cpu fp32", "cpu bf16", "cpu bf32", "cpu mae vs hf"}
     for name in ("cuda tests", "train nano", "train nano float32 images", "head", "data", "cpu fp32", "cpu bf16",
                  "cpu bf32"):
         assert stages[name]["status"] == "ok", (name, stages[name])
@@ -193,6 +193,19 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, capsys):
     assert [stages[n]["result"]["image_dtype"] for n in ("train nano", "train nano float32 images")] == [
         "uint8", "float32"]
     assert "Train nano, uint8 images normalised on the device vs float32 from the host:" in md
+
+
+def test_gpu_check_mae_vs_hf_stage_runs_the_benchmark_or_says_why_not(tmp_path):
+    import importlib.util
+
+    from m3ae.cli.bench_check import plan, summary
+
+    (stage,) = [s for s in plan(tmp_path, True, 0, 2, tmp_path) if s.name == "cpu mae vs hf"]
+    assert stage.argv[1].endswith("benchmarks/mae_vs_hf.py") and "--bf32" in stage.argv
+    assert (stage.skip is None) == (importlib.util.find_spec("transformers") is not None)
+    result = {"ratios": {"ours (defaults) / hf (defaults)": 1.5, "ours fp32 / hf fused fp32": 1.125}}
+    assert summary(stage.name, {"result": result}) == ("ours (defaults) / hf (defaults) 1.50x; "
+                                                      "ours fp32 / hf fused fp32 1.12x")
 
 
 def test_gpu_check_refuses_a_cpu_without_dry_run(tmp_path, capsys):

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from m3ae.precision import (Bf32Matmuls, _fp32_matmul_precision, autocast, cpu_has_native_bf16, resolve_precision,
-                            step_context, uses_bf16)
+from m3ae.precision import (Bf32Matmuls, _fp32_matmul_precision, autocast, cpu_has_amx, cpu_has_native_bf16,
+                            resolve_precision, step_context, uses_bf16)
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -42,12 +42,8 @@ def test_bf32_matmuls_set_and_restore_onednn_math_nested_and_on_errors():
         assert (x @ x).dtype == torch.float32  # no casts: every tensor stays fp32
 
 
-def _onednn_bf32_kernels() -> bool:
-    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-
-
 @pytest.mark.amx
-@pytest.mark.skipif(not _onednn_bf32_kernels(), reason="oneDNN runs bf32 matmuls on AMX CPUs only")
+@pytest.mark.skipif(not cpu_has_amx(), reason="oneDNN runs bf32 matmuls on AMX CPUs only")
 def test_bf32_rounds_matmul_inputs_to_bf16_on_amx():
     """Where oneDNN has the kernels, fp32 matmuls inside the context use bf16-rounded inputs: the
     result moves off fp32 by about bf16's rounding, and matches the product of rounded inputs."""

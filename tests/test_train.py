@@ -238,14 +238,17 @@ def test_bf16_autocast_path_runs(tmp_path):
     assert next(iter(M3AE.from_pretrained(result.checkpoint).parameters())).dtype == torch.float32
 
 
-def test_bf32_precision_trains_fp32_weights_near_fp32_and_restores_the_setting(tmp_path):
+def test_bf32_precision_trains_fp32_weights_near_fp32_and_restores_the_setting(tmp_path, caplog):
     """bf32 (oneDNN's bf16-input matmuls; plain fp32 on CPUs without AMX) keeps every tensor fp32,
     follows the fp32 run within bf16 rounding, and leaves torch's matmul setting as it found it."""
-    from m3ae.precision import _fp32_matmul_precision
+    from m3ae.precision import _fp32_matmul_precision, cpu_has_amx
 
     before = _fp32_matmul_precision()
+    caplog.set_level(logging.INFO, logger="m3ae")
     bf32 = pretrain(tiny_config("steps=3", "precision=bf32"), tmp_path / "bf32")
     assert _fp32_matmul_precision() == before
+    assert "fp32, bf16-input matmuls" in caplog.text
+    assert ("this CPU has no AMX" in caplog.text) == (not cpu_has_amx())
     fp32 = pretrain(tiny_config("steps=3", "precision=fp32"), tmp_path / "fp32")
     got, want = losses(tmp_path / "bf32"), losses(tmp_path / "fp32")
     assert len(got) == len(want) == 3 and got == pytest.approx(want, rel=2e-2)

@@ -25,11 +25,21 @@ PRECISIONS = ("auto", "fp32", "bf16", "bf32")
 @lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
     """AMX tiles or AVX512-BF16 on this CPU, and a oneDNN build to use them."""
+    return _cpu_has("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+
+
+@lru_cache(maxsize=1)
+def cpu_has_amx() -> bool:
+    """AMX tiles on this CPU, and a oneDNN build to use them (where bf32 takes effect)."""
+    return _cpu_has("_is_amx_tile_supported")
+
+
+def _cpu_has(*checks: str) -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    found = [getattr(torch.cpu, name, None) for name in checks]
     try:
-        return any(check() for check in checks if check is not None)
+        return any(check() for check in found if check is not None)
     except RuntimeError:
         return False
 

@@ -14,6 +14,7 @@ and says so. `--dry-run` runs every stage that can run on a CPU with nano models
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -117,6 +118,15 @@ def plan(out: Path, dry: bool, gpus: int, cores: int, tests: Path) -> list[Stage
             path = str(out / (stage.replace(" ", "-") + ".json"))
             stages.append(Stage(stage, _m3ae("bench", "train", "--device", "cpu", "--precision", precision, *cpu,
                                              "--no-reference", "--json", path), 90, path))
+    # MAE mode against HF ViTMAE on the host CPU at 2 threads (the 2-vCPU AMX machine),
+    # when transformers is importable and the source tree's benchmarks/ folder is here.
+    script = Path(__file__).resolve().parents[3] / "benchmarks" / "mae_vs_hf.py"
+    mae_json = str(out / "mae-vs-hf.json")
+    mae_skip = (f"no {script}" if not script.is_file()
+                else None if importlib.util.find_spec("transformers") else "transformers is not installed")
+    steps = ["--steps", "2", "--warmup", "1", "--batch", "8"] if dry else ["--steps", "20", "--warmup", "5"]
+    stages.append(Stage("cpu mae vs hf", [sys.executable, str(script), "--threads", "2", "--bf32", *steps,
+                                          "--json", mae_json], 150, mae_json, skip=mae_skip))
     stages += [train(preset, args, True) for preset, args in sizes]
     return stages
 
@@ -168,6 +178,8 @@ def summary(name: str, r: dict) -> str:
         # pytest ends with a warnings footer: the count line ("4 passed in 56 s") is the number.
         counts = [line for line in tail if " passed" in line or " failed" in line or " error" in line]
         return (counts or tail)[-1].strip("= ")[:120]
+    if name == "cpu mae vs hf":
+        return "; ".join(f"{k} {v:.2f}x" for k, v in res["ratios"].items())
     if name.startswith(("train", "cpu")):
         mem = (f"{res['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in res
                else f"{res.get('peak_rss_gib', 0):.1f} GiB RSS")

@@ -20,7 +20,7 @@ from ..files import FolderLock
 from ..model import M3AE
 from ..optim import build_optimizer, lr_at, set_lr
 from ..perf import batch_train_flops, device_name, table_peak
-from ..precision import resolve_precision, step_context
+from ..precision import cpu_has_amx, resolve_precision, step_context
 from ..preprocessing import Preprocessing
 from ..data.loader import TrainData, build_train_data, loader_error, merge_data_states, next_batch, stop_workers
 from ..threads import ThreadChoice, torch_threads
@@ -137,6 +137,9 @@ class _Run:
             log.info("device: %s, precision %s (%s), threads %s", device_name(device),
                      {"bf16": "bf16 autocast", "bf32": "fp32, bf16-input matmuls"}.get(mode, mode),
                      config.precision, threads)
+            if mode == "bf32" and not cpu_has_amx():
+                log.warning("precision bf32: this CPU has no AMX, so oneDNN runs these matmuls in fp32, and "
+                            "for small ones slower than fp32's default BLAS (BENCHMARKS.md); use fp32 or bf16")
         self.start_step = resumed.step if resumed is not None else 0
         self.step, self.skipped = self.start_step, resumed.skipped if resumed is not None else 0
         self.trackers = Trackers(config, out_dir, is_main)
