@@ -113,3 +113,40 @@ def test_bad_shapes_are_rejected():
         linear_cross_entropy(h, w, b, t[:3], tw)
     with pytest.raises(ValueError, match="chunk_rows"):
         linear_cross_entropy(h, w, b, t, tw, chunk_rows=0)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_inside_torch_compile_one_operator_with_the_same_values_and_gradients(with_bias, bf16):
+    """Compiled (AOTAutograd, no code generation) the fused pass is the m3ae::linear_cross_entropy
+    operator: no graph break, and the same loss, per-token losses, hits and gradients as eager."""
+    from torch._dynamo.utils import counters
+
+    def run(fn):
+        h, w, b, t, tw = inputs(dtype=torch.float32, rows=45, dim=16, vocab=61)
+        b = b if with_bias else None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, per_token, correct = fn(h, w, b, t, tw, chunk_rows=16)
+        (2.0 * loss).backward()
+        return [loss.detach(), per_token, correct, *(x.grad for x in (h, w, b) if x is not None)]
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = run(torch.compile(linear_cross_entropy, backend="aot_eager", fullgraph=True))
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    eager = run(linear_cross_entropy)
+    for got, want in zip(compiled, eager):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_compiled_operator_passes_torch_library_checks(bf16):
+    """Schema, fake-tensor shapes, autograd registration and dynamic-shape AOT dispatch."""
+    from m3ae.linear_cross_entropy import _compiled
+
+    h, w, b, t, tw = inputs(dtype=torch.float32, rows=21, dim=8, vocab=29)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    for bias in (b, None):
+        torch.library.opcheck(_compiled, (h, w, bias, t, tw, 8, dtype, True))
+    torch.library.opcheck(_compiled, (h.detach(), w.detach(), b.detach(), t, tw, 8, dtype, False))

@@ -305,3 +305,27 @@ def test_masks_without_a_part_the_input_has_are_a_clear_error(nano_model):
     text_only = nano_model.make_masks(4, False, padding, None, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="no image part"):
         nano_model(image, text, padding, masks=text_only)
+
+
+def test_training_forward_is_one_graph_under_torch_compile():
+    """torch.compile sees the whole training forward, the fused text head included (an operator of
+    its own), with no graph break: traced by dynamo only (backend "eager": no code generation)."""
+    from m3ae.train.bench import BenchOptions, synthetic_batches
+
+    cfg = M3AEConfig(image_size=16, patch_size=4, emb_dim=32, depth=2, num_heads=4, dec_emb_dim=16, dec_depth=1,
+                     dec_num_heads=2, vocab_size=100, text_length=12)
+    torch.manual_seed(0)
+    model = M3AE(cfg)
+    (batch,) = synthetic_batches(cfg, BenchOptions(cfg, batch=4, pool=1))
+    inputs = batch.parts[0].model_inputs()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # a graph break would raise
+    out = compiled(**inputs)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ref = model(**inputs)
+    ref.loss.backward()
+    assert torch.equal(out.loss, ref.loss)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=0, atol=0, msg=name)

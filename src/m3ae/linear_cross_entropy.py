@@ -7,7 +7,9 @@ memory at large batch. Here each chunk of rows is projected, reduced to its loss
 logit gradient while it is still in cache, and folded straight into the input, weight and bias
 gradients. The loss is a weighted sum of per-token cross-entropies, so the gradient is known in the
 forward pass; backward only scales it by the incoming scalar gradient. Same values as
-`F.linear` + `F.cross_entropy` (tested), same FLOPs, a fraction of the memory traffic.
+`F.linear` + `F.cross_entropy` (tested), same FLOPs, a fraction of the memory traffic. Inside
+torch.compile the pass is the operator `m3ae::linear_cross_entropy`, so a compiled model stays one
+graph.
 """
 from __future__ import annotations
 
@@ -21,80 +23,91 @@ def _round16(n: int) -> int:
     return -(-n // 16) * 16
 
 
+def _chunked(hidden, weight, bias, targets, token_weight, chunk_rows: int, compute_dtype: torch.dtype,
+             want_grad: bool):
+    """The fused pass. Returns (weighted loss, per-token CE, correct, grad_hidden, grad_weight,
+    grad_bias), the gradients those of the weighted loss (None where not wanted)."""
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    acc = torch.promote_types(compute_dtype, torch.float32)  # softmax, loss and gradient sums
+    direct = compute_dtype == acc  # matmuls can write straight into the reused buffer
+    h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
+    b = None if bias is None else bias.to(compute_dtype)[:, None]
+    token_weight = token_weight.to(acc)
+    per_token = torch.empty(rows, dtype=acc, device=hidden.device)
+    correct = torch.empty(rows, dtype=torch.bool, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if want_grad else None
+    # The first chunk writes the weight gradient, later ones add to it: no zero-fill of a (V, D)
+    # buffer (zeros only when there are no rows at all).
+    grad_weight = ((torch.empty if rows else torch.zeros)(weight.shape, dtype=acc, device=weight.device)
+                   if want_grad else None)
+    grad_bias = torch.zeros(vocab, dtype=acc, device=weight.device) if want_grad and bias is not None else None
+    # Logits are laid out (V, chunk): W @ h_c^T is the GEMM shape BLAS runs fastest here
+    # (long M, short K), and every later reduction is over dim 0. Widths are padded to a
+    # multiple of 16 columns: odd widths cost BLAS and the column reductions up to 5x. Padding
+    # columns hold zeros and get a zero weight, so they add nothing to any gradient.
+    width = _round16(min(chunk_rows, rows))
+    buffer = torch.empty(vocab, width, dtype=acc, device=hidden.device)
+    for start in range(0, rows, chunk_rows):
+        stop = min(start + chunk_rows, rows)
+        n, padded = stop - start, _round16(stop - start)
+        hc, tc = h[start:stop], targets[start:stop]
+        block = buffer[:, :padded]
+        logits = block[:, :n]
+        if direct:
+            torch.mm(w, hc.t(), out=logits) if b is None else torch.addmm(b, w, hc.t(), out=logits)
+        else:  # low-precision matmul, fp32 softmax (as autocast would do)
+            logits.copy_(w @ hc.t() if b is None else torch.addmm(b, w, hc.t()))
+        if padded > n:
+            block[:, n:].zero_()
+        block_top = block.amax(dim=0)
+        top = block_top[:n]
+        target_logit = logits.gather(0, tc[None, :]).squeeze(0)
+        if direct:  # fp32/fp64 logits: ties at the maximum do not happen in practice, so
+            correct[start:stop] = target_logit == top  # "attains the max" = argmax, cheaply
+        else:  # low-precision logits do tie: argmax's first-index rule, as the unfused path
+            correct[start:stop] = logits.argmax(dim=0) == tc
+        # exp(x - max) as exp2((x - max) * log2 e): in place, about 2x faster than exp on CPU.
+        exp = block.sub_(block_top).mul_(_LOG2_E).exp2_()
+        total = exp.sum(dim=0)[:n]
+        per_token[start:stop] = top + total.log() - target_logit
+        if not want_grad:
+            continue
+        assert grad_hidden is not None and grad_weight is not None  # allocated when want_grad
+        # d loss / d logits = token_weight * (softmax - onehot), built in place.
+        scale = token_weight[start:stop]
+        column_scale = torch.zeros(padded, dtype=acc, device=hidden.device)
+        column_scale[:n] = scale / total
+        grad = exp.mul_(column_scale)
+        grad[:, :n].scatter_add_(0, tc[None, :], -scale[None, :])
+        g = grad[:, :n] if direct else grad[:, :n].to(compute_dtype)
+        grad_hidden[start:stop] = g.t() @ w
+        if direct and start == 0:
+            torch.mm(g, hc, out=grad_weight)
+        elif direct:
+            torch.addmm(grad_weight, g, hc, out=grad_weight)  # (addmm_ escapes FLOP counters)
+        elif start == 0:
+            grad_weight.copy_(g @ hc)
+        else:
+            grad_weight.add_(g @ hc)  # (add_ casts the bf16 product to fp32 first)
+        if grad_bias is not None:
+            grad_bias += grad.sum(dim=1)
+    return (per_token * token_weight).sum(), per_token, correct, grad_hidden, grad_weight, grad_bias
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
+    """Eager autograd: the gradients from the forward pass are scaled in place and handed over."""
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, token_weight, chunk_rows: int, compute_dtype, grad_enabled):
-        rows, vocab = hidden.shape[0], weight.shape[0]
         want_grad = grad_enabled and any(ctx.needs_input_grad[:3])  # needs_input_grad ignores no_grad
-        acc = torch.promote_types(compute_dtype, torch.float32)  # softmax, loss and gradient sums
-        direct = compute_dtype == acc  # matmuls can write straight into the reused buffer
-        h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
-        b = None if bias is None else bias.to(compute_dtype)[:, None]
-        token_weight = token_weight.to(acc)
-        per_token = torch.empty(rows, dtype=acc, device=hidden.device)
-        correct = torch.empty(rows, dtype=torch.bool, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if want_grad else None
-        # The first chunk writes the weight gradient, later ones add to it: no zero-fill of a (V, D)
-        # buffer (zeros only when there are no rows at all).
-        grad_weight = ((torch.empty if rows else torch.zeros)(weight.shape, dtype=acc, device=weight.device)
-                       if want_grad else None)
-        grad_bias = torch.zeros(vocab, dtype=acc, device=weight.device) if want_grad and bias is not None else None
-        # Logits are laid out (V, chunk): W @ h_c^T is the GEMM shape BLAS runs fastest here
-        # (long M, short K), and every later reduction is over dim 0. Widths are padded to a
-        # multiple of 16 columns: odd widths cost BLAS and the column reductions up to 5x. Padding
-        # columns hold zeros and get a zero weight, so they add nothing to any gradient.
-        width = _round16(min(chunk_rows, rows))
-        buffer = torch.empty(vocab, width, dtype=acc, device=hidden.device)
-        for start in range(0, rows, chunk_rows):
-            stop = min(start + chunk_rows, rows)
-            n, padded = stop - start, _round16(stop - start)
-            hc, tc = h[start:stop], targets[start:stop]
-            block = buffer[:, :padded]
-            logits = block[:, :n]
-            if direct:
-                torch.mm(w, hc.t(), out=logits) if b is None else torch.addmm(b, w, hc.t(), out=logits)
-            else:  # low-precision matmul, fp32 softmax (as autocast would do)
-                logits.copy_(w @ hc.t() if b is None else torch.addmm(b, w, hc.t()))
-            if padded > n:
-                block[:, n:].zero_()
-            block_top = block.amax(dim=0)
-            top = block_top[:n]
-            target_logit = logits.gather(0, tc[None, :]).squeeze(0)
-            if direct:  # fp32/fp64 logits: ties at the maximum do not happen in practice, so
-                correct[start:stop] = target_logit == top  # "attains the max" = argmax, cheaply
-            else:  # low-precision logits do tie: argmax's first-index rule, as the unfused path
-                correct[start:stop] = logits.argmax(dim=0) == tc
-            # exp(x - max) as exp2((x - max) * log2 e): in place, about 2x faster than exp on CPU.
-            exp = block.sub_(block_top).mul_(_LOG2_E).exp2_()
-            total = exp.sum(dim=0)[:n]
-            per_token[start:stop] = top + total.log() - target_logit
-            if not want_grad:
-                continue
-            assert grad_hidden is not None and grad_weight is not None  # allocated when want_grad
-            # d loss / d logits = token_weight * (softmax - onehot), built in place.
-            scale = token_weight[start:stop]
-            column_scale = torch.zeros(padded, dtype=acc, device=hidden.device)
-            column_scale[:n] = scale / total
-            grad = exp.mul_(column_scale)
-            grad[:, :n].scatter_add_(0, tc[None, :], -scale[None, :])
-            g = grad[:, :n] if direct else grad[:, :n].to(compute_dtype)
-            grad_hidden[start:stop] = g.t() @ w
-            if direct and start == 0:
-                torch.mm(g, hc, out=grad_weight)
-            elif direct:
-                torch.addmm(grad_weight, g, hc, out=grad_weight)  # (addmm_ escapes FLOP counters)
-            elif start == 0:
-                grad_weight.copy_(g @ hc)
-            else:
-                grad_weight.add_(g @ hc)  # (add_ casts the bf16 product to fp32 first)
-            if grad_bias is not None:
-                grad_bias += grad.sum(dim=1)
+        loss, per_token, correct, *grads = _chunked(hidden, weight, bias, targets, token_weight, chunk_rows,
+                                                    compute_dtype, want_grad)
         # Kept as attributes, not saved tensors, so backward can scale them in place and hand them
         # over as the only reference (autograd then adopts them as .grad without another copy).
-        ctx.grads = (grad_hidden, grad_weight, grad_bias)
+        ctx.grads = tuple(grads)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(per_token, correct)
-        return (per_token * token_weight).sum(), per_token, correct
+        return loss, per_token, correct
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_per_token, _grad_correct):
@@ -112,7 +125,48 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (*out, None, None, None, None, None)
 
 
-@torch.compiler.disable  # a data-dependent chunk loop: run eagerly inside compiled models
+# Inside torch.compile the pass is one opaque operator: dynamo would otherwise unroll the chunk loop
+# for each row count (or, as before, break the graph around an eager call). Its gradients are
+# outputs saved for backward, which scales copies of them (a compiled graph may not write into
+# its saved tensors): one (V, D) buffer more than the eager path, whose in-place hand-over
+# compiled graphs cannot express.
+@torch.library.custom_op("m3ae::linear_cross_entropy", mutates_args=())
+def _compiled(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+              token_weight: torch.Tensor, chunk_rows: int, compute_dtype: torch.dtype, want_grad: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    with torch.autocast(hidden.device.type, enabled=False):
+        loss, per_token, correct, *grads = _chunked(hidden, weight, bias, targets, token_weight, chunk_rows,
+                                                    compute_dtype, want_grad)
+    # Operators return tensors: an empty one (each its own: outputs may not alias) is "no gradient".
+    return (loss, per_token, correct, *(hidden.new_empty(0) if g is None else g for g in grads))
+
+
+@_compiled.register_fake
+def _compiled_shapes(hidden, weight, bias, targets, token_weight, chunk_rows, compute_dtype, want_grad):
+    acc = torch.promote_types(compute_dtype, torch.float32)
+    rows = hidden.shape[0]
+    return (hidden.new_empty((), dtype=acc), hidden.new_empty((rows,), dtype=acc),
+            hidden.new_empty((rows,), dtype=torch.bool),
+            torch.empty_like(hidden) if want_grad else hidden.new_empty(0),
+            weight.new_empty(weight.shape, dtype=acc) if want_grad else hidden.new_empty(0),
+            weight.new_empty(weight.shape[:1], dtype=acc) if want_grad and bias is not None else hidden.new_empty(0))
+
+
+def _compiled_save(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*output[3:])
+    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype, None if inputs[2] is None else inputs[2].dtype)
+
+
+def _compiled_backward(ctx, grad_loss, *_unused):
+    # Backward runs only when an input wanted a gradient, so the forward computed all of them.
+    grads = [None if dtype is None else (grad * grad_loss.to(grad.dtype)).to(dtype)
+             for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
+    return (*grads, None, None, None, None, None)
+
+
+_compiled.register_autograd(_compiled_backward, setup_context=_compiled_save)
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          targets: torch.Tensor, token_weight: torch.Tensor, chunk_rows: int | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -141,6 +195,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
             chunk_rows -= chunk_rows % 32
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    if torch.compiler.is_compiling():
+        want_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+        loss, per_token, correct, *_ = _compiled(hidden, weight, bias, targets, token_weight.detach(), chunk_rows,
+                                                 compute_dtype, want_grad)
+        return loss, per_token.detach(), correct
     with torch.autocast(device, enabled=False):
         return _LinearCrossEntropy.apply(hidden, weight, bias, targets, token_weight.detach(),
                                          chunk_rows, compute_dtype, torch.is_grad_enabled())
