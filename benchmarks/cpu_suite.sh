@@ -19,10 +19,11 @@ for load in 0 1; do
   $M3AE bench train $CFG --no-reference --precision fp32 --background-load $load --threads 1 \
     --json "$OUT/threads-1-load$load.json" > "$OUT/threads-1-load$load.txt" 2>&1
 done
-# 2. bf16 autocast vs fp32 on this CPU (precision auto = bf16 where the CPU has native bf16),
+# 2. bf16 autocast and bf32 (oneDNN bf16-input matmuls, AMX only) vs fp32 on this CPU (precision
+#    auto = bf16 where the CPU has native bf16),
 #    alternated twice, for the CPU config and a wider model.
 for rep in 1 2; do
-  for prec in fp32 bf16; do
+  for prec in fp32 bf16 bf32; do
     $M3AE bench train $CFG --precision $prec --json "$OUT/prec-tiny-$prec-$rep.json" > "$OUT/prec-tiny-$prec-$rep.txt" 2>&1
     $M3AE bench train --preset base --batch 16 --steps 8 --warmup 2 --no-reference --precision $prec \
       model.depth=4 model.image_size=128 model.patch_size=16 model.text_length=32 \
