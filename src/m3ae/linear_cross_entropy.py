@@ -129,8 +129,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 # for each row count (or, as before, break the graph around an eager call). Its gradients are
 # outputs saved for backward, which scales copies of them (a compiled graph may not write into
 # its saved tensors): one (V, D) buffer more than the eager path, whose in-place hand-over
-# compiled graphs cannot express.
-@torch.library.custom_op("m3ae::linear_cross_entropy", mutates_args=())
+# compiled graphs cannot express. The schema is spelled out rather than inferred from this module's
+# (string, `from __future__`) annotations, which older torch releases cannot read.
+@torch.library.custom_op("m3ae::linear_cross_entropy", mutates_args=(), schema=(
+    "(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor token_weight, int chunk_rows, "
+    "ScalarType compute_dtype, bool want_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"))
 def _compiled(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
               token_weight: torch.Tensor, chunk_rows: int, compute_dtype: torch.dtype, want_grad: bool
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
