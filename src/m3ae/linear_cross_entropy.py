@@ -129,8 +129,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 # for each row count (or, as before, break the graph around an eager call). Its gradients are
 # outputs saved for backward, which scales copies of them (a compiled graph may not write into
 # its saved tensors): one (V, D) buffer more than the eager path, whose in-place hand-over
-# compiled graphs cannot express. The schema is spelled out rather than inferred from this module's
-# (string, `from __future__`) annotations, which older torch releases cannot read.
+# compiled graphs cannot express. The schema is spelled out, so registering it does not depend on
+# how a torch release infers schemas from this module's string (`from __future__`) annotations.
 @torch.library.custom_op("m3ae::linear_cross_entropy", mutates_args=(), schema=(
     "(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor token_weight, int chunk_rows, "
     "ScalarType compute_dtype, bool want_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"))
