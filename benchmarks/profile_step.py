@@ -33,8 +33,19 @@ def main() -> int:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--host-allocator", default="auto", choices=["auto", "keep", "system"],
+                   help="m3ae.host_allocator, as the trainer applies it (auto: keep on CPU)")
+    p.add_argument("--by-shape", action="store_true", help="split each operator by its input shapes")
     p.add_argument("overrides", nargs="*", metavar="model.KEY=VALUE", help="with --preset: model settings")
     args = p.parse_args()
+    from m3ae.host_allocator import keep_freed_memory
+
+    with keep_freed_memory(args.host_allocator, torch.device(args.device).type) as allocator:
+        print(f"host allocator: {allocator}")
+        return _profile(args)
+
+
+def _profile(args: argparse.Namespace) -> int:
 
     from torch.profiler import ProfilerActivity, profile
 
@@ -59,12 +70,12 @@ def main() -> int:
         step(b.to(device, non_blocking=True))
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=args.by_shape) as prof:
         for i in range(args.steps):
             step(batches[i % len(batches)].to(device, non_blocking=True))
         if cuda:
             torch.cuda.synchronize(device)
-    events = prof.key_averages()
+    events = prof.key_averages(group_by_input_shape=args.by_shape)
     if cuda:
         # Kernels only: operators also carry the device time of the kernels they launch.
         from torch.autograd import DeviceType
@@ -73,8 +84,9 @@ def main() -> int:
         matmul = lambda key: any(k in key.lower() for k in MATMUL_CUDA)  # noqa: E731
         unit = "GPU"
     else:
-        timed = [(e.key, e.self_cpu_time_total, e.count) for e in events]
-        matmul = lambda key: key in MATMUL_CPU  # noqa: E731
+        timed = [(f"{e.key} {e.input_shapes}" if args.by_shape else e.key, e.self_cpu_time_total, e.count)
+                 for e in events]
+        matmul = lambda key: key.split(" ")[0] in MATMUL_CPU  # noqa: E731
         unit = "CPU"
     total = sum(t for _, t, _ in timed)
     print(f"{cfg.emb_dim} x {cfg.depth} encoder, batch {args.batch}, {args.precision}, compile {args.compile}, "
@@ -83,7 +95,7 @@ def main() -> int:
     share = sum(t for k, t, _ in timed if matmul(k)) / total
     print(f"matmul + attention: {100 * share:.0f}% of self {unit} time")
     for key, t, count in sorted(timed, key=lambda r: -r[1])[: args.top]:
-        print(f"{key[:90]:90s} {100 * t / total:5.1f}%  calls/step {count / args.steps:6.0f}")
+        print(f"{key[:130]:130s} {100 * t / total:5.1f}%  calls/step {count / args.steps:6.0f}")
     return 0
 
 

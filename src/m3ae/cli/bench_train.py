@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="texts padded to text_length, fixed visible text slots (default: with --compile)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default auto: usable cores; OMP_NUM_THREADS wins over auto)")
+    p.add_argument("--host-allocator", default="auto", choices=["auto", "keep", "system"],
+                   help="keep large freed blocks for reuse (auto: on CPU runs, as the trainer does; "
+                        "m3ae.host_allocator) or leave glibc's default")
     p.add_argument("--background-load", type=int, default=0, metavar="N",
                    help="run N busy processes during the measurement (a shared machine, repeatable)")
     p.add_argument("--image-dtype", default="uint8", choices=["uint8", "float32"],
@@ -68,6 +71,8 @@ def deprecated_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..host_allocator import keep_freed_memory
+    from ..distributed import pick_device
     from ..threads import torch_threads
     from ..train.bench import BenchOptions, bench_model_config, format_report, run_train_bench
 
@@ -78,9 +83,11 @@ def run(args: argparse.Namespace) -> int:
                         reference=not args.no_reference, reference_fused_adamw=args.reference_fused_adamw,
                         peak_tflops=args.peak_tflops, background_load=args.background_load,
                         image_dtype=args.image_dtype)
-    with torch_threads(args.threads) as threads:
+    device_type = pick_device(args.device).type
+    with torch_threads(args.threads) as threads, keep_freed_memory(args.host_allocator, device_type) as alloc:
         result = run_train_bench(opts)
     result["threads_reason"] = str(threads)
+    result["host_allocator"] = str(alloc)
     print(format_report(result))
     if args.json:
         with open(args.json, "w") as f:

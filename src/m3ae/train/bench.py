@@ -281,6 +281,7 @@ def format_report(r: dict[str, Any]) -> str:
     lines = [
         f"device            {r['device']}  (precision {r['precision']}, compile {r['compile']}, "
         f"static shapes {r['static_shapes']}, threads {r.get('threads_reason', r['threads'])}"
+        + (f", host allocator: {r['host_allocator']}" if r.get("host_allocator") else "")
         + (f", {r['background_load']} busy background process(es)" if r.get("background_load") else "") + ")",
         f"model             {r['mode'].upper()}, {r['params'] / 1e6:.2f} M parameters, batch {r['batch']}",
         f"fast step         {r['samples_per_s']:.1f} samples/s, step {r['step_s'] * 1e3:.1f} ms "

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..config import PRESETS, ConfigError, M3AEConfig
+from ..host_allocator import SETTINGS as HOST_ALLOCATOR_SETTINGS
 from ..precision import PRECISIONS
 from ..data.config import DataConfig
 from ..optim import scaled_lr
@@ -56,6 +57,9 @@ class TrainConfig:
     # torch CPU threads; None: auto = usable cores - data.num_workers, at least 1 (OMP_NUM_THREADS
     # wins over auto). Not part of the run's results: resume may change it. See m3ae.threads.
     threads: Optional[int] = None
+    # auto (keep on CPU runs) | keep | system: whether glibc keeps large freed blocks for the next step
+    # instead of unmapping them (m3ae.host_allocator). Speed only; resume may change it.
+    host_allocator: str = "auto"
     max_nonfinite: int = 10  # stop after this many non-finite steps in a row
     # Device peak TFLOP/s (per process) for the logged MFU; None: m3ae.perf's table by device name
     # (no MFU where the device is not in it).
@@ -129,6 +133,9 @@ class TrainConfig:
             raise ConfigError(f"peak_tflops must be positive, got {self.peak_tflops}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be at least 1 (or null for auto), got {self.threads}")
+        if self.host_allocator not in HOST_ALLOCATOR_SETTINGS:
+            raise ConfigError(f"host_allocator must be one of {', '.join(HOST_ALLOCATOR_SETTINGS)}, "
+                              f"got {self.host_allocator!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.optim.decay_mode not in ("mae", "reference"):
@@ -224,8 +231,8 @@ RESUME_SAFE = ("log_every", "ckpt_every", "keep_last", "progress", "tensorboard"
                "eval_every", "eval_train", "eval_val", "max_nonfinite", "peak_tflops", "compile",
                "static_shapes", "distributed.fsdp", "data.num_workers", "data.prefetch_factor",
                "data.max_bad_fraction", "data.bad_min_samples", "data.max_member_bytes", "data.max_shard_bytes",
-               "threads", "model.grad_checkpointing", "model.attention", "wandb", "wandb_project", "wandb_name",
-               "wandb_tags", "wandb_mode")
+               "threads", "host_allocator", "model.grad_checkpointing", "model.attention", "wandb", "wandb_project",
+               "wandb_name", "wandb_tags", "wandb_mode")
 
 
 def setting_changes(old: TrainConfig, new: TrainConfig) -> dict[str, tuple]:

@@ -23,6 +23,7 @@ from ..perf import batch_train_flops, device_name, table_peak
 from ..precision import cpu_has_amx, resolve_precision, step_context
 from ..preprocessing import Preprocessing
 from ..data.loader import TrainData, build_train_data, loader_error, merge_data_states, next_batch, stop_workers
+from ..host_allocator import keep_freed_memory
 from ..threads import ThreadChoice, torch_threads
 from .config import TrainConfig, to_yaml
 from .metrics import METRICS_NAME, MetricsLog, window_row
@@ -55,7 +56,8 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
     unless `allow_changes` (m3ae.train.resume). `dist`: the process group the caller joined
     (m3ae.distributed.init_distributed, as `m3ae pretrain` does under torchrun); default one process
     on `config.device`. Rank 0 holds out_dir's lock for the whole run: a second run on the same
-    folder is refused. Runs with `config.threads` torch threads (m3ae.threads), restored after."""
+    folder is refused. Runs with `config.threads` torch threads (m3ae.threads) and, on CPU, glibc
+    keeping freed memory (`config.host_allocator`, m3ae.host_allocator); both restored after."""
     config.validate()
     dist = dist or dist_utils.DistInfo(device=dist_utils.pick_device(config.device))
     out_dir = Path(out_dir)
@@ -64,8 +66,11 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
         if dist.is_main:
             for name in clean_stale(out_dir):
                 log.info("removed %s left in %s by an interrupted run", name, checkpoint_root(out_dir))
-        with torch_threads(config.threads, config.data.num_workers) as threads:
+        with (torch_threads(config.threads, config.data.num_workers) as threads,
+              keep_freed_memory(config.host_allocator, dist.device.type) as allocator):
             run = _setup(config, out_dir, dist, threads, resume, allow_changes, model_hook, on_log)
+            if dist.is_main:
+                log.info("host allocator: %s", allocator)
             return run.train(config.steps if stop_at_step is None else min(stop_at_step, config.steps))
 
 

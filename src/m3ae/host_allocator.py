@@ -1,0 +1,94 @@
+"""Whether the C allocator keeps large freed blocks for reuse (CPU training).
+
+glibc serves a block above its mmap threshold (128 KiB, adapting up to 32 MiB) with a fresh `mmap`
+and unmaps it when freed. A training step frees and allocates the same large buffers every step: a
+30522-row embedding gradient, the text head's bf16 weight copy and gradient, wide activations at
+large batch. Each time the kernel zeroes and faults in their pages again: zero-filling a 94 MB
+gradient takes 35 ms instead of 11, copying a 62 MB weight 27 ms instead of 5 (BENCHMARKS.md). That
+is 5-15 % of a CPU bf16 step. Raising glibc's mmap and trim thresholds makes freed memory stay in
+the heap and serve the next step, as CUDA's caching allocator, jemalloc and tcmalloc do. The cost:
+the process keeps its peak heap until the block ends, instead of returning it between steps.
+
+`keep_freed_memory` applies this around a block (the trainer and `m3ae bench train` use it) and
+puts glibc back afterwards: thresholds at glibc's defaults and the kept memory returned
+(`malloc_trim`). It changes nothing when another allocator is preloaded (jemalloc, tcmalloc), when
+the user set glibc's malloc tunables, or when the C library is not glibc (macOS, musl, Windows).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+SETTINGS = ("auto", "keep", "system")
+# mallopt parameters (malloc.h) and the values glibc starts with.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_GLIBC_DEFAULT_THRESHOLD = 128 * 1024
+# Far above any one tensor a CPU run allocates; glibc accepts it (it returns 1).
+KEEP_THRESHOLD = 1 << 30
+_OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+
+
+@dataclass(frozen=True)
+class AllocatorChoice:
+    kept: bool
+    reason: str  # for the run header
+
+    def __str__(self) -> str:
+        return f"{'freed memory kept' if self.kept else 'unchanged'} ({self.reason})"
+
+
+def _glibc() -> Any | None:
+    """The process's C library when it is glibc (it has gnu_get_libc_version), else None."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version.restype = ctypes.c_char_p
+        libc.gnu_get_libc_version()
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def choose(setting: str, device_type: str, environ: Mapping[str, str] | None = None,
+           libc: Any | None = None) -> AllocatorChoice:
+    """Whether to keep freed memory: "keep" / "system" as said, "auto" keeps it for CPU runs. Never
+    over another allocator the user preloaded or malloc tunables the user set."""
+    if setting not in SETTINGS:
+        raise ValueError(f"host_allocator must be one of {', '.join(SETTINGS)}, got {setting!r}")
+    env = os.environ if environ is None else environ
+    if setting == "system":
+        return AllocatorChoice(False, "host_allocator=system")
+    if setting == "auto" and device_type != "cpu":
+        return AllocatorChoice(False, f"auto: training on {device_type}")
+    preload = env.get("LD_PRELOAD", "")
+    other = next((name for name in _OTHER_ALLOCATORS if name in preload), None)
+    if other:
+        return AllocatorChoice(False, f"{other} preloaded")
+    if "glibc.malloc." in env.get("GLIBC_TUNABLES", ""):
+        return AllocatorChoice(False, "GLIBC_TUNABLES sets malloc")
+    if libc is None:
+        return AllocatorChoice(False, "not glibc")
+    return AllocatorChoice(True, "host_allocator=keep" if setting == "keep" else "auto: training on cpu")
+
+
+@contextlib.contextmanager
+def keep_freed_memory(setting: str, device_type: str) -> Iterator[AllocatorChoice]:
+    """Run a block with glibc keeping freed memory when `choose` says so; then restore glibc's
+    default thresholds and return what was kept to the system."""
+    libc = _glibc()
+    choice = choose(setting, device_type, libc=libc)
+    if not choice.kept or libc is None:
+        yield choice
+        return
+    if not (libc.mallopt(_M_MMAP_THRESHOLD, KEEP_THRESHOLD) and libc.mallopt(_M_TRIM_THRESHOLD, KEEP_THRESHOLD)):
+        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+        yield AllocatorChoice(False, "glibc refused the thresholds")
+        return
+    try:
+        yield choice
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+        libc.malloc_trim(0)

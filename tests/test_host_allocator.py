@@ -1,0 +1,84 @@
+"""m3ae.host_allocator: when glibc is told to keep freed memory, and that it then does, and gives it back."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from m3ae.host_allocator import AllocatorChoice, _glibc, choose
+from m3ae.train.config import ConfigError, TrainConfig
+
+GLIBC = object()  # stands for a loaded glibc in `choose`
+
+
+@pytest.mark.parametrize("setting, device, env, kept, reason", [
+    ("auto", "cpu", {}, True, "auto: training on cpu"),
+    ("auto", "cuda", {}, False, "auto: training on cuda"),
+    ("keep", "cuda", {}, True, "host_allocator=keep"),
+    ("system", "cpu", {}, False, "host_allocator=system"),
+    ("auto", "cpu", {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, False, "jemalloc preloaded"),
+    ("keep", "cpu", {"LD_PRELOAD": "libtcmalloc_minimal.so.4"}, False, "tcmalloc preloaded"),
+    ("auto", "cpu", {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}, False, "GLIBC_TUNABLES sets malloc"),
+    ("auto", "cpu", {"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX2"}, True, "auto: training on cpu"),
+])
+def test_choose(setting, device, env, kept, reason):
+    assert choose(setting, device, environ=env, libc=GLIBC) == AllocatorChoice(kept, reason)
+
+
+def test_choose_leaves_other_c_libraries_alone():
+    assert choose("keep", "cpu", environ={}, libc=None) == AllocatorChoice(False, "not glibc")
+
+
+def test_choose_rejects_unknown_settings():
+    with pytest.raises(ValueError, match="host_allocator must be one of auto, keep, system"):
+        choose("jemalloc", "cpu", environ={}, libc=GLIBC)
+    config = TrainConfig(host_allocator="cached")
+    with pytest.raises(ConfigError, match="host_allocator"):
+        config.validate()
+
+
+# Run in a child process so the parent's heap is not involved: allocate and touch 64 MiB with
+# malloc, free it, and read the resident size after the free and after the block ends.
+_PROBE = """
+import ctypes, json, sys
+from m3ae.host_allocator import keep_freed_memory
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+page = 4096
+def rss_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * page / 2**20
+size = 64 << 20
+with keep_freed_memory(sys.argv[1], "cpu") as choice:
+    before = rss_mib()
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    touched = rss_mib()
+    libc.free(block)
+    after_free = rss_mib()
+after_block = rss_mib()
+print(json.dumps(dict(kept=choice.kept, before=before, touched=touched, after_free=after_free,
+                      after_block=after_block)))
+"""
+
+
+def _probe(setting: str) -> dict:
+    env_out = subprocess.run([sys.executable, "-c", _PROBE, setting], capture_output=True, text=True, check=True,
+                             env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)})
+    return json.loads(env_out.stdout)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or _glibc() is None, reason="needs Linux with glibc")
+def test_kept_memory_stays_resident_until_the_block_ends():
+    kept = _probe("keep")
+    assert kept["kept"]
+    assert kept["touched"] - kept["before"] > 60
+    assert kept["after_free"] - kept["before"] > 60  # freed, but kept for the next allocation
+    assert kept["after_block"] - kept["before"] < 8  # given back when the block ends
+
+    system = _probe("system")
+    assert not system["kept"]
+    assert system["touched"] - system["before"] > 60
+    assert system["after_free"] - system["before"] < 8  # glibc's default: unmapped at once
