@@ -283,10 +283,11 @@ def test_resume_accepts_changed_runtime_switches(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="m3ae")  # the library logs; no CLI handler here
     pretrain(tiny_config("steps=4", "ckpt_every=100"), tmp_path / "straight")
     pretrain(tiny_config("steps=4"), tmp_path / "split", stop_at_step=2)
-    switches = ("model.attention=explicit", "model.grad_checkpointing=true", "threads=1")
+    switches = ("model.attention=explicit", "model.grad_checkpointing=true", "threads=1", "host_allocator=system")
     result = pretrain(tiny_config("steps=4", *switches), tmp_path / "split", resume="auto")
     err = caplog.text
     assert "model.attention: 'sdpa' -> 'explicit'" in err and "threads: None -> 1" in err
+    assert "host_allocator: 'auto' -> 'system'" in err
     assert "(not exact)" not in err and result.step == 4
     # bf16 autocast: the explicit softmax(QK^T) rounds differently from the fused kernel
     assert losses(tmp_path / "split") == pytest.approx(losses(tmp_path / "straight"), rel=1e-3)
@@ -313,6 +314,16 @@ def test_threads_setting_is_applied_logged_and_restored(tmp_path, caplog):
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["threads"] for r in rows] == [before + 1] * 2
     assert f"threads {before + 1} (threads setting)" in caplog.text
+
+
+def test_host_allocator_choice_is_logged(tmp_path, caplog):
+    from m3ae.host_allocator import _glibc, choose
+
+    caplog.set_level(logging.INFO, logger="m3ae")
+    pretrain(tiny_config("steps=1", "device=cpu"), tmp_path / "auto")
+    assert f"host allocator: {choose('auto', 'cpu', libc=_glibc())}" in caplog.text
+    pretrain(tiny_config("steps=1", "device=cpu", "host_allocator=system"), tmp_path / "system")
+    assert "host allocator: unchanged (host_allocator=system)" in caplog.text
 
 
 def test_stream_positions_of_every_rank_are_merged_into_the_checkpoint(monkeypatch):
