@@ -40,7 +40,8 @@ def test_choose_rejects_unknown_settings():
 
 
 # Run in a child process so the parent's heap is not involved: allocate and touch 64 MiB with
-# malloc, free it, and read the resident size after the free and after the block ends.
+# malloc, free it, and read the resident size after the free and after the block ends; then free
+# a 160 MiB block after the block.
 _PROBE = """
 import ctypes, json, sys
 from m3ae.host_allocator import keep_freed_memory
@@ -59,15 +60,19 @@ with keep_freed_memory(sys.argv[1], "cpu") as choice:
     libc.free(block)
     after_free = rss_mib()
 after_block = rss_mib()
+# After the block, a block larger than the heap's free space is mmapped again and unmapped when freed.
+block = libc.malloc(160 << 20)
+ctypes.memset(block, 1, 160 << 20)
+libc.free(block)
 print(json.dumps(dict(kept=choice.kept, before=before, touched=touched, after_free=after_free,
-                      after_block=after_block)))
+                      after_block=after_block, later_free=rss_mib())))
 """
 
 
 def _probe(setting: str) -> dict:
-    env_out = subprocess.run([sys.executable, "-c", _PROBE, setting], capture_output=True, text=True, check=True,
+    done = subprocess.run([sys.executable, "-c", _PROBE, setting], capture_output=True, text=True, check=True,
                              env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)})
-    return json.loads(env_out.stdout)
+    return json.loads(done.stdout)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or _glibc() is None, reason="needs Linux with glibc")
@@ -77,6 +82,7 @@ def test_kept_memory_stays_resident_until_the_block_ends():
     assert kept["touched"] - kept["before"] > 60
     assert kept["after_free"] - kept["before"] > 60  # freed, but kept for the next allocation
     assert kept["after_block"] - kept["before"] < 8  # given back when the block ends
+    assert kept["later_free"] - kept["before"] < 8  # and large blocks are no longer kept
 
     system = _probe("system")
     assert not system["kept"]

@@ -10,8 +10,9 @@ the heap and serve the next step, as CUDA's caching allocator, jemalloc and tcma
 the process keeps its peak heap until the block ends, instead of returning it between steps.
 
 `keep_freed_memory` applies this around a block (the trainer and `m3ae bench train` use it) and
-puts glibc back afterwards: thresholds at glibc's defaults and the kept memory returned
-(`malloc_trim`). It changes nothing when another allocator is preloaded (jemalloc, tcmalloc), when
+puts glibc back afterwards: the kept memory returned (`malloc_trim`) and the thresholds where glibc's
+own adaptation ends up in a torch process (32 MiB mmap, 64 MiB trim; once set, glibc cannot be
+returned to adapting them). It changes nothing when another allocator is preloaded (jemalloc, tcmalloc), when
 the user set glibc's malloc tunables, or when the C library is not glibc (macOS, musl, Windows).
 """
 from __future__ import annotations
@@ -23,9 +24,12 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 SETTINGS = ("auto", "keep", "system")
-# mallopt parameters (malloc.h) and the values glibc starts with.
+# mallopt parameters (malloc.h). glibc starts at a 128 KiB mmap threshold and raises it to the size
+# of each mmapped block freed, up to 32 MiB, with the trim threshold at twice that: a torch process
+# soon sits at the maximum, which is what is restored after the block.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_GLIBC_DEFAULT_THRESHOLD = 128 * 1024
+_ADAPTED_MMAP_THRESHOLD = 32 << 20
+_ADAPTED_TRIM_THRESHOLD = 64 << 20
 # Far above any one tensor a CPU run allocates; glibc accepts it (it returns 1).
 KEEP_THRESHOLD = 1 << 30
 _OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
@@ -82,13 +86,16 @@ def keep_freed_memory(setting: str, device_type: str) -> Iterator[AllocatorChoic
     if not choice.kept or libc is None:
         yield choice
         return
+    def restore() -> None:
+        libc.mallopt(_M_MMAP_THRESHOLD, _ADAPTED_MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, _ADAPTED_TRIM_THRESHOLD)
+        libc.malloc_trim(0)
+
     if not (libc.mallopt(_M_MMAP_THRESHOLD, KEEP_THRESHOLD) and libc.mallopt(_M_TRIM_THRESHOLD, KEEP_THRESHOLD)):
-        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+        restore()
         yield AllocatorChoice(False, "glibc refused the thresholds")
         return
     try:
         yield choice
     finally:
-        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
-        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
-        libc.malloc_trim(0)
+        restore()
