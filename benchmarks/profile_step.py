@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from m3ae.host_allocator import SETTINGS, keep_freed_memory
+
 # Kernel / operator names that count as matrix or attention work (CPU operators and CUDA kernels).
 MATMUL_CPU = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
               "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::linear", "aten::matmul")
@@ -33,20 +35,17 @@ def main() -> int:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--host-allocator", default="auto", choices=["auto", "keep", "system"],
+    p.add_argument("--host-allocator", default="auto", choices=SETTINGS,
                    help="m3ae.host_allocator, as the trainer applies it (auto: keep on CPU)")
     p.add_argument("--by-shape", action="store_true", help="split each operator by its input shapes")
     p.add_argument("overrides", nargs="*", metavar="model.KEY=VALUE", help="with --preset: model settings")
     args = p.parse_args()
-    from m3ae.host_allocator import keep_freed_memory
-
     with keep_freed_memory(args.host_allocator, torch.device(args.device).type) as allocator:
         print(f"host allocator: {allocator}")
         return _profile(args)
 
 
 def _profile(args: argparse.Namespace) -> int:
-
     from torch.profiler import ProfilerActivity, profile
 
     from m3ae import M3AE, M3AEConfig

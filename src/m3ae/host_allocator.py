@@ -3,17 +3,19 @@
 glibc serves a block above its mmap threshold (128 KiB, adapting up to 32 MiB) with a fresh `mmap`
 and unmaps it when freed. A training step frees and allocates the same large buffers every step: a
 30522-row embedding gradient, the text head's bf16 weight copy and gradient, wide activations at
-large batch. Each time the kernel zeroes and faults in their pages again: zero-filling a 94 MB
-gradient takes 35 ms instead of 11, copying a 62 MB weight 27 ms instead of 5 (BENCHMARKS.md). That
-is 5-15 % of a CPU bf16 step. Raising glibc's mmap and trim thresholds makes freed memory stay in
-the heap and serve the next step, as CUDA's caching allocator, jemalloc and tcmalloc do. The cost:
-the process keeps its peak heap until the block ends, instead of returning it between steps.
+large batch. Each time the kernel zeroes and faults in their pages again (40-95k page faults per
+step at base width): zero-filling a 94 MB gradient took 28-32 ms instead of 3-7, cloning a 62 MB
+weight 20-22 ms instead of 4 (BENCHMARKS.md). Raising glibc's mmap and trim thresholds makes freed
+memory stay in the heap and serve the next step, as CUDA's caching allocator, jemalloc and tcmalloc
+do: the bf16 step at base width ran 1.03-1.24x faster. The cost: the process keeps its peak heap
+until the block ends, instead of returning it between steps.
 
 `keep_freed_memory` applies this around a block (the trainer and `m3ae bench train` use it) and
-puts glibc back afterwards: the kept memory returned (`malloc_trim`) and the thresholds where glibc's
-own adaptation ends up in a torch process (32 MiB mmap, 64 MiB trim; once set, glibc cannot be
-returned to adapting them). It changes nothing when another allocator is preloaded (jemalloc, tcmalloc), when
-the user set glibc's malloc tunables, or when the C library is not glibc (macOS, musl, Windows).
+puts glibc back afterwards: the kept memory returned (`malloc_trim`) and the thresholds where
+glibc's own adaptation ends up in a torch process (32 MiB mmap, 64 MiB trim; once set, glibc cannot
+be returned to adapting them). It changes nothing when another allocator is preloaded (jemalloc,
+tcmalloc, mimalloc), when the user set glibc's malloc tunables, or when the C library is not glibc
+(macOS, musl, Windows).
 """
 from __future__ import annotations
 
@@ -79,13 +81,14 @@ def choose(setting: str, device_type: str, environ: Mapping[str, str] | None = N
 
 @contextlib.contextmanager
 def keep_freed_memory(setting: str, device_type: str) -> Iterator[AllocatorChoice]:
-    """Run a block with glibc keeping freed memory when `choose` says so; then restore glibc's
-    default thresholds and return what was kept to the system."""
+    """Run a block with glibc keeping freed memory when `choose` says so; then return what was kept
+    to the system and set the thresholds glibc would have adapted to."""
     libc = _glibc()
     choice = choose(setting, device_type, libc=libc)
     if not choice.kept or libc is None:
         yield choice
         return
+
     def restore() -> None:
         libc.mallopt(_M_MMAP_THRESHOLD, _ADAPTED_MMAP_THRESHOLD)
         libc.mallopt(_M_TRIM_THRESHOLD, _ADAPTED_TRIM_THRESHOLD)

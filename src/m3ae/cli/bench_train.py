@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from ..host_allocator import SETTINGS as HOST_ALLOCATOR_SETTINGS
+
 # The model flags of earlier releases, kept one release as hidden aliases of `model.KEY=VALUE`.
 DEPRECATED_FLAGS = ["image_size", "patch_size", "text_length", "vocab_size", "emb_dim", "depth", "num_heads",
                     "dec_emb_dim", "dec_depth", "dec_num_heads", "output_head_depth", "mask_ratio"]
@@ -34,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="texts padded to text_length, fixed visible text slots (default: with --compile)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default auto: usable cores; OMP_NUM_THREADS wins over auto)")
-    p.add_argument("--host-allocator", default="auto", choices=["auto", "keep", "system"],
+    p.add_argument("--host-allocator", default="auto", choices=HOST_ALLOCATOR_SETTINGS,
                    help="keep large freed blocks for reuse (auto: on CPU runs, as the trainer does; "
                         "m3ae.host_allocator) or leave glibc's default")
     p.add_argument("--background-load", type=int, default=0, metavar="N",
@@ -71,8 +73,8 @@ def deprecated_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..host_allocator import keep_freed_memory
     from ..distributed import pick_device
+    from ..host_allocator import keep_freed_memory
     from ..threads import torch_threads
     from ..train.bench import BenchOptions, bench_model_config, format_report, run_train_bench
 
