@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from m3ae.host_allocator import AllocatorChoice, _glibc, choose
+from m3ae.host_allocator import AllocatorChoice, _glibc, choose, resident_bytes
 from m3ae.train.config import ConfigError, TrainConfig
 
 GLIBC = object()  # stands for a loaded glibc in `choose`
@@ -88,3 +88,14 @@ def test_kept_memory_stays_resident_until_the_block_ends():
     assert not system["kept"]
     assert system["touched"] - system["before"] > 60
     assert system["after_free"] - system["before"] < 8  # glibc's default: unmapped at once
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_resident_bytes_counts_touched_memory():
+    import torch
+
+    before = resident_bytes()
+    block = torch.ones(64 << 18)  # 64 MiB of float32, written
+    grown = resident_bytes()
+    assert before is not None and grown is not None and grown - before > 60 * 2**20
+    del block

@@ -313,6 +313,8 @@ def test_threads_setting_is_applied_logged_and_restored(tmp_path, caplog):
     assert seen == [before + 1, before + 1] and torch.get_num_threads() == before
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["threads"] for r in rows] == [before + 1] * 2
+    if sys.platform.startswith("linux"):  # the process's resident memory, in GiB, in every row
+        assert all(0.05 < r["host_rss_gib"] < 64 for r in rows)
     assert f"threads {before + 1} (threads setting)" in caplog.text
 
 

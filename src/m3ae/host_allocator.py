@@ -102,3 +102,13 @@ def keep_freed_memory(setting: str, device_type: str) -> Iterator[AllocatorChoic
         yield choice
     finally:
         restore()
+
+
+def resident_bytes() -> int | None:
+    """The process's resident memory now (Linux `/proc/self/statm`), so a run's log shows what it
+    holds, kept blocks included; None where that file does not exist."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None

@@ -23,7 +23,7 @@ from ..perf import batch_train_flops, device_name, table_peak
 from ..precision import cpu_has_amx, resolve_precision, step_context
 from ..preprocessing import Preprocessing
 from ..data.loader import TrainData, build_train_data, loader_error, merge_data_states, next_batch, stop_workers
-from ..host_allocator import keep_freed_memory
+from ..host_allocator import keep_freed_memory, resident_bytes
 from ..threads import ThreadChoice, torch_threads
 from .config import TrainConfig, to_yaml
 from .metrics import METRICS_NAME, MetricsLog, window_row
@@ -267,6 +267,11 @@ class _Run:
                          self.skipped)
         row["model_tflops"] = self.window_flops / elapsed / 1e12
         row["threads"] = self.threads.threads
+        rss = resident_bytes()
+        if rss is not None:
+            row["host_rss_gib"] = rss / 2**30
+        if self.dist.device.type == "cuda":  # the allocator's own count: no device sync
+            row["gpu_peak_gib"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
         if self.peak_tflops:
             row["mfu"] = row["model_tflops"] / (self.peak_tflops * self.dist.world_size)
         if self.data.counter.total_bad:
