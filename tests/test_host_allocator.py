@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from m3ae.host_allocator import AllocatorChoice, _glibc, choose, resident_bytes
+from m3ae.host_allocator import AllocatorChoice, KeptMemoryLimit, _glibc, choose, resident_bytes
 from m3ae.train.config import ConfigError, TrainConfig
 
 GLIBC = object()  # stands for a loaded glibc in `choose`
@@ -99,3 +99,23 @@ def test_resident_bytes_counts_touched_memory():
     grown = resident_bytes()
     assert before is not None and grown is not None and grown - before > 60 * 2**20
     del block
+
+
+def test_kept_memory_limit_trims_only_past_the_first_size_plus_slack():
+    sizes = iter([1000, 1050, 1100, 1150, 900, 1080, 1300, 1250])
+    trims = []
+    limit = KeptMemoryLimit(AllocatorChoice(True, "test"), slack=0.1, rss=lambda: next(sizes),
+                            trim=lambda: trims.append(1))
+    assert limit.check() is None and limit.baseline == 1000  # the first size is the reference
+    assert limit.check() is None and limit.check() is None  # 1050, 1100: within 10 %
+    assert limit.check() == (1150, 900) and limit.trims == 1  # 1150: trimmed, 900 after
+    assert limit.check() is None  # 1080
+    assert limit.check() == (1300, 1250) and limit.trims == 2  # the reference is never raised
+    assert limit.baseline == 1000
+
+
+def test_kept_memory_limit_does_nothing_when_nothing_is_kept():
+    trims = []
+    limit = KeptMemoryLimit(AllocatorChoice(False, "host_allocator=system"), rss=lambda: 10**12,
+                            trim=lambda: trims.append(1))
+    assert [limit.check() for _ in range(3)] == [None] * 3 and not trims

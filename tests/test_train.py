@@ -328,6 +328,22 @@ def test_host_allocator_choice_is_logged(tmp_path, caplog):
     assert "host allocator: unchanged (host_allocator=system)" in caplog.text
 
 
+def test_grown_kept_memory_is_trimmed_at_a_log_row(tmp_path, caplog, monkeypatch):
+    """The trainer checks kept memory at each log row: past the first row's size + 10 %, it trims."""
+    from m3ae import host_allocator
+    from m3ae.train import loop as loop_module
+
+    caplog.set_level(logging.INFO, logger="m3ae")
+    sizes = iter([2**30, 2**30, 3 * 2**30, 2**30])  # first row, second row, third row (then after the trim)
+    monkeypatch.setattr(host_allocator, "_glibc", lambda: None)  # no real mallopt / malloc_trim here
+    trims = []
+    monkeypatch.setattr(loop_module, "KeptMemoryLimit", lambda choice: host_allocator.KeptMemoryLimit(
+        host_allocator.AllocatorChoice(True, "test"), rss=lambda: next(sizes), trim=lambda: trims.append(1)))
+    pretrain(tiny_config("steps=3", "log_every=1"), tmp_path)
+    assert trims == [1]
+    assert "step 3: resident memory grew to 3.00 GiB" in caplog.text and "(1.00 GiB now)" in caplog.text
+
+
 def test_stream_positions_of_every_rank_are_merged_into_the_checkpoint(monkeypatch):
     from m3ae.train import loop
 

@@ -8,7 +8,8 @@ step at base width): zero-filling a 94 MB gradient took 28-32 ms instead of 3-7,
 weight 20-22 ms instead of 4 (BENCHMARKS.md). Raising glibc's mmap and trim thresholds makes freed
 memory stay in the heap and serve the next step, as CUDA's caching allocator, jemalloc and tcmalloc
 do: the bf16 step at base width ran 1.03-1.24x faster. The cost: the process keeps its peak heap
-until the block ends, instead of returning it between steps.
+until the block ends, instead of returning it between steps, and kept blocks can fragment, which
+`KeptMemoryLimit` bounds.
 
 `keep_freed_memory` applies this around a block (the trainer and `m3ae bench train` use it) and
 puts glibc back afterwards: the kept memory returned (`malloc_trim`) and the thresholds where
@@ -23,7 +24,7 @@ import contextlib
 import ctypes
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 SETTINGS = ("auto", "keep", "system")
 # mallopt parameters (malloc.h). glibc starts at a 128 KiB mmap threshold and raises it to the size
@@ -112,3 +113,40 @@ def resident_bytes() -> int | None:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
+
+class KeptMemoryLimit:
+    """Bounds how far kept memory may grow. Kept blocks can fragment: now and then a large block
+    fits no free hole, the heap grows by its size, and the holes stay resident (in 2 of 5 long runs
+    in BENCHMARKS.md, one or two jumps of ~90 MiB in 600-1500 steps). The first `check` (after the
+    first log interval, when the step's buffers are all allocated) records the resident size; a
+    later one that finds it grown by more than `slack` returns the heap's free pages to the system
+    (`malloc_trim`), which costs about one step of page faults. The recorded size is never raised,
+    so memory that really grows costs at most one trim per check, about glibc's default behaviour."""
+
+    def __init__(self, choice: AllocatorChoice, slack: float = 0.1,
+                 rss: Callable[[], int | None] = resident_bytes, trim: Callable[[], object] | None = None):
+        if trim is None and choice.kept:
+            libc = _glibc()
+            if libc is not None:
+                trim = lambda: libc.malloc_trim(0)  # noqa: E731
+        self.trim = trim if choice.kept else None  # nothing to bound when nothing is kept
+        self.rss, self.slack = rss, slack
+        self.baseline: int | None = None
+        self.trims = 0
+
+    def check(self) -> tuple[int, int] | None:
+        """Trim when the resident size outgrew the first one; (before, after) in bytes when it did."""
+        if self.trim is None:
+            return None
+        now = self.rss()
+        if now is None:
+            return None
+        if self.baseline is None:
+            self.baseline = now
+            return None
+        if now <= self.baseline * (1 + self.slack):
+            return None
+        self.trim()
+        self.trims += 1
+        return now, self.rss() or now

@@ -23,7 +23,7 @@ from ..perf import batch_train_flops, device_name, table_peak
 from ..precision import cpu_has_amx, resolve_precision, step_context
 from ..preprocessing import Preprocessing
 from ..data.loader import TrainData, build_train_data, loader_error, merge_data_states, next_batch, stop_workers
-from ..host_allocator import keep_freed_memory, resident_bytes
+from ..host_allocator import KeptMemoryLimit, keep_freed_memory, resident_bytes
 from ..threads import ThreadChoice, torch_threads
 from .config import TrainConfig, to_yaml
 from .metrics import METRICS_NAME, MetricsLog, window_row
@@ -68,15 +68,17 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
                 log.info("removed %s left in %s by an interrupted run", name, checkpoint_root(out_dir))
         with (torch_threads(config.threads, config.data.num_workers) as threads,
               keep_freed_memory(config.host_allocator, dist.device.type) as allocator):
-            run = _setup(config, out_dir, dist, threads, resume, allow_changes, model_hook, on_log)
             if dist.is_main:
                 log.info("host allocator: %s", allocator)
+            run = _setup(config, out_dir, dist, threads, KeptMemoryLimit(allocator), resume, allow_changes,
+                         model_hook, on_log)
             return run.train(config.steps if stop_at_step is None else min(stop_at_step, config.steps))
 
 
 # -- setup: model (+ resume), wrapping and optimizer, data ------------------------------------------
 def _setup(config: TrainConfig, out_dir: Path, dist: dist_utils.DistInfo, threads: ThreadChoice,
-           resume: str | None, allow_changes: bool, model_hook: Callable[[M3AE], torch.nn.Module] | None,
+           kept_memory: KeptMemoryLimit, resume: str | None, allow_changes: bool,
+           model_hook: Callable[[M3AE], torch.nn.Module] | None,
            on_log: Callable[[dict[str, Any]], None] | None) -> _Run:
     micro_batch, remainder = divmod(config.batch_size, dist.world_size * config.grad_accum)
     if remainder or micro_batch == 0:
@@ -89,7 +91,7 @@ def _setup(config: TrainConfig, out_dir: Path, dist: dist_utils.DistInfo, thread
     resumed = restore(resume, out_dir, model, config, rank=dist.rank, allow_changes=allow_changes)
     run_model, optimizer = _wrap(config, model, dist, model_hook, resumed)
     data = _train_data(config, dist, micro_batch, resumed)
-    return _Run(config, out_dir, dist, threads, model, run_model, optimizer, data, resumed, on_log)
+    return _Run(config, out_dir, dist, threads, kept_memory, model, run_model, optimizer, data, resumed, on_log)
 
 
 def _wrap(config: TrainConfig, model: M3AE, dist: dist_utils.DistInfo,
@@ -129,9 +131,11 @@ class _Run:
     end of the run, sharing the state below."""
 
     def __init__(self, config: TrainConfig, out_dir: Path, dist: dist_utils.DistInfo, threads: ThreadChoice,
-                 model: M3AE, run_model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: TrainData,
+                 kept_memory: KeptMemoryLimit, model: M3AE, run_model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, data: TrainData,
                  resumed: Resumed | None, on_log: Callable[[dict[str, Any]], None] | None):
         self.config, self.out_dir, self.dist, self.threads = config, out_dir, dist, threads
+        self.kept_memory = kept_memory
         self.model, self.run_model, self.optimizer, self.data = model, run_model, optimizer, data
         self.resumed, self.on_log = resumed, on_log
         self.fsdp = config.distributed.fsdp
@@ -267,6 +271,11 @@ class _Run:
                          self.skipped)
         row["model_tflops"] = self.window_flops / elapsed / 1e12
         row["threads"] = self.threads.threads
+        trimmed = self.kept_memory.check()
+        if trimmed is not None:
+            log.info("step %d: resident memory grew to %.2f GiB, beyond the first log's by more than %.0f%%; "
+                     "returned the kept free blocks to the system (%.2f GiB now)", self.step, trimmed[0] / 2**30,
+                     100 * self.kept_memory.slack, trimmed[1] / 2**30)
         rss = resident_bytes()
         if rss is not None:
             row["host_rss_gib"] = rss / 2**30
