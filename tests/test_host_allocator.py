@@ -101,17 +101,17 @@ def test_resident_bytes_counts_touched_memory():
     del block
 
 
-def test_kept_memory_limit_trims_only_past_the_first_size_plus_slack():
-    sizes = iter([1000, 1050, 1100, 1150, 900, 1080, 1300, 1250])
+def test_kept_memory_limit_trims_past_the_recorded_size_plus_slack_then_records_again():
+    sizes = iter([1000, 1050, 1100, 1150, 900, 1400, 1500, 1600, 1200])
     trims = []
     limit = KeptMemoryLimit(AllocatorChoice(True, "test"), slack=0.1, rss=lambda: next(sizes),
                             trim=lambda: trims.append(1))
     assert limit.check() is None and limit.baseline == 1000  # the first size is the reference
     assert limit.check() is None and limit.check() is None  # 1050, 1100: within 10 %
     assert limit.check() == (1150, 900) and limit.trims == 1  # 1150: trimmed, 900 after
-    assert limit.check() is None  # 1080
-    assert limit.check() == (1300, 1250) and limit.trims == 2  # the reference is never raised
-    assert limit.baseline == 1000
+    assert limit.check() is None and limit.baseline == 1400  # recorded again after a trim
+    assert limit.check() is None  # 1500: within 10 % of 1400, so real growth costs one trim
+    assert limit.check() == (1600, 1200) and trims == [1, 1]
 
 
 def test_kept_memory_limit_does_nothing_when_nothing_is_kept():

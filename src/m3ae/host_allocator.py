@@ -121,8 +121,9 @@ class KeptMemoryLimit:
     in BENCHMARKS.md, one or two jumps of ~90 MiB in 600-1500 steps). The first `check` (after the
     first log interval, when the step's buffers are all allocated) records the resident size; a
     later one that finds it grown by more than `slack` returns the heap's free pages to the system
-    (`malloc_trim`), which costs about one step of page faults. The recorded size is never raised,
-    so memory that really grows costs at most one trim per check, about glibc's default behaviour."""
+    (`malloc_trim`), which costs about one step of page faults, and the next check records the size
+    again. Holes go away that way, while memory the run really needs (an evaluation copy, longer
+    batches) becomes the new reference after a single trim."""
 
     def __init__(self, choice: AllocatorChoice, slack: float = 0.1,
                  rss: Callable[[], int | None] = resident_bytes, trim: Callable[[], object] | None = None):
@@ -149,4 +150,5 @@ class KeptMemoryLimit:
             return None
         self.trim()
         self.trims += 1
+        self.baseline = None  # re-recorded at the next check, once the steps have touched what they use
         return now, self.rss() or now

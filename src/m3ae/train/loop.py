@@ -273,7 +273,7 @@ class _Run:
         row["threads"] = self.threads.threads
         trimmed = self.kept_memory.check()
         if trimmed is not None:
-            log.info("step %d: resident memory grew to %.2f GiB, beyond the first log's by more than %.0f%%; "
+            log.info("step %d: resident memory grew to %.2f GiB, more than %.0f%% over its recorded size; "
                      "returned the kept free blocks to the system (%.2f GiB now)", self.step, trimmed[0] / 2**30,
                      100 * self.kept_memory.slack, trimmed[1] / 2**30)
         rss = resident_bytes()
