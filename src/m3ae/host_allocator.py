@@ -117,7 +117,7 @@ def resident_bytes() -> int | None:
 
 class KeptMemoryLimit:
     """Bounds how far kept memory may grow. Kept blocks can fragment: now and then a large block
-    fits no free hole, the heap grows by its size, and the holes stay resident (in 2 of 5 long runs
+    fits no free hole, the heap grows by its size, and the holes stay resident (in 2 of 4 long runs
     in BENCHMARKS.md, one or two jumps of ~90 MiB in 600-1500 steps). The first `check` (after the
     first log interval, when the step's buffers are all allocated) records the resident size; a
     later one that finds it grown by more than `slack` returns the heap's free pages to the system
@@ -137,7 +137,7 @@ class KeptMemoryLimit:
         self.trims = 0
 
     def check(self) -> tuple[int, int] | None:
-        """Trim when the resident size outgrew the first one; (before, after) in bytes when it did."""
+        """Trim when the resident size outgrew the recorded one; (before, after) in bytes when it did."""
         if self.trim is None:
             return None
         now = self.rss()
