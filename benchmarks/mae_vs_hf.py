@@ -1,6 +1,6 @@
 """MAE mode (vocab_size 0) against Hugging Face ViTMAE, same shapes, steps interleaved in one process.
 
-    python benchmarks/mae_vs_hf.py [--steps 20] [--warmup 5] [--batch 32] [--threads N] [--bf32]
+    python benchmarks/mae_vs_hf.py [--steps 20] [--warmup 5] [--batch 32] [--threads N] [--bf32] [--profile]
 
 Needs `transformers` (pip install transformers -c constraints.txt). Runs, each a full training step
 (forward, backward, grad-norm clip 1.0, AdamW step) on the same synthetic images:
@@ -34,6 +34,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--bf32", action="store_true", help="also time both in bf32 (m3ae.precision.Bf32Matmuls)")
+    p.add_argument("--profile", action="store_true",
+                   help="then profile 5 steps of each (torch.profiler): time per step outside and inside "
+                        "matmul / attention operators, and the top operators")
     args = p.parse_args()
 
     from m3ae import M3AE, M3AEConfig
@@ -121,6 +124,8 @@ def main() -> int:
         ratios["ours bf32 / hf (defaults)"] = sps["ours bf32"] / sps["hf defaults"]
     for k, v in ratios.items():
         print(f"{k:58s} {v:.2f}x")
+    if args.profile:
+        profile_runs(runs)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device_name(device), "threads": str(threads), "hf_attention": hf_attention,
@@ -128,6 +133,31 @@ def main() -> int:
                       indent=2)
     return 0
 
+
+def profile_runs(runs: dict, steps: int = 5, top: int = 6) -> None:
+    """Where each run's step time goes: self CPU time per step, split into matmul / attention
+    operators and the rest, and the top operators. Steps are profiled one at a time, interleaved
+    across the runs as the timing is, so a drifting machine shows in all of them alike."""
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from profile_step import MATMUL_CPU  # this folder's profiler: one list of what counts as matmul
+
+    totals: dict[str, dict[str, float]] = {name: defaultdict(float) for name in runs}
+    for i in range(steps):
+        for name, (step, batches) in runs.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step(batches[i % len(batches)])
+            for e in prof.key_averages():
+                totals[name][e.key] += e.self_cpu_time_total / 1e3 / steps
+    for name, per_op in totals.items():
+        total = sum(per_op.values())
+        matmul = sum(ms for key, ms in per_op.items() if key in MATMUL_CPU)
+        ranked = sorted(per_op.items(), key=lambda e: -e[1])[:top]
+        names = ", ".join(f"{key.removeprefix('aten::')} {ms:.1f}" for key, ms in ranked)
+        print(f"profile {name:16s} {total:6.1f} ms/step: matmul + attention {matmul:6.1f} ms, "
+              f"rest {total - matmul:6.1f} ms; {names}")
 
 if __name__ == "__main__":
     sys.exit(main())
