@@ -1,5 +1,6 @@
 """Transformer blocks: computing only some output rows gives exactly those rows of the full output;
-a CPU bf16 training step runs its attention in fp32 (m3ae.precision.attention_in_fp32)."""
+a CPU bf16 training step runs its attention in fp32 (m3ae.precision.attention_in_fp32), or for
+short sequences in the explicit form of m3ae.cpu_attention."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -49,9 +50,15 @@ class _SdpaDtypes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_cpu_bf16_training_attention_runs_in_fp32_and_inference_in_bf16():
+@pytest.mark.parametrize("short", [True, False])
+def test_cpu_bf16_training_attention_runs_in_fp32_and_inference_in_bf16(short, monkeypatch):
     # torch's CPU bf16 flash attention is slower than fp32 with a backward (benchmarks/attention_precision.py),
     # and CPU autocast would cast fp32 inputs back to bf16: the layer must step out of autocast for it.
+    # Short sequences take the explicit bf16-matmul / fp32-softmax form instead (m3ae.cpu_attention).
+    from m3ae import cpu_attention
+
+    if not short:
+        monkeypatch.setattr(cpu_attention, "MAX_SCORES", 0)
     torch.manual_seed(0)
     attn = Attention(32, num_heads=4)
     x = torch.randn(2, 7, 32)
@@ -63,7 +70,7 @@ def test_cpu_bf16_training_attention_runs_in_fp32_and_inference_in_bf16():
         out.float().sum().backward()
         with torch.no_grad(), _SdpaDtypes() as infer:
             out_infer, _ = attn(x, padding)
-    assert train.dtypes and set(train.dtypes) == {torch.float32}
+    assert train.dtypes == [] if short else (train.dtypes and set(train.dtypes) == {torch.float32})
     assert infer.dtypes and set(infer.dtypes) == {torch.bfloat16}
     assert out.dtype == out_infer.dtype == torch.bfloat16  # the layer's output dtype is unchanged
     assert attn.qkv.weight.grad is not None and torch.isfinite(attn.qkv.weight.grad).all()

@@ -1,0 +1,65 @@
+"""m3ae.cpu_attention: the explicit short-sequence attention equals torch's fused attention (exactly
+up to fp32 rounding in fp32, within bf16 rounding in bf16), with padded keys and fewer queries
+than keys, and is chosen only while the scores stay small."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from m3ae.cpu_attention import MAX_SCORES, explicit_pays, short_attention
+
+
+def _inputs(dtype, queries=6, keys=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(3, 4, queries, 16, generator=g)
+    k, v = (torch.randn(3, 4, keys, 16, generator=g) for _ in range(2))
+    padding = torch.zeros(3, keys, dtype=torch.bool)
+    padding[1, 6:] = True
+    padding[2, 3:5] = True
+    return [t.to(dtype).requires_grad_() for t in (q, k, v)], padding
+
+
+@pytest.mark.parametrize("queries", [9, 5])
+def test_equals_fused_attention_in_fp32(queries):
+    (q, k, v), padding = _inputs(torch.float32, queries=queries)
+    weight = torch.randn(3, 4, queries, 16)
+    ours = short_attention(q, k, v, padding, 0.25)
+    grads = torch.autograd.grad((ours * weight).sum(), (q, k, v))
+    fused = F.scaled_dot_product_attention(q, k, v, attn_mask=~padding[:, None, None, :], scale=0.25)
+    fused_grads = torch.autograd.grad((fused * weight).sum(), (q, k, v))
+    torch.testing.assert_close(ours, fused, atol=1e-6, rtol=1e-5)
+    for a, b in zip(grads, fused_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # padded keys get no attention, so no gradient
+    assert grads[1][1, :, 6:].abs().max() == 0 and grads[2][2, :, 3:5].abs().max() == 0
+
+
+def test_bf16_within_bf16_rounding_of_fp32():
+    (q, k, v), padding = _inputs(torch.bfloat16)
+    weight = torch.randn(3, 4, 6, 16)
+    ours = short_attention(q, k, v, padding, 0.25)
+    assert ours.dtype == torch.bfloat16
+    grads = torch.autograd.grad((ours.float() * weight).sum(), (q, k, v))
+    exact = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    fused = F.scaled_dot_product_attention(*exact, attn_mask=~padding[:, None, None, :], scale=0.25)
+    exact_grads = torch.autograd.grad((fused * weight).sum(), exact)
+    torch.testing.assert_close(ours.float(), fused, atol=2e-2, rtol=2e-2)
+    for a, b in zip(grads, exact_grads):
+        assert a.dtype == torch.bfloat16
+        assert ((a.float() - b).norm() / b.norm()) < 1e-2
+
+
+def test_runs_under_autocast_with_fp32_softmax():
+    (q, k, v), padding = _inputs(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = short_attention(q, k, v, padding, 0.25)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and all(t.grad.dtype == torch.bfloat16 for t in (q, k, v))
+
+
+def test_explicit_pays_only_for_small_score_tensors():
+    small = torch.empty(16, 12, 73, 64)  # the base encoder at 256 px, batch 16: 1.0M scores
+    assert explicit_pays(small, small)
+    long = torch.empty(16, 16, 289, 32)  # the base decoder at 256 px: 21M scores
+    assert not explicit_pays(long, long)
+    edge_q, edge_k = torch.empty(1, 1, MAX_SCORES // 64, 8), torch.empty(1, 1, 64, 8)
+    assert explicit_pays(edge_q, edge_k) and not explicit_pays(edge_q, torch.empty(1, 1, 65, 8))
