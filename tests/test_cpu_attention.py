@@ -63,3 +63,28 @@ def test_explicit_pays_only_for_small_score_tensors():
     assert not explicit_pays(long, long)
     edge_q, edge_k = torch.empty(1, 1, MAX_SCORES // 64, 8), torch.empty(1, 1, 64, 8)
     assert explicit_pays(edge_q, edge_k) and not explicit_pays(edge_q, torch.empty(1, 1, 65, 8))
+
+
+def test_layer_compiles_in_one_graph_with_it():
+    """A compiled CPU bf16 step traces through the explicit form: one graph, the eager values."""
+    from m3ae.layers import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(32, num_heads=4)
+    x = torch.randn(2, 7, 32)
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[1, 5:] = True
+
+    def loss(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = attn(x, padding)
+        return out.float().sum()
+
+    eager = loss(x)
+    eager.backward()
+    eager_grad = attn.qkv.weight.grad.clone()
+    attn.zero_grad()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")(x)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(attn.qkv.weight.grad, eager_grad)
