@@ -27,7 +27,7 @@ def _child(setting: str, steps: int, precision: str, overrides: list[str]) -> di
     import torch
 
     from m3ae import M3AE
-    from m3ae.host_allocator import keep_freed_memory
+    from m3ae.host_allocator import keep_freed_memory, resident_bytes
     from m3ae.train.bench import BenchOptions, _Step, bench_model_config, synthetic_batches
 
     def timed(fn, n=10) -> float:
@@ -41,8 +41,7 @@ def _child(setting: str, steps: int, precision: str, overrides: list[str]) -> di
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
     def rss_mib() -> float:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+        return (resident_bytes() or 0) / 2**20
 
     out: dict = {"setting": setting}
     with keep_freed_memory(setting, "cpu") as choice:

@@ -44,13 +44,12 @@ def test_choose_rejects_unknown_settings():
 # a 160 MiB block after the block.
 _PROBE = """
 import ctypes, json, sys
-from m3ae.host_allocator import keep_freed_memory
+from m3ae.host_allocator import keep_freed_memory, resident_bytes
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
-page = 4096
 def rss_mib():
-    return int(open("/proc/self/statm").read().split()[1]) * page / 2**20
+    return resident_bytes() / 2**20
 size = 64 << 20
 with keep_freed_memory(sys.argv[1], "cpu") as choice:
     before = rss_mib()

@@ -75,7 +75,7 @@ class Attention(nn.Module):
             dropout = self.att_drop if self.training else 0.0
             if attention_in_fp32(q) and dropout == 0.0 and explicit_pays(q, k):
                 out = short_attention(q, k, v, key_padding_mask, self.scale)  # bf16 matmuls, fp32 softmax
-            elif attention_in_fp32(q):
+            elif attention_in_fp32(q):  # longer sequences: torch's fused kernel, in fp32
                 # CPU autocast would cast fp32 inputs back to bf16 for this op: off around it.
                 with torch.autocast("cpu", enabled=False):
                     out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
