@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from m3ae.cpu_attention import short_attention
+from m3ae.cpu_attention import explicit_attention
 
 
 def timed(fn, repeats: int) -> float:
@@ -49,7 +49,7 @@ def measure_step_paths(batch: int, heads: int, length: int, head_dim: int, repea
         F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(torch.bfloat16).backward(grad)
 
     def explicit() -> None:
-        short_attention(q, k, v, None, head_dim**-0.5).backward(grad)
+        explicit_attention(q, k, v, None, head_dim**-0.5).backward(grad)
 
     return timed(fused_fp32, repeats), timed(explicit, repeats)
 

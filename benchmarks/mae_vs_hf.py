@@ -34,12 +34,16 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--bf32", action="store_true", help="also time both in bf32 (m3ae.precision.Bf32Matmuls)")
+    p.add_argument("--host-allocator", choices=("auto", "keep", "system"), default="auto",
+                   help="m3ae.host_allocator for the whole process, so for HF too (auto: keep on CPU, as our "
+                        "trainer does)")
     p.add_argument("--profile", action="store_true",
                    help="then profile 5 steps of each (torch.profiler): time per step outside and inside "
                         "matmul / attention operators, and the top operators")
     args = p.parse_args()
 
     from m3ae import M3AE, M3AEConfig
+    from m3ae.host_allocator import keep_freed_memory
     from m3ae.perf import device_name
     from m3ae.precision import Bf32Matmuls, uses_bf16
     from m3ae.threads import choose_threads
@@ -105,10 +109,13 @@ def main() -> int:
         runs["ours bf32"] = (_Step(ours_bf32, device, "bf32", False, False), batches)
         runs["hf fused bf32"] = (HFStep(fused=True, bf16=False, bf32=True), batches)
     hf_attention = runs["hf defaults"][0].model.config._attn_implementation
-    print(f"device {device_name(device)}, threads {threads}, transformers {transformers.__version__} "
-          f"(ViTMAE attention: {hf_attention}), batch {args.batch}, {args.warmup} warm-up + {args.steps} timed "
-          f"steps each, interleaved", file=sys.stderr)
-    timed = _time_steps(runs, opts, device)
+    with keep_freed_memory(args.host_allocator, device.type) as allocator:
+        print(f"device {device_name(device)}, threads {threads}, transformers {transformers.__version__} "
+              f"(ViTMAE attention: {hf_attention}), host allocator: {allocator} (every run), batch {args.batch}, "
+              f"{args.warmup} warm-up + {args.steps} timed steps each, interleaved", file=sys.stderr)
+        timed = _time_steps(runs, opts, device)
+        if args.profile:
+            profile_runs(runs)
     sps = {name: args.batch / t["step_s"] for name, t in timed.items()}
     for name, t in timed.items():
         lo, hi = t["step_s_range"]
@@ -124,8 +131,6 @@ def main() -> int:
         ratios["ours bf32 / hf (defaults)"] = sps["ours bf32"] / sps["hf defaults"]
     for k, v in ratios.items():
         print(f"{k:58s} {v:.2f}x")
-    if args.profile:
-        profile_runs(runs)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device_name(device), "threads": str(threads), "hf_attention": hf_attention,

@@ -1,28 +1,34 @@
-"""m3ae.cpu_attention: the explicit short-sequence attention equals torch's fused attention (exactly
-up to fp32 rounding in fp32, within bf16 rounding in bf16), with padded keys and fewer queries
-than keys, and is chosen only while the scores stay small."""
+"""m3ae.cpu_attention: the explicit attention equals torch's fused attention (exactly up to fp32
+rounding in fp32, within bf16 rounding in bf16), with padded keys, fewer queries than keys and
+any split into chunks, and is chosen only while its saved probabilities stay small."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from m3ae.cpu_attention import MAX_SCORES, explicit_pays, short_attention
+from m3ae import cpu_attention
+from m3ae.cpu_attention import KEYS_PER_HEAD_DIM, explicit_attention, explicit_pays
 
 
-def _inputs(dtype, queries=6, keys=9, seed=0):
+def _inputs(dtype, queries=6, keys=9, seed=0, batch=3):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(3, 4, queries, 16, generator=g)
-    k, v = (torch.randn(3, 4, keys, 16, generator=g) for _ in range(2))
-    padding = torch.zeros(3, keys, dtype=torch.bool)
+    q = torch.randn(batch, 4, queries, 16, generator=g)
+    k, v = (torch.randn(batch, 4, keys, 16, generator=g) for _ in range(2))
+    padding = torch.zeros(batch, keys, dtype=torch.bool)
     padding[1, 6:] = True
     padding[2, 3:5] = True
     return [t.to(dtype).requires_grad_() for t in (q, k, v)], padding
 
 
 @pytest.mark.parametrize("queries", [9, 5])
-def test_equals_fused_attention_in_fp32(queries):
-    (q, k, v), padding = _inputs(torch.float32, queries=queries)
-    weight = torch.randn(3, 4, queries, 16)
-    ours = short_attention(q, k, v, padding, 0.25)
+@pytest.mark.parametrize("chunks", ["one", "one slice each", "uneven"])
+def test_equals_fused_attention_in_fp32(queries, chunks, monkeypatch):
+    # 20 (batch, head) slices of queries x 9 scores; "uneven": chunks of 3 slices, the last of 2
+    budget = {"one": 1 << 19, "one slice each": 1, "uneven": 3 * queries * 9}[chunks]
+    monkeypatch.setattr(cpu_attention, "CHUNK_SCORES", budget)
+    assert cpu_attention._chunk_rows(20, queries * 9) == {"one": 20, "one slice each": 1, "uneven": 3}[chunks]
+    (q, k, v), padding = _inputs(torch.float32, queries=queries, batch=5)
+    weight = torch.randn(5, 4, queries, 16)
+    ours = explicit_attention(q, k, v, padding, 0.25)
     grads = torch.autograd.grad((ours * weight).sum(), (q, k, v))
     fused = F.scaled_dot_product_attention(q, k, v, attn_mask=~padding[:, None, None, :], scale=0.25)
     fused_grads = torch.autograd.grad((fused * weight).sum(), (q, k, v))
@@ -36,7 +42,7 @@ def test_equals_fused_attention_in_fp32(queries):
 def test_bf16_within_bf16_rounding_of_fp32():
     (q, k, v), padding = _inputs(torch.bfloat16)
     weight = torch.randn(3, 4, 6, 16)
-    ours = short_attention(q, k, v, padding, 0.25)
+    ours = explicit_attention(q, k, v, padding, 0.25)
     assert ours.dtype == torch.bfloat16
     grads = torch.autograd.grad((ours.float() * weight).sum(), (q, k, v))
     exact = [t.detach().float().requires_grad_() for t in (q, k, v)]
@@ -51,18 +57,26 @@ def test_bf16_within_bf16_rounding_of_fp32():
 def test_runs_under_autocast_with_fp32_softmax():
     (q, k, v), padding = _inputs(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = short_attention(q, k, v, padding, 0.25)
+        out = explicit_attention(q, k, v, padding, 0.25)
     out.float().sum().backward()
     assert out.dtype == torch.bfloat16 and all(t.grad.dtype == torch.bfloat16 for t in (q, k, v))
 
 
-def test_explicit_pays_only_for_small_score_tensors():
-    small = torch.empty(16, 12, 73, 64)  # the base encoder at 256 px, batch 16: 1.0M scores
-    assert explicit_pays(small, small)
-    long = torch.empty(16, 16, 289, 32)  # the base decoder at 256 px: 21M scores
-    assert not explicit_pays(long, long)
-    edge_q, edge_k = torch.empty(1, 1, MAX_SCORES // 64, 8), torch.empty(1, 1, 64, 8)
-    assert explicit_pays(edge_q, edge_k) and not explicit_pays(edge_q, torch.empty(1, 1, 65, 8))
+def test_explicit_pays_while_keys_are_few_per_head_dim():
+    encoder = torch.empty(16, 12, 73, 64)  # the base encoder at 256 px
+    decoder = torch.empty(16, 16, 289, 32)  # the base decoder at 256 px
+    assert explicit_pays(encoder, encoder) and explicit_pays(decoder, decoder)
+    assert not explicit_pays(torch.empty(2, 16, 600, 32), torch.empty(2, 16, 600, 32))
+    q = torch.empty(1, 1, 3, 8)
+    assert explicit_pays(q, torch.empty(1, 1, KEYS_PER_HEAD_DIM * 8, 8))
+    assert not explicit_pays(q, torch.empty(1, 1, KEYS_PER_HEAD_DIM * 8 + 1, 8))
+
+
+def test_chunks_split_rows_evenly_within_the_score_budget(monkeypatch):
+    monkeypatch.setattr(cpu_attention, "CHUNK_SCORES", 1000)
+    assert cpu_attention._chunk_rows(10, 100) == 10  # all fit in one chunk
+    assert cpu_attention._chunk_rows(10, 101) == 5  # two chunks of 5, not 9 + 1
+    assert cpu_attention._chunk_rows(10, 5000) == 1  # one slice is over the budget: one per chunk
 
 
 def test_layer_compiles_in_one_graph_with_it():

@@ -54,11 +54,12 @@ class _SdpaDtypes(TorchDispatchMode):
 def test_cpu_bf16_training_attention_runs_in_fp32_and_inference_in_bf16(short, monkeypatch):
     # torch's CPU bf16 flash attention is slower than fp32 with a backward (benchmarks/attention_precision.py),
     # and CPU autocast would cast fp32 inputs back to bf16: the layer must step out of autocast for it.
-    # Short sequences take the explicit bf16-matmul / fp32-softmax form instead (m3ae.cpu_attention).
+    # Sequences up to 16 keys per head dim take the explicit bf16-matmul / fp32-softmax form
+    # instead (m3ae.cpu_attention).
     from m3ae import cpu_attention
 
     if not short:
-        monkeypatch.setattr(cpu_attention, "MAX_SCORES", 0)
+        monkeypatch.setattr(cpu_attention, "KEYS_PER_HEAD_DIM", 0)
     torch.manual_seed(0)
     attn = Attention(32, num_heads=4)
     x = torch.randn(2, 7, 32)

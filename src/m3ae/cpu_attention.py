@@ -1,58 +1,94 @@
-"""Short-sequence attention for a CPU bf16 training step: bf16 matmuls, fp32 softmax, probabilities
-kept for the backward.
+"""Attention for a CPU bf16 training step: bf16 matmuls, fp32 softmax, probabilities kept for the
+backward, a few (batch, head) slices at a time so each slice's scores stay in cache.
 
-A CPU bf16 step runs torch's fused attention in fp32 (`m3ae.precision.attention_in_fp32`), because
-its bf16 kernel is slower with a backward. For short sequences this explicit form is faster still:
-two bf16 batched matmuls forward and three backward, on a score tensor small enough to stay in
-cache. Forward + backward at 2 threads on an AVX512-BF16 EPYC, against fp32 fused attention with
-its casts (`benchmarks/attention_precision.py`, BENCHMARKS.md): 2.7x at 16 x 12 heads x 73 tokens
-(the base encoder at 256 px), 0.9-2x (noisy) at the MAE-mode sizes, 0.6x at 16 x 16 x 97 and 0.4x
-at 289 tokens, where the scores no longer fit in cache; whole steps ran 1.01-1.04x faster. Hence
-`explicit_pays`: at most `MAX_SCORES` scores per call. The probabilities are kept in bf16 for the
-backward (2 bytes per score, at most 4 MiB).
+torch's fused CPU attention is slower in bf16 than in fp32 once it has a backward, so without this
+form a CPU bf16 step casts q, k, v to fp32 for it (`m3ae.precision.attention_in_fp32`). This form
+is faster than that at every shape the models here use: forward + backward at 2 threads on an
+AVX512-BF16 EPYC (`benchmarks/attention_precision.py`, BENCHMARKS.md), against fp32 fused attention
+with its casts: 2.9x at 16 x 12 heads x 73 tokens (the base encoder at 256 px), 1.4x at 16 x 16 x 197
+and 1.27x at 16 x 16 x 289 (the base decoders at 224 and 256 px), 1.25-1.6x at 577 and 1025 tokens.
+
+Chunks: the scores of one chunk are at most `CHUNK_SCORES` fp32 values (2 MiB). Unchunked, the score
+tensor leaves the cache and the form is 0.4x at 289 tokens; chunks of 2^19 and 2^20 scores were
+fastest, 2^21 lost 10-25 % at 197-289 tokens.
+
+Memory: the probabilities are kept in bf16, B x H x Q x K values, where the fused kernel keeps its
+fp32 q, k, v and output, 4 x B x H x L x Dh values. `explicit_pays` takes this form while keys are at
+most `KEYS_PER_HEAD_DIM` x the head dim, which bounds the attention's saved memory at about twice the
+fused kernel's (289 keys with 32-dim heads: 1.1x; 1024 with 64: 2x). Recomputing the probabilities
+in the backward instead (keeping only their log-sum-exp) took as long as the fused kernel.
 """
 from __future__ import annotations
 
 import torch
 
-# Scores per call (batch x heads x queries x keys) up to which the explicit form is used: 2^21
-# fp32 scores are 8 MiB. Measured: 1.0M scores 2.7x and 1.2x faster; 2.4M 0.6x, 7.4M 0.8x slower.
-MAX_SCORES = 1 << 21
+# Scores (fp32) per chunk: 2 MiB, a core's share of cache.
+CHUNK_SCORES = 1 << 19
+# Keys per head dimension up to which the explicit form is used (see the module's note on memory).
+KEYS_PER_HEAD_DIM = 16
 
 
 def explicit_pays(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether the explicit form is the faster one for (B, H, Q, Dh) queries and (B, H, K, Dh) keys."""
-    return q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= MAX_SCORES
+    """Whether to take the explicit form for (B, H, Q, Dh) queries and (B, H, K, Dh) keys: faster at
+    every measured length, taken while its saved probabilities stay within ~2x the fused kernel's
+    saved memory."""
+    return k.shape[2] <= KEYS_PER_HEAD_DIM * q.shape[3]
 
 
-class _ShortAttention(torch.autograd.Function):
+def _chunk_rows(rows: int, scores_per_row: int) -> int:
+    """(batch x head) slices per chunk: as evenly split as `CHUNK_SCORES` allows, at least one."""
+    chunks = -(-rows * scores_per_row // CHUNK_SCORES)
+    return max(1, -(-rows // chunks))
+
+
+class _ExplicitAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, scale: float):
-        scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
+        b, h, n_q, dim = q.shape
+        n_k = k.shape[2]
+        rows = b * h
+        q3, k3, v3 = q.reshape(rows, n_q, dim), k.reshape(rows, n_k, dim), v.reshape(rows, n_k, dim)
+        padding = None
         if key_padding_mask is not None:
-            scores.masked_fill_(key_padding_mask[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        ctx.save_for_backward(q, k, v, probs)
-        ctx.scale = scale
-        return torch.matmul(probs, v)
+            padding = key_padding_mask[:, None, None, :].expand(b, h, 1, n_k).reshape(rows, 1, n_k)
+        out = q3.new_empty(rows, n_q, dim)
+        probs = q3.new_empty(rows, n_q, n_k)
+        step = _chunk_rows(rows, n_q * n_k)
+        for s in range(0, rows, step):
+            e = min(s + step, rows)
+            scores = torch.bmm(q3[s:e], k3[s:e].transpose(1, 2)).float().mul_(scale)
+            if padding is not None:
+                scores.masked_fill_(padding[s:e], float("-inf"))
+            probs[s:e] = torch.softmax(scores, dim=-1)
+            torch.bmm(probs[s:e], v3[s:e], out=out[s:e])
+        ctx.save_for_backward(q3, k3, v3, probs)
+        ctx.scale, ctx.step, ctx.shapes = scale, step, (q.shape, k.shape)
+        return out.view(b, h, n_q, dim)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, probs = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
-        grad_probs = torch.matmul(grad_out, v.transpose(-1, -2)).float()
-        p = probs.float()
-        # softmax backward: dS = P * (dP - sum_j P dP), then the scale of the scores
-        grad_scores = grad_probs.sub_((grad_probs * p).sum(-1, keepdim=True)).mul_(p).mul_(ctx.scale).to(q.dtype)
-        grad_q = torch.matmul(grad_scores, k)
-        grad_k = torch.matmul(grad_scores.transpose(-1, -2), q)
-        return grad_q, grad_k, grad_v, None, None
+        q3, k3, v3, probs = ctx.saved_tensors
+        rows, step, scale = q3.shape[0], ctx.step, ctx.scale
+        grad_out = grad_out.reshape(q3.shape)
+        grad_q, grad_k, grad_v = torch.empty_like(q3), torch.empty_like(k3), torch.empty_like(v3)
+        for s in range(0, rows, step):
+            e = min(s + step, rows)
+            p = probs[s:e]
+            torch.bmm(p.transpose(1, 2), grad_out[s:e], out=grad_v[s:e])
+            grad_p = torch.bmm(grad_out[s:e], v3[s:e].transpose(1, 2)).float()
+            p32 = p.float()
+            # softmax backward: dS = P * (dP - sum_j P dP), then the scale of the scores
+            grad_s = grad_p.sub_((grad_p * p32).sum(-1, keepdim=True)).mul_(p32).mul_(scale).to(q3.dtype)
+            torch.bmm(grad_s, k3[s:e], out=grad_q[s:e])
+            torch.bmm(grad_s.transpose(1, 2), q3[s:e], out=grad_k[s:e])
+        q_shape, k_shape = ctx.shapes
+        return grad_q.view(q_shape), grad_k.view(k_shape), grad_v.view(k_shape), None, None
 
 
-def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
-                    scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale, padded keys excluded) v for (B, H, T, Dh) bf16 tensors, in the inputs'
-    dtype with fp32 scores and softmax. `key_padding_mask` (B, K): True where a key is padding."""
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                       scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale, padded keys excluded) v for (B, H, Q, Dh) queries and (B, H, K, Dh) keys
+    and values, in the inputs' dtype with fp32 scores and softmax. `key_padding_mask` (B, K): True
+    where a key is padding."""
     with torch.autocast("cpu", enabled=False):
-        return _ShortAttention.apply(q, k, v, key_padding_mask, scale)
+        return _ExplicitAttention.apply(q, k, v, key_padding_mask, scale)

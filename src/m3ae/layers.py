@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .cpu_attention import explicit_pays, short_attention
+from . import cpu_attention
 from .precision import attention_in_fp32
 
 
@@ -73,9 +73,9 @@ class Attention(nn.Module):
         else:
             mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
             dropout = self.att_drop if self.training else 0.0
-            if attention_in_fp32(q) and dropout == 0.0 and explicit_pays(q, k):
-                out = short_attention(q, k, v, key_padding_mask, self.scale)  # bf16 matmuls, fp32 softmax
-            elif attention_in_fp32(q):  # longer sequences: torch's fused kernel, in fp32
+            if attention_in_fp32(q) and dropout == 0.0 and cpu_attention.explicit_pays(q, k):
+                out = cpu_attention.explicit_attention(q, k, v, key_padding_mask, self.scale)  # bf16 matmuls
+            elif attention_in_fp32(q):  # very long sequences: torch's fused kernel, in fp32
                 # CPU autocast would cast fp32 inputs back to bf16 for this op: off around it.
                 with torch.autocast("cpu", enabled=False):
                     out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
