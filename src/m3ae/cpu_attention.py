@@ -1,28 +1,30 @@
-"""Attention for a CPU bf16 training step: bf16 matmuls, fp32 softmax, probabilities kept for the
-backward, a few (batch, head) slices at a time so each slice's scores stay in cache.
+"""Attention for a CPU bf16 training step: bf16 matmuls, softmax in fp32 math, probabilities kept (in
+bf16) for the backward, a few (batch, head) slices at a time so each slice's scores stay in cache.
 
 torch's fused CPU attention is slower in bf16 than in fp32 once it has a backward, so without this
 form a CPU bf16 step casts q, k, v to fp32 for it (`m3ae.precision.attention_in_fp32`). This form
-is faster than that at every shape the models here use: forward + backward at 2 threads on an
-AVX512-BF16 EPYC (`benchmarks/attention_precision.py`, BENCHMARKS.md), against fp32 fused attention
-with its casts: 2.9x at 16 x 12 heads x 73 tokens (the base encoder at 256 px), 1.4x at 16 x 16 x 197
-and 1.27x at 16 x 16 x 289 (the base decoders at 224 and 256 px), 1.25-1.6x at 577 and 1025 tokens.
+is faster than that at every shape the models here use. Forward + backward, batch 16, 2 threads on
+an AVX512-BF16 EPYC (`benchmarks/attention_precision.py`, BENCHMARKS.md), against fp32 fused
+attention with its casts: with 12 heads of 64, 2.6x at 50 tokens, 2.8x at 73, 2.3x at 197 and 1.9x
+at 577; with 16 heads of 32 (the base decoder), 2.0x at 65, 1.8x at 197 and 1.3x at 289. Whole base
+steps ran 1.06-1.08x faster than with the fused kernel beyond 2^21 scores (the rule before).
 
-Chunks: the scores of one chunk are at most `CHUNK_SCORES` fp32 values (2 MiB). Unchunked, the score
-tensor leaves the cache and the form is 0.4x at 289 tokens; chunks of 2^19 and 2^20 scores were
-fastest, 2^21 lost 10-25 % at 197-289 tokens.
+Chunks: the scores of one chunk are at most `CHUNK_SCORES` values. Unchunked, the score tensor leaves
+the cache and the form was 0.4x at 289 tokens; chunks of 2^19 and 2^20 scores were fastest, 2^21
+lost 10-25 % at 197-289 tokens.
 
 Memory: the probabilities are kept in bf16, B x H x Q x K values, where the fused kernel keeps its
 fp32 q, k, v and output, 4 x B x H x L x Dh values. `explicit_pays` takes this form while keys are at
 most `KEYS_PER_HEAD_DIM` x the head dim, which bounds the attention's saved memory at about twice the
-fused kernel's (289 keys with 32-dim heads: 1.1x; 1024 with 64: 2x). Recomputing the probabilities
-in the backward instead (keeping only their log-sum-exp) took as long as the fused kernel.
+fused kernel's (289 keys with 32-dim heads: 1.1x; 1024 with 64: 2x); a base step's peak memory
+rose 1 %. Recomputing the probabilities in the backward instead (keeping only their log-sum-exp)
+took as long as the fused kernel.
 """
 from __future__ import annotations
 
 import torch
 
-# Scores (fp32) per chunk: 2 MiB, a core's share of cache.
+# Scores per chunk: 1 MiB in bf16, 2 MiB as fp32 inside the softmax; a core's share of cache.
 CHUNK_SCORES = 1 << 19
 # Keys per head dimension up to which the explicit form is used (see the module's note on memory).
 KEYS_PER_HEAD_DIM = 16
@@ -42,24 +44,29 @@ def _chunk_rows(rows: int, scores_per_row: int) -> int:
 
 
 class _ExplicitAttention(torch.autograd.Function):
+    # Per chunk, forward: one GEMM that also scales and masks (baddbmm: alpha, additive -inf bias),
+    # softmax reading and writing the inputs' dtype with fp32 math inside, one GEMM. Backward: three
+    # GEMMs and torch's softmax backward (fp32 math inside), the scale applied by the GEMMs. Fewer
+    # passes over the scores than casting them to fp32 and back: 1.2-1.5x faster at 65-289 tokens.
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, scale: float):
         b, h, n_q, dim = q.shape
         n_k = k.shape[2]
         rows = b * h
         q3, k3, v3 = q.reshape(rows, n_q, dim), k.reshape(rows, n_k, dim), v.reshape(rows, n_k, dim)
-        padding = None
+        bias = None
         if key_padding_mask is not None:
-            padding = key_padding_mask[:, None, None, :].expand(b, h, 1, n_k).reshape(rows, 1, n_k)
+            bias = q.new_zeros(b, n_k).masked_fill_(key_padding_mask, float("-inf"))
+            bias = bias[:, None, None, :].expand(b, h, 1, n_k).reshape(rows, 1, n_k)
+        no_bias = q.new_zeros(1, 1, 1)  # baddbmm wants an input even with beta=0
         out = q3.new_empty(rows, n_q, dim)
         probs = q3.new_empty(rows, n_q, n_k)
         step = _chunk_rows(rows, n_q * n_k)
         for s in range(0, rows, step):
             e = min(s + step, rows)
-            scores = torch.bmm(q3[s:e], k3[s:e].transpose(1, 2)).float().mul_(scale)
-            if padding is not None:
-                scores.masked_fill_(padding[s:e], float("-inf"))
-            probs[s:e] = torch.softmax(scores, dim=-1)
+            scores = torch.baddbmm(no_bias if bias is None else bias[s:e], q3[s:e], k3[s:e].transpose(1, 2),
+                                   beta=0 if bias is None else 1, alpha=scale)
+            torch.softmax(scores, dim=-1, out=probs[s:e])
             torch.bmm(probs[s:e], v3[s:e], out=out[s:e])
         ctx.save_for_backward(q3, k3, v3, probs)
         ctx.scale, ctx.step, ctx.shapes = scale, step, (q.shape, k.shape)
@@ -71,16 +78,16 @@ class _ExplicitAttention(torch.autograd.Function):
         rows, step, scale = q3.shape[0], ctx.step, ctx.scale
         grad_out = grad_out.reshape(q3.shape)
         grad_q, grad_k, grad_v = torch.empty_like(q3), torch.empty_like(k3), torch.empty_like(v3)
+        no_input = q3.new_zeros(1, 1, 1)
         for s in range(0, rows, step):
             e = min(s + step, rows)
             p = probs[s:e]
             torch.bmm(p.transpose(1, 2), grad_out[s:e], out=grad_v[s:e])
-            grad_p = torch.bmm(grad_out[s:e], v3[s:e].transpose(1, 2)).float()
-            p32 = p.float()
-            # softmax backward: dS = P * (dP - sum_j P dP), then the scale of the scores
-            grad_s = grad_p.sub_((grad_p * p32).sum(-1, keepdim=True)).mul_(p32).mul_(scale).to(q3.dtype)
-            torch.bmm(grad_s, k3[s:e], out=grad_q[s:e])
-            torch.bmm(grad_s.transpose(1, 2), q3[s:e], out=grad_k[s:e])
+            grad_p = torch.bmm(grad_out[s:e], v3[s:e].transpose(1, 2))
+            # the scores' gradient, before the scale: P * (dP - sum_j P dP)
+            grad_s = torch._softmax_backward_data(grad_p, p, -1, p.dtype)
+            torch.baddbmm(no_input, grad_s, k3[s:e], beta=0, alpha=scale, out=grad_q[s:e])
+            torch.baddbmm(no_input, grad_s.transpose(1, 2), q3[s:e], beta=0, alpha=scale, out=grad_k[s:e])
         q_shape, k_shape = ctx.shapes
         return grad_q.view(q_shape), grad_k.view(k_shape), grad_v.view(k_shape), None, None
 
