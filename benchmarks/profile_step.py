@@ -19,7 +19,8 @@ import torch
 from m3ae.host_allocator import SETTINGS, keep_freed_memory
 
 # Kernel / operator names that count as matrix or attention work (CPU operators and CUDA kernels).
-MATMUL_CPU = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+MATMUL_CPU = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+              "aten::_scaled_dot_product_flash_attention_for_cpu",
               "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::linear", "aten::matmul")
 MATMUL_CUDA = ("gemm", "sm90_xmma", "cutlass", "flash", "fmha", "attention", "nvjet", "wgmma")
 

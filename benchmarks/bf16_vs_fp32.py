@@ -1,0 +1,100 @@
+"""bf16 autocast against fp32 for the same training step, steps interleaved in one process.
+
+    PYTHONPATH=src python benchmarks/bf16_vs_fp32.py [--preset base] [--batch 16] [--rounds 8]
+        [--max-caption 32] [--profile] [model.KEY=VALUE ...]
+
+Separate `m3ae bench train --precision` runs drift with the VM (the fp32 base step wandered between
+8.3 and 10.8 s from one run to the next, BENCHMARKS.md): here one bf16 and one fp32 step alternate,
+on two models with the same weights and the same batches, after a warm-up round per batch, and the
+ratio of each round and of the medians is printed. `--profile` then profiles two more steps of each
+and splits their operator time into matmuls (the part precision can speed up) and the rest.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import Counter
+
+import torch
+
+from m3ae import M3AE
+from m3ae.host_allocator import keep_freed_memory
+from m3ae.perf import device_name
+from m3ae.threads import choose_threads
+from m3ae.train.bench import BenchOptions, _Step, bench_model_config, synthetic_batches
+
+from profile_step import MATMUL_CPU  # this folder's profiler: one list of what counts as matmul
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="base")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=8, help="timed steps of each precision")
+    p.add_argument("--max-caption", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("model", nargs="*", metavar="model.KEY=VALUE")
+    args = p.parse_args()
+
+    threads = choose_threads(args.threads)
+    torch.set_num_threads(threads.threads)
+    cfg = bench_model_config(args.preset, args.model)
+    opts = BenchOptions(cfg, batch=args.batch, max_caption=args.max_caption, pool=4)
+    batches = synthetic_batches(cfg, opts)
+    torch.manual_seed(0)
+    models = {"bf16": M3AE(cfg)}
+    models["fp32"] = M3AE(cfg)
+    models["fp32"].load_state_dict(models["bf16"].state_dict())
+    device = torch.device("cpu")
+    steps = {name: _Step(model, device, name, False, False) for name, model in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    with keep_freed_memory("auto", device.type) as allocator:
+        print(f"device {device_name(device)}, threads {threads}, host allocator: {allocator}; preset "
+              f"{args.preset} {' '.join(args.model)}, batch {args.batch}, captions <= {args.max_caption}; "
+              f"{len(batches)} warm-up + {args.rounds} timed rounds, interleaved", file=sys.stderr)
+        for i in range(len(batches) + args.rounds):  # the first pass over the batches warms up every shape
+            for name, step in steps.items():
+                t0 = time.perf_counter()
+                step(batches[i % len(batches)])
+                if i >= len(batches):
+                    times[name].append(time.perf_counter() - t0)
+            if i >= len(batches):
+                print(f"round {i - len(batches) + 1}: bf16 {times['bf16'][-1] * 1e3:.0f} ms, fp32 "
+                      f"{times['fp32'][-1] * 1e3:.0f} ms, {times['fp32'][-1] / times['bf16'][-1]:.2f}x", flush=True)
+        med = {name: statistics.median(t) for name, t in times.items()}
+        rounds = [a / b for a, b in zip(times["fp32"], times["bf16"])]
+        print(f"median step: bf16 {med['bf16'] * 1e3:.0f} ms, fp32 {med['fp32'] * 1e3:.0f} ms; bf16 speed-up "
+              f"{med['fp32'] / med['bf16']:.2f}x (rounds {min(rounds):.2f}-{max(rounds):.2f}x, median "
+              f"{statistics.median(rounds):.2f}x)")
+        if args.profile:
+            profile(steps, batches)
+    return 0
+
+
+def profile(steps: dict, batches: list, n: int = 2) -> None:
+    """Operator self time per step of each precision, matmuls apart from the rest."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    per_op: dict[str, Counter] = {name: Counter() for name in steps}
+    for i in range(n):
+        for name, step in steps.items():
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                step(batches[i % len(batches)])
+            for e in prof.key_averages():
+                per_op[name][e.key] += e.self_cpu_time_total / 1e3 / n
+    split = {name: (sum(ms for k, ms in ops.items() if k in MATMUL_CPU), sum(ops.values()))
+             for name, ops in per_op.items()}
+    for name, (matmul, total) in split.items():
+        top = ", ".join(f"{k.removeprefix('aten::')} {ms:.0f}" for k, ms in per_op[name].most_common(6))
+        print(f"profile {name}: {total:.0f} ms/step, matmuls {matmul:.0f}, the rest {total - matmul:.0f}; {top}")
+    (m16, t16), (m32, t32) = split["bf16"], split["fp32"]
+    print(f"matmuls {m32 / m16:.2f}x faster in bf16, the rest {(t32 - m32) / (t16 - m16):.2f}x; operator time "
+          f"{t32 / t16:.2f}x")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
