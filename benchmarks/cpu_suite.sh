@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The CPU measurements of BENCHMARKS.md ("Busy machine", "bf16 on the CPU", "MAE mode vs HF ViTMAE",
-# "Data pipeline"), one after another on an otherwise idle machine. Output: OUT/*.txt and *.json.
+# The CPU measurements of BENCHMARKS.md ("Busy machine", "bf16 on the CPU", "bf16 against fp32, in one
+# process", "MAE mode vs HF ViTMAE", "Data pipeline"), one after another on an otherwise idle machine.
+# Output: OUT/*.txt and *.json.
 #   benchmarks/cpu_suite.sh OUT [FLICKR_DIR]
 set -uo pipefail
 OUT=${1:?OUT}; FLICKR=${2:-../shared/data/flickr8k-1k}
@@ -30,6 +31,9 @@ for rep in 1 2; do
       --json "$OUT/prec-base-$prec-$rep.json" > "$OUT/prec-base-$prec-$rep.txt" 2>&1
   done
 done
+# 2b. bf16 vs fp32 for the paper's whole base at 256 px, alternating in one process (the VM drifts
+#     between separate runs), with the matmul / rest split.
+$PY benchmarks/bf16_vs_fp32.py --rounds 8 --profile model.image_size=256 > "$OUT/bf16-vs-fp32-base256.txt" 2>&1
 # 3. MAE mode against HF ViTMAE (needs transformers).
 $PY benchmarks/mae_vs_hf.py --steps 20 --warmup 5 --json "$OUT/mae_vs_hf.json" > "$OUT/mae_vs_hf.txt" 2>&1
 # 4. Data pipeline vs a plain PIL baseline, 256 px.
