@@ -58,13 +58,13 @@ class _ExplicitAttention(torch.autograd.Function):
         if key_padding_mask is not None:
             bias = q.new_zeros(b, n_k).masked_fill_(key_padding_mask, float("-inf"))
             bias = bias[:, None, None, :].expand(b, h, 1, n_k).reshape(rows, 1, n_k)
-        no_bias = q.new_zeros(1, 1, 1)  # baddbmm wants an input even with beta=0
+        unused = q.new_zeros(1, 1, 1)  # baddbmm takes an input even with beta=0
         out = q3.new_empty(rows, n_q, dim)
         probs = q3.new_empty(rows, n_q, n_k)
         step = _chunk_rows(rows, n_q * n_k)
         for s in range(0, rows, step):
             e = min(s + step, rows)
-            scores = torch.baddbmm(no_bias if bias is None else bias[s:e], q3[s:e], k3[s:e].transpose(1, 2),
+            scores = torch.baddbmm(unused if bias is None else bias[s:e], q3[s:e], k3[s:e].transpose(1, 2),
                                    beta=0 if bias is None else 1, alpha=scale)
             torch.softmax(scores, dim=-1, out=probs[s:e])
             torch.bmm(probs[s:e], v3[s:e], out=out[s:e])
@@ -78,7 +78,7 @@ class _ExplicitAttention(torch.autograd.Function):
         rows, step, scale = q3.shape[0], ctx.step, ctx.scale
         grad_out = grad_out.reshape(q3.shape)
         grad_q, grad_k, grad_v = torch.empty_like(q3), torch.empty_like(k3), torch.empty_like(v3)
-        no_input = q3.new_zeros(1, 1, 1)
+        unused = q3.new_zeros(1, 1, 1)
         for s in range(0, rows, step):
             e = min(s + step, rows)
             p = probs[s:e]
@@ -86,8 +86,8 @@ class _ExplicitAttention(torch.autograd.Function):
             grad_p = torch.bmm(grad_out[s:e], v3[s:e].transpose(1, 2))
             # the scores' gradient, before the scale: P * (dP - sum_j P dP)
             grad_s = torch._softmax_backward_data(grad_p, p, -1, p.dtype)
-            torch.baddbmm(no_input, grad_s, k3[s:e], beta=0, alpha=scale, out=grad_q[s:e])
-            torch.baddbmm(no_input, grad_s.transpose(1, 2), q3[s:e], beta=0, alpha=scale, out=grad_k[s:e])
+            torch.baddbmm(unused, grad_s, k3[s:e], beta=0, alpha=scale, out=grad_q[s:e])
+            torch.baddbmm(unused, grad_s.transpose(1, 2), q3[s:e], beta=0, alpha=scale, out=grad_k[s:e])
         q_shape, k_shape = ctx.shapes
         return grad_q.view(q_shape), grad_k.view(k_shape), grad_v.view(k_shape), None, None
 
@@ -95,7 +95,7 @@ class _ExplicitAttention(torch.autograd.Function):
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
                        scale: float) -> torch.Tensor:
     """softmax(q k^T * scale, padded keys excluded) v for (B, H, Q, Dh) queries and (B, H, K, Dh) keys
-    and values, in the inputs' dtype with fp32 scores and softmax. `key_padding_mask` (B, K): True
-    where a key is padding."""
+    and values, in the inputs' dtype (scores included), the softmax and its backward computed in fp32.
+    `key_padding_mask` (B, K): True where a key is padding."""
     with torch.autocast("cpu", enabled=False):
         return _ExplicitAttention.apply(q, k, v, key_padding_mask, scale)
