@@ -1,6 +1,7 @@
 """MAE mode (vocab_size 0) against Hugging Face ViTMAE, same shapes, steps interleaved in one process.
 
-    python benchmarks/mae_vs_hf.py [--steps 20] [--warmup 5] [--batch 32] [--threads N] [--bf32] [--profile]
+    python benchmarks/mae_vs_hf.py [--size cpu|base] [--steps 20] [--warmup 5] [--batch 32] [--threads N] [--bf32]
+        [--hf-gelu same|default] [--profile]
 
 Needs `transformers` (pip install transformers -c constraints.txt). Runs, each a full training step
 (forward, backward, grad-norm clip 1.0, AdamW step) on the same synthetic images:
@@ -8,12 +9,15 @@ Needs `transformers` (pip install transformers -c constraints.txt). Runs, each a
   ours fp32       : the same in fp32
   ours reference  : what HF ViTMAE / FAIR MAE compute, in our code: decoder and pixel head over every
                     slot, explicit attention, fp32, torch's default AdamW
-  hf defaults     : ViTMAEForPreTraining with its default attention, fp32, torch.optim.AdamW()
-  hf fused        : the same with fused AdamW
+  hf defaults     : ViTMAEForPreTraining with its defaults (SDPA attention, exact GELU), fp32,
+                    torch.optim.AdamW()
+  hf fused        : the same with fused AdamW and, by default (--hf-gelu same), our tanh GELU
   hf fused bf16   : the same under bf16 autocast (when ours auto-picks bf16)
   with --bf32, ours bf32 / hf fused bf32: both in fp32 with oneDNN's bf16-input matmuls (AMX CPUs)
-Same architecture: encoder 192 x 6 blocks / 3 heads, decoder 128 x 2 / 4 heads, 64 px, patch 8,
-mask ratio 0.75 (the CPU benchmark config of BENCHMARKS.md).
+Same architecture: with --size cpu (default), encoder 192 x 6 blocks / 3 heads, decoder 128 x 2 / 4
+heads, 64 px, patch 8 (the CPU benchmark config of BENCHMARKS.md); with --size base, MAE's ViT-B/16
+at 224 px with its 512 x 8 / 16-head decoder. Mask ratio 0.75. The same-optimizer runs compare equal
+work; the defaults run compares what each library does out of the box.
 """
 from __future__ import annotations
 
@@ -26,14 +30,28 @@ from dataclasses import replace
 import torch
 
 
+# The same architecture on both sides (MLP 4x wide, mask ratio 0.75, no text).
+SIZES = {
+    "cpu": dict(image=64, patch=8, width=192, depth=6, heads=3, dec_width=128, dec_depth=2, dec_heads=4, batch=32),
+    "base": dict(image=224, patch=16, width=768, depth=12, heads=12, dec_width=512, dec_depth=8, dec_heads=16,
+                 batch=16),
+}
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", choices=sorted(SIZES), default="cpu",
+                   help="cpu: the CPU benchmark config (default); base: MAE's ViT-B/16 at 224 px with its "
+                        "512 x 8 decoder")
+    p.add_argument("--batch", type=int, default=None, help="default: 32 for cpu, 16 for base")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--bf32", action="store_true", help="also time both in bf32 (m3ae.precision.Bf32Matmuls)")
+    p.add_argument("--hf-gelu", choices=("same", "default"), default="same",
+                   help="the GELU of HF's same-optimizer runs: same (tanh, as ours) or default (HF's exact "
+                        "GELU, cheaper on CPU); 'hf defaults' always runs HF's default")
     p.add_argument("--host-allocator", choices=("auto", "keep", "system"), default="auto",
                    help="m3ae.host_allocator for the whole process, so for HF too (auto: keep on CPU, as our "
                         "trainer does)")
@@ -54,9 +72,12 @@ def main() -> int:
     threads = choose_threads(args.threads)
     torch.set_num_threads(threads.threads)
     device = torch.device("cpu")
-    cfg = M3AEConfig(image_size=64, patch_size=8, emb_dim=192, depth=6, num_heads=3, dec_emb_dim=128,
-                     dec_depth=2, dec_num_heads=4, vocab_size=0)
-    opts = BenchOptions(cfg, batch=args.batch, steps=args.steps, warmup=args.warmup)
+    size = SIZES[args.size]
+    batch = args.batch or size["batch"]
+    cfg = M3AEConfig(image_size=size["image"], patch_size=size["patch"], emb_dim=size["width"], depth=size["depth"],
+                     num_heads=size["heads"], dec_emb_dim=size["dec_width"], dec_depth=size["dec_depth"],
+                     dec_num_heads=size["dec_heads"], vocab_size=0)
+    opts = BenchOptions(cfg, batch=batch, steps=args.steps, warmup=args.warmup)
     batches = synthetic_batches(cfg, opts)
     auto_bf16 = uses_bf16("auto", device)
 
@@ -70,15 +91,21 @@ def main() -> int:
     g = torch.Generator().manual_seed(1)
     ref_batches = [reference_batch(b, ref_cfg, g) for b in batches]
 
-    hf_cfg = ViTMAEConfig(image_size=64, patch_size=8, hidden_size=192, num_hidden_layers=6, num_attention_heads=3,
-                          intermediate_size=768, decoder_hidden_size=128, decoder_num_hidden_layers=2,
-                          decoder_num_attention_heads=4, decoder_intermediate_size=512, mask_ratio=0.75,
+    hf_cfg = dict(image_size=size["image"], patch_size=size["patch"], hidden_size=size["width"],
+                          num_hidden_layers=size["depth"], num_attention_heads=size["heads"],
+                          intermediate_size=4 * size["width"], decoder_hidden_size=size["dec_width"],
+                          decoder_num_hidden_layers=size["dec_depth"], decoder_num_attention_heads=size["dec_heads"],
+                          decoder_intermediate_size=4 * size["dec_width"], mask_ratio=0.75,
                           layer_norm_eps=1e-6, qkv_bias=True)
+    # Our blocks use the tanh GELU (the authors' JAX code: flax's default); ViTMAE defaults to the
+    # exact one, which torch computes about 3x faster on CPU. "hf defaults" keeps HF's default; the
+    # same-optimizer runs take ours (--hf-gelu same), so both sides do the same work.
+    same_act = "gelu_pytorch_tanh" if args.hf_gelu == "same" else "gelu"
 
     class HFStep:
-        def __init__(self, fused: bool, bf16: bool, bf32: bool = False):
+        def __init__(self, fused: bool, bf16: bool, bf32: bool = False, act: str = "gelu"):
             torch.manual_seed(0)
-            self.model = ViTMAEForPreTraining(hf_cfg).train()
+            self.model = ViTMAEForPreTraining(ViTMAEConfig(**hf_cfg, hidden_act=act)).train()
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.05,
                                                fused=True if fused else None)
             self.bf16 = bf16
@@ -99,24 +126,25 @@ def main() -> int:
         "ours fp32": (_Step(ours32, device, "fp32", False, False), batches),
         "ours reference": (_Step(ref, device, "fp32", True, False, fused_adamw=False), ref_batches),
         "hf defaults": (HFStep(fused=False, bf16=False), batches),
-        "hf fused": (HFStep(fused=True, bf16=False), batches),
+        "hf fused": (HFStep(fused=True, bf16=False, act=same_act), batches),
     }
     if auto_bf16:
-        runs["hf fused bf16"] = (HFStep(fused=True, bf16=True), batches)
+        runs["hf fused bf16"] = (HFStep(fused=True, bf16=True, act=same_act), batches)
     if args.bf32:
         ours_bf32 = M3AE(cfg)
         ours_bf32.load_state_dict(ours.state_dict())
         runs["ours bf32"] = (_Step(ours_bf32, device, "bf32", False, False), batches)
-        runs["hf fused bf32"] = (HFStep(fused=True, bf16=False, bf32=True), batches)
+        runs["hf fused bf32"] = (HFStep(fused=True, bf16=False, bf32=True, act=same_act), batches)
     hf_attention = runs["hf defaults"][0].model.config._attn_implementation
     with keep_freed_memory(args.host_allocator, device.type) as allocator:
         print(f"device {device_name(device)}, threads {threads}, transformers {transformers.__version__} "
-              f"(ViTMAE attention: {hf_attention}), host allocator: {allocator} (every run), batch {args.batch}, "
-              f"{args.warmup} warm-up + {args.steps} timed steps each, interleaved", file=sys.stderr)
+              f"(ViTMAE attention: {hf_attention}; GELU: defaults exact, same-optimizer runs {same_act}), "
+              f"host allocator: {allocator} (every run), size {args.size}, "
+              f"batch {batch}, {args.warmup} warm-up + {args.steps} timed steps each, interleaved", file=sys.stderr)
         timed = _time_steps(runs, opts, device)
         if args.profile:
             profile_runs(runs)
-    sps = {name: args.batch / t["step_s"] for name, t in timed.items()}
+    sps = {name: batch / t["step_s"] for name, t in timed.items()}
     for name, t in timed.items():
         lo, hi = t["step_s_range"]
         print(f"{name:16s} {sps[name]:7.1f} samples/s  step {t['step_s'] * 1e3:6.1f} ms "
@@ -134,6 +162,7 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device_name(device), "threads": str(threads), "hf_attention": hf_attention,
+                       "size": args.size, "batch": batch, "hf_same_optimizer_gelu": same_act,
                        "transformers": transformers.__version__, "samples_per_s": sps, "ratios": ratios}, f,
                       indent=2)
     return 0
