@@ -51,19 +51,22 @@ def main() -> int:
     device = torch.device("cpu")
     steps = {name: _Step(model, device, name, False, False) for name, model in models.items()}
     times: dict[str, list[float]] = {name: [] for name in steps}
+    faults: dict[str, list[int]] = {name: [] for name in steps}
     with keep_freed_memory("auto", device.type) as allocator:
         print(f"device {device_name(device)}, threads {threads}, host allocator: {allocator}; preset "
               f"{args.preset} {' '.join(args.model)}, batch {args.batch}, captions <= {args.max_caption}; "
               f"{len(batches)} warm-up + {args.rounds} timed rounds, interleaved", file=sys.stderr)
         for i in range(len(batches) + args.rounds):  # the first pass over the batches warms up every shape
             for name, step in steps.items():
-                t0 = time.perf_counter()
+                f0, t0 = _minor_faults(), time.perf_counter()
                 step(batches[i % len(batches)])
                 if i >= len(batches):
                     times[name].append(time.perf_counter() - t0)
+                    faults[name].append(_minor_faults() - f0)
             if i >= len(batches):
                 print(f"round {i - len(batches) + 1}: bf16 {times['bf16'][-1] * 1e3:.0f} ms, fp32 "
-                      f"{times['fp32'][-1] * 1e3:.0f} ms, {times['fp32'][-1] / times['bf16'][-1]:.2f}x", flush=True)
+                      f"{times['fp32'][-1] * 1e3:.0f} ms, {times['fp32'][-1] / times['bf16'][-1]:.2f}x "
+                      f"(page faults {faults['bf16'][-1]}, {faults['fp32'][-1]})", flush=True)
         med = {name: statistics.median(t) for name, t in times.items()}
         rounds = [a / b for a, b in zip(times["fp32"], times["bf16"])]
         print(f"median step: bf16 {med['bf16'] * 1e3:.0f} ms, fp32 {med['fp32'] * 1e3:.0f} ms; bf16 speed-up "
@@ -72,6 +75,13 @@ def main() -> int:
         if args.profile:
             profile(steps, batches)
     return 0
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (a step that faults re-touches freed memory)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def profile(steps: dict, batches: list, n: int = 2) -> None:
