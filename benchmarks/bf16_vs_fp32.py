@@ -15,7 +15,6 @@ import argparse
 import statistics
 import sys
 import time
-from collections import Counter
 
 import torch
 
@@ -25,7 +24,7 @@ from m3ae.perf import device_name
 from m3ae.threads import choose_threads
 from m3ae.train.bench import BenchOptions, _Step, bench_model_config, synthetic_batches
 
-from profile_step import MATMUL_CPU  # this folder's profiler: one list of what counts as matmul
+from profile_step import profile_interleaved  # this folder's profiler
 
 
 def main() -> int:
@@ -73,7 +72,10 @@ def main() -> int:
               f"{med['fp32'] / med['bf16']:.2f}x (rounds {min(rounds):.2f}-{max(rounds):.2f}x, median "
               f"{statistics.median(rounds):.2f}x)")
         if args.profile:
-            profile(steps, batches)
+            split = profile_interleaved({name: (step, batches) for name, step in steps.items()}, steps=2)
+            (m16, t16), (m32, t32) = split["bf16"], split["fp32"]
+            print(f"matmuls {m32 / m16:.2f}x faster in bf16, the rest {(t32 - m32) / (t16 - m16):.2f}x; "
+                  f"operator time {t32 / t16:.2f}x")
     return 0
 
 
@@ -82,28 +84,6 @@ def _minor_faults() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def profile(steps: dict, batches: list, n: int = 2) -> None:
-    """Operator self time per step of each precision, matmuls apart from the rest."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    per_op: dict[str, Counter] = {name: Counter() for name in steps}
-    for i in range(n):
-        for name, step in steps.items():
-            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-                step(batches[i % len(batches)])
-            for e in prof.key_averages():
-                per_op[name][e.key] += e.self_cpu_time_total / 1e3 / n
-    split = {name: (sum(ms for k, ms in ops.items() if k in MATMUL_CPU), sum(ops.values()))
-             for name, ops in per_op.items()}
-    for name, (matmul, total) in split.items():
-        top = ", ".join(f"{k.removeprefix('aten::')} {ms:.0f}" for k, ms in per_op[name].most_common(6))
-        print(f"profile {name}: {total:.0f} ms/step, matmuls {matmul:.0f}, the rest {total - matmul:.0f}; {top}")
-    (m16, t16), (m32, t32) = split["bf16"], split["fp32"]
-    print(f"matmuls {m32 / m16:.2f}x faster in bf16, the rest {(t32 - m32) / (t16 - m16):.2f}x; operator time "
-          f"{t32 / t16:.2f}x")
 
 
 if __name__ == "__main__":

@@ -143,7 +143,9 @@ def main() -> int:
               f"batch {batch}, {args.warmup} warm-up + {args.steps} timed steps each, interleaved", file=sys.stderr)
         timed = _time_steps(runs, opts, device)
         if args.profile:
-            profile_runs(runs)
+            from profile_step import profile_interleaved  # this folder's profiler
+
+            profile_interleaved(runs)
     sps = {name: batch / t["step_s"] for name, t in timed.items()}
     for name, t in timed.items():
         lo, hi = t["step_s_range"]
@@ -167,31 +169,6 @@ def main() -> int:
                       indent=2)
     return 0
 
-
-def profile_runs(runs: dict, steps: int = 5, top: int = 6) -> None:
-    """Where each run's step time goes: self CPU time per step, split into matmul / attention
-    operators and the rest, and the top operators. Steps are profiled one at a time, interleaved
-    across the runs as the timing is, so a drifting machine shows in all of them alike."""
-    from collections import defaultdict
-
-    from torch.profiler import ProfilerActivity, profile
-
-    from profile_step import MATMUL_CPU  # this folder's profiler: one list of what counts as matmul
-
-    totals: dict[str, dict[str, float]] = {name: defaultdict(float) for name in runs}
-    for i in range(steps):
-        for name, (step, batches) in runs.items():
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                step(batches[i % len(batches)])
-            for e in prof.key_averages():
-                totals[name][e.key] += e.self_cpu_time_total / 1e3 / steps
-    for name, per_op in totals.items():
-        total = sum(per_op.values())
-        matmul = sum(ms for key, ms in per_op.items() if key in MATMUL_CPU)
-        ranked = sorted(per_op.items(), key=lambda e: -e[1])[:top]
-        names = ", ".join(f"{key.removeprefix('aten::')} {ms:.1f}" for key, ms in ranked)
-        print(f"profile {name:16s} {total:6.1f} ms/step: matmul + attention {matmul:6.1f} ms, "
-              f"rest {total - matmul:6.1f} ms; {names}")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,6 +25,34 @@ MATMUL_CPU = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
 MATMUL_CUDA = ("gemm", "sm90_xmma", "cutlass", "flash", "fmha", "attention", "nvjet", "wgmma")
 
 
+def profile_interleaved(runs: dict, steps: int = 5, top: int = 6) -> dict[str, tuple[float, float]]:
+    """Where each run's CPU step time goes. `runs`: name -> (step callable, batches). Steps are
+    profiled one at a time, interleaved across the runs as the benchmarks time them, so a drifting
+    machine shows in all of them alike. Prints each run's operator self time per step, split into
+    matmul / attention operators and the rest, with its top operators; returns name -> (matmul ms,
+    total ms) per step. (The profiler itself slows copies: BENCHMARKS.md.)"""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    per_op: dict[str, Counter] = {name: Counter() for name in runs}
+    for i in range(steps):
+        for name, (step, batches) in runs.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step(batches[i % len(batches)])
+            for e in prof.key_averages():
+                per_op[name][e.key] += e.self_cpu_time_total / 1e3 / steps
+    split = {}
+    for name, ops in per_op.items():
+        total = sum(ops.values())
+        matmul = sum(ms for key, ms in ops.items() if key in MATMUL_CPU)
+        names = ", ".join(f"{key.removeprefix('aten::')} {ms:.1f}" for key, ms in ops.most_common(top))
+        print(f"profile {name:16s} {total:6.1f} ms/step: matmul + attention {matmul:6.1f} ms, "
+              f"rest {total - matmul:6.1f} ms; {names}")
+        split[name] = (matmul, total)
+    return split
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=5)
