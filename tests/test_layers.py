@@ -77,3 +77,28 @@ def test_cpu_bf16_training_attention_runs_in_fp32_and_inference_in_bf16(short, m
     assert attn.qkv.weight.grad is not None and torch.isfinite(attn.qkv.weight.grad).all()
     reference, _ = attn.float()(x, padding)
     torch.testing.assert_close(out.float(), reference, atol=3e-2, rtol=3e-2)
+
+
+def test_gelu_is_the_tanh_form_in_fp32_and_within_bf16_rounding_in_bf16():
+    import torch.nn.functional as F
+
+    from m3ae.layers import gelu
+
+    x = torch.linspace(-8, 8, 4001)
+    assert torch.equal(gelu(x), F.gelu(x, approximate="tanh"))  # fp32: the reference's function, exactly
+    assert torch.equal(gelu(x.double()), F.gelu(x.double(), approximate="tanh"))
+    # bf16: every finite bf16 value in [-20, 20]; against the tanh form in fp64, the output is off
+    # by at most half a bf16 unit of the output plus the tanh-vs-erf gap (4.7e-4).
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    xb = bits[torch.isfinite(bits) & (bits.float().abs() <= 20)]
+    want = F.gelu(xb.double(), approximate="tanh")
+    half_unit = want.abs().clamp(min=2.0**-126) * 2.0**-8  # a bound on half a bf16 unit
+    err = (gelu(xb).double() - want).abs()
+    assert bool((err <= half_unit + 4.8e-4).all())
+    rounded_tanh = F.gelu(xb, approximate="tanh")
+    assert (gelu(xb) != rounded_tanh).double().mean() < 0.03  # rounded, the two forms mostly agree
+    # and the gradient, likewise within the gap of the two forms' derivatives
+    xg = xb.clone().requires_grad_()
+    gelu(xg).backward(torch.ones_like(xg))
+    want_grad = torch.func.grad(lambda t: F.gelu(t, approximate="tanh").sum())(xb.double())
+    assert (xg.grad.double() - want_grad).abs().max() < 6e-3  # the tanh form in bf16: 3.9e-3
