@@ -1,11 +1,13 @@
 """Transformer blocks: computing only some output rows gives exactly those rows of the full output;
 a CPU bf16 training step runs its attention in fp32 (m3ae.precision.attention_in_fp32), or for
-short sequences in the explicit form of m3ae.cpu_attention."""
+short sequences in the explicit form of m3ae.cpu_attention; the GELU is the tanh form in fp32 and
+within bf16 rounding of it in bf16."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from m3ae.layers import Attention, Transformer, gather_rows
+from m3ae.layers import Attention, Transformer, gather_rows, gelu
 
 
 @pytest.mark.parametrize("explicit", [False, True])
@@ -80,10 +82,6 @@ def test_cpu_bf16_training_attention_runs_in_fp32_and_inference_in_bf16(short, m
 
 
 def test_gelu_is_the_tanh_form_in_fp32_and_within_bf16_rounding_in_bf16():
-    import torch.nn.functional as F
-
-    from m3ae.layers import gelu
-
     x = torch.linspace(-8, 8, 4001)
     assert torch.equal(gelu(x), F.gelu(x, approximate="tanh"))  # fp32: the reference's function, exactly
     assert torch.equal(gelu(x.double()), F.gelu(x.double(), approximate="tanh"))

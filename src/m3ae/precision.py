@@ -3,8 +3,11 @@
 auto = bf16 autocast on CUDA and on CPUs with native bf16 matrix instructions (AMX or AVX512-BF16,
 where oneDNN's bf16 matmul is ~2x fp32: BENCHMARKS.md), fp32 elsewhere. Under autocast the matmuls
 run in bf16 while softmax, normalisation statistics and the losses stay fp32 (torch's autocast
-lists, and m3ae.linear_cross_entropy's fp32 softmax). On a CPU, a bf16 step's attention runs in fp32
-(`attention_in_fp32`): torch's CPU bf16 attention kernels are slower than fp32 with a backward.
+lists, and m3ae.linear_cross_entropy's fp32 softmax). On a CPU, torch's bf16 attention kernels are
+slower than fp32 with a backward, so a bf16 training step's attention takes m3ae.cpu_attention's
+explicit form (bf16 GEMMs, fp32 softmax math) or the fused kernel in fp32 (`attention_in_fp32`).
+On bf16 activations the MLP's tanh GELU is computed in its erf form (m3ae.layers.gelu: the same
+function to within bf16 rounding, and 2-3x cheaper on CPU).
 
 bf32 (CPU only, opt-in) keeps weights, activations and every output in fp32 and lets oneDNN round
 the inputs of fp32 matmuls to bf16 inside the kernel (fp32 accumulation, fp32 result): the CPU's
