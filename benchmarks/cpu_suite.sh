@@ -34,6 +34,8 @@ done
 # 2b. bf16 vs fp32 for the paper's whole base at 256 px, alternating in one process (the VM drifts
 #     between separate runs), with the matmul / rest split.
 $PY benchmarks/bf16_vs_fp32.py --rounds 8 --profile model.image_size=256 > "$OUT/bf16-vs-fp32-base256.txt" 2>&1
+#     And the two GELU forms in bf16 at the base model's MLP shapes (m3ae.layers.gelu's choice).
+$PY benchmarks/gelu_forms.py > "$OUT/gelu-forms.txt" 2>&1
 # 3. MAE mode against HF ViTMAE (needs transformers).
 $PY benchmarks/mae_vs_hf.py --steps 20 --warmup 5 --json "$OUT/mae_vs_hf.json" > "$OUT/mae_vs_hf.txt" 2>&1
 # 4. Data pipeline vs a plain PIL baseline, 256 px.
