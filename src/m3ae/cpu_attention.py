@@ -43,53 +43,78 @@ def _chunk_rows(rows: int, scores_per_row: int) -> int:
     return max(1, -(-rows // chunks))
 
 
-class _ExplicitAttention(torch.autograd.Function):
-    # Per chunk, forward: one GEMM that also scales and masks (baddbmm: alpha, additive -inf bias),
-    # softmax reading and writing the inputs' dtype with fp32 math inside, one GEMM. Backward: three
-    # GEMMs and torch's softmax backward (fp32 math inside), the scale applied by the GEMMs. Fewer
-    # passes over the scores than casting them to fp32 and back: 1.2-1.5x faster at 65-289 tokens.
-    @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, scale: float):
-        b, h, n_q, dim = q.shape
-        n_k = k.shape[2]
-        rows = b * h
-        q3, k3, v3 = q.reshape(rows, n_q, dim), k.reshape(rows, n_k, dim), v.reshape(rows, n_k, dim)
-        bias = None
-        if key_padding_mask is not None:
-            bias = q.new_zeros(b, n_k).masked_fill_(key_padding_mask, float("-inf"))
-            bias = bias[:, None, None, :].expand(b, h, 1, n_k).reshape(rows, 1, n_k)
-        unused = q.new_zeros(1, 1, 1)  # baddbmm takes an input even with beta=0
-        out = q3.new_empty(rows, n_q, dim)
-        probs = q3.new_empty(rows, n_q, n_k)
-        step = _chunk_rows(rows, n_q * n_k)
-        for s in range(0, rows, step):
-            e = min(s + step, rows)
-            scores = torch.baddbmm(unused if bias is None else bias[s:e], q3[s:e], k3[s:e].transpose(1, 2),
-                                   beta=0 if bias is None else 1, alpha=scale)
-            torch.softmax(scores, dim=-1, out=probs[s:e])
-            torch.bmm(probs[s:e], v3[s:e], out=out[s:e])
-        ctx.save_for_backward(q3, k3, v3, probs)
-        ctx.scale, ctx.step, ctx.shapes = scale, step, (q.shape, k.shape)
-        return out.view(b, h, n_q, dim)
+# Per chunk, forward: one GEMM that also scales and masks (baddbmm: alpha, additive -inf bias),
+# softmax reading and writing the inputs' dtype with fp32 math inside, one GEMM. Backward: three
+# GEMMs and torch's softmax backward (fp32 math inside), the scale applied by the GEMMs. Fewer
+# passes over the scores than casting them to fp32 and back: 1.2-1.5x faster at 65-289 tokens.
+#
+# Both passes are custom operators, opaque to torch.compile: traced through, inductor turned the
+# unrolled chunk loop's softmaxes into one generated kernel 3x slower than the whole eager block
+# (a base decoder block, bf16: 951 vs 327 ms forward + backward; BENCHMARKS.md). Their schemas are
+# spelled out, as in m3ae.linear_cross_entropy.
+@torch.library.custom_op("m3ae::explicit_attention", mutates_args=(), schema=(
+    "(Tensor q, Tensor k, Tensor v, Tensor? bias, float scale) -> (Tensor, Tensor)"))
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, Q, Dh) queries, (rows, K, Dh) keys and values, bias (rows, 1, K) or None -> (output
+    (rows, Q, Dh), probabilities (rows, Q, K)), in the inputs' dtype."""
+    rows, n_q, n_k = q.shape[0], q.shape[1], k.shape[1]
+    unused = q.new_zeros(1, 1, 1)  # baddbmm takes an input even with beta=0
+    out = q.new_empty(rows, n_q, v.shape[2])
+    probs = q.new_empty(rows, n_q, n_k)
+    step = _chunk_rows(rows, n_q * n_k)
+    for s in range(0, rows, step):
+        e = min(s + step, rows)
+        scores = torch.baddbmm(unused if bias is None else bias[s:e], q[s:e], k[s:e].transpose(1, 2),
+                               beta=0 if bias is None else 1, alpha=scale)
+        torch.softmax(scores, dim=-1, out=probs[s:e])
+        torch.bmm(probs[s:e], v[s:e], out=out[s:e])
+    return out, probs
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q3, k3, v3, probs = ctx.saved_tensors
-        rows, step, scale = q3.shape[0], ctx.step, ctx.scale
-        grad_out = grad_out.reshape(q3.shape)
-        grad_q, grad_k, grad_v = torch.empty_like(q3), torch.empty_like(k3), torch.empty_like(v3)
-        unused = q3.new_zeros(1, 1, 1)
-        for s in range(0, rows, step):
-            e = min(s + step, rows)
-            p = probs[s:e]
-            torch.bmm(p.transpose(1, 2), grad_out[s:e], out=grad_v[s:e])
-            grad_p = torch.bmm(grad_out[s:e], v3[s:e].transpose(1, 2))
-            # the scores' gradient, before the scale: P * (dP - sum_j P dP)
-            grad_s = torch._softmax_backward_data(grad_p, p, -1, p.dtype)
-            torch.baddbmm(unused, grad_s, k3[s:e], beta=0, alpha=scale, out=grad_q[s:e])
-            torch.baddbmm(unused, grad_s.transpose(1, 2), q3[s:e], beta=0, alpha=scale, out=grad_k[s:e])
-        q_shape, k_shape = ctx.shapes
-        return grad_q.view(q_shape), grad_k.view(k_shape), grad_v.view(k_shape), None, None
+
+@_attention.register_fake
+def _attention_shapes(q, k, v, bias, scale):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[0], q.shape[1], k.shape[1])
+
+
+@torch.library.custom_op("m3ae::explicit_attention_backward", mutates_args=(), schema=(
+    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor probs, float scale) -> (Tensor, Tensor, Tensor)"))
+def _attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        probs: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows = q.shape[0]
+    step = _chunk_rows(rows, q.shape[1] * k.shape[1])
+    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    unused = q.new_zeros(1, 1, 1)
+    for s in range(0, rows, step):
+        e = min(s + step, rows)
+        p = probs[s:e]
+        torch.bmm(p.transpose(1, 2), grad_out[s:e], out=grad_v[s:e])
+        grad_p = torch.bmm(grad_out[s:e], v[s:e].transpose(1, 2))
+        # the scores' gradient, before the scale: P * (dP - sum_j P dP)
+        grad_s = torch._softmax_backward_data(grad_p, p, -1, p.dtype)
+        torch.baddbmm(unused, grad_s, k[s:e], beta=0, alpha=scale, out=grad_q[s:e])
+        torch.baddbmm(unused, grad_s.transpose(1, 2), q[s:e], beta=0, alpha=scale, out=grad_k[s:e])
+    return grad_q, grad_k, grad_v
+
+
+@_attention_backward.register_fake
+def _attention_backward_shapes(grad_out, q, k, v, probs, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _save(ctx, inputs, output) -> None:
+    q, k, v, _bias, scale = inputs
+    ctx.save_for_backward(q, k, v, output[1])
+    ctx.scale = scale
+
+
+def _gradients(ctx, grad_out, _grad_probs):
+    q, k, v, probs = ctx.saved_tensors
+    grad_q, grad_k, grad_v = _attention_backward(grad_out.contiguous(), q, k, v, probs, ctx.scale)
+    return grad_q, grad_k, grad_v, None, None
+
+
+_attention.register_autograd(_gradients, setup_context=_save)
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
@@ -97,5 +122,14 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_pa
     """softmax(q k^T * scale, padded keys excluded) v for (B, H, Q, Dh) queries and (B, H, K, Dh) keys
     and values, in the inputs' dtype (scores included), the softmax and its backward computed in fp32.
     `key_padding_mask` (B, K): True where a key is padding."""
+    b, h, n_q, dim = q.shape
+    n_k = k.shape[2]
+    rows = b * h
+    bias = None
+    if key_padding_mask is not None:
+        bias = q.new_zeros(b, n_k).masked_fill_(key_padding_mask, float("-inf"))
+        bias = bias[:, None, None, :].expand(b, h, 1, n_k).reshape(rows, 1, n_k)
     with torch.autocast("cpu", enabled=False):
-        return _ExplicitAttention.apply(q, k, v, key_padding_mask, scale)
+        out, _ = _attention(q.reshape(rows, n_q, dim), k.reshape(rows, n_k, dim), v.reshape(rows, n_k, dim),
+                            bias, scale)
+    return out.view(b, h, n_q, dim)
