@@ -61,6 +61,9 @@ def main() -> int:
     p.add_argument("--preset", default=None, help="an M3AE preset (default: the small MAE-mode shapes)")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--max-caption", type=int, default=None,
+                   help="with --preset: captions of 1..N tokens (default: the preset's text_length), as "
+                        "`m3ae bench train --max-caption`; compiled steps pad every caption to N")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -88,7 +91,7 @@ def _profile(args: argparse.Namespace) -> int:
     else:
         cfg = M3AEConfig(image_size=64, patch_size=8, emb_dim=192, depth=6, num_heads=3, dec_emb_dim=128,
                          dec_depth=2, dec_num_heads=4, vocab_size=0)
-    opts = BenchOptions(cfg, batch=args.batch, compile=args.compile)
+    opts = BenchOptions(cfg, batch=args.batch, compile=args.compile, max_caption=args.max_caption)
     batches = synthetic_batches(cfg, opts)
     if device.type == "cuda":
         batches = [b.pin_memory() for b in batches]

@@ -89,6 +89,36 @@ def test_kept_memory_stays_resident_until_the_block_ends():
     assert system["after_free"] - system["before"] < 8  # glibc's default: unmapped at once
 
 
+# More than 1 GiB freed at the top of the heap (malloc'ed, never touched, so it costs no memory):
+# the break stays where it was while the block runs, and goes back when the block ends.
+_TOP_PROBE = """
+import ctypes, json
+from m3ae.host_allocator import keep_freed_memory
+libc = ctypes.CDLL(None)
+libc.malloc.restype = libc.sbrk.restype = ctypes.c_void_p
+libc.free.argtypes, libc.sbrk.argtypes = [ctypes.c_void_p], [ctypes.c_long]
+mib = lambda: libc.sbrk(0) / 2**20
+with keep_freed_memory("keep", "cpu"):
+    start = mib()
+    blocks = [libc.malloc(400 << 20) for _ in range(3)]
+    grown = mib() - start
+    for block in reversed(blocks):
+        libc.free(block)
+    kept = mib() - start
+print(json.dumps(dict(grown=grown, kept=kept, after_block=mib() - start)))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or _glibc() is None, reason="needs Linux with glibc")
+def test_kept_memory_is_not_trimmed_however_much_is_freed_at_once():
+    done = subprocess.run([sys.executable, "-c", _TOP_PROBE], capture_output=True, text=True, check=True,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)})
+    heap = json.loads(done.stdout)
+    assert heap["grown"] > 1190  # the three blocks came from the heap's break, not from mmap
+    assert heap["kept"] > 1190  # a 1 GiB trim threshold gave all of it back here (the old setting)
+    assert heap["after_block"] < 8
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
 def test_resident_bytes_counts_touched_memory():
     import torch

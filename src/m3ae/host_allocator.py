@@ -11,6 +11,11 @@ do: the bf16 step at base width ran 1.03-1.24x faster. The cost: the process kee
 until the block ends, instead of returning it between steps, and kept blocks can fragment, which
 `KeptMemoryLimit` bounds.
 
+Trimming is off entirely, not just raised: with a finite trim threshold, a step whose freed memory
+at the top of the heap exceeds it hands all of that back to the kernel and faults it in again the
+next step. At 1 GiB that happened to the base model at batch 32 (up to 390k page faults, ~1.6 GB,
+per fp32 step; 17 vs 19.5 s per step; BENCHMARKS.md).
+
 `keep_freed_memory` applies this around a block (the trainer and `m3ae bench train` use it) and
 puts glibc back afterwards: the kept memory returned (`malloc_trim`) and the thresholds where
 glibc's own adaptation ends up in a torch process (32 MiB mmap, 64 MiB trim; once set, glibc cannot
@@ -35,6 +40,8 @@ _ADAPTED_MMAP_THRESHOLD = 32 << 20
 _ADAPTED_TRIM_THRESHOLD = 64 << 20
 # Far above any one tensor a CPU run allocates; glibc accepts it (it returns 1).
 KEEP_THRESHOLD = 1 << 30
+# mallopt(3): "Setting M_TRIM_THRESHOLD to -1 disables trimming completely" (malloc_trim still works).
+NO_TRIM = -1
 _OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 
@@ -95,7 +102,7 @@ def keep_freed_memory(setting: str, device_type: str) -> Iterator[AllocatorChoic
         libc.mallopt(_M_TRIM_THRESHOLD, _ADAPTED_TRIM_THRESHOLD)
         libc.malloc_trim(0)
 
-    if not (libc.mallopt(_M_MMAP_THRESHOLD, KEEP_THRESHOLD) and libc.mallopt(_M_TRIM_THRESHOLD, KEEP_THRESHOLD)):
+    if not (libc.mallopt(_M_MMAP_THRESHOLD, KEEP_THRESHOLD) and libc.mallopt(_M_TRIM_THRESHOLD, NO_TRIM)):
         restore()
         yield AllocatorChoice(False, "glibc refused the thresholds")
         return
