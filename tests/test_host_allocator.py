@@ -68,10 +68,15 @@ print(json.dumps(dict(kept=choice.kept, before=before, touched=touched, after_fr
 """
 
 
-def _probe(setting: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", _PROBE, setting], capture_output=True, text=True, check=True,
-                             env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)})
+def _run(code: str, *args: str) -> dict:
+    """Run `code` in a fresh interpreter and return the JSON it prints."""
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)})
     return json.loads(done.stdout)
+
+
+def _probe(setting: str) -> dict:
+    return _run(_PROBE, setting)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or _glibc() is None, reason="needs Linux with glibc")
@@ -111,9 +116,7 @@ print(json.dumps(dict(grown=grown, kept=kept, after_block=mib() - start)))
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or _glibc() is None, reason="needs Linux with glibc")
 def test_kept_memory_is_not_trimmed_however_much_is_freed_at_once():
-    done = subprocess.run([sys.executable, "-c", _TOP_PROBE], capture_output=True, text=True, check=True,
-                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)})
-    heap = json.loads(done.stdout)
+    heap = _run(_TOP_PROBE)
     assert heap["grown"] > 1190  # the three blocks came from the heap's break, not from mmap
     assert heap["kept"] > 1190  # a 1 GiB trim threshold gave all of it back here (the old setting)
     assert heap["after_block"] < 8
