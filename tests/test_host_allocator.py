@@ -75,20 +75,16 @@ def _run(code: str, *args: str) -> dict:
     return json.loads(done.stdout)
 
 
-def _probe(setting: str) -> dict:
-    return _run(_PROBE, setting)
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux") or _glibc() is None, reason="needs Linux with glibc")
 def test_kept_memory_stays_resident_until_the_block_ends():
-    kept = _probe("keep")
+    kept = _run(_PROBE, "keep")
     assert kept["kept"]
     assert kept["touched"] - kept["before"] > 60
     assert kept["after_free"] - kept["before"] > 60  # freed, but kept for the next allocation
     assert kept["after_block"] - kept["before"] < 8  # given back when the block ends
     assert kept["later_free"] - kept["before"] < 8  # and large blocks are no longer kept
 
-    system = _probe("system")
+    system = _run(_PROBE, "system")
     assert not system["kept"]
     assert system["touched"] - system["before"] > 60
     assert system["after_free"] - system["before"] < 8  # glibc's default: unmapped at once

@@ -5,11 +5,11 @@ and unmaps it when freed. A training step frees and allocates the same large buf
 30522-row embedding gradient, the text head's bf16 weight copy and gradient, wide activations at
 large batch. Each time the kernel zeroes and faults in their pages again (40-95k page faults per
 step at base width): zero-filling a 94 MB gradient took 28-32 ms instead of 3-7, cloning a 62 MB
-weight 20-22 ms instead of 4 (BENCHMARKS.md). Raising glibc's mmap and trim thresholds makes freed
-memory stay in the heap and serve the next step, as CUDA's caching allocator, jemalloc and tcmalloc
-do: the bf16 step at base width ran 1.03-1.24x faster. The cost: the process keeps its peak heap
-until the block ends, instead of returning it between steps, and kept blocks can fragment, which
-`KeptMemoryLimit` bounds.
+weight 20-22 ms instead of 4 (BENCHMARKS.md). Raising glibc's mmap threshold and turning its
+trimming off makes freed memory stay in the heap and serve the next step, as CUDA's caching
+allocator, jemalloc and tcmalloc do: the bf16 step at base width ran 1.03-1.24x faster. The cost:
+the process keeps its peak heap until the block ends, instead of returning it between steps, and
+kept blocks can fragment, which `KeptMemoryLimit` bounds.
 
 Trimming is off entirely, not just raised: with a finite trim threshold, a step whose freed memory
 at the top of the heap exceeds it hands all of that back to the kernel and faults it in again the
