@@ -114,15 +114,15 @@ def inject(fault: str) -> None:
         return calls[0] == n
 
     if kind in ("raise_at", "sigkill_at"):
-        real_clip = train_step.clip_grad_norm
+        real_norm = train_step.grad_norm
 
-        def clip(*args, **kwargs):  # called once per step, after the backward passes
+        def norm(*args, **kwargs):  # called once per step, after the backward passes
             if nth():
                 if kind == "raise_at":
                     raise RuntimeError("injected fault")
                 os.kill(os.getpid(), signal.SIGKILL)
-            return real_clip(*args, **kwargs)
-        train_step.clip_grad_norm = clip
+            return real_norm(*args, **kwargs)
+        train_step.grad_norm = norm
     elif kind in ("enospc_ckpt", "kill_in_ckpt"):
         real_save = torch.save
 

@@ -61,20 +61,71 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 @torch.no_grad()
-def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float | None) -> torch.Tensor:
-    """Global-norm clipping as optax does it (g * max_norm / max(norm, max_norm)); returns the norm.
-
-    No host sync: the scale is applied on-device. A non-finite norm leaves grads non-finite,
-    which the caller detects.
-    """
+def grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of the parameters' gradients (fp32), without a host sync. Plain tensors
+    are reduced with one `_foreach_norm` per device and dtype (one operator, not one per tensor:
+    a small model's step has a hundred gradients); FSDP2 shards (DTensor) reduce each partial norm
+    to its total first."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    norms = [torch.linalg.vector_norm(g.float()) for g in grads]
-    if hasattr(norms[0], "full_tensor"):  # FSDP2 DTensor shards: reduce each partial norm to its total
-        norms = [n.full_tensor() for n in norms]
-    norm = torch.linalg.vector_norm(torch.stack(norms))
+    if hasattr(grads[0], "full_tensor"):
+        norms = [torch.linalg.vector_norm(g.float()).full_tensor() for g in grads]
+    else:
+        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for g in grads:
+            groups.setdefault((g.device, g.dtype), []).append(g)
+        device = grads[0].device
+        norms = [n.to(device) for group in groups.values() for n in torch._foreach_norm(group, 2, dtype=torch.float32)]
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def clip_divisor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """What clipping divides gradients by: max(norm, max_norm) / max_norm (1 below the limit; optax's
+    clip_by_global_norm, g * max_norm / max(norm, max_norm)). A NaN norm stays NaN."""
+    return norm.float().clamp(min=max_norm) / max_norm
+
+
+@torch.no_grad()
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """Global-norm clipping as optax does it (g * max_norm / max(norm, max_norm)), in place; returns
+    the norm. No host sync: the scale is applied on-device. A non-finite norm leaves grads
+    non-finite, which the caller detects. (The trainer folds the scale into the fused optimizer
+    instead: `step_clipped`.)"""
+    params = list(params)
+    norm = grad_norm(params)
     if max_norm is not None and max_norm > 0:
-        scale = max_norm / norm.clamp(min=max_norm)  # = max_norm / max(norm, max_norm); NaN stays NaN
-        torch._foreach_mul_(grads, scale.to(grads[0].dtype))
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, (1 / clip_divisor(norm, max_norm)).to(grads[0].dtype))
     return norm
+
+
+def _fused(optimizer: torch.optim.Optimizer) -> bool:
+    return all(group.get("fused") for group in optimizer.param_groups)
+
+
+def step_clipped(optimizer: torch.optim.Optimizer, norm: torch.Tensor, max_norm: float | None) -> None:
+    """optimizer.step() on gradients clipped to `max_norm` given their global `norm` (grad_norm).
+    A fused optimizer takes the clipping as its `grad_scale` (the attribute torch's GradScaler sets
+    for it: the kernel divides each gradient by it as it reads it), which saves a pass over every
+    gradient; any other one gets the gradients scaled in place first. The gradients are not left
+    clipped in either case; zero them after."""
+    if max_norm is None or max_norm <= 0:
+        optimizer.step()
+        return
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        optimizer.step()
+        return
+    divisor = clip_divisor(norm, max_norm).to(grads[0].device)
+    # DTensor shards (FSDP2) and a GradScaler's own grad_scale: scaled in place.
+    if not _fused(optimizer) or hasattr(optimizer, "grad_scale") or hasattr(grads[0], "full_tensor"):
+        torch._foreach_mul_(grads, (1 / divisor).to(grads[0].dtype))
+        optimizer.step()
+        return
+    optimizer.grad_scale = divisor  # type: ignore[attr-defined]
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale  # type: ignore[attr-defined]

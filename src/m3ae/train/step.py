@@ -4,8 +4,8 @@ benchmark times the step users run.
 A step is: for every part of every micro-batch, forward and a backward of the loss weighted by the
 part's share of the step's samples (gradients all-reduced in the last backward only; under DDP a
 zero-weighted touch of every parameter for parts that skip a modality); then gradient clipping
-(`grad_norm`), then - by the caller, after its one host sync on that norm - the optimizer update or
-a skipped update, and zeroed gradients.
+(`grad_norm`), then - by the caller, after its one host sync on that norm - the optimizer update
+(the clipping folded into it: `m3ae.optim.step_clipped`) or a skipped update, and zeroed gradients.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from .. import distributed as dist_utils
 from ..data.collate import Batch
 from ..model import M3AE
-from ..optim import clip_grad_norm
+from ..optim import grad_norm, step_clipped
 
 METRICS = ("loss", "image_loss", "text_loss", "text_accuracy")
 
@@ -29,9 +29,11 @@ class TrainStep:
         self.autocast, self.clip_grad, self.grad_accum = autocast, clip_grad, grad_accum
         self.ddp = world_size > 1 and not fsdp
         self.full_outputs = full_outputs  # heads over every slot (the reference-equivalent step)
+        self._grad_norm = torch.zeros(())  # of the last backward, for update's clipping
 
     def backward(self, micro_batches: Iterable[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward + backward over `grad_accum` micro-batches, then clip. Returns (metrics, grad_norm):
+        """Forward + backward over `grad_accum` micro-batches, then the gradients' global norm (before
+        clipping; `update` clips). Returns (metrics, grad_norm):
         metrics = sample-weighted means of loss, image_loss, text_loss, text_accuracy over the parts
         that have them (nan where none did), on the device; no host sync."""
         sums = torch.zeros(len(METRICS), device=self.device)
@@ -49,12 +51,12 @@ class TrainStep:
                         if value is not None:
                             sums[k] += value.detach().float() * part.size
                             counts[k] += part.size
-        grad_norm = clip_grad_norm(self.model.parameters(), self.clip_grad)
-        return sums / counts, grad_norm  # 0/0 = nan: modality absent this step
+        self._grad_norm = grad_norm(self.model.parameters())
+        return sums / counts, self._grad_norm  # 0/0 = nan: modality absent this step
 
     def update(self, finite: bool) -> None:
-        """The optimizer update (skipped for a non-finite step: weights and Adam moments untouched),
-        then zeroed gradients."""
+        """The optimizer update with the gradients clipped (skipped for a non-finite step: weights and
+        Adam moments untouched), then zeroed gradients."""
         if finite:
-            self.optimizer.step()
+            step_clipped(self.optimizer, self._grad_norm, self.clip_grad)
         self.optimizer.zero_grad(set_to_none=True)
