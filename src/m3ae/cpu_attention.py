@@ -81,36 +81,25 @@ def _attention_shapes(q, k, v, bias, scale):
     "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor probs, float scale) -> (Tensor, Tensor, Tensor)"))
 def _attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         probs: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of q, k and v; those of k and v are transposed views, (rows, K, Dh) with the keys
-    innermost (`_key_major`)."""
     rows = q.shape[0]
     step = _chunk_rows(rows, q.shape[1] * k.shape[1])
-    grad_q = torch.empty_like(q)
-    grad_k_t, grad_v_t = _key_major(k).transpose(1, 2), _key_major(v).transpose(1, 2)
+    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     unused = q.new_zeros(1, 1, 1)
     for s in range(0, rows, step):
         e = min(s + step, rows)
         p = probs[s:e]
-        torch.bmm(grad_out[s:e].transpose(1, 2), p, out=grad_v_t[s:e])  # (dO^T P) = dV^T
+        torch.bmm(p.transpose(1, 2), grad_out[s:e], out=grad_v[s:e])
         grad_p = torch.bmm(grad_out[s:e], v[s:e].transpose(1, 2))
         # the scores' gradient, before the scale: P * (dP - sum_j P dP)
         grad_s = torch._softmax_backward_data(grad_p, p, -1, p.dtype)
         torch.baddbmm(unused, grad_s, k[s:e], beta=0, alpha=scale, out=grad_q[s:e])
-        torch.baddbmm(unused, q[s:e].transpose(1, 2), grad_s, beta=0, alpha=scale, out=grad_k_t[s:e])  # dK^T
-    return grad_q, grad_k_t.transpose(1, 2), grad_v_t.transpose(1, 2)
-
-
-def _key_major(keys: torch.Tensor) -> torch.Tensor:
-    """An empty (rows, K, Dh) tensor laid out as (rows, Dh, K). dK and dV are computed transposed,
-    as dK^T = Q^T dS and dV^T = dO^T P: BLAS then reads the (Q, K) matrices as stored instead of
-    transposed, 1.4x faster for dK and dV at 289 keys of 32-dim heads (BENCHMARKS.md)."""
-    rows, n_k, dim = keys.shape
-    return keys.new_empty(rows, dim, n_k).transpose(1, 2)
+        torch.baddbmm(unused, grad_s.transpose(1, 2), q[s:e], beta=0, alpha=scale, out=grad_k[s:e])
+    return grad_q, grad_k, grad_v
 
 
 @_attention_backward.register_fake
 def _attention_backward_shapes(grad_out, q, k, v, probs, scale):
-    return torch.empty_like(q), _key_major(k), _key_major(v)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _save(ctx, inputs, output) -> None:
