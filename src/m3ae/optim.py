@@ -90,38 +90,30 @@ def clip_divisor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
 def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float | None) -> torch.Tensor:
     """Global-norm clipping as optax does it (g * max_norm / max(norm, max_norm)), in place; returns
     the norm. No host sync: the scale is applied on-device. A non-finite norm leaves grads
-    non-finite, which the caller detects. (The trainer folds the scale into the fused optimizer
+    non-finite, which the caller detects. (The trainer folds the clip into a fused optimizer
     instead: `step_clipped`.)"""
     params = list(params)
     norm = grad_norm(params)
-    if max_norm is not None and max_norm > 0:
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, (1 / clip_divisor(norm, max_norm)).to(grads[0].dtype))
+    grads = [p.grad for p in params if p.grad is not None]
+    if max_norm is not None and max_norm > 0 and grads:
+        torch._foreach_div_(grads, clip_divisor(norm, max_norm).to(grads[0].device))
     return norm
-
-
-def _fused(optimizer: torch.optim.Optimizer) -> bool:
-    return all(group.get("fused") for group in optimizer.param_groups)
 
 
 def step_clipped(optimizer: torch.optim.Optimizer, norm: torch.Tensor, max_norm: float | None) -> None:
     """optimizer.step() on gradients clipped to `max_norm` given their global `norm` (grad_norm).
-    A fused optimizer takes the clipping as its `grad_scale` (the attribute torch's GradScaler sets
-    for it: the kernel divides each gradient by it as it reads it), which saves a pass over every
-    gradient; any other one gets the gradients scaled in place first. The gradients are not left
-    clipped in either case; zero them after."""
-    if max_norm is None or max_norm <= 0:
-        optimizer.step()
-        return
+    A fused optimizer takes the clip as its `grad_scale` (the attribute torch's GradScaler sets for
+    it: the kernel divides each gradient by it as it reads it), which saves a pass over every
+    gradient; otherwise (no fused kernel, FSDP2 shards, a GradScaler's own grad_scale) the gradients
+    are divided in place first. Zero the gradients after: they are not left clipped."""
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if not grads:
+    if max_norm is None or max_norm <= 0 or not grads:
         optimizer.step()
         return
     divisor = clip_divisor(norm, max_norm).to(grads[0].device)
-    # DTensor shards (FSDP2) and a GradScaler's own grad_scale: scaled in place.
-    if not _fused(optimizer) or hasattr(optimizer, "grad_scale") or hasattr(grads[0], "full_tensor"):
-        torch._foreach_mul_(grads, (1 / divisor).to(grads[0].dtype))
+    fused = all(group.get("fused") for group in optimizer.param_groups)
+    if not fused or hasattr(optimizer, "grad_scale") or hasattr(grads[0], "full_tensor"):
+        torch._foreach_div_(grads, divisor)
         optimizer.step()
         return
     optimizer.grad_scale = divisor  # type: ignore[attr-defined]
