@@ -15,6 +15,7 @@ matmuls, of the attention and of the rest: what bounds the step's speed-up.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections import Counter
@@ -81,6 +82,15 @@ def time_ops(step, batches, steps: int) -> tuple[OpTimer, float]:
     return timer, sorted(plain)[len(plain) // 2]
 
 
+def split(timer: OpTimer, steps: int) -> dict[str, float]:
+    """Milliseconds per step in matmuls, attention and the rest, and operator calls per step."""
+    out = {f"{kind}_ms": 0.0 for kind in ("matmul", "attention", "rest")}
+    for op, seconds in timer.seconds.items():
+        out[f"{_kind(op)}_ms"] += seconds / steps * 1e3
+    out["calls"] = sum(timer.calls.values()) / steps
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--precision", nargs="+", default=["bf16", "fp32"], choices=["fp32", "bf16", "bf32"])
@@ -92,6 +102,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=2, help="timed steps per precision")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="also write each precision's split and the ratios here")
     p.add_argument("model", nargs="*", metavar="model.KEY=VALUE")
     args = p.parse_args()
 
@@ -118,14 +129,15 @@ def main() -> int:
             model.load_state_dict(first.state_dict())
             results[precision] = time_ops(_Step(model, device, precision, False, False), batches, args.steps)
     n = args.steps
+    report: dict = {"device": device_name(device), "threads": str(threads), "batch": args.batch,
+                    "model": "MAE CPU config" if args.mae else " ".join([args.preset, *args.model]),
+                    "precisions": {}, "ratios": {}}
     for precision, (timer, plain) in results.items():
-        by_kind = Counter()
-        for op, s in timer.seconds.items():
-            by_kind[_kind(op)] += s / n * 1e3
-        calls = sum(timer.calls.values()) / n
-        print(f"\n{precision}: plain step {plain * 1e3:.0f} ms; operators {sum(by_kind.values()):.0f} ms "
-              f"({calls:.0f} calls): matmuls {by_kind['matmul']:.0f}, attention {by_kind['attention']:.0f}, "
-              f"rest {by_kind['rest']:.0f} ms")
+        parts = report["precisions"][precision] = {"plain_step_ms": plain * 1e3, **split(timer, n)}
+        total = parts["matmul_ms"] + parts["attention_ms"] + parts["rest_ms"]
+        print(f"\n{precision}: plain step {plain * 1e3:.0f} ms; operators {total:.0f} ms ({parts['calls']:.0f} "
+              f"calls): matmuls {parts['matmul_ms']:.0f}, attention {parts['attention_ms']:.0f}, "
+              f"rest {parts['rest_ms']:.0f} ms")
         merged = Counter()
         for op, s in timer.seconds.items():
             merged[op if _kind(op) != "matmul" else op.split(" ")[0] + " (all shapes)"] += s / n * 1e3
@@ -139,12 +151,14 @@ def main() -> int:
         for op in shapes[: args.top]:
             x, y = ta.seconds.get(op, 0) / n * 1e3, tb.seconds.get(op, 0) / n * 1e3
             print(f"  {op:58s} {x:8.1f} {y:8.1f} {y / x if x else float('nan'):6.2f}x")
-        for kind in ("matmul", "attention", "rest"):
-            x = sum(s for op, s in ta.seconds.items() if _kind(op) == kind)
-            y = sum(s for op, s in tb.seconds.items() if _kind(op) == kind)
-            print(f"{kind:9s} {x / n * 1e3:8.0f} {y / n * 1e3:8.0f} ms  {b}/{a} {y / x if x else float('nan'):.2f}x")
-        print(f"plain steps {results[a][1] * 1e3:.0f} {results[b][1] * 1e3:.0f} ms  "
-              f"{results[b][1] / results[a][1]:.2f}x")
+        pa, pb = report["precisions"][a], report["precisions"][b]
+        for key in ("matmul_ms", "attention_ms", "rest_ms", "plain_step_ms"):
+            ratio = pb[key] / pa[key] if pa[key] else float("nan")
+            report["ratios"][key.removesuffix("_ms")] = ratio
+            print(f"{key.removesuffix('_ms'):10s} {pa[key]:8.0f} {pb[key]:8.0f} ms  {b}/{a} {ratio:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
     return 0
 
 

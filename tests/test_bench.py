@@ -177,8 +177,8 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, capsys):
     report = json.loads((tmp_path / "check.json").read_text())
     stages = report["stages"]
     assert set(stages) == {"cuda tests", "train nano", "train nano compile", "head", "ddp nccl 2 gpus", "data",
-                           "cpu fp32", "cpu bf16", "cpu bf32", "cpu mae vs hf"}
-    for name in ("cuda tests", "train nano", "head", "data", "cpu fp32", "cpu bf16", "cpu bf32"):
+                           "cpu fp32", "cpu bf16", "cpu bf32", "cpu mae vs hf", "cpu op times"}
+    for name in ("cuda tests", "train nano", "head", "data", "cpu fp32", "cpu bf16", "cpu bf32", "cpu op times"):
         assert stages[name]["status"] == "ok", (name, stages[name])
     assert stages["train nano"]["result"]["samples_per_s"] > 0
     assert {row["pipeline"] for row in stages["data"]["result"]["rows"]} == {"baseline", "m3ae", "m3ae u8"}
@@ -190,6 +190,11 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, capsys):
     assert "Host CPU, bf16 autocast vs fp32 step, base width:" in md
     assert "Host CPU, bf32 matmuls vs fp32 step, base width:" in md
     assert stages["train nano"]["result"]["image_dtype"] == "uint8"
+    ops = stages["cpu op times"]["result"]
+    assert set(ops["precisions"]) == {"bf16", "fp32"} and ops["threads"].startswith("2 ")
+    assert all(p["matmul_ms"] > 0 and p["rest_ms"] > 0 and p["calls"] > 0 for p in ops["precisions"].values())
+    assert set(ops["ratios"]) == {"matmul", "attention", "rest", "plain_step"}
+    assert "| cpu op times | ok |" in md and "fp32 / bf16 at 2 threads: matmul" in md
 
 
 def test_gpu_check_mae_vs_hf_stage_runs_the_benchmark_or_says_why_not(tmp_path):

@@ -5,8 +5,9 @@ the report): the CUDA-only tests (and the AMX-only ones), `bench train` for base
 256 px with and without torch.compile (samples/s, MFU against the device's table peak and a measured
 matmul peak, memory, compiled graphs), `bench head`, a 2-process NCCL DDP run when 2 GPUs exist,
 loader throughput at the machine's core count on synthetic JPEGs, the host CPU's bf16 and bf32 vs
-fp32 steps (base width and whole base), and MAE mode against HF ViTMAE on the host CPU when
-transformers is installed.
+fp32 steps (base width and whole base), MAE mode against HF ViTMAE on the host CPU when
+transformers is installed, and the host's bf16 and fp32 steps split into matmuls, attention and the
+rest at 2 threads (benchmarks/op_times.py).
 Writes DIR/check.json and DIR/check.md. A stage that would start after the time budget is skipped
 and says so. `--dry-run` runs every stage that can run on a CPU with nano models and a few steps
 (the test suite does), to keep the check itself working.
@@ -70,9 +71,10 @@ def plan(out: Path, dry: bool, gpus: int, cores: int, tests: Path) -> list[Stage
 
     Cheap stages run first and the compiled steps near the end, so a tight budget costs the slowest
     numbers (compile takes a minute or more per size), not the rest of the report; the optional
-    MAE-vs-HF comparison comes last. On an H200 machine the check without the bf32 and MAE-vs-HF
-    stages took 6.4 minutes (2026-11-30); with them, an estimated 8.5 (pass `--budget 540`); the
-    default budget of 8 minutes is likely to leave that comparison out.
+    host-CPU op times and MAE-vs-HF comparison come last. On an H200 machine the check without the
+    bf32, op-times and MAE-vs-HF stages took 6.4 minutes (2026-11-30); the bf32 stages add about a
+    minute, op times an estimated 2 (the base step at 2 host threads), MAE vs HF about 1.5. With
+    `--budget 540` the op times are likely to run and MAE vs HF to be skipped.
     """
     # The CUDA tests, and the AMX ones: GPU machines' hosts are often AMX Xeons.
     stages = [Stage("cuda tests", [sys.executable, "-m", "pytest", "-m", "cuda or amx", str(tests)], 120,
@@ -126,6 +128,16 @@ def plan(out: Path, dry: bool, gpus: int, cores: int, tests: Path) -> list[Stage
                 else None if importlib.util.find_spec("transformers") else "transformers is not installed")
     steps = ["--steps", "2", "--warmup", "1", "--batch", "8"] if dry else ["--steps", "20", "--warmup", "5"]
     stages += [train(preset, args, True) for preset, args in sizes]
+    # Before it (both optional; a spent budget skips the last first): where the host's bf16 and fp32
+    # steps spend their time at 2 threads (matmuls, attention, the rest, timed at the dispatcher),
+    # what bounds bf16's speed-up on an AMX CPU.
+    ops_script = script.with_name("op_times.py")
+    ops_json = str(out / "cpu-op-times.json")
+    model = (["--preset", "nano", "--batch", "4", "--max-caption", "8", "model.image_size=32", "model.patch_size=8",
+              "model.text_length=16"] if dry else ["--preset", "base", "--batch", "16", "model.image_size=256"])
+    stages.append(Stage("cpu op times", [sys.executable, str(ops_script), "--threads", "2", "--steps", "2", *model,
+                                         "--json", ops_json], 240, ops_json,
+                        skip=None if ops_script.is_file() else f"no {ops_script}"))
     stages.append(Stage("cpu mae vs hf", [sys.executable, str(script), "--threads", "2", "--bf32", *steps,
                                           "--json", mae_json], 150, mae_json, skip=mae_skip))
     return stages
@@ -180,6 +192,9 @@ def summary(name: str, r: dict) -> str:
         return (counts or tail)[-1].strip("= ")[:120]
     if name == "cpu mae vs hf":
         return "; ".join(f"{k} {v:.2f}x" for k, v in res["ratios"].items())
+    if name == "cpu op times":
+        return "fp32 / bf16 at 2 threads: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}x"
+                                                          for k, v in res["ratios"].items())
     if name.startswith(("train", "cpu")):
         mem = (f"{res['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in res
                else f"{res.get('peak_rss_gib', 0):.1f} GiB RSS")
