@@ -15,6 +15,8 @@ Needs `transformers` (pip install transformers -c constraints.txt). Runs, each a
   hf fused bf16   : the same under bf16 autocast with the exact GELU, as ours computes it on bf16
                     activations (when ours auto-picks bf16)
   with --bf32, ours bf32 / hf fused bf32: both in fp32 with oneDNN's bf16-input matmuls (AMX CPUs)
+  with --compile, the same-optimizer runs of both libraries again under torch.compile (ours
+                    compiled, ours fp32 compiled, hf fused compiled, hf fused bf16 compiled)
 Same architecture: with --size cpu (default), encoder 192 x 6 blocks / 3 heads, decoder 128 x 2 / 4
 heads, 64 px, patch 8 (the CPU benchmark config of BENCHMARKS.md); with --size base, MAE's ViT-B/16
 at 224 px with its 512 x 8 / 16-head decoder. Mask ratio 0.75. The same-optimizer runs compare equal
@@ -50,6 +52,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--bf32", action="store_true", help="also time both in bf32 (m3ae.precision.Bf32Matmuls)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time both libraries' same-optimizer steps under torch.compile")
     p.add_argument("--hf-gelu", choices=("same", "default"), default="same",
                    help="the GELU of HF's fp32 same-optimizer runs: same (tanh, as ours) or default (HF's exact "
                         "GELU, cheaper on CPU); 'hf defaults' always runs HF's default and the bf16 run the "
@@ -106,11 +110,12 @@ def main() -> int:
     same_act = "gelu_pytorch_tanh" if args.hf_gelu == "same" else "gelu"
 
     class HFStep:
-        def __init__(self, fused: bool, bf16: bool, bf32: bool = False, act: str = "gelu"):
+        def __init__(self, fused: bool, bf16: bool, bf32: bool = False, act: str = "gelu", compile: bool = False):
             torch.manual_seed(0)
-            self.model = ViTMAEForPreTraining(ViTMAEConfig(**hf_cfg, hidden_act=act)).train()
-            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.05,
+            model = ViTMAEForPreTraining(ViTMAEConfig(**hf_cfg, hidden_act=act)).train()
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05,
                                                fused=True if fused else None)
+            self.model = torch.compile(model) if compile else model
             self.bf16 = bf16
             self.matmuls = Bf32Matmuls() if bf32 else contextlib.nullcontext()
 
@@ -138,6 +143,15 @@ def main() -> int:
         ours_bf32.load_state_dict(ours.state_dict())
         runs["ours bf32"] = (_Step(ours_bf32, device, "bf32", False, False), batches)
         runs["hf fused bf32"] = (HFStep(fused=True, bf16=False, bf32=True, act=same_act), batches)
+    if args.compile:
+        for name, source in (("ours compiled", ours), ("ours fp32 compiled", ours32)):
+            twin = M3AE(cfg)
+            twin.load_state_dict(source.state_dict())
+            precision = "fp32" if "fp32" in name or not auto_bf16 else "bf16"
+            runs[name] = (_Step(twin, device, precision, False, True), batches)
+        runs["hf fused compiled"] = (HFStep(fused=True, bf16=False, act=same_act, compile=True), batches)
+        if auto_bf16:
+            runs["hf fused bf16 compiled"] = (HFStep(fused=True, bf16=True, act="gelu", compile=True), batches)
     hf_attention = runs["hf defaults"][0].model.config._attn_implementation
     with keep_freed_memory(args.host_allocator, device.type) as allocator:
         print(f"device {device_name(device)}, threads {threads}, transformers {transformers.__version__} "
@@ -153,13 +167,18 @@ def main() -> int:
     sps = {name: batch / t["step_s"] for name, t in timed.items()}
     for name, t in timed.items():
         lo, hi = t["step_s_range"]
-        print(f"{name:16s} {sps[name]:7.1f} samples/s  step {t['step_s'] * 1e3:6.1f} ms "
+        print(f"{name:22s} {sps[name]:7.1f} samples/s  step {t['step_s'] * 1e3:6.1f} ms "
               f"(p10-p90 {lo * 1e3:.0f}-{hi * 1e3:.0f} ms)")
     ratios = {"ours (defaults) / hf (defaults)": sps["ours"] / sps["hf defaults"],
               "ours fp32 / hf fused fp32 (same optimizer and precision)": sps["ours fp32"] / sps["hf fused"],
               "ours / ours reference": sps["ours"] / sps["ours reference"]}
     if auto_bf16:
         ratios["ours bf16 / hf fused bf16 (same optimizer and precision)"] = sps["ours"] / sps["hf fused bf16"]
+    if args.compile:
+        ratios["ours fp32 / hf fused fp32, both compiled"] = sps["ours fp32 compiled"] / sps["hf fused compiled"]
+        ratios["ours compiled / hf (defaults)"] = sps["ours compiled"] / sps["hf defaults"]
+        if auto_bf16:
+            ratios["ours bf16 / hf fused bf16, both compiled"] = sps["ours compiled"] / sps["hf fused bf16 compiled"]
     if args.bf32:
         ratios["ours bf32 / hf fused bf32 (same optimizer and precision)"] = sps["ours bf32"] / sps["hf fused bf32"]
         ratios["ours bf32 / hf (defaults)"] = sps["ours bf32"] / sps["hf defaults"]
