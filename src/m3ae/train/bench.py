@@ -134,7 +134,7 @@ class _Step:
 
     def __call__(self, batch: Batch) -> torch.Tensor:
         metrics, grad_norm = self.step.backward([batch])
-        self.step.update(bool(torch.isfinite(grad_norm)))
+        self.step.update(bool(torch.isfinite(grad_norm)), grad_norm)
         return metrics[0]
 
 

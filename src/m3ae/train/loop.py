@@ -213,7 +213,7 @@ class _Run:
         # The one per-step sync: a non-finite step must not touch the weights or Adam moments,
         # and (distributed) every rank must stop at the same step if any was signalled.
         finite, stop_now = _step_flags(grad_norm, stop, self.dist)
-        self.train_step.update(finite)
+        self.train_step.update(finite, grad_norm)
         self._count_nonfinite(finite)
         self.step += 1
         step = self.step

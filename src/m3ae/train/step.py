@@ -29,11 +29,10 @@ class TrainStep:
         self.autocast, self.clip_grad, self.grad_accum = autocast, clip_grad, grad_accum
         self.ddp = world_size > 1 and not fsdp
         self.full_outputs = full_outputs  # heads over every slot (the reference-equivalent step)
-        self._grad_norm = torch.zeros(())  # of the last backward, for update's clipping
 
     def backward(self, micro_batches: Iterable[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward + backward over `grad_accum` micro-batches, then the gradients' global norm (before
-        clipping; `update` clips). Returns (metrics, grad_norm):
+        clipping; `update` clips with it). Returns (metrics, grad_norm):
         metrics = sample-weighted means of loss, image_loss, text_loss, text_accuracy over the parts
         that have them (nan where none did), on the device; no host sync."""
         sums = torch.zeros(len(METRICS), device=self.device)
@@ -51,12 +50,11 @@ class TrainStep:
                         if value is not None:
                             sums[k] += value.detach().float() * part.size
                             counts[k] += part.size
-        self._grad_norm = grad_norm(self.model.parameters())
-        return sums / counts, self._grad_norm  # 0/0 = nan: modality absent this step
+        return sums / counts, grad_norm(self.model.parameters())  # 0/0 = nan: modality absent this step
 
-    def update(self, finite: bool) -> None:
-        """The optimizer update with the gradients clipped (skipped for a non-finite step: weights and
-        Adam moments untouched), then zeroed gradients."""
+    def update(self, finite: bool, norm: torch.Tensor) -> None:
+        """The optimizer update with the gradients clipped by their norm from `backward` (skipped for a
+        non-finite step: weights and Adam moments untouched), then zeroed gradients."""
         if finite:
-            step_clipped(self.optimizer, self._grad_norm, self.clip_grad)
+            step_clipped(self.optimizer, norm, self.clip_grad)
         self.optimizer.zero_grad(set_to_none=True)
