@@ -138,11 +138,13 @@ def main() -> int:
         print(f"\n{precision}: plain step {plain * 1e3:.0f} ms; operators {total:.0f} ms ({parts['calls']:.0f} "
               f"calls): matmuls {parts['matmul_ms']:.0f}, attention {parts['attention_ms']:.0f}, "
               f"rest {parts['rest_ms']:.0f} ms")
-        merged = Counter()
+        merged, calls = Counter(), Counter()
         for op, s in timer.seconds.items():
-            merged[op if _kind(op) != "matmul" else op.split(" ")[0] + " (all shapes)"] += s / n * 1e3
+            key = op if _kind(op) != "matmul" else op.split(" ")[0] + " (all shapes)"
+            merged[key] += s / n * 1e3
+            calls[key] += timer.calls[op] / n
         for op, ms in merged.most_common(args.top):
-            print(f"  {op:58s} {ms:8.1f} ms")
+            print(f"  {op:58s} {ms:8.1f} ms {calls[op]:6.0f} calls")
     if len(results) == 2:
         (a, (ta, _)), (b, (tb, _)) = results.items()
         print(f"\nmatmul shapes, ms per step: {a} | {b} | {b}/{a}")

@@ -131,6 +131,7 @@ def test_bench_head_command_fused_uses_less_memory(tmp_path, capsys):
     assert "fused vs unfused" in text and "speed-up" in text and "memory" in text
     r = json.loads(out.read_text())
     assert set(r) == {"fused", "unfused"} and all(v["step_s"] > 0 for v in r.values())
+    assert all("threads;" in v["device"] for v in r.values()), r  # the CPU model and flags, not "cpu"
     # The unfused pass holds (1024 x 30522) fp32 logits, their log-softmax and gradient (~125 MB each).
     assert r["unfused"]["extra_memory_bytes"] > 200e6 > r["fused"]["extra_memory_bytes"], r
 
@@ -183,6 +184,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, capsys):
     assert stages["train nano"]["result"]["samples_per_s"] > 0
     assert {row["pipeline"] for row in stages["data"]["result"]["rows"]} == {"baseline", "m3ae", "m3ae u8"}
     assert all(row["one_worker"] > 0 for row in stages["data"]["result"]["rows"])
+    assert "threads;" in stages["data"]["result"]["machine"]  # the CPU model and its flags
     assert stages["ddp nccl 2 gpus"]["status"].startswith("skipped")
     md = (tmp_path / "check.md").read_text()
     assert "| train nano | ok |" in md and "samples/s" in md

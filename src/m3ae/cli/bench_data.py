@@ -9,7 +9,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import time
 
 import numpy as np
@@ -87,11 +86,13 @@ def run(args: argparse.Namespace) -> int:
     from m3ae.data.normalization import normalize_uint8
     from m3ae.data.sources import build_sources
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} torch threads")
+    from ..perf import device_name
+
+    torch.set_num_threads(1)  # one worker = one core: the rates are per core
+    machine = f"{device_name(torch.device('cpu'))}, {os.cpu_count()} cores, torch {torch.__version__}"
+    print(f"machine: {machine}")
     print(f"output {args.image_size}px, {args.samples} samples per cell, batch {args.batch}")
     print(f"{'source':48s} {'pipeline':9s} {'1 worker':>12s} {f'{args.workers} workers':>12s}")
-    torch.set_num_threads(1)
     rows = []
     for _, source in build_sources(",".join(args.spec)):
         records = [r for _, r in source.iterate(0, 1, seed=0, epochs=1) if r.image is not None]
@@ -109,5 +110,6 @@ def run(args: argparse.Namespace) -> int:
                          "workers": args.workers, "many_workers": many})
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"image_size": args.image_size, "samples": args.samples, "rows": rows}, f, indent=2)
+            json.dump({"machine": machine, "image_size": args.image_size, "samples": args.samples, "rows": rows},
+                      f, indent=2)
     return 0

@@ -40,7 +40,7 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
 
     from ..distributed import pick_device
     from ..linear_cross_entropy import linear_cross_entropy
-    from ..perf import synchronize
+    from ..perf import device_name, synchronize
     from ..precision import autocast as precision_autocast, uses_bf16
 
     device = pick_device(args.device)
@@ -79,7 +79,7 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else _peak_rss() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"variant": variant, "step_s": statistics.median(times), "extra_memory_bytes": peak - base,
-            "device": str(device), "precision": "bf16" if bf16 else "fp32",
+            "device": device_name(device), "precision": "bf16" if bf16 else "fp32",
             "threads": torch.get_num_threads()}
 
 
