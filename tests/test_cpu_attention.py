@@ -62,6 +62,31 @@ def test_runs_under_autocast_with_fp32_softmax():
     assert out.dtype == torch.bfloat16 and all(t.grad.dtype == torch.bfloat16 for t in (q, k, v))
 
 
+def test_backward_writes_no_gradient_for_the_probabilities():
+    # The probabilities are an output only so the backward can read them; a materialised gradient
+    # for them would be a zero fill as large as all the scores (11-12 ms of a base bf16 step).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ZeroFills(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.__name__.split(".")[0] in ("zeros", "new_zeros", "zeros_like", "zero_", "fill_"):
+                self.largest = max(self.largest, out.numel())
+            return out
+
+    (q, k, v), padding = _inputs(torch.bfloat16, queries=6, keys=9)
+    out = explicit_attention(q, k, v, padding, 0.25)
+    seen = ZeroFills()
+    with seen:
+        out.sum().backward()
+    assert seen.largest < 3 * 4 * 6 * 9, seen.largest  # no zero fill the size of the scores (648)
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (q, k, v))
+
+
 def test_explicit_pays_while_keys_are_few_per_head_dim():
     encoder = torch.empty(16, 12, 73, 64)  # the base encoder at 256 px
     decoder = torch.empty(16, 16, 289, 32)  # the base decoder at 256 px
