@@ -189,8 +189,8 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, capsys):
     md = (tmp_path / "check.md").read_text()
     assert "| train nano | ok |" in md and "samples/s" in md
     assert [stages[f"cpu {p}"]["result"]["precision"] for p in ("fp32", "bf16", "bf32")] == ["fp32", "bf16", "bf32"]
-    assert "Host CPU, bf16 autocast vs fp32 step, base width:" in md
-    assert "Host CPU, bf32 matmuls vs fp32 step, base width:" in md
+    assert "Host CPU, bf16 autocast vs fp32 step, nano (dry run):" in md
+    assert "Host CPU, bf32 matmuls vs fp32 step, nano (dry run):" in md
     assert stages["train nano"]["result"]["image_dtype"] == "uint8"
     ops = stages["cpu op times"]["result"]
     assert set(ops["precisions"]) == {"bf16", "fp32"} and ops["threads"].startswith("2 ")

@@ -227,14 +227,57 @@ def test_unused_or_missing_tensors_are_named():
         model_from_params(params, image_size=32)
     params = dict(group("params/"))
     del params["encoder/LayerNorm_0/scale"]
-    with pytest.raises(ConversionError, match=r"missing \['encoder\.norm\.weight'\]"):
+    with pytest.raises(ConversionError, match=r"missing \['encoder/LayerNorm_0/scale'\]"):  # as Flax names it
         model_from_params(params, image_size=32)
     params = dict(group("params/"))
     params["decoder_input_projection/kernel"] = np.zeros((63, 32), np.float32)
-    with pytest.raises(ConversionError, match="shape mismatch"):
+    with pytest.raises(ConversionError, match=r"shape mismatch \['decoder_input_projection/kernel: \(63, 32\) vs "
+                                              r"\(64, 32\)'\]"):  # in Flax's (in, out) layout
         model_from_params(params, image_size=32)
     with pytest.raises(ConversionError, match="patch size 5"):
         model_from_params(group("params/"), patch_size=5)
+
+
+@pytest.mark.parametrize("head_depth", [0, 1, 2])
+def test_flax_name_inverts_torch_name(head_depth):
+    from m3ae import M3AEConfig
+    from m3ae.interop.flax_names import flax_name
+
+    config = M3AEConfig.from_preset("nano", output_head_depth=head_depth, use_type_embedding=True)
+    for key in M3AE(config).state_dict():
+        assert torch_name(flax_name(key, head_depth), head_depth) == key, key
+
+
+def test_npz_with_params_beside_other_groups(tmp_path):
+    # The reference fixture's layout: params/ next to inputs/, grads/, train/ and so on.
+    from m3ae.interop.jax_checkpoint import CheckpointFormatError, load_jax_checkpoint
+
+    np.savez(tmp_path / "mixed.npz", **{f"params/{k}": v for k, v in group("params/").items()},
+             **{"inputs/image": np.zeros((2, 3), np.float32), "grads/cls_token": np.zeros((1, 1, 64), np.float32)})
+    ckpt = load_jax_checkpoint(tmp_path / "mixed.npz")
+    assert ckpt.location == "params/" and ckpt.params.keys() == group("params/").keys()
+    np.savez(tmp_path / "none.npz", **{"inputs/image": np.zeros(3, np.float32)})
+    with pytest.raises(CheckpointFormatError, match=r"groups: \['inputs'\]"):
+        load_jax_checkpoint(tmp_path / "none.npz")
+
+
+def test_cli_tokenizer_is_saved_and_the_folder_must_be_new(tmp_path, capsys):
+    from m3ae.data.tokenizer import load_tokenizer
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "circle"]) + "\n")
+    out = tmp_path / "out"
+    assert _cli(str(CHECKPOINT), str(out), "--image-size", "32", "--tokenizer", str(vocab)) == 0
+    assert load_tokenizer(out / "tokenizer.json").encode("a red circle", add_special_tokens=False).ids == [5, 6, 7]
+    # Into a folder that holds anything (here the conversion just written): refused, nothing touched.
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(ValueError, match="not an empty folder"):
+        _cli(str(CHECKPOINT), str(out), "--image-size", "32")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    (tmp_path / "empty").mkdir()
+    assert _cli(str(CHECKPOINT), str(tmp_path / "empty"), "--image-size", "32") == 0
+    with pytest.raises(ConversionError, match="text_length must be >= 1"):
+        _cli(str(CHECKPOINT), str(tmp_path / "t0"), "--text-length", "0")
 
 
 def test_cli_error_is_clean(tmp_path):

@@ -91,3 +91,26 @@ def test_plot(tmp_path):
     assert main(["plot", str(tmp_path / "a" / "metrics.jsonl"), str(tmp_path / "b"), "--out", str(out),
                  "--smooth", "0.6", "--accuracy"]) == 0
     assert is_png(out)
+
+
+def test_images_follow_the_checkpoints_own_preprocessing(tmp_path):
+    # A checkpoint trained on padded squares (fashion's `square: pad`) must be shown padded squares,
+    # not centre crops; --stats replaces only the normalisation.
+    from m3ae.data.normalization import denormalize
+    from m3ae.preprocessing import Preprocessing
+    from m3ae.viz import inputs
+
+    from viz_helpers import tiny_model
+
+    ckpt = tmp_path / "ckpt"
+    tiny_model().save_pretrained(ckpt, preprocessing=Preprocessing(image_size=32, square="pad"))
+    tall = write_png(tmp_path / "tall.png", size=(20, 40), colour=(200, 30, 30))
+    loaded = inputs.load_checkpoint(ckpt)
+    for stats in (None, "imagenet"):
+        preprocessing = inputs.preprocessing_for(loaded, stats)
+        assert preprocessing.square == "pad" and preprocessing.stats == (
+            loaded.preprocessing.stats if stats is None else Preprocessing.from_stats(32, stats).stats)
+        pixels = denormalize(inputs.load_samples(str(tall), preprocessing)[0].image, preprocessing.stats)
+        assert pixels.shape == (3, 32, 32)
+        assert pixels[:, :, :5].min() > 0.95 and pixels[:, :, -5:].min() > 0.95  # white side bars
+        assert pixels[0, :, 14:18].min() > 0.7 and pixels[1, :, 14:18].max() < 0.2  # red, top to bottom

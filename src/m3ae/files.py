@@ -3,7 +3,7 @@ a lock so that two runs never write one folder."""
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -13,8 +13,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     """`write(tmp)` fills a temp file in the same folder, which is then renamed to `path`; on any
     failure the temp file is removed."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _new_temp_file(path)
     try:
         write(tmp)
         fsync_file(tmp)  # the data on disk before the name: a power cut never leaves an empty file
@@ -23,6 +22,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _new_temp_file(path: Path) -> str:
+    """An empty, new file beside `path`. Created like open() creates files (mode 0666 less the umask),
+    not mkstemp's 0600: renamed into place it is the checkpoint others on a shared disk must read."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return str(tmp)
+    raise FileExistsError(f"cannot create a temporary file beside {path}")
 
 
 def fsync_file(path: str | os.PathLike) -> None:

@@ -34,11 +34,13 @@ def run(args: argparse.Namespace) -> int:
     c = model.config
     if not c.has_text:
         raise ValueError("cross-modal attention needs a model with text (this one has vocab_size=0)")
-    stats = args.stats or loaded.preprocessing.stats
-    sample = inputs.load_samples(args.image, c.image_size, stats, 1, 0, c.text_length)[0]
-    image, caption = sample.image, args.caption or sample.caption
+    preprocessing = inputs.preprocessing_for(loaded, args.stats)
+    stats = preprocessing.stats
+    sample = inputs.load_samples(args.image, preprocessing, 1, 0)[0]
+    image, caption = sample.image, sample.caption if args.caption is None else args.caption.strip()
     if not caption:
-        raise ValueError(f"--caption is required: {args.image} has no caption")
+        raise ValueError("--caption is empty" if args.caption is not None
+                         else f"--caption is required: {args.image} has no caption")
     layer = args.layer if args.layer == "mean" else int(args.layer)
     tokenizer = inputs.require_tokenizer(loaded)
     tokens = tokenize_caption(tokenizer, caption, c.text_length)

@@ -258,7 +258,9 @@ def markdown(report: dict) -> str:
     for name, r in report["stages"].items():
         numbers = summary(name, r) if "seconds" in r else ""
         lines.append(f"| {name} | {r['status']} | {r.get('seconds', '')} | {numbers} |")
-    for name, label in (("", "base width"), ("base 256 ", "the whole base at 256 px")):
+    labels = ((("", "nano (dry run)"),) if m["dry_run"]
+              else (("", "base width"), ("base 256 ", "the whole base at 256 px")))
+    for name, label in labels:
         fp32, bf16, bf32 = (report["stages"].get(f"cpu {name}{p}", {}).get("result") for p in CPU_PRECISIONS)
         for low, what in ((bf16, "bf16 autocast"), (bf32, "bf32 matmuls")):
             if fp32 and low:

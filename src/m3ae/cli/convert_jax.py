@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "package, checks every tensor is used exactly once, and writes config.json + "
                     "model.safetensors for M3AE.from_pretrained.")
     p.add_argument("checkpoint", help="the authors' checkpoint file")
-    p.add_argument("out_dir", help="folder to write (config.json + model.safetensors)")
+    p.add_argument("out_dir", help="a new or empty folder to write (config.json + model.safetensors)")
     p.add_argument("--patch-size", type=int, default=None,
                    help="patch size (default: saved variant, else from image_embedding with 3 channels)")
     p.add_argument("--num-heads", type=int, default=None,
@@ -22,14 +22,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=None,
                    help="the configured image size (default 256; any size divisible by the patch is accepted)")
     p.add_argument("--text-length", type=int, default=None, help="longest text (default 64)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer to save with the weights (tokenizer.json, vocab.txt or a hub name; the "
+                        "authors used bert-base-uncased)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import pickle
+    from pathlib import Path
 
+    from ..data.tokenizer import load_tokenizer
     from ..interop.convert import load_jax_model
 
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        # Files left from another checkpoint (a tokenizer, training state) would be paired with these weights.
+        raise ValueError(f"{out_dir} exists and is not an empty folder: convert into a new folder")
     try:
         converted, ckpt = load_jax_model(
             args.checkpoint, patch_size=args.patch_size, num_heads=args.num_heads,
@@ -48,6 +57,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {len(ckpt.params)} tensors, {converted.model.num_parameters():,} parameters, all used")
     for note in converted.notes:
         print(f"  note: {note}")
-    out = converted.model.save_pretrained(args.out_dir)
+    tokenizer = None
+    if args.tokenizer is not None:
+        if not c.has_text:
+            raise ValueError(f"--tokenizer: {args.checkpoint} is an image-only MAE (no text)")
+        tokenizer = load_tokenizer(args.tokenizer, vocab_size=c.vocab_size)
+    out = converted.model.save_pretrained(out_dir, tokenizer=tokenizer)
     print(f"wrote {out} (load with M3AE.from_pretrained)")
     return 0

@@ -41,8 +41,9 @@ def run(args: argparse.Namespace) -> int:
     c = model.config
     if args.caption and not c.has_text:
         raise ValueError("--caption needs a model with text; this one is image-only (vocab_size=0)")
-    stats = args.stats or loaded.preprocessing.stats
-    samples = inputs.load_samples(args.data, c.image_size, stats, args.n, args.offset, c.text_length)
+    preprocessing = inputs.preprocessing_for(loaded, args.stats)
+    stats = preprocessing.stats
+    samples = inputs.load_samples(args.data, preprocessing, args.n, args.offset)
     image = inputs.stack_images(samples)
     captions = [s.caption for s in samples]
     decode = text = padding = caption = None

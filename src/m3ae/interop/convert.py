@@ -17,7 +17,7 @@ import torch
 
 from ..config import M3AEConfig
 from ..model import M3AE
-from .flax_names import flax_to_state_dict, torch_name
+from .flax_names import flax_name, flax_to_state_dict, torch_name
 from .jax_checkpoint import JaxCheckpoint, load_jax_checkpoint, params_from_mapping
 
 # Heads by width in the authors' presets (small/base/large/huge, decoder 512) and ours (nano/tiny).
@@ -28,6 +28,7 @@ DECODER_HEADS = {32: 4, 128: 4, 512: 16}
 AUTHOR_PRESETS = {"small": (384, 6, 512, 16), "base": (768, 12, 512, 16), "large": (1024, 16, 512, 16),
                   "huge": (1280, 16, 512, 16), "debug": (1024, 16, 512, 16)}
 DEFAULT_IMAGE_SIZE = 256
+DEFAULT_TEXT_LENGTH = 64
 
 
 class ConversionError(ValueError):
@@ -113,6 +114,10 @@ def infer_config(params: Mapping[str, np.ndarray], variant: Mapping[str, Any] | 
         if patch_size * patch_size * 3 != patch_dim:
             raise ConversionError(f"image_embedding input {patch_dim} is not p*p*3: pass --patch-size")
         notes.append(f"patch_size = {patch_size} (from image_embedding, assuming 3 channels)")
+    if in_chans != 3:
+        notes.append(f"in_chans = {in_chans} (image_embedding input {patch_dim} / patch {patch_size}^2)")
+    if text_length is not None and int(text_length) < 1:
+        raise ConversionError(f"text_length must be >= 1, got {text_length}")
 
     depth = _block_count(params, "encoder")
     dec_depth = _block_count(params, "decoder")
@@ -150,7 +155,7 @@ def infer_config(params: Mapping[str, np.ndarray], variant: Mapping[str, Any] | 
                          "num_heads", notes),
         dec_num_heads=_heads(dec_emb_dim, dec_num_heads, variant_dec_heads,
                              DECODER_HEADS, "dec_num_heads", notes),
-        vocab_size=vocab, text_length=int(text_length or 64),
+        vocab_size=vocab, text_length=DEFAULT_TEXT_LENGTH if text_length is None else int(text_length),
         use_type_embedding="encoder_image_type_embedding" in params,
         output_head_depth=max(heads), **extra)
 
@@ -169,9 +174,15 @@ def convert_params(params: Mapping[str, np.ndarray], config: M3AEConfig) -> dict
     state = flax_to_state_dict(params, config.output_head_depth)
     with torch.device("meta"):  # shapes only: no memory for the reference model
         expected = {k: v.shape for k, v in M3AE(config).state_dict().items()}
-    unused = sorted(set(state) - set(expected))
-    missing = sorted(set(expected) - set(state))
-    wrong = sorted(f"{k}: {tuple(state[k].shape)} vs {tuple(expected[k])}"
+    # Named as the checkpoint spells them (Flax paths), with shapes in Flax's layout (kernels (in, out)).
+    depth = config.output_head_depth
+
+    def flax_shape(key: str, shape) -> tuple[int, ...]:
+        return tuple(shape)[::-1] if flax_name(key, depth).endswith("kernel") else tuple(shape)
+
+    unused = sorted(flax_name(k, depth) for k in set(state) - set(expected))
+    missing = sorted(flax_name(k, depth) for k in set(expected) - set(state))
+    wrong = sorted(f"{flax_name(k, depth)}: {flax_shape(k, state[k].shape)} vs {flax_shape(k, expected[k])}"
                    for k in set(state) & set(expected) if state[k].shape != expected[k])
     if unused or missing or wrong:
         parts = [f"unused {unused[:10]}" if unused else "", f"missing {missing[:10]}" if missing else "",

@@ -59,6 +59,32 @@ def torch_name(flax_name: str, output_head_depth: int = 0) -> str:
     raise KeyError(f"unknown Flax parameter {flax_name!r}")
 
 
+def flax_name(torch_key: str, output_head_depth: int = 0) -> str:
+    """The Flax parameter path that `torch_name` maps to `torch_key` (its inverse), so errors can
+    name tensors as the checkpoint spells them."""
+    top = {v: k for k, v in _TOP.items()}
+    if torch_key in top:
+        return top[torch_key]
+    block = {v: k for k, v in _BLOCK.items()}
+    m = re.fullmatch(r"(encoder|decoder)\.blocks\.(\d+)\.(.+)", torch_key)
+    if m and m.group(3) in block:
+        return f"{m.group(1)}/Block_{m.group(2)}/{block[m.group(3)]}"
+    m = re.fullmatch(r"(encoder|decoder)\.norm\.(weight|bias)", torch_key)
+    if m:
+        return f"{m.group(1)}/LayerNorm_0/{'scale' if m.group(2) == 'weight' else 'bias'}"
+    m = re.fullmatch(r"(image_head|text_head)\.(out|hidden\.\d+|input_norm|hidden_norms\.\d+)\.(weight|bias)",
+                     torch_key)
+    if m:
+        head = {v: k for k, v in _HEADS.items()}[m.group(1)]
+        part, leaf = m.group(2), m.group(3)
+        if part == "out" or part.startswith("hidden."):
+            index = output_head_depth if part == "out" else int(part.split(".")[1])
+            return f"{head}/Dense_{index}/{'kernel' if leaf == 'weight' else 'bias'}"
+        index = 0 if part == "input_norm" else int(part.split(".")[1]) + 1
+        return f"{head}/LayerNorm_{index}/{'scale' if leaf == 'weight' else 'bias'}"
+    raise KeyError(f"no Flax parameter maps to {torch_key!r}")
+
+
 def flax_to_state_dict(params: Mapping[str, np.ndarray], output_head_depth: int = 0) -> dict[str, torch.Tensor]:
     """Flat {flax path: array} -> {our name: tensor}, transposing Dense kernels."""
     state: dict[str, torch.Tensor] = {}

@@ -155,11 +155,15 @@ def _from_tree(root: Any, fmt: str) -> JaxCheckpoint:
 def _from_npz(path: Path) -> JaxCheckpoint:
     with np.load(path, allow_pickle=False) as data:  # allow_pickle=False: arrays only
         arrays = {k: data[k] for k in data.files}
-    if arrays and all(k.startswith("params/") for k in arrays):
-        arrays = {k[len("params/"):]: v for k, v in arrays.items()}
+    # A 'params/' group beside others (inputs, gradients, optimizer state) holds the parameters.
+    params = {k[len("params/"):]: v for k, v in arrays.items() if k.startswith("params/")}
+    location = "params/" if params else "top level"
+    arrays = params or arrays
     if not any(k.split("/")[0] in _MARKERS for k in arrays):
-        raise CheckpointFormatError(f"{path} holds no M3AE/MAE parameters (no 'image_embedding/...')")
-    return JaxCheckpoint(params=arrays, format="npz", location="top level")
+        groups = sorted({k.split("/")[0] for k in arrays})[:10]
+        raise CheckpointFormatError(f"{path} holds no M3AE/MAE parameters (no 'image_embedding/...' at the "
+                                    f"top level or under 'params/'; groups: {groups})")
+    return JaxCheckpoint(params=arrays, format="npz", location=location)
 
 
 def load_jax_checkpoint(path: str | os.PathLike) -> JaxCheckpoint:

@@ -192,6 +192,8 @@ def run_one(study: StudySpec, arm: ArmSpec, seed: int, out: Path, tokenizer: str
     config = arm_config(study, arm, seed, tokenizer)
     with run_lock(directory) as mine:
         if not mine:
+            if read_json(directory / DONE) is not None:  # finished before; another worker is only reading it
+                return "done"
             log.info("%s seed %d: another process is on it; skipping", arm.name, seed)
             return "busy"
         config.progress = False

@@ -66,6 +66,13 @@ class BenchOptions:
     # device); "float32": normalised float from the host (four times the bytes to copy)
     image_dtype: str = "uint8"
 
+    def __post_init__(self) -> None:
+        for name, least in (("batch", 1), ("steps", 1), ("warmup", 0), ("pool", 1), ("background_load", 0)):
+            if getattr(self, name) < least:
+                raise ValueError(f"{name.replace('_', '-')} must be >= {least}, got {getattr(self, name)}")
+        if self.image_dtype not in ("uint8", "float32"):
+            raise ValueError(f"image_dtype must be uint8 or float32, got {self.image_dtype!r}")
+
     @property
     def uses_static_shapes(self) -> bool:
         return self.compile if self.static_shapes is None else self.static_shapes

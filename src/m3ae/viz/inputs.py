@@ -1,9 +1,11 @@
 """What the visualisation commands read: a checkpoint, its tokenizer, images and captions.
 
-Images and captions are read with the data pipeline (m3ae.data sources, SPEC parsing, EvalTransform).
+Images and captions are read with the data pipeline (m3ae.data sources, SPEC parsing), images through
+the checkpoint's own evaluation transform (m3ae.preprocessing).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -13,11 +15,12 @@ from pathlib import Path
 import torch
 
 from ..data.bad import BadSample
-from ..data.images import EvalTransform
+from ..data.normalization import resolve_stats
 from ..data.sources import IndexedSource, Record, RunContext, build_source
 from ..data.sources.base import require_path
 from ..data.sources.wds import iter_tar
 from ..data.spec import parse_item
+from ..preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +75,21 @@ def text_batch(tokenizer, captions: list[str | None], text_length: int) -> tuple
 
 
 # -- images ---------------------------------------------------------------------------------------
-def load_image(path: str | os.PathLike, image_size: int, stats: str | tuple = "cc12m") -> torch.Tensor:
-    """Shorter side to image_size, centre crop, normalised (C, H, W): the data pipeline's EvalTransform."""
-    return _image(require_path(str(path), "image"), image_size, stats, str(path))
+def preprocessing_for(loaded, stats: str | None = None) -> Preprocessing:
+    """The checkpoint's own image rule (size, crop, square padding, normalisation), with `stats`
+    (a --stats option) replacing only its normalisation."""
+    if stats is None:
+        return loaded.preprocessing
+    mean, std = resolve_stats(stats)
+    return dataclasses.replace(loaded.preprocessing, mean=mean, std=std)
 
 
-def _image(data: bytes | str, image_size: int, stats: str | tuple, key: str) -> torch.Tensor:
+def load_image(path: str | os.PathLike, preprocessing: Preprocessing) -> torch.Tensor:
+    """One image file as the checkpoint's evaluation transform sees it: normalised (C, H, W)."""
     try:
-        return EvalTransform(image_size, resize=image_size, stats=stats)(data, key=key)
+        return preprocessing.transform()(require_path(str(path), "image"), key=str(path))
     except BadSample as err:  # one image a user asked for: an error, not a skip
-        raise ValueError(f"cannot use image {key}: {err}") from None
+        raise ValueError(f"cannot use image {path}: {err}") from None
 
 
 def _records_from(source, offset: int) -> Iterator[Record]:
@@ -106,26 +114,27 @@ def _caption(record: Record) -> str | None:
     return (text or "").strip() or None
 
 
-def load_samples(spec: str, image_size: int, stats: str | tuple = "cc12m", n: int = 4, offset: int = 0,
-                 text_length: int = 64) -> list[Sample]:
+def load_samples(spec: str, preprocessing: Preprocessing, n: int = 4, offset: int = 0) -> list[Sample]:
     """One image file, or a data SPEC item (m3ae.data.spec): `demo` (the synthetic shapes), a CSV
     manifest (image[,caption]; paths relative to the CSV or its images/), an image folder (captions
-    from .txt files beside the images), HDF5 or tar shards."""
+    from .txt files beside the images), HDF5 or tar shards. Images go through `preprocessing`'s
+    evaluation transform (the checkpoint's: `preprocessing_for`)."""
     if n <= 0:
         raise ValueError("need at least one sample (--n)")
     path = Path(spec)
     if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
         if offset:
             raise ValueError(f"--data {spec}: one image, nothing at offset {offset}")
-        return [Sample(load_image(path, image_size, stats), None, path.name)]
+        return [Sample(load_image(path, preprocessing), None, path.name)]
     try:  # anything the data SPEC syntax reads: manifests, folders, HDF5, shards
-        source = build_source(parse_item(spec), default_role="labelled", context=RunContext(image_size=image_size))
+        source = build_source(parse_item(spec), default_role="labelled",
+                              context=RunContext(image_size=preprocessing.image_size))
     except FileNotFoundError as err:
         raise FileNotFoundError(f"--data {spec}: {err} (use 'demo', a CSV, images or another data spec)") from None
     if "image" not in source.provides:
         raise ValueError(f"--data {spec}: {source.describe()} has no images")
     samples, skipped = [], 0
-    transform = EvalTransform(image_size, resize=image_size, stats=stats)
+    transform = preprocessing.transform()
     for r in _records_from(source, offset):
         try:  # the bad-data policy: an unusable image is skipped and counted, the next one taken
             image = transform(r.image, key=r.key)

@@ -1,0 +1,34 @@
+"""m3ae.files: atomic writes leave the old file or the new one, with the permissions open() gives."""
+import os
+import stat
+
+import pytest
+
+from m3ae.files import atomic_write
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_get_the_umasks_mode(tmp_path, umask, mode):
+    # Checkpoints on a shared disk must be readable as the user's umask says (mkstemp would give 0600).
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "a.json", lambda p: open(p, "w").write("{}"))
+        (tmp_path / "plain.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == mode
+    assert stat.S_IMODE((tmp_path / "plain.json").stat().st_mode) == mode
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "state.json"
+    atomic_write(target, lambda p: open(p, "w").write("old"))
+
+    def half_then_fail(p):
+        open(p, "w").write("ne")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, half_then_fail)
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
