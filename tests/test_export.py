@@ -95,3 +95,8 @@ def test_export_refuses_what_it_cannot_write(tmp_path, capsys):
     _, ckpt = _checkpoint(tmp_path)
     assert main(["export", str(ckpt), str(tmp_path / "x"), "--to", "hf-vit", "--image-size", "30"]) == 2
     assert "not divisible by the patch size 8" in capsys.readouterr().err
+    # Into a folder that holds anything, e.g. the checkpoint itself: refused, nothing replaced.
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    assert main(["export", str(ckpt), str(ckpt), "--to", "hf-vit"]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before

@@ -168,3 +168,20 @@ def test_a_broken_preprocessor_config_names_the_file(tmp_path):
     (ckpt / "preprocessor_config.json").write_text('{"image_size": 32, "resize_to": 40}')
     with pytest.raises(ValueError, match=r"unknown preprocessing keys \['resize_to'\]"):
         m3ae.load(ckpt)
+
+
+def test_from_pretrained_is_in_eval_mode_and_save_refuses_a_too_large_tokenizer(tmp_path):
+    # Dropout and drop-path off after loading, as in transformers: encode() is deterministic.
+    model = M3AE(M3AEConfig.from_preset("nano", image_size=32, patch_size=8, vocab_size=40, drop_path=0.3, drop=0.1))
+    model.save_pretrained(tmp_path / "m")
+    loaded = M3AE.from_pretrained(tmp_path / "m")
+    assert not loaded.training
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(x), loaded.encode(x), rtol=0, atol=0)
+    from m3ae.data.synthetic import build_demo_tokenizer
+
+    small = M3AE(M3AEConfig.from_preset("nano", image_size=32, patch_size=8, vocab_size=5))
+    with pytest.raises(ValueError, match="tokens but the model's vocab_size is 5"):
+        small.save_pretrained(tmp_path / "s", tokenizer=build_demo_tokenizer())
+    assert not (tmp_path / "s").exists()

@@ -144,6 +144,17 @@ def test_resume_refuses_other_model_shape(tmp_path):
         pretrain(tiny_config("steps=4", "model.depth=3"), tmp_path, resume="auto")
 
 
+def test_a_fresh_run_refuses_a_folder_with_an_earlier_runs_checkpoints(tmp_path):
+    # Without --resume it would prune by step number among the earlier run's checkpoints (deleting its
+    # own last one) and start metrics.jsonl over.
+    pretrain(tiny_config("steps=4", "ckpt_every=2"), tmp_path)
+    log = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run .newest step_00000004.*--resume auto"):
+        pretrain(tiny_config("steps=2", "seed=1"), tmp_path)
+    assert (tmp_path / "metrics.jsonl").read_text() == log
+    assert [p.name for _, p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000004"]
+
+
 def test_resume_refuses_another_architecture_given_by_path(tmp_path):
     """Named checkpoint folder: the refusal names the differing field, before anything is loaded."""
     pretrain(tiny_config("steps=2"), tmp_path)

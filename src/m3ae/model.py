@@ -415,6 +415,10 @@ class M3AE(nn.Module):
         """
         from safetensors.torch import save_file
 
+        if tokenizer is not None and self.config.has_text:  # a folder that could not be loaded back
+            from .data.tokenizer import check_vocab_size
+
+            check_vocab_size(tokenizer, self.config.vocab_size, "the tokenizer to save")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         source = self.state_dict() if state_dict is None else state_dict
@@ -432,12 +436,13 @@ class M3AE(nn.Module):
                         local_files_only: bool = False, **config_overrides) -> "M3AE":
         """Load a folder written by `save_pretrained` (or `m3ae convert-jax`), or a Hugging Face Hub
         id ("user/repo", at `revision`, cached in `cache_dir`; offline with `local_files_only` or
-        HF_HUB_OFFLINE=1). A local folder of that name wins over the hub."""
+        HF_HUB_OFFLINE=1). A local folder of that name wins over the hub. The model comes back in
+        eval mode, as transformers' models do (`.train()` before fine-tuning it)."""
         from .hub import resolve_checkpoint
 
         directory = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir,
                                        local_files_only=local_files_only)
-        return cls._from_folder(directory, map_location, **config_overrides)
+        return cls._from_folder(directory, map_location, **config_overrides).eval()
 
     @classmethod
     def _from_folder(cls, directory: Path, map_location: str | torch.device = "cpu", **config_overrides) -> "M3AE":

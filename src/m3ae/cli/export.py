@@ -20,12 +20,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..hub import resolve_checkpoint
     from ..interop.export import export
-    from ..pretrained import load
+    from ..model import M3AE
+    from ..pretrained import checkpoint_preprocessing
 
-    loaded = load(args.checkpoint)
-    out = export(loaded.model, loaded.preprocessing, args.format, args.out_dir, args.image_size)
-    c = loaded.model.config
+    # The image encoder and its image rule only: no tokenizer (nor a warning about a missing one).
+    folder = resolve_checkpoint(args.checkpoint)
+    model = M3AE.from_pretrained(folder)
+    out = export(model, checkpoint_preprocessing(folder, model.config.image_size), args.format, args.out_dir,
+                 args.image_size)
+    c = model.config
     print(f"wrote {out} ({args.format}: encoder {c.emb_dim}x{c.depth}, patch {c.patch_size}, "
           f"image {args.image_size or c.image_size})")
     return 0

@@ -143,6 +143,9 @@ def export(model, preprocessing, fmt: str, out_dir: str | os.PathLike, image_siz
         raise ValueError(f"unknown export format {fmt!r}; choose one of {FORMATS}")
     size = image_size or model.config.image_size
     out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        # e.g. the checkpoint's own folder: its config.json and weights would be replaced by the encoder's.
+        raise ValueError(f"{out} exists and is not an empty folder: export into a new folder")
     out.mkdir(parents=True, exist_ok=True)
 
     def write_json(name: str, data: dict) -> None:

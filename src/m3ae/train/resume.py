@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .. import distributed as dist_utils
-from ..checkpoint import RUN_CONFIG_NAME, load_train_state, newest_intact
+from ..checkpoint import RUN_CONFIG_NAME, list_checkpoints, load_train_state, newest_intact
 from ..config import M3AEConfig
 from ..model import CONFIG_NAME, WEIGHTS_NAME, M3AE
 from ..validate import check_safetensors, read_model_config
@@ -59,6 +59,10 @@ def restore(resume: str | None, out_dir: Path, model: M3AE, config: TrainConfig,
     settings that break exactness unless `allow_changes`; runtime switches (threads,
     grad_checkpointing, logging, ...) may change."""
     if resume is None:
+        earlier = list_checkpoints(out_dir)
+        if earlier:  # a fresh run here would prune by step number among the earlier run's checkpoints
+            raise ValueError(f"{out_dir} holds checkpoints of an earlier run (newest {earlier[-1][1].name}): "
+                             "continue it with --resume auto, or start a new run in another --out")
         return None
     if resume == "auto":
         found = newest_intact(out_dir, lambda p: _read(p, model))
