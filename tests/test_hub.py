@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,28 @@ def test_resolve_keeps_local_folders_and_rejects_bad_ids(tmp_path):
         resolve_checkpoint("bad id with spaces/x y")
 
 
+def test_resolve_names_a_file_given_for_a_folder(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match="is a file: pass the checkpoint folder that holds it"):
+        resolve_checkpoint(tmp_path / "model.safetensors")
+
+
+def test_push_to_an_unreachable_hub_is_one_clear_line(tmp_path):
+    model = M3AE(M3AEConfig.from_preset("nano", image_size=32, patch_size=8, vocab_size=0))
+    model.save_pretrained(tmp_path / "ckpt")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": SRC, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_TOKEN": "hf_local",
+           "HF_HOME": str(tmp_path / "home")}
+    push = subprocess.run([sys.executable, "-m", "m3ae", "push", str(tmp_path / "ckpt"), "someone/x"], env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert push.returncode == 1
+    assert "pushing to someone/x failed" in push.stderr and "Traceback" not in push.stderr, push.stderr
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors",
+                                                                      "preprocessor_config.json"]
+
+
 def _run(code: str, env: dict, cwd) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True,
                           timeout=180)
@@ -152,6 +175,7 @@ def test_push_and_download_through_a_local_hub_mirror(tmp_path):
         assert hub.uploaded["model.safetensors"] == (tmp_path / "ckpt" / "model.safetensors").read_bytes()
         assert hub.card_metadata["library_name"] == "m3ae"
         assert "| probe top1 (cifar:val) | 46.5 |" in hub.uploaded["README.md"].decode()
+        assert not (tmp_path / "ckpt" / "README.md").exists()  # the card names its repo: uploaded, not kept
 
         online = _run(features, env, tmp_path)
         assert online.returncode == 0, online.stderr

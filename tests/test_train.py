@@ -206,6 +206,9 @@ def test_unreadable_checkpoints_leave_the_model_as_built(tmp_path, caplog):
     ("steps=0", "steps must be positive"),
     ("peak_tflops=0", "peak_tflops must be positive"),
     ("threads=0", "threads must be at least 1"),
+    ("model.depth=six", "model.depth: Value 'six'"),  # wrong types name the setting
+    ("optim.lr=abc", "optim.lr: Value 'abc'"),
+    ("compile=maybe", "compile: Value 'maybe'"),
 ])
 def test_bad_run_configuration(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -215,6 +218,12 @@ def test_bad_run_configuration(override, message):
 def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
     assert main(["pretrain", "--config", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown run preset" in capsys.readouterr().err
+    for text, message in (("model: [1, 2\n", "is not valid YAML"), ("- a\n- b\n", "must hold a mapping"),
+                          ("model:\n  depth: three\n", "model.depth: Value 'three'")):
+        (tmp_path / "c.yaml").write_text(text)
+        assert main(["pretrain", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
 
 
 def test_demo_end_to_end(tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *, revision: str | None 
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    if path.is_file():
+        raise FileNotFoundError(f"{path} is a file: pass the checkpoint folder that holds it ({path.parent})")
     name = os.fspath(name_or_path)
     if not is_hub_id(name):
         raise FileNotFoundError(f"checkpoint folder not found: {name} (nor is it a hub id like 'user/repo')")
@@ -39,9 +42,12 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *, revision: str | None 
     except HFValidationError as err:
         raise FileNotFoundError(f"checkpoint folder not found: {name} ({err})") from None
     except LocalEntryNotFoundError:
-        raise FileNotFoundError(
-            f"{name}{'@' + revision if revision else ''} is not a local folder and is not in the Hugging Face "
-            "cache, and downloading is off (offline mode); run once online, or pass a folder") from None
+        from huggingface_hub import constants
+
+        why = ("downloading is off (offline mode); run once online" if local_files_only or constants.HF_HUB_OFFLINE
+               else "the Hugging Face Hub could not be reached to download it")
+        raise FileNotFoundError(f"{name}{'@' + revision if revision else ''} is not a local folder and is not in "
+                                f"the Hugging Face cache, and {why}; or pass a folder") from None
     except (RepositoryNotFoundError, RevisionNotFoundError) as err:
         raise FileNotFoundError(f"hub repository {name} (revision {revision or 'main'}) not found: {err}") from None
     except HfHubHTTPError as err:
@@ -94,20 +100,48 @@ def model_card(folder: str | os.PathLike, repo_id: str | None = None, results: d
 def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
                 commit_message: str = "Upload M3AE checkpoint", token: str | None = None,
                 results: dict[str, Any] | None = None, api=None):
-    """Upload a checkpoint folder's model files (HUB_FILES) to `repo_id`, writing a model card first
-    when the folder has none. Returns huggingface_hub's CommitInfo."""
-    from huggingface_hub import HfApi
+    """Upload a checkpoint folder's model files (HUB_FILES) to `repo_id` in one commit, with the
+    folder's own README.md or else a model card generated for this repository and `results` (uploaded,
+    not written into the folder: a card names its repository). Returns huggingface_hub's CommitInfo;
+    a Hub that cannot be reached or refuses raises HubError (an OSError) saying so."""
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     folder = Path(folder)
     for name in ("config.json", "model.safetensors"):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} has no {name}; is it an M3AE checkpoint folder?")
     card = folder / CARD_NAME
-    if not card.is_file():
-        from .files import atomic_write
-
-        atomic_write(card, lambda p: Path(p).write_text(model_card(folder, repo_id, results)))
+    if card.is_file() and results:
+        warnings.warn(f"{card} is the folder's own model card: it is uploaded as it is, without the results",
+                      stacklevel=2)
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name))
+                  for name in HUB_FILES if name != CARD_NAME and (folder / name).is_file()]
+    operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card.read_bytes() if card.is_file()
+                                         else model_card(folder, repo_id, results).encode()))
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), allow_patterns=HUB_FILES,
-                             revision=revision, commit_message=commit_message)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.create_commit(repo_id, operations=operations, revision=revision, commit_message=commit_message)
+    except _hub_errors() as err:
+        raise HubError(f"pushing to {repo_id} failed: {type(err).__name__}: {err} (is the Hugging Face Hub "
+                       "reachable, and are you logged in: `hf auth login` or HF_TOKEN?)") from err
+
+
+class HubError(OSError):
+    """The Hugging Face Hub could not be reached, or refused the request."""
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """What a failed Hub request raises: huggingface_hub's HTTP errors and its HTTP client's (httpx,
+    httpx2 or requests, by huggingface_hub version) transport errors."""
+    import importlib
+
+    from huggingface_hub.errors import HfHubHTTPError
+
+    errors: list[type[BaseException]] = [HfHubHTTPError, OSError]
+    for module, name in (("httpx", "HTTPError"), ("httpx2", "HTTPError"), ("requests", "RequestException")):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)

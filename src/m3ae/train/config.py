@@ -8,6 +8,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -179,8 +180,13 @@ def preset_layers(name: str, _seen: tuple[str, ...] = ()) -> list:
     path = preset_path(name)
     if str(path.resolve()) in _seen:
         raise ConfigError(f"run presets inherit in a cycle: {' -> '.join(_seen + (str(path),))}")
-    layer = OmegaConf.load(path)
-    base = layer.pop("base", None) if isinstance(layer, DictConfig) else None
+    try:
+        layer = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(layer, DictConfig):
+        raise ConfigError(f"{path} must hold a mapping of settings (key: value) at its top level")
+    base = layer.pop("base", None)
     if base is None:
         return [layer]
     relative = path.parent / str(base)
@@ -205,7 +211,9 @@ def load_config(preset: str | None = None, overrides: Sequence[str] = ()) -> Tra
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), *layers, cli)
         config = _to_config(merged)
     except OmegaConfBaseException as err:
-        raise ConfigError(str(err).splitlines()[0]) from err
+        key = getattr(err, "full_key", None)  # OmegaConf names the setting on a line of its own
+        message = str(err).splitlines()[0]
+        raise ConfigError(f"{key}: {message}" if key and key not in message else message) from err
     config.validate()
     return config
 
