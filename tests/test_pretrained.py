@@ -136,6 +136,38 @@ def test_features_batches_pil_tensors_and_captions(tmp_path):
         torch.testing.assert_close(text, model.encode(None, ids, padding)[:, 0])
     with pytest.raises(ValueError, match="5 images but 2 captions"):
         loaded.features(images=photos, captions=captions[:2])
+    # Every token, captions of different lengths over several batches: one padding for all of them.
+    every = loaded.features(captions=captions, all_tokens=True, batch_size=2)
+    ids, padding = loaded.texts(captions)
+    with torch.no_grad():
+        torch.testing.assert_close(every, model.encode(None, ids, padding))
+    # Float64 / float16 tensors are cast to the model's dtype.
+    torch.testing.assert_close(loaded.features(images=tensors.double()), one_batch)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m.features(images="photo.jpg"), "images must be a list, got a str; wrap one item as images="),
+    (lambda m: m.features(captions="a red circle"), "captions must be a list, got a str"),
+    (lambda m: m.features(images=np.zeros((2, 32, 32, 3))), "images must be a list, got a ndarray"),
+    (lambda m: m.features(images=[]), "no images or captions given"),
+    (lambda m: m.features(images=torch.zeros(2, 3, 32, 32, dtype=torch.uint8)),
+     "must be floating point, got torch.uint8"),
+    (lambda m: m.features(images=torch.zeros(2, 3, 32, 32), batch_size=0), "batch_size must be >= 1"),
+    (lambda m: m.features(captions=[None]), "caption 0 is a NoneType, not a str"),
+    (lambda m: m.features(captions=["a dog", 3]), "caption 1 is a int, not a str"),
+])
+def test_features_refuse_odd_inputs_clearly(tmp_path, call, message):
+    tokenizer = load_tokenizer(write_tokenizer(tmp_path))
+    loaded = m3ae.Pretrained(_tiny(vocab_size=256), Preprocessing(32), tokenizer, "memory")
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        call(loaded)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where CUDA is missing")
+def test_load_on_cuda_without_cuda_is_a_clear_error(tmp_path):
+    _tiny().save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="sees no CUDA device"):
+        m3ae.load(tmp_path / "m", device="cuda")
 
 
 def test_older_checkpoints_load_with_a_warning(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import abc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -41,12 +42,13 @@ class Pretrained:
         """A normalised (B, 3, S, S) batch from PIL images, file paths or encoded bytes, with the
         checkpoint's preprocessing. A tensor is taken as already preprocessed model input."""
         if isinstance(images, torch.Tensor):
-            return images.unsqueeze(0) if images.ndim == 3 else images
+            return _model_input(images.unsqueeze(0) if images.ndim == 3 else images, self.model)
+        _require_sequence(images, "images")
         transform = self.preprocessing.transform()
         out = []
         for i, item in enumerate(images):
             if isinstance(item, torch.Tensor):
-                out.append(item)
+                out.append(_model_input(item, self.model))
                 continue
             key = os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"image {i}"
             if isinstance(item, os.PathLike):
@@ -64,6 +66,10 @@ class Pretrained:
             raise ValueError("this model is image-only (vocab_size=0); it takes no captions")
         if self.tokenizer is None:
             raise ValueError(f"{self.source} has no tokenizer.json; pass tokenizer= to m3ae.load")
+        _require_sequence(captions, "captions")
+        for i, caption in enumerate(captions):
+            if not isinstance(caption, str):
+                raise ValueError(f"caption {i} is a {type(caption).__name__}, not a str")
         ids = encode_batch(self.tokenizer, list(captions), self.model.config.text_length)
         if any(len(row) == 0 for row in ids):
             raise ValueError("a caption has no tokens (empty caption?)")
@@ -77,17 +83,24 @@ class Pretrained:
 
         Images alone, captions alone, or both (pairs: joint features). `pool`: "cls" or "mean";
         `all_tokens=True` returns the whole (N, 1 + tokens, D) encoder output instead (images of one
-        size, or captions of one length per batch)."""
+        size; captions all padded to the longest one, whose padding mask `texts(captions)` gives)."""
         from .eval.features import num_image_tokens, pool_tokens
 
-        if images is not None:
-            n = len(images)
-        elif captions is not None:
-            n = len(captions)
-        else:
+        if images is None and captions is None:
             raise ValueError("give images, captions, or both")
-        if images is not None and captions is not None and len(captions) != n:
-            raise ValueError(f"{n} images but {len(captions)} captions")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if images is not None and not isinstance(images, torch.Tensor):
+            _require_sequence(images, "images")
+        n = len(images) if images is not None else len(captions)  # type: ignore[arg-type]
+        if captions is not None:
+            _require_sequence(captions, "captions")
+            if images is not None and len(captions) != n:
+                raise ValueError(f"{n} images but {len(captions)} captions")
+        if n == 0:
+            raise ValueError("no images or captions given (an empty list)")
+        # One padding for all captions when every token is returned, so the batches' outputs align.
+        all_texts = self.texts(captions) if captions is not None and all_tokens else None
         model = self.model
         was_training = model.training
         model.eval()
@@ -98,7 +111,9 @@ class Pretrained:
                 end = min(start + batch_size, n)
                 image = self.images(images[start:end]).to(device) if images is not None else None
                 text = padding = None
-                if captions is not None:
+                if all_texts is not None:
+                    text, padding = (t[start:end].to(device) for t in all_texts)
+                elif captions is not None:
                     text, padding = (t.to(device) for t in self.texts(captions[start:end]))
                 tokens = model.encode(image, text, padding)
                 out.append(tokens.float().cpu() if all_tokens else
@@ -113,6 +128,22 @@ class Pretrained:
 
     def push_to_hub(self, repo_id: str, **kwargs: Any):
         return self.model.push_to_hub(repo_id, tokenizer=self.tokenizer, preprocessing=self.preprocessing, **kwargs)
+
+
+def _require_sequence(items: Any, what: str) -> None:
+    """A list (or tuple) of items, not one item that happens to be iterable (a path, bytes, an array)."""
+    if isinstance(items, (str, bytes, os.PathLike)) or not isinstance(items, abc.Sequence):
+        raise ValueError(f"{what} must be a list, got a {type(items).__name__}"
+                         + (f"; wrap one item as {what}=[...]" if isinstance(items, (str, bytes, os.PathLike))
+                            else ""))
+
+
+def _model_input(pixels: torch.Tensor, model: M3AE) -> torch.Tensor:
+    """A tensor taken as preprocessed model input: floating point (normalised), as the model's dtype."""
+    if not pixels.is_floating_point():
+        raise ValueError(f"an image tensor is taken as normalised model input and must be floating point, got "
+                         f"{pixels.dtype}; pass PIL images, paths or bytes to get the checkpoint's preprocessing")
+    return pixels.to(next(model.parameters()).dtype)
 
 
 def _decode(transform, item, key: str) -> torch.Tensor:
@@ -132,6 +163,9 @@ def load(name_or_path: str | os.PathLike, *, revision: str | None = None,
     `tokenizer`: a tokenizer file / hub name instead of the checkpoint's own."""
     from .hub import resolve_checkpoint
 
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} asked for, but torch {torch.__version__} sees no CUDA device")
     folder = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir,
                                 local_files_only=local_files_only)
     model = M3AE._from_folder(folder).to(device).eval()

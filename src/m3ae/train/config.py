@@ -50,7 +50,7 @@ class TrainConfig:
     seed: int = 0  # seeds the model, masks and data order
     log_every: int = 10  # steps between metrics.jsonl rows
     ckpt_every: int = 1000  # steps between checkpoints
-    keep_last: int = 3  # checkpoints kept (the newest)
+    keep_last: int = 3  # checkpoints kept (the newest; 0 keeps all)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # auto (bf16 on CUDA and on CPUs with native bf16 matmul, else fp32) | fp32 | bf16 | bf32 (CPU:
     # fp32 with oneDNN's bf16-input matmuls; m3ae.precision)
