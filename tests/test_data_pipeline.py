@@ -252,3 +252,25 @@ def test_training_images_travel_as_uint8_and_are_normalised_on_arrival(tmp_path)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     torch.testing.assert_close(image, (part.image.float() / 255 - mean) / std)
+
+
+def test_a_stream_of_only_bad_records_stops_instead_of_hanging(tmp_path, capsys):
+    # Was: the worker never filled a batch, so the run's bad-fraction check never ran and it waited
+    # forever. The worker now applies the same limit over its own share; the CLI prints one line.
+    import io
+
+    from m3ae.cli import main
+
+    with tarfile.open(tmp_path / "allbad-00000.tar", "w") as tar:
+        for i in range(10):
+            for ext, data in (("jpg", b"\xff\xd8not a jpeg"), ("txt", b"a small red circle")):
+                info = tarfile.TarInfo(f"z{i}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    args = ["pretrain", "--config", "demo", "--out", str(tmp_path / "run"),
+            "--data", str(tmp_path / "allbad-00000.tar"), "--steps", "2",
+            f"data.tokenizer={write_tokenizer(tmp_path)}", "model.vocab_size=256",
+            "data.num_workers=1", "data.bad_min_samples=30", "progress=false"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "stopped: 30 of 30 samples were unusable" in err and "Traceback" not in err, err[-2000:]

@@ -85,6 +85,33 @@ def test_unexpected_error_with_workers_exits_with_a_checkpoint(tmp_path):
     assert steps_of(tmp_path) == [3]  # the 3 steps done were saved before stopping
 
 
+def test_a_signal_while_the_loader_delivers_nothing_stops_the_run(tmp_path, monkeypatch):
+    # Was: a loader that never delivers (every record bad, a hung mount) kept the run waiting, and
+    # SIGTERM only set a flag checked after a step that never came.
+    from m3ae.train import loop
+
+    real, calls = loop.next_batch, []
+
+    def hung_from_the_fourth(batches):
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)  # interrupted by the signal's handler
+        return real(batches)
+
+    monkeypatch.setattr(loop, "next_batch", hung_from_the_fourth)
+    t0 = time.perf_counter()
+    result = pretrain(tiny_config("steps=6", "ckpt_every=100", "log_every=2"), tmp_path / "split")
+    assert time.perf_counter() - t0 < 50 and result.status == "stopped" and result.step == 3
+    assert steps_of(tmp_path / "split") == [3]
+    monkeypatch.setattr(loop, "next_batch", real)
+    split = pretrain(tiny_config("steps=6", "ckpt_every=100", "log_every=2"), tmp_path / "split", resume="auto")
+    straight = pretrain(tiny_config("steps=6", "ckpt_every=100", "log_every=2"), tmp_path / "straight")
+    assert losses(tmp_path / "split") == losses(tmp_path / "straight")
+    a, b = params(split.checkpoint), params(straight.checkpoint)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_disk_full_at_a_checkpoint_stops_cleanly_and_resumes(tmp_path):
     # Was: a traceback, a hang, and a .tmp-step_* folder left on the full disk at every attempt.
     r = run_with("enospc_ckpt:2", tmp_path, "steps=6", "data.num_workers=2", "ckpt_every=2")

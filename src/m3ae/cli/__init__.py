@@ -10,7 +10,7 @@ import traceback
 from contextlib import contextmanager
 from typing import Iterator
 
-from ..data.bad import DataQualityError, LoaderError
+from ..data.bad import DataQualityError, LoaderError, worker_message
 from ..optional import missing_dependency
 
 COMMANDS = [
@@ -90,10 +90,10 @@ def _main(args: argparse.Namespace) -> int:
         print(f"m3ae {args.command}: error: {message}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError) as err:  # configuration and input errors: no traceback
-        print(f"m3ae {args.command}: error: {err}", file=sys.stderr)
+        print(f"m3ae {args.command}: error: {worker_message(err)}", file=sys.stderr)
         return 2
     except (FloatingPointError, DataQualityError, LoaderError) as err:  # a run that had to stop
-        print(f"m3ae {args.command}: stopped: {err}", file=sys.stderr)
+        print(f"m3ae {args.command}: stopped: {worker_message(err)}", file=sys.stderr)
         return 1
     except OSError as err:  # a full disk, a vanished mount, a permission: the environment, not a bug
         print(f"m3ae {args.command}: stopped: {err}", file=sys.stderr)

@@ -92,3 +92,15 @@ class BadCounter:
         out = self.as_dict()
         self.good, self.bad, self.examples = 0, Counter(), {}
         return out
+
+
+def worker_message(err: BaseException) -> str:
+    """The error's own message. torch re-raises an exception from a loader worker with the worker's
+    whole traceback as its message ("Caught X in DataLoader worker process N. Original Traceback
+    ..."); the message the code raised is its last line, after the exception's name."""
+    text = str(err)
+    if not (text.startswith("Caught ") and "DataLoader worker" in text and "Original Traceback" in text):
+        return text
+    last = text.rstrip().splitlines()[-1]
+    name = type(err).__name__
+    return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last

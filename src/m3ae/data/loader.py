@@ -217,7 +217,8 @@ def build_train_data(data: DataConfig, model_config: M3AEConfig, *, seed: int, m
         return TrainData(TrackedBatches(loader, counter), description, maker.tokenizer, True, counter)
     stream = StreamPosition.from_state((resume_state or {}).get("stream"))
     dataset = StreamDataset(uses, maker, collator, seed, micro_batch, start=start_micro_batch, rank=rank,
-                            world_size=world_size, resume=stream)
+                            world_size=world_size, resume=stream,
+                            bad_limit=(data.max_bad_fraction, data.bad_min_samples))
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, **_loader_kwargs(data, pin_memory))
     # Shares that deliver nothing before the next checkpoint keep their old position.
     same_layout = stream is not None and stream.parts == world_size * max(int(data.num_workers), 1)

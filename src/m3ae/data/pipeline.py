@@ -236,11 +236,15 @@ class StreamDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, uses: list[SourceUse], maker: SampleMaker, collator: BatchCollator, seed: int,
                  batch_size: int, start: int = 0, rank: int = 0, world_size: int = 1,
-                 resume: StreamPosition | None = None, epochs: int | None = None):
+                 resume: StreamPosition | None = None, epochs: int | None = None,
+                 bad_limit: tuple[float, int] | None = None):
         self.uses, self.maker, self.collator, self.seed = uses, maker, collator, seed
         self.batch_size, self.start, self.rank, self.world_size = batch_size, start, rank, world_size
         self.resume = resume
         self.epochs = epochs
+        # (max_bad_fraction, min_samples): enforced here too, over this share's records, since a
+        # stream whose records are all bad would otherwise never yield a batch for the run to check.
+        self.bad_limit = bad_limit
         w = np.asarray([u.weight for u in uses], dtype=np.float64)
         self.cumulative = np.cumsum(w / w.sum())
 
@@ -256,6 +260,7 @@ class StreamDataset(torch.utils.data.IterableDataset):
                  for i, u in enumerate(self.uses)]
         alive = [True] * len(iters)
         counter = BadCounter()
+        share = None if self.bad_limit is None else BadCounter(*self.bad_limit)  # never reset
         step = self.start + w
         while True:
             samples: list[dict[str, Any]] = []
@@ -275,13 +280,21 @@ class StreamDataset(torch.utils.data.IterableDataset):
                     samples.append(self.maker.prepare(record, self.uses[s], rng))
                 except BadSample as err:
                     counter.record_bad(err.reason, record.key, err.detail)
+                    if share is not None:
+                        share.record_bad(err.reason, record.key, log_it=False)
+                        share.check()
             if not samples:
                 return
             self.maker.tokenize(samples)
             for x in samples:
                 if not usable(x):
                     counter.record_bad("empty", x["key"], "no tokens")
+                    if share is not None:
+                        share.record_bad("empty", x["key"], log_it=False)
             samples = [x for x in samples if usable(x)]
+            if share is not None:
+                share.good += len(samples)
+                share.check()
             if not samples:
                 continue
             counter.good += len(samples)

@@ -29,7 +29,7 @@ from .config import TrainConfig, to_yaml
 from .metrics import METRICS_NAME, MetricsLog, window_row
 from .resume import Resumed, restore
 from .rng import rng_state
-from .signals import StopRequest
+from .signals import StopRequest, StopWhileWaiting
 from .step import TrainStep
 from .tracking import Trackers
 
@@ -151,6 +151,7 @@ class _Run:
                             "for small ones slower than fp32's default BLAS (BENCHMARKS.md); use fp32 or bf16")
         self.start_step = resumed.step if resumed is not None else 0
         self.step, self.skipped = self.start_step, resumed.skipped if resumed is not None else 0
+        self.stop: StopRequest | None = None  # while train() runs
         self.trackers = Trackers(config, out_dir, is_main)
         self.metrics = MetricsLog(out_dir / METRICS_NAME, is_main, self.trackers)
         self.metrics.truncate_after(self.start_step)
@@ -190,8 +191,14 @@ class _Run:
         self.batches = iter(self.data.batches)  # a DataLoader starts its workers here: stopped below
         try:
             with StopRequest() as stop:
+                self.stop = stop
                 while self.step < end and not self._step(stop, end):
                     pass
+        except StopWhileWaiting as err:  # between steps: the weights hold whole steps
+            self.result.status = "stopped"
+            if self.progress is not None:
+                self.progress.clear()
+            log.warning("%s: stopping after step %d", err, self.step)
         except Exception as err:
             self._save_before_stopping()
             named = loader_error(err)
@@ -242,9 +249,14 @@ class _Run:
         """The step's micro-batches from the loader; the data wait and the window's samples and
         FLOPs (host-side shapes: no sync) are counted on the way."""
         world_size = self.dist.world_size
-        for _ in range(self.config.grad_accum):
+        for i in range(self.config.grad_accum):
             t0 = time.perf_counter()
-            batch = next_batch(self.batches).to(self.dist.device, non_blocking=True)
+            # Before a step's first batch nothing of the step is done, so a signal may stop the run
+            # right there; one process only (ranks must stop at the same step).
+            stop = self.stop if i == 0 and world_size == 1 else None
+            with stop.waiting_for_data() if stop is not None else contextlib.nullcontext():
+                batch = next_batch(self.batches)
+            batch = batch.to(self.dist.device, non_blocking=True)
             self.data_wait += time.perf_counter() - t0
             self.window_samples += batch.size * world_size
             self.window_flops += batch_train_flops(batch, self.config.model) * world_size
