@@ -1,3 +1,5 @@
+from pathlib import Path
+
 from data_files import write_manifest, write_text
 from m3ae.cli import main
 
@@ -51,3 +53,28 @@ def test_stats_default_policy_is_the_training_one(tmp_path, capsys):
     assert main(["data", "stats", str(manifest)]) == 1
     captured = capsys.readouterr()
     assert "200 of 200 samples were unusable" in captured.err and "bad: 200 (100.00%)" in captured.out
+
+
+def test_shard_keeps_source_metadata_counts_empty_captions_and_checks_options(tmp_path, capsys):
+    import json
+    import tarfile
+
+    from data_files import write_img2dataset_tar
+
+    source = write_img2dataset_tar(str(tmp_path / "src-00000.tar"), n=3, json_captions=True)
+    pattern = str(tmp_path / "out" / "s-%03d.tar")
+    assert main(["data", "shard", f"wds:{source}", "--out", pattern]) == 0
+    with tarfile.open(tmp_path / "out" / "s-000.tar") as tar:
+        meta = [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
+    assert len(meta) == 3 and all(m["url"] == "x" and m["source_key"] and m["caption"] for m in meta)
+    # Empty captions in a captioned set: counted and left out, as `data stats` and training count them.
+    manifest = write_manifest(tmp_path, n=4)
+    image = Path(manifest).read_text().splitlines()[1].split(",")[0]
+    with open(manifest, "a") as f:
+        f.write(f"{image},\n{image},   \n")
+    capsys.readouterr()
+    assert main(["data", "shard", str(manifest), "--out", str(tmp_path / "m" / "s-%03d.tar")]) == 0
+    assert "wrote 4 samples" in (out := capsys.readouterr().out) and "'empty': 2" in out, out
+    for option, value in (("--per-shard", "0"), ("--quality", "500"), ("--shorter-side", "-1")):
+        assert main(["data", "shard", str(manifest), "--out", pattern, option, value]) == 2
+        assert f"{option} must be" in capsys.readouterr().err

@@ -66,10 +66,25 @@ def _decode(record, max_pixels):
         return to_rgb(_load(open_image(record.image, record.key, max_pixels)))
 
 
+def _caption(record, take_text: bool) -> str | None:
+    """The record's caption where the source has captions, or raise BadSample: one rule for stats
+    and shard (and the same reasons training counts)."""
+    from m3ae.data.bad import BadSample
+    from m3ae.data.pipeline import decode_caption
+
+    if not take_text:
+        return None
+    caption = decode_caption(record.caption)
+    if caption is None:
+        raise BadSample("missing_caption", record.key)
+    if not caption:
+        raise BadSample("empty", "empty caption")
+    return caption
+
+
 def run_stats(args: argparse.Namespace) -> int:
     from m3ae.data.bad import BadSample, DataQualityError
     from m3ae.data.images import DEFAULT_MAX_PIXELS
-    from m3ae.data.pipeline import decode_caption
     from m3ae.data.sources import build_sources
     from m3ae.data.tokenizer import load_tokenizer
 
@@ -87,11 +102,7 @@ def run_stats(args: argparse.Namespace) -> int:
             try:
                 if record.missing:
                     raise BadSample(record.missing, record.key)
-                caption = decode_caption(record.caption) if take_text else None
-                if take_text and caption is None:
-                    raise BadSample("missing_caption", record.key)
-                if take_text and not caption:
-                    raise BadSample("empty", "empty caption")
+                caption = _caption(record, take_text)
                 if take_image:
                     if record.image is None:
                         raise BadSample("missing_image", record.key)
@@ -136,9 +147,12 @@ def run_shard(args: argparse.Namespace) -> int:
 
     from m3ae.data.bad import BadSample
     from m3ae.data.images import DEFAULT_MAX_PIXELS
-    from m3ae.data.pipeline import decode_caption
     from m3ae.data.sources import ShardWriter, build_sources
 
+    for name, value, least, most in (("--per-shard", args.per_shard, 1, None), ("--quality", args.quality, 1, 100),
+                                     ("--shorter-side", args.shorter_side, 0, None), ("--limit", args.limit, 0, None)):
+        if value is not None and (value < least or (most is not None and value > most)):
+            raise ValueError(f"{name} must be {f'in {least}..{most}' if most else f'>= {least}'}, got {value}")
     counter = _bad_counter(args, max_logged=10)
     index = 0
     with ShardWriter(args.out, args.per_shard) as writer:
@@ -153,7 +167,7 @@ def run_shard(args: argparse.Namespace) -> int:
                     if record.image is None:
                         raise BadSample("missing_image", record.key)
                     image = _decode(record, DEFAULT_MAX_PIXELS)
-                    caption = decode_caption(record.caption) if take_text else None
+                    caption = _caption(record, take_text)  # captioned sets: no image-only samples
                 except BadSample as err:
                     counter.record_bad(err.reason, record.key, err.detail)
                     counter.check()  # past --max-bad-fraction: stop (the shards so far are closed whole)
@@ -170,7 +184,9 @@ def run_shard(args: argparse.Namespace) -> int:
                     sample["txt"] = caption
                 if record.label is not None:
                     sample["cls"] = int(record.label)
-                sample["json"] = {"source_key": record.key, **({"caption": caption} if caption else {})}
+                # The source's own metadata (e.g. a WebDataset sample's .json attributes) travels along.
+                sample["json"] = {**(record.meta or {}), "source_key": record.key,
+                                  **({"caption": caption} if caption else {})}
                 writer.write(sample)
                 counter.good += 1
                 index += 1
