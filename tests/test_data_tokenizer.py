@@ -32,10 +32,14 @@ def test_missing_tokenizer_file_is_clear(tmp_path):
         load_tokenizer(str(tmp_path / "nope.json"))
 
 
-def test_cli_tokenizer_train(tmp_path):
+def test_cli_tokenizer_train(tmp_path, capsys):
     from m3ae.cli import main
 
     corpus = write_text(tmp_path, n=50)
+    with open(corpus, "ab") as f:  # a line it cannot use: counted, not silently dropped
+        f.write(b"caf\xe9 latin-1\n")
     out = str(tmp_path / "trained.json")
     assert main(["tokenizer", "train", corpus, "--vocab-size", "100", "--min-frequency", "1", "--out", out]) == 0
     assert os.path.exists(out) and load_tokenizer(out).get_vocab_size() <= 100
+    printed = capsys.readouterr().out
+    assert "from 50 texts; skipped 1: {'bad_text': 1}" in printed, printed

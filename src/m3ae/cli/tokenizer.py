@@ -17,6 +17,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from m3ae.data.bad import BadCounter
     from m3ae.data.sources import build_source
     from m3ae.data.spec import parse_item
     from m3ae.data.tokenizer import source_texts, train_wordpiece
@@ -26,7 +27,10 @@ def run(args: argparse.Namespace) -> int:
         item = parse_item(c if "=" in c.split(":")[0] else f"text={c}")
         sources.append(build_source(item))
 
-    tok = train_wordpiece(source_texts(sources), args.vocab_size, args.min_frequency, lowercase=not args.cased)
+    counter = BadCounter(max_logged=10)
+    tok = train_wordpiece(source_texts(sources, counter), args.vocab_size, args.min_frequency,
+                          lowercase=not args.cased)
     tok.save(args.out)
-    print(f"wrote {args.out}: {tok.get_vocab_size()} tokens")
+    skipped = f"; skipped {counter.total_bad}: {dict(counter.bad)}" if counter.total_bad else ""
+    print(f"wrote {args.out}: {tok.get_vocab_size()} tokens from {counter.good} texts{skipped}")
     return 0

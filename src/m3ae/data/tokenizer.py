@@ -88,8 +88,9 @@ def check_vocab_size(tokenizer, vocab_size: int, source: str = "the tokenizer") 
                          "use the run's tokenizer, or set model.vocab_size to at least its size")
 
 
-def source_texts(sources) -> Iterable[str]:
-    """Every usable caption of `sources` (one pass in source order); bad or empty ones skipped."""
+def source_texts(sources, counter=None) -> Iterable[str]:
+    """Every usable caption of `sources` (one pass in source order); bad (not UTF-8) or empty ones
+    are skipped, and counted by reason in `counter` (a BadCounter) when one is given."""
     from .bad import BadSample
     from .pipeline import decode_caption
 
@@ -97,10 +98,15 @@ def source_texts(sources) -> Iterable[str]:
         for _, record in source.iterate(0, 1, seed=0, epochs=1):
             try:
                 text = decode_caption(record.caption)
-            except BadSample:
+                if not text:
+                    raise BadSample("empty", "empty caption")
+            except BadSample as err:
+                if counter is not None:
+                    counter.record_bad(err.reason, record.key, err.detail)
                 continue
-            if text:
-                yield text
+            if counter is not None:
+                counter.good += 1
+            yield text
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int = 30522, min_frequency: int = 2,
