@@ -98,12 +98,37 @@ def group_to_record(key: str, files: dict[str, bytes], shard: str) -> Record:
                   meta=meta if isinstance(meta, dict) else None)
 
 
+class _StrictTarInfo(tarfile.TarInfo):
+    """Stream-mode tarfile takes a header it cannot parse (or a partial one) past the first for the
+    end of the archive: the rest of the shard would vanish without a trace. Make it an error."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        # (Not in tarfile's __all__ nor its type stubs, but there since Python 3.2.)
+        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as err:  # type: ignore[attr-defined]
+            # Not a HeaderError: TarFile.next re-raises it instead of stopping quietly.
+            where = f"bad tar header at byte {tar.offset}" if tar.offset else "not a tar archive"
+            raise tarfile.ReadError(f"{where}: {err}") from None
+
+
+def _check_end(tar: tarfile.TarFile) -> None:
+    """After the end-of-archive block only zero padding may follow; anything else means a header in
+    the middle was zeroed and the members after it would be lost unnoticed."""
+    assert tar.fileobj is not None
+    while chunk := tar.fileobj.read(1 << 16):
+        if chunk.strip(b"\0"):
+            raise tarfile.ReadError(f"data after an end-of-archive block at byte {tar.offset}")
+
+
 def iter_tar(shard: str, max_member_bytes: int = MAX_MEMBER_BYTES,
              max_shard_bytes: int = MAX_SHARD_BYTES) -> Iterator[Record]:
-    """Records of one shard, in order. A truncated shard yields a record marked `truncated_tar`
-    for the member it broke in, then stops. A group with a member over `max_member_bytes` is
-    yielded as `too_large` without reading it (memory stays bounded whatever a header claims); past
-    `max_shard_bytes` of members (a gzip bomb) the group being read is `too_large` and the shard ends."""
+    """Records of one shard, in order. A truncated or corrupt shard yields a record marked
+    `truncated_tar` (its key names the shard, the member it broke in and why), then stops. A group
+    with a member over `max_member_bytes` is yielded as `too_large` without reading it (memory stays
+    bounded whatever a header claims); past `max_shard_bytes` of members (a gzip bomb) the group
+    being read is `too_large` and the shard ends."""
     current: str | None = None
     files: dict[str, bytes] = {}
     oversize, total = False, 0
@@ -115,7 +140,7 @@ def iter_tar(shard: str, max_member_bytes: int = MAX_MEMBER_BYTES,
 
     try:
         with open_file(shard, "rb") as raw:
-            with tarfile.open(fileobj=raw, mode="r|*") as tar:
+            with tarfile.open(fileobj=raw, mode="r|*", tarinfo=_StrictTarInfo) as tar:
                 for member in tar:
                     if not member.isfile():
                         continue
@@ -136,9 +161,12 @@ def iter_tar(shard: str, max_member_bytes: int = MAX_MEMBER_BYTES,
                     if len(data) != member.size:
                         raise EOFError("short member")
                     files[ext] = data
-    except (tarfile.TarError, EOFError, OSError, zlib_error):
+                else:
+                    _check_end(tar)
+    except (tarfile.TarError, EOFError, OSError, zlib_error) as err:
         # The group being read is lost; the complete groups before it were already yielded.
-        yield Record(key=f"{os.path.basename(shard)}/{current or '?'}", missing="truncated_tar")
+        where = f"{os.path.basename(shard)}/{current}" if current is not None else shard
+        yield Record(key=f"{where} ({type(err).__name__}: {err})", missing="truncated_tar")
         return
     if current is not None:
         yield group(current)
