@@ -141,6 +141,26 @@ def test_webdataset_img2dataset_layout_and_own_writer(tmp_path):
     assert sorted(r.label for r in got) == list(range(5)) and src.provides == {"image", "text", "label"}
 
 
+def test_webdataset_modalities_are_not_decided_by_the_first_record(tmp_path):
+    from m3ae.data.sources.wds import WebDatasetSource
+
+    with ShardWriter(str(tmp_path / "x-%05d.tar"), max_count=30) as w:
+        for i in range(30):
+            sample = {"__key__": f"k{i:02d}", "jpg": jpeg_bytes(seed=i), "cls": i % 3}
+            if i:  # only the first sample lacks its caption (and its label)
+                sample["txt"] = caption(i)
+            else:
+                del sample["cls"]
+            w.write(sample)
+    src = WebDatasetSource(str(tmp_path / "x-00000.tar"))
+    assert src.provides == {"image", "text", "label"}
+    assert WebDatasetSource(str(tmp_path / "x-00000.tar"), role="image").provides == {"image", "label"}
+    # A first shard that cannot be read at all: the next shards decide.
+    (tmp_path / "a-0.tar").write_bytes(b"")
+    write_img2dataset_tar(str(tmp_path / "a-1.tar"), n=2, labels=True)
+    assert WebDatasetSource(f"{tmp_path}/a-{{0..1}}.tar").provides == {"image", "text", "label"}
+
+
 def test_missing_path_and_empty_glob_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no shards match"):
         list_shards(str(tmp_path / "x-*.tar"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import io
+import itertools
 import json
 import os
 import re
@@ -172,6 +173,26 @@ def iter_tar(shard: str, max_member_bytes: int = MAX_MEMBER_BYTES,
         yield group(current)
 
 
+PEEK_SHARDS, PEEK_RECORDS = 4, 16  # what peek_modalities reads at most: records from each of the first shards
+
+
+def peek_modalities(shards: list[str]) -> set[str]:
+    """Which of "text" / "label" the shards hold, as far as one can tell without reading them all:
+    present in any of the first PEEK_RECORDS records of any of the first PEEK_SHARDS shards. One
+    record without its .txt (or a truncated first shard) must not drop the captions of the whole
+    set; records that lack what the set provides are then counted skips."""
+    found: set[str] = set()
+    for shard in shards[:PEEK_SHARDS]:
+        for record in itertools.islice(iter_tar(shard), PEEK_RECORDS):
+            if record.caption is not None:
+                found.add("text")
+            if record.label is not None:
+                found.add("label")
+            if len(found) == 2:  # the usual case: the first record has everything
+                return found
+    return found
+
+
 class WebDatasetSource(Source):
     kind = "wds"
     exact = False
@@ -185,14 +206,10 @@ class WebDatasetSource(Source):
         # batch is a run of near-identical samples. Fixed blocks keep the position resumable exactly.
         self.shuffle_block = int(shuffle_block)
         self.max_member_bytes, self.max_shard_bytes = MAX_MEMBER_BYTES, MAX_SHARD_BYTES  # see iter_tar
-        # What a shard holds is only known by reading it; peek at the first record.
-        first = next(iter_tar(self.shards[0]), None)
-        provides = {"image"}
-        if first is not None and first.caption is not None and role != "image":
-            provides.add("text")
-        if first is not None and first.label is not None:
-            provides.add("label")
-        self.provides = frozenset(provides)
+        found = peek_modalities(self.shards)
+        if role == "image":
+            found.discard("text")
+        self.provides = frozenset({"image"} | found)
 
     def describe(self) -> str:
         return f"wds:{self.name} ({len(self.shards)} shards)"
