@@ -1,4 +1,5 @@
 import os
+import re
 
 import h5py
 import numpy as np
@@ -47,6 +48,15 @@ def test_csv_and_jsonl_manifests(tmp_path):
     assert image_only.provides == {"image"}
     with pytest.raises(FileNotFoundError, match="root"):
         build_source(parse_spec(f"csv:{path}#root=nowhere")[0])
+
+
+@pytest.mark.parametrize("line", ['["list"]', "42", "null", '"a string"'])
+def test_a_jsonl_line_that_is_not_an_object_names_the_file_and_line(tmp_path, line):
+    jl = write_manifest(tmp_path, n=3, name="m.jsonl")
+    with open(jl, "a") as f:
+        f.write("\n" + line + "\n")  # line 5: the blank line 4 still counts
+    with pytest.raises(ValueError, match=re.escape(f"m.jsonl:5: not a JSON object (got {line!r})")):
+        build_source(parse_spec(jl)[0])
 
 
 def test_manifest_labels_numbers_or_class_names(tmp_path):

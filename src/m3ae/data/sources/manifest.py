@@ -25,9 +25,12 @@ def read_rows(path: str) -> list[dict]:
             for i, line in enumerate(text):
                 if line.strip():
                     try:
-                        rows.append(json.loads(line))
+                        row = json.loads(line)
                     except json.JSONDecodeError as err:
                         raise ValueError(f"{path}:{i + 1}: not a JSON object ({err})") from None
+                    if not isinstance(row, dict):  # valid JSON, but no fields to read
+                        raise ValueError(f"{path}:{i + 1}: not a JSON object (got {line.strip()[:60]!r})")
+                    rows.append(row)
             return rows
         return csv_rows(text.read().splitlines(keepends=True), "\t" if path.endswith(".tsv") else ",", path)
 
