@@ -50,6 +50,16 @@ def test_csv_and_jsonl_manifests(tmp_path):
         build_source(parse_spec(f"csv:{path}#root=nowhere")[0])
 
 
+@pytest.mark.parametrize("name", ["m.csv", "m.tsv", "m.jsonl"])
+def test_a_byte_order_mark_is_not_part_of_the_first_column_name(tmp_path, name):
+    (tmp_path / "g00.jpg").write_bytes(jpeg_bytes(seed=0))
+    body = {"m.csv": "image,caption\r\ng00.jpg,hi\r\n", "m.tsv": "image\tcaption\ng00.jpg\thi\n",
+            "m.jsonl": '{"image": "g00.jpg", "caption": "hi"}\n'}[name]
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + body.encode())  # Excel's "CSV UTF-8"
+    src = build_source(parse_spec(str(tmp_path / name))[0])
+    assert src.record(0).caption == "hi" and src.record(0).image == str(tmp_path / "g00.jpg")
+
+
 @pytest.mark.parametrize("line", ['["list"]', "42", "null", '"a string"'])
 def test_a_jsonl_line_that_is_not_an_object_names_the_file_and_line(tmp_path, line):
     jl = write_manifest(tmp_path, n=3, name="m.jsonl")
