@@ -120,6 +120,22 @@ def test_stream_resume_continues_from_saved_position(tmp_path):
     assert len(again) == 2
 
 
+def test_a_jsonl_caption_that_is_not_a_string_is_a_counted_bad_text(tmp_path, capsys):
+    import json
+
+    from m3ae.cli import main
+
+    manifest = write_manifest(tmp_path, n=6, name="m.jsonl")
+    with open(manifest, "a") as f:
+        for cap in (123, ["a", "list"], {"an": "object"}):
+            f.write(json.dumps({"image": "images/img000.jpg", "caption": cap}) + "\n")
+    td = build_train_data(cfg(manifest, tmp_path, max_bad_fraction=1.0), MODEL, seed=0, micro_batch=4)
+    take(td, 6)  # was: 'int' object has no attribute 'encode', in the worker
+    assert set(td.stats()["bad"]) == {"bad_text"}
+    assert main(["data", "stats", manifest]) == 0  # was the same crash
+    assert "samples: 6   bad: 3" in capsys.readouterr().out
+
+
 def test_every_bad_reason_counted_and_threshold(tmp_path):
     d = tmp_path / "bad"
     os.makedirs(d / "images")

@@ -1,4 +1,5 @@
 import os
+import re
 
 import h5py
 import numpy as np
@@ -47,6 +48,25 @@ def test_csv_and_jsonl_manifests(tmp_path):
     assert image_only.provides == {"image"}
     with pytest.raises(FileNotFoundError, match="root"):
         build_source(parse_spec(f"csv:{path}#root=nowhere")[0])
+
+
+@pytest.mark.parametrize("name", ["m.csv", "m.tsv", "m.jsonl"])
+def test_a_byte_order_mark_is_not_part_of_the_first_column_name(tmp_path, name):
+    (tmp_path / "g00.jpg").write_bytes(jpeg_bytes(seed=0))
+    body = {"m.csv": "image,caption\r\ng00.jpg,hi\r\n", "m.tsv": "image\tcaption\ng00.jpg\thi\n",
+            "m.jsonl": '{"image": "g00.jpg", "caption": "hi"}\n'}[name]
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + body.encode())  # Excel's "CSV UTF-8"
+    src = build_source(parse_spec(str(tmp_path / name))[0])
+    assert src.record(0).caption == "hi" and src.record(0).image == str(tmp_path / "g00.jpg")
+
+
+@pytest.mark.parametrize("line", ['["list"]', "42", "null", '"a string"'])
+def test_a_jsonl_line_that_is_not_an_object_names_the_file_and_line(tmp_path, line):
+    jl = write_manifest(tmp_path, n=3, name="m.jsonl")
+    with open(jl, "a") as f:
+        f.write("\n" + line + "\n")  # line 5: the blank line 4 still counts
+    with pytest.raises(ValueError, match=re.escape(f"m.jsonl:5: not a JSON object (got {line!r})")):
+        build_source(parse_spec(jl)[0])
 
 
 def test_manifest_labels_numbers_or_class_names(tmp_path):
@@ -139,6 +159,26 @@ def test_webdataset_img2dataset_layout_and_own_writer(tmp_path):
     src = build_source(parse_spec(f"wds:{tmp_path}/own/s-{{000..002}}.tar")[0])
     got = [r for _, r in src.iterate(0, 1, seed=0, epochs=1)]
     assert sorted(r.label for r in got) == list(range(5)) and src.provides == {"image", "text", "label"}
+
+
+def test_webdataset_modalities_are_not_decided_by_the_first_record(tmp_path):
+    from m3ae.data.sources.wds import WebDatasetSource
+
+    with ShardWriter(str(tmp_path / "x-%05d.tar"), max_count=30) as w:
+        for i in range(30):
+            sample = {"__key__": f"k{i:02d}", "jpg": jpeg_bytes(seed=i), "cls": i % 3}
+            if i:  # only the first sample lacks its caption (and its label)
+                sample["txt"] = caption(i)
+            else:
+                del sample["cls"]
+            w.write(sample)
+    src = WebDatasetSource(str(tmp_path / "x-00000.tar"))
+    assert src.provides == {"image", "text", "label"}
+    assert WebDatasetSource(str(tmp_path / "x-00000.tar"), role="image").provides == {"image", "label"}
+    # A first shard that cannot be read at all: the next shards decide.
+    (tmp_path / "a-0.tar").write_bytes(b"")
+    write_img2dataset_tar(str(tmp_path / "a-1.tar"), n=2, labels=True)
+    assert WebDatasetSource(f"{tmp_path}/a-{{0..1}}.tar").provides == {"image", "text", "label"}
 
 
 def test_missing_path_and_empty_glob_errors(tmp_path):

@@ -100,6 +100,28 @@ def test_embed_text_and_joint_from_a_manifest(tmp_path):
     assert not torch.allclose(results["image"], results["joint"])
 
 
+def test_embed_counts_a_caption_that_is_not_utf8_as_bad_text(tmp_path, caplog):
+    from PIL import Image
+
+    from m3ae.data.synthetic import build_demo_tokenizer
+    from m3ae.eval.features import load_features
+
+    tiny_model(vocab_size=32).save_pretrained(tmp_path / "ckpt")
+    build_demo_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    for i in range(3):
+        Image.new("RGB", (20, 20), "red").save(tmp_path / f"g0{i}.png")
+    (tmp_path / "nu.csv").write_bytes(b"image,caption\ng00.png,a red circle\ng01.png,caf\xe9 latin1\n"
+                                      b"g02.png,a blue square\n")
+    for inputs in ("text", "joint"):  # was: TypeError: TextInputSequence must be str
+        out = tmp_path / f"{inputs}.npz"
+        assert main(["embed", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "nu.csv"),
+                     "--quiet", "--num-workers", "0", "--tokenizer", str(tmp_path / "tokenizer.json"),
+                     "--inputs", inputs, "--out", str(out)]) == 0
+        assert "skipping 'g01.png' (bad_text: not UTF-8)" in caplog.text
+        caplog.clear()
+        assert load_features(out)[0].shape == (3, 32)
+
+
 def test_eval_commands_can_pad_photos_to_a_square(tmp_path):
     from data_files import write_img2dataset_tar
 

@@ -225,6 +225,32 @@ def test_a_gzip_bomb_stops_at_the_shard_budget(tmp_path):
     assert records[0].missing is None and records[-1].missing == "too_large" and len(records) <= 4
 
 
+@pytest.mark.parametrize("header", [b"A" * 512, bytes(512)], ids=["garbage", "zeroed"])
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_corrupt_header_mid_shard_is_a_counted_truncated_shard(tmp_path, header, gz):
+    import gzip
+
+    plain = write_img2dataset_tar(str(tmp_path / "whole.tar"), n=10)
+    with tarfile.open(plain) as tar:
+        offset = tar.getmember("000000005.jpg").offset
+    data = bytearray(open(plain, "rb").read())
+    data[offset:offset + 512] = header  # tarfile alone would take this for the end of the archive
+    path = tmp_path / ("s.tar.gz" if gz else "s.tar")
+    path.write_bytes(gzip.compress(bytes(data)) if gz else bytes(data))
+    records = list(iter_tar(str(path)))
+    assert [r.missing for r in records] == [None] * 4 + ["truncated_tar"]
+    assert records[-1].key.startswith(f"{path.name}/000000004 (") and "byte" in records[-1].key
+    assert all(r.missing is None for r in iter_tar(plain))  # a whole shard, end padding and all
+
+
+@pytest.mark.parametrize("content, why", [(b"", "empty file"), (b"not a tar\n" * 100, "not a tar archive")])
+def test_an_empty_or_non_tar_shard_is_counted_with_its_path(tmp_path, content, why):
+    path = tmp_path / "x-00000.tar"
+    path.write_bytes(content)
+    (record,) = iter_tar(str(path))
+    assert record.missing == "truncated_tar" and record.key.startswith(str(path)) and why in record.key
+
+
 def test_tar_budgets_come_from_the_data_settings(tmp_path):
     from m3ae.data.loader import source_uses
 

@@ -42,6 +42,8 @@ class SourceUse:
 def decode_caption(caption: str | bytes | None) -> str | None:
     if caption is None:
         return None
+    if not isinstance(caption, (str, bytes)):  # a JSONL manifest's "caption": 123 (or a list, an object)
+        raise BadSample("bad_text", f"caption is a {type(caption).__name__}, not text")
     if isinstance(caption, bytes):
         try:
             caption = caption.decode("utf-8")

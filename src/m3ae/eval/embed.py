@@ -16,17 +16,34 @@ class Captioned:
 
     def __init__(self, ds, tokenizer, text_length: int, inputs: str):
         self.ds, self.tokenizer, self.text_length, self.inputs = ds, tokenizer, text_length, inputs
+        self._bad: set[int] = set()
 
     def __len__(self):
         return len(self.ds)
 
     def __getitem__(self, i):
-        image, label = self.ds[i]
-        ids = self.tokenizer.encode(self.ds.captions[i], add_special_tokens=False).ids[: self.text_length]
-        item = {"text": ids, "label": label}
-        if self.inputs == "joint":
-            item["image"] = image
-        return item
+        from ..data.bad import BadSample
+        from ..data.pipeline import decode_caption
+
+        # A caption that is not text (bytes that were not UTF-8) is pretraining's bad_text, by the
+        # same rule; like a bad image in the dataset, it is counted and replaced by the next item.
+        for attempt in range(len(self)):
+            j = (i + attempt) % len(self)
+            try:
+                caption = decode_caption(self.ds.captions[j])
+            except BadSample as err:
+                if j not in self._bad:
+                    self._bad.add(j)
+                    self.ds.skip(self.ds.keys[j], err)
+                    self.ds.counter.check()  # past max_bad_fraction: DataQualityError ends the command
+                continue
+            image, label = self.ds[j]
+            ids = self.tokenizer.encode(caption, add_special_tokens=False).ids[: self.text_length]
+            item = {"text": ids, "label": label}
+            if self.inputs == "joint":
+                item["image"] = image
+            return item
+        raise RuntimeError(f"{self.ds.description}: no usable caption at all ({dict(self.ds.counter.bad)})")
 
 
 def collate_captioned(items):

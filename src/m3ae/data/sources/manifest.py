@@ -19,15 +19,19 @@ def read_rows(path: str) -> list[dict]:
     """Rows of a .csv/.tsv (header line) or .jsonl (one object per line) file."""
     with open_file(path, "rb") as f:
         # surrogateescape: a non-UTF-8 caption becomes a counted bad sample later, not a crash here.
-        text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
+        # utf-8-sig: drops the byte-order mark Excel's "CSV UTF-8" puts before the first column name.
+        text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape", newline="")
         if path.endswith((".jsonl", ".json", ".jsonl.gz")):
             rows = []
             for i, line in enumerate(text):
                 if line.strip():
                     try:
-                        rows.append(json.loads(line))
+                        row = json.loads(line)
                     except json.JSONDecodeError as err:
                         raise ValueError(f"{path}:{i + 1}: not a JSON object ({err})") from None
+                    if not isinstance(row, dict):  # valid JSON, but no fields to read
+                        raise ValueError(f"{path}:{i + 1}: not a JSON object (got {line.strip()[:60]!r})")
+                    rows.append(row)
             return rows
         return csv_rows(text.read().splitlines(keepends=True), "\t" if path.endswith(".tsv") else ",", path)
 

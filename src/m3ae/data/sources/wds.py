@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import io
+import itertools
 import json
 import os
 import re
@@ -98,12 +99,37 @@ def group_to_record(key: str, files: dict[str, bytes], shard: str) -> Record:
                   meta=meta if isinstance(meta, dict) else None)
 
 
+class _StrictTarInfo(tarfile.TarInfo):
+    """Stream-mode tarfile takes a header it cannot parse (or a partial one) past the first for the
+    end of the archive: the rest of the shard would vanish without a trace. Make it an error."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        # (Not in tarfile's __all__ nor its type stubs, but there since Python 3.2.)
+        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as err:  # type: ignore[attr-defined]
+            # Not a HeaderError: TarFile.next re-raises it instead of stopping quietly.
+            where = f"bad tar header at byte {tar.offset}" if tar.offset else "not a tar archive"
+            raise tarfile.ReadError(f"{where}: {err}") from None
+
+
+def _check_end(tar: tarfile.TarFile) -> None:
+    """After the end-of-archive block only zero padding may follow; anything else means a header in
+    the middle was zeroed and the members after it would be lost unnoticed."""
+    assert tar.fileobj is not None
+    while chunk := tar.fileobj.read(1 << 16):
+        if chunk.strip(b"\0"):
+            raise tarfile.ReadError(f"data after an end-of-archive block at byte {tar.offset}")
+
+
 def iter_tar(shard: str, max_member_bytes: int = MAX_MEMBER_BYTES,
              max_shard_bytes: int = MAX_SHARD_BYTES) -> Iterator[Record]:
-    """Records of one shard, in order. A truncated shard yields a record marked `truncated_tar`
-    for the member it broke in, then stops. A group with a member over `max_member_bytes` is
-    yielded as `too_large` without reading it (memory stays bounded whatever a header claims); past
-    `max_shard_bytes` of members (a gzip bomb) the group being read is `too_large` and the shard ends."""
+    """Records of one shard, in order. A truncated or corrupt shard yields a record marked
+    `truncated_tar` (its key names the shard, the member it broke in and why), then stops. A group
+    with a member over `max_member_bytes` is yielded as `too_large` without reading it (memory stays
+    bounded whatever a header claims); past `max_shard_bytes` of members (a gzip bomb) the group
+    being read is `too_large` and the shard ends."""
     current: str | None = None
     files: dict[str, bytes] = {}
     oversize, total = False, 0
@@ -115,7 +141,7 @@ def iter_tar(shard: str, max_member_bytes: int = MAX_MEMBER_BYTES,
 
     try:
         with open_file(shard, "rb") as raw:
-            with tarfile.open(fileobj=raw, mode="r|*") as tar:
+            with tarfile.open(fileobj=raw, mode="r|*", tarinfo=_StrictTarInfo) as tar:
                 for member in tar:
                     if not member.isfile():
                         continue
@@ -136,12 +162,35 @@ def iter_tar(shard: str, max_member_bytes: int = MAX_MEMBER_BYTES,
                     if len(data) != member.size:
                         raise EOFError("short member")
                     files[ext] = data
-    except (tarfile.TarError, EOFError, OSError, zlib_error):
+                else:
+                    _check_end(tar)
+    except (tarfile.TarError, EOFError, OSError, zlib_error) as err:
         # The group being read is lost; the complete groups before it were already yielded.
-        yield Record(key=f"{os.path.basename(shard)}/{current or '?'}", missing="truncated_tar")
+        where = f"{os.path.basename(shard)}/{current}" if current is not None else shard
+        yield Record(key=f"{where} ({type(err).__name__}: {err})", missing="truncated_tar")
         return
     if current is not None:
         yield group(current)
+
+
+PEEK_SHARDS, PEEK_RECORDS = 4, 16  # what peek_modalities reads at most: records from each of the first shards
+
+
+def peek_modalities(shards: list[str]) -> set[str]:
+    """Which of "text" / "label" the shards hold, as far as one can tell without reading them all:
+    present in any of the first PEEK_RECORDS records of any of the first PEEK_SHARDS shards. One
+    record without its .txt (or a truncated first shard) must not drop the captions of the whole
+    set; records that lack what the set provides are then counted skips."""
+    found: set[str] = set()
+    for shard in shards[:PEEK_SHARDS]:
+        for record in itertools.islice(iter_tar(shard), PEEK_RECORDS):
+            if record.caption is not None:
+                found.add("text")
+            if record.label is not None:
+                found.add("label")
+            if len(found) == 2:  # the usual case: the first record has everything
+                return found
+    return found
 
 
 class WebDatasetSource(Source):
@@ -157,14 +206,10 @@ class WebDatasetSource(Source):
         # batch is a run of near-identical samples. Fixed blocks keep the position resumable exactly.
         self.shuffle_block = int(shuffle_block)
         self.max_member_bytes, self.max_shard_bytes = MAX_MEMBER_BYTES, MAX_SHARD_BYTES  # see iter_tar
-        # What a shard holds is only known by reading it; peek at the first record.
-        first = next(iter_tar(self.shards[0]), None)
-        provides = {"image"}
-        if first is not None and first.caption is not None and role != "image":
-            provides.add("text")
-        if first is not None and first.label is not None:
-            provides.add("label")
-        self.provides = frozenset(provides)
+        found = peek_modalities(self.shards)
+        if role == "image":
+            found.discard("text")
+        self.provides = frozenset({"image"} | found)
 
     def describe(self) -> str:
         return f"wds:{self.name} ({len(self.shards)} shards)"
