@@ -269,11 +269,14 @@ def test_csv_rows_that_cannot_be_parsed_are_counted_and_the_rest_read(tmp_path):
     lines = (tmp_path / "captions.csv").read_text().splitlines(keepends=True)
     long_row = "img001.jpg," + "word " * 200_000 + "\n"  # 1e6 characters: over the csv field limit
     open_quote = 'img002.jpg,"a quote never closed\n'
-    (tmp_path / "bad.csv").write_text("".join(lines[:2] + [long_row] + lines[2:3] + [open_quote] + lines[3:]))
+    extra_comma = "img003.jpg,a caption, cut at its comma\n"  # one field too many: not half a caption
+    (tmp_path / "bad.csv").write_text("".join(lines[:2] + [long_row] + lines[2:3] + [open_quote] + lines[3:]
+                                              + [extra_comma]))
     source = ManifestSource(str(tmp_path / "bad.csv"))
     records = [source.record(i) for i in range(len(source))]
-    assert [r.missing for r in records] == [None, "bad_text", None, "bad_text", None, None, None, None]
+    assert [r.missing for r in records] == [None, "bad_text", None, "bad_text", None, None, None, None, "bad_text"]
     assert "bad.csv:3: field larger" in records[1].key and "bad.csv:5: unexpected end of data" in records[3].key
+    assert "bad.csv:10: 3 fields for 2 columns (an unquoted comma" in records[8].key
     assert [r.key for r in records if not r.missing] == [f"img{i:03d}.jpg" for i in range(6)]
 
 

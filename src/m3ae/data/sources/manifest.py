@@ -42,8 +42,9 @@ MAX_ROW_LINES = 8  # a quoted caption spanning more lines is taken as an untermi
 
 def csv_rows(lines: list[str], delimiter: str, path: str) -> list[dict]:
     """Rows as dicts keyed by the header. A row that cannot be parsed (a field over the csv
-    module's size limit, a stray or unclosed quote that would swallow the rows after it) becomes
-    {BROKEN: why}, one counted bad sample, and reading goes on at the line after its first."""
+    module's size limit, a stray or unclosed quote that would swallow the rows after it, more
+    fields than columns) becomes {BROKEN: why}, one counted bad sample, and reading goes on at the
+    line after its first."""
     if not lines:
         return []
     header = next(csv.reader(lines[:1], delimiter=delimiter), [])
@@ -64,7 +65,10 @@ def csv_rows(lines: list[str], delimiter: str, path: str) -> list[dict]:
                 rows.append({BROKEN: f"{path}:{start + first + 1}: {err}"})
                 restart = start + first + 1
                 continue
-            if values:
+            if len(values) > len(header):  # zip would drop the extra fields: half a caption, silently
+                rows.append({BROKEN: f"{path}:{start + first + 1}: {len(values)} fields for {len(header)} "
+                                     f"columns (an unquoted {'comma' if delimiter == ',' else 'tab'} in a field?)"})
+            elif values:
                 rows.append(dict(zip(header, values + [None] * (len(header) - len(values)))))
         if restart is None:
             break
