@@ -298,6 +298,10 @@ def test_hdf5_short_caption_lists_and_integer_captions_are_counted(tmp_path):
         f.create_dataset("text", data=np.arange(3))
     source = HDF5Source(str(tmp_path / "ints.h5"))
     assert [source.record(i).missing for i in range(3)] == ["bad_text"] * 3
+    cut = tmp_path / "cut.h5"  # a truncated download: an error naming the file
+    cut.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"{cut}: not a readable HDF5 file"):
+        HDF5Source(str(cut))
 
 
 def test_hdf5_table_bad_rows_are_counted_and_bad_fields_named(tmp_path, capsys):

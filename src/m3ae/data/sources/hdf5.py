@@ -30,6 +30,15 @@ def as_bytes(value) -> bytes:
     return bytes(value)
 
 
+def open_hdf5(h5py, path: str):
+    """The file opened for reading, or a clear error naming it (h5py's own says only what broke)."""
+    require_path(path, "HDF5 file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise ValueError(f"{path}: not a readable HDF5 file ({err})") from None
+
+
 class HDF5Source(IndexedSource):
     kind = "hdf5"
 
@@ -38,7 +47,7 @@ class HDF5Source(IndexedSource):
         h5py = require("h5py", "reading HDF5 files")
 
         self.name = path
-        with h5py.File(require_path(path, "HDF5 file"), "r") as f:
+        with open_hdf5(h5py, path) as f:
             keys = set(f.keys())
             if image or caption or label:
                 keys = {k for k in (image, caption, label) if k and k in f} | keys
@@ -170,7 +179,7 @@ class HDF5Table(HDF5Source):
 
         self.name, self.table = path, table
         where = f"{path}#table={table}"
-        with h5py.File(require_path(path, "HDF5 file"), "r") as f:
+        with open_hdf5(h5py, path) as f:
             ds = f.get(table)
             if not isinstance(ds, h5py.Dataset) or not ds.dtype.names or ds.ndim != 1:
                 what = ("no such dataset" if ds is None else "a group" if isinstance(ds, h5py.Group)
