@@ -129,3 +129,25 @@ def test_settings_threads_hold_for_the_call_only(data, monkeypatch):
     monkeypatch.setattr(knn, "knn_accuracy", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
     run_knn(dataclasses.replace(settings, threads=before + 1), train, val)
     assert seen == [before + 1] and torch.get_num_threads() == before
+
+
+def test_knn_and_probes_number_a_val_set_missing_a_class_as_the_train_set(tmp_path):
+    # val = the train images without the "cat" rows: 1-NN finds each image itself, so 100%, not the
+    # 0% the per-set numbering gave (dog 1 -> 0, fish 2 -> 1).
+    from PIL import Image
+
+    tiny_model().save_pretrained(tmp_path / "ckpt")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(30):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{('cat', 'dog', 'fish')[i % 3]}")
+    (tmp_path / "tr.csv").write_text("image,label\n" + "\n".join(rows) + "\n")
+    (tmp_path / "va.csv").write_text("image,label\n" + "\n".join(r for r in rows if not r.endswith("cat")) + "\n")
+    settings = EvalSettings(checkpoint=str(tmp_path / "ckpt"), num_workers=0, batch_size=8, quiet=True)
+    train, val = str(tmp_path / "tr.csv"), str(tmp_path / "va.csv")
+    knn = run_knn(settings, train, val, k=1)
+    assert knn.metrics["top1"] == 100.0 and knn.metrics["n_val"] == 20
+    assert run_fast_probe(settings, train, val, l2_grid=[1e-6]).metrics["top1"] == 100.0
+    _, val_set, classes = settings.train_val_sets(train, val, 16)
+    assert classes == 3 and sorted(set(val_set.labels)) == [1, 2]

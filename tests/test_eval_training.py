@@ -61,3 +61,15 @@ def test_probe_metrics_and_training_loop_hook(tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "knn_top1" in r]
     assert [r["step"] for r in evals] == [2, 4] and all("probe_top1" in r for r in evals)
+
+
+def test_monitor_sets_number_val_by_the_train_class_names(tmp_path):
+    import shutil
+
+    from m3ae.eval.monitor import monitor_sets
+
+    write_class_folders(tmp_path / "tr", 2, classes=3)
+    write_class_folders(tmp_path / "va", 2, classes=3)
+    shutil.rmtree(tmp_path / "va" / "class_0")  # was: class_1 -> 0, class_2 -> 1 in val alone
+    train, val = monitor_sets(str(tmp_path / "tr"), str(tmp_path / "va"), 16)
+    assert val.labels == [1, 1, 2, 2] and val.classes == train.classes

@@ -10,6 +10,11 @@ hold both):
     {key}.<image> + {key}.cls; the authors' HDF5 layout {split}_jpg + {split}_labels (split train
     or val, unless the item sets #split=); CSV/TSV/JSONL manifests with a label column (integers or
     class names, numbered in sorted order) and an optional caption column.
+Class names (class folders, manifests) are numbered in each set; the validation set is then
+renumbered by the training set's names (`LabelledImages.number_like`), so a class it lacks shifts
+nothing. A validation class the training set lacks is an error naming it (no head trained on that
+set can predict it; leaving its images out would change what the metric measures unseen), as are
+class names on one side and bare integers on the other.
 Parquet files and Hugging Face datasets on disk (parquet:/hf:) with a label column are read whole
 into memory (encoded bytes). `unlabelled=True` (m3ae embed) also takes sets without labels: every
 label is then -1.
@@ -93,6 +98,25 @@ class LabelledImages(torch.utils.data.Dataset):
         self.counter.record_bad(err.reason, key, err.detail, log_it=False)  # logged below, with the source
         log.warning("%s: skipping %r (%s); %d skipped so far in this process", self.description, key, err,
                     self.skipped)
+
+    def number_like(self, train: "LabelledImages") -> None:
+        """Renumber this (validation) set's labels by the training set's class names, in place.
+        Each set numbers its own names in sorted order, so without this a class missing here would
+        shift every label after it. Unknown names, or names against bare integers: ValueError."""
+        if train.classes is None and self.classes is None:  # integer labels on both sides: as given
+            return
+        if train.classes is None or self.classes is None:
+            named, plain = (train, self) if self.classes is None else (self, train)
+            raise ValueError(f"{named.description} names its classes but {plain.description} has integer "
+                             f"labels; give class names (or integers) on both sides")
+        index = {name: i for i, name in enumerate(train.classes)}
+        unknown = sorted(set(self.classes) - set(index))
+        if unknown:
+            raise ValueError(f"{self.description}: class(es) {unknown} are not in the training set "
+                             f"{train.description} (its classes: {train.classes})")
+        mine = self.classes
+        self.labels = [label if label < 0 else index[mine[label]] for label in self.labels]
+        self.classes = list(train.classes)
 
     def subset(self, limit: int | None, seed: int = 0) -> "LabelledImages":
         """A fixed random subset of `limit` items (shards are often class-sorted)."""

@@ -24,5 +24,7 @@ def monitor_sets(train_spec: str, val_spec: str, image_size: int, stats="cc12m",
     """The (train, val) labelled sets for `probe_metrics`, evaluation transforms on both."""
     from .labelled import labelled_dataset
 
-    return (labelled_dataset(train_spec, "train", image_size, False, stats, limit=limit),
-            labelled_dataset(val_spec, "val", image_size, False, stats, limit=limit))
+    train = labelled_dataset(train_spec, "train", image_size, False, stats, limit=limit)
+    val = labelled_dataset(val_spec, "val", image_size, False, stats, limit=limit)
+    val.number_like(train)  # a class missing from val must not shift its labels
+    return train, val
