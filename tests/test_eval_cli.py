@@ -150,3 +150,14 @@ def test_evaluation_stops_past_the_bad_data_threshold(tmp_path, capsys):
     assert main(["embed", "--checkpoint", str(tmp_path / "ckpt"), "--num-workers", "0", "--quiet",
                  "--data", str(tmp_path / "bad.tar.gz"), "--out", str(tmp_path / "f.npz"),
                  "--max-bad-fraction", "1.0"]) == 0  # keep going whatever the share
+
+
+def test_knn_reads_hdf5_tables(tmp_path, capsys):
+    from data_files import write_hdf5_table
+
+    tiny_model().save_pretrained(tmp_path / "ckpt")
+    spec = write_hdf5_table(tmp_path / "t.h5", n=8, table="train/rows") + "#table=train/rows#label=y"
+    code = main(["knn", "--checkpoint", str(tmp_path / "ckpt"), "--train", spec, "--val", spec, "--k", "1",
+                 "--num-workers", "0", "--quiet", "--result", str(tmp_path / "knn.json")])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "knn.json").read_text())["metrics"]["top1"] == 100.0

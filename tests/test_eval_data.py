@@ -152,3 +152,23 @@ def test_a_validation_class_unknown_to_training_is_an_error(tmp_path):
     write_cifar_batch(tmp_path / "test_batch", 4)
     with pytest.raises(ValueError, match="integer labels"):
         labelled_dataset(str(tmp_path / "test_batch"), "val", 16).number_like(train)
+
+
+def test_hdf5_tables_are_labelled_sets(tmp_path):
+    # Was: every hdf5 item got #split= added, which a #table= item refuses ("#split= is for the
+    # authors' layout"), so no evaluation command could read a table.
+    import h5py
+
+    from data_files import write_hdf5_table
+
+    path = write_hdf5_table(tmp_path / "t.h5", n=6, table="train/rows")
+    for split in ("train", "val"):
+        ds = labelled_dataset(f"{path}#table=train/rows#label=y", split, 16)
+        assert len(ds) == 6 and ds.labels == [0, 1] * 3 and ds[0][0].shape == (3, 16, 16)
+    with h5py.File(path, "r") as f:  # the same rows without a caption field: labels are all it needs
+        rows = f["train/rows"].fields(["jpg", "y"])[:]
+    with h5py.File(tmp_path / "nocap.h5", "w") as f:
+        f.create_dataset("rows", data=rows)
+    assert labelled_dataset(f"{tmp_path / 'nocap.h5'}#table=rows#label=y", "val", 16).labels == [0, 1] * 3
+    write_hdf5(tmp_path / "set.h5", 8, 4)  # the authors' layout still picks its split
+    assert len(labelled_dataset(str(tmp_path / "set.h5"), "val", 16)) == 4

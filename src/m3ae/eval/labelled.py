@@ -9,7 +9,8 @@ hold both):
     class folders DIR/<class>/<image>; WebDataset shards (brace-expanded or globbed) with
     {key}.<image> + {key}.cls; the authors' HDF5 layout {split}_jpg + {split}_labels (split train
     or val, unless the item sets #split=); CSV/TSV/JSONL manifests with a label column (integers or
-    class names, numbered in sorted order) and an optional caption column.
+    class names, numbered in sorted order) and an optional caption column; HDF5 tables
+    (#table=DSET, with an integer label field).
 Class names (class folders, manifests) are numbered in each set; the validation set is then
 renumbered by the training set's names (`LabelledImages.number_like`), so a class it lacks shifts
 nothing. A validation class the training set lacks is an error naming it (no head trained on that
@@ -161,9 +162,14 @@ def _read(spec: str, split: str, transform, unlabelled: bool = False) -> Labelle
         return read_cifar(spec, train, transform)
     try:
         item = parse_item(spec)  # kind from the path; missing paths and empty globs raise here
-        if item.kind == "hdf5":
+        role = "labelled"
+        if item.kind == "hdf5" and "table" in item.options:
+            # A table is one set (no train/val split to pick), read for its images and labels: the
+            # "image" role asks for no caption field (evaluation reads captions from manifests only).
+            role = "image"
+        elif item.kind == "hdf5":  # the authors' layout: {split}_jpg / {split}_labels
             item.options.setdefault("split", "train" if train else "val")
-        source = build_source(item, default_role="labelled")
+        source = build_source(item, default_role=role)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"labelled data not found: {err}") from None
     if "label" not in source.provides and not unlabelled:
