@@ -151,3 +151,21 @@ def test_knn_and_probes_number_a_val_set_missing_a_class_as_the_train_set(tmp_pa
     assert run_fast_probe(settings, train, val, l2_grid=[1e-6]).metrics["top1"] == 100.0
     _, val_set, classes = settings.train_val_sets(train, val, 16)
     assert classes == 3 and sorted(set(val_set.labels)) == [1, 2]
+
+
+def test_a_finetuned_classifier_folder_carries_its_preprocessing(tmp_path, data):
+    # Was: no preprocessor_config.json, so `m3ae ood --checkpoint CLF` read images with the defaults
+    # (CC12M statistics, cropped) and called the fresh folder "an older checkpoint".
+    import warnings
+
+    from m3ae.preprocessing import Preprocessing
+
+    settings, train, val = data
+    settings = dataclasses.replace(settings, normalization="imagenet", square="pad", pad_value=0)
+    run_finetune(settings, train, val, tmp_path / "clf", FinetuneConfig(epochs=1, batch_size=8))
+    saved = Preprocessing.load(tmp_path / "clf")
+    assert saved == settings.preprocessing(16) and saved.square == "pad" and saved.mean[0] == pytest.approx(0.485)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "an older checkpoint" would be an error here
+        run_ood(EvalSettings(checkpoint=str(tmp_path / "clf"), num_workers=0, batch_size=8, quiet=True),
+                train, val, tmp_path / "ood")
