@@ -232,6 +232,6 @@ def run_finetune(settings: EvalSettings, train: str, val: str, out: str | Path,
         model, res = finetune(encoder, train_set, val_set, classes, config, settings, progress=not settings.quiet)
     model.save_pretrained(out, settings.preprocessing(encoder.config.image_size))  # what it was trained with
     metrics = {k: res[k] for k in ("top1", "top5", "best_top1", "top1_before")}
-    metrics.update(n_train=len(train_set), n_val=len(val_set))
+    metrics.update(n_train=len(train_set) - train_set.skipped, n_val=len(val_set) - val_set.skipped)  # images used
     return EvalResult("finetune", metrics, {"history": res["history"], "classifier": str(out)},
                       time.perf_counter() - t0)

@@ -120,8 +120,9 @@ def select_classes(x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None
 def _classifier_outputs(model, ds, settings: EvalSettings, device):
     """(features, labels, logits) of a fine-tuned classifier over a labelled set."""
     xs, ls, ys = [], [], []
-    for image, label in torch.utils.data.DataLoader(ds, batch_size=settings.batch_size,
-                                                    num_workers=settings.num_workers):
+    from .labelled import kept_loader
+
+    for image, label in kept_loader(ds, batch_size=settings.batch_size, num_workers=settings.num_workers):
         f = model.features(image.to(device)).float()
         xs.append(f.cpu())
         ls.append(model.head(f).float().cpu())

@@ -25,12 +25,13 @@ class Runtime:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
 
     def loaders(self, train_set, val_set, batch_size: int, drop_last: bool = False):
-        """Shuffled training batches and ordered validation batches, on this runtime's workers."""
-        from torch.utils.data import DataLoader
+        """Shuffled training batches and ordered validation batches, on this runtime's workers;
+        unusable images of labelled sets are left out and counted (m3ae.eval.labelled.kept_loader)."""
+        from .labelled import kept_loader
 
-        train = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=self.num_workers,
-                           drop_last=drop_last, persistent_workers=self.num_workers > 0)
-        return train, DataLoader(val_set, batch_size=batch_size, shuffle=False, num_workers=self.num_workers)
+        train = kept_loader(train_set, batch_size=batch_size, shuffle=True, num_workers=self.num_workers,
+                            drop_last=drop_last, persistent_workers=self.num_workers > 0)
+        return train, kept_loader(val_set, batch_size=batch_size, shuffle=False, num_workers=self.num_workers)
 
 
 @dataclass(kw_only=True)
@@ -105,12 +106,13 @@ class EvalSettings(Runtime):
         return ds
 
     def features(self, model, spec: str, split: str, limit: int | None = None, device=None):
-        """(features, labels, keys) of a data spec, or straight from a feature file (`model` unused)."""
+        """(features, labels, keys) of a data spec, or straight from a feature file (`model` unused).
+        Unusable images are left out: the keys name the rows kept."""
         return self.features_with_set(model, spec, split, limit, device)[:3]
 
     def features_with_set(self, model, spec: str, split: str, limit: int | None = None, device=None, like=None):
         """As `features`, plus the labelled set read (None for a feature file)."""
-        from .features import extract_features, is_feature_file, load_features
+        from .features import extract_kept_features, is_feature_file, load_features
 
         if is_feature_file(spec):
             feats, labels, keys = load_features(spec)
@@ -122,10 +124,11 @@ class EvalSettings(Runtime):
                 feats, labels, keys = feats[pick], labels[pick], [keys[i] for i in pick.tolist()]
             return feats, labels, keys, None
         ds = self.dataset(spec, split, model.config.image_size, False, limit, like=like)
-        feats, labels = extract_features(model, ds, self.pool, self.batch_size,
-                                         device if device is not None else self.torch_device(),
-                                         self.num_workers, progress=not self.quiet, desc=f"features {split}")
-        return feats, labels, ds.keys, ds
+        feats, labels, kept = extract_kept_features(model, ds, self.pool, self.batch_size,
+                                                    device if device is not None else self.torch_device(),
+                                                    self.num_workers, progress=not self.quiet,
+                                                    desc=f"features {split}")
+        return feats, labels, [ds.keys[i] for i in kept.tolist()], ds
 
     def train_val_sets(self, train: str, val: str, image_size: int, crop_scale=(0.2, 1.0),
                        limit_train: int | None = None, limit_val: int | None = None):
