@@ -119,7 +119,8 @@ def test_embed_counts_a_caption_that_is_not_utf8_as_bad_text(tmp_path, caplog):
                      "--inputs", inputs, "--out", str(out)]) == 0
         assert "skipping 'g01.png' (bad_text: not UTF-8)" in caplog.text
         caplog.clear()
-        assert load_features(out)[0].shape == (3, 32)
+        features, _, keys = load_features(out)  # the unusable row is left out, keys aligned
+        assert features.shape == (2, 32) and [k.split("/")[-1] for k in keys] == ["g00.png", "g02.png"]
 
 
 def test_eval_commands_can_pad_photos_to_a_square(tmp_path):
@@ -172,3 +173,74 @@ def test_evaluation_stops_past_the_bad_data_threshold(tmp_path, capsys):
     assert main(["embed", "--checkpoint", str(tmp_path / "ckpt"), "--num-workers", "0", "--quiet",
                  "--data", str(tmp_path / "bad.tar.gz"), "--out", str(tmp_path / "f.npz"),
                  "--max-bad-fraction", "1.0"]) == 0  # keep going whatever the share
+
+
+def test_knn_reads_hdf5_tables(tmp_path, capsys):
+    from data_files import write_hdf5_table
+
+    tiny_model().save_pretrained(tmp_path / "ckpt")
+    spec = write_hdf5_table(tmp_path / "t.h5", n=8, table="train/rows") + "#table=train/rows#label=y"
+    code = main(["knn", "--checkpoint", str(tmp_path / "ckpt"), "--train", spec, "--val", spec, "--k", "1",
+                 "--num-workers", "0", "--quiet", "--result", str(tmp_path / "knn.json")])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "knn.json").read_text())["metrics"]["top1"] == 100.0
+
+
+def _captioned_manifest(folder, n=8, bad=(2, 5)):
+    """image,label,caption rows of n distinct photos; rows in `bad`: a missing file, then truncated."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = ["image,label,caption"]
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        rows.append(f"{i}.png,{('red', 'blue')[i % 2]},{('a red circle', 'a blue square')[i % 2]} {i}")
+    (folder / "all.csv").write_text("\n".join(rows) + "\n")
+    (folder / "good.csv").write_text("\n".join(r for j, r in enumerate(rows) if j - 1 not in bad) + "\n")
+    (folder / f"{bad[0]}.png").unlink()
+    data = (folder / f"{bad[1]}.png").read_bytes()
+    (folder / f"{bad[1]}.png").write_bytes(data[: len(data) // 2])
+    return folder / "all.csv", folder / "good.csv"
+
+
+def test_embed_leaves_skipped_images_out_of_every_output(tmp_path, capsys):
+    # Was: a bad row was replaced by the next good one under the bad row's key: the output had all
+    # 8 keys, two of them with another image's features (and, with --inputs joint, the wrong caption).
+    from m3ae.data.synthetic import build_demo_tokenizer
+    from m3ae.eval.features import load_features
+
+    tiny_model(vocab_size=32).save_pretrained(tmp_path / "ckpt")
+    build_demo_tokenizer().save(str(tmp_path / "tok.json"))
+    everything, good = _captioned_manifest(tmp_path / "d")
+    common = ["embed", "--checkpoint", str(tmp_path / "ckpt"), "--quiet", "--num-workers", "1", "--batch-size", "3",
+              "--tokenizer", str(tmp_path / "tok.json"), "--max-bad-fraction", "1"]
+    for inputs in ("image", "joint"):
+        for name, data in (("all", everything), ("good", good)):
+            assert main([*common, "--inputs", inputs, "--data", str(data), "--out", str(tmp_path / f"{name}.npz")]) == 0
+        feats, labels, keys = load_features(tmp_path / "all.npz")
+        ref, ref_labels, ref_keys = load_features(tmp_path / "good.npz")
+        assert keys == ref_keys == ["0.png", "1.png", "3.png", "4.png", "6.png", "7.png"]
+        assert torch.allclose(feats, ref, atol=1e-5) and torch.equal(labels, ref_labels)
+    assert "2.png" in capsys.readouterr().err
+    result = tmp_path / "knn.json"
+    assert main(["knn", "--checkpoint", str(tmp_path / "ckpt"), "--quiet", "--num-workers", "0", "--k", "1",
+                 "--max-bad-fraction", "1", "--train", str(good), "--val", str(everything),
+                 "--result", str(result)]) == 0
+    metrics = json.loads(result.read_text())["metrics"]
+    assert metrics["n_val"] == 6 and metrics["top1"] == 100.0  # each kept image finds itself
+
+
+def test_the_bad_data_stop_in_a_loader_worker_is_one_line(tmp_path, capsys):
+    # Was: raised in the worker, the stop came wrapped in its ~40-line traceback ("Caught
+    # DataQualityError in DataLoader worker process 0. Original Traceback ...").
+    tiny_model().save_pretrained(tmp_path / "ckpt")
+    write_shard(tmp_path / "s-0.tar.gz", 240)
+    write_shard(tmp_path / "s-1.tar.gz", 60, seed=1, corrupt=60)  # past the first 200: the check is on
+    code = main(["embed", "--checkpoint", str(tmp_path / "ckpt"), "--num-workers", "1", "--quiet",
+                 "--data", str(tmp_path / "s-{0..1}.tar.gz"), "--out", str(tmp_path / "f.npz")])
+    err = capsys.readouterr().err
+    stops = [line for line in err.splitlines() if line.startswith("m3ae embed: stopped:")]
+    assert code == 1 and len(stops) == 1 and "max_bad_fraction" in stops[0], err
+    assert "Traceback" not in err and "DataLoader worker" not in err
+    assert not (tmp_path / "f.npz").exists()

@@ -105,3 +105,70 @@ def test_transforms_shapes_and_determinism():
     assert torch.equal(ev(img), ev(img)) and ev(img).shape == (3, 16, 16)
     tr = TrainTransform(16, stats="imagenet")
     assert tr(img).shape == (3, 16, 16)
+
+
+def _named_manifest(path, classes, n=30):
+    """A CSV of n distinct images labelled by class name, round-robin over `classes`."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = ["image,label"]
+    for i in range(n):
+        name = classes[i % len(classes)]
+        if not (path.parent / f"{i}.png").exists():
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(path.parent / f"{i}.png")
+        rows.append(f"{i}.png,{name}")
+    path.write_text("\n".join(rows) + "\n")
+
+
+def test_validation_labels_follow_the_training_class_names(tmp_path):
+    # Was: each set numbered its own names, so a val set without "cat" had dog=0, fish=1 against
+    # the training set's dog=1, fish=2: every label shifted and the metrics silently wrong.
+    _named_manifest(tmp_path / "tr.csv", ["cat", "dog", "fish"])
+    rows = (tmp_path / "tr.csv").read_text().splitlines()
+    (tmp_path / "va.csv").write_text("\n".join([rows[0], *(r for r in rows[1:] if not r.endswith(",cat"))]) + "\n")
+    train = labelled_dataset(str(tmp_path / "tr.csv"), "train", 16)
+    val = labelled_dataset(str(tmp_path / "va.csv"), "val", 16)
+    val.number_like(train)
+    by_key = dict(zip(train.keys, train.labels))
+    assert val.labels == [by_key[k] for k in val.keys] and set(val.labels) == {1, 2}
+    assert val.classes == ["cat", "dog", "fish"] and val.num_classes == 3
+    write_class_folders(tmp_path / "ftr", 2, classes=3)
+    write_class_folders(tmp_path / "fva", 2, classes=3)
+    import shutil
+
+    shutil.rmtree(tmp_path / "fva" / "class_0")
+    ftr, fva = labelled_dataset(str(tmp_path / "ftr"), "train", 16), labelled_dataset(str(tmp_path / "fva"), "val", 16)
+    fva.number_like(ftr)
+    assert fva.labels == [1, 1, 2, 2]
+
+
+def test_a_validation_class_unknown_to_training_is_an_error(tmp_path):
+    _named_manifest(tmp_path / "tr.csv", ["dog", "fish"])
+    train = labelled_dataset(str(tmp_path / "tr.csv"), "train", 16)
+    _named_manifest(tmp_path / "va.csv", ["cat", "dog"])
+    with pytest.raises(ValueError, match=r"va\.csv.*\['cat'\].*not in the training set"):
+        labelled_dataset(str(tmp_path / "va.csv"), "val", 16).number_like(train)
+    write_cifar_batch(tmp_path / "test_batch", 4)
+    with pytest.raises(ValueError, match="integer labels"):
+        labelled_dataset(str(tmp_path / "test_batch"), "val", 16).number_like(train)
+
+
+def test_hdf5_tables_are_labelled_sets(tmp_path):
+    # Was: every hdf5 item got #split= added, which a #table= item refuses ("#split= is for the
+    # authors' layout"), so no evaluation command could read a table.
+    import h5py
+
+    from data_files import write_hdf5_table
+
+    path = write_hdf5_table(tmp_path / "t.h5", n=6, table="train/rows")
+    for split in ("train", "val"):
+        ds = labelled_dataset(f"{path}#table=train/rows#label=y", split, 16)
+        assert len(ds) == 6 and ds.labels == [0, 1] * 3 and ds[0][0].shape == (3, 16, 16)
+    with h5py.File(path, "r") as f:  # the same rows without a caption field: labels are all it needs
+        rows = f["train/rows"].fields(["jpg", "y"])[:]
+    with h5py.File(tmp_path / "nocap.h5", "w") as f:
+        f.create_dataset("rows", data=rows)
+    assert labelled_dataset(f"{tmp_path / 'nocap.h5'}#table=rows#label=y", "val", 16).labels == [0, 1] * 3
+    write_hdf5(tmp_path / "set.h5", 8, 4)  # the authors' layout still picks its split
+    assert len(labelled_dataset(str(tmp_path / "set.h5"), "val", 16)) == 4

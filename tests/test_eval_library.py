@@ -129,3 +129,43 @@ def test_settings_threads_hold_for_the_call_only(data, monkeypatch):
     monkeypatch.setattr(knn, "knn_accuracy", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
     run_knn(dataclasses.replace(settings, threads=before + 1), train, val)
     assert seen == [before + 1] and torch.get_num_threads() == before
+
+
+def test_knn_and_probes_number_a_val_set_missing_a_class_as_the_train_set(tmp_path):
+    # val = the train images without the "cat" rows: 1-NN finds each image itself, so 100%, not the
+    # 0% the per-set numbering gave (dog 1 -> 0, fish 2 -> 1).
+    from PIL import Image
+
+    tiny_model().save_pretrained(tmp_path / "ckpt")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(30):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{('cat', 'dog', 'fish')[i % 3]}")
+    (tmp_path / "tr.csv").write_text("image,label\n" + "\n".join(rows) + "\n")
+    (tmp_path / "va.csv").write_text("image,label\n" + "\n".join(r for r in rows if not r.endswith("cat")) + "\n")
+    settings = EvalSettings(checkpoint=str(tmp_path / "ckpt"), num_workers=0, batch_size=8, quiet=True)
+    train, val = str(tmp_path / "tr.csv"), str(tmp_path / "va.csv")
+    knn = run_knn(settings, train, val, k=1)
+    assert knn.metrics["top1"] == 100.0 and knn.metrics["n_val"] == 20
+    assert run_fast_probe(settings, train, val, l2_grid=[1e-6]).metrics["top1"] == 100.0
+    _, val_set, classes = settings.train_val_sets(train, val, 16)
+    assert classes == 3 and sorted(set(val_set.labels)) == [1, 2]
+
+
+def test_a_finetuned_classifier_folder_carries_its_preprocessing(tmp_path, data):
+    # Was: no preprocessor_config.json, so `m3ae ood --checkpoint CLF` read images with the defaults
+    # (CC12M statistics, cropped) and called the fresh folder "an older checkpoint".
+    import warnings
+
+    from m3ae.preprocessing import Preprocessing
+
+    settings, train, val = data
+    settings = dataclasses.replace(settings, normalization="imagenet", square="pad", pad_value=0)
+    run_finetune(settings, train, val, tmp_path / "clf", FinetuneConfig(epochs=1, batch_size=8))
+    saved = Preprocessing.load(tmp_path / "clf")
+    assert saved == settings.preprocessing(16) and saved.square == "pad" and saved.mean[0] == pytest.approx(0.485)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "an older checkpoint" would be an error here
+        run_ood(EvalSettings(checkpoint=str(tmp_path / "clf"), num_workers=0, batch_size=8, quiet=True),
+                train, val, tmp_path / "ood")

@@ -61,3 +61,33 @@ def test_probe_metrics_and_training_loop_hook(tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "knn_top1" in r]
     assert [r["step"] for r in evals] == [2, 4] and all("probe_top1" in r for r in evals)
+
+
+def test_monitor_sets_number_val_by_the_train_class_names(tmp_path):
+    import shutil
+
+    from m3ae.eval.monitor import monitor_sets
+
+    write_class_folders(tmp_path / "tr", 2, classes=3)
+    write_class_folders(tmp_path / "va", 2, classes=3)
+    shutil.rmtree(tmp_path / "va" / "class_0")  # was: class_1 -> 0, class_2 -> 1 in val alone
+    train, val = monitor_sets(str(tmp_path / "tr"), str(tmp_path / "va"), 16)
+    assert val.labels == [1, 1, 2, 2] and val.classes == train.classes
+
+
+def test_head_training_leaves_unusable_images_out_and_counts_them(tmp_path):
+    # Was: a bad validation image was replaced by the next one, which was then scored twice.
+    from m3ae.eval.linear_probe import run_linear_probe
+    from m3ae.eval.settings import EvalSettings
+
+    write_class_folders(tmp_path / "tr", 4, classes=2)
+    write_class_folders(tmp_path / "va", 3, classes=2)
+    (tmp_path / "va" / "class_1" / "001.png").write_bytes(b"not a png")
+    tiny_model().save_pretrained(tmp_path / "ckpt")
+    settings = EvalSettings(checkpoint=str(tmp_path / "ckpt"), num_workers=0, quiet=True, max_bad_fraction=1.0)
+    res = run_linear_probe(settings, str(tmp_path / "tr"), str(tmp_path / "va"),
+                           ProbeConfig(epochs=2, warmup_epochs=0, batch_size=4))
+    assert res.metrics["n_train"] == 8 and res.metrics["n_val"] == 5
+    train_set, val_set, _ = settings.train_val_sets(str(tmp_path / "tr"), str(tmp_path / "va"), 16)
+    _, val_loader = Runtime(num_workers=0).loaders(train_set, val_set, 4)
+    assert sum(len(label) for _, label in val_loader) == 5 and val_set.skipped == 1  # scored once each

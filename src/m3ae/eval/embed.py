@@ -11,50 +11,18 @@ from .settings import EvalSettings
 INPUTS = ("image", "text", "joint")
 
 
-class Captioned:
-    """Wraps a manifest dataset: items become dicts with the image and / or the caption's token ids."""
-
-    def __init__(self, ds, tokenizer, text_length: int, inputs: str):
-        self.ds, self.tokenizer, self.text_length, self.inputs = ds, tokenizer, text_length, inputs
-        self._bad: set[int] = set()
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        from ..data.bad import BadSample
-        from ..data.pipeline import decode_caption
-
-        # A caption that is not text (bytes that were not UTF-8) is pretraining's bad_text, by the
-        # same rule; like a bad image in the dataset, it is counted and replaced by the next item.
-        for attempt in range(len(self)):
-            j = (i + attempt) % len(self)
-            try:
-                caption = decode_caption(self.ds.captions[j])
-            except BadSample as err:
-                if j not in self._bad:
-                    self._bad.add(j)
-                    self.ds.skip(self.ds.keys[j], err)
-                    self.ds.counter.check()  # past max_bad_fraction: DataQualityError ends the command
-                continue
-            image, label = self.ds[j]
-            ids = self.tokenizer.encode(caption, add_special_tokens=False).ids[: self.text_length]
-            item = {"text": ids, "label": label}
-            if self.inputs == "joint":
-                item["image"] = image
-            return item
-        raise RuntimeError(f"{self.ds.description}: no usable caption at all ({dict(self.ds.counter.bad)})")
-
-
 def collate_captioned(items):
+    """collate_kept's batch of CaptionedItems, with the usable items' token ids padded."""
     import torch
 
     from ..data.collate import pad_texts
+    from .labelled import collate_kept
 
-    text, pad = pad_texts([torch.as_tensor(it["text"], dtype=torch.long) for it in items])
-    out = {"text": text, "text_padding_mask": pad, "label": torch.tensor([it["label"] for it in items])}
-    if "image" in items[0]:
-        out["image"] = torch.stack([it["image"] for it in items])
+    out = collate_kept(items)
+    good = [it for it in items if "bad" not in it]
+    if good:
+        out["text"], out["text_padding_mask"] = pad_texts([torch.as_tensor(it["text"], dtype=torch.long)
+                                                           for it in good])
     return out
 
 
@@ -62,7 +30,8 @@ def run_embed(settings: EvalSettings, data: str, out: str | Path, *, split: str 
               tokenizer: str | None = None, limit: int | None = None) -> EvalResult:
     """Features (N, D), labels (-1 for unlabelled data) and keys of `data` written to `out`
     (.safetensors | .npz | .npy). Text / joint inputs need a CSV manifest with a caption column."""
-    from .features import extract_features, save_features
+    from .features import extract_kept_features, save_features
+    from .labelled import CaptionedItems
 
     if inputs not in INPUTS:
         raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}")
@@ -71,7 +40,7 @@ def run_embed(settings: EvalSettings, data: str, out: str | Path, *, split: str 
         device = settings.torch_device()
         model = settings.load_encoder(device)
         ds = settings.dataset(data, split, model.config.image_size, False, limit, unlabelled=True)
-        keys, collate = ds.keys, None
+        collate, data_set = None, ds
         if inputs != "image":
             if not hasattr(ds, "captions"):
                 raise ValueError("text / joint inputs need a CSV manifest (image,label,caption) as the data")
@@ -83,9 +52,11 @@ def run_embed(settings: EvalSettings, data: str, out: str | Path, *, split: str 
             tok = checkpoint_tokenizer(resolve_checkpoint(settings.checkpoint), model.config.vocab_size, tokenizer)
             if tok is None:
                 raise ValueError(f"{settings.checkpoint} has no tokenizer.json; pass a tokenizer")
-            ds, collate = Captioned(ds, tok, model.config.text_length, inputs), collate_captioned
-        feats, labels = extract_features(model, ds, settings.pool, settings.batch_size, device, settings.num_workers,
-                                         progress=not settings.quiet, desc="embed", collate=collate)
+            data_set, collate = CaptionedItems(ds, tok, model.config.text_length, inputs), collate_captioned
+        feats, labels, kept = extract_kept_features(model, data_set, settings.pool, settings.batch_size, device,
+                                                    settings.num_workers, progress=not settings.quiet, desc="embed",
+                                                    collate=collate)
+        keys = [ds.keys[i] for i in kept.tolist()]  # unusable images left out: keys stay with their rows
     meta = {"checkpoint": settings.checkpoint, "data": data, "pool": settings.pool, "inputs": inputs}
     save_features(out, feats, labels, keys, meta)
     metrics = {"samples": int(len(labels)), "dim": int(feats.shape[1])}

@@ -84,19 +84,47 @@ def extract_pooled_features(model, dataset, pools: Sequence[str] = POOLS, batch_
                             device: str | torch.device = "cpu", num_workers: int = 0, progress: bool = False,
                             desc: str = "features", collate=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """As extract_features, for several poolings from one encoder pass: ({pool: (N, D)}, labels)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers, collate_fn=collate)
+    feats, labels, _ = _encode_batches(model, loader, len(loader), pools, device, progress, desc)
+    return feats, labels
+
+
+@torch.no_grad()
+def extract_kept_features(model, dataset, pool: str = "cls", batch_size: int = 256,
+                          device: str | torch.device = "cpu", num_workers: int = 0, progress: bool = False,
+                          desc: str = "features", collate=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As extract_features, with unusable items left out rather than replaced by the next usable one
+    (that kept a bad item's key with another image's features): (features, labels, index), index
+    the positions of the items kept, for their keys and captions. `dataset`: a LabelledImages, or a
+    KeptItems view of one (with a `collate` building on collate_kept). Skips are counted in the
+    set's counter, in this process (m3ae.eval.labelled.kept_batches)."""
+    from .labelled import KeptItems, collate_kept, kept_batches
+
+    view = dataset if isinstance(dataset, KeptItems) else KeptItems(dataset)
+    loader = torch.utils.data.DataLoader(view, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         collate_fn=collate or collate_kept)
+    feats, labels, index = _encode_batches(model, kept_batches(loader, view.ds), len(loader), (pool,), device,
+                                           progress, desc)
+    return feats[pool], labels, index
+
+
+def _encode_batches(model, batches: Iterable, total: int, pools: Sequence[str], device: str | torch.device,
+                    progress: bool, desc: str) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """({pool: (N, D)}, labels, the batches' "index" values (empty when they carry none))."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers, collate_fn=collate)
     feats: dict[str, list[torch.Tensor]] = {p: [] for p in pools}
-    labels = []
+    labels, index = [], []
     autocast = precision_autocast(device, device.type == "cuda")  # CPU features stay fp32
     try:
-        for batch in _progress(loader, len(loader), desc, progress):
+        for batch in _progress(batches, total, desc, progress):
             if isinstance(batch, dict):
                 image, text, pad = (batch.get(k) for k in ("image", "text", "text_padding_mask"))
                 label = batch["label"]
+                if "index" in batch:
+                    index.append(batch["index"])
             else:
                 (image, label), text, pad = batch, None, None
             def move(t):
@@ -112,7 +140,8 @@ def extract_pooled_features(model, dataset, pools: Sequence[str] = POOLS, batch_
         model.train(was_training)
     dim = model.config.emb_dim
     return ({p: torch.cat(v) if v else torch.zeros(0, dim) for p, v in feats.items()},
-            torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
+            torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
+            torch.cat(index) if index else torch.zeros(0, dtype=torch.long))
 
 
 # -- files ---------------------------------------------------------------------------------------

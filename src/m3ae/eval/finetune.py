@@ -2,7 +2,8 @@
 layer-wise lr decay, drop path, mixup / cutmix, label smoothing, warmup + cosine, bf16 on CUDA.
 
 A saved classifier is a folder: config.json ({"encoder": M3AEConfig, "num_classes", "pool"}) +
-model.safetensors (encoder weights without the decoder, plus the head).
+model.safetensors (encoder weights without the decoder, plus the head) + preprocessor_config.json
+(the image preparation it was trained with, so `m3ae ood --checkpoint FOLDER` reads images alike).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from ..config import M3AEConfig
 from ..distributed import pick_device
 from ..files import atomic_write
 from ..model import M3AE
+from ..preprocessing import Preprocessing
 from .features import pool_tokens
 from .knn import topk_accuracy
 from .results import EvalResult
@@ -56,7 +58,9 @@ class Classifier(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(image))
 
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path, preprocessing: Preprocessing | None = None) -> Path:
+        """`preprocessing`: the image rule it was trained with (default, as M3AE.save_pretrained's:
+        the config's image size, CC12M statistics, the whole shorter side)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -66,6 +70,8 @@ class Classifier(nn.Module):
                   "num_classes": self.num_classes, "pool": self.pool}
         atomic_write(directory / CLASSIFIER_WEIGHTS, lambda p: save_file(state, str(p)))
         atomic_write(directory / CLASSIFIER_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+        # Without it the folder reads as "an older checkpoint" and is evaluated with the defaults.
+        (preprocessing or Preprocessing(image_size=self.config.image_size)).save(directory)
         return directory
 
     @classmethod
@@ -224,8 +230,8 @@ def run_finetune(settings: EvalSettings, train: str, val: str, out: str | Path,
         train_set, val_set, classes = settings.train_val_sets(train, val, encoder.config.image_size,
                                                               config.crop_scale, limit_train, limit_val)
         model, res = finetune(encoder, train_set, val_set, classes, config, settings, progress=not settings.quiet)
-    model.save_pretrained(out)
+    model.save_pretrained(out, settings.preprocessing(encoder.config.image_size))  # what it was trained with
     metrics = {k: res[k] for k in ("top1", "top5", "best_top1", "top1_before")}
-    metrics.update(n_train=len(train_set), n_val=len(val_set))
+    metrics.update(n_train=len(train_set) - train_set.skipped, n_val=len(val_set) - val_set.skipped)  # images used
     return EvalResult("finetune", metrics, {"history": res["history"], "classifier": str(out)},
                       time.perf_counter() - t0)

@@ -9,7 +9,13 @@ hold both):
     class folders DIR/<class>/<image>; WebDataset shards (brace-expanded or globbed) with
     {key}.<image> + {key}.cls; the authors' HDF5 layout {split}_jpg + {split}_labels (split train
     or val, unless the item sets #split=); CSV/TSV/JSONL manifests with a label column (integers or
-    class names, numbered in sorted order) and an optional caption column.
+    class names, numbered in sorted order) and an optional caption column; HDF5 tables
+    (#table=DSET, with an integer label field).
+Class names (class folders, manifests) are numbered in each set; the validation set is then
+renumbered by the training set's names (`LabelledImages.number_like`), so a class it lacks shifts
+nothing. A validation class the training set lacks is an error naming it (no head trained on that
+set can predict it; leaving its images out would change what the metric measures unseen), as are
+class names on one side and bare integers on the other.
 Parquet files and Hugging Face datasets on disk (parquet:/hf:) with a label column are read whole
 into memory (encoded bytes). `unlabelled=True` (m3ae embed) also takes sets without labels: every
 label is then -1.
@@ -21,20 +27,21 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..data.bad import BadCounter, BadSample
+from ..data.bad import BadCounter, BadSample, DataQualityError
 from ..data.images import EvalTransform, TrainTransform
 from ..data.sources import IndexedSource, ManifestSource, Record, WebDatasetSource, build_source
 from ..data.sources.wds import expand_braces, iter_tar
 from ..data.spec import parse_item
 from ..interop.safe_pickle import UnsafePickleError, find_opaque, safe_load
 
-__all__ = ["LabelledImages", "labelled_dataset", "load_cifar_batch", "read_cifar", "EvalTransform",
+__all__ = ["LabelledImages", "KeptItems", "CaptionedItems", "collate_kept", "kept_batches", "kept_loader",
+           "labelled_dataset", "load_cifar_batch", "read_cifar", "EvalTransform",
            "TrainTransform", "expand_braces"]
 
 log = logging.getLogger(__name__)
@@ -47,12 +54,14 @@ class LabelledImages(torch.utils.data.Dataset):
     """Items are (normalised image (3, S, S), label). `keys[i]` names item i.
 
     `load(i)` returns what the transform decodes (encoded bytes, a local path or a PIL image) or
-    raises BadSample. Bad items are found lazily; rather than failing the batch, they are replaced
-    by the next usable item and counted in `counter` (per process: DataLoader workers each keep one).
+    raises BadSample. Bad items are found lazily. The evaluations read through `KeptItems` /
+    `kept_loader`, which leave them out (keys, labels and captions of the rest stay aligned) and
+    count them in `counter` in the main process. Indexing the set itself (`ds[i]`) replaces a bad
+    item by the next usable one instead, counted per process (DataLoader workers each keep one).
     Manifest sets also carry `captions` (one per item; the attribute is absent elsewhere).
     """
 
-    captions: list[str]
+    captions: list  # as the manifest holds them (str, or undecoded bytes)
 
     def __init__(self, load: Callable[[int], object], labels: Sequence[int], keys: Sequence[str],
                  transform: Callable, description: str, classes: Sequence[str] | None = None):
@@ -94,6 +103,25 @@ class LabelledImages(torch.utils.data.Dataset):
         log.warning("%s: skipping %r (%s); %d skipped so far in this process", self.description, key, err,
                     self.skipped)
 
+    def number_like(self, train: "LabelledImages") -> None:
+        """Renumber this (validation) set's labels by the training set's class names, in place.
+        Each set numbers its own names in sorted order, so without this a class missing here would
+        shift every label after it. Unknown names, or names against bare integers: ValueError."""
+        if train.classes is None and self.classes is None:  # integer labels on both sides: as given
+            return
+        if train.classes is None or self.classes is None:
+            named, plain = (train, self) if self.classes is None else (self, train)
+            raise ValueError(f"{named.description} names its classes but {plain.description} has integer "
+                             f"labels; give class names (or integers) on both sides")
+        index = {name: i for i, name in enumerate(train.classes)}
+        unknown = sorted(set(self.classes) - set(index))
+        if unknown:
+            raise ValueError(f"{self.description}: class(es) {unknown} are not in the training set "
+                             f"{train.description} (its classes: {train.classes})")
+        mine = self.classes
+        self.labels = [label if label < 0 else index[mine[label]] for label in self.labels]
+        self.classes = list(train.classes)
+
     def subset(self, limit: int | None, seed: int = 0) -> "LabelledImages":
         """A fixed random subset of `limit` items (shards are often class-sorted)."""
         if not limit or limit >= len(self):
@@ -107,6 +135,109 @@ class LabelledImages(torch.utils.data.Dataset):
         if hasattr(self, "captions"):
             out.captions = [self.captions[i] for i in picked]
         return out
+
+
+class KeptItems(torch.utils.data.Dataset):
+    """The evaluation view of a LabelledImages: item i is {"index": i, "image", "label"}, or
+    {"bad": (i, key, reason, detail)} when it cannot be used. Nothing is counted here (maybe in a
+    loader worker): `kept_batches` counts, in the main process. Batch with `collate_kept`."""
+
+    def __init__(self, ds: LabelledImages):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        ds = self.ds
+        try:
+            image = ds.transform(ds._load(i), key=ds.keys[i])
+        except BadSample as err:
+            return {"bad": (i, ds.keys[i], err.reason, err.detail)}
+        return {"index": i, "image": image, "label": ds.labels[i]}
+
+
+class CaptionedItems(KeptItems):
+    """KeptItems of a manifest set whose items carry their caption's token ids (the image too for
+    "joint" inputs; `m3ae embed`). A row whose image is unusable is left out for text inputs too:
+    the image, text and joint exports of one manifest hold the same rows."""
+
+    def __init__(self, ds: LabelledImages, tokenizer, text_length: int, inputs: str):
+        super().__init__(ds)
+        self.tokenizer, self.text_length, self.inputs = tokenizer, text_length, inputs
+
+    def __getitem__(self, i: int) -> dict:
+        from ..data.pipeline import decode_caption
+
+        item = super().__getitem__(i)
+        if "bad" not in item:  # this row's own caption, never a replacement's
+            try:  # pretraining's rule: a caption that is not UTF-8 text, or is empty, is a bad sample
+                caption = decode_caption(self.ds.captions[i])
+                if not caption:
+                    raise BadSample("empty", "empty caption")
+            except BadSample as err:
+                return {"bad": (i, self.ds.keys[i], err.reason, err.detail)}
+            item["text"] = self.tokenizer.encode(caption, add_special_tokens=False).ids[: self.text_length]
+            if self.inputs != "joint":
+                del item["image"]
+        return item
+
+
+def collate_kept(items: list[dict]) -> dict:
+    """The usable items stacked ("index", "label", "image" when they carry one), the others listed
+    under "bad" for `kept_batches`."""
+    good = [it for it in items if "bad" not in it]
+    out = {"index": torch.tensor([it["index"] for it in good], dtype=torch.long),
+           "label": torch.tensor([it["label"] for it in good], dtype=torch.long),
+           "bad": [it["bad"] for it in items if "bad" in it]}
+    if good and "image" in good[0]:
+        out["image"] = torch.stack([it["image"] for it in good])
+    return out
+
+
+def kept_batches(loader, ds: LabelledImages) -> Iterator[dict]:
+    """The batches of a loader over KeptItems(ds) with usable items, bad ones left out. Each bad
+    item is counted (once, however many epochs read it) and logged in `ds.counter` here, in the
+    main process, where `check` stops the command past max_bad_fraction with a one-line
+    DataQualityError - as the pretraining loader does; raised in a worker, it would come wrapped
+    in the worker's traceback. A set without one usable item is a DataQualityError too."""
+    kept = 0
+    for batch in loader:
+        for i, key, reason, detail in batch.pop("bad"):
+            if i not in ds._bad:
+                ds._bad.add(i)
+                ds.skip(key, BadSample(reason, detail))
+        ds.counter.good += len(batch["index"])
+        ds.counter.check()
+        if len(batch["index"]):
+            kept += len(batch["index"])
+            yield batch
+    if not kept and len(ds):
+        raise DataQualityError(f"{ds.description}: no usable image at all ({dict(ds.counter.bad)}; "
+                               f"example keys: {ds.counter.examples})")
+
+
+class KeptLoader:
+    """(images, labels) batches of a LabelledImages' usable items (see `kept_batches`), for the
+    training and validation loops of the trained heads; len() is the DataLoader's."""
+
+    def __init__(self, ds: LabelledImages, **loader_kwargs):
+        self.ds = ds
+        self.loader = torch.utils.data.DataLoader(KeptItems(ds), collate_fn=collate_kept, **loader_kwargs)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in kept_batches(self.loader, self.ds):
+            yield batch["image"], batch["label"]
+
+
+def kept_loader(ds, **loader_kwargs):
+    """A KeptLoader for a LabelledImages, a plain DataLoader for any other dataset."""
+    if isinstance(ds, LabelledImages):
+        return KeptLoader(ds, **loader_kwargs)
+    return torch.utils.data.DataLoader(ds, **loader_kwargs)
 
 
 def labelled_dataset(spec: str, split: str, image_size: int, train_transform: bool = False,
@@ -137,9 +268,14 @@ def _read(spec: str, split: str, transform, unlabelled: bool = False) -> Labelle
         return read_cifar(spec, train, transform)
     try:
         item = parse_item(spec)  # kind from the path; missing paths and empty globs raise here
-        if item.kind == "hdf5":
+        role = "labelled"
+        if item.kind == "hdf5" and "table" in item.options:
+            # A table is one set (no train/val split to pick), read for its images and labels: the
+            # "image" role asks for no caption field (evaluation reads captions from manifests only).
+            role = "image"
+        elif item.kind == "hdf5":  # the authors' layout: {split}_jpg / {split}_labels
             item.options.setdefault("split", "train" if train else "val")
-        source = build_source(item, default_role="labelled")
+        source = build_source(item, default_role=role)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"labelled data not found: {err}") from None
     if "label" not in source.provides and not unlabelled:
@@ -170,7 +306,7 @@ def _from_indexed(source: IndexedSource, transform, unlabelled: bool = False) ->
     ds = LabelledImages(lambda i: _image_of(source.record(keep[i])), [lb for lb in labels if lb is not None],
                         [keys[i] for i in keep], transform, source.describe(), getattr(source, "classes", None))
     if isinstance(source, ManifestSource):  # text / joint inputs (m3ae embed) read the captions
-        ds.captions = [str(source.items[i][1] or "") for i in keep]
+        ds.captions = [source.items[i][1] for i in keep]  # as read: CaptionedItems checks each
     return ds
 
 

@@ -106,7 +106,7 @@ def run_linear_probe(settings: EvalSettings, train: str, val: str, config: Probe
                                                               limit_train, limit_val)
         res = train_linear_probe(model, train_set, val_set, classes, config, settings, progress=not settings.quiet)
     metrics = {"top1": res["top1"], "top5": res["top5"], "best_top1": res["best_top1"],
-               "n_train": len(train_set), "n_val": len(val_set)}
+               "n_train": len(train_set) - train_set.skipped, "n_val": len(val_set) - val_set.skipped}
     if out is not None:
         from safetensors.torch import save_file
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .fast_probe import fast_probe
-from .features import extract_features
+from .features import extract_kept_features
 from .knn import knn_accuracy
 
 
@@ -12,8 +12,8 @@ def probe_metrics(model, train_set, val_set, *, pool: str = "cls", batch_size: i
                   device: str | torch.device = "cpu", l2_grid=(1e-4, 1e-3, 1e-2),
                   num_classes: int | None = None) -> dict[str, float]:
     """{'probe_top1', 'knn_top1'} (%) of the frozen encoder; leaves the model's train/eval mode as it was."""
-    train_x, train_y = extract_features(model, train_set, pool, batch_size, device)
-    val_x, val_y = extract_features(model, val_set, pool, batch_size, device)
+    train_x, train_y, _ = extract_kept_features(model, train_set, pool, batch_size, device)
+    val_x, val_y, _ = extract_kept_features(model, val_set, pool, batch_size, device)
     num_classes = num_classes or int(max(train_y.max(), val_y.max())) + 1
     probe = fast_probe(train_x, train_y, val_x, val_y, num_classes, l2_grid=l2_grid, max_iter=100)
     knn = knn_accuracy(train_x, train_y, val_x, val_y, num_classes=num_classes)
@@ -24,5 +24,7 @@ def monitor_sets(train_spec: str, val_spec: str, image_size: int, stats="cc12m",
     """The (train, val) labelled sets for `probe_metrics`, evaluation transforms on both."""
     from .labelled import labelled_dataset
 
-    return (labelled_dataset(train_spec, "train", image_size, False, stats, limit=limit),
-            labelled_dataset(val_spec, "val", image_size, False, stats, limit=limit))
+    train = labelled_dataset(train_spec, "train", image_size, False, stats, limit=limit)
+    val = labelled_dataset(val_spec, "val", image_size, False, stats, limit=limit)
+    val.number_like(train)  # a class missing from val must not shift its labels
+    return train, val

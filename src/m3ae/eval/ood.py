@@ -120,8 +120,9 @@ def select_classes(x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None
 def _classifier_outputs(model, ds, settings: EvalSettings, device):
     """(features, labels, logits) of a fine-tuned classifier over a labelled set."""
     xs, ls, ys = [], [], []
-    for image, label in torch.utils.data.DataLoader(ds, batch_size=settings.batch_size,
-                                                    num_workers=settings.num_workers):
+    from .labelled import kept_loader
+
+    for image, label in kept_loader(ds, batch_size=settings.batch_size, num_workers=settings.num_workers):
         f = model.features(image.to(device)).float()
         xs.append(f.cpu())
         ls.append(model.head(f).float().cpu())
@@ -150,18 +151,20 @@ def run_ood(settings: EvalSettings, in_train: str, in_test: str, out: str | Path
         model = (Classifier.from_pretrained(settings.checkpoint).to(device).eval() if finetuned
                  else settings.load_encoder(device))
 
-        def features(spec, split, limit):
+        def features(spec, split, limit, like=None):
             if not finetuned:
-                return (*settings.features(model, spec, split, limit, device)[:2], None)
-            return _classifier_outputs(model, settings.dataset(spec, split, model.config.image_size, False, limit),
-                                       settings, device)
+                x, y, _, ds = settings.features_with_set(model, spec, split, limit, device, like)
+                return x, y, None, ds
+            ds = settings.dataset(spec, split, model.config.image_size, False, limit, like=like)
+            return (*_classifier_outputs(model, ds, settings, device), ds)
 
-        train_x, train_y, train_l = features(in_train, "train", limit_train)
-        in_x, in_y, in_l = features(in_test, "val", limit_test)
+        train_x, train_y, train_l, train_set = features(in_train, "train", limit_train)
+        # in_test's class names numbered as in_train's (out_test may hold classes in_train lacks)
+        in_x, in_y, in_l, _ = features(in_test, "val", limit_test, like=train_set)
         if out_test in (None, in_test):  # one dataset split by classes: extract it once
             out_x, out_y, out_l = in_x, in_y, in_l
         else:
-            out_x, out_y, out_l = features(out_test, "val", limit_test)
+            out_x, out_y, out_l, _ = features(out_test, "val", limit_test)
         if in_classes is not None:  # keep in-classes and renumber them 0..k-1
             remap = torch.full((int(max(train_y.max(), in_y.max(), max(in_classes))) + 1,), -1, dtype=torch.long)
             remap[torch.tensor(in_classes)] = torch.arange(len(in_classes))

@@ -25,12 +25,13 @@ class Runtime:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
 
     def loaders(self, train_set, val_set, batch_size: int, drop_last: bool = False):
-        """Shuffled training batches and ordered validation batches, on this runtime's workers."""
-        from torch.utils.data import DataLoader
+        """Shuffled training batches and ordered validation batches, on this runtime's workers;
+        unusable images of labelled sets are left out and counted (m3ae.eval.labelled.kept_loader)."""
+        from .labelled import kept_loader
 
-        train = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=self.num_workers,
-                           drop_last=drop_last, persistent_workers=self.num_workers > 0)
-        return train, DataLoader(val_set, batch_size=batch_size, shuffle=False, num_workers=self.num_workers)
+        train = kept_loader(train_set, batch_size=batch_size, shuffle=True, num_workers=self.num_workers,
+                            drop_last=drop_last, persistent_workers=self.num_workers > 0)
+        return train, kept_loader(val_set, batch_size=batch_size, shuffle=False, num_workers=self.num_workers)
 
 
 @dataclass(kw_only=True)
@@ -90,8 +91,9 @@ class EvalSettings(Runtime):
         return model.to(device if device is not None else self.torch_device()).eval()
 
     def dataset(self, spec: str, split: str, image_size: int, train_transform: bool = False,
-                limit: int | None = None, crop_scale=(0.2, 1.0), unlabelled: bool = False):
-        """A labelled set (m3ae.eval.labelled) read with the checkpoint's preprocessing."""
+                limit: int | None = None, crop_scale=(0.2, 1.0), unlabelled: bool = False, like=None):
+        """A labelled set (m3ae.eval.labelled) read with the checkpoint's preprocessing; `like`: the
+        training set whose class names number this one's labels (LabelledImages.number_like)."""
         from .labelled import labelled_dataset
 
         pre = self.preprocessing(image_size)
@@ -99,11 +101,18 @@ class EvalSettings(Runtime):
                               crop_scale=crop_scale, crop_pct=pre.crop_pct, limit=limit, seed=self.seed,
                               square=pre.square, pad_value=pre.pad_value, unlabelled=unlabelled)
         ds.counter.max_bad_fraction = self.max_bad_fraction
+        if like is not None:
+            ds.number_like(like)
         return ds
 
     def features(self, model, spec: str, split: str, limit: int | None = None, device=None):
-        """(features, labels, keys) of a data spec, or straight from a feature file (`model` unused)."""
-        from .features import extract_features, is_feature_file, load_features
+        """(features, labels, keys) of a data spec, or straight from a feature file (`model` unused).
+        Unusable images are left out: the keys name the rows kept."""
+        return self.features_with_set(model, spec, split, limit, device)[:3]
+
+    def features_with_set(self, model, spec: str, split: str, limit: int | None = None, device=None, like=None):
+        """As `features`, plus the labelled set read (None for a feature file)."""
+        from .features import extract_kept_features, is_feature_file, load_features
 
         if is_feature_file(spec):
             feats, labels, keys = load_features(spec)
@@ -113,27 +122,30 @@ class EvalSettings(Runtime):
                 g = torch.Generator().manual_seed(self.seed)
                 pick = torch.randperm(len(labels), generator=g)[:limit].sort().values
                 feats, labels, keys = feats[pick], labels[pick], [keys[i] for i in pick.tolist()]
-            return feats, labels, keys
-        ds = self.dataset(spec, split, model.config.image_size, False, limit)
-        feats, labels = extract_features(model, ds, self.pool, self.batch_size,
-                                         device if device is not None else self.torch_device(),
-                                         self.num_workers, progress=not self.quiet, desc=f"features {split}")
-        return feats, labels, ds.keys
+            return feats, labels, keys, None
+        ds = self.dataset(spec, split, model.config.image_size, False, limit, like=like)
+        feats, labels, kept = extract_kept_features(model, ds, self.pool, self.batch_size,
+                                                    device if device is not None else self.torch_device(),
+                                                    self.num_workers, progress=not self.quiet,
+                                                    desc=f"features {split}")
+        return feats, labels, [ds.keys[i] for i in kept.tolist()], ds
 
     def train_val_sets(self, train: str, val: str, image_size: int, crop_scale=(0.2, 1.0),
                        limit_train: int | None = None, limit_val: int | None = None):
-        """(training set with augmentation, validation set, classes) for a trained head."""
+        """(training set with augmentation, validation set, classes) for a trained head; the
+        validation labels numbered by the training set's class names."""
         train_set = self.dataset(train, "train", image_size, True, limit_train, tuple(crop_scale))
-        val_set = self.dataset(val, "val", image_size, False, limit_val)
+        val_set = self.dataset(val, "val", image_size, False, limit_val, like=train_set)
         return train_set, val_set, max(train_set.num_classes, val_set.num_classes)
 
     def train_val_features(self, train: str, val: str, limit_train: int | None = None,
                            limit_val: int | None = None):
-        """(train_x, train_y, val_x, val_y); the encoder is loaded only when a spec is not a feature file."""
+        """(train_x, train_y, val_x, val_y); the encoder is loaded only when a spec is not a feature file.
+        Validation labels are numbered by the training set's class names (a feature file has none)."""
         from .features import is_feature_file
 
         model = None if is_feature_file(train) and is_feature_file(val) else self.load_encoder()
-        train_x, train_y, _ = self.features(model, train, "train", limit_train)
-        val_x, val_y, _ = self.features(model, val, "val", limit_val)
+        train_x, train_y, _, train_set = self.features_with_set(model, train, "train", limit_train)
+        val_x, val_y, _, _ = self.features_with_set(model, val, "val", limit_val, like=train_set)
         return train_x, train_y, val_x, val_y
 
