@@ -192,8 +192,9 @@ class HDF5Table(HDF5Source):
         role = role or "paired"
         self.image_key = None if role == "text" else pick_field(kinds, image, IMAGE_COLUMNS, where, "image",
                                                                 required=True)
+        # As for manifests: a caption field is required for paired data only (a labelled set may have none).
         self.caption_key = None if role == "image" else pick_field(kinds, caption, CAPTION_COLUMNS, where,
-                                                                   "caption", required=True)
+                                                                   "caption", required=role in ("paired", "text"))
         self.label_key = pick_field(kinds, label, LABEL_COLUMNS, where, "label", required=False)
         if self.image_key and kinds[self.image_key] not in ("bytes", "text"):
             raw = " (raw pixel arrays are not read: store encoded JPEG/PNG bytes)" \
