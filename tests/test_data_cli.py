@@ -78,3 +78,29 @@ def test_shard_keeps_source_metadata_counts_empty_captions_and_checks_options(tm
     for option, value in (("--per-shard", "0"), ("--quality", "500"), ("--shorter-side", "-1")):
         assert main(["data", "shard", str(manifest), "--out", pattern, option, value]) == 2
         assert f"{option} must be" in capsys.readouterr().err
+
+
+def test_an_unreadable_label_spoils_the_sample_only_where_labels_are_used(tmp_path, capsys):
+    # Was: a bad .cls made the whole sample bad_text, so pretraining lost an image and a caption it
+    # could use. Now `data stats` reports it, evaluation leaves it out, pretraining keeps the sample.
+    import io
+    import tarfile
+
+    from data_files import jpeg_bytes, write_img2dataset_tar
+    from m3ae.data.sources.wds import iter_tar
+    from m3ae.eval.labelled import labelled_dataset
+
+    shard = write_img2dataset_tar(str(tmp_path / "s-00000.tar"), n=4, labels=True)
+    with tarfile.open(shard, "a") as tar:
+        for ext, data in (("jpg", jpeg_bytes(seed=9)), ("txt", b"a caption"), ("cls", b"cat")):
+            info = tarfile.TarInfo(f"badcls.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    records = {r.key.split("/")[-1]: r for r in iter_tar(shard)}
+    assert records["badcls"].missing is None and records["badcls"].label is None
+    assert "not an integer" in records["badcls"].bad_label
+    assert main(["data", "stats", f"wds:{shard}"]) == 0
+    out = capsys.readouterr().out
+    assert "samples: 5" in out and "unreadable labels: 1" in out and "badcls" in out
+    ds = labelled_dataset(f"wds:{shard}", "val", 32)
+    assert len(ds) == 4 and dict(ds.counter.bad) == {"bad_text": 1}

@@ -94,6 +94,7 @@ def run_stats(args: argparse.Namespace) -> int:
         stopped = None
         lengths, widths, heights = [], [], []
         labels: Counter[int] = Counter()
+        unreadable_labels: list[str] = []
         take_image = "image" in source.provides and item.role != "text"
         take_text = "text" in source.provides and item.role != "image"
         for i, (_, record) in enumerate(source.iterate(0, 1, seed=0, epochs=1)):
@@ -121,6 +122,8 @@ def run_stats(args: argparse.Namespace) -> int:
                 lengths.append(len(tok.encode(caption, add_special_tokens=False).ids) if tok else len(caption.split()))
             if record.label is not None:
                 labels[record.label] += 1
+            if record.bad_label:  # usable for pretraining; evaluation leaves it out
+                unreadable_labels.append(record.key)
             counter.good += 1
         print(f"{source.describe()}  (provides {', '.join(sorted(source.provides))})")
         print(f"  samples: {counter.good}   bad: {counter.total_bad} ({counter.bad_fraction:.2%})")
@@ -136,6 +139,8 @@ def run_stats(args: argparse.Namespace) -> int:
             print(f"  shorter side: {_percentiles(np.minimum(widths, heights).tolist())}")
         if labels:
             print(f"  labels: {len(labels)} classes, {min(labels.values())}-{max(labels.values())} per class")
+        if unreadable_labels:
+            print(f"  unreadable labels: {len(unreadable_labels)}   e.g. {', '.join(unreadable_labels[:3])}")
         if stopped is not None:
             print("  stopped: past --max-bad-fraction (the counts above are of the records read so far)")
             raise stopped

@@ -318,6 +318,9 @@ def _from_shards(source: WebDatasetSource, transform, keep_unlabelled: bool = Fa
     unlabelled = 0
     for shard in source.shards:
         for record in iter_tar(shard):
+            if record.bad_label and not keep_unlabelled:
+                bad.append((record.key, "bad_text"))  # an unreadable .cls: counted, not taken as unlabelled
+                continue
             if keep_unlabelled and record.label is None:
                 record.label = -1
             if record.missing:

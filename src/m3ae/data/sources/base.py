@@ -22,6 +22,7 @@ class Record:
     caption: str | bytes | None = None  # bytes are decoded (and checked) in the worker
     label: int | None = None
     missing: str | None = None  # a BadSample reason found while reading (e.g. a truncated tar)
+    bad_label: str | None = None  # why the label could not be read: the record is bad only where labels are used
     meta: dict | None = None  # a WebDataset sample's parsed {key}.json, when it has one
 
 

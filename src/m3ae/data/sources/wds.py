@@ -89,14 +89,14 @@ def group_to_record(key: str, files: dict[str, bytes], shard: str) -> Record:
             meta = None
     if caption is None and isinstance(meta, dict) and isinstance(meta.get("caption"), str):
         caption = meta["caption"]
-    missing = None
+    bad_label = None
     if "cls" in files:
         try:
             label = int(files["cls"].decode("utf-8").strip())
-        except (UnicodeDecodeError, ValueError):
-            missing = "bad_text"
-    return Record(key=f"{os.path.basename(shard)}/{key}", image=image, caption=caption, label=label, missing=missing,
-                  meta=meta if isinstance(meta, dict) else None)
+        except (UnicodeDecodeError, ValueError):  # pretraining does not need it; evaluation counts it
+            bad_label = f".cls {files['cls'][:20]!r} is not an integer"
+    return Record(key=f"{os.path.basename(shard)}/{key}", image=image, caption=caption, label=label,
+                  bad_label=bad_label, meta=meta if isinstance(meta, dict) else None)
 
 
 class _StrictTarInfo(tarfile.TarInfo):
