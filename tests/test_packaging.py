@@ -10,7 +10,7 @@ tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 ROOT = Path(__file__).resolve().parents[1]
 # distribution name -> what the library imports for it
-IMPORTED_AS = {"pillow": "PIL", "scikit-learn": "sklearn", "tensorboard": "torch.utils.tensorboard"}
+IMPORTED_AS = {"pillow": "PIL", "pyyaml": "yaml", "scikit-learn": "sklearn", "tensorboard": "torch.utils.tensorboard"}
 
 
 def _project() -> dict:
