@@ -104,3 +104,17 @@ def test_an_unreadable_label_spoils_the_sample_only_where_labels_are_used(tmp_pa
     assert "samples: 5" in out and "unreadable labels: 1" in out and "badcls" in out
     ds = labelled_dataset(f"wds:{shard}", "val", 32)
     assert len(ds) == 4 and dict(ds.counter.bad) == {"bad_text": 1}
+
+
+def test_stats_and_shard_read_labelled_sets_without_captions(tmp_path, capsys):
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (24, 20), (80 * i, 0, 0)).save(tmp_path / f"g{i}.png")
+    (tmp_path / "lab.csv").write_text("image,label\ng0.png,0\ng1.png,1\ng2.png,1\n")
+    assert main(["data", "stats", str(tmp_path / "lab.csv")]) == 0
+    assert "(provides image, label)" in capsys.readouterr().out
+    assert main(["data", "shard", str(tmp_path / "lab.csv"), "--out", str(tmp_path / "o" / "s-%03d.tar")]) == 0
+    assert "wrote 3 samples" in capsys.readouterr().out
+    assert main(["data", "stats", f"wds:{tmp_path}/o/s-000.tar"]) == 0
+    assert "(provides image, label)" in (out := capsys.readouterr().out) and "labels: 2 classes" in out

@@ -89,7 +89,7 @@ def run_stats(args: argparse.Namespace) -> int:
     from m3ae.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
-    for item, source in build_sources(args.spec):
+    for item, source in build_sources(args.spec, default_role="labelled"):
         counter = _bad_counter(args, max_logged=0)
         stopped = None
         lengths, widths, heights = [], [], []
@@ -161,7 +161,7 @@ def run_shard(args: argparse.Namespace) -> int:
     counter = _bad_counter(args, max_logged=10)
     index = 0
     with ShardWriter(args.out, args.per_shard) as writer:
-        for item, source in build_sources(args.spec):
+        for item, source in build_sources(args.spec, default_role="labelled"):
             take_text = "text" in source.provides and item.role != "image"
             for _, record in source.iterate(0, 1, seed=0, epochs=1):  # in source order
                 if args.limit is not None and index >= args.limit:

@@ -25,8 +25,9 @@ def build_source(item: SourceSpec, default_role: str = "paired", context: RunCon
     return kind.build(item, item.role or default_role, context or RunContext())
 
 
-def build_sources(spec: str, context: RunContext | None = None) -> list[tuple[SourceSpec, Source]]:
-    return [(item, build_source(item, context=context)) for item in parse_spec(spec)]
+def build_sources(spec: str, context: RunContext | None = None, default_role: str = "paired"
+                  ) -> list[tuple[SourceSpec, Source]]:
+    return [(item, build_source(item, default_role, context)) for item in parse_spec(spec)]
 
 
 def spec_tokenizer(spec: str):
