@@ -136,3 +136,19 @@ def test_auroc_and_ood_scores():
     assert abs(same["mahalanobis"] - 0.5) < 0.1
     maha = Mahalanobis.fit(x, y)
     assert maha.score(maha.means.float()).abs().max() < 1e-3
+
+
+def test_probe_and_knn_refuse_features_they_cannot_score():
+    import pytest
+
+    x, y = torch.randn(12, 4), torch.tensor([0, 1, 2] * 4)
+    unlabelled = torch.full((12,), -1)  # what m3ae embed writes for data without labels
+    for score in (lambda *a, **k: fast_probe(*a, **k), lambda *a, **k: knn_accuracy(*a, k=3, **k)):
+        with pytest.raises(ValueError, match="label -1: unlabelled features"):
+            score(x, unlabelled, x, y)
+        with pytest.raises(ValueError, match="validation set has 0 features"):
+            score(x, y, x[:0], y[:0])
+        with pytest.raises(ValueError, match="label 2 is out of range for num_classes=2"):
+            score(x, y, x, y, num_classes=2)
+    with pytest.raises(ValueError, match="l2_grid is empty"):
+        fast_probe(x, y, x, y, l2_grid=[])

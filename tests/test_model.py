@@ -329,3 +329,63 @@ def test_training_forward_is_one_graph_under_torch_compile():
     assert torch.equal(out.loss, ref.loss)
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=0, atol=0, msg=name)
+
+
+def _small(**overrides) -> M3AE:
+    torch.manual_seed(0)
+    return M3AE(M3AEConfig.from_preset("nano", image_size=32, patch_size=8, vocab_size=100, text_length=8,
+                                       **overrides))
+
+
+@pytest.mark.parametrize("overrides, text_len", [({"text_mask_ratio": 0.0}, 8), ({"text_mask_ratio": 0.15}, 3),
+                                                  ({"image_mask_ratio": 0.0}, 8)])
+def test_nothing_hidden_in_a_modality_is_a_zero_loss_there(overrides, text_len):
+    # Was: a reshape error (no text slot hidden) and a NaN image loss (no patch hidden).
+    model = _small(**overrides)
+    image, text = torch.randn(2, 3, 32, 32), torch.randint(0, 100, (2, text_len))
+    out = model(image, text)
+    assert torch.isfinite(out.loss)
+    full = model(image, text, masks=out.masks, full_outputs=True)
+    for name in ("image_loss", "text_loss"):
+        torch.testing.assert_close(getattr(out, name), getattr(full, name))
+    zero = "image_loss" if overrides.get("image_mask_ratio") == 0.0 else "text_loss"
+    assert getattr(out, zero).item() == 0.0
+    out.loss.backward()  # a graph, even where a modality contributes nothing
+
+
+def test_a_stripped_model_encodes_checkpoints_and_refuses_the_rest(tmp_path):
+    model = _small().strip_decoder().set_grad_checkpointing(True)
+    image = torch.randn(2, 3, 32, 32, requires_grad=True)
+    model.train()
+    model.encode(image).sum().backward()
+    assert image.grad is not None
+    with pytest.raises(RuntimeError, match="decoder was stripped"):
+        model(image)
+    with pytest.raises(ValueError, match="decoder was stripped"):
+        model.save_pretrained(tmp_path / "m")  # config.json would promise a decoder the weights lack
+    assert not (tmp_path / "m").exists()
+
+
+def test_pixels_follow_the_weights_dtype():
+    model = _small().eval()
+    image = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model.encode(image)
+        low = model.to(torch.bfloat16).encode(image)  # an fp32 image into a bf16 model
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), ref, atol=0.1, rtol=0.05)
+
+
+def test_other_folders_given_as_an_m3ae_checkpoint_say_what_they_are(tmp_path):
+    from m3ae.eval.finetune import Classifier
+
+    Classifier(_small(), 3).save_pretrained(tmp_path / "clf")
+    with pytest.raises(ConfigError, match=r"is a fine-tuned classifier .*Classifier\.from_pretrained"):
+        M3AE.from_pretrained(tmp_path / "clf")
+    from safetensors.torch import save_file
+
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"architectures": ["ViTModel"], "model_type": "vit"}))
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "hf" / "model.safetensors"))
+    with pytest.raises(ConfigError, match="exported for transformers or timm"):
+        M3AE.from_pretrained(tmp_path / "hf")

@@ -77,3 +77,16 @@ def test_a_grad_scale_already_set_is_left_to_its_owner():
     assert opt.grad_scale.item() == 1.0
     clipped = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
     torch.testing.assert_close(clipped, torch.tensor(1.0), rtol=1e-5, atol=0)
+
+
+def test_param_groups_see_through_compile_and_data_parallel_wrappers():
+    # Was: a torch.compile'd model's parameters are named _orig_mod.*, so its no_weight_decay() names
+    # matched none and every LayerNorm, bias and token was decayed.
+    from m3ae import M3AE, M3AEConfig
+    from m3ae.optim import param_groups
+
+    model = M3AE(M3AEConfig.from_preset("nano", image_size=32, patch_size=8))
+    sizes = [len(g["params"]) for g in param_groups(model, 0.05)]
+    assert sizes[1] > 0
+    for wrapped in (torch.compile(model), nn.DataParallel(model), torch.compile(nn.DataParallel(model))):
+        assert [len(g["params"]) for g in param_groups(wrapped, 0.05)] == sizes

@@ -19,8 +19,8 @@ def patch_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | N
     a position counts (all of them, when None).
     """
     per_patch = (pred.float() - target.float()).square().mean(dim=-1)
-    if weight is None:
-        return per_patch.mean()
+    if weight is None:  # no patch hidden (mask ratio 0): no loss, as the weighted form gives, not NaN
+        return per_patch.mean() if per_patch.numel() else per_patch.sum()
     weight = weight.to(per_patch.dtype)
     per_sample = (per_patch * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1e-5)
     return per_sample.mean()

@@ -96,6 +96,7 @@ class M3AE(nn.Module):
         config.validate()
         check_fits_memory(config)  # before allocating anything
         self.config = c = config
+        self.decoder_stripped = False  # strip_decoder(): encode() only, and not saved as an M3AE
         d, dd = c.emb_dim, c.dec_emb_dim
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.image_embedding = nn.Linear(c.patch_dim, d)
@@ -235,6 +236,8 @@ class M3AE(nn.Module):
         visible tokens, encode) -> forward_decoder -> image_loss, text_loss.
         """
         c = self.config
+        if self.decoder_stripped:
+            raise RuntimeError("this model's decoder was stripped (strip_decoder()): it can only encode()")
         if text is not None and text_padding_mask is None:  # the losses and masks need one
             text_padding_mask = torch.zeros_like(text, dtype=torch.bool)
         inputs = self.prepare(image, text, text_padding_mask)
@@ -264,6 +267,9 @@ class M3AE(nn.Module):
         """Check the inputs and cut the image (B, C, H, W) into patches: the batch every stage takes."""
         self._check_inputs(image, text, text_padding_mask)
         c = self.config
+        weight_dtype = self.image_embedding.weight.dtype
+        if image is not None and image.is_floating_point() and image.dtype != weight_dtype:
+            image = image.to(weight_dtype)  # pixels follow the weights (a model cast to bf16), as in transformers
         first = image if image is not None else text
         assert first is not None  # _check_inputs refused neither
         grid = self.patch_grid(image) if image is not None else (c.grid_size, c.grid_size)
@@ -394,7 +400,7 @@ class M3AE(nn.Module):
             flat = text_target_index(ids, masks.text_keep, padding)
         batch, n_hidden = hidden.shape
         rows = torch.div(flat, n_hidden, rounding_mode="floor")
-        features = self.text_head.features(decoded.reshape(batch * n_hidden, -1)[flat])
+        features = self.text_head.features(decoded.reshape(-1, decoded.shape[-1])[flat])  # n_hidden may be 0
         targets = text.gather(1, hidden).reshape(-1)[flat]
         weight = packed_token_weights(rows, batch, average)
         head = self.text_head.out
@@ -415,6 +421,9 @@ class M3AE(nn.Module):
         """
         from safetensors.torch import save_file
 
+        if self.decoder_stripped:  # config.json would describe parts it lacks: a folder that cannot be loaded
+            raise ValueError("this model's decoder was stripped (strip_decoder()): save it before stripping, "
+                             "or export its encoder (m3ae export) or a Classifier holding it")
         if tokenizer is not None and self.config.has_text:  # a folder that could not be loaded back
             from .data.tokenizer import check_vocab_size
 
@@ -511,13 +520,15 @@ class M3AE(nn.Module):
         for name in _DECODER_PARTS:
             if hasattr(self, name):
                 delattr(self, name)
+        self.decoder_stripped = True
         return self
 
     # -- runtime switches (timm-style): how the model runs, not what it computes ------------------
     def set_grad_checkpointing(self, enable: bool = True) -> "M3AE":
         """Recompute each block's activations in backward (less memory, slower; same values)."""
-        for transformer in (self.encoder, self.decoder):
-            transformer.grad_checkpointing = enable
+        for transformer in (self.encoder, getattr(self, "decoder", None)):  # no decoder once stripped
+            if transformer is not None:
+                transformer.grad_checkpointing = enable
         self.config.grad_checkpointing = enable
         return self
 

@@ -16,6 +16,16 @@ def param_groups(model: nn.Module, weight_decay: float, mode: str = "mae") -> li
     non-matrix tensors."""
     if mode not in DECAY_MODES:
         raise ValueError(f"unknown weight-decay mode {mode!r}; use 'mae' or 'reference'")
+    # The module that names its parameters: a torch.compile result or a DDP / DataParallel wrapper
+    # prefixes every name (_orig_mod., module.), so its rule would match none of them.
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module) and isinstance(model, (nn.parallel.DistributedDataParallel,
+                                                                  nn.DataParallel)):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
     own_rule = getattr(model, "no_weight_decay", None)
     if callable(own_rule):
         skip = own_rule(mode)

@@ -38,6 +38,12 @@ def read_model_config(path: str | os.PathLike, **overrides) -> M3AEConfig:
         raise ConfigError(f"{path} is not valid JSON: {str(err)[:200]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    if data.get("kind") == "m3ae-classifier":
+        raise ConfigError(f"{path.parent} is a fine-tuned classifier (m3ae finetune), not an M3AE checkpoint: "
+                          "load it with m3ae.eval.finetune.Classifier.from_pretrained")
+    if data.get("architectures") or data.get("architecture") or data.get("model_type") in ("vit", "vit_mae"):
+        raise ConfigError(f"{path.parent} is an encoder exported for transformers or timm (m3ae export): load "
+                          "it with that library, or use the M3AE checkpoint it came from")
     try:
         config = M3AEConfig.from_dict({**data, **overrides})
         check_fits_memory(config)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .knn import knn_accuracy, topk_accuracy
+from .knn import check_labelled_features, knn_accuracy, topk_accuracy
 from .results import EvalResult
 from .settings import EvalSettings
 
@@ -38,8 +38,8 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, 
     x = x.double()
     mean, std = stats if stats is not None else _standardiser(x)
     z = (x - mean.double()) / std.double()
-    w = torch.zeros(z.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    w = torch.zeros(z.shape[1], num_classes, dtype=torch.float64, device=z.device, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=torch.float64, device=z.device, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-7,
                             tolerance_change=1e-10, line_search_fn="strong_wolfe")
     y = y.long()
@@ -62,7 +62,7 @@ def fit_ridge(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
     z = (x - mean.double()) / std.double()
     target = F.one_hot(y.long(), num_classes).double()
     t_mean = target.mean(0)
-    gram = z.T @ z + z.shape[0] * l2 * torch.eye(z.shape[1], dtype=torch.float64)
+    gram = z.T @ z + z.shape[0] * l2 * torch.eye(z.shape[1], dtype=torch.float64, device=z.device)
     w = torch.linalg.solve(gram, z.T @ (target - t_mean))
     return LinearModel(w.float(), t_mean.float(), mean.float(), std.float())
 
@@ -74,7 +74,9 @@ def fast_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor
     the best value, report top-1/top-5 (%) on the validation features."""
     if method not in ("logistic", "ridge"):
         raise ValueError(f"method must be 'logistic' or 'ridge', got {method!r}")
-    num_classes = num_classes or int(max(train_y.max(), val_y.max())) + 1
+    num_classes = check_labelled_features(train_x, train_y, val_x, val_y, num_classes)
+    if not list(l2_grid):
+        raise ValueError("l2_grid is empty: give at least one L2 strength")
     fit = ((lambda x, y, l2: fit_logistic(x, y, num_classes, l2, max_iter)) if method == "logistic"
            else (lambda x, y, l2: fit_ridge(x, y, num_classes, l2)))
     grid = list(l2_grid)

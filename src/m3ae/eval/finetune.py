@@ -36,6 +36,9 @@ CLASSIFIER_WEIGHTS = "model.safetensors"
 
 
 class Classifier(nn.Module):
+    """An M3AE encoder + LayerNorm + linear head over pooled tokens. It takes `encoder` over: its
+    decoder is stripped in place (the model passed in can only encode() afterwards)."""
+
     def __init__(self, encoder: M3AE, num_classes: int, pool: str = "cls", head_init_std: float = 2e-5):
         super().__init__()
         self.encoder = encoder.strip_decoder()  # the encoder is all it uses

@@ -23,7 +23,7 @@ def knn_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tenso
         query = F.normalize(test_x[start: start + _QUERY_CHUNK].float(), dim=1)
         sims, idx = (query @ train.T).topk(k, dim=1)
         weights = (sims / temperature).exp()
-        votes = torch.zeros(query.shape[0], num_classes, dtype=weights.dtype)
+        votes = torch.zeros(query.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
         votes.scatter_add_(1, train_y[idx].long(), weights)
         out.append(votes)
     return torch.cat(out) if out else torch.zeros(0, num_classes)
@@ -39,9 +39,24 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict
     return result
 
 
+def check_labelled_features(train_x, train_y, val_x, val_y, num_classes: int | None) -> int:
+    """The class count, after refusing what would fail deep in torch: empty sets, mismatched
+    lengths, labels below 0 (`m3ae embed` writes -1 for unlabelled data) or past `num_classes`."""
+    for name, x, y in (("training", train_x, train_y), ("validation", val_x, val_y)):
+        if len(x) == 0 or len(x) != len(y):
+            raise ValueError(f"the {name} set has {len(x)} features and {len(y)} labels; need as many, at least one")
+        if int(y.min()) < 0:
+            raise ValueError(f"the {name} set has label {int(y.min())}: unlabelled features (m3ae embed writes -1 "
+                             "for data without labels) cannot be scored")
+    largest = int(max(train_y.max(), val_y.max()))
+    if num_classes is not None and largest >= num_classes:
+        raise ValueError(f"label {largest} is out of range for num_classes={num_classes}")
+    return num_classes or largest + 1
+
+
 def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: float = 0.07,
                  num_classes: int | None = None) -> dict[str, float]:
-    num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
+    num_classes = check_labelled_features(train_x, train_y, test_x, test_y, num_classes)
     scores = knn_scores(train_x, train_y, test_x, num_classes, k, temperature)
     return topk_accuracy(scores, test_y)
 
