@@ -82,3 +82,13 @@ def test_static_text_keep_is_fixed_and_only_adds_padding_slots(ratio):
         visible_real = [i for i in masks.text_ids[row, : masks.text_keep].tolist() if not padding[row, i]]
         assert len(visible_real) == n - int(n * ratio + 0.5)  # no hidden token became visible
     assert masks.text_targets.numel() == dynamic.text_targets.numel() == sum(int(n * ratio + 0.5) for n in lengths)
+
+
+def test_make_masks_refuses_ratios_outside_zero_to_one():
+    import pytest
+
+    from m3ae.masking import make_masks
+
+    for ratio in (1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="image_ratio must be in \\[0, 1\\)"):
+            make_masks(2, num_patches=16, text_padding=None, image_ratio=ratio, text_ratio=0.75)

@@ -141,8 +141,11 @@ def test_features_batches_pil_tensors_and_captions(tmp_path):
     ids, padding = loaded.texts(captions)
     with torch.no_grad():
         torch.testing.assert_close(every, model.encode(None, ids, padding))
-    # Float64 / float16 tensors are cast to the model's dtype.
+    # Float64 / float16 tensors are cast to the model's dtype; uint8 arrays are pixels, as PIL's.
     torch.testing.assert_close(loaded.features(images=tensors.double()), one_batch)
+    torch.testing.assert_close(loaded.features(images=[np.asarray(p) for p in photos]), one_batch)
+    with pytest.raises(ValueError, match=r"image 0: an array must be \(H, W\) or \(H, W, C\) uint8"):
+        loaded.features(images=[np.zeros((4, 4, 3))])
 
 
 @pytest.mark.parametrize("call, message", [

@@ -102,6 +102,9 @@ def make_masks(batch: int, *, num_patches: int | None, text_padding: torch.Tenso
     `static_text_keep`: per-sample mode keeps keep_count(L) text slots (not the batch maximum), so
     the encoder length depends on L alone (static shapes for torch.compile); same losses.
     """
+    for name, ratio in (("image_ratio", image_ratio), ("text_ratio", text_ratio)):
+        if not 0.0 <= ratio < 1.0:  # 1.0 would hide everything: nothing left to encode
+            raise ValueError(f"{name} must be in [0, 1), got {ratio}")
     masks = Masks()
     shared = mode == "reference"
     if num_patches is not None:

@@ -43,6 +43,9 @@ class Pretrained:
         checkpoint's preprocessing. A tensor is taken as already preprocessed model input."""
         if isinstance(images, torch.Tensor):
             return _model_input(images.unsqueeze(0) if images.ndim == 3 else images, self.model)
+        import numpy as np
+        from PIL import Image
+
         _require_sequence(images, "images")
         transform = self.preprocessing.transform()
         out = []
@@ -53,6 +56,11 @@ class Pretrained:
             key = os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"image {i}"
             if isinstance(item, os.PathLike):
                 item = os.fspath(item)
+            if isinstance(item, np.ndarray):  # pixels as (H, W[, C]) uint8, as PIL and OpenCV hand them out
+                if item.dtype != np.uint8 or item.ndim not in (2, 3):
+                    raise ValueError(f"image {i}: an array must be (H, W) or (H, W, C) uint8 pixels, got "
+                                     f"{item.dtype} {item.shape}")
+                item = Image.fromarray(item)
             out.append(_decode(transform, item, key))
         return torch.stack(out)
 
