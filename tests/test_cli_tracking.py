@@ -98,6 +98,38 @@ def test_tensorboard_gets_reconstruction_images_and_hparams(tmp_path):
     assert b"model.depth" in hparams["_hparams_/session_start_info"]
 
 
+def test_resuming_an_earlier_checkpoint_sets_later_ones_aside_and_tensorboard_logs_each_step_once(tmp_path):
+    # Was: --resume auto later took up the abandoned step_6 again, and TensorBoard kept the first
+    # attempt's steps 4-6 beside the resumed run's.
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from m3ae.checkpoint import list_checkpoints
+
+    run = [*TINY, "tensorboard=true", "ckpt_every=3", "keep_last=0"]
+    assert main(["pretrain", "--config", "demo", "--out", str(tmp_path), *run, "steps=8", "--stop-at-step", "6"]) == 0
+    earlier = tmp_path / "checkpoints" / "step_00000003"
+    assert main(["pretrain", "--config", "demo", "--out", str(tmp_path), "--resume", str(earlier), *run,
+                 "steps=8"]) == 0
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [3, 6, 8]  # 6 written again by this timeline
+    assert (tmp_path / "checkpoints-abandoned" / "step_00000006").is_dir()
+    ea = EventAccumulator(str(tmp_path / "tensorboard"))
+    ea.Reload()
+    assert [s.step for s in ea.Scalars("loss")] == list(range(1, 9))
+
+
+def test_settings_may_come_in_groups_between_options(tmp_path, capsys):
+    assert main(["pretrain", "--config", "demo", "log_every=2", "--out", str(tmp_path), "batch_size=8",
+                 "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "log_every: 2" in out and "batch_size: 8" in out
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--config", "demo", "--out", str(tmp_path), "--bogus", "3"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    assert main(["pretrain", "--config", "demo", "--out", str(tmp_path), "--stop-at-step", "0", *TINY]) == 2
+    assert "stop_at_step must be >= 1" in capsys.readouterr().err
+
+
 def test_wandb_offline_run_logs_rows_grids_and_settings_and_resumes_the_same_run(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -38,6 +38,9 @@ def test_curves_helpers(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"step": 2, "loss": 1}\n{"step": 1, "loss": 3}\n{"step": 2, "loss": 2}\n')
     rows = read_metrics(tmp_path / "m.jsonl")
     assert [r["loss"] for r in rows] == [3, 2]  # step order, the re-logged step's last row wins
+    # The evaluation monitor's row shares its step with the training row: both kept (was: the loss lost).
+    (tmp_path / "e.jsonl").write_text('{"step": 5, "loss": 2.5}\n{"step": 5, "probe_top1": 40.0}\n')
+    assert read_metrics(tmp_path / "e.jsonl") == [{"step": 5, "loss": 2.5, "probe_top1": 40.0}]
     assert ema([1.0, 1.0, 1.0], 0.9) == pytest.approx([1.0, 1.0, 1.0])
     assert run_labels(["x/run/metrics.jsonl", "y/run/metrics.jsonl"]) == ["x/run", "y/run"]
     assert run_labels(["a/metrics.jsonl", "b/metrics.jsonl"]) == ["a", "b"]

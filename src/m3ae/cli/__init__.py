@@ -75,7 +75,14 @@ def log_to_stderr() -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE settings may come in several groups between options ("--out x steps=7 --resume auto
+    # progress=false"); argparse takes only the first group as the positional list.
+    if extra and isinstance(getattr(args, "overrides", None), list) and all(
+            "=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     with log_to_stderr():
         return _main(args)
 

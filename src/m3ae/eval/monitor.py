@@ -20,11 +20,13 @@ def probe_metrics(model, train_set, val_set, *, pool: str = "cls", batch_size: i
     return {"probe_top1": probe["top1"], "knn_top1": knn["top1"]}
 
 
-def monitor_sets(train_spec: str, val_spec: str, image_size: int, stats="cc12m", limit: int | None = None):
-    """The (train, val) labelled sets for `probe_metrics`, evaluation transforms on both."""
+def monitor_sets(train_spec: str, val_spec: str, image_size: int, stats="cc12m", limit: int | None = None,
+                 square: str = "crop", pad_value: int = 255):
+    """The (train, val) labelled sets for `probe_metrics`, evaluation transforms on both: the run's
+    image rule (normalisation, square padding), as its checkpoints' preprocessing records it."""
     from .labelled import labelled_dataset
 
-    train = labelled_dataset(train_spec, "train", image_size, False, stats, limit=limit)
-    val = labelled_dataset(val_spec, "val", image_size, False, stats, limit=limit)
+    train, val = (labelled_dataset(spec, split, image_size, False, stats, limit=limit, square=square,
+                                   pad_value=pad_value) for spec, split in ((train_spec, "train"), (val_spec, "val")))
     val.number_like(train)  # a class missing from val must not shift its labels
     return train, val

@@ -59,6 +59,8 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
     folder is refused. Runs with `config.threads` torch threads (m3ae.threads) and, on CPU, glibc
     keeping freed memory (`config.host_allocator`, m3ae.host_allocator); both restored after."""
     config.validate()
+    if stop_at_step is not None and stop_at_step < 1:
+        raise ValueError(f"stop_at_step must be >= 1, got {stop_at_step}")
     dist = dist or dist_utils.DistInfo(device=dist_utils.pick_device(config.device))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -72,7 +74,11 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
                 log.info("host allocator: %s", allocator)
             run = _setup(config, out_dir, dist, threads, KeptMemoryLimit(allocator), resume, allow_changes,
                          model_hook, on_log)
-            return run.train(config.steps if stop_at_step is None else min(stop_at_step, config.steps))
+            end = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
+            if end <= run.start_step and dist.is_main and run.start_step < config.steps:
+                log.warning("the run is already at step %d: stopping at step %d trains nothing", run.start_step,
+                            end)
+            return run.train(end)
 
 
 # -- setup: model (+ resume), wrapping and optimizer, data ------------------------------------------
@@ -152,7 +158,7 @@ class _Run:
         self.start_step = resumed.step if resumed is not None else 0
         self.step, self.skipped = self.start_step, resumed.skipped if resumed is not None else 0
         self.stop: StopRequest | None = None  # while train() runs
-        self.trackers = Trackers(config, out_dir, is_main)
+        self.trackers = Trackers(config, out_dir, is_main, start_step=self.start_step)
         self.metrics = MetricsLog(out_dir / METRICS_NAME, is_main, self.trackers)
         self.metrics.truncate_after(self.start_step)
         self.run_yaml = to_yaml(config)
@@ -422,7 +428,8 @@ def _eval_sets(config: TrainConfig):
         return None
     from ..eval.monitor import monitor_sets
     assert config.eval_train and config.eval_val  # TrainConfig.validate requires both with eval_every
-    return monitor_sets(config.eval_train, config.eval_val, config.model.image_size, config.data.normalization)
+    return monitor_sets(config.eval_train, config.eval_val, config.model.image_size, config.data.normalization,
+                        square=config.data.square, pad_value=config.data.pad_value)
 
 
 def _eval_row(step: int, model: M3AE, sets, device, on_log) -> dict[str, Any]:

@@ -74,6 +74,8 @@ def restore(resume: str | None, out_dir: Path, model: M3AE, config: TrainConfig,
         if not path.is_dir():
             raise FileNotFoundError(f"checkpoint to resume from not found: {path}")
         read = _read(path, model)
+        if rank == 0:
+            _set_aside_later_checkpoints(path, out_dir)
     if read.weights is None or read.state is None:
         mine = config.model.to_dict()
         diff = {k: (v, mine.get(k)) for k, v in read.config.to_dict().items() if mine.get(k) != v}
@@ -93,6 +95,30 @@ def restore(resume: str | None, out_dir: Path, model: M3AE, config: TrainConfig,
     if rank == 0:
         log.info("resuming from %s at step %d", path, resumed.step)
     return resumed
+
+
+def _set_aside_later_checkpoints(path: Path, out_dir: Path) -> None:
+    """Resuming this folder's run from an older checkpoint abandons the steps after it: their
+    checkpoints would be taken up again by `--resume auto` (two timelines in one run). They are
+    moved, not deleted, to OUT/checkpoints-abandoned/."""
+    from ..checkpoint import checkpoint_root
+
+    root = checkpoint_root(out_dir)
+    if path.resolve().parent != root.resolve():
+        return
+    step = next((s for s, p in list_checkpoints(out_dir) if p.name == path.name), None)
+    later = [p for s, p in list_checkpoints(out_dir) if step is not None and s > step]
+    if not later:
+        return
+    aside = Path(out_dir) / "checkpoints-abandoned"
+    aside.mkdir(exist_ok=True)
+    for p in later:
+        target = aside / p.name
+        if target.exists():  # abandoned twice at the same step: keep both
+            target = aside / f"{p.name}.{len(list(aside.iterdir()))}"
+        p.rename(target)
+    log.warning("resuming from %s: moved the %d later checkpoint(s) of the steps it abandons to %s",
+                path.name, len(later), aside)
 
 
 def _read(path: Path, model: M3AE) -> _Read:

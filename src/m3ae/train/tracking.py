@@ -37,7 +37,7 @@ def flat_settings(config) -> dict[str, Any]:
 
 
 class Trackers:
-    def __init__(self, config, out_dir: Path, enabled: bool = True):
+    def __init__(self, config, out_dir: Path, enabled: bool = True, start_step: int = 0):
         self.tensorboard = None
         self.wandb = None
         self.settings = flat_settings(config)
@@ -46,7 +46,10 @@ class Trackers:
         if config.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tensorboard = SummaryWriter(str(out_dir / "tensorboard"))
+                # A resumed run drops the events logged after its checkpoint by the run it continues
+                # (killed past it), as metrics.jsonl is cut back: no step appears twice.
+                self.tensorboard = SummaryWriter(str(out_dir / "tensorboard"),
+                                                 purge_step=start_step + 1 if start_step else None)
             except ImportError:
                 log.warning("tensorboard is not installed; pip install 'm3ae[tensorboard]'")
         if config.wandb:

@@ -25,8 +25,11 @@ def read_metrics(path: str | Path) -> list[dict]:
                 raise ValueError(f"{path}:{n} is not valid JSON ({err})") from err
     if not rows:
         raise ValueError(f"{path} holds no metrics rows")
-    # A resumed run may have re-logged steps: the last row for a step wins, in step order.
-    by_step = {r.get("step", i): r for i, r in enumerate(rows)}
+    # Rows of one step merge (the training row and the evaluation monitor's row share a step); a
+    # resumed run may have re-logged a step, whose newer values win. In step order.
+    by_step: dict = {}
+    for i, r in enumerate(rows):
+        by_step.setdefault(r.get("step", i), {}).update(r)
     return [by_step[s] for s in sorted(by_step)]
 
 
