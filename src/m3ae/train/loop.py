@@ -94,7 +94,8 @@ def _setup(config: TrainConfig, out_dir: Path, dist: dist_utils.DistInfo, thread
     model = M3AE(config.model).to(dist.device)
     if dist.rank > 0:
         torch.manual_seed(config.seed + dist.rank)  # then distinct dropout / drop-path streams per rank
-    resumed = restore(resume, out_dir, model, config, rank=dist.rank, allow_changes=allow_changes)
+    resumed = restore(resume, out_dir, model, config, rank=dist.rank, world_size=dist.world_size,
+                      allow_changes=allow_changes)
     run_model, optimizer = _wrap(config, model, dist, model_hook, resumed)
     data = _train_data(config, dist, micro_batch, resumed)
     return _Run(config, out_dir, dist, threads, kept_memory, model, run_model, optimizer, data, resumed, on_log)
@@ -350,7 +351,7 @@ class _Run:
         if self.dist.is_main:
             pending = self.pending
             train_state = {"step": step, "optimizer": optim_full, "rng": rng or rng_state(),
-                           "data": data_state, "skipped_steps": self.skipped,
+                           "data": data_state, "skipped_steps": self.skipped, "world_size": world_size,
                            "pending_metrics": torch.stack(pending).cpu() if pending else None}
             weights = _Weights(self.model, model_state, self.data.tokenizer, self.preprocessing)
             path = save_checkpoint(self.out_dir, step, weights, train_state, self.run_yaml, self.config.keep_last)

@@ -52,7 +52,7 @@ class _Read:
 
 
 def restore(resume: str | None, out_dir: Path, model: M3AE, config: TrainConfig, *, rank: int = 0,
-            allow_changes: bool = False) -> Resumed | None:
+            world_size: int = 1, allow_changes: bool = False) -> Resumed | None:
     """Load the checkpoint `resume` names into `model` and the RNG: None (a fresh run), "auto" (the
     newest intact checkpoint in `out_dir`, None if there is none) or a checkpoint folder. Raises
     ValueError for a checkpoint of another architecture, ConfigError (m3ae.config) for changed
@@ -87,6 +87,11 @@ def restore(resume: str | None, out_dir: Path, model: M3AE, config: TrainConfig,
             if rank == 0:
                 log.warning("changed since the checkpoint: %s", line)
     state = read.state
+    saved_world = state.get("world_size")
+    if rank == 0 and saved_world is not None and int(saved_world) != world_size:
+        log.warning("changed since the checkpoint: processes %d -> %d (not exact: masks and augmentation are "
+                    "drawn per process, so the run continues differently from an uninterrupted one)",
+                    int(saved_world), world_size)
     set_rng_state(state["rng"])
     if rank > 0:  # the saved RNG is rank 0's; keep the other ranks' streams distinct
         torch.manual_seed(config.seed + rank + 1_000_003 * int(state["step"]))
