@@ -324,7 +324,12 @@ class _Run:
         if self.viz is not None and do_viz:
             self.trackers.image("reconstruction", self.viz(whole, step), step)
         if self.eval_sets is not None and do_eval:
-            self.metrics.write(_eval_row(step, whole, self.eval_sets, self.dist.device, self.on_log))
+            row = _eval_row(step, whole, self.eval_sets, self.dist.device, self.on_log)
+            self.metrics.write(row)
+            if self.progress is not None:
+                self.progress.clear()  # the line of its own, not after the bar
+            log.info("step %d: linear probe top-1 %.2f %%, kNN top-1 %.2f %%", step, row["probe_top1"],
+                     row["knn_top1"])
         self.run_model.train()
 
     def whole_model(self) -> M3AE:
