@@ -106,3 +106,13 @@ def test_every_data_command_reads_the_demo(tmp_path, capsys):
     assert main(["data", "stats", str(tmp_path / "s-000.tar")]) == 0
     out = capsys.readouterr().out
     assert "samples: 8   bad: 0" in out and "image width:  min 24" in out
+
+
+def test_a_file_suffix_decides_the_kind_before_a_shard_pattern():
+    # Was: any "{" made it tar shards, so README's 'part-{00000..00031}.parquet' read as broken tars.
+    from m3ae.data.spec import detect_kind
+
+    assert detect_kind("laion/part-{00000..00031}.parquet") == "parquet"
+    assert detect_kind("shards/s-{000..009}.tar") == "wds"
+    assert detect_kind("shards/s-{000..009}.tar.gz") == "wds"
+    assert detect_kind("shards/{000..009}") == "wds"  # a pattern without a suffix is still shards

@@ -64,13 +64,14 @@ def detect_kind(path: str) -> str:
     from .sources.registry import kind_names, unique_kinds
 
     kinds = unique_kinds()
-    for kind in kinds:
-        if kind.claims_path is not None and kind.claims_path(path):
-            return kind.name
+    # A file suffix first: "part-{00000..00031}.parquet" is Parquet files, not tar shards.
     p = path.lower()
     endings = [(len(s), kind.name) for kind in kinds for s in kind.suffixes if p.endswith(s)]
     if endings:
         return max(endings)[1]
+    for kind in kinds:
+        if kind.claims_path is not None and kind.claims_path(path):
+            return kind.name
     if any(ch in path for ch in "*?[") and "://" not in path:
         import glob
 
