@@ -360,3 +360,18 @@ def test_open_files_are_bounded_closed_when_dropped_and_never_cross_processes(mo
     assert plain.get("b", lambda: "reopened") == "opened in the parent"
     monkeypatch.setattr(os, "getpid", lambda: -1)  # as after a fork: inherited handles are not reused
     assert cache.get("c", lambda: Handle("c-forked")).key == "c-forked"
+
+
+def test_a_url_whose_filesystem_package_is_missing_is_one_clear_error(tmp_path, capsys):
+    # Was: a 70-line traceback for a manifest URL, and "undecodable" per sample for image URLs.
+    from m3ae.cli import main
+
+    fsspec = pytest.importorskip("fsspec")
+    fsspec.register_implementation("m3aetest", "m3ae_no_such_module.FileSystem", clobber=True,
+                                   errtxt="Install m3ae-no-such-package to access it")
+    (tmp_path / "urls.csv").write_text("image,caption\nm3aetest://bucket/x.jpg,a thing\n")
+    for spec in ("m3aetest://bucket/m.jsonl", str(tmp_path / "urls.csv")):
+        assert main(["data", "stats", spec]) == 2
+        err = capsys.readouterr().err
+        assert "reading m3aetest:// needs a package fsspec asks for: Install m3ae-no-such-package" in err, err
+        assert "Traceback" not in err

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from .bad import BadSample
-from .sources.base import is_url, open_file
+from .sources.base import MissingBackend, is_url, open_file
 from .normalization import normalize, normalize_uint8
 
 # The default pixel limit: ~ 16k x 11k. Above it we refuse to decode (decompression bombs).
@@ -49,6 +49,8 @@ def read_image_file(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
             data = f.read(max_bytes + 1)
     except FileNotFoundError:
         raise BadSample("missing_image", path) from None
+    except MissingBackend:
+        raise
     except (OSError, ValueError) as err:  # a symlink loop, a NUL byte in the path, no permission
         raise BadSample("missing_image", f"{path!r}: {err}") from None
     if len(data) > max_bytes:
@@ -223,7 +225,7 @@ def as_bad_sample(key: str):
     caller, never the end of a run or a command. The detail keeps the error for bug reports."""
     try:
         yield
-    except BadSample:
+    except (BadSample, MissingBackend):  # a missing URL backend is the run's setup, not this image
         raise
     except Exception as err:
         raise BadSample("undecodable", f"{key}: {type(err).__name__}: {err}") from None

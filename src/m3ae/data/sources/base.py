@@ -70,21 +70,35 @@ def is_url(path: str) -> bool:
     return "://" in path
 
 
+class MissingBackend(ValueError):
+    """A URL whose fsspec filesystem needs a package that is not installed (s3fs, gcsfs, aiohttp):
+    a setup error for the whole run, never one bad sample."""
+
+
+def url_filesystem(path: str):
+    """(fsspec filesystem, path within it) for a URL; MissingBackend naming what to install."""
+    from ...optional import require
+
+    fsspec = require("fsspec", "reading URLs")
+    try:
+        return fsspec.core.url_to_fs(path)
+    except ImportError as err:
+        protocol = path.split("://", 1)[0]
+        raise MissingBackend(f"{path}: reading {protocol}:// needs a package fsspec asks for: {err}") from None
+
+
 def open_file(path: str, mode: str = "rb"):
     """Local files with open(); anything with a protocol (s3://, gs://, https://) through fsspec."""
     if is_url(path):
-        import fsspec
-
-        return fsspec.open(path, mode).open()
+        fs, inner = url_filesystem(path)
+        return fs.open(inner, mode)
     return open(path, mode)
 
 
 def path_exists(path: str) -> bool:
     """os.path.exists for local paths; the filesystem's own check (fsspec) for URLs."""
     if is_url(path):
-        import fsspec
-
-        fs, inner = fsspec.core.url_to_fs(path)
+        fs, inner = url_filesystem(path)
         return fs.exists(inner)
     return os.path.exists(path)
 
