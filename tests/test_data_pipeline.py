@@ -53,6 +53,9 @@ def test_mixture_and_caption_drop(tmp_path):
     assert abs(kinds[(False, True)] / total - 0.2) < 0.03  # 0.25 / 1.25
     pairs, image_only = kinds[(True, True)], kinds[(True, False)]
     assert abs(image_only / (pairs + image_only) - 0.5) < 0.07
+    # paired= promises images and captions: a text corpus named so is refused, not trained text-only.
+    with pytest.raises(ValueError, match="named paired= but provides \\['text'\\]"):
+        build_train_data(cfg(f"paired={corpus}", tmp_path), MODEL, seed=0, micro_batch=4)
 
 
 def test_indexed_resume_is_exact_and_ranks_disjoint(tmp_path):

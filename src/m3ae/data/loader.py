@@ -166,6 +166,9 @@ def source_uses(data: DataConfig, model_config: M3AEConfig, seed: int = 0) -> li
         if not (image or text):
             raise ValueError(f"{source.describe()} gives nothing this model can use "
                              f"(provides {sorted(source.provides)}, role {item.role or 'default'})")
+        if item.role == "paired" and model_config.has_text and not (image and text):
+            raise ValueError(f"{source.describe()} was named paired= but provides {sorted(source.provides)}: "
+                             "pairs need images and captions (use image= or text= for one of them)")
         uses.append(SourceUse(source, item.weight, image, text))
     return uses
 
