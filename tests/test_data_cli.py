@@ -118,3 +118,10 @@ def test_stats_and_shard_read_labelled_sets_without_captions(tmp_path, capsys):
     assert "wrote 3 samples" in capsys.readouterr().out
     assert main(["data", "stats", f"wds:{tmp_path}/o/s-000.tar"]) == 0
     assert "(provides image, label)" in (out := capsys.readouterr().out) and "labels: 2 classes" in out
+
+
+def test_stats_of_a_source_without_one_usable_sample_fails(tmp_path, capsys):
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "m.csv").write_text("image,caption\nbad.jpg,a caption\n")
+    assert main(["data", "stats", str(tmp_path / "m.csv")]) == 1
+    assert "no usable sample among 1" in capsys.readouterr().err

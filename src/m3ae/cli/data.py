@@ -144,6 +144,9 @@ def run_stats(args: argparse.Namespace) -> int:
         if stopped is not None:
             print("  stopped: past --max-bad-fraction (the counts above are of the records read so far)")
             raise stopped
+        if counter.good == 0 and counter.total_bad:  # too few records for the fraction rule to apply
+            raise DataQualityError(f"{source.describe()}: no usable sample among {counter.total_bad}: "
+                                   f"{dict(counter.bad)}")
     return 0
 
 
