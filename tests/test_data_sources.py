@@ -216,3 +216,13 @@ def test_webdataset_shuffle_blocks_are_seeded_complete_and_resumable(tmp_path):
         position = items[cut - 1][0]
         rest = [r.key for _, r in source.iterate(0, 1, seed=0, state=position, epochs=1)]
         assert rest == keys[cut:]
+
+
+@pytest.mark.parametrize("weight", ["-1", "abc", " 2", ""])
+def test_a_bad_weight_is_named_as_a_weight(tmp_path, weight):
+    from m3ae.data.spec import parse_item
+
+    (tmp_path / "m.csv").write_text("image,caption\n")
+    with pytest.raises(ValueError, match="the weight after '@' .* must be a positive number"):
+        parse_item(f"{tmp_path}/m.csv@{weight}")
+    assert parse_item(f"{tmp_path}/m.csv@0.5").weight == 0.5

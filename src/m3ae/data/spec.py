@@ -95,6 +95,9 @@ def parse_item(item: str) -> SourceSpec:
     if m:
         weight = float(m.group(1))
         item = item[: m.start()]
+    elif re.search(r"@\s*[-+.\w]*\s*$", item) and not os.path.exists(item.split("#")[0]):
+        # "x.jsonl@-1", "x.jsonl@abc": meant as a weight, not part of the path
+        raise ValueError(f"the weight after '@' in {item!r} must be a positive number (e.g. @0.5)")
     role = None
     m = re.match(r"(\w+)=", item)
     if m and m.group(1) in ROLES:
