@@ -226,3 +226,9 @@ def test_a_bad_weight_is_named_as_a_weight(tmp_path, weight):
     with pytest.raises(ValueError, match="the weight after '@' .* must be a positive number"):
         parse_item(f"{tmp_path}/m.csv@{weight}")
     assert parse_item(f"{tmp_path}/m.csv@0.5").weight == 0.5
+
+
+def test_a_json_array_file_is_named_as_such(tmp_path):
+    (tmp_path / "arr.json").write_text('[\n {"image": "a.jpg", "caption": "x"}\n]\n')
+    with pytest.raises(ValueError, match="a JSON array; manifests are JSON Lines"):
+        build_source(parse_spec(str(tmp_path / "arr.json"))[0])

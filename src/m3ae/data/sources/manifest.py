@@ -25,6 +25,9 @@ def read_rows(path: str) -> list[dict]:
             rows = []
             for i, line in enumerate(text):
                 if line.strip():
+                    if i == 0 and line.lstrip().startswith("["):  # a .json file holding one array
+                        raise ValueError(f"{path}: a JSON array; manifests are JSON Lines, one object per line "
+                                         "(convert with e.g. jq -c '.[]')")
                     try:
                         row = json.loads(line)
                     except json.JSONDecodeError as err:
