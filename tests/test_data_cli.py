@@ -75,6 +75,9 @@ def test_shard_keeps_source_metadata_counts_empty_captions_and_checks_options(tm
     capsys.readouterr()
     assert main(["data", "shard", str(manifest), "--out", str(tmp_path / "m" / "s-%03d.tar")]) == 0
     assert "wrote 4 samples" in (out := capsys.readouterr().out) and "'empty': 2" in out, out
+    (tmp_path / "corpus.txt").write_text("a caption\nanother one\n")
+    assert main(["data", "shard", f"text={tmp_path / 'corpus.txt'}", "--out", pattern]) == 2
+    assert "has no images" in capsys.readouterr().err
     for option, value in (("--per-shard", "0"), ("--quality", "500"), ("--shorter-side", "-1")):
         assert main(["data", "shard", str(manifest), "--out", pattern, option, value]) == 2
         assert f"{option} must be" in capsys.readouterr().err

@@ -165,6 +165,9 @@ def run_shard(args: argparse.Namespace) -> int:
     index = 0
     with ShardWriter(args.out, args.per_shard) as writer:
         for item, source in build_sources(args.spec, default_role="labelled"):
+            if "image" not in source.provides or item.role == "text":
+                raise ValueError(f"{source.describe()} has no images: shards hold images (with their captions "
+                                 "and labels); a text corpus is read as it is")
             take_text = "text" in source.provides and item.role != "image"
             for _, record in source.iterate(0, 1, seed=0, epochs=1):  # in source order
                 if args.limit is not None and index >= args.limit:
