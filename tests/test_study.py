@@ -179,7 +179,19 @@ def test_a_changed_recipe_is_refused_in_an_existing_folder(study_file):
     out = study_file / "out"
     run_study(study, out, only=["random"])
     study.arms[0].overrides = ["model.depth=2"]
-    with pytest.raises(ValueError, match="different recipe"):
+    with pytest.raises(ValueError, match=r"different recipe or study file \(model.depth: 1 -> 2"):
+        run_study(study, out, only=["random"])
+    # The report does not credit the finished run to the changed arm: its evaluation is stale.
+    from m3ae.study.report import collect
+
+    assert [r["status"] for r in collect(study, out)["runs"] if r["arm"] == "random"] == ["stale"]
+    study.arms[0].overrides = []
+    assert [r["status"] for r in collect(study, out)["runs"] if r["arm"] == "random"] == ["evaluated"]
+    study.evals = {**study.evals, "knn_k": 3}  # other evaluation settings: stale too, until re-evaluated
+    assert [r["status"] for r in collect(study, out)["runs"] if r["arm"] == "random"] == ["stale"]
+    study.evals = load_study(study_file / "study.yaml", str(study_file / "data")).evals
+    study.arms[0].train = True  # was left at its random init: refused, not reported as trained
+    with pytest.raises(ValueError, match="left at its random init, but the study now says train: True"):
         run_study(study, out, only=["random"])
 
 
@@ -195,6 +207,16 @@ def test_bad_study_files_are_clear_errors(study_file):
         parse_study({**base, "overrides": ["data.spec=$DATA/x.tar"]})
     with pytest.raises(ConfigError, match="seeds"):
         parse_study({**base, "arms": [{"name": "a", "overrides": ["seed=3"]}]})
+    for arm, message in (({"name": "a", "train": "false"}, "train must be true or false"),
+                         ({"name": "a", "seeds": 1}, "seeds must be a list of seeds"),
+                         ({"name": "a", "seeds": [0, 0]}, "lists a seed twice"),
+                         ({"name": "a", "overrides": "model.depth=2"}, "overrides must be a list"),
+                         ({"name": ["a"]}, "name must be a non-empty string")):
+        with pytest.raises(ConfigError, match=message):
+            parse_study({**base, "arms": [arm]})
+    (study_file / "typed.yaml").write_text("name: t\nbase: tiny.yaml\nseeds: [a]\narms: [{name: a}]\n")
+    with pytest.raises(ConfigError, match="typed.yaml: seeds must be a list"):
+        load_study(study_file / "typed.yaml")
     with pytest.raises(ConfigError, match="label"):
         EvalSpec.from_dict({"probes": [{"name": "p", "train": "a", "test": "b", "label": "colour"}]})
     with pytest.raises(ConfigError, match="unknown keys"):
@@ -249,6 +271,14 @@ def test_jobs_split_the_runs_between_processes(study_file):
     results = json.loads((out / "results.json").read_text())
     assert {(r["arm"], r["seed"]): r["status"] for r in results["runs"]} == {
         ("random", 0): "evaluated", ("mae", 0): "pending", ("m3ae", 0): "evaluated", ("m3ae", 1): "evaluated"}
+
+
+def test_a_jobs_study_whose_workers_fail_exits_non_zero(study_file, capsys):
+    # Was: "a worker process failed", then exit 0 (a scheduler reads success).
+    assert main(["study", str(study_file / "study.yaml"), "--out", str(study_file / "out"), "--data-root",
+                 str(study_file / "data"), "--jobs", "2", "--arms", "m3e"]) == 1
+    assert "a worker process failed (exit codes [2, 2])" in capsys.readouterr().err
+    assert (study_file / "out" / "tokenizer.json").is_file()  # trained once, by the parent
 
 
 def test_sigterm_to_a_jobs_study_stops_every_worker_after_a_checkpoint(study_file):

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,11 +57,15 @@ def _wait_forwarding_signals(children: list[subprocess.Popen]) -> list[int]:
             signal.signal(sig, handler)
 
 
+def _interrupt(_signum, _frame):
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..study.report import write_report
-    from ..study.runner import StudyStopped, run_study
+    from ..study.runner import StudyStopped, prepare_tokenizer, run_study
     from ..study.spec import load_study
 
     study = load_study(args.study, args.data_root)
@@ -68,27 +73,40 @@ def run(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
     stopped: str | Exception | None = None
+    failed = False
     if not args.report_only:
         if args.jobs > 1:
+            # Once, here: workers each training their own vocabulary would differ (WordPiece ties).
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            prepare_tokenizer(study, Path(args.out))
             threads = args.threads or max(1, len(os.sched_getaffinity(0)) // args.jobs)
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
             children = [subprocess.Popen(_child_command(args, threads), env=env) for _ in range(args.jobs)]
             codes = _wait_forwarding_signals(children)
-            if 130 in codes:
-                stopped = "a worker was stopped by a signal after a checkpoint"
-            elif any(codes):
+            signalled = {130, 128 + signal.SIGTERM, -signal.SIGTERM, -signal.SIGINT}
+            if any(c and c not in signalled for c in codes):
+                failed = True
                 print(f"m3ae study: a worker process failed (exit codes {codes}); the report shows what is done",
                       file=sys.stderr)
+            elif any(codes):
+                stopped = "a worker was stopped by a signal"
         else:
             if args.threads:  # pretrain's thread policy takes OMP_NUM_THREADS as an explicit choice
                 os.environ["OMP_NUM_THREADS"] = str(args.threads)
                 torch.set_num_threads(args.threads)
+            # SIGTERM outside pretraining (which checkpoints on it itself), e.g. while evaluating:
+            # stop like Ctrl-C (exit 130, the run redone next time), not die with 143.
+            previous = signal.signal(signal.SIGTERM, _interrupt)
             try:
                 run_study(study, args.out, only=only)
             except StudyStopped as err:
                 stopped = err
+            except KeyboardInterrupt:
+                stopped = "interrupted by a signal"
+            finally:
+                signal.signal(signal.SIGTERM, previous)
     if getattr(args, "no_report", False):
-        return 130 if stopped else 0
+        return 130 if stopped else 1 if failed else 0
     results = write_report(study, args.out)
     if args.pictures:
         from ..study.pictures import draw_pictures
@@ -102,4 +120,4 @@ def run(args: argparse.Namespace) -> int:
         return 130
     if pending:
         print(f"not finished: {', '.join(pending)}", file=sys.stderr)
-    return 0
+    return 1 if failed else 0

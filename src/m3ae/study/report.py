@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .runner import DONE, EVAL, read_json, run_dir, write_json
+from .runner import DONE, EVAL, expected_fingerprint, read_json, run_dir, write_json
 from .spec import StudySpec
 
 WORDS = ("true_image", "mismatched_image", "no_image")
@@ -78,7 +78,13 @@ def collect(study: StudySpec, out: Path) -> dict[str, Any]:
         for seed in (arm.seeds if arm.seeds is not None else study.seeds):
             directory = run_dir(out, arm, seed)
             done, result = read_json(directory / DONE), read_json(directory / EVAL)
-            status = "evaluated" if result else ("trained" if done else "pending")
+            # An evaluation of other settings (the evals or the arm's recipe changed since) is stale:
+            # shown as such, never averaged with current ones.
+            stale = bool(result and done and result.get("fingerprint") != expected_fingerprint(
+                study, arm, seed, out, done))
+            if stale or (done and done.get("trained", arm.train) != arm.train):
+                result, stale = None, True
+            status = "evaluated" if result else ("stale" if stale else "trained" if done else "pending")
             row: dict[str, Any] = {"arm": arm.name, "seed": seed, "status": status}
             if done:
                 row.update(train_seconds=done.get("train_seconds"), steps=done.get("steps"),

@@ -24,7 +24,7 @@ import torch
 from ..checkpoint import RUN_CONFIG_NAME
 from ..files import atomic_write
 from ..model import M3AE
-from ..train.config import TrainConfig, load_config, to_yaml
+from ..train.config import TrainConfig, from_yaml, load_config, setting_changes, to_yaml
 from .evaluate import (EvalSpec, FeatureCache, ImageCache, load_captioned, load_probe_sets, masked_word_accuracy,
                        run_probe)
 from .spec import ArmSpec, StudySpec
@@ -105,11 +105,25 @@ def prepare_tokenizer(study: StudySpec, out: Path) -> str | None:
 
 
 def arm_config(study: StudySpec, arm: ArmSpec, seed: int, tokenizer: str | None) -> TrainConfig:
+    """The run's settings, as its run_config.yaml records them (no progress bar in a study)."""
     overrides = list(study.overrides)
     if tokenizer:
         overrides.append(f"data.tokenizer={tokenizer}")
     overrides += list(arm.overrides) + [f"seed={seed}"]
-    return load_config(study.recipe(arm), overrides)
+    config = load_config(study.recipe(arm), overrides)
+    config.progress = False
+    return config
+
+
+def study_tokenizer(study: StudySpec, out: Path) -> str | None:
+    """OUT/tokenizer.json where the study names a tokenizer (prepare_tokenizer makes it), else None."""
+    return str(out / "tokenizer.json") if (study.tokenizer.path or study.tokenizer.train_from) else None
+
+
+def expected_fingerprint(study: StudySpec, arm: ArmSpec, seed: int, out: Path, done: dict) -> str:
+    """The fingerprint a current evaluation of this finished run carries (report: stale or not)."""
+    config = arm_config(study, arm, seed, study_tokenizer(study, out))
+    return eval_fingerprint(EvalSpec.from_dict(study.evals), config, done["checkpoint"])
 
 
 def eval_fingerprint(spec: EvalSpec, config: TrainConfig, checkpoint: str) -> str:
@@ -196,12 +210,17 @@ def run_one(study: StudySpec, arm: ArmSpec, seed: int, out: Path, tokenizer: str
                 return "done"
             log.info("%s seed %d: another process is on it; skipping", arm.name, seed)
             return "busy"
-        config.progress = False
         saved = directory / RUN_CONFIG_NAME
         if saved.is_file() and saved.read_text() != to_yaml(config):
-            raise ValueError(f"{directory} was made by a different recipe or study file; use another --out, "
-                               "or delete that folder to redo the run")
+            changed = setting_changes(from_yaml(saved.read_text()), config)
+            raise ValueError(f"{directory} was made by a different recipe or study file ("
+                             + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:8])
+                             + "); use another --out, or delete that folder to redo the run")
         done = read_json(directory / DONE)
+        if done is not None and done.get("trained", arm.train) != arm.train:
+            raise ValueError(f"{directory} was {'pretrained' if done.get('trained') else 'left at its random init'}"
+                             f", but the study now says train: {arm.train}; use another --out, or delete that "
+                             "folder to redo the run")
         if done is None:
             if arm.train:
                 from ..train.loop import pretrain
@@ -217,7 +236,7 @@ def run_one(study: StudySpec, arm: ArmSpec, seed: int, out: Path, tokenizer: str
                 model.save_pretrained(directory / INIT)
                 saved.write_text(to_yaml(config))
                 checkpoint = str((directory / INIT).relative_to(out))
-            done = {"checkpoint": checkpoint, "steps": config.steps if arm.train else 0,
+            done = {"checkpoint": checkpoint, "steps": config.steps if arm.train else 0, "trained": arm.train,
                     "train_seconds": train_seconds(directory / "metrics.jsonl", config.batch_size)}
             write_json(directory / DONE, done)
         fingerprint = eval_fingerprint(evaluator.spec, config, done["checkpoint"])

@@ -84,6 +84,28 @@ def _substitute(value: Any, data_root: str | None) -> Any:
     return value
 
 
+def _strings(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where} must be a list of KEY=VALUE strings, got {value!r}")
+    return value
+
+
+def _seeds(value: Any, where: str) -> list[int]:
+    if not isinstance(value, list) or not value or not all(type(v) is int and v >= 0 for v in value):
+        raise ConfigError(f"{where} must be a list of seeds (integers >= 0), got {value!r}")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{where} lists a seed twice: {value}")
+    return value
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where} must be a non-empty string, got {value!r}")
+    return value
+
+
 def parse_study(raw: dict[Any, Any], data_root: str | None = None, path: Path | None = None) -> StudySpec:
     raw = _substitute(raw, data_root)
     unknown = sorted(set(raw) - {"name", "base", "arms", "overrides", "seeds", "tokenizer", "evals"})
@@ -99,9 +121,14 @@ def parse_study(raw: dict[Any, Any], data_root: str | None = None, path: Path | 
         extra = sorted(set(item) - {"name", "base", "overrides", "seeds", "train"})
         if extra:
             raise ConfigError(f"arm {item['name']!r}: unknown keys {extra}")
-        arm = ArmSpec(str(item["name"]), item.get("base"), [str(o) for o in item.get("overrides") or []],
-                      None if item.get("seeds") is None else [int(s) for s in item["seeds"]],
-                      bool(item.get("train", True)))
+        where = f"arm {item['name']!r}"
+        train = item.get("train", True)
+        if not isinstance(train, bool):  # "false" as a string would be true
+            raise ConfigError(f"{where}: train must be true or false, got {train!r}")
+        arm = ArmSpec(_text(item["name"], f"{where}: name"),
+                      None if item.get("base") is None else _text(item["base"], f"{where}: base"),
+                      _strings(item.get("overrides"), f"{where}: overrides"),
+                      None if item.get("seeds") is None else _seeds(item["seeds"], f"{where}: seeds"), train)
         if not _NAME.match(arm.name):
             raise ConfigError(f"arm name {arm.name!r}: letters, digits and _ . + - only (it names a folder)")
         arms.append(arm)
@@ -114,9 +141,11 @@ def parse_study(raw: dict[Any, Any], data_root: str | None = None, path: Path | 
     extra = sorted(set(tok) - {"train_from", "vocab_size", "min_frequency", "path"})
     if extra:
         raise ConfigError(f"tokenizer: unknown keys {extra}")
-    study = StudySpec(name=str(raw["name"]), base=str(raw["base"]), arms=arms,
-                      overrides=[str(o) for o in raw.get("overrides") or []],
-                      seeds=[int(s) for s in raw.get("seeds") or [0]], tokenizer=TokenizerSpec(**tok),
+    if not isinstance(raw.get("evals") or {}, dict):
+        raise ConfigError(f"evals must be a mapping, got {raw['evals']!r}")
+    study = StudySpec(name=_text(raw["name"], "name"), base=_text(raw["base"], "base"), arms=arms,
+                      overrides=_strings(raw.get("overrides"), "overrides"),
+                      seeds=_seeds(raw.get("seeds", [0]), "seeds"), tokenizer=TokenizerSpec(**tok),
                       evals=dict(raw.get("evals") or {}), path=path)
     for arm, _seed in study.runs():
         if any(o.split("=", 1)[0] == "seed" for o in arm.overrides):
@@ -131,4 +160,7 @@ def load_study(path: str | Path, data_root: str | None = None) -> StudySpec:
     raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a study file is a YAML mapping")
-    return parse_study(raw, data_root, path)
+    try:
+        return parse_study(raw, data_root, path)
+    except ConfigError as err:  # name the file: a study file is the user's own
+        raise ConfigError(f"{path}: {err}") from None
