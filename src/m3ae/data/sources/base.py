@@ -79,7 +79,9 @@ def url_filesystem(path: str):
     """(fsspec filesystem, path within it) for a URL; MissingBackend naming what to install."""
     from ...optional import require
 
-    fsspec = require("fsspec", "reading URLs")
+    require("fsspec", "reading URLs")  # missing: an error naming the extra that brings it
+    import fsspec
+
     try:
         return fsspec.core.url_to_fs(path)
     except ImportError as err:
