@@ -20,6 +20,26 @@ def test_written_files_get_the_umasks_mode(tmp_path, umask, mode):
     assert stat.S_IMODE((tmp_path / "plain.json").stat().st_mode) == mode
 
 
+def test_a_writer_that_replaces_the_file_still_leaves_the_umasks_mode(tmp_path):
+    # safetensors' save_file writes its file anew, as 0600: the checkpoint must still be 0644.
+    import torch
+    from safetensors.torch import save_file
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "model.safetensors", lambda p: save_file({"w": torch.zeros(2)}, str(p)))
+
+        def replace(p):
+            os.unlink(p)
+            os.close(os.open(p, os.O_WRONLY | os.O_CREAT, 0o600))
+
+        atomic_write(tmp_path / "other.bin", replace)
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "other.bin"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
     target = tmp_path / "state.json"
     atomic_write(target, lambda p: open(p, "w").write("old"))

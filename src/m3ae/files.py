@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -14,8 +15,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     failure the temp file is removed."""
     path = Path(path)
     tmp = _new_temp_file(path)
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)  # what open() gave it: 0666 less the umask
     try:
         write(tmp)
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:  # a writer that replaced the file (safetensors: 0600)
+            os.chmod(tmp, mode)
         fsync_file(tmp)  # the data on disk before the name: a power cut never leaves an empty file
         os.replace(tmp, path)
     except BaseException:
