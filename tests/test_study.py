@@ -262,6 +262,14 @@ def test_a_shipped_tokenizer_is_copied_into_the_study(study_file):
     study.tokenizer.path = "missing.json"
     with pytest.raises(FileNotFoundError, match="missing.json"):
         run_study(study, study_file / "other", only=["random"])
+    with pytest.raises(FileNotFoundError, match="missing.json"):  # also where a copy exists (was: ignored)
+        run_study(study, out, only=["random"])
+    from m3ae.data.tokenizer import train_wordpiece
+
+    train_wordpiece(["a different vocabulary"] * 5, vocab_size=40, min_frequency=1).save(str(study_file / "b.json"))
+    study.tokenizer.path = "b.json"
+    with pytest.raises(ValueError, match="is not the vocabulary .* this folder's runs used"):
+        run_study(study, out, only=["random"])
 
 
 def test_jobs_split_the_runs_between_processes(study_file):

@@ -81,16 +81,22 @@ def prepare_tokenizer(study: StudySpec, out: Path) -> str | None:
     if not (tok.path or tok.train_from):
         return None
     path = out / "tokenizer.json"
-    if path.is_file():
-        return str(path)
     if tok.path:
+        from ..data.tokenizer import load_tokenizer
+
         source = Path(tok.path)
         if not source.is_absolute() and study.path is not None and (study.path.parent / source).is_file():
             source = study.path.parent / source
         if not source.is_file():
             raise FileNotFoundError(f"study tokenizer not found: {tok.path}")
-        from ..data.tokenizer import load_tokenizer
         tokenizer = load_tokenizer(str(source))  # checks that it loads
+        if path.is_file():  # this folder's runs used that copy: the study must still name the same vocabulary
+            if load_tokenizer(str(path)).get_vocab() != tokenizer.get_vocab():
+                raise ValueError(f"{source} is not the vocabulary {path} holds, which this folder's runs used; "
+                                 "use another --out, or delete that folder to redo the runs")
+            return str(path)
+    elif path.is_file():
+        return str(path)
     else:
         from ..data.sources import build_source
         from ..data.spec import parse_item
