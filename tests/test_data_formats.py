@@ -375,3 +375,18 @@ def test_a_url_whose_filesystem_package_is_missing_is_one_clear_error(tmp_path, 
         err = capsys.readouterr().err
         assert "reading m3aetest:// needs a package fsspec asks for: Install m3ae-no-such-package" in err, err
         assert "Traceback" not in err
+
+
+def test_a_parquet_label_column_of_strings_is_said_not_silently_dropped(tmp_path, caplog):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from data_files import jpeg_bytes
+    from m3ae.data.sources import build_source
+    from m3ae.data.spec import parse_item
+
+    pq.write_table(pa.table({"jpg": [jpeg_bytes(seed=0)], "caption": ["a cat"], "label": ["cat"]}),
+                   tmp_path / "s.parquet")
+    source = build_source(parse_item(str(tmp_path / "s.parquet")))
+    assert "label" not in source.provides
+    assert "column 'label' holds string, not integer labels" in caplog.text

@@ -129,7 +129,11 @@ class TableSource(Source):
         if self.label_col is not None and not pa.types.is_integer(schema.field(self.label_col).type):
             if label is not None:
                 raise ValueError(f"{where}: label column {label!r} is {schema.field(label).type}, not integers")
-            self.label_col = None  # a column merely called "class" or "target" that holds something else
+            # A column merely called "class" or "target" that holds something else: not taken as labels,
+            # and said, since class names in it would otherwise vanish without a word.
+            log.warning("%s: column %r holds %s, not integer labels: read without labels (name an integer "
+                        "column with #label=)", where, self.label_col, schema.field(self.label_col).type)
+            self.label_col = None
         self.columns = [c for c in (self.image_col, self.caption_col, self.label_col) if c is not None]
         self.provides = frozenset({n for n, c in (("image", self.image_col), ("text", self.caption_col),
                                                   ("label", self.label_col)) if c is not None})
