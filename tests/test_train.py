@@ -155,6 +155,15 @@ def test_a_fresh_run_refuses_a_folder_with_an_earlier_runs_checkpoints(tmp_path)
     assert [p.name for _, p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000004"]
 
 
+def test_a_refused_resume_from_an_earlier_checkpoint_moves_nothing(tmp_path):
+    pretrain(tiny_config("steps=6", "ckpt_every=2", "keep_last=0"), tmp_path)
+    with pytest.raises(ValueError, match="another configuration"):
+        pretrain(tiny_config("steps=6", "model.depth=3"), tmp_path,
+                 resume=str(tmp_path / "checkpoints" / "step_00000002"))
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 4, 6]
+    assert not (tmp_path / "checkpoints-abandoned").exists()
+
+
 def test_resume_refuses_another_architecture_given_by_path(tmp_path):
     """Named checkpoint folder: the refusal names the differing field, before anything is loaded."""
     pretrain(tiny_config("steps=2"), tmp_path)

@@ -74,8 +74,6 @@ def restore(resume: str | None, out_dir: Path, model: M3AE, config: TrainConfig,
         if not path.is_dir():
             raise FileNotFoundError(f"checkpoint to resume from not found: {path}")
         read = _read(path, model)
-        if rank == 0:
-            _set_aside_later_checkpoints(path, out_dir)
     if read.weights is None or read.state is None:
         mine = config.model.to_dict()
         diff = {k: (v, mine.get(k)) for k, v in read.config.to_dict().items() if mine.get(k) != v}
@@ -86,6 +84,8 @@ def restore(resume: str | None, out_dir: Path, model: M3AE, config: TrainConfig,
         for line in check_resume_changes(saved_yaml.read_text(), config, allow_changes, str(path)):
             if rank == 0:
                 log.warning("changed since the checkpoint: %s", line)
+    if rank == 0 and resume != "auto":  # only once the checkpoint is accepted: a refusal moves nothing
+        _set_aside_later_checkpoints(path, out_dir)
     state = read.state
     saved_world = state.get("world_size")
     if rank == 0 and saved_world is not None and int(saved_world) != world_size:
