@@ -42,7 +42,7 @@ class Pretrained:
         """A normalised (B, 3, S, S) batch from PIL images, file paths or encoded bytes, with the
         checkpoint's preprocessing. A tensor is taken as already preprocessed model input."""
         if isinstance(images, torch.Tensor):
-            return _model_input(images.unsqueeze(0) if images.ndim == 3 else images, self.model)
+            return _model_input(images.unsqueeze(0) if images.ndim == 3 else images)
         import numpy as np
         from PIL import Image
 
@@ -51,7 +51,7 @@ class Pretrained:
         out = []
         for i, item in enumerate(images):
             if isinstance(item, torch.Tensor):
-                out.append(_model_input(item, self.model))
+                out.append(_model_input(item))
                 continue
             key = os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"image {i}"
             if isinstance(item, os.PathLike):
@@ -146,12 +146,13 @@ def _require_sequence(items: Any, what: str) -> None:
                             else ""))
 
 
-def _model_input(pixels: torch.Tensor, model: M3AE) -> torch.Tensor:
-    """A tensor taken as preprocessed model input: floating point (normalised), as the model's dtype."""
+def _model_input(pixels: torch.Tensor) -> torch.Tensor:
+    """A tensor taken as preprocessed model input: floating point (normalised). The model casts it to
+    its weights' dtype (M3AE.prepare)."""
     if not pixels.is_floating_point():
         raise ValueError(f"an image tensor is taken as normalised model input and must be floating point, got "
                          f"{pixels.dtype}; pass PIL images, paths or bytes to get the checkpoint's preprocessing")
-    return pixels.to(next(model.parameters()).dtype)
+    return pixels
 
 
 def _decode(transform, item, key: str) -> torch.Tensor:

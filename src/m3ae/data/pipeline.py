@@ -263,6 +263,13 @@ class StreamDataset(torch.utils.data.IterableDataset):
         alive = [True] * len(iters)
         counter = BadCounter()
         share = None if self.bad_limit is None else BadCounter(*self.bad_limit)  # never reset
+
+        def skip(reason: str, key: str, detail: str = "") -> None:
+            counter.record_bad(reason, key, detail)  # reported with the next batch
+            if share is not None:
+                share.record_bad(reason, key, log_it=False)
+                share.check()
+
         step = self.start + w
         while True:
             samples: list[dict[str, Any]] = []
@@ -281,22 +288,16 @@ class StreamDataset(torch.utils.data.IterableDataset):
                 try:
                     samples.append(self.maker.prepare(record, self.uses[s], rng))
                 except BadSample as err:
-                    counter.record_bad(err.reason, record.key, err.detail)
-                    if share is not None:
-                        share.record_bad(err.reason, record.key, log_it=False)
-                        share.check()
+                    skip(err.reason, record.key, err.detail)
             if not samples:
                 return
             self.maker.tokenize(samples)
             for x in samples:
                 if not usable(x):
-                    counter.record_bad("empty", x["key"], "no tokens")
-                    if share is not None:
-                        share.record_bad("empty", x["key"], log_it=False)
+                    skip("empty", x["key"], "no tokens")
             samples = [x for x in samples if usable(x)]
             if share is not None:
                 share.good += len(samples)
-                share.check()
             if not samples:
                 continue
             counter.good += len(samples)

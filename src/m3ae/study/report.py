@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .runner import DONE, EVAL, expected_fingerprint, read_json, run_dir, write_json
+from .runner import DONE, EVAL, expected_fingerprint, read_json, run_dir, train_flag_changed, write_json
 from .spec import StudySpec
 
 WORDS = ("true_image", "mismatched_image", "no_image")
@@ -82,7 +82,7 @@ def collect(study: StudySpec, out: Path) -> dict[str, Any]:
             # shown as such, never averaged with current ones.
             stale = bool(result and done and result.get("fingerprint") != expected_fingerprint(
                 study, arm, seed, out, done))
-            if stale or (done and done.get("trained", arm.train) != arm.train):
+            if stale or (done and train_flag_changed(done, arm)):
                 result, stale = None, True
             status = "evaluated" if result else ("stale" if stale else "trained" if done else "pending")
             row: dict[str, Any] = {"arm": arm.name, "seed": seed, "status": status}

@@ -78,9 +78,10 @@ def prepare_tokenizer(study: StudySpec, out: Path) -> str | None:
     randomly seeded hash map, so two trainings on the same texts differ: a study that must be
     reproducible from a clean clone ships its vocabulary (`path`)."""
     tok = study.tokenizer
-    if not (tok.path or tok.train_from):
+    named = study_tokenizer(study, out)
+    if named is None:
         return None
-    path = out / "tokenizer.json"
+    path = Path(named)
     if tok.path:
         from ..data.tokenizer import load_tokenizer
 
@@ -124,6 +125,11 @@ def arm_config(study: StudySpec, arm: ArmSpec, seed: int, tokenizer: str | None)
 def study_tokenizer(study: StudySpec, out: Path) -> str | None:
     """OUT/tokenizer.json where the study names a tokenizer (prepare_tokenizer makes it), else None."""
     return str(out / "tokenizer.json") if (study.tokenizer.path or study.tokenizer.train_from) else None
+
+
+def train_flag_changed(done: dict, arm: ArmSpec) -> bool:
+    """The run was pretrained (or left at init) where the study now says otherwise."""
+    return done.get("trained", arm.train) != arm.train
 
 
 def expected_fingerprint(study: StudySpec, arm: ArmSpec, seed: int, out: Path, done: dict) -> str:
@@ -223,7 +229,7 @@ def run_one(study: StudySpec, arm: ArmSpec, seed: int, out: Path, tokenizer: str
                              + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:8])
                              + "); use another --out, or delete that folder to redo the run")
         done = read_json(directory / DONE)
-        if done is not None and done.get("trained", arm.train) != arm.train:
+        if done is not None and train_flag_changed(done, arm):
             raise ValueError(f"{directory} was {'pretrained' if done.get('trained') else 'left at its random init'}"
                              f", but the study now says train: {arm.train}; use another --out, or delete that "
                              "folder to redo the run")
