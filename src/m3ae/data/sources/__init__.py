@@ -2,7 +2,7 @@
 A source kind is its module, with a `KINDS` tuple, named in `registry.MODULES`."""
 from __future__ import annotations
 
-from ..spec import SourceSpec, parse_spec
+from ..spec import ESCAPE_HINT, SourceSpec, parse_spec
 from .base import IndexedSource, Record, Source
 from .folder import ImageFolder
 from .hdf5 import HDF5Source, HDF5Table
@@ -21,8 +21,15 @@ def build_source(item: SourceSpec, default_role: str = "paired", context: RunCon
     unknown = set(item.options) - kind.options - ({"column"} if item.role == "text" else set())
     if unknown:
         raise ValueError(f"{item.kind}:{item.path}: unknown option(s) {sorted(unknown)} "
-                         f"(known: {sorted(kind.options)})")
-    return kind.build(item, item.role or default_role, context or RunContext())
+                         f"(known: {sorted(kind.options)})"
+                         # a bare "#VALUE" is often the rest of a path cut at its own "#"
+                         + (f"; {ESCAPE_HINT}" if "column" in unknown else ""))
+    try:
+        return kind.build(item, item.role or default_role, context or RunContext())
+    except FileNotFoundError as err:
+        if item.cut and ESCAPE_HINT not in str(err):
+            raise FileNotFoundError(f"{err}; {ESCAPE_HINT}") from None
+        raise
 
 
 def build_sources(spec: str, context: RunContext | None = None, default_role: str = "paired"
