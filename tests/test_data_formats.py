@@ -314,6 +314,46 @@ def test_img2dataset_files_folder_is_unlabelled_captioned_images(tmp_path, capsy
     pretrain_and_resume(tmp_path, str(folder))
 
 
+def write_img2dataset_files(folder, captions: str) -> None:
+    """img2dataset's `files` output, 2 shards of 3: captions in .txt + .json ("both"), in the .json
+    only ("json"), or nowhere ("none")."""
+    for s in range(2):
+        shard = folder / f"{s:05d}"
+        shard.mkdir(parents=True)
+        for i in range(s * 3, s * 3 + 3):
+            (shard / f"{s:05d}{i:04d}.jpg").write_bytes(jpeg_bytes(seed=i))
+            if captions == "both":
+                (shard / f"{s:05d}{i:04d}.txt").write_text(caption(i))
+            meta = {"url": f"https://x/{i}.jpg", **({"caption": caption(i)} if captions != "none" else {})}
+            (shard / f"{s:05d}{i:04d}.json").write_text(json.dumps(meta))
+        (folder / f"{s:05d}_stats.json").write_text(json.dumps({"count": 3}))
+
+
+def test_img2dataset_files_captions_only_in_the_json_are_read(tmp_path, capsys):
+    folder = tmp_path / "i2d_json"
+    write_img2dataset_files(folder, "json")
+    (folder / "00001" / "000010005.json").write_text('{"caption": "cut sho')  # a torn .json: no caption
+    (folder / "00001" / "000010004.json").unlink()
+    (folder / "00001" / "000010004.json").mkdir()  # not a file: no caption either, and no crash
+    src = build_source(parse_item(str(folder)))
+    assert src.provides == {"image", "text"} and len(src) == 6
+    assert [src.record(i).caption for i in range(6)] == [caption(i) for i in range(4)] + [None, None]
+    assert main(["data", "stats", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "samples: 4" in out and "missing_caption: 2" in out and "00001/000010005.jpg" in out  # counted
+
+
+def test_img2dataset_files_without_any_caption_is_said(tmp_path, caplog):
+    folder = tmp_path / "i2d_none"
+    write_img2dataset_files(folder, "none")
+    src = build_source(parse_item(str(folder)))
+    assert src.provides == {"image"}
+    assert f"folder:{folder}: img2dataset output without captions" in caplog.text
+    caplog.clear()
+    build_source(parse_item(f"image={folder}"))  # images asked for: nothing to say
+    assert "without captions" not in caplog.text
+
+
 def test_remote_parquet_with_image_urls_through_fsspec(tmp_path, capsys):
     """A Parquet file and the images its URL column names, in an fsspec in-memory 'bucket' (the
     s3:// / gs:// / https:// code path without a network)."""

@@ -1,15 +1,42 @@
 """Image folders: DIR/*.jpg (unlabelled) or DIR/<class>/*.jpg (class index = sorted folder order).
-A caption may sit beside an image as the same name with .txt (img2dataset's folder layout).
-img2dataset's `files` output (DIR/00000/*.jpg + .txt, DIR/00000_stats.json) is unlabelled: its
-sub-folders are shards, not classes."""
+A caption may sit beside an image as the same name with .txt (img2dataset's folder layout), or,
+without a .txt, as the "caption" of the same name with .json (img2dataset writes both; some
+pipelines keep only the .json). img2dataset's `files` output (DIR/00000/*.jpg + .txt/.json,
+DIR/00000_stats.json) is unlabelled: its sub-folders are shards, not classes."""
 from __future__ import annotations
 
+import json
+import logging
 import os
 
 from .base import IndexedSource, Record, require_path
 from .registry import SourceKind
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+PEEK_IMAGES = 16  # images whose caption files are looked for: one without a caption must not decide for all
+
+log = logging.getLogger("m3ae.data")
+
+
+def read_caption(image: str) -> str | bytes | None:
+    """The caption beside an image: its .txt (bytes, decoded and checked in the worker), else the
+    "caption" string of its .json, else None (a counted `missing_caption` where pairs are read). A
+    .json that cannot be parsed, or is not a file, is no caption, as in tar shards (wds.py)."""
+    stem = os.path.splitext(image)[0]
+    try:
+        with open(stem + ".txt", "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        pass
+    except OSError:  # a directory or unreadable file named like a caption: this sample's skip, not the run's end
+        return None
+    try:
+        with open(stem + ".json", "rb") as f:
+            meta = json.loads(f.read().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):  # ValueError: JSONDecodeError, also nested too deep
+        return None
+    caption = meta.get("caption") if isinstance(meta, dict) else None
+    return caption if isinstance(caption, str) else None
 
 
 def is_img2dataset_files(path: str, entries: list[str]) -> bool:
@@ -45,8 +72,12 @@ class ImageFolder(IndexedSource):
         if not files:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}")
         self.files = files
-        has_txt = os.path.exists(os.path.splitext(files[0][0])[0] + ".txt")
-        self.captions = (role != "image" and has_txt) if captions is None else captions
+        if captions is None:  # found beside the images, unless only the images are wanted
+            captions = role != "image" and any(read_caption(f) is not None for f, _ in files[:PEEK_IMAGES])
+            if shards and role != "image" and not captions:  # img2dataset output is meant to be captioned
+                log.warning("folder:%s: img2dataset output without captions (no .txt, no \"caption\" in the .json "
+                            "beside the first %d images): read as images only", path, min(len(files), PEEK_IMAGES))
+        self.captions = captions
         self.provides = frozenset({"image"} | ({"label"} if self.classes else set())
                                   | ({"text"} if self.captions else set()))
 
@@ -61,13 +92,7 @@ class ImageFolder(IndexedSource):
 
     def record(self, index: int) -> Record:
         path, label = self.files[index]
-        caption = None
-        if self.captions:
-            try:
-                with open(os.path.splitext(path)[0] + ".txt", "rb") as f:
-                    caption = f.read()
-            except FileNotFoundError:
-                caption = None
+        caption = read_caption(path) if self.captions else None
         return Record(key=os.path.relpath(path, self.name), image=path, caption=caption, label=label)
 
 
