@@ -3,6 +3,7 @@ each written with its real writer library, then read through `m3ae data stats`, 
 (with an exact resume) and `m3ae embed`."""
 import json
 import os
+import re
 import tarfile
 
 import numpy as np
@@ -185,6 +186,29 @@ def test_hf_parquet_shards_as_on_the_hub(tmp_path, capsys):
     pretrain_and_resume(tmp_path, f"hf:{tmp_path}/repo#image=img")
     with pytest.raises(FileNotFoundError, match="saved on disk"):
         build_source(parse_item("hf:someone/some-dataset"))
+
+
+def test_a_hub_style_parquet_folder_without_hf_prefix_says_to_use_it(tmp_path, caplog):
+    def shard(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"image": [{"bytes": jpeg_bytes(seed=0), "path": None}], "text": ["a dog"]}), path)
+
+    for split in ("train", "test"):  # as on the Hub: data/{split}-*.parquet (the kind is guessed: folder)
+        shard(tmp_path / "repo" / "data" / f"{split}-00000-of-00001.parquet")
+    said = f"like a Hugging Face dataset as on the Hub (a data/ folder of Parquet files): read it with hf:{tmp_path}"
+    with pytest.raises(FileNotFoundError, match=f"no images .*; .*{re.escape(said)}/repo"):
+        build_source(parse_item(str(tmp_path / "repo")))
+    assert len(build_source(parse_item(f"hf:{tmp_path}/repo"))) == 1  # what the hint says works
+    # A dataset card with configs: and the shards beside it: guessed as plain Parquet, every split read.
+    for split in ("train", "test"):
+        shard(tmp_path / "card" / f"{split}-00000.parquet")
+    (tmp_path / "card" / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n"
+                                                 "  - split: train\n    path: train-*.parquet\n---\n# card\n")
+    assert len(build_source(parse_item(str(tmp_path / "card")))) == 2
+    assert f"reads all 2 Parquet files together (every split); {tmp_path}/card looks like a Hugging Face" in caplog.text
+    caplog.clear()
+    build_source(parse_item(write_img2dataset_parquet(tmp_path / "i2d", shards=1, n=2)))  # no card, no data/
+    assert "Hugging Face" not in caplog.text
 
 
 def test_hdf5_named_datasets(tmp_path, capsys):

@@ -99,7 +99,15 @@ class ImageFolder(IndexedSource):
 def _folder(item, role: str, context) -> ImageFolder:
     o = item.options
     captions = None if "captions" not in o else o["captions"].lower() in ("1", "true", "yes")
-    return ImageFolder(item.path, role=role, captions=captions)
+    try:
+        return ImageFolder(item.path, role=role, captions=captions)
+    except FileNotFoundError as err:
+        from .hf import hub_hint
+
+        hint = hub_hint(item.path)  # a Hub dataset's Parquet shards under data/ are not images
+        if hint:
+            raise FileNotFoundError(f"{err}; {hint}") from None
+        raise
 
 
 # Last in registry.MODULES: any directory no other kind claims is an image folder.
