@@ -13,6 +13,7 @@ from .base import IndexedSource, Record, require_path
 from .registry import SourceKind
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MAX_JSON_BYTES = 1 << 20  # img2dataset's per-sample .json is a few hundred bytes
 PEEK_IMAGES = 16  # images whose caption files are looked for: one without a caption must not decide for all
 
 log = logging.getLogger("m3ae.data")
@@ -32,8 +33,11 @@ def read_caption(image: str) -> str | bytes | None:
         return None
     try:
         with open(stem + ".json", "rb") as f:
-            meta = json.loads(f.read().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):  # ValueError: JSONDecodeError, also nested too deep
+            raw = f.read(MAX_JSON_BYTES + 1)
+        if len(raw) > MAX_JSON_BYTES:  # metadata, not a caption: never read whole
+            return None
+        meta = json.loads(raw.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):  # ValueError: JSONDecodeError
         return None
     caption = meta.get("caption") if isinstance(meta, dict) else None
     return caption if isinstance(caption, str) else None

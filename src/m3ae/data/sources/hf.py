@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import glob
 import json
-import logging
 import os
 import re
 
@@ -17,9 +16,6 @@ from .base import is_url
 from .parquet import ParquetSource
 from .table import OpenFiles, TableSource, import_pyarrow
 from .registry import SourceKind
-
-
-log = logging.getLogger("m3ae.data")
 
 
 def hub_hint(path: str) -> str | None:
