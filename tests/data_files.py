@@ -126,3 +126,13 @@ def write_hdf5_table(path, n=8, table="train/rows", images_dir=None, chunks=None
     with h5py.File(path, "w") as f:
         f.create_dataset(table, data=rows, chunks=chunks, compression="gzip" if chunks else None)
     return str(path)
+
+
+def write_class_folder(root, classes, per_class=1) -> str:
+    """DIR/<class>/<i>.png for each class name (an image folder with labels)."""
+    for c, name in enumerate(classes):
+        os.makedirs(os.path.join(root, name))
+        for i in range(per_class):
+            with open(os.path.join(root, name, f"{i}.png"), "wb") as f:
+                f.write(jpeg_bytes(seed=10 * c + i, fmt="PNG"))
+    return str(root)

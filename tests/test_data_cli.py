@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from data_files import write_manifest, write_text
+from data_files import write_class_folder, write_manifest, write_text
 from m3ae.cli import main
 
 
@@ -128,3 +128,17 @@ def test_stats_of_a_source_without_one_usable_sample_fails(tmp_path, capsys):
     (tmp_path / "m.csv").write_text("image,caption\nbad.jpg,a caption\n")
     assert main(["data", "stats", str(tmp_path / "m.csv")]) == 1
     assert "no usable sample among 1" in capsys.readouterr().err
+
+
+def test_shard_refuses_to_merge_sources_naming_other_classes(tmp_path, capsys):
+    a = write_class_folder(tmp_path / "a", ["cat", "dog"])
+    b = write_class_folder(tmp_path / "b", ["bird", "cat"])
+    out = tmp_path / "o"
+    assert main(["data", "shard", f"{a},{b}", "--out", str(out / "s-%03d.tar")]) == 2
+    err = capsys.readouterr().err
+    assert f"folder:{a} and folder:{b} name different classes (only in the first: 'dog'; only in the second: " \
+           "'bird')" in err and "shard each source on its own" in err
+    assert not out.exists() or not any(out.iterdir())  # refused before anything is written
+    same = write_class_folder(tmp_path / "same", ["cat", "dog"])
+    assert main(["data", "shard", f"{a},{same}", "--out", str(out / "s-%03d.tar")]) == 0
+    assert "wrote 4 samples" in capsys.readouterr().out

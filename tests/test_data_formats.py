@@ -3,6 +3,7 @@ each written with its real writer library, then read through `m3ae data stats`, 
 (with an exact resume) and `m3ae embed`."""
 import json
 import os
+import re
 import tarfile
 
 import numpy as np
@@ -187,6 +188,29 @@ def test_hf_parquet_shards_as_on_the_hub(tmp_path, capsys):
         build_source(parse_item("hf:someone/some-dataset"))
 
 
+def test_a_hub_style_parquet_folder_without_hf_prefix_says_to_use_it(tmp_path, caplog):
+    def shard(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"image": [{"bytes": jpeg_bytes(seed=0), "path": None}], "text": ["a dog"]}), path)
+
+    for split in ("train", "test"):  # as on the Hub: data/{split}-*.parquet (the kind is guessed: folder)
+        shard(tmp_path / "repo" / "data" / f"{split}-00000-of-00001.parquet")
+    said = f"like a Hugging Face dataset as on the Hub (a data/ folder of Parquet files): read it with hf:{tmp_path}"
+    with pytest.raises(FileNotFoundError, match=f"no images .*; .*{re.escape(said)}/repo"):
+        build_source(parse_item(str(tmp_path / "repo")))
+    assert len(build_source(parse_item(f"hf:{tmp_path}/repo"))) == 1  # what the hint says works
+    # A dataset card with configs: and the shards beside it: guessed as plain Parquet, every split read.
+    for split in ("train", "test"):
+        shard(tmp_path / "card" / f"{split}-00000.parquet")
+    (tmp_path / "card" / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n"
+                                                 "  - split: train\n    path: train-*.parquet\n---\n# card\n")
+    assert len(build_source(parse_item(str(tmp_path / "card")))) == 2
+    assert f"reads all 2 Parquet files together (every split); {tmp_path}/card looks like a Hugging Face" in caplog.text
+    caplog.clear()
+    build_source(parse_item(write_img2dataset_parquet(tmp_path / "i2d", shards=1, n=2)))  # no card, no data/
+    assert "Hugging Face" not in caplog.text
+
+
 def test_hdf5_named_datasets(tmp_path, capsys):
     h5py = pytest.importorskip("h5py")
     path = str(tmp_path / "mine.h5")
@@ -312,6 +336,46 @@ def test_img2dataset_files_folder_is_unlabelled_captioned_images(tmp_path, capsy
     assert main(["data", "stats", str(folder)]) == 0
     assert "samples: 6" in capsys.readouterr().out
     pretrain_and_resume(tmp_path, str(folder))
+
+
+def write_img2dataset_files(folder, captions: str) -> None:
+    """img2dataset's `files` output, 2 shards of 3: captions in .txt + .json ("both"), in the .json
+    only ("json"), or nowhere ("none")."""
+    for s in range(2):
+        shard = folder / f"{s:05d}"
+        shard.mkdir(parents=True)
+        for i in range(s * 3, s * 3 + 3):
+            (shard / f"{s:05d}{i:04d}.jpg").write_bytes(jpeg_bytes(seed=i))
+            if captions == "both":
+                (shard / f"{s:05d}{i:04d}.txt").write_text(caption(i))
+            meta = {"url": f"https://x/{i}.jpg", **({"caption": caption(i)} if captions != "none" else {})}
+            (shard / f"{s:05d}{i:04d}.json").write_text(json.dumps(meta))
+        (folder / f"{s:05d}_stats.json").write_text(json.dumps({"count": 3}))
+
+
+def test_img2dataset_files_captions_only_in_the_json_are_read(tmp_path, capsys):
+    folder = tmp_path / "i2d_json"
+    write_img2dataset_files(folder, "json")
+    (folder / "00001" / "000010005.json").write_text('{"caption": "cut sho')  # a torn .json: no caption
+    (folder / "00001" / "000010004.json").unlink()
+    (folder / "00001" / "000010004.json").mkdir()  # not a file: no caption either, and no crash
+    src = build_source(parse_item(str(folder)))
+    assert src.provides == {"image", "text"} and len(src) == 6
+    assert [src.record(i).caption for i in range(6)] == [caption(i) for i in range(4)] + [None, None]
+    assert main(["data", "stats", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "samples: 4" in out and "missing_caption: 2" in out and "00001/000010005.jpg" in out  # counted
+
+
+def test_img2dataset_files_without_any_caption_is_said(tmp_path, caplog):
+    folder = tmp_path / "i2d_none"
+    write_img2dataset_files(folder, "none")
+    src = build_source(parse_item(str(folder)))
+    assert src.provides == {"image"}
+    assert f"folder:{folder}: img2dataset output without captions" in caplog.text
+    caplog.clear()
+    build_source(parse_item(f"image={folder}"))  # images asked for: nothing to say
+    assert "without captions" not in caplog.text
 
 
 def test_remote_parquet_with_image_urls_through_fsspec(tmp_path, capsys):

@@ -5,7 +5,8 @@ from collections import Counter
 import pytest
 import torch
 
-from data_files import jpeg_bytes, write_img2dataset_tar, write_manifest, write_text, write_tokenizer
+from data_files import (jpeg_bytes, write_class_folder, write_img2dataset_tar, write_manifest, write_text,
+                        write_tokenizer)
 from m3ae.config import M3AEConfig
 from m3ae.data.bad import DataQualityError
 from m3ae.data.config import DataConfig
@@ -293,3 +294,24 @@ def test_a_stream_of_only_bad_records_stops_instead_of_hanging(tmp_path, capsys)
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "stopped: 30 of 30 samples were unusable" in err and "Traceback" not in err, err[-2000:]
+
+
+def test_a_mixture_of_sources_naming_other_classes_is_said(tmp_path, caplog):
+    from m3ae.data.loader import source_uses
+
+    a = write_class_folder(tmp_path / "a", ["cat", "dog"])
+    b = write_class_folder(tmp_path / "b", ["bird", "cat", "cow", "eel", "emu", "fox"])
+    source_uses(DataConfig(spec=f"{a},{b}@0.5"), MODEL)  # label 0: cat in a, bird in b
+    assert (f"folder:{a} and folder:{b} name different classes (only in the first: 'dog'; only in the second: "
+            "'bird', 'cow', 'eel', 'emu' and 1 more)") in caplog.text
+    (tmp_path / "lab.csv").write_text("image,label\na/cat/0.png,3\n")
+    caplog.clear()
+    source_uses(DataConfig(spec=f"{a},image={tmp_path}/lab.csv"), MODEL)
+    assert f"folder:{a} names its classes ('cat', 'dog') but csv:{tmp_path}/lab.csv has integer labels" in caplog.text
+    caplog.clear()
+    same = write_class_folder(tmp_path / "same", ["cat", "dog"])
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "x.png").write_bytes(jpeg_bytes(fmt="PNG"))  # no class folders: no labels
+    unlabelled = str(tmp_path / "flat")
+    source_uses(DataConfig(spec=f"{a},{same},{unlabelled}"), MODEL)  # one label space indeed
+    assert "label spaces" not in caplog.text

@@ -232,3 +232,30 @@ def test_a_json_array_file_is_named_as_such(tmp_path):
     (tmp_path / "arr.json").write_text('[\n {"image": "a.jpg", "caption": "x"}\n]\n')
     with pytest.raises(ValueError, match="a JSON array; manifests are JSON Lines"):
         build_source(parse_spec(str(tmp_path / "arr.json"))[0])
+
+
+@pytest.mark.parametrize("char", [",", "#", "@"])
+def test_a_path_with_a_spec_character_is_written_with_a_backslash(tmp_path, char):
+    folder = tmp_path / f"photos{char}2024"  # an image folder whose name holds the character
+    folder.mkdir()
+    (folder / "x.jpg").write_bytes(jpeg_bytes(seed=1))
+    manifest = write_manifest(tmp_path / f"m{char}n", n=2, name=f"caps{char}v1.csv")  # the file's name too
+    written = {p: p.replace(char, "\\" + char) for p in (str(folder), manifest)}
+    spec = f"image=folder:{written[str(folder)]}#captions=0@0.25,{written[manifest]}#root=images@0.75"
+    items = parse_spec(spec)
+    assert [(i.role, i.kind, i.path, i.options, i.weight) for i in items] == [
+        ("image", "folder", str(folder), {"captions": "0"}, 0.25), (None, "csv", manifest, {"root": "images"}, 0.75)]
+    assert len(build_source(items[0])) == 1 and build_source(items[1]).record(1).caption == caption(1)
+    assert parse_spec(",".join(str(i) for i in items)) == items  # str() escapes, so it reads back
+    assert parse_spec(f"{written[str(folder)]}")[0].kind == "folder"  # the kind is guessed from the real path
+    # Unescaped, the path is cut there: whatever the error, it says how to write the character.
+    with pytest.raises((FileNotFoundError, ValueError), match=re.escape("written '\\,', '\\#' or '\\@'")):
+        for item in parse_spec(f"folder:{folder}"):
+            build_source(item)
+
+
+def test_a_backslash_before_another_character_is_kept():
+    from m3ae.data.spec import parse_item
+
+    item = parse_item("folder:C:\\data\\x\\\\y#captions=0")  # "\d" is kept; "\\" is one backslash
+    assert item.path == "C:\\data\\x\\y" and item.options == {"captions": "0"}

@@ -322,6 +322,26 @@ def test_resume_accepts_changed_runtime_switches(tmp_path, caplog):
     assert losses(tmp_path / "split") == pytest.approx(losses(tmp_path / "straight"), rel=1e-3)
 
 
+def test_resume_of_a_stream_with_other_workers_is_said_not_exact(tmp_path, caplog):
+    """data.num_workers changes nothing for indexed sources, but a stream's position is kept per
+    (process, worker) share: resumed with another number of shares it is not exact, and says so."""
+    from data_files import write_img2dataset_tar, write_tokenizer
+    from m3ae.train.config import check_resume_changes, to_yaml
+
+    caplog.set_level(logging.INFO, logger="m3ae")  # the library logs; no CLI handler here
+    shard = write_img2dataset_tar(str(tmp_path / "s.tar"), n=8)
+    data = [f"data.spec={shard}", f"data.tokenizer={write_tokenizer(tmp_path)}", "model.vocab_size=300", "steps=3"]
+    pretrain(tiny_config(*data), tmp_path / "run", stop_at_step=2)
+    result = pretrain(tiny_config(*data, "data.num_workers=2"), tmp_path / "run", resume="auto")
+    assert "data.num_workers: 0 -> 2 (not exact: a stream's position is kept per process x worker share, " \
+           "1 saved, 2 now" in caplog.text and result.step == 3  # said, not refused
+    # Indexed sources (no saved stream position), or a layout that stays 1 share: nothing to say.
+    saved = to_yaml(tiny_config())
+    for parts, workers in ((None, 2), (1, 1)):
+        lines = check_resume_changes(saved, tiny_config(f"data.num_workers={workers}"), False, "x", stream_parts=parts)
+        assert lines == [f"data.num_workers: 0 -> {workers}"]
+
+
 def test_runtime_switches_change_a_built_model():
     from m3ae import M3AEConfig
 

@@ -155,7 +155,7 @@ def run_shard(args: argparse.Namespace) -> int:
 
     from m3ae.data.bad import BadSample
     from m3ae.data.images import DEFAULT_MAX_PIXELS
-    from m3ae.data.sources import ShardWriter, build_sources
+    from m3ae.data.sources import ShardWriter, build_sources, label_space_conflicts
 
     for name, value, least, most in (("--per-shard", args.per_shard, 1, None), ("--quality", args.quality, 1, 100),
                                      ("--shorter-side", args.shorter_side, 0, None), ("--limit", args.limit, 0, None)):
@@ -163,8 +163,13 @@ def run_shard(args: argparse.Namespace) -> int:
             raise ValueError(f"{name} must be {f'in {least}..{most}' if most else f'>= {least}'}, got {value}")
     counter = _bad_counter(args, max_logged=10)
     index = 0
+    built = build_sources(args.spec, default_role="labelled")
+    conflicts = label_space_conflicts([source for _, source in built])
+    if conflicts:  # refused: written as .cls, one number would name two classes in every later evaluation
+        raise ValueError(f"{'; '.join(conflicts)}. The shards' .cls labels would be one label space: shard each "
+                         "source on its own, or give them the same class names")
     with ShardWriter(args.out, args.per_shard) as writer:
-        for item, source in build_sources(args.spec, default_role="labelled"):
+        for item, source in built:
             if "image" not in source.provides or item.role == "text":
                 raise ValueError(f"{source.describe()} has no images: shards hold images (with their captions "
                                  "and labels); a text corpus is read as it is")

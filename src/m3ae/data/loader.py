@@ -8,6 +8,7 @@ last delivered batch ended, provided ranks x workers is unchanged, else at shard
 from __future__ import annotations
 
 import ctypes
+import logging
 import multiprocessing
 import os
 import signal
@@ -24,6 +25,8 @@ from .config import DataConfig
 from .images import TrainTransform
 from .pipeline import BatchCollator, MixtureDataset, PositionSampler, SampleMaker, SourceUse, StreamDataset
 from .stream_position import StreamPosition
+
+log = logging.getLogger("m3ae.data")
 
 DEFAULT_TOKENIZER = "bert-base-uncased"
 
@@ -153,10 +156,15 @@ def _loader_kwargs(data: DataConfig, pin_memory: bool) -> dict[str, Any]:
 
 def source_uses(data: DataConfig, model_config: M3AEConfig, seed: int = 0) -> list[SourceUse]:
     """Open every source of the spec (errors surface here, before training) and decide what each gives."""
-    from .sources import RunContext, WebDatasetSource, build_sources
+    from .sources import RunContext, WebDatasetSource, build_sources, label_space_conflicts
 
+    built = build_sources(data.spec, RunContext(seed, model_config.image_size, data.demo_samples))
+    # Said, not refused: the objective never reads labels; batches carry them (Batch parts' labels)
+    # for whoever does, numbered as each source numbers them.
+    for line in label_space_conflicts([source for _, source in built]):
+        log.warning("the batches' labels mix label spaces: %s", line)
     uses = []
-    for item, source in build_sources(data.spec, RunContext(seed, model_config.image_size, data.demo_samples)):
+    for item, source in built:
         if hasattr(source, "shuffle_block"):  # tar shards, tables: read in a shuffled order (see WebDatasetSource)
             source.shuffle_block = data.shuffle_buffer
         if isinstance(source, WebDatasetSource):  # bounded reads of tar members (see iter_tar)

@@ -20,6 +20,9 @@ Examples:
     paired=cc12m/{000..127}.tar@0.7,text=corpus.txt@0.3
     paired=captions.csv,image=folder:unlabelled/@0.5,text=text:all.csv#caption@0.2
 Weights are relative (default 1 each). Commas inside {...} belong to the pattern.
+A ",", "#" or "@" that is part of a path or an option value is written with a backslash before it
+("\\,", "\\#", "\\@"; "\\\\" is a backslash): data/a\\,b/ is the folder "a,b". A backslash before any other
+character is kept as it is.
 """
 from __future__ import annotations
 
@@ -37,27 +40,54 @@ class SourceSpec:
     role: str | None = None
     weight: float = 1.0
     options: dict[str, str] = field(default_factory=dict)
+    # The path ended at an unescaped "#" or "@": a missing path then says how to write one.
+    cut: bool = field(default=False, compare=False, repr=False)
 
     def __str__(self) -> str:
-        opts = "".join(f"#{k}={v}" for k, v in self.options.items())
-        return f"{self.role + '=' if self.role else ''}{self.kind}:{self.path}{opts}@{self.weight:g}"
+        opts = "".join(f"#{escape(k)}={escape(v)}" for k, v in self.options.items())
+        return f"{self.role + '=' if self.role else ''}{self.kind}:{escape(self.path)}{opts}@{self.weight:g}"
+
+
+# The characters that separate a spec's parts; a backslash before one (or before a backslash) makes
+# it part of the path or value. Every split below goes through `_unescaped`, and every path and
+# option value through `unescape`: the one place the escape is known.
+SPECIAL = ",#@\\"
+
+
+def escape(text: str) -> str:
+    """`text` as it is written in a spec (a path or value holding ",", "#" or "@")."""
+    return "".join("\\" + ch if ch in SPECIAL else ch for ch in text)
+
+
+def unescape(text: str) -> str:
+    return re.sub(r"\\([" + re.escape(SPECIAL) + r"])", r"\1", text)
+
+
+def _unescaped(text: str, char: str, braces: bool = False) -> list[int]:
+    """The positions of `char` in `text` that are not escaped (nor inside {...} with `braces`)."""
+    found: list[int] = []
+    depth, i = 0, 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text) and text[i + 1] in SPECIAL:
+            i += 2
+            continue
+        if braces:
+            depth += (ch == "{") - (ch == "}")
+        if ch == char and not (braces and depth > 0):
+            found.append(i)
+        i += 1
+    return found
+
+
+def _cut(text: str, positions: list[int]) -> list[str]:
+    bounds = [-1, *positions, len(text)]
+    return [text[a + 1:b] for a, b in zip(bounds, bounds[1:])]
 
 
 def split_items(spec: str) -> list[str]:
-    """Split on commas that are not inside {...}."""
-    items: list[str] = []
-    current: list[str] = []
-    depth = 0
-    for ch in spec:
-        depth += ch == "{"
-        depth -= ch == "}"
-        if ch == "," and depth == 0:
-            items.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    items.append("".join(current))
-    return [i.strip() for i in items if i.strip()]
+    """Split on commas that are neither escaped nor inside {...}; the items keep their escapes."""
+    return [i.strip() for i in _cut(spec, _unescaped(spec, ",", braces=True)) if i.strip()]
 
 
 def detect_kind(path: str) -> str:
@@ -89,43 +119,64 @@ def detect_kind(path: str) -> str:
     raise ValueError(f"cannot tell the kind of {path!r}; prefix it, e.g. csv:{path} (kinds: {', '.join(kind_names())})")
 
 
+ESCAPE_HINT = "a ',', '#' or '@' that is part of a path is written '\\,', '\\#' or '\\@'"
+
+
 def parse_item(item: str) -> SourceSpec:
     weight = 1.0
-    m = re.search(r"@([0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)$", item)
-    if m:
-        weight = float(m.group(1))
-        item = item[: m.start()]
-    elif re.search(r"@\s*[-+.\w]*\s*$", item) and not os.path.exists(item.split("#")[0]):
+    text = item
+    at = _unescaped(text, "@")
+    tail = text[at[-1] + 1:] if at else None
+    if tail is not None and re.fullmatch(r"[0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?", tail):
+        weight = float(tail)
+        text = text[: at[-1]]
+    elif tail is not None and re.fullmatch(r"\s*[-+.\w]*\s*", tail) \
+            and not os.path.exists(unescape(_cut(text, _unescaped(text, "#"))[0])):
         # "x.jsonl@-1", "x.jsonl@abc": meant as a weight, not part of the path
-        raise ValueError(f"the weight after '@' in {item!r} must be a positive number (e.g. @0.5)")
+        raise ValueError(f"the weight after '@' in {item!r} must be a positive number (e.g. @0.5); "
+                         f"{ESCAPE_HINT}")
     role = None
-    m = re.match(r"(\w+)=", item)
+    m = re.match(r"(\w+)=", text)
     if m and m.group(1) in ROLES:
-        role, item = m.group(1), item[m.end():]
+        role, text = m.group(1), text[m.end():]
     kind = None
-    m = re.match(r"(\w+):(?!//)", item)
+    m = re.match(r"(\w+):(?!//)", text)
     if m:
         from .sources.registry import find_kind, kind_names
 
         found = find_kind(m.group(1))
         if found is None:
-            raise ValueError(f"unknown source kind {m.group(1)!r} in {item!r} (kinds: {', '.join(kind_names())})")
-        kind, item = found.name, item[m.end():]
-    path, *opts = item.split("#")
+            raise ValueError(f"unknown source kind {m.group(1)!r} in {text!r} (kinds: {', '.join(kind_names())})")
+        kind, text = found.name, text[m.end():]
+    raw_path, *opts = _cut(text, _unescaped(text, "#"))
     options = {}
     for o in opts:
         k, eq, v = o.partition("=")
-        options[k if eq else "column"] = v if eq else k
+        options[unescape(k) if eq else "column"] = unescape(v if eq else k)
+    path = unescape(raw_path)
     if not path:
-        raise ValueError(f"empty path in data spec item {item!r}")
+        raise ValueError(f"empty path in data spec item {text!r}")
     path = os.path.expanduser(path)
     if weight <= 0:
         raise ValueError(f"weight of {path} must be > 0")
-    return SourceSpec(kind or detect_kind(path), path, role, weight, options)
+    cut = bool(opts or at)  # the path may have been cut at a "#" or "@" that belongs to it
+    if kind is None:
+        try:
+            kind = detect_kind(path)
+        except FileNotFoundError as err:
+            if cut:
+                raise FileNotFoundError(f"{err}; {ESCAPE_HINT}") from None
+            raise
+    return SourceSpec(kind, path, role, weight, options, cut)
 
 
 def parse_spec(spec: str) -> list[SourceSpec]:
     items = split_items(spec)
     if not items:
         raise ValueError("empty data spec")
-    return [parse_item(i) for i in items]
+    try:
+        return [parse_item(i) for i in items]
+    except FileNotFoundError as err:
+        if len(items) > 1 and ESCAPE_HINT not in str(err):  # a path may have been cut at a "," of its own
+            raise FileNotFoundError(f"{err}; {ESCAPE_HINT}") from None
+        raise

@@ -258,16 +258,30 @@ def setting_changes(old: TrainConfig, new: TrainConfig) -> dict[str, tuple]:
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def check_resume_changes(checkpoint_yaml: str, config: TrainConfig, allow: bool, source: str) -> list[str]:
+def check_resume_changes(checkpoint_yaml: str, config: TrainConfig, allow: bool, source: str, *,
+                         stream_parts: int | None = None, world_size: int = 1) -> list[str]:
     """Lines describing what changed since the checkpoint's run; raises ConfigError for changes that
-    break exact resumption (batch, data, schedule, model, seed, ...) unless `allow`."""
+    break exact resumption (batch, data, schedule, model, seed, ...) unless `allow`. `stream_parts`:
+    the number of stream shares (processes x workers) the checkpoint's data position was saved with,
+    when its data has a stream source; `world_size`: the processes resuming it."""
     try:
         old = from_yaml(checkpoint_yaml)
     except (OmegaConfBaseException, ValueError) as err:
         raise ConfigError(f"{source}: cannot read the run config: {str(err).splitlines()[0]}") from None
     changes = setting_changes(old, config)
     breaking = [k for k in changes if k not in RESUME_SAFE]
-    lines = [f"{k}: {v[0]!r} -> {v[1]!r}" + ("" if k in RESUME_SAFE else " (not exact)") for k, v in changes.items()]
+    notes = {k: "" if k in RESUME_SAFE else " (not exact)" for k in changes}
+    parts = world_size * max(int(config.data.num_workers), 1)
+    if "data.num_workers" in changes and stream_parts is not None and stream_parts != parts:
+        # Safe for indexed sources (a position maps to a record whoever reads it), not for streams:
+        # their position is kept per (process, worker) share, and another number of shares restarts
+        # every share at the slowest saved shard. Said, not refused: a change in the number of
+        # processes does the same (warned in resume.restore), both may be forced by the machine a
+        # run resumes on, and the run goes on at shard level as documented (docs/data.md).
+        notes["data.num_workers"] = (f" (not exact: a stream's position is kept per process x worker share, "
+                                     f"{stream_parts} saved, {parts} now: each restarts at the slowest "
+                                     f"saved shard, some shards are read again)")
+    lines = [f"{k}: {v[0]!r} -> {v[1]!r}{notes[k]}" for k, v in changes.items()]
     if breaking and not allow:
         raise ConfigError(f"resuming with settings changed since {source}: {'; '.join(lines)}. These make "
                           "the run differ from an uninterrupted one; pass --allow-changes "

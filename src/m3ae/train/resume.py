@@ -81,7 +81,8 @@ def restore(resume: str | None, out_dir: Path, model: M3AE, config: TrainConfig,
     model.load_weights(read.weights, source=str(path / WEIGHTS_NAME))
     saved_yaml = path / RUN_CONFIG_NAME
     if saved_yaml.is_file():
-        for line in check_resume_changes(saved_yaml.read_text(), config, allow_changes, str(path)):
+        for line in check_resume_changes(saved_yaml.read_text(), config, allow_changes, str(path),
+                                         stream_parts=_stream_parts(read.state), world_size=world_size):
             if rank == 0:
                 log.warning("changed since the checkpoint: %s", line)
     if rank == 0 and resume != "auto":  # only once the checkpoint is accepted: a refusal moves nothing
@@ -100,6 +101,15 @@ def restore(resume: str | None, out_dir: Path, model: M3AE, config: TrainConfig,
     if rank == 0:
         log.info("resuming from %s at step %d", path, resumed.step)
     return resumed
+
+
+def _stream_parts(state: dict[str, Any]) -> int | None:
+    """The number of shares a checkpoint's stream position was saved with; None where its data has
+    no stream source (or no position). An unreadable position is the loader's error to name."""
+    data = state.get("data")
+    stream = data.get("stream") if isinstance(data, dict) else None
+    parts = stream.get("parts") if isinstance(stream, dict) else None
+    return parts if isinstance(parts, int) else None
 
 
 def _set_aside_later_checkpoints(path: Path, out_dir: Path) -> None:

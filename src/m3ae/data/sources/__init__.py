@@ -2,7 +2,7 @@
 A source kind is its module, with a `KINDS` tuple, named in `registry.MODULES`."""
 from __future__ import annotations
 
-from ..spec import SourceSpec, parse_spec
+from ..spec import ESCAPE_HINT, SourceSpec, parse_spec
 from .base import IndexedSource, Record, Source
 from .folder import ImageFolder
 from .hdf5 import HDF5Source, HDF5Table
@@ -21,13 +21,51 @@ def build_source(item: SourceSpec, default_role: str = "paired", context: RunCon
     unknown = set(item.options) - kind.options - ({"column"} if item.role == "text" else set())
     if unknown:
         raise ValueError(f"{item.kind}:{item.path}: unknown option(s) {sorted(unknown)} "
-                         f"(known: {sorted(kind.options)})")
-    return kind.build(item, item.role or default_role, context or RunContext())
+                         f"(known: {sorted(kind.options)})"
+                         # a bare "#VALUE" is often the rest of a path cut at its own "#"
+                         + (f"; {ESCAPE_HINT}" if "column" in unknown else ""))
+    try:
+        return kind.build(item, item.role or default_role, context or RunContext())
+    except FileNotFoundError as err:
+        if item.cut and ESCAPE_HINT not in str(err):
+            raise FileNotFoundError(f"{err}; {ESCAPE_HINT}") from None
+        raise
 
 
 def build_sources(spec: str, context: RunContext | None = None, default_role: str = "paired"
                   ) -> list[tuple[SourceSpec, Source]]:
     return [(item, build_source(item, default_role, context)) for item in parse_spec(spec)]
+
+
+def label_space_conflicts(sources: list[Source], few: int = 4) -> list[str]:
+    """Why labels of these sources, taken as one label space (a mixture's batches, the .cls of
+    `data shard`), would not mean the same classes: one line per source that differs from the
+    first labelled one, naming both and a few differing class names. Class names are numbered in
+    sorted order within each source (class folders, manifests), so two sources agree only with the
+    same names; integer labels are not checked against each other (nothing tells what they mean)."""
+    def names(values: list[str]) -> str:
+        shown = ", ".join(repr(v) for v in values[:few])
+        return shown + (f" and {len(values) - few} more" if len(values) > few else "") if values else "none"
+
+    labelled = [s for s in sources if "label" in s.provides]
+    if len(labelled) < 2:
+        return []
+    lines: list[str] = []
+    first = labelled[0]
+    mine = getattr(first, "classes", None) or None
+    for other in labelled[1:]:
+        theirs = getattr(other, "classes", None) or None
+        if mine is None and theirs is None or mine == theirs:
+            continue
+        if mine is None or theirs is None:
+            named, classes, plain = (first, mine, other) if mine else (other, theirs, first)
+            lines.append(f"{named.describe()} names its classes ({names(list(classes or []))}) but {plain.describe()} "
+                         f"has integer labels: label i of one is not class i of the other")
+        else:
+            lines.append(f"{first.describe()} and {other.describe()} name different classes (only in the first: "
+                         f"{names(sorted(set(mine) - set(theirs)))}; only in the second: "
+                         f"{names(sorted(set(theirs) - set(mine)))}): a label number means another class in each")
+    return lines
 
 
 def spec_tokenizer(spec: str):
@@ -46,4 +84,5 @@ def spec_tokenizer(spec: str):
 
 __all__ = ["IndexedSource", "Record", "Source", "ImageFolder", "HDF5Source", "HDF5Table", "ManifestSource",
            "TextCorpus", "WebDatasetSource", "ShardWriter", "iter_tar", "list_shards", "build_source", "build_sources",
-           "SourceSpec", "parse_spec", "RunContext", "SourceKind", "source_kinds", "spec_tokenizer"]
+           "SourceSpec", "parse_spec", "RunContext", "SourceKind", "source_kinds", "spec_tokenizer",
+           "label_space_conflicts"]

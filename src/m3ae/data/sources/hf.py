@@ -10,11 +10,38 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 
 from .base import is_url
 from .parquet import ParquetSource
 from .table import OpenFiles, TableSource, import_pyarrow
 from .registry import SourceKind
+
+
+def hub_hint(path: str) -> str | None:
+    """What to say when `path`, read as something else, is laid out as a dataset on the Hub (a
+    data/ folder of Parquet files, or a dataset card whose front matter has `configs:`): the
+    hf: prefix reads it by split. None for anything else. Not guessed as hf: the kind of a
+    folder of Parquet files stays what it was; the error or warning names the prefix instead."""
+    from ..spec import escape
+
+    if is_url(path) or not os.path.isdir(path):
+        return None
+    found = None
+    if glob.glob(os.path.join(glob.escape(path), "data", "**", "*.parquet"), recursive=True):
+        found = "a data/ folder of Parquet files"
+    else:
+        try:
+            with open(os.path.join(path, "README.md"), encoding="utf-8", errors="replace") as f:
+                card = f.read(1 << 16)
+        except OSError:  # no card (or not a file): nothing to say
+            card = ""
+        if card.startswith("---") and re.search(r"^configs:", card.split("\n---", 1)[0], re.M):
+            found = "a dataset card README.md with configs:"
+    if found is None:
+        return None
+    return (f"{path} looks like a Hugging Face dataset as on the Hub ({found}): read it with "
+            f"hf:{escape(path)} (#split=NAME for one split; train where there is one)")
 
 
 def _split_dir(path: str, split: str | None) -> str:

@@ -9,7 +9,7 @@ import glob
 import os
 
 from .base import is_url, open_file, require_path
-from .table import OpenFiles, TableSource, import_pyarrow
+from .table import OpenFiles, TableSource, import_pyarrow, log
 from .wds import expand_braces
 from .registry import SourceKind
 
@@ -90,9 +90,16 @@ def _close_handle(entry) -> None:
 
 
 def _parquet(item, role: str, context) -> ParquetSource:
+    from .hf import hub_hint
+
     o = item.options
-    return ParquetSource(item.path, o.get("image"), o.get("caption") or o.get("column"), o.get("label"),
-                         o.get("root"), role=role)
+    source = ParquetSource(item.path, o.get("image"), o.get("caption") or o.get("column"), o.get("label"),
+                           o.get("root"), role=role)
+    hint = hub_hint(item.path)
+    if hint:  # read as plain Parquet, every file of every split is one set
+        log.warning("parquet:%s reads all %d Parquet files together (every split); %s", item.path,
+                    len(source.files), hint)
+    return source
 
 
 def _parquet_directory(path: str, names: list[str]) -> bool:
