@@ -6,7 +6,9 @@
 Separate `m3ae bench train --precision` runs drift with the VM (the fp32 base step wandered between
 8.3 and 10.8 s from one run to the next, BENCHMARKS.md): here one bf16 and one fp32 step alternate,
 on two models with the same weights and the same batches, after a warm-up round per batch, and the
-ratio of each round and of the medians is printed. `--profile` then profiles two more steps of each
+ratio of each round and of the medians is printed, beside the ratio of the two precisions' square
+matmul rates (2048^3, the best case): the step can beat that only where its other operators gain
+more from bf16 than its matmuls do. `--profile` then profiles two more steps of each
 and splits their operator time into matmuls (the part precision can speed up) and the rest.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 from m3ae import M3AE
 from m3ae.host_allocator import keep_freed_memory
-from m3ae.perf import device_name
+from m3ae.perf import device_name, measure_matmul_tflops
 from m3ae.threads import choose_threads
 from m3ae.train.bench import BenchOptions, _Step, bench_model_config, synthetic_batches
 
@@ -66,6 +68,10 @@ def main() -> int:
                 print(f"round {i - len(batches) + 1}: bf16 {times['bf16'][-1] * 1e3:.0f} ms, fp32 "
                       f"{times['fp32'][-1] * 1e3:.0f} ms, {times['fp32'][-1] / times['bf16'][-1]:.2f}x "
                       f"(page faults {faults['bf16'][-1]}, {faults['fp32'][-1]})", flush=True)
+        peak = {name: measure_matmul_tflops(device, dtype, size=2048, seconds=2.0)
+                for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
+        print(f"square matmul (2048^3): bf16 {peak['bf16']:.3f} TFLOP/s, fp32 {peak['fp32']:.3f}; "
+              f"{peak['bf16'] / peak['fp32']:.2f}x")
         med = {name: statistics.median(t) for name, t in times.items()}
         rounds = [a / b for a, b in zip(times["fp32"], times["bf16"])]
         print(f"median step: bf16 {med['bf16'] * 1e3:.0f} ms, fp32 {med['fp32'] * 1e3:.0f} ms; bf16 speed-up "
