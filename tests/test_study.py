@@ -16,6 +16,7 @@ from m3ae.cli import main
 from m3ae.config import ConfigError
 from m3ae.study.evaluate import EvalSpec, derangement
 from m3ae.study.runner import arm_config, run_dir, run_lock, run_study
+from m3ae.train.config import to_yaml
 from m3ae.study.spec import load_study, parse_study
 
 KINDS = ["shirt", "shoes", "watch"]
@@ -337,3 +338,62 @@ def test_bad_images_and_a_truncated_shard_are_counted_not_fatal(study_file, capl
     ev = json.loads((run_dir(study_file / "out", study.arms[0], 0) / "eval.json").read_text())
     assert ev["probes"]["type"]["skipped_images"] >= 1 and ev["masked_words"]["skipped"] == 1
     assert ev["masked_words"]["captions"] == 17
+
+
+def test_a_moved_study_folder_resumes(study_file, caplog, monkeypatch):
+    # Was: run_config.yaml held the tokenizer's path as --out spelled it, so a moved folder (or
+    # another spelling of --out) was refused as "made by a different recipe".
+    caplog.set_level(logging.INFO, logger="m3ae")
+    from m3ae.study.report import collect
+    from m3ae.study.runner import eval_fingerprint
+    from m3ae.train.loop import pretrain
+
+    study = load_study(study_file / "study.yaml", str(study_file / "data"))
+    run_study(study, study_file / "first", only=["random"])
+    (study_file / "first").rename(study_file / "moved")
+    monkeypatch.chdir(study_file)  # and spelled relative, from another directory
+    evaluated = run_dir(study_file / "moved", study.arms[0], 0) / "eval.json"
+    stamp = evaluated.stat().st_mtime_ns
+    run_study(study, "moved", only=["random"])
+    assert evaluated.stat().st_mtime_ns == stamp  # not re-evaluated either
+    # A pretraining stopped half way (as a kill after a checkpoint would) resumes after a move.
+    arm = study.arms[2]
+    config = arm_config(study, arm, 0, str(study_file / "moved" / "tokenizer.json"))
+    assert pretrain(config, run_dir(study_file / "moved", arm, 0), stop_at_step=2,
+                    root=study_file / "moved").status == "stopped"  # as run_study runs it
+    assert "tokenizer: $ROOT/tokenizer.json" in (run_dir(study_file / "moved", arm, 0) / "run_config.yaml").read_text()
+    (study_file / "moved").rename(study_file / "again")
+    run_study(study, study_file / "again", only=["m3ae"])
+    assert "resuming from" in caplog.text
+    assert [r["status"] for r in collect(study, study_file / "again")["runs"]] == [
+        "evaluated", "pending", "evaluated", "evaluated"]
+    # A folder made before (absolute paths in run_config.yaml and in the evaluation's fingerprint)
+    # still resumes where it is, without being re-evaluated.
+    evaluated = run_dir(study_file / "again", study.arms[0], 0) / "eval.json"
+    random = evaluated.parent
+    old_config = arm_config(study, study.arms[0], 0, str(study_file / "again" / "tokenizer.json"))
+    (random / "run_config.yaml").write_text(to_yaml(old_config))
+    spec = EvalSpec.from_dict(study.evals)
+    result = json.loads(evaluated.read_text())
+    result["fingerprint"] = eval_fingerprint(spec, old_config, result["checkpoint"])
+    evaluated.write_text(json.dumps(result))
+    stamp = evaluated.stat().st_mtime_ns
+    run_study(study, study_file / "again", only=["random"])
+    assert evaluated.stat().st_mtime_ns == stamp
+    assert collect(study, study_file / "again")["runs"][0]["status"] == "evaluated"
+
+
+def test_study_paths_are_recorded_relative_to_the_folder_only_inside_it(tmp_path, monkeypatch):
+    from m3ae.train.config import TrainConfig, from_yaml, relative_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "tok.json").write_text("{}")
+    (tmp_path / "outside.json").write_text("{}")
+    for given, recorded in (("study/tok.json", "$ROOT/tok.json"), ("outside.json", str(tmp_path / "outside.json")),
+                            ("bert-base-uncased", "bert-base-uncased")):  # a hub name is no file
+        config = TrainConfig()
+        config.data.tokenizer = given
+        assert relative_paths(config, "study").data.tokenizer == recorded
+        assert from_yaml(to_yaml(config, tmp_path / "study"), "elsewhere").data.tokenizer == (
+            "elsewhere/tok.json" if recorded.startswith("$ROOT") else recorded)

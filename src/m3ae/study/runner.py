@@ -24,7 +24,7 @@ import torch
 from ..checkpoint import RUN_CONFIG_NAME
 from ..files import atomic_write
 from ..model import M3AE
-from ..train.config import TrainConfig, from_yaml, load_config, setting_changes, to_yaml
+from ..train.config import TrainConfig, from_yaml, load_config, relative_paths, setting_changes, to_yaml
 from .evaluate import (EvalSpec, FeatureCache, ImageCache, load_captioned, load_probe_sets, masked_word_accuracy,
                        run_probe)
 from .spec import ArmSpec, StudySpec
@@ -132,16 +132,25 @@ def train_flag_changed(done: dict, arm: ArmSpec) -> bool:
     return done.get("trained", arm.train) != arm.train
 
 
-def expected_fingerprint(study: StudySpec, arm: ArmSpec, seed: int, out: Path, done: dict) -> str:
-    """The fingerprint a current evaluation of this finished run carries (report: stale or not)."""
+def evaluation_is_current(study: StudySpec, arm: ArmSpec, seed: int, out: Path, done: dict,
+                          evaluation: dict) -> bool:
+    """Whether this finished run's eval.json was made with the study's current settings (report)."""
     config = arm_config(study, arm, seed, study_tokenizer(study, out))
-    return eval_fingerprint(EvalSpec.from_dict(study.evals), config, done["checkpoint"])
+    return fingerprint_matches(evaluation, EvalSpec.from_dict(study.evals), config, done["checkpoint"], out)
 
 
-def eval_fingerprint(spec: EvalSpec, config: TrainConfig, checkpoint: str) -> str:
-    """What an evaluation result depends on: the settings, the weights' run config and checkpoint."""
-    text = json.dumps([asdict(spec), to_yaml(config), checkpoint], sort_keys=True, default=str)
+def eval_fingerprint(spec: EvalSpec, config: TrainConfig, checkpoint: str, out: Path | None = None) -> str:
+    """What an evaluation result depends on: the settings, the weights' run config and checkpoint.
+    With the study folder `out`, files in it count by their place in it (the folder may move)."""
+    text = json.dumps([asdict(spec), to_yaml(config, out), checkpoint], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def fingerprint_matches(evaluation: dict, spec: EvalSpec, config: TrainConfig, checkpoint: str, out: Path) -> bool:
+    # Folders evaluated before study paths were stored relative to the folder carry the fingerprint
+    # of the absolute paths: still current where the folder has not moved.
+    return evaluation.get("fingerprint") in (eval_fingerprint(spec, config, checkpoint, out),
+                                             eval_fingerprint(spec, config, checkpoint))
 
 
 def train_seconds(metrics_path: Path, batch_size: int) -> float:
@@ -223,8 +232,11 @@ def run_one(study: StudySpec, arm: ArmSpec, seed: int, out: Path, tokenizer: str
             log.info("%s seed %d: another process is on it; skipping", arm.name, seed)
             return "busy"
         saved = directory / RUN_CONFIG_NAME
-        if saved.is_file() and saved.read_text() != to_yaml(config):
-            changed = setting_changes(from_yaml(saved.read_text()), config)
+        # Files inside the study folder are compared by their place in it (run_config.yaml records them
+        # so; older folders hold absolute paths), so a moved or differently spelled --out still resumes.
+        if saved.is_file() and (to_yaml(from_yaml(saved.read_text(), out), out) != to_yaml(config, out)):
+            changed = setting_changes(relative_paths(from_yaml(saved.read_text(), out), out),
+                                      relative_paths(config, out))
             raise ValueError(f"{directory} was made by a different recipe or study file ("
                              + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:8])
                              + "); use another --out, or delete that folder to redo the run")
@@ -237,7 +249,7 @@ def run_one(study: StudySpec, arm: ArmSpec, seed: int, out: Path, tokenizer: str
             if arm.train:
                 from ..train.loop import pretrain
                 log.info("%s seed %d: pretraining %d steps -> %s", arm.name, seed, config.steps, directory)
-                result = pretrain(config, directory, resume="auto")
+                result = pretrain(config, directory, resume="auto", root=out)
                 if result.status != "finished":
                     raise StudyStopped(f"{arm.name} seed {seed} stopped at step {result.step}")
                 assert result.checkpoint is not None  # a finished run has saved its last step
@@ -246,14 +258,14 @@ def run_one(study: StudySpec, arm: ArmSpec, seed: int, out: Path, tokenizer: str
                 torch.manual_seed(config.seed)
                 model = M3AE(config.model)
                 model.save_pretrained(directory / INIT)
-                saved.write_text(to_yaml(config))
+                saved.write_text(to_yaml(config, out))
                 checkpoint = str((directory / INIT).relative_to(out))
             done = {"checkpoint": checkpoint, "steps": config.steps if arm.train else 0, "trained": arm.train,
                     "train_seconds": train_seconds(directory / "metrics.jsonl", config.batch_size)}
             write_json(directory / DONE, done)
-        fingerprint = eval_fingerprint(evaluator.spec, config, done["checkpoint"])
+        fingerprint = eval_fingerprint(evaluator.spec, config, done["checkpoint"], out)
         existing = read_json(directory / EVAL)
-        if existing is None or existing.get("fingerprint") != fingerprint:
+        if existing is None or not fingerprint_matches(existing, evaluator.spec, config, done["checkpoint"], out):
             log.info("%s seed %d: evaluating %s", arm.name, seed, done["checkpoint"])
             t0 = time.perf_counter()
             model = M3AE.from_pretrained(out / done["checkpoint"])
