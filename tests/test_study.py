@@ -397,3 +397,23 @@ def test_study_paths_are_recorded_relative_to_the_folder_only_inside_it(tmp_path
         assert relative_paths(config, "study").data.tokenizer == recorded
         assert from_yaml(to_yaml(config, tmp_path / "study"), "elsewhere").data.tokenizer == (
             "elsewhere/tok.json" if recorded.startswith("$ROOT") else recorded)
+
+
+def test_missing_evaluation_data_fails_before_any_pretraining(study_file, capsys):
+    # Was: found when the first run was evaluated, after its pretraining (hours, on a real study).
+    text = (study_file / "study.yaml").read_text()
+    data = study_file / "data"
+    for old, new, key, missing, jobs in (
+            ("masked_words: {data: $DATA/test-00000", "masked_words: {data: $DATA/gone-00000",
+             "evals.masked_words.data", data / "gone-00000.tar.gz", []),
+            ("train: $DATA/train-00000.tar.gz, test", "train: '$DATA/train-0000{0..1}.tar.gz', test",
+             "evals.probes[0].train", data / "train-00001.tar.gz", ["--jobs", "2"]),
+            ("square: pad, min_count: 2}", "square: pad, min_count: 2, classes_file: $DATA/names.txt}",
+             "evals.probes[0].classes_file", data / "names.txt", [])):
+        assert old in text
+        (study_file / "bad.yaml").write_text(text.replace(old, new))
+        out = study_file / "out"
+        code = main(["study", str(study_file / "bad.yaml"), "--out", str(out), "--data-root", str(data), *jobs])
+        err = capsys.readouterr().err
+        assert code == 2 and f"bad.yaml: {key}: " in err and str(missing) in err, err
+        assert not (out / "runs").exists() and not (out / "tokenizer.json").exists()  # nothing trained

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..study.report import write_report
-    from ..study.runner import StudyStopped, prepare_tokenizer, run_study
+    from ..study.runner import StudyStopped, check_study, prepare_tokenizer, run_study
     from ..study.spec import load_study
 
     study = load_study(args.study, args.data_root)
@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     failed = False
     if not args.report_only:
         if args.jobs > 1:
+            check_study(study, args.out)  # here, before the vocabulary and the workers (run_study checks too)
             # Once, here: workers each training their own vocabulary would differ (WordPiece ties).
             Path(args.out).mkdir(parents=True, exist_ok=True)
             prepare_tokenizer(study, Path(args.out))

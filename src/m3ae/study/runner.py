@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import torch
 
 from ..checkpoint import RUN_CONFIG_NAME
+from ..config import ConfigError
 from ..files import atomic_write
 from ..model import M3AE
 from ..train.config import TrainConfig, from_yaml, load_config, relative_paths, setting_changes, to_yaml
@@ -276,18 +277,58 @@ def run_one(study: StudySpec, arm: ArmSpec, seed: int, out: Path, tokenizer: str
     return "done"
 
 
+def _in_file(study: StudySpec, message: str) -> ConfigError:
+    return ConfigError(f"{study.path}: {message}" if study.path is not None else message)
+
+
+def eval_data(spec: EvalSpec) -> list[tuple[str, str]]:
+    """(study file key, path or shard pattern) of every file the evaluations read."""
+    named = []
+    for i, probe in enumerate(spec.probes):
+        named += [(f"evals.probes[{i}].train", probe.train), (f"evals.probes[{i}].test", probe.test)]
+        if probe.classes_file:
+            named.append((f"evals.probes[{i}].classes_file", probe.classes_file))
+    if spec.masked_words is not None:
+        named.append(("evals.masked_words.data", spec.masked_words.data))
+    return named
+
+
+def check_study(study: StudySpec, out: str | Path, *, data: bool = True) -> EvalSpec:
+    """What can be checked before any run starts, so a mistake fails now and not hours into the
+    study: the evals settings, every arm's config and, with `data`, that every file the evaluations
+    read exists (ConfigError naming the study file, the key and the path)."""
+    try:
+        spec = EvalSpec.from_dict(study.evals)
+    except ConfigError as err:
+        raise _in_file(study, str(err)) from None
+    # Every arm's config, not only the arms run now: a typo in the last arm fails before the first.
+    tokenizer = study_tokenizer(study, Path(out))
+    for arm, seed in study.runs():
+        arm_config(study, arm, seed, tokenizer)
+    if data:
+        from ..data.sources.wds import list_shards
+
+        for key, pattern in eval_data(spec):
+            try:
+                if key.endswith("classes_file"):
+                    if not Path(pattern).is_file():
+                        raise FileNotFoundError(f"file not found: {pattern}")
+                else:
+                    list_shards(pattern)  # the rule the evaluation reads them by
+            except FileNotFoundError as err:
+                raise _in_file(study, f"{key}: {err}") from None
+    return spec
+
+
 def run_study(study: StudySpec, out: str | Path, *, only: list[str] | None = None) -> dict[str, str]:
     """Every (arm, seed) of the study (or of the arms named in `only`); returns {run: status}."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     unknown = sorted(set(only or []) - {a.name for a in study.arms})
     if unknown:
         raise ValueError(f"unknown arms {unknown}; the study has {[a.name for a in study.arms]}")
+    evaluator = Evaluator(check_study(study, out))  # before the tokenizer, which may train a vocabulary
+    out.mkdir(parents=True, exist_ok=True)
     tokenizer = prepare_tokenizer(study, out)
-    evaluator = Evaluator(EvalSpec.from_dict(study.evals))
-    # Check every arm's config before spending time on any (a typo in the last arm fails now).
-    for arm, seed in study.runs():
-        arm_config(study, arm, seed, tokenizer)
     status = {}
     for arm, seed in study.runs():
         if only and arm.name not in only:
