@@ -417,3 +417,21 @@ def test_missing_evaluation_data_fails_before_any_pretraining(study_file, capsys
         err = capsys.readouterr().err
         assert code == 2 and f"bad.yaml: {key}: " in err and str(missing) in err, err
         assert not (out / "runs").exists() and not (out / "tokenizer.json").exists()  # nothing trained
+
+
+def test_report_only_checks_the_study_file_as_a_run_does(study_file, capsys):
+    # Was: --report-only never built the arms' configs, so a typo'd override was accepted silently.
+    text = (study_file / "study.yaml").read_text()
+    for old, new, message in (("{name: m3ae, seeds: [0, 1]}", "{name: m3ae, seeds: [0, 1], overrides: [model.depht=2]}",
+                               "depht"),
+                              ("  batch_size: 16", "  batch_sise: 16", "evals: unknown keys ['batch_sise']")):
+        (study_file / "bad.yaml").write_text(text.replace(old, new))
+        out = study_file / "out"
+        code = main(["study", str(study_file / "bad.yaml"), "--out", str(out), "--data-root",
+                     str(study_file / "data"), "--report-only"])
+        err = capsys.readouterr().err
+        assert code == 2 and "bad.yaml: " in err and message in err, err
+        assert not (out / "results.json").exists()
+    # It reads no evaluation data: a report is written where the data are not (another machine).
+    assert main(["study", str(study_file / "study.yaml"), "--out", str(study_file / "out"), "--data-root",
+                 str(study_file / "elsewhere"), "--report-only"]) == 0

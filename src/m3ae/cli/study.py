@@ -72,11 +72,13 @@ def run(args: argparse.Namespace) -> int:
     only = [a for a in args.arms.split(",") if a] if args.arms else None
     if args.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
+    # Before anything runs (the vocabulary, --jobs workers), and with --report-only too: the checks of
+    # a run (run_study repeats them for library callers). Only a run reads the evaluation data.
+    check_study(study, args.out, data=not args.report_only)
     stopped: str | Exception | None = None
     failed = False
     if not args.report_only:
         if args.jobs > 1:
-            check_study(study, args.out)  # here, before the vocabulary and the workers (run_study checks too)
             # Once, here: workers each training their own vocabulary would differ (WordPiece ties).
             Path(args.out).mkdir(parents=True, exist_ok=True)
             prepare_tokenizer(study, Path(args.out))

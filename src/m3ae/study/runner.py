@@ -304,7 +304,10 @@ def check_study(study: StudySpec, out: str | Path, *, data: bool = True) -> Eval
     # Every arm's config, not only the arms run now: a typo in the last arm fails before the first.
     tokenizer = study_tokenizer(study, Path(out))
     for arm, seed in study.runs():
-        arm_config(study, arm, seed, tokenizer)
+        try:
+            arm_config(study, arm, seed, tokenizer)
+        except ConfigError as err:
+            raise _in_file(study, f"arm {arm.name!r} seed {seed}: {err}") from None
     if data:
         from ..data.sources.wds import list_shards
 
