@@ -435,3 +435,22 @@ def test_report_only_checks_the_study_file_as_a_run_does(study_file, capsys):
     # It reads no evaluation data: a report is written where the data are not (another machine).
     assert main(["study", str(study_file / "study.yaml"), "--out", str(study_file / "out"), "--data-root",
                  str(study_file / "elsewhere"), "--report-only"]) == 0
+
+
+def test_pictures_arguments_are_checked_before_any_training(study_file, capsys):
+    # Was: checked when the pictures were drawn, after every run had been pretrained.
+    text = (study_file / "study.yaml").read_text()
+    (study_file / "no_words.yaml").write_text(text.replace("  masked_words:", "  #"))
+    for study, which, message in (("study.yaml", "m3e", "no arm 'm3e'"),
+                                  ("study.yaml", "m3ae/seed7", "arm 'm3ae' has seeds [0, 1]"),
+                                  ("study.yaml", "m3ae/7", "no arm 'm3ae/7'"),
+                                  ("study.yaml", "m3ae/seedx", "give ARM or ARM/seedS"),
+                                  ("study.yaml", "mae", "arm 'mae' has no text"),
+                                  ("study.yaml", "m3ae", "not trained yet, and this command does not train it"),
+                                  ("no_words.yaml", "m3ae", "no evals.masked_words")):
+        out = study_file / "out"
+        code = main(["study", str(study_file / study), "--out", str(out), "--data-root", str(study_file / "data"),
+                     "--arms", "random", "--pictures", which])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, (which, err)
+        assert not (out / "runs").exists() and not (out / "tokenizer.json").exists()  # nothing trained

@@ -73,8 +73,12 @@ def run(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
     # Before anything runs (the vocabulary, --jobs workers), and with --report-only too: the checks of
-    # a run (run_study repeats them for library callers). Only a run reads the evaluation data.
-    check_study(study, args.out, data=not args.report_only)
+    # a run (run_study repeats them for library callers). Only a run or --pictures reads the evaluation
+    # data; --pictures is checked now too, not after the training it waits for.
+    check_study(study, args.out, data=not args.report_only or bool(args.pictures))
+    if args.pictures:
+        from ..study.pictures import check_pictures
+        check_pictures(study, args.out, args.pictures, trains=[] if args.report_only else only)
     stopped: str | Exception | None = None
     failed = False
     if not args.report_only:
