@@ -16,6 +16,7 @@ from m3ae.cli import main
 from m3ae.config import ConfigError
 from m3ae.study.evaluate import EvalSpec, derangement
 from m3ae.study.runner import arm_config, run_dir, run_lock, run_study
+from m3ae.train.config import to_yaml
 from m3ae.study.spec import load_study, parse_study
 
 KINDS = ["shirt", "shoes", "watch"]
@@ -337,3 +338,119 @@ def test_bad_images_and_a_truncated_shard_are_counted_not_fatal(study_file, capl
     ev = json.loads((run_dir(study_file / "out", study.arms[0], 0) / "eval.json").read_text())
     assert ev["probes"]["type"]["skipped_images"] >= 1 and ev["masked_words"]["skipped"] == 1
     assert ev["masked_words"]["captions"] == 17
+
+
+def test_a_moved_study_folder_resumes(study_file, caplog, monkeypatch):
+    # Was: run_config.yaml held the tokenizer's path as --out spelled it, so a moved folder (or
+    # another spelling of --out) was refused as "made by a different recipe".
+    caplog.set_level(logging.INFO, logger="m3ae")
+    from m3ae.study.report import collect
+    from m3ae.study.runner import eval_fingerprint
+    from m3ae.train.loop import pretrain
+
+    study = load_study(study_file / "study.yaml", str(study_file / "data"))
+    run_study(study, study_file / "first", only=["random"])
+    (study_file / "first").rename(study_file / "moved")
+    monkeypatch.chdir(study_file)  # and spelled relative, from another directory
+    evaluated = run_dir(study_file / "moved", study.arms[0], 0) / "eval.json"
+    stamp = evaluated.stat().st_mtime_ns
+    run_study(study, "moved", only=["random"])
+    assert evaluated.stat().st_mtime_ns == stamp  # not re-evaluated either
+    # A pretraining stopped half way (as a kill after a checkpoint would) resumes after a move.
+    arm = study.arms[2]
+    config = arm_config(study, arm, 0, str(study_file / "moved" / "tokenizer.json"))
+    assert pretrain(config, run_dir(study_file / "moved", arm, 0), stop_at_step=2,
+                    root=study_file / "moved").status == "stopped"  # as run_study runs it
+    assert "tokenizer: $ROOT/tokenizer.json" in (run_dir(study_file / "moved", arm, 0) / "run_config.yaml").read_text()
+    (study_file / "moved").rename(study_file / "again")
+    run_study(study, study_file / "again", only=["m3ae"])
+    assert "resuming from" in caplog.text
+    assert [r["status"] for r in collect(study, study_file / "again")["runs"]] == [
+        "evaluated", "pending", "evaluated", "evaluated"]
+    # A folder made before (absolute paths in run_config.yaml and in the evaluation's fingerprint)
+    # still resumes where it is, without being re-evaluated.
+    evaluated = run_dir(study_file / "again", study.arms[0], 0) / "eval.json"
+    random = evaluated.parent
+    old_config = arm_config(study, study.arms[0], 0, str(study_file / "again" / "tokenizer.json"))
+    (random / "run_config.yaml").write_text(to_yaml(old_config))
+    spec = EvalSpec.from_dict(study.evals)
+    result = json.loads(evaluated.read_text())
+    result["fingerprint"] = eval_fingerprint(spec, old_config, result["checkpoint"])
+    evaluated.write_text(json.dumps(result))
+    stamp = evaluated.stat().st_mtime_ns
+    run_study(study, study_file / "again", only=["random"])
+    assert evaluated.stat().st_mtime_ns == stamp
+    assert collect(study, study_file / "again")["runs"][0]["status"] == "evaluated"
+
+
+def test_study_paths_are_recorded_relative_to_the_folder_only_inside_it(tmp_path, monkeypatch):
+    from m3ae.train.config import TrainConfig, from_yaml, relative_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "tok.json").write_text("{}")
+    (tmp_path / "outside.json").write_text("{}")
+    for given, recorded in (("study/tok.json", "$ROOT/tok.json"), ("outside.json", str(tmp_path / "outside.json")),
+                            ("bert-base-uncased", "bert-base-uncased")):  # a hub name is no file
+        config = TrainConfig()
+        config.data.tokenizer = given
+        assert relative_paths(config, "study").data.tokenizer == recorded
+        assert from_yaml(to_yaml(config, tmp_path / "study"), "elsewhere").data.tokenizer == (
+            "elsewhere/tok.json" if recorded.startswith("$ROOT") else recorded)
+
+
+def test_missing_evaluation_data_fails_before_any_pretraining(study_file, capsys):
+    # Was: found when the first run was evaluated, after its pretraining (hours, on a real study).
+    text = (study_file / "study.yaml").read_text()
+    data = study_file / "data"
+    for old, new, key, missing, jobs in (
+            ("masked_words: {data: $DATA/test-00000", "masked_words: {data: $DATA/gone-00000",
+             "evals.masked_words.data", data / "gone-00000.tar.gz", []),
+            ("train: $DATA/train-00000.tar.gz, test", "train: '$DATA/train-0000{0..1}.tar.gz', test",
+             "evals.probes[0].train", data / "train-00001.tar.gz", ["--jobs", "2"]),
+            ("square: pad, min_count: 2}", "square: pad, min_count: 2, classes_file: $DATA/names.txt}",
+             "evals.probes[0].classes_file", data / "names.txt", [])):
+        assert old in text
+        (study_file / "bad.yaml").write_text(text.replace(old, new))
+        out = study_file / "out"
+        code = main(["study", str(study_file / "bad.yaml"), "--out", str(out), "--data-root", str(data), *jobs])
+        err = capsys.readouterr().err
+        assert code == 2 and f"bad.yaml: {key}: " in err and str(missing) in err, err
+        assert not (out / "runs").exists() and not (out / "tokenizer.json").exists()  # nothing trained
+
+
+def test_report_only_checks_the_study_file_as_a_run_does(study_file, capsys):
+    # Was: --report-only never built the arms' configs, so a typo'd override was accepted silently.
+    text = (study_file / "study.yaml").read_text()
+    for old, new, message in (("{name: m3ae, seeds: [0, 1]}", "{name: m3ae, seeds: [0, 1], overrides: [model.depht=2]}",
+                               "depht"),
+                              ("  batch_size: 16", "  batch_sise: 16", "evals: unknown keys ['batch_sise']")):
+        (study_file / "bad.yaml").write_text(text.replace(old, new))
+        out = study_file / "out"
+        code = main(["study", str(study_file / "bad.yaml"), "--out", str(out), "--data-root",
+                     str(study_file / "data"), "--report-only"])
+        err = capsys.readouterr().err
+        assert code == 2 and "bad.yaml: " in err and message in err, err
+        assert not (out / "results.json").exists()
+    # It reads no evaluation data: a report is written where the data are not (another machine).
+    assert main(["study", str(study_file / "study.yaml"), "--out", str(study_file / "out"), "--data-root",
+                 str(study_file / "elsewhere"), "--report-only"]) == 0
+
+
+def test_pictures_arguments_are_checked_before_any_training(study_file, capsys):
+    # Was: checked when the pictures were drawn, after every run had been pretrained.
+    text = (study_file / "study.yaml").read_text()
+    (study_file / "no_words.yaml").write_text(text.replace("  masked_words:", "  #"))
+    for study, which, message in (("study.yaml", "m3e", "no arm 'm3e'"),
+                                  ("study.yaml", "m3ae/seed7", "arm 'm3ae' has seeds [0, 1]"),
+                                  ("study.yaml", "m3ae/7", "no arm 'm3ae/7'"),
+                                  ("study.yaml", "m3ae/seedx", "give ARM or ARM/seedS"),
+                                  ("study.yaml", "mae", "arm 'mae' has no text"),
+                                  ("study.yaml", "m3ae", "not trained yet, and this command does not train it"),
+                                  ("no_words.yaml", "m3ae", "no evals.masked_words")):
+        out = study_file / "out"
+        code = main(["study", str(study_file / study), "--out", str(out), "--data-root", str(study_file / "data"),
+                     "--arms", "random", "--pictures", which])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, (which, err)
+        assert not (out / "runs").exists() and not (out / "tokenizer.json").exists()  # nothing trained

@@ -65,13 +65,20 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..study.report import write_report
-    from ..study.runner import StudyStopped, prepare_tokenizer, run_study
+    from ..study.runner import StudyStopped, check_study, prepare_tokenizer, run_study
     from ..study.spec import load_study
 
     study = load_study(args.study, args.data_root)
     only = [a for a in args.arms.split(",") if a] if args.arms else None
     if args.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
+    # Before anything runs (the vocabulary, --jobs workers), and with --report-only too: the checks of
+    # a run (run_study repeats them for library callers). Only a run or --pictures reads the evaluation
+    # data; --pictures is checked now too, not after the training it waits for.
+    check_study(study, args.out, data=not args.report_only or bool(args.pictures))
+    if args.pictures:
+        from ..study.pictures import check_pictures
+        check_pictures(study, args.out, args.pictures, trains=[] if args.report_only else only)
     stopped: str | Exception | None = None
     failed = False
     if not args.report_only:

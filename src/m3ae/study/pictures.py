@@ -6,19 +6,46 @@ from pathlib import Path
 
 import torch
 
+from ..config import ConfigError
 from ..model import M3AE
 from .evaluate import EvalSpec
-from .runner import DONE, Evaluator, arm_config, read_json, run_dir
-from .spec import StudySpec
+from .runner import DONE, Evaluator, arm_config, read_json, run_dir, study_tokenizer
+from .spec import ArmSpec, StudySpec
 
 
-def _arm_and_seed(study: StudySpec, which: str):
-    name, _, seed = which.partition("/seed")
+def _arm_and_seed(study: StudySpec, which: str) -> tuple[ArmSpec, int]:
+    name, slash, seed = which.partition("/seed")
     arm = next((a for a in study.arms if a.name == name), None)
     if arm is None:
-        raise ValueError(f"--pictures: no arm {name!r}; the study has {[a.name for a in study.arms]}")
+        raise ConfigError(f"--pictures {which}: no arm {name!r}; the study has {[a.name for a in study.arms]} "
+                          "(give ARM or ARM/seedS)")
     seeds = arm.seeds if arm.seeds is not None else study.seeds
-    return arm, int(seed) if seed else seeds[0]
+    if slash and not seed.isdigit():
+        raise ConfigError(f"--pictures {which}: give ARM or ARM/seedS, e.g. {name}/seed{seeds[0]}")
+    if slash and int(seed) not in seeds:
+        raise ConfigError(f"--pictures {which}: arm {name!r} has seeds {seeds}")
+    return arm, int(seed) if slash else seeds[0]
+
+
+def check_pictures(study: StudySpec, out: str | Path, which: str, trains: list[str] | None = None) -> None:
+    """--pictures ARM[/seedS] checked before any training, not after: an arm and seed of the study,
+    a model with text, and a study with the tokenizer, masked-words captions and probe task the
+    pictures use. `trains`: the arms this command trains (None: all); a run it neither trains nor
+    has finished could not be drawn."""
+    arm, seed = _arm_and_seed(study, which)
+    spec = EvalSpec.from_dict(study.evals)
+    if spec.masked_words is None:
+        raise ConfigError(f"--pictures {which}: the study has no evals.masked_words (the pictures draw its captions)")
+    if not spec.probes:
+        raise ConfigError(f"--pictures {which}: the study has no evals.probes task (the t-SNE picture uses the first)")
+    config = arm_config(study, arm, seed, study_tokenizer(study, Path(out)))
+    if not config.model.has_text:
+        raise ConfigError(f"--pictures {which}: arm {arm.name!r} has no text (model.vocab_size 0); "
+                          "the pictures need a model with text")
+    if not config.data.tokenizer:
+        raise ConfigError(f"--pictures {which}: the study names no tokenizer (tokenizer: path or train_from)")
+    if trains is not None and arm.name not in trains and read_json(run_dir(Path(out), arm, seed) / DONE) is None:
+        raise ConfigError(f"--pictures {which}: that run is not trained yet, and this command does not train it")
 
 
 def draw_pictures(study: StudySpec, out: str | Path, which: str, n: int = 6,
@@ -29,6 +56,7 @@ def draw_pictures(study: StudySpec, out: str | Path, which: str, n: int = 6,
     from ..viz.reconstruction import reconstruct, reconstruction_figure
 
     out = Path(out)
+    check_pictures(study, out, which)
     arm, s = _arm_and_seed(study, which)
     done = read_json(run_dir(out, arm, s) / DONE)
     if done is None:

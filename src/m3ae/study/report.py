@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .runner import DONE, EVAL, expected_fingerprint, read_json, run_dir, train_flag_changed, write_json
+from .runner import DONE, EVAL, evaluation_is_current, read_json, run_dir, train_flag_changed, write_json
 from .spec import StudySpec
 
 WORDS = ("true_image", "mismatched_image", "no_image")
@@ -80,8 +80,7 @@ def collect(study: StudySpec, out: Path) -> dict[str, Any]:
             done, result = read_json(directory / DONE), read_json(directory / EVAL)
             # An evaluation of other settings (the evals or the arm's recipe changed since) is stale:
             # shown as such, never averaged with current ones.
-            stale = bool(result and done and result.get("fingerprint") != expected_fingerprint(
-                study, arm, seed, out, done))
+            stale = bool(result and done and not evaluation_is_current(study, arm, seed, out, done, result))
             if stale or (done and train_flag_changed(done, arm)):
                 result, stale = None, True
             status = "evaluated" if result else ("stale" if stale else "trained" if done else "pending")

@@ -22,9 +22,10 @@ from typing import Any, Iterator
 import torch
 
 from ..checkpoint import RUN_CONFIG_NAME
+from ..config import ConfigError
 from ..files import atomic_write
 from ..model import M3AE
-from ..train.config import TrainConfig, from_yaml, load_config, setting_changes, to_yaml
+from ..train.config import TrainConfig, from_yaml, load_config, relative_paths, setting_changes, to_yaml
 from .evaluate import (EvalSpec, FeatureCache, ImageCache, load_captioned, load_probe_sets, masked_word_accuracy,
                        run_probe)
 from .spec import ArmSpec, StudySpec
@@ -132,16 +133,25 @@ def train_flag_changed(done: dict, arm: ArmSpec) -> bool:
     return done.get("trained", arm.train) != arm.train
 
 
-def expected_fingerprint(study: StudySpec, arm: ArmSpec, seed: int, out: Path, done: dict) -> str:
-    """The fingerprint a current evaluation of this finished run carries (report: stale or not)."""
+def evaluation_is_current(study: StudySpec, arm: ArmSpec, seed: int, out: Path, done: dict,
+                          evaluation: dict) -> bool:
+    """Whether this finished run's eval.json was made with the study's current settings (report)."""
     config = arm_config(study, arm, seed, study_tokenizer(study, out))
-    return eval_fingerprint(EvalSpec.from_dict(study.evals), config, done["checkpoint"])
+    return fingerprint_matches(evaluation, EvalSpec.from_dict(study.evals), config, done["checkpoint"], out)
 
 
-def eval_fingerprint(spec: EvalSpec, config: TrainConfig, checkpoint: str) -> str:
-    """What an evaluation result depends on: the settings, the weights' run config and checkpoint."""
-    text = json.dumps([asdict(spec), to_yaml(config), checkpoint], sort_keys=True, default=str)
+def eval_fingerprint(spec: EvalSpec, config: TrainConfig, checkpoint: str, out: Path | None = None) -> str:
+    """What an evaluation result depends on: the settings, the weights' run config and checkpoint.
+    With the study folder `out`, files in it count by their place in it (the folder may move)."""
+    text = json.dumps([asdict(spec), to_yaml(config, out), checkpoint], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def fingerprint_matches(evaluation: dict, spec: EvalSpec, config: TrainConfig, checkpoint: str, out: Path) -> bool:
+    # Folders evaluated before study paths were stored relative to the folder carry the fingerprint
+    # of the absolute paths: still current where the folder has not moved.
+    return evaluation.get("fingerprint") in (eval_fingerprint(spec, config, checkpoint, out),
+                                             eval_fingerprint(spec, config, checkpoint))
 
 
 def train_seconds(metrics_path: Path, batch_size: int) -> float:
@@ -223,8 +233,11 @@ def run_one(study: StudySpec, arm: ArmSpec, seed: int, out: Path, tokenizer: str
             log.info("%s seed %d: another process is on it; skipping", arm.name, seed)
             return "busy"
         saved = directory / RUN_CONFIG_NAME
-        if saved.is_file() and saved.read_text() != to_yaml(config):
-            changed = setting_changes(from_yaml(saved.read_text()), config)
+        # Files inside the study folder are compared by their place in it (run_config.yaml records them
+        # so; older folders hold absolute paths), so a moved or differently spelled --out still resumes.
+        if saved.is_file() and (to_yaml(from_yaml(saved.read_text(), out), out) != to_yaml(config, out)):
+            changed = setting_changes(relative_paths(from_yaml(saved.read_text(), out), out),
+                                      relative_paths(config, out))
             raise ValueError(f"{directory} was made by a different recipe or study file ("
                              + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:8])
                              + "); use another --out, or delete that folder to redo the run")
@@ -237,7 +250,7 @@ def run_one(study: StudySpec, arm: ArmSpec, seed: int, out: Path, tokenizer: str
             if arm.train:
                 from ..train.loop import pretrain
                 log.info("%s seed %d: pretraining %d steps -> %s", arm.name, seed, config.steps, directory)
-                result = pretrain(config, directory, resume="auto")
+                result = pretrain(config, directory, resume="auto", root=out)
                 if result.status != "finished":
                     raise StudyStopped(f"{arm.name} seed {seed} stopped at step {result.step}")
                 assert result.checkpoint is not None  # a finished run has saved its last step
@@ -246,14 +259,14 @@ def run_one(study: StudySpec, arm: ArmSpec, seed: int, out: Path, tokenizer: str
                 torch.manual_seed(config.seed)
                 model = M3AE(config.model)
                 model.save_pretrained(directory / INIT)
-                saved.write_text(to_yaml(config))
+                saved.write_text(to_yaml(config, out))
                 checkpoint = str((directory / INIT).relative_to(out))
             done = {"checkpoint": checkpoint, "steps": config.steps if arm.train else 0, "trained": arm.train,
                     "train_seconds": train_seconds(directory / "metrics.jsonl", config.batch_size)}
             write_json(directory / DONE, done)
-        fingerprint = eval_fingerprint(evaluator.spec, config, done["checkpoint"])
+        fingerprint = eval_fingerprint(evaluator.spec, config, done["checkpoint"], out)
         existing = read_json(directory / EVAL)
-        if existing is None or existing.get("fingerprint") != fingerprint:
+        if existing is None or not fingerprint_matches(existing, evaluator.spec, config, done["checkpoint"], out):
             log.info("%s seed %d: evaluating %s", arm.name, seed, done["checkpoint"])
             t0 = time.perf_counter()
             model = M3AE.from_pretrained(out / done["checkpoint"])
@@ -264,18 +277,61 @@ def run_one(study: StudySpec, arm: ArmSpec, seed: int, out: Path, tokenizer: str
     return "done"
 
 
+def _in_file(study: StudySpec, message: str) -> ConfigError:
+    return ConfigError(f"{study.path}: {message}" if study.path is not None else message)
+
+
+def eval_data(spec: EvalSpec) -> list[tuple[str, str]]:
+    """(study file key, path or shard pattern) of every file the evaluations read."""
+    named = []
+    for i, probe in enumerate(spec.probes):
+        named += [(f"evals.probes[{i}].train", probe.train), (f"evals.probes[{i}].test", probe.test)]
+        if probe.classes_file:
+            named.append((f"evals.probes[{i}].classes_file", probe.classes_file))
+    if spec.masked_words is not None:
+        named.append(("evals.masked_words.data", spec.masked_words.data))
+    return named
+
+
+def check_study(study: StudySpec, out: str | Path, *, data: bool = True) -> EvalSpec:
+    """What can be checked before any run starts, so a mistake fails now and not hours into the
+    study: the evals settings, every arm's config and, with `data`, that every file the evaluations
+    read exists (ConfigError naming the study file, the key and the path)."""
+    try:
+        spec = EvalSpec.from_dict(study.evals)
+    except ConfigError as err:
+        raise _in_file(study, str(err)) from None
+    # Every arm's config, not only the arms run now: a typo in the last arm fails before the first.
+    tokenizer = study_tokenizer(study, Path(out))
+    for arm, seed in study.runs():
+        try:
+            arm_config(study, arm, seed, tokenizer)
+        except ConfigError as err:
+            raise _in_file(study, f"arm {arm.name!r} seed {seed}: {err}") from None
+    if data:
+        from ..data.sources.wds import list_shards
+
+        for key, pattern in eval_data(spec):
+            try:
+                if key.endswith("classes_file"):
+                    if not Path(pattern).is_file():
+                        raise FileNotFoundError(f"file not found: {pattern}")
+                else:
+                    list_shards(pattern)  # the rule the evaluation reads them by
+            except FileNotFoundError as err:
+                raise _in_file(study, f"{key}: {err}") from None
+    return spec
+
+
 def run_study(study: StudySpec, out: str | Path, *, only: list[str] | None = None) -> dict[str, str]:
     """Every (arm, seed) of the study (or of the arms named in `only`); returns {run: status}."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     unknown = sorted(set(only or []) - {a.name for a in study.arms})
     if unknown:
         raise ValueError(f"unknown arms {unknown}; the study has {[a.name for a in study.arms]}")
+    evaluator = Evaluator(check_study(study, out))  # before the tokenizer, which may train a vocabulary
+    out.mkdir(parents=True, exist_ok=True)
     tokenizer = prepare_tokenizer(study, out)
-    evaluator = Evaluator(EvalSpec.from_dict(study.evals))
-    # Check every arm's config before spending time on any (a typo in the last arm fails now).
-    for arm, seed in study.runs():
-        arm_config(study, arm, seed, tokenizer)
     status = {}
     for arm, seed in study.runs():
         if only and arm.name not in only:

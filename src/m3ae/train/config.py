@@ -1,12 +1,14 @@
 """Run configuration: typed dataclasses, YAML presets, `key.sub=value` command-line overrides."""
 from __future__ import annotations
 
+import copy
 import math
 import operator
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -218,13 +220,62 @@ def load_config(preset: str | None = None, overrides: Sequence[str] = ()) -> Tra
     return config
 
 
-def to_yaml(config: TrainConfig) -> str:
+# Settings that name a local file. A run kept inside a folder that may move or be named another way
+# (a study folder: pretrain(root=...)) records such a file that lies in that folder as ROOT/path-in-it,
+# resolved against the folder when read back; a file outside it is recorded by its absolute path
+# (a relative one would name another file from another working directory).
+PATH_SETTINGS = ("data.tokenizer",)
+ROOT = "$ROOT"
+
+
+def _names_a_file(value: str) -> bool:
+    # load_tokenizer's rule: anything else is a hub name, which no folder relocates.
+    return os.path.exists(value) or value.endswith((".json", ".txt")) or value.startswith((".", "/"))
+
+
+def _map_paths(config: TrainConfig, change: Callable[[str], str]) -> TrainConfig:
+    config = copy.deepcopy(config)
+    for key in PATH_SETTINGS:
+        section, name = key.split(".")
+        holder = getattr(config, section)
+        value = getattr(holder, name)
+        if isinstance(value, str) and value:
+            setattr(holder, name, change(value))
+    return config
+
+
+def relative_paths(config: TrainConfig, root: str | os.PathLike) -> TrainConfig:
+    """A copy with PATH_SETTINGS as recorded for a run in `root`: ROOT/... for a file inside it,
+    absolute for one outside it, unchanged for hub names and values already given as ROOT/..."""
+    base = Path(root).resolve()
+
+    def change(value: str) -> str:
+        if value.startswith(ROOT + "/") or not _names_a_file(value):
+            return value
+        try:
+            return f"{ROOT}/{Path(value).resolve().relative_to(base).as_posix()}"
+        except ValueError:
+            return os.path.abspath(value)
+    return _map_paths(config, change)
+
+
+def resolve_paths(config: TrainConfig, root: str | os.PathLike) -> TrainConfig:
+    """A copy with PATH_SETTINGS recorded as ROOT/... (relative_paths) naming the file in `root`."""
+    return _map_paths(config, lambda v: str(Path(root) / v[len(ROOT) + 1:]) if v.startswith(ROOT + "/") else v)
+
+
+def to_yaml(config: TrainConfig, root: str | os.PathLike | None = None) -> str:
+    """The run's settings as run_config.yaml records them; with `root`, files inside it as ROOT/..."""
+    if root is not None:
+        config = relative_paths(config, root)
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 
 
-def from_yaml(text: str) -> TrainConfig:
+def from_yaml(text: str, root: str | os.PathLike | None = None) -> TrainConfig:
+    """Settings recorded by to_yaml; with `root`, ROOT/... paths resolved against it."""
     merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(text))
-    return _to_config(merged)
+    config = _to_config(merged)
+    return resolve_paths(config, root) if root is not None else config
 
 
 def _to_config(merged: Any) -> TrainConfig:
@@ -258,16 +309,20 @@ def setting_changes(old: TrainConfig, new: TrainConfig) -> dict[str, tuple]:
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def check_resume_changes(checkpoint_yaml: str, config: TrainConfig, allow: bool, source: str, *,
-                         stream_parts: int | None = None, world_size: int = 1) -> list[str]:
+def check_resume_changes(checkpoint_yaml: str, config: TrainConfig, allow: bool, source: str,
+                         root: str | os.PathLike | None = None, *, stream_parts: int | None = None,
+                         world_size: int = 1) -> list[str]:
     """Lines describing what changed since the checkpoint's run; raises ConfigError for changes that
-    break exact resumption (batch, data, schedule, model, seed, ...) unless `allow`. `stream_parts`:
-    the number of stream shares (processes x workers) the checkpoint's data position was saved with,
-    when its data has a stream source; `world_size`: the processes resuming it."""
+    break exact resumption (batch, data, schedule, model, seed, ...) unless `allow`. With `root` (the
+    run's movable folder, see PATH_SETTINGS) files inside it are compared by their place in it.
+    `stream_parts`: the number of stream shares (processes x workers) the checkpoint's data position
+    was saved with, when its data has a stream source; `world_size`: the processes resuming it."""
     try:
-        old = from_yaml(checkpoint_yaml)
+        old = from_yaml(checkpoint_yaml, root)
     except (OmegaConfBaseException, ValueError) as err:
         raise ConfigError(f"{source}: cannot read the run config: {str(err).splitlines()[0]}") from None
+    if root is not None:  # also a checkpoint written before such paths were relative: its absolute path
+        old, config = relative_paths(old, root), relative_paths(config, root)
     changes = setting_changes(old, config)
     breaking = [k for k in changes if k not in RESUME_SAFE]
     notes = {k: "" if k in RESUME_SAFE else " (not exact)" for k in changes}

@@ -50,14 +50,16 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
              stop_at_step: int | None = None, dist: dist_utils.DistInfo | None = None,
              on_log: Callable[[dict[str, Any]], None] | None = None,
              model_hook: Callable[[M3AE], torch.nn.Module] | None = None,
-             allow_changes: bool = False) -> TrainResult:
+             allow_changes: bool = False, root: str | Path | None = None) -> TrainResult:
     """Pretrain an M3AE. `resume`: None, "auto" (newest intact checkpoint in out_dir, if any) or a path;
     settings changed since that checkpoint are reported, and those that break exactness refused
     unless `allow_changes` (m3ae.train.resume). `dist`: the process group the caller joined
     (m3ae.distributed.init_distributed, as `m3ae pretrain` does under torchrun); default one process
     on `config.device`. Rank 0 holds out_dir's lock for the whole run: a second run on the same
     folder is refused. Runs with `config.threads` torch threads (m3ae.threads) and, on CPU, glibc
-    keeping freed memory (`config.host_allocator`, m3ae.host_allocator); both restored after."""
+    keeping freed memory (`config.host_allocator`, m3ae.host_allocator); both restored after. `root`:
+    a folder holding out_dir that may move (a study folder): files inside it that the settings name
+    are recorded relative to it (m3ae.train.config.PATH_SETTINGS), so the run resumes after a move."""
     config.validate()
     if stop_at_step is not None and stop_at_step < 1:
         raise ValueError(f"stop_at_step must be >= 1, got {stop_at_step}")
@@ -73,7 +75,7 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
             if dist.is_main:
                 log.info("host allocator: %s", allocator)
             run = _setup(config, out_dir, dist, threads, KeptMemoryLimit(allocator), resume, allow_changes,
-                         model_hook, on_log)
+                         model_hook, on_log, root)
             end = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
             if end <= run.start_step and dist.is_main and run.start_step < config.steps:
                 log.warning("the run is already at step %d: stopping at step %d trains nothing", run.start_step,
@@ -85,7 +87,7 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
 def _setup(config: TrainConfig, out_dir: Path, dist: dist_utils.DistInfo, threads: ThreadChoice,
            kept_memory: KeptMemoryLimit, resume: str | None, allow_changes: bool,
            model_hook: Callable[[M3AE], torch.nn.Module] | None,
-           on_log: Callable[[dict[str, Any]], None] | None) -> _Run:
+           on_log: Callable[[dict[str, Any]], None] | None, root: str | Path | None = None) -> _Run:
     micro_batch, remainder = divmod(config.batch_size, dist.world_size * config.grad_accum)
     if remainder or micro_batch == 0:
         raise ValueError(f"batch_size {config.batch_size} must be a multiple of processes x grad_accum "
@@ -95,10 +97,11 @@ def _setup(config: TrainConfig, out_dir: Path, dist: dist_utils.DistInfo, thread
     if dist.rank > 0:
         torch.manual_seed(config.seed + dist.rank)  # then distinct dropout / drop-path streams per rank
     resumed = restore(resume, out_dir, model, config, rank=dist.rank, world_size=dist.world_size,
-                      allow_changes=allow_changes)
+                      allow_changes=allow_changes, root=root)
     run_model, optimizer = _wrap(config, model, dist, model_hook, resumed)
     data = _train_data(config, dist, micro_batch, resumed)
-    return _Run(config, out_dir, dist, threads, kept_memory, model, run_model, optimizer, data, resumed, on_log)
+    return _Run(config, out_dir, dist, threads, kept_memory, model, run_model, optimizer, data, resumed, on_log,
+                root)
 
 
 def _wrap(config: TrainConfig, model: M3AE, dist: dist_utils.DistInfo,
@@ -140,7 +143,8 @@ class _Run:
     def __init__(self, config: TrainConfig, out_dir: Path, dist: dist_utils.DistInfo, threads: ThreadChoice,
                  kept_memory: KeptMemoryLimit, model: M3AE, run_model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, data: TrainData,
-                 resumed: Resumed | None, on_log: Callable[[dict[str, Any]], None] | None):
+                 resumed: Resumed | None, on_log: Callable[[dict[str, Any]], None] | None,
+                 root: str | Path | None = None):
         self.config, self.out_dir, self.dist, self.threads = config, out_dir, dist, threads
         self.kept_memory = kept_memory
         self.model, self.run_model, self.optimizer, self.data = model, run_model, optimizer, data
@@ -162,7 +166,7 @@ class _Run:
         self.trackers = Trackers(config, out_dir, is_main, start_step=self.start_step)
         self.metrics = MetricsLog(out_dir / METRICS_NAME, is_main, self.trackers)
         self.metrics.truncate_after(self.start_step)
-        self.run_yaml = to_yaml(config)
+        self.run_yaml = to_yaml(config, root)
         if is_main:
             (out_dir / RUN_CONFIG_NAME).write_text(self.run_yaml)
         # viz_every: fixed samples drawn once, a reconstruction grid every K steps (rank 0 only).

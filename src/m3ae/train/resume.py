@@ -52,12 +52,12 @@ class _Read:
 
 
 def restore(resume: str | None, out_dir: Path, model: M3AE, config: TrainConfig, *, rank: int = 0,
-            world_size: int = 1, allow_changes: bool = False) -> Resumed | None:
+            world_size: int = 1, allow_changes: bool = False, root: str | Path | None = None) -> Resumed | None:
     """Load the checkpoint `resume` names into `model` and the RNG: None (a fresh run), "auto" (the
     newest intact checkpoint in `out_dir`, None if there is none) or a checkpoint folder. Raises
     ValueError for a checkpoint of another architecture, ConfigError (m3ae.config) for changed
     settings that break exactness unless `allow_changes`; runtime switches (threads,
-    grad_checkpointing, logging, ...) may change."""
+    grad_checkpointing, logging, ...) may change. `root`: the run's movable folder (see pretrain)."""
     if resume is None:
         earlier = list_checkpoints(out_dir)
         if earlier:  # a fresh run here would prune by step number among the earlier run's checkpoints
@@ -81,7 +81,7 @@ def restore(resume: str | None, out_dir: Path, model: M3AE, config: TrainConfig,
     model.load_weights(read.weights, source=str(path / WEIGHTS_NAME))
     saved_yaml = path / RUN_CONFIG_NAME
     if saved_yaml.is_file():
-        for line in check_resume_changes(saved_yaml.read_text(), config, allow_changes, str(path),
+        for line in check_resume_changes(saved_yaml.read_text(), config, allow_changes, str(path), root,
                                          stream_parts=_stream_parts(read.state), world_size=world_size):
             if rank == 0:
                 log.warning("changed since the checkpoint: %s", line)
