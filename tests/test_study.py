@@ -227,6 +227,11 @@ def test_bad_study_files_are_clear_errors(study_file):
         "name: b\nbase: tiny.yaml\narms: [{name: a}, {name: b, overrides: [model.depht=2]}]\n")
     code = main(["study", str(study_file / "bad.yaml"), "--out", str(study_file / "o")])
     assert code == 2 and not (study_file / "o" / "runs").exists()
+    # A file that is not YAML at all: one line naming it, the config-error exit code.
+    (study_file / "torn.yaml").write_text("name: t\narms: [\n")
+    with pytest.raises(ConfigError, match="torn.yaml is not valid YAML"):
+        load_study(study_file / "torn.yaml")
+    assert main(["study", str(study_file / "torn.yaml"), "--out", str(study_file / "o")]) == 2
 
 
 def test_derangement_moves_every_item():

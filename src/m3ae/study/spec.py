@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 
 from ..config import ConfigError
@@ -157,7 +158,10 @@ def load_study(path: str | Path, data_root: str | None = None) -> StudySpec:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"study file not found: {path}")
-    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except yaml.YAMLError as err:  # a config error (exit 2, one line), as for run presets
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a study file is a YAML mapping")
     try:
