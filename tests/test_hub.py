@@ -191,3 +191,33 @@ def test_push_and_download_through_a_local_hub_mirror(tmp_path):
     for run in (online, offline):
         value, std = run.stdout.split(" ", 1)
         assert float(value) == pytest.approx(expected, rel=1e-5) and "0.229" in std
+
+
+def test_push_exported_and_classifier_folders_with_their_own_cards(tmp_path):
+    """An encoder exported for transformers / timm and a fine-tuned classifier are folders a user
+    pushes too; their config.json is not an M3AEConfig, so the card must not read one from it
+    (it raised KeyError 'emb_dim')."""
+    from huggingface_hub import HfApi
+    from hub_mirror import HubMirror
+
+    from m3ae.eval.finetune import Classifier
+    from m3ae.interop.export import export
+
+    prep = Preprocessing.from_stats(32, "imagenet")
+    folders = {fmt: export(_tiny(), prep, fmt, tmp_path / fmt) for fmt in ("hf-vit", "timm")}
+    folders["classifier"] = Classifier(_tiny(), 5).save_pretrained(tmp_path / "clf", prep)
+    expected = {"hf-vit": ("library_name: transformers", "ViTModel.from_pretrained('someone/enc', "
+                                                         "add_pooling_layer=False)", "64 wide x 2 blocks"),
+                "timm": ("library_name: timm", "timm.create_model('hf-hub:someone/enc'", "64 wide x 2 blocks"),
+                "classifier": ("library_name: m3ae", "Classifier.from_pretrained('someone/enc')", "5 classes")}
+    for kind, folder in folders.items():
+        with HubMirror("someone/enc") as hub:
+            m3ae.hub.push_to_hub(folder, "someone/enc", api=HfApi(endpoint=hub.url, token="hf_local"))
+            card = hub.uploaded["README.md"].decode()
+            assert hub.card_metadata is not None and "model.safetensors" in hub.uploaded
+        for text in expected[kind]:
+            assert text in card, (kind, text)
+    assert "std [0.229, 0.224, 0.225]" in model_card(folders["classifier"])
+    (tmp_path / "clf" / "config.json").write_text('{"kind": "m3ae-classifier"}')  # hand-edited: said, not KeyError
+    with pytest.raises(ValueError, match="lacks 'encoder' for a model card"):
+        model_card(tmp_path / "clf")
