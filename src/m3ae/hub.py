@@ -3,6 +3,8 @@ its model card. Everything goes through `huggingface_hub` (its cache layout, off
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -173,17 +175,62 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
     if card.is_file() and results:
         warnings.warn(f"{card} is the folder's own model card: it is uploaded as it is, without the results",
                       stacklevel=2)
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name))
-                  for name in HUB_FILES if name != CARD_NAME and (folder / name).is_file()]
-    operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card.read_bytes() if card.is_file()
-                                         else model_card(folder, repo_id, results).encode()))
-    api = api or HfApi(token=token)  # `api`: an HfApi for another endpoint (a mirror, tests)
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        return api.create_commit(repo_id, operations=operations, revision=revision, commit_message=commit_message)
-    except _hub_errors() as err:
-        raise HubError(f"pushing to {repo_id} failed: {type(err).__name__}: {err} (is the Hugging Face Hub "
-                       "reachable, and are you logged in: `hf auth login` or HF_TOKEN?)") from err
+    with tempfile.TemporaryDirectory() as tmp:
+        # An older checkpoint gets its tokenizer and image rule from its run folder, which stays
+        # behind: without them the Hub copy would load with other preprocessing and no tokenizer.
+        added = _completed(folder, Path(tmp))
+        source = {**{name: folder / name for name in HUB_FILES if (folder / name).is_file()}, **added}
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
+                      for name, path in source.items() if name != CARD_NAME]
+        if card.is_file():
+            card_bytes = card.read_bytes()
+        else:
+            card_folder = Path(tmp) if added else folder  # the card describes the files uploaded
+            for name in ("config.json", "run_config.yaml"):
+                if added and (folder / name).is_file():
+                    shutil.copyfile(folder / name, card_folder / name)
+            card_bytes = model_card(card_folder, repo_id, results).encode()
+        operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card_bytes))
+        api = api or HfApi(token=token)  # `api`: an HfApi for another endpoint (a mirror, tests)
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            return api.create_commit(repo_id, operations=operations, revision=revision,
+                                     commit_message=commit_message)
+        except _hub_errors() as err:
+            raise HubError(f"pushing to {repo_id} failed: {type(err).__name__}: {err} (is the Hugging Face Hub "
+                           "reachable, and are you logged in: `hf auth login` or HF_TOKEN?)") from err
+
+
+def _completed(folder: Path, tmp: Path) -> dict[str, Path]:
+    """For an M3AE checkpoint lacking preprocessor_config.json or (with text) tokenizer.json: those
+    files as m3ae.load finds them for it (run_config.yaml, the run's tokenizer), written into `tmp`,
+    with a warning naming them; {} for a complete folder and for other kinds of folder."""
+    from .pretrained import checkpoint_preprocessing, checkpoint_tokenizer
+    from .validate import read_config_json, read_model_config
+
+    if folder_kind(read_config_json(folder / "config.json")) != "m3ae":
+        return {}
+    config = read_model_config(folder / "config.json")
+    wanted = ["preprocessor_config.json"] + (["tokenizer.json"] if config.has_text else [])
+    missing = [name for name in wanted if not (folder / name).is_file()]
+    if not missing:
+        return {}
+    out: dict[str, Path] = {}
+    with warnings.catch_warnings():  # theirs advise re-saving; the one below says what is uploaded
+        warnings.simplefilter("ignore")
+        if "preprocessor_config.json" in missing:
+            out["preprocessor_config.json"] = checkpoint_preprocessing(folder, config.image_size).save(tmp)
+        tokenizer = checkpoint_tokenizer(folder, config.vocab_size) if "tokenizer.json" in missing else None
+    if tokenizer is not None:
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        out["tokenizer.json"] = tmp / "tokenizer.json"
+    lost = sorted(set(missing) - set(out))
+    warnings.warn(f"{folder} has no {' / '.join(missing)} (an older checkpoint): uploading "
+                  + (f"{' and '.join(sorted(out))} as m3ae.load finds them for it (its run folder)" if out else
+                     "without them")
+                  + (f"; nothing says which {lost[0].split('.')[0]} it used, so the Hub copy has none" if lost
+                     else ""), stacklevel=3)
+    return out
 
 
 class HubError(OSError):
