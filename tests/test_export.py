@@ -122,6 +122,11 @@ def test_export_refuses_what_it_cannot_write(tmp_path, capsys):
     _, ckpt = _checkpoint(tmp_path)
     assert main(["export", str(ckpt), str(tmp_path / "x"), "--to", "hf-vit", "--image-size", "30"]) == 2
     assert "not divisible by the patch size 8" in capsys.readouterr().err
+    # 0 was taken as "the checkpoint's size" and a negative size failed with a RuntimeError traceback.
+    for size in ("0", "-8"):
+        assert main(["export", str(ckpt), str(tmp_path / f"x{size}"), "--to", "hf-vit", "--image-size", size]) == 2
+        assert f"image size must be a positive integer, got {size}" in capsys.readouterr().err
+        assert not (tmp_path / f"x{size}").exists()
     # Into a folder that holds anything, e.g. the checkpoint itself: refused, nothing replaced.
     before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
     assert main(["export", str(ckpt), str(ckpt), "--to", "hf-vit"]) == 2
