@@ -155,8 +155,10 @@ def test_push_and_download_through_a_local_hub_mirror(tmp_path):
     source = m3ae.Pretrained(model.eval(), Preprocessing.from_stats(32, "imagenet"), tok, "memory")
     source.save_pretrained(tmp_path / "ckpt")
     (tmp_path / "ckpt" / "train_state.pt").write_bytes(b"training state: stays local")
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "home"),
-           "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    # Online against the mirror, whatever the caller's HF_HUB_OFFLINE (the offline step sets it itself).
+    env = {**{k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}, "HF_HUB_CACHE": str(tmp_path / "cache"),
+           "HF_HOME": str(tmp_path / "home"), "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     features = ("import m3ae, torch; m = m3ae.load('someone/tiny-m3ae'); "
                 "print(m.features(images=torch.ones(1, 3, 32, 32), captions=['a dog']).sum().item(), "
                 "m.preprocessing.std)")
