@@ -91,3 +91,47 @@ def test_head_training_leaves_unusable_images_out_and_counts_them(tmp_path):
     train_set, val_set, _ = settings.train_val_sets(str(tmp_path / "tr"), str(tmp_path / "va"), 16)
     _, val_loader = Runtime(num_workers=0).loaders(train_set, val_set, 4)
     assert sum(len(label) for _, label in val_loader) == 5 and val_set.skipped == 1  # scored once each
+
+
+def test_classifier_loads_in_eval_mode_and_names_broken_folders(tmp_path):
+    import pytest
+
+    from m3ae.config import ConfigError
+
+    torch.manual_seed(0)
+    # drop_path is saved with the encoder config: a train-mode load would give random outputs.
+    Classifier(tiny_model(drop_path=0.5), 3).save_pretrained(tmp_path / "clf")
+    loaded = Classifier.from_pretrained(tmp_path / "clf")
+    assert not loaded.training
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), loaded(x))
+
+    def broken(name, change):
+        folder = tmp_path / name
+        folder.mkdir()
+        for f in (tmp_path / "clf").iterdir():
+            (folder / f.name).write_bytes(f.read_bytes())
+        change(folder)
+        return folder
+
+    def edit_config(**change):
+        return lambda f: (f / "config.json").write_text(json.dumps({**json.loads((f / "config.json").read_text()),
+                                                                    **change}))
+
+    cases = [
+        (lambda f: (f / "model.safetensors").unlink(), FileNotFoundError, r"has no model\.safetensors"),
+        (lambda f: (f / "config.json").write_text("{"), ConfigError, r"config\.json is not valid JSON"),
+        (lambda f: (f / "config.json").write_text("[1]"), ConfigError, r"must hold a JSON object"),
+        (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:500]),
+         ConfigError, r"model\.safetensors: header length"),
+        (edit_config(num_classes=5), ConfigError, r"head\.weight has shape"),
+        (edit_config(pool="max"), ConfigError, r"pool must be"),
+    ]
+    for i, (change, error, message) in enumerate(cases):
+        with pytest.raises(error, match=message):
+            Classifier.from_pretrained(broken(f"case{i}", change))
+    # A corrupt config.json is not taken for a classifier; the checkpoint loader then reports it.
+    from m3ae.eval.finetune import is_classifier_dir
+
+    assert not is_classifier_dir(tmp_path / "case1") and is_classifier_dir(tmp_path / "clf")

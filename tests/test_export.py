@@ -11,7 +11,7 @@ import torch
 
 from m3ae import M3AE, M3AEConfig, Preprocessing
 from m3ae.cli import main
-from m3ae.interop.export import hf_state_dict, timm_state_dict
+from m3ae.interop.export import export, hf_state_dict, timm_state_dict
 
 transformers = pytest.importorskip("transformers")
 
@@ -40,7 +40,34 @@ def test_hf_vit_export_matches(tmp_path):
     image = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(vit(pixel_values=image).last_hidden_state, model.encode(image), atol=1e-5, rtol=1e-4)
     processor = json.loads((tmp_path / "vit" / "preprocessor_config.json").read_text())
-    assert processor["image_mean"] == [0.485, 0.456, 0.406] and processor["size"] == {"height": 32, "width": 32}
+    assert processor["image_mean"] == [0.485, 0.456, 0.406] and processor["crop_size"] == {"height": 32, "width": 32}
+
+
+def test_hf_image_processor_applies_the_checkpoints_rule(tmp_path):
+    """AutoImageProcessor on the export gives m3ae's pixels for non-square photos and crop_pct < 1
+    (the ViTImageProcessor written before squashed every photo to a square: mean error ~0.2-0.8)."""
+    import numpy as np
+    from PIL import Image
+
+    import m3ae
+
+    model = M3AE(M3AEConfig.from_preset("nano", image_size=32, patch_size=8, vocab_size=0))
+    for crop_pct in (1.0, 0.875):
+        ckpt = model.save_pretrained(tmp_path / f"ckpt{crop_pct}", preprocessing=Preprocessing(32, crop_pct=crop_pct))
+        export(model, m3ae.load(ckpt).preprocessing, "hf-vit", tmp_path / f"vit{crop_pct}")
+        processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / f"vit{crop_pct}")
+        for h, w in ((80, 100), (120, 50)):
+            y, x = np.mgrid[0:h, 0:w]  # smooth content: resampling details stay below a grey level
+            photo = Image.fromarray(np.stack([127 + 100 * np.sin(x / 9), 127 + 100 * np.cos(y / 13),
+                                              127 + 100 * np.sin((x + y) / 17)], -1).astype(np.uint8))
+            theirs = processor(images=[photo], return_tensors="pt")["pixel_values"]
+            ours = m3ae.load(ckpt).images([photo])
+            assert theirs.shape == ours.shape == (1, 3, 32, 32)
+            # crop_pct < 1: the crop lands on whole pixels of the resized photo there, of the photo here.
+            assert (theirs - ours).abs().mean() < (0.02 if crop_pct == 1.0 else 0.1), (crop_pct, h, w)
+    pad = Preprocessing(32, square="pad")
+    with pytest.warns(UserWarning, match="square: pad"):
+        export(model, pad, "hf-vit", tmp_path / "padded")
 
 
 @torch.no_grad()
@@ -95,6 +122,11 @@ def test_export_refuses_what_it_cannot_write(tmp_path, capsys):
     _, ckpt = _checkpoint(tmp_path)
     assert main(["export", str(ckpt), str(tmp_path / "x"), "--to", "hf-vit", "--image-size", "30"]) == 2
     assert "not divisible by the patch size 8" in capsys.readouterr().err
+    # 0 was taken as "the checkpoint's size" and a negative size failed with a RuntimeError traceback.
+    for size in ("0", "-8"):
+        assert main(["export", str(ckpt), str(tmp_path / f"x{size}"), "--to", "hf-vit", "--image-size", size]) == 2
+        assert f"image size must be a positive integer, got {size}" in capsys.readouterr().err
+        assert not (tmp_path / f"x{size}").exists()
     # Into a folder that holds anything, e.g. the checkpoint itself: refused, nothing replaced.
     before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
     assert main(["export", str(ckpt), str(ckpt), "--to", "hf-vit"]) == 2

@@ -155,8 +155,10 @@ def test_push_and_download_through_a_local_hub_mirror(tmp_path):
     source = m3ae.Pretrained(model.eval(), Preprocessing.from_stats(32, "imagenet"), tok, "memory")
     source.save_pretrained(tmp_path / "ckpt")
     (tmp_path / "ckpt" / "train_state.pt").write_bytes(b"training state: stays local")
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "home"),
-           "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    # Online against the mirror, whatever the caller's HF_HUB_OFFLINE (the offline step sets it itself).
+    env = {**{k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}, "HF_HUB_CACHE": str(tmp_path / "cache"),
+           "HF_HOME": str(tmp_path / "home"), "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     features = ("import m3ae, torch; m = m3ae.load('someone/tiny-m3ae'); "
                 "print(m.features(images=torch.ones(1, 3, 32, 32), captions=['a dog']).sum().item(), "
                 "m.preprocessing.std)")
@@ -191,3 +193,64 @@ def test_push_and_download_through_a_local_hub_mirror(tmp_path):
     for run in (online, offline):
         value, std = run.stdout.split(" ", 1)
         assert float(value) == pytest.approx(expected, rel=1e-5) and "0.229" in std
+
+
+def test_push_exported_and_classifier_folders_with_their_own_cards(tmp_path, monkeypatch):
+    """An encoder exported for transformers / timm and a fine-tuned classifier are folders a user
+    pushes too; their config.json is not an M3AEConfig, so the card must not read one from it
+    (it raised KeyError 'emb_dim')."""
+    from huggingface_hub import HfApi
+    from hub_mirror import HubMirror
+
+    from m3ae.eval.finetune import Classifier
+    from m3ae.interop.export import export
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # the mirror is local
+    prep = Preprocessing.from_stats(32, "imagenet")
+    folders = {fmt: export(_tiny(), prep, fmt, tmp_path / fmt) for fmt in ("hf-vit", "timm")}
+    folders["classifier"] = Classifier(_tiny(), 5).save_pretrained(tmp_path / "clf", prep)
+    expected = {"hf-vit": ("library_name: transformers", "ViTModel.from_pretrained('someone/enc', "
+                                                         "add_pooling_layer=False)", "64 wide x 2 blocks"),
+                "timm": ("library_name: timm", "timm.create_model('hf-hub:someone/enc'", "64 wide x 2 blocks"),
+                "classifier": ("library_name: m3ae", "Classifier.from_pretrained('someone/enc')", "5 classes")}
+    for kind, folder in folders.items():
+        with HubMirror("someone/enc") as hub:
+            m3ae.hub.push_to_hub(folder, "someone/enc", api=HfApi(endpoint=hub.url, token="hf_local"))
+            card = hub.uploaded["README.md"].decode()
+            assert hub.card_metadata is not None and "model.safetensors" in hub.uploaded
+        for text in expected[kind]:
+            assert text in card, (kind, text)
+    assert "std [0.229, 0.224, 0.225]" in model_card(folders["classifier"])
+    (tmp_path / "clf" / "config.json").write_text('{"kind": "m3ae-classifier"}')  # hand-edited: said, not KeyError
+    with pytest.raises(ValueError, match="lacks 'encoder' for a model card"):
+        model_card(tmp_path / "clf")
+
+
+def test_push_of_an_older_checkpoint_uploads_what_load_finds_for_it(tmp_path, monkeypatch):
+    """A checkpoint from before tokenizer.json / preprocessor_config.json loads locally with its run
+    folder's tokenizer and normalisation; pushed as it was, the Hub copy had neither (CC12M
+    statistics and no tokenizer after the download)."""
+    from huggingface_hub import HfApi
+    from hub_mirror import HubMirror
+
+    from data_files import write_tokenizer
+    from m3ae.data.tokenizer import load_tokenizer
+    from m3ae.hub import push_to_hub
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # the mirror is local
+    model = M3AE(M3AEConfig.from_preset("nano", image_size=32, patch_size=8, vocab_size=256, text_length=16))
+    run = tmp_path / "run"
+    tokenizer = load_tokenizer(write_tokenizer(tmp_path))
+    ckpt = model.save_pretrained(run / "checkpoints" / "step_00000010")
+    (ckpt / "preprocessor_config.json").unlink()  # as older checkpoints were written
+    (ckpt / "run_config.yaml").write_text("steps: 10\ndata:\n  normalization: imagenet\n")
+    tokenizer.save(str(run / "tokenizer.json"))
+    with HubMirror("someone/old") as hub:
+        with pytest.warns(UserWarning, match="uploading preprocessor_config.json and tokenizer.json"):
+            push_to_hub(ckpt, "someone/old", api=HfApi(endpoint=hub.url, token="hf_local"))
+        uploaded = dict(hub.uploaded)
+    assert json.loads(uploaded["preprocessor_config.json"])["std"] == [0.229, 0.224, 0.225]
+    assert json.loads(uploaded["tokenizer.json"])["model"]["vocab"] == json.loads(tokenizer.to_str())["model"]["vocab"]
+    card = uploaded["README.md"].decode()
+    assert "std [0.229, 0.224, 0.225]" in card and "steps: 10" in card
+    assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model.safetensors", "run_config.yaml"]

@@ -2,8 +2,9 @@
 its model card. Everything goes through `huggingface_hub` (its cache layout, offline mode, auth)."""
 from __future__ import annotations
 
-import json
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -55,22 +56,64 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *, revision: str | None 
     return Path(folder)
 
 
+def folder_kind(config: dict[str, Any]) -> str:
+    """What a folder's config.json describes: "m3ae" (a checkpoint), "classifier" (m3ae finetune),
+    "transformers" or "timm" (m3ae export)."""
+    if config.get("kind") == "m3ae-classifier":
+        return "classifier"
+    if config.get("model_type") in ("vit", "vit_mae") or config.get("architectures"):
+        return "transformers"
+    if "architecture" in config and isinstance(config.get("model_args"), dict):
+        return "timm"
+    return "m3ae"
+
+
 def model_card(folder: str | os.PathLike, repo_id: str | None = None, results: dict[str, Any] | None = None) -> str:
     """A README.md for a checkpoint folder: architecture, data and recipe (from run_config.yaml when
-    the folder has one), preprocessing, how to load it, and measured results when given."""
+    the folder has one), preprocessing, how to load it, and measured results when given. Classifier
+    folders (m3ae finetune) and encoders exported for transformers / timm (m3ae export) get a card
+    for what they are and the loader that reads them."""
+    from .validate import read_config_json
+
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
-    kind = "M3AE (image + text)" if config.get("vocab_size", 0) > 0 else "MAE (image only, vocab_size=0)"
-    lines = ["---", "library_name: m3ae", "tags:", "- m3ae", "- masked-autoencoder", "- vision", "license: apache-2.0",
-             "---", "", f"# {repo_id or folder.name}", "",
-             f"A {kind} encoder-decoder trained with masked autoencoding "
-             "([Geng et al., 2022](https://arxiv.org/abs/2205.14204)), saved by the `m3ae` package.", "",
-             "## Architecture", "",
-             f"- encoder: {config['emb_dim']} wide x {config['depth']} blocks, {config['num_heads']} heads; "
-             f"decoder {config['dec_emb_dim']} x {config['dec_depth']}, {config['dec_num_heads']} heads",
-             f"- patch {config['patch_size']} px, trained at {config['image_size']} px (any size divisible by "
-             f"the patch works); text up to {config['text_length']} tokens, vocabulary {config['vocab_size']}",
-             f"- mask ratios: image {config['image_mask_ratio']}, text {config['text_mask_ratio']}", ""]
+    config = read_config_json(folder / "config.json")
+    kind = folder_kind(config)
+    name = repr(repo_id or str(folder))
+    try:
+        if kind == "transformers":
+            arch = (f"- ViT encoder for transformers (`{config.get('architectures', ['ViTModel'])[0]}`): "
+                    f"{config['hidden_size']} wide x {config['num_hidden_layers']} blocks, "
+                    f"{config['num_attention_heads']} heads, patch {config['patch_size']} px, "
+                    f"{config['image_size']} px")
+            library, what = "transformers", "image encoder exported for transformers (`m3ae export`)"
+        elif kind == "timm":
+            a = config["model_args"]
+            arch = (f"- timm VisionTransformer: {a['embed_dim']} wide x {a['depth']} blocks, {a['num_heads']} heads, "
+                    f"patch {a['patch_size']} px, {a['img_size']} px, no classifier head")
+            library, what = "timm", "image encoder exported for timm (`m3ae export`)"
+        else:
+            c = config["encoder"] if kind == "classifier" else config
+            kinds = "M3AE (image + text)" if c.get("vocab_size", 0) > 0 else "MAE (image only, vocab_size=0)"
+            arch = (f"- encoder: {c['emb_dim']} wide x {c['depth']} blocks, {c['num_heads']} heads; "
+                    f"decoder {c['dec_emb_dim']} x {c['dec_depth']}, {c['dec_num_heads']} heads\n"
+                    f"- patch {c['patch_size']} px, trained at {c['image_size']} px (any size divisible by "
+                    f"the patch works); text up to {c['text_length']} tokens, vocabulary {c['vocab_size']}\n"
+                    f"- mask ratios: image {c['image_mask_ratio']}, text {c['text_mask_ratio']}")
+            library, what = "m3ae", f"{kinds} encoder-decoder"
+            if kind == "classifier":
+                arch = (arch.split("\n")[0].replace("; decoder", " (decoder not kept; it had")
+                        + ")\n- classifier: LayerNorm + linear head over "
+                        + ("the [CLS] token" if config["pool"] == "cls" else "the mean of the image tokens")
+                        + ", "
+                        f"{config['num_classes']} classes")
+                what = f"{kinds} encoder fine-tuned as an image classifier (`m3ae finetune`)"
+    except (KeyError, TypeError) as err:  # a hand-edited or foreign config.json
+        raise ValueError(f"{folder / 'config.json'} lacks {err} for a model card; is it a folder m3ae wrote?") from None
+    lines = ["---", f"library_name: {library}", "tags:", "- m3ae", "- masked-autoencoder", "- vision",
+             "license: apache-2.0", "---", "", f"# {repo_id or folder.name}", "",
+             f"An {what}, pretrained with masked autoencoding "
+             "([Geng et al., 2022](https://arxiv.org/abs/2205.14204)) by the `m3ae` package.", "",
+             "## Architecture", "", arch, ""]
     from .checkpoint import RUN_CONFIG_NAME
 
     run = folder / RUN_CONFIG_NAME
@@ -82,18 +125,36 @@ def model_card(folder: str | os.PathLike, repo_id: str | None = None, results: d
                                                      "optim.lr", "optim.weight_decay", "optim.warmup_steps", "seed")}
         lines += ["## Data and recipe", ""] + [f"- {k}: {v}" for k, v in pick.items() if v is not None] + [""]
     pre = folder / "preprocessor_config.json"
-    if pre.is_file():
-        p = json.loads(pre.read_text())
+    p = read_config_json(pre) if pre.is_file() else (config.get("pretrained_cfg") or {})
+    if p.get("processor") == "m3ae" or kind == "timm":
+        size = p.get("image_size") or p.get("input_size", [0, 0, 0])[-1]
         lines += ["## Preprocessing", "",
-                  f"Resize the shorter side to {p['image_size']} / {p['crop_pct']}, centre-crop {p['image_size']}, "
-                  f"normalise with mean {p['mean']} and std {p['std']} (`preprocessor_config.json`; "
-                  "`m3ae.load` applies it).", ""]
+                  f"Resize the shorter side to {size} / {p.get('crop_pct', 1.0)}, centre-crop {size}, "
+                  f"normalise with mean {p.get('mean')} and std {p.get('std')}"
+                  + {"m3ae": " (`preprocessor_config.json`; `m3ae.load` applies it).",
+                     "classifier": " (`preprocessor_config.json`; `m3ae ood` applies it).",
+                     "timm": " (`pretrained_cfg` in `config.json`)."}.get(kind, "."), ""]
+    elif "image_mean" in p:
+        lines += ["## Preprocessing", "",
+                  f"`{p.get('image_processor_type', 'image processor')}` (`preprocessor_config.json`): normalise "
+                  f"with mean {p['image_mean']} and std {p['image_std']}; `AutoImageProcessor` applies it.", ""]
     if results:
         lines += ["## Results", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in results.items()] + [""]
-    lines += ["## Use", "", "```python", "import m3ae", "",
-              f"m = m3ae.load({(repo_id or str(folder))!r})   # model + preprocessing + tokenizer",
-              "features = m.features(images=[\"photo.jpg\"])   # (1, D) [CLS] features", "```", ""]
+    use = {
+        "m3ae": ["import m3ae", "", f"m = m3ae.load({name})   # model + preprocessing + tokenizer",
+                 "features = m.features(images=[\"photo.jpg\"])   # (1, D) [CLS] features"],
+        "classifier": ["from m3ae.eval.finetune import Classifier", "",
+                       f"classifier = Classifier.from_pretrained({name})   # logits = classifier(images)"],
+        "transformers": [f"from transformers import AutoImageProcessor, {config.get('architectures', ['ViTModel'])[0]}",
+                         "", f"processor = AutoImageProcessor.from_pretrained({name})",
+                         f"model = {config.get('architectures', ['ViTModel'])[0]}.from_pretrained({name}"
+                         + (", add_pooling_layer=False)" if config.get("model_type") == "vit" else ")")],
+        "timm": ["import timm", "",
+                 f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True)" if repo_id else
+                 f"model = timm.create_model('local-dir:{folder}', pretrained=True)"],
+    }[kind]
+    lines += ["## Use", "", "```python", *use, "```", ""]
     return "\n".join(lines)
 
 
@@ -114,17 +175,62 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
     if card.is_file() and results:
         warnings.warn(f"{card} is the folder's own model card: it is uploaded as it is, without the results",
                       stacklevel=2)
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name))
-                  for name in HUB_FILES if name != CARD_NAME and (folder / name).is_file()]
-    operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card.read_bytes() if card.is_file()
-                                         else model_card(folder, repo_id, results).encode()))
-    api = HfApi(token=token)
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        return api.create_commit(repo_id, operations=operations, revision=revision, commit_message=commit_message)
-    except _hub_errors() as err:
-        raise HubError(f"pushing to {repo_id} failed: {type(err).__name__}: {err} (is the Hugging Face Hub "
-                       "reachable, and are you logged in: `hf auth login` or HF_TOKEN?)") from err
+    with tempfile.TemporaryDirectory() as tmp:
+        # An older checkpoint gets its tokenizer and image rule from its run folder, which stays
+        # behind: without them the Hub copy would load with other preprocessing and no tokenizer.
+        added = _completed(folder, Path(tmp))
+        source = {**{name: folder / name for name in HUB_FILES if (folder / name).is_file()}, **added}
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
+                      for name, path in source.items() if name != CARD_NAME]
+        if card.is_file():
+            card_bytes = card.read_bytes()
+        else:
+            card_folder = Path(tmp) if added else folder  # the card describes the files uploaded
+            for name in ("config.json", "run_config.yaml"):
+                if added and (folder / name).is_file():
+                    shutil.copyfile(folder / name, card_folder / name)
+            card_bytes = model_card(card_folder, repo_id, results).encode()
+        operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card_bytes))
+        api = api or HfApi(token=token)  # `api`: an HfApi for another endpoint (a mirror, tests)
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            return api.create_commit(repo_id, operations=operations, revision=revision,
+                                     commit_message=commit_message)
+        except _hub_errors() as err:
+            raise HubError(f"pushing to {repo_id} failed: {type(err).__name__}: {err} (is the Hugging Face Hub "
+                           "reachable, and are you logged in: `hf auth login` or HF_TOKEN?)") from err
+
+
+def _completed(folder: Path, tmp: Path) -> dict[str, Path]:
+    """For an M3AE checkpoint lacking preprocessor_config.json or (with text) tokenizer.json: those
+    files as m3ae.load finds them for it (run_config.yaml, the run's tokenizer), written into `tmp`,
+    with a warning naming them; {} for a complete folder and for other kinds of folder."""
+    from .pretrained import checkpoint_preprocessing, checkpoint_tokenizer
+    from .validate import read_config_json, read_model_config
+
+    if folder_kind(read_config_json(folder / "config.json")) != "m3ae":
+        return {}
+    config = read_model_config(folder / "config.json")
+    wanted = ["preprocessor_config.json"] + (["tokenizer.json"] if config.has_text else [])
+    missing = [name for name in wanted if not (folder / name).is_file()]
+    if not missing:
+        return {}
+    out: dict[str, Path] = {}
+    with warnings.catch_warnings():  # theirs advise re-saving; the one below says what is uploaded
+        warnings.simplefilter("ignore")
+        if "preprocessor_config.json" in missing:
+            out["preprocessor_config.json"] = checkpoint_preprocessing(folder, config.image_size).save(tmp)
+        tokenizer = checkpoint_tokenizer(folder, config.vocab_size) if "tokenizer.json" in missing else None
+    if tokenizer is not None:
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        out["tokenizer.json"] = tmp / "tokenizer.json"
+    lost = sorted(set(missing) - set(out))
+    warnings.warn(f"{folder} has no {' / '.join(missing)} (an older checkpoint): uploading "
+                  + (f"{' and '.join(sorted(out))} as m3ae.load finds them for it (its run folder)" if out else
+                     "without them")
+                  + (f"; nothing says which {lost[0].split('.')[0]} it used, so the Hub copy has none" if lost
+                     else ""), stacklevel=3)
+    return out
 
 
 class HubError(OSError):

@@ -16,7 +16,7 @@ from typing import Mapping, TypeGuard
 
 import torch
 
-from .config import ConfigError, M3AEConfig, check_fits_memory
+from .config import ConfigError, M3AEConfig, _short, check_fits_memory
 
 MAX_CONFIG_BYTES = 1 << 20  # a model config is a few hundred bytes
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
@@ -28,16 +28,7 @@ _TORCH_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16"
 def read_model_config(path: str | os.PathLike, **overrides) -> M3AEConfig:
     """config.json -> a validated M3AEConfig that fits in this machine's memory."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: {path.stat().st_size} bytes is too large for a model config")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as err:  # RecursionError: deeply nested JSON
-        raise ConfigError(f"{path} is not valid JSON: {str(err)[:200]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    data = read_config_json(path)
     if data.get("kind") == "m3ae-classifier":
         raise ConfigError(f"{path.parent} is a fine-tuned classifier (m3ae finetune), not an M3AE checkpoint: "
                           "load it with m3ae.eval.finetune.Classifier.from_pretrained")
@@ -50,6 +41,45 @@ def read_model_config(path: str | os.PathLike, **overrides) -> M3AEConfig:
     except (ConfigError, TypeError) as err:
         raise ConfigError(f"{path}: {err}") from None
     return config
+
+
+def read_config_json(path: str | os.PathLike) -> dict:
+    """A folder's config.json as a dict: present, small, valid JSON, an object."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size} bytes is too large for a model config")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as err:  # RecursionError: deeply nested JSON
+        raise ConfigError(f"{path} is not valid JSON: {str(err)[:200]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_classifier_config(path: str | os.PathLike) -> tuple[M3AEConfig, int, str]:
+    """A fine-tuned classifier's config.json -> (encoder config, num_classes, pool), checked as
+    read_model_config checks a checkpoint's."""
+    path = Path(path)
+    data = read_config_json(path)
+    if data.get("kind") != "m3ae-classifier":
+        raise ConfigError(f"{path.parent} is not a fine-tuned classifier folder (m3ae finetune): its config.json "
+                          "has no \"kind\": \"m3ae-classifier\"; an M3AE checkpoint loads with m3ae.load")
+    encoder, classes, pool = data.get("encoder"), data.get("num_classes"), data.get("pool", "cls")
+    if not isinstance(encoder, dict):
+        raise ConfigError(f"{path}: 'encoder' must be a JSON object (the encoder's M3AEConfig)")
+    if type(classes) is not int or classes < 1:
+        raise ConfigError(f"{path}: num_classes must be a positive integer, got {_short(classes)}")
+    if pool not in ("cls", "mean"):
+        raise ConfigError(f"{path}: pool must be 'cls' or 'mean', got {_short(pool)}")
+    try:
+        config = M3AEConfig.from_dict(encoder)
+        check_fits_memory(config)
+    except (ConfigError, TypeError) as err:
+        raise ConfigError(f"{path}: encoder: {err}") from None
+    return config, classes, pool
 
 
 def check_safetensors(path: str | os.PathLike, expected: Mapping[str, torch.Tensor]) -> None:

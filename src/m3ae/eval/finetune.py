@@ -78,21 +78,38 @@ class Classifier(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "Classifier":
+    def from_pretrained(cls, name_or_path: str | Path, map_location: str | torch.device = "cpu", *,
+                        revision: str | None = None, cache_dir: str | Path | None = None,
+                        local_files_only: bool = False) -> "Classifier":
+        """A folder written by save_pretrained (or a hub id), in eval mode as M3AE.from_pretrained:
+        the saved encoder config keeps the fine-tuning drop_path, which would make train-mode
+        outputs random. The config and the weights' header are checked before any tensor is read."""
         from safetensors.torch import load_file
 
-        directory = Path(directory)
-        config = json.loads((directory / CLASSIFIER_CONFIG).read_text())
-        if config.get("kind") != "m3ae-classifier":
-            raise ValueError(f"{directory} is not a fine-tuned classifier folder")
-        model = cls(M3AE(M3AEConfig.from_dict(config["encoder"])), config["num_classes"], config["pool"])
-        model.load_state_dict(load_file(str(directory / CLASSIFIER_WEIGHTS)), strict=True)
-        return model
+        from ..hub import resolve_checkpoint
+        from ..validate import check_safetensors, read_classifier_config
+
+        directory = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir,
+                                       local_files_only=local_files_only)
+        for name in (CLASSIFIER_CONFIG, CLASSIFIER_WEIGHTS):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory} has no {name}; is it a fine-tuned classifier folder?")
+        encoder, num_classes, pool = read_classifier_config(directory / CLASSIFIER_CONFIG)
+        model = cls(M3AE(encoder), num_classes, pool)
+        weights = directory / CLASSIFIER_WEIGHTS
+        check_safetensors(weights, model.state_dict())
+        model.load_state_dict(load_file(str(weights), device=str(map_location)), strict=True)
+        return model.eval()
 
 
 def is_classifier_dir(directory: str | Path) -> bool:
+    """config.json says "kind": "m3ae-classifier" (an unreadable one is left for the loader to report)."""
     path = Path(directory) / CLASSIFIER_CONFIG
-    return path.is_file() and json.loads(path.read_text()).get("kind") == "m3ae-classifier"
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("kind") == "m3ae-classifier"
 
 
 # -- layer-wise lr decay -----------------------------------------------------------------------

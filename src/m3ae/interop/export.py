@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ TIMM_ARCHS = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "v
 def encoder_tensors(model, image_size: int | None = None) -> dict[str, torch.Tensor]:
     """The encoder in neutral names: patch kernel, [CLS], position table with [CLS] row, blocks, norm."""
     c = model.config
+    if image_size is not None and (type(image_size) is not int or image_size < 1):  # 0 read as "default" before
+        raise ValueError(f"image size must be a positive integer, got {image_size!r}")
     size = image_size or c.image_size
     if size % c.patch_size:
         raise ValueError(f"image size {size} is not divisible by the patch size {c.patch_size}")
@@ -95,12 +98,14 @@ def hf_config(model, fmt: str, image_size: int | None = None) -> dict[str, Any]:
 
 
 def hf_image_processor(preprocessing, image_size: int) -> dict[str, Any]:
-    """transformers' ViTImageProcessor: it resizes to a square (no centre crop), which equals our rule
-    on square photos."""
-    return {"image_processor_type": "ViTImageProcessor", "do_resize": True,
-            "size": {"height": image_size, "width": image_size}, "resample": 3, "do_rescale": True,
-            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(preprocessing.mean),
-            "image_std": list(preprocessing.std)}
+    """transformers' BitImageProcessor, which has our rule: resize the shorter side to
+    image_size / crop_pct, centre-crop image_size (ViTImageProcessor squashes every photo to a
+    square, so a non-square photo or crop_pct < 1 gave other pixels). Same keys in 4.x and 5.x."""
+    return {"image_processor_type": "BitImageProcessor", "do_convert_rgb": True, "do_resize": True,
+            "size": {"shortest_edge": int(round(image_size / preprocessing.crop_pct))}, "resample": 3,
+            "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": list(preprocessing.mean), "image_std": list(preprocessing.std)}
 
 
 def timm_state_dict(model, image_size: int | None = None) -> dict[str, torch.Tensor]:
@@ -141,6 +146,8 @@ def export(model, preprocessing, fmt: str, out_dir: str | os.PathLike, image_siz
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {FORMATS}")
+    if image_size is not None and (type(image_size) is not int or image_size < 1):
+        raise ValueError(f"image size must be a positive integer, got {image_size!r}")
     size = image_size or model.config.image_size
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -151,6 +158,10 @@ def export(model, preprocessing, fmt: str, out_dir: str | os.PathLike, image_siz
     def write_json(name: str, data: dict) -> None:
         atomic_write(out / name, lambda p: Path(p).write_text(json.dumps(data, indent=2)))
 
+    if preprocessing.square == "pad":  # neither transformers' processors nor timm's transforms pad
+        warnings.warn(f"the checkpoint pads non-square photos to a square (square: pad, grey "
+                      f"{preprocessing.pad_value}); the exported {fmt} preprocessing cannot: pad photos "
+                      "yourself before it", stacklevel=2)
     if fmt == "timm":
         state, config = timm_state_dict(model, size), timm_config(model, preprocessing, size)
     else:
