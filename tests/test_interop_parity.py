@@ -339,7 +339,11 @@ def test_type_embeddings_absent_and_heads_override():
     converted = model_from_params(params, image_size=32, num_heads=2, dec_num_heads=2)
     c = converted.model.config
     assert not c.use_type_embedding and c.num_heads == 2 and c.dec_num_heads == 2
-    assert converted.notes == ["patch_size = 8 (from image_embedding, assuming 3 channels)"]
+    assert converted.notes == ["patch_size = 8 (from image_embedding, assuming 3 channels)",
+                               "text_length = 64 (default: the longest caption, in tokens; longer needs --text-length)"]
+    # Given, the text length is no guess.
+    converted = model_from_params(params, image_size=32, num_heads=2, dec_num_heads=2, text_length=16)
+    assert converted.model.config.text_length == 16 and not any("text_length" in n for n in converted.notes)
 
 
 def test_heads_follow_the_variants_model_type():

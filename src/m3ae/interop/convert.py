@@ -147,6 +147,9 @@ def infer_config(params: Mapping[str, np.ndarray], variant: Mapping[str, Any] | 
     for name in ("image_loss_weight", "text_loss_weight"):
         if variant.get(name) is not None:
             extra[name] = float(variant[name])
+    if vocab and text_length is None:  # a longest caption the weights cannot tell (sinusoidal positions)
+        notes.append(f"text_length = {DEFAULT_TEXT_LENGTH} (default: the longest caption, in tokens; longer "
+                     "needs --text-length)")
     variant_heads, variant_dec_heads = _variant_heads(variant, emb_dim, dec_emb_dim, notes)
     return M3AEConfig(
         image_size=int(image_size), patch_size=patch_size, in_chans=in_chans, emb_dim=emb_dim,
