@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/m3ae demo --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests
+	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m mypy
 	$(PY) -m pytest
 

@@ -212,6 +212,16 @@ def test_gpu_check_mae_vs_hf_stage_runs_the_benchmark_or_says_why_not(tmp_path):
                                                       "ours fp32 / hf fused fp32 1.12x")
 
 
+def test_gpu_check_data_summary_names_its_columns():
+    from m3ae.cli.bench_check import summary
+
+    # the dry run's one worker read "(1 workers)", and the in-process rate "(1 worker)"
+    rows = [{"pipeline": "m3ae", "one_worker": 300.0, "workers": 1, "many_workers": 200.0}]
+    assert summary("data", {"result": {"rows": rows}}) == "m3ae 300/s (in-process), 200/s (1 worker)"
+    rows[0]["workers"] = 16
+    assert summary("data", {"result": {"rows": rows}}).endswith("200/s (16 workers)")
+
+
 def test_gpu_check_refuses_a_cpu_without_dry_run(tmp_path, capsys):
     import torch
 

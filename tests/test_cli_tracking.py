@@ -33,6 +33,15 @@ def test_pretrain_help_lists_every_setting_with_type_default_and_meaning(capsys)
     assert "--print-config" in out
 
 
+def test_every_setting_has_a_meaning_of_its_own():
+    # a comment block shared by two fields printed the same two-sentence text for both
+    # (data.max_member_bytes / max_shard_bytes), so --help did not say which limit was which
+    seen: dict[str, str] = {}
+    for s in settings():
+        assert s.meaning not in seen, f"{s.key} and {seen[s.meaning]} share the meaning {s.meaning!r}"
+        seen[s.meaning] = s.key
+
+
 def test_print_config_resolves_preset_and_overrides_then_exits(tmp_path, capsys):
     assert main(["pretrain", "--config", "demo", "--print-config", "model.depth=3", "--steps", "7"]) == 0
     out = capsys.readouterr().out

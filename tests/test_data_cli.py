@@ -18,6 +18,15 @@ def test_data_stats_and_shard_roundtrip(tmp_path, capsys):
     assert "samples: 6" in out and "shorter side: min 20" in out
 
 
+def test_stats_count_captions_over_the_runs_text_length(tmp_path, capsys):
+    # "over 64" was fixed: a run with model.text_length=16 (the fashion recipe) could not ask
+    manifest = write_manifest(tmp_path, n=4)
+    assert main(["data", "stats", manifest]) == 0
+    assert "; over 64: 0" in capsys.readouterr().out
+    assert main(["data", "stats", manifest, "--text-length", "1"]) == 0
+    assert "; over 1: 4" in capsys.readouterr().out
+
+
 def test_stats_of_missing_path_is_a_clear_error(tmp_path, capsys):
     assert main(["data", "stats", f"{tmp_path}/nothing-*.tar"]) == 2
     assert "error" in capsys.readouterr().err

@@ -307,7 +307,9 @@ def test_shard_bench_and_tokenizer_from_parquet_hf_and_hdf5(tmp_path, capsys):
     assert main(["bench", "data", folder, "--samples", "8", "--workers", "1", "--batch", "4",
                  "--image-size", "32"]) == 0
     out = capsys.readouterr().out
-    assert out.count("/s") >= 4 and "columns jpg, caption" in out  # ours and the baseline, 1 and 1 worker
+    assert out.count("/s") >= 4 and "columns jpg, caption" in out  # ours and the baseline, in-process and 1 worker
+    header = next(line for line in out.splitlines() if line.startswith("source"))
+    assert header.split()[-3:] == ["in-process", "1", "worker"]  # two columns, two names
     tok = str(tmp_path / "tok.json")
     assert main(["tokenizer", "train", f"text={folder}", "--vocab-size", "120", "--min-frequency", "1",
                  "--out", tok]) == 0

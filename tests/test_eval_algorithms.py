@@ -4,7 +4,7 @@ from _eval_util import tiny_model
 from m3ae.eval.fast_probe import fast_probe
 from m3ae.eval.features import extract_features, load_features, pool_tokens, save_features
 from m3ae.eval.finetune import Classifier, layer_decay_groups, mix_batch
-from m3ae.eval.knn import knn_accuracy
+from m3ae.eval.knn import knn_accuracy, topk_accuracy
 from m3ae.eval.lars import LARS, lars_param_groups
 from m3ae.eval.linear_probe import ProbeHead
 from m3ae.eval.ood import Mahalanobis, auroc, ood_scores
@@ -80,6 +80,16 @@ def test_knn_separable_and_shuffled():
     shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
     vx2, vy2 = _separable(seed=5)
     assert abs(knn_accuracy(x, shuffled, vx2, vy2)["top1"] - 20) < 8
+
+
+def test_topk_accuracy_is_the_exact_share():
+    # 30 hits of 100: a float32 mean reported 30.000001192092896 in every result file
+    labels = torch.zeros(100, dtype=torch.long)
+    scores = torch.zeros(100, 2)
+    scores[:30, 0] = 1.0
+    scores[30:, 1] = 1.0
+    acc = topk_accuracy(scores, labels, ks=(1, 5))
+    assert acc == {"top1": 30.0, "top5": 100.0}
 
 
 def test_lars_groups_and_step():

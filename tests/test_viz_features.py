@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from m3ae.viz.curves import ema, read_metrics, run_labels
-from m3ae.viz.tsne import embed_2d, knn_accuracy, load_features, pca_2d
+from m3ae.viz.tsne import embed_2d, knn_accuracy, load_features, pca_2d, separation
 
 
 def test_load_features_formats_and_errors(tmp_path):
@@ -32,6 +32,21 @@ def test_embeddings_and_knn():
     assert xy.shape == (30, 2)
     assert pca_2d(x[:, :1]).shape == (30, 2)
     assert knn_accuracy(x, labels) == 1.0
+
+
+def test_panel_accuracy_leaves_out_unlabelled_points():
+    # `m3ae embed` of a photo folder writes label -1 everywhere: the panel said "5-NN acc 100.0%"
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 4))
+    assert separation(x, np.full(12, -1)) == "unlabelled"
+    assert separation(x, np.zeros(12, dtype=np.int64)) == "one class"
+    labels = np.repeat([0, 1], 6)
+    x[labels == 1] += 10
+    assert separation(x, labels) == "5-NN acc 100.0%"
+    # unlabelled points next to class 1 would count as neighbours and as misses
+    mixed = np.concatenate([labels, np.full(6, -1)])
+    x2 = np.concatenate([x, x[labels == 1] + 0.01])
+    assert separation(x2, mixed) == "5-NN acc 100.0% of 12 labelled"
 
 
 def test_curves_helpers(tmp_path):

@@ -8,7 +8,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("attention", help="cross-modal attention maps (text token <-> image patches)",
                        description="Encoder attention over the unmasked image + caption: from a word to "
                                    "the image patches (heatmap), and from an image region to the words.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (config.json + model.safetensors) or hub id")
     p.add_argument("--image", required=True,
                    help="image file, or a data spec whose first sample is used (e.g. 'demo': a synthetic one)")
     p.add_argument("--caption", default=None, help="caption (default: the sample's own, from a data spec)")

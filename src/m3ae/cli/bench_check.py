@@ -208,8 +208,8 @@ def summary(name: str, r: dict) -> str:
         return (f"fused {f['step_s'] * 1e3:.1f} ms vs {u['step_s'] * 1e3:.1f} ms, memory "
                 f"{u['extra_memory_bytes'] / max(f['extra_memory_bytes'], 1):.1f}x lower")
     if name == "data":
-        return "; ".join(f"{row['pipeline']} {row['one_worker']:.0f}/s (1 worker), {row['many_workers']:.0f}/s "
-                         f"({row['workers']} workers)" for row in res["rows"])
+        return "; ".join(f"{row['pipeline']} {row['one_worker']:.0f}/s (in-process), {row['many_workers']:.0f}/s "
+                         f"({row['workers']} worker{'' if row['workers'] == 1 else 's'})" for row in res["rows"])
     return ""
 
 

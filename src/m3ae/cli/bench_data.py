@@ -92,9 +92,10 @@ def run(args: argparse.Namespace) -> int:
     machine = f"{device_name(torch.device('cpu'))}, {os.cpu_count()} cores, torch {torch.__version__}"
     print(f"machine: {machine}")
     print(f"output {args.image_size}px, {args.samples} samples per cell, batch {args.batch}")
-    # "1 worker": in this process (the rate of one core); then through a DataLoader with --workers processes.
+    # First in this process (the rate of one core), then through a DataLoader with --workers processes;
+    # the first column is not called "1 worker", which `--workers 1` would print twice.
     loader = "in-process" if args.workers == 0 else f"{args.workers} worker{'s' if args.workers > 1 else ''}"
-    print(f"{'source':48s} {'pipeline':9s} {'1 worker':>12s} {loader:>12s}")
+    print(f"{'source':48s} {'pipeline':9s} {'in-process':>12s} {loader:>12s}")
     rows = []
     for _, source in build_sources(",".join(args.spec)):
         records = [r for _, r in source.iterate(0, 1, seed=0, epochs=1) if r.image is not None]

@@ -16,6 +16,9 @@ def register(subparsers) -> None:
     s.add_argument("spec", help="a data SPEC (see m3ae.data.spec)")
     s.add_argument("--tokenizer", help="count caption lengths in tokens of this tokenizer (default: words)")
     s.add_argument("--limit", type=int, default=None, help="read at most this many records per source")
+    s.add_argument("--text-length", type=int, default=64,
+                   help="count the captions longer than this, which training truncates (the run's "
+                        "model.text_length; default %(default)s)")
     add_bad_data_args(s)
     s.set_defaults(func=run_stats)
     w = sub.add_parser("shard", help="write WebDataset tar shards (key.jpg/.txt/.cls) from any source")
@@ -131,8 +134,8 @@ def run_stats(args: argparse.Namespace) -> int:
             print(f"    {reason}: {n}   e.g. {', '.join(counter.examples[reason][:3])}")
         if lengths:
             unit = "tokens" if tok else "words"
-            over = sum(n > 64 for n in lengths)
-            print(f"  caption length ({unit}): {_percentiles(lengths)}; over 64: {over}")
+            over = sum(n > args.text_length for n in lengths)
+            print(f"  caption length ({unit}): {_percentiles(lengths)}; over {args.text_length}: {over}")
         if widths:
             print(f"  image width:  {_percentiles(widths)}")
             print(f"  image height: {_percentiles(heights)}")

@@ -10,7 +10,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "it the caption with hidden words in [brackets] and the predicted "
                                    "words. With --caption, also the same image reconstructed with the "
                                    "true caption, no caption, and the given caption (captions visible).")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder (config.json + model.safetensors)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (config.json + model.safetensors) or hub id")
     p.add_argument("--data", default="demo", help="'demo', a CSV (image,caption), an image folder or an image")
     p.add_argument("--out", required=True, help="output PNG")
     p.add_argument("--n", type=int, default=4, help="samples (rows)")

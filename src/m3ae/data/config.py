@@ -21,7 +21,7 @@ class DataConfig:
     shuffle_buffer: int = 2000
     # Share of image-text pairs used as image-only samples (the paper's partly-captioned runs).
     caption_drop: float = 0.0
-    # RandomResizedCrop area range (the paper: 0.2-1) and horizontal flips.
+    # RandomResizedCrop area range, lower end (the paper: 0.2-1).
     crop_scale_min: float = 0.2
     crop_scale_max: float = 1.0  # upper end of the crop area range
     hflip: bool = True  # random horizontal flips
@@ -31,9 +31,10 @@ class DataConfig:
     pad_value: int = 255  # grey level of the padding of square=pad
     jpeg_draft: bool = True  # decode JPEGs at reduced DCT scale when the crop is much larger than the output
     max_image_pixels: int = 178_956_970  # refuse larger images (decompression bombs)
-    # Tar shards: a member larger than this is skipped unread (counted too_large); a shard stops
-    # being read after this many bytes of members (gzip bombs). Memory stays bounded by the first.
+    # Tar shards: a member larger than this is skipped unread (counted too_large); memory stays
+    # bounded by it.
     max_member_bytes: int = 256 << 20
+    # Tar shards: a shard stops being read after this many bytes of members (gzip bombs; too_large).
     max_shard_bytes: int = 64 << 30
     # Stop the run when more than this share of samples is unusable (after bad_min_samples seen).
     max_bad_fraction: float = 0.05

@@ -98,6 +98,20 @@ def knn_accuracy(features: np.ndarray, labels: np.ndarray, k: int = 5) -> float:
     return correct / len(x)
 
 
+def separation(features: np.ndarray, labels: np.ndarray, k: int = 5) -> str:
+    """The panel title's k-NN accuracy, over the labelled points only: `m3ae embed` writes label -1
+    for data without labels, and where all points share one label every neighbour agrees (100 %,
+    which says nothing about the features)."""
+    labelled = ~(labels < 0) if labels.dtype.kind in "iuf" else np.ones(len(labels), dtype=bool)
+    if not labelled.any():
+        return "unlabelled"
+    if len(np.unique(labels[labelled])) < 2:
+        return "one class"
+    acc = knn_accuracy(features[labelled], np.array([str(v) for v in labels[labelled]]), k)
+    share = "" if labelled.all() else f" of {int(labelled.sum())} labelled"
+    return f"{k}-NN acc {acc:.1%}{share}"
+
+
 def tsne_figure(sets: Sequence[tuple[str, FeatureSet]], out: str | Path, method: str = "auto", seed: int = 0,
                 perplexity: float = 30.0, dpi: int = 100) -> Path:
     """One panel per feature set, side by side, points coloured by label (shared colours)."""
@@ -113,9 +127,8 @@ def tsne_figure(sets: Sequence[tuple[str, FeatureSet]], out: str | Path, method:
         labels = np.array([str(v) for v in fs.labels])
         ids = np.array([index[v] for v in labels])
         ax.scatter(xy[:, 0], xy[:, 1], c=colours[ids], s=9, linewidths=0)
-        acc = knn_accuracy(fs.features, labels)
         method_name = "t-SNE" if used == "tsne" else "PCA"
-        ax.set_title(f"{title}\n{method_name}, N={len(labels)}, 5-NN acc {acc:.1%}", fontsize=9)
+        ax.set_title(f"{title}\n{method_name}, N={len(labels)}, {separation(fs.features, fs.labels)}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     if len(classes) <= 20:  # beyond that a legend is noise
