@@ -257,5 +257,21 @@ def test_a_path_with_a_spec_character_is_written_with_a_backslash(tmp_path, char
 def test_a_backslash_before_another_character_is_kept():
     from m3ae.data.spec import parse_item
 
-    item = parse_item("folder:C:\\data\\x\\\\y#captions=0")  # "\d" is kept; "\\" is one backslash
-    assert item.path == "C:\\data\\x\\y" and item.options == {"captions": "0"}
+    item = parse_item("folder:C:\\data\\x\\\\y#captions=0")  # "\d" and "\\y" are kept as they are
+    assert item.path == "C:\\data\\x\\\\y" and item.options == {"captions": "0"}
+
+
+def test_windows_paths_keep_their_backslashes():
+    # Was: every "\\" was read as one backslash, so a UNC path lost its leading one and named
+    # another folder than before escapes existed.
+    from m3ae.data.spec import SourceSpec, parse_item
+
+    for path in ("\\\\server\\share\\photos", "\\\\?\\C:\\data", "C:\\data\\"):
+        assert parse_item(f"folder:{path}").path == path
+    # A backslash ending a path, before a separator: doubled, as str() writes it.
+    items = parse_spec("folder:C:\\data\\\\#captions=0@0.5,csv:D:\\m\\\\,csv:x\\\\\\@y\\\\")
+    assert [(i.path, i.options, i.weight) for i in items] == [
+        ("C:\\data\\", {"captions": "0"}, 0.5), ("D:\\m\\", {}, 1.0), ("x\\@y\\", {}, 1.0)]
+    for path in ("C:\\data\\", "\\\\server\\a,b\\", "a\\,b", "x\\\\"):
+        spec = SourceSpec("folder", path, None, 0.5, {"v": path})
+        assert parse_spec(f"{spec},{spec}") == [spec, spec], str(spec)

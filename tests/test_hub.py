@@ -254,3 +254,17 @@ def test_push_of_an_older_checkpoint_uploads_what_load_finds_for_it(tmp_path, mo
     card = uploaded["README.md"].decode()
     assert "std [0.229, 0.224, 0.225]" in card and "steps: 10" in card
     assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model.safetensors", "run_config.yaml"]
+
+
+def test_card_and_loader_agree_on_what_a_folder_holds(tmp_path):
+    # Was: two rules. timm's own hub config.json (architecture + pretrained_cfg, no model_args) was
+    # an "encoder exported for timm" to the loader but an M3AE checkpoint to the card ("lacks 'emb_dim'").
+    from m3ae.config import ConfigError
+    from m3ae.validate import read_model_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "vit_small_patch16_224", "num_classes": 0,
+                                                      "pretrained_cfg": {"input_size": [3, 224, 224]}}))
+    with pytest.raises(ConfigError, match="exported for transformers or timm"):
+        read_model_config(tmp_path / "config.json")
+    with pytest.raises(ValueError, match="lacks 'model_args'"):
+        model_card(tmp_path)

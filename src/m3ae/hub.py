@@ -56,24 +56,12 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *, revision: str | None 
     return Path(folder)
 
 
-def folder_kind(config: dict[str, Any]) -> str:
-    """What a folder's config.json describes: "m3ae" (a checkpoint), "classifier" (m3ae finetune),
-    "transformers" or "timm" (m3ae export)."""
-    if config.get("kind") == "m3ae-classifier":
-        return "classifier"
-    if config.get("model_type") in ("vit", "vit_mae") or config.get("architectures"):
-        return "transformers"
-    if "architecture" in config and isinstance(config.get("model_args"), dict):
-        return "timm"
-    return "m3ae"
-
-
 def model_card(folder: str | os.PathLike, repo_id: str | None = None, results: dict[str, Any] | None = None) -> str:
     """A README.md for a checkpoint folder: architecture, data and recipe (from run_config.yaml when
     the folder has one), preprocessing, how to load it, and measured results when given. Classifier
     folders (m3ae finetune) and encoders exported for transformers / timm (m3ae export) get a card
     for what they are and the loader that reads them."""
-    from .validate import read_config_json
+    from .validate import folder_kind, read_config_json
 
     folder = Path(folder)
     config = read_config_json(folder / "config.json")
@@ -206,7 +194,7 @@ def _completed(folder: Path, tmp: Path) -> dict[str, Path]:
     files as m3ae.load finds them for it (run_config.yaml, the run's tokenizer), written into `tmp`,
     with a warning naming them; {} for a complete folder and for other kinds of folder."""
     from .pretrained import checkpoint_preprocessing, checkpoint_tokenizer
-    from .validate import read_config_json, read_model_config
+    from .validate import folder_kind, read_config_json, read_model_config
 
     if folder_kind(read_config_json(folder / "config.json")) != "m3ae":
         return {}

@@ -29,10 +29,11 @@ def read_model_config(path: str | os.PathLike, **overrides) -> M3AEConfig:
     """config.json -> a validated M3AEConfig that fits in this machine's memory."""
     path = Path(path)
     data = read_config_json(path)
-    if data.get("kind") == "m3ae-classifier":
+    kind = folder_kind(data)
+    if kind == "classifier":
         raise ConfigError(f"{path.parent} is a fine-tuned classifier (m3ae finetune), not an M3AE checkpoint: "
                           "load it with m3ae.eval.finetune.Classifier.from_pretrained")
-    if data.get("architectures") or data.get("architecture") or data.get("model_type") in ("vit", "vit_mae"):
+    if kind in ("transformers", "timm"):
         raise ConfigError(f"{path.parent} is an encoder exported for transformers or timm (m3ae export): load "
                           "it with that library, or use the M3AE checkpoint it came from")
     try:
@@ -41,6 +42,18 @@ def read_model_config(path: str | os.PathLike, **overrides) -> M3AEConfig:
     except (ConfigError, TypeError) as err:
         raise ConfigError(f"{path}: {err}") from None
     return config
+
+
+def folder_kind(config: dict) -> str:
+    """What a folder's config.json describes: "m3ae" (a checkpoint), "classifier" (m3ae finetune),
+    "transformers" or "timm" (m3ae export; timm's own hub configs, without model_args, too)."""
+    if config.get("kind") == "m3ae-classifier":
+        return "classifier"
+    if config.get("model_type") in ("vit", "vit_mae") or config.get("architectures"):
+        return "transformers"
+    if config.get("architecture"):
+        return "timm"
+    return "m3ae"
 
 
 def read_config_json(path: str | os.PathLike) -> dict:

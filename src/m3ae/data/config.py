@@ -39,3 +39,9 @@ class DataConfig:
     # Stop the run when more than this share of samples is unusable (after bad_min_samples seen).
     max_bad_fraction: float = 0.05
     bad_min_samples: int = 200  # samples seen before max_bad_fraction is enforced
+
+
+def stream_shares(data: DataConfig, world_size: int) -> int:
+    """The (process, worker) shares a stream source is read in, each with its own saved position
+    (m3ae.data.stream_position): processes x loader workers, reading in-process being one share."""
+    return world_size * max(int(data.num_workers), 1)

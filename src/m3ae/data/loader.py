@@ -21,7 +21,7 @@ import torch
 from ..config import M3AEConfig
 from .bad import BadCounter, DataQualityError, LoaderError
 from .collate import Batch
-from .config import DataConfig
+from .config import DataConfig, stream_shares
 from .images import TrainTransform
 from .pipeline import BatchCollator, MixtureDataset, PositionSampler, SampleMaker, SourceUse, StreamDataset
 from .stream_position import StreamPosition
@@ -232,6 +232,6 @@ def build_train_data(data: DataConfig, model_config: M3AEConfig, *, seed: int, m
                             bad_limit=(data.max_bad_fraction, data.bad_min_samples))
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, **_loader_kwargs(data, pin_memory))
     # Shares that deliver nothing before the next checkpoint keep their old position.
-    same_layout = stream is not None and stream.parts == world_size * max(int(data.num_workers), 1)
+    same_layout = stream is not None and stream.parts == stream_shares(data, world_size)
     tracked = TrackedBatches(loader, counter, stream if same_layout else None)
     return TrainData(tracked, description, maker.tokenizer, False, counter)

@@ -21,8 +21,10 @@ Examples:
     paired=captions.csv,image=folder:unlabelled/@0.5,text=text:all.csv#caption@0.2
 Weights are relative (default 1 each). Commas inside {...} belong to the pattern.
 A ",", "#" or "@" that is part of a path or an option value is written with a backslash before it
-("\\,", "\\#", "\\@"; "\\\\" is a backslash): data/a\\,b/ is the folder "a,b". A backslash before any other
-character is kept as it is.
+("\\,", "\\#", "\\@"): data/a\\,b/ is the folder "a,b". Backslashes are otherwise kept as they are
+(C:\\data\\x, \\\\server\\share), except in a run of them just before one of those characters or at the
+end of a path or value: there each pair is one backslash, and an odd one left escapes the character
+(as Windows reads backslashes before a quote): C:\\data\\\\,x.csv is the folder "C:\\data\\" and x.csv.
 """
 from __future__ import annotations
 
@@ -48,19 +50,28 @@ class SourceSpec:
         return f"{self.role + '=' if self.role else ''}{self.kind}:{escape(self.path)}{opts}@{self.weight:g}"
 
 
-# The characters that separate a spec's parts; a backslash before one (or before a backslash) makes
-# it part of the path or value. Every split below goes through `_unescaped`, and every path and
-# option value through `unescape`: the one place the escape is known.
-SPECIAL = ",#@\\"
+# The characters that separate a spec's parts; a backslash before one makes it part of the path or
+# value. Every split below goes through `_unescaped`, and every path and option value through
+# `unescape`: the one place the escape is known. Only backslashes that touch a separator (or end a
+# part, which a separator may follow) are read as escapes, so Windows paths (C:\data, UNC
+# \\server\share) mean what they meant before escapes existed.
+SEPARATORS = ",#@"
+# a separator or the end of the text, with the run of backslashes before it
+_RUN = re.compile(r"(\\*)([" + re.escape(SEPARATORS) + r"]|\Z)")
 
 
 def escape(text: str) -> str:
-    """`text` as it is written in a spec (a path or value holding ",", "#" or "@")."""
-    return "".join("\\" + ch if ch in SPECIAL else ch for ch in text)
+    """`text` as it is written in a spec (a path or value holding ",", "#" or "@", or ending in "\\")."""
+    return _RUN.sub(lambda m: m.group(1) * 2 + ("\\" + m.group(2) if m.group(2) else ""), text)
 
 
 def unescape(text: str) -> str:
-    return re.sub(r"\\([" + re.escape(SPECIAL) + r"])", r"\1", text)
+    """A path or option value as written (`escape`) -> as meant."""
+    def one(m: re.Match) -> str:
+        run, after = len(m.group(1)), m.group(2)
+        # before a separator an odd backslash escaped it; at the end it escapes nothing and stays
+        return "\\" * (run // 2) + (after or "\\" * (run % 2))
+    return _RUN.sub(one, text)
 
 
 def _unescaped(text: str, char: str, braces: bool = False) -> list[int]:
@@ -69,8 +80,12 @@ def _unescaped(text: str, char: str, braces: bool = False) -> list[int]:
     depth, i = 0, 0
     while i < len(text):
         ch = text[i]
-        if ch == "\\" and i + 1 < len(text) and text[i + 1] in SPECIAL:
-            i += 2
+        if ch == "\\":
+            end = i
+            while end < len(text) and text[end] == "\\":
+                end += 1
+            escapes = (end - i) % 2 and end < len(text) and text[end] in SEPARATORS
+            i = end + 1 if escapes else end  # an escaped separator is skipped with its run
             continue
         if braces:
             depth += (ch == "{") - (ch == "}")
@@ -119,7 +134,8 @@ def detect_kind(path: str) -> str:
     raise ValueError(f"cannot tell the kind of {path!r}; prefix it, e.g. csv:{path} (kinds: {', '.join(kind_names())})")
 
 
-ESCAPE_HINT = "a ',', '#' or '@' that is part of a path is written '\\,', '\\#' or '\\@'"
+ESCAPE_HINT = ("a ',', '#' or '@' that is part of a path is written '\\,', '\\#' or '\\@' (a '\\' "
+               "just before one of them, or ending the path, is written '\\\\')")
 
 
 def parse_item(item: str) -> SourceSpec:

@@ -29,11 +29,16 @@ TIMM_ARCHS = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "v
               1024: "vit_large_patch16_224", 1280: "vit_huge_patch14_224"}
 
 
+def check_image_size(image_size: int | None) -> None:
+    """None means the checkpoint's size; 0 must not (it did, through `image_size or ...`)."""
+    if image_size is not None and (type(image_size) is not int or image_size < 1):
+        raise ValueError(f"image size must be a positive integer, got {image_size!r}")
+
+
 def encoder_tensors(model, image_size: int | None = None) -> dict[str, torch.Tensor]:
     """The encoder in neutral names: patch kernel, [CLS], position table with [CLS] row, blocks, norm."""
     c = model.config
-    if image_size is not None and (type(image_size) is not int or image_size < 1):  # 0 read as "default" before
-        raise ValueError(f"image size must be a positive integer, got {image_size!r}")
+    check_image_size(image_size)
     size = image_size or c.image_size
     if size % c.patch_size:
         raise ValueError(f"image size {size} is not divisible by the patch size {c.patch_size}")
@@ -146,8 +151,7 @@ def export(model, preprocessing, fmt: str, out_dir: str | os.PathLike, image_siz
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {FORMATS}")
-    if image_size is not None and (type(image_size) is not int or image_size < 1):
-        raise ValueError(f"image size must be a positive integer, got {image_size!r}")
+    check_image_size(image_size)  # before anything is written
     size = image_size or model.config.image_size
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ..config import PRESETS, ConfigError, M3AEConfig
 from ..host_allocator import SETTINGS as HOST_ALLOCATOR_SETTINGS
 from ..precision import PRECISIONS
-from ..data.config import DataConfig
+from ..data.config import DataConfig, stream_shares
 from ..optim import scaled_lr
 
 
@@ -326,7 +326,7 @@ def check_resume_changes(checkpoint_yaml: str, config: TrainConfig, allow: bool,
     changes = setting_changes(old, config)
     breaking = [k for k in changes if k not in RESUME_SAFE]
     notes = {k: "" if k in RESUME_SAFE else " (not exact)" for k in changes}
-    parts = world_size * max(int(config.data.num_workers), 1)
+    parts = stream_shares(config.data, world_size)
     if "data.num_workers" in changes and stream_parts is not None and stream_parts != parts:
         # Safe for indexed sources (a position maps to a record whoever reads it), not for streams:
         # their position is kept per (process, worker) share, and another number of shares restarts
