@@ -354,3 +354,68 @@ def test_hdf5_table_bad_rows_are_counted_and_bad_fields_named(tmp_path, capsys):
         with pytest.raises(ValueError, match=message) as err:
             build_source(parse_item(path + options))
         assert path in str(err.value)
+
+
+# -- feature files (m3ae embed's output, read by knn / probe) -----------------------------------------
+def _features_npz(path, **arrays):
+    import numpy as np
+
+    base = dict(features=np.random.default_rng(0).normal(size=(6, 4)).astype("float32"),
+                labels=np.arange(6) % 2)
+    np.savez(path, **{**base, **arrays})
+    return str(path)
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (dict(features=None), "Object arrays cannot be loaded when allow_pickle=False"),
+    (dict(labels=None), "Object arrays cannot be loaded"),
+    (dict(features="zeros(6)"), "'features' must be a real \\(N, D\\) array.*\\(6,\\)"),
+    (dict(features="zeros((6, 0))"), "'features' must be a real \\(N, D\\) array"),
+    (dict(features="full((6, 4), 'x')"), "'features' must be a real.*<U1"),
+    (dict(features="zeros((6, 4), complex)"), "'features' must be a real.*complex"),
+    (dict(features="full((6, 4), nan)"), "6 of 6 feature rows hold NaN or inf"),
+    (dict(labels="arange(2)"), "'labels' must be \\(N,\\) = \\(6,\\)"),
+    (dict(labels="full(6, 0.5)"), "'labels' must be integer class indices, got float64"),
+    (dict(labels="full(6, 'cat')"), "'labels' must be integer class indices"),
+    (dict(labels="full(6, 10**12)"), "labels must be class indices in \\[-1, 1048575\\]"),  # a memory bomb
+    (dict(labels="full(6, 2**63 + 5, uint64)"), "labels must be class indices"),  # not -9223372036854775803
+    (dict(keys="array(['a'])"), "'keys' must be 6 strings, one a row, got 1"),
+    (dict(keys="zeros(6)"), "'keys' must be a 1-D string array, got float64"),
+])
+def test_a_hostile_feature_file_is_refused_naming_it(tmp_path, arrays, message):
+    # Was: object arrays, text and missing arrays failed with torch or numpy errors not naming the file;
+    # NaN features and 0.5 labels scored silently; a label of 10^12 allocated 80 TB for the kNN scores.
+    import numpy as np
+
+    from m3ae.eval.features import load_features
+
+    values = {k: np.array([object()] * 6, dtype=object) if v is None else eval(v, vars(np)) for k, v in arrays.items()}
+    path = _features_npz(tmp_path / "f.npz", **values)
+    with pytest.raises(ValueError, match=message) as err:
+        load_features(path)
+    assert path in str(err.value)
+
+
+def test_feature_files_missing_arrays_or_corrupt_name_the_file(tmp_path, capsys):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from m3ae.cli import main
+    from m3ae.eval.features import load_features
+
+    np.savez(tmp_path / "nolabels.npz", features=np.zeros((3, 2), "float32"))
+    (tmp_path / "cut.npz").write_bytes(b"PK\3\4 not a whole zip")
+    save_file({"features": np.zeros((3, 2), "float32")}, tmp_path / "nolabels.safetensors")
+    save_file({"features": np.zeros((3, 2), "float32"), "labels": np.zeros(3, "int64")}, tmp_path / "keys.safetensors",
+              metadata={"keys": "{not json"})
+    for name, message in (("nolabels.npz", "no 'labels' array"), ("cut.npz", "not a readable feature file"),
+                          ("nolabels.safetensors", "no 'labels' tensor"), ("keys.safetensors", "JSONDecodeError")):
+        with pytest.raises(ValueError, match=message) as err:
+            load_features(tmp_path / name)
+        assert str(tmp_path / name) in str(err.value)
+    good = _features_npz(tmp_path / "good.npz")
+    assert main(["knn", "--checkpoint", "unused", "--train", str(tmp_path / "nolabels.safetensors"),
+                 "--val", good, "--device", "cpu", "--quiet"]) == 2  # an error line, no traceback
+    assert "nolabels.safetensors: not a readable feature file" in capsys.readouterr().err
+    feats, labels, keys = load_features(good)
+    assert feats.dtype == torch.float32 and labels.tolist() == [0, 1] * 3 and keys == [str(i) for i in range(6)]
