@@ -419,3 +419,33 @@ def test_feature_files_missing_arrays_or_corrupt_name_the_file(tmp_path, capsys)
     assert "nolabels.safetensors: not a readable feature file" in capsys.readouterr().err
     feats, labels, keys = load_features(good)
     assert feats.dtype == torch.float32 and labels.tolist() == [0, 1] * 3 and keys == [str(i) for i in range(6)]
+
+
+# -- preprocessor_config.json ---------------------------------------------------------------------------
+@pytest.mark.parametrize("changes, message", [
+    ({"image_size": 10**9}, "image_size must be an integer in 1..8192"),  # was: resize to 10^9 px (3 EB)
+    ({"image_size": 32.5}, "image_size must be an integer"),  # was: a torch TypeError per image
+    ({"mean": [float("nan")] * 3}, "3 means and 3 positive stds, all finite"),  # was: NaN features, silently
+    ({"std": [float("inf")] * 3}, "all finite"),  # was: all-zero inputs
+    ({"pad_value": 3.7, "square": "pad"}, "pad_value a grey level"),
+])
+def test_preprocessor_config_values_are_checked(saved, changes, message):
+    import m3ae
+    from m3ae.preprocessing import PREPROCESSOR_NAME
+
+    path = saved / PREPROCESSOR_NAME
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    with pytest.raises(ValueError, match=message) as err:
+        m3ae.load(saved)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("content", [b"[" * 100_000 + b"]" * 100_000, b"\xff\xfe{}"], ids=["nested", "not-utf8"])
+def test_an_unparseable_preprocessor_config_is_a_config_error(saved, content):
+    # Was: a RecursionError / UnicodeDecodeError not naming the file.
+    import m3ae
+    from m3ae.preprocessing import PREPROCESSOR_NAME
+
+    (saved / PREPROCESSOR_NAME).write_bytes(content)
+    with pytest.raises(ConfigError, match=f"{saved / PREPROCESSOR_NAME} is not valid JSON"):
+        m3ae.load(saved)
