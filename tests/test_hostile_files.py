@@ -449,3 +449,22 @@ def test_an_unparseable_preprocessor_config_is_a_config_error(saved, content):
     (saved / PREPROCESSOR_NAME).write_bytes(content)
     with pytest.raises(ConfigError, match=f"{saved / PREPROCESSOR_NAME} is not valid JSON"):
         m3ae.load(saved)
+
+
+def test_a_tokenizer_with_sparse_ids_past_the_vocab_is_refused(tmp_path, saved):
+    # Was: 4 tokens passed the vocab_size check, and "dog" (id 10^9) failed the embedding lookup
+    # mid-run with "IndexError: index out of range in self".
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    import m3ae
+    from m3ae.data.tokenizer import load_tokenizer
+
+    tok = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, "cat": 2, "dog": 10**9}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(saved / "tokenizer.json"))
+    with pytest.raises(ValueError, match="has 4 tokens but the model.s vocab_size is 40 \\(its ids reach 10{9}\\)"):
+        m3ae.load(saved)
+    with pytest.raises(ValueError, match="its ids reach 1000000000"):
+        load_tokenizer(saved / "tokenizer.json", vocab_size=40)
+    assert load_tokenizer(saved / "tokenizer.json", vocab_size=10**9 + 1).encode("dog").ids == [10**9]
+
