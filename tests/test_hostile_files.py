@@ -468,3 +468,24 @@ def test_a_tokenizer_with_sparse_ids_past_the_vocab_is_refused(tmp_path, saved):
         load_tokenizer(saved / "tokenizer.json", vocab_size=40)
     assert load_tokenizer(saved / "tokenizer.json", vocab_size=10**9 + 1).encode("dog").ids == [10**9]
 
+
+def test_labels_that_are_no_class_index_are_counted_or_refused(tmp_path):
+    # Was: a .cls of 10^12 made knn / probe allocate 10^12 classes (24 TB), "-7" an IndexError in the
+    # probe and 40 nines an OverflowError; each is now one counted bad sample of the shard.
+    from m3ae.eval.labelled import labelled_dataset
+
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w") as tar:
+        for i, cls in enumerate(["0", str(10**12), "-7", "9" * 40, "1"]):
+            _add(tar, f"{i:03d}.jpg", jpeg_bytes(seed=i))
+            _add(tar, f"{i:03d}.cls", cls.encode())
+    (record,) = [r for r in iter_tar(str(path)) if r.key.endswith("/001")]
+    assert record.label is None and "is not a class index" in record.bad_label
+    ds = labelled_dataset(f"wds:{path}", "train", 32)
+    assert ds.labels == [0, 1] and ds.num_classes == 2 and ds.skipped == 3
+    # Other sources (manifest label columns, HDF5, tables): an error naming the item.
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.jpg").write_bytes(jpeg_bytes())
+    (tmp_path / "m.csv").write_text(f"image,caption,label\na.jpg,a photo,{10**12}\n")
+    with pytest.raises(ValueError, match="item a.jpg has label 1000000000000, not a class index"):
+        labelled_dataset(f"{tmp_path / 'm.csv'}#root={tmp_path / 'images'}", "train", 32)

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from ..data.sources.base import MAX_LABEL
 from ..files import atomic_write
 from ..precision import autocast as precision_autocast
 
@@ -178,11 +179,6 @@ def save_features(path: str | Path, features: torch.Tensor, labels: torch.Tensor
     else:
         raise ValueError(f"feature file must end in .safetensors, .npz or .npy, got {path.name}")
     return path
-
-
-# Labels are class indices: the kNN scores and the probe heads allocate one column per class, so a
-# hostile label (10^12) would be a memory bomb. ImageNet-21k has 21,841 classes.
-MAX_LABEL = 2**20 - 1
 
 
 def load_features(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
