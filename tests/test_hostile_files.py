@@ -489,3 +489,34 @@ def test_labels_that_are_no_class_index_are_counted_or_refused(tmp_path):
     (tmp_path / "m.csv").write_text(f"image,caption,label\na.jpg,a photo,{10**12}\n")
     with pytest.raises(ValueError, match="item a.jpg has label 1000000000000, not a class index"):
         labelled_dataset(f"{tmp_path / 'm.csv'}#root={tmp_path / 'images'}", "train", 32)
+
+
+# -- YAML settings files ---------------------------------------------------------------------------------
+def test_settings_files_may_not_call_resolvers(tmp_path, saved, monkeypatch):
+    # Was: `${oc.env:HF_TOKEN}` in a downloaded preset, study or checkpoint's run_config.yaml read the
+    # token into the settings: into run_config.yaml and the model card, or sent to the hub as a
+    # tokenizer name by m3ae.load.
+    import warnings
+
+    import m3ae
+    from m3ae.study.spec import load_study
+    from m3ae.train.config import load_config
+
+    monkeypatch.setenv("SECRET_TOKEN", "hf_secret")
+    evil = "${oc.env:SECRET_TOKEN}"
+    (tmp_path / "p.yaml").write_text(f"steps: 2\ndata:\n  tokenizer: '{evil}'\n")
+    with pytest.raises(ConfigError, match="p.yaml: data.tokenizer: .* calls an OmegaConf resolver"):
+        load_config(str(tmp_path / "p.yaml"))
+    (tmp_path / "s.yaml").write_text(f"arms:\n  a:\n    settings: ['data.spec={evil}']\n")
+    with pytest.raises(ConfigError, match="s.yaml: arms.a.settings\\[0\\]: .* calls an OmegaConf resolver"):
+        load_study(tmp_path / "s.yaml")
+    (saved / "preprocessor_config.json").unlink()  # an older checkpoint: its run_config.yaml is read
+    (saved / "run_config.yaml").write_text(f"data:\n  normalization: imagenet\n  tokenizer: '{evil}'\n")
+    with warnings.catch_warnings(), pytest.raises(ConfigError, match="run_config.yaml: data.tokenizer"):
+        warnings.simplefilter("ignore")
+        m3ae.load(saved)
+    (tmp_path / "ok.yaml").write_text("steps: 7\nlog_every: ${steps}\n")  # a reference: harmless
+    assert load_config(str(tmp_path / "ok.yaml")).log_every == 7
+    (tmp_path / "tag.yaml").write_text("steps: !!python/object/apply:os.getcwd []\n")
+    with pytest.raises(ConfigError, match="tag.yaml is not valid YAML: could not determine a constructor"):
+        load_config(str(tmp_path / "tag.yaml"))

@@ -120,7 +120,9 @@ def model_card(folder: str | os.PathLike, repo_id: str | None = None, results: d
     if run.is_file():
         from omegaconf import OmegaConf
 
-        cfg = OmegaConf.load(run)
+        from .train.config import load_settings_yaml
+
+        cfg = load_settings_yaml(run)
         pick = {k: OmegaConf.select(cfg, k) for k in ("data.spec", "data.tokenizer", "steps", "batch_size",
                                                      "optim.lr", "optim.weight_decay", "optim.warmup_steps", "seed")}
         lines += ["## Data and recipe", ""] + [f"- {k}: {v}" for k, v in pick.items() if v is not None] + [""]
