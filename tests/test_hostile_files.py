@@ -520,3 +520,28 @@ def test_settings_files_may_not_call_resolvers(tmp_path, saved, monkeypatch):
     (tmp_path / "tag.yaml").write_text("steps: !!python/object/apply:os.getcwd []\n")
     with pytest.raises(ConfigError, match="tag.yaml is not valid YAML: could not determine a constructor"):
         load_config(str(tmp_path / "tag.yaml"))
+
+
+# -- checkpoint folders --------------------------------------------------------------------------------------
+def test_push_refuses_files_linked_from_outside_the_folder(tmp_path, saved):
+    # Was: README.md -> a private file elsewhere was uploaded to the Hub as the model card. Checked
+    # before the Hub is contacted (api=None would otherwise build a real HfApi).
+    from m3ae.hub import push_to_hub
+
+    secret = tmp_path / "id_rsa"
+    secret.write_text("PRIVATE KEY")
+    (saved / "README.md").symlink_to(secret)
+    with pytest.raises(ValueError, match="README.md is a link to .*id_rsa, outside the checkpoint folder"):
+        push_to_hub(saved, "someone/x", api=object())
+    # A Hugging Face cache snapshot links its files into the repository's blobs/: allowed.
+    repo = tmp_path / "models--someone--x"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "snapshots").mkdir()
+    snap = repo / "snapshots" / "abc"
+    snap.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (saved / name).rename(repo / "blobs" / name)
+        (snap / name).symlink_to(f"../../blobs/{name}")
+    from m3ae.hub import _refuse_outside_links
+
+    _refuse_outside_links(snap)
