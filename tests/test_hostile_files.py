@@ -354,3 +354,194 @@ def test_hdf5_table_bad_rows_are_counted_and_bad_fields_named(tmp_path, capsys):
         with pytest.raises(ValueError, match=message) as err:
             build_source(parse_item(path + options))
         assert path in str(err.value)
+
+
+# -- feature files (m3ae embed's output, read by knn / probe) -----------------------------------------
+def _features_npz(path, **arrays):
+    import numpy as np
+
+    base = dict(features=np.random.default_rng(0).normal(size=(6, 4)).astype("float32"),
+                labels=np.arange(6) % 2)
+    np.savez(path, **{**base, **arrays})
+    return str(path)
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (dict(features=None), "Object arrays cannot be loaded when allow_pickle=False"),
+    (dict(labels=None), "Object arrays cannot be loaded"),
+    (dict(features="zeros(6)"), "'features' must be a real \\(N, D\\) array.*\\(6,\\)"),
+    (dict(features="zeros((6, 0))"), "'features' must be a real \\(N, D\\) array"),
+    (dict(features="full((6, 4), 'x')"), "'features' must be a real.*<U1"),
+    (dict(features="zeros((6, 4), complex)"), "'features' must be a real.*complex"),
+    (dict(features="full((6, 4), nan)"), "6 of 6 feature rows hold NaN or inf"),
+    (dict(labels="arange(2)"), "'labels' must be \\(N,\\) = \\(6,\\)"),
+    (dict(labels="full(6, 0.5)"), "'labels' must be integer class indices, got float64"),
+    (dict(labels="full(6, 'cat')"), "'labels' must be integer class indices"),
+    (dict(labels="full(6, 10**12)"), "labels must be class indices in \\[-1, 1048575\\]"),  # a memory bomb
+    (dict(labels="full(6, 2**63 + 5, uint64)"), "labels must be class indices"),  # not -9223372036854775803
+    (dict(keys="array(['a'])"), "'keys' must be 6 strings, one a row, got 1"),
+    (dict(keys="zeros(6)"), "'keys' must be a 1-D string array, got float64"),
+])
+def test_a_hostile_feature_file_is_refused_naming_it(tmp_path, arrays, message):
+    # Was: object arrays, text and missing arrays failed with torch or numpy errors not naming the file;
+    # NaN features and 0.5 labels scored silently; a label of 10^12 allocated 80 TB for the kNN scores.
+    import numpy as np
+
+    from m3ae.eval.features import load_features
+
+    values = {k: np.array([object()] * 6, dtype=object) if v is None else eval(v, vars(np)) for k, v in arrays.items()}
+    path = _features_npz(tmp_path / "f.npz", **values)
+    with pytest.raises(ValueError, match=message) as err:
+        load_features(path)
+    assert path in str(err.value)
+
+
+def test_feature_files_missing_arrays_or_corrupt_name_the_file(tmp_path, capsys):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from m3ae.cli import main
+    from m3ae.eval.features import load_features
+
+    np.savez(tmp_path / "nolabels.npz", features=np.zeros((3, 2), "float32"))
+    (tmp_path / "cut.npz").write_bytes(b"PK\3\4 not a whole zip")
+    save_file({"features": np.zeros((3, 2), "float32")}, tmp_path / "nolabels.safetensors")
+    save_file({"features": np.zeros((3, 2), "float32"), "labels": np.zeros(3, "int64")}, tmp_path / "keys.safetensors",
+              metadata={"keys": "{not json"})
+    for name, message in (("nolabels.npz", "no 'labels' array"), ("cut.npz", "not a readable feature file"),
+                          ("nolabels.safetensors", "no 'labels' tensor"), ("keys.safetensors", "JSONDecodeError")):
+        with pytest.raises(ValueError, match=message) as err:
+            load_features(tmp_path / name)
+        assert str(tmp_path / name) in str(err.value)
+    good = _features_npz(tmp_path / "good.npz")
+    assert main(["knn", "--checkpoint", "unused", "--train", str(tmp_path / "nolabels.safetensors"),
+                 "--val", good, "--device", "cpu", "--quiet"]) == 2  # an error line, no traceback
+    assert "nolabels.safetensors: not a readable feature file" in capsys.readouterr().err
+    feats, labels, keys = load_features(good)
+    assert feats.dtype == torch.float32 and labels.tolist() == [0, 1] * 3 and keys == [str(i) for i in range(6)]
+
+
+# -- preprocessor_config.json ---------------------------------------------------------------------------
+@pytest.mark.parametrize("changes, message", [
+    ({"image_size": 10**9}, "image_size must be an integer in 1..8192"),  # was: resize to 10^9 px (3 EB)
+    ({"image_size": 32.5}, "image_size must be an integer"),  # was: a torch TypeError per image
+    ({"mean": [float("nan")] * 3}, "3 means and 3 positive stds, all finite"),  # was: NaN features, silently
+    ({"std": [float("inf")] * 3}, "all finite"),  # was: all-zero inputs
+    ({"pad_value": 3.7, "square": "pad"}, "pad_value a grey level"),
+])
+def test_preprocessor_config_values_are_checked(saved, changes, message):
+    import m3ae
+    from m3ae.preprocessing import PREPROCESSOR_NAME
+
+    path = saved / PREPROCESSOR_NAME
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    with pytest.raises(ValueError, match=message) as err:
+        m3ae.load(saved)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("content", [b"[" * 100_000 + b"]" * 100_000, b"\xff\xfe{}"], ids=["nested", "not-utf8"])
+def test_an_unparseable_preprocessor_config_is_a_config_error(saved, content):
+    # Was: a RecursionError / UnicodeDecodeError not naming the file.
+    import m3ae
+    from m3ae.preprocessing import PREPROCESSOR_NAME
+
+    (saved / PREPROCESSOR_NAME).write_bytes(content)
+    with pytest.raises(ConfigError, match=f"{saved / PREPROCESSOR_NAME} is not valid JSON"):
+        m3ae.load(saved)
+
+
+def test_a_tokenizer_with_sparse_ids_past_the_vocab_is_refused(tmp_path, saved):
+    # Was: 4 tokens passed the vocab_size check, and "dog" (id 10^9) failed the embedding lookup
+    # mid-run with "IndexError: index out of range in self".
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    import m3ae
+    from m3ae.data.tokenizer import load_tokenizer
+
+    tok = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, "cat": 2, "dog": 10**9}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(saved / "tokenizer.json"))
+    with pytest.raises(ValueError, match="has 4 tokens but the model.s vocab_size is 40 \\(its ids reach 10{9}\\)"):
+        m3ae.load(saved)
+    with pytest.raises(ValueError, match="its ids reach 1000000000"):
+        load_tokenizer(saved / "tokenizer.json", vocab_size=40)
+    assert load_tokenizer(saved / "tokenizer.json", vocab_size=10**9 + 1).encode("dog").ids == [10**9]
+
+
+def test_labels_that_are_no_class_index_are_counted_or_refused(tmp_path):
+    # Was: a .cls of 10^12 made knn / probe allocate 10^12 classes (24 TB), "-7" an IndexError in the
+    # probe and 40 nines an OverflowError; each is now one counted bad sample of the shard.
+    from m3ae.eval.labelled import labelled_dataset
+
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w") as tar:
+        for i, cls in enumerate(["0", str(10**12), "-7", "9" * 40, "1"]):
+            _add(tar, f"{i:03d}.jpg", jpeg_bytes(seed=i))
+            _add(tar, f"{i:03d}.cls", cls.encode())
+    (record,) = [r for r in iter_tar(str(path)) if r.key.endswith("/001")]
+    assert record.label is None and "is not a class index" in record.bad_label
+    ds = labelled_dataset(f"wds:{path}", "train", 32)
+    assert ds.labels == [0, 1] and ds.num_classes == 2 and ds.skipped == 3
+    # Other sources (manifest label columns, HDF5, tables): an error naming the item.
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.jpg").write_bytes(jpeg_bytes())
+    (tmp_path / "m.csv").write_text(f"image,caption,label\na.jpg,a photo,{10**12}\n")
+    with pytest.raises(ValueError, match="item a.jpg has label 1000000000000, not a class index"):
+        labelled_dataset(f"{tmp_path / 'm.csv'}#root={tmp_path / 'images'}", "train", 32)
+
+
+# -- YAML settings files ---------------------------------------------------------------------------------
+def test_settings_files_may_not_call_resolvers(tmp_path, saved, monkeypatch):
+    # Was: `${oc.env:HF_TOKEN}` in a downloaded preset, study or checkpoint's run_config.yaml read the
+    # token into the settings: into run_config.yaml and the model card, or sent to the hub as a
+    # tokenizer name by m3ae.load.
+    import warnings
+
+    import m3ae
+    from m3ae.study.spec import load_study
+    from m3ae.train.config import load_config
+
+    monkeypatch.setenv("SECRET_TOKEN", "hf_secret")
+    evil = "${oc.env:SECRET_TOKEN}"
+    (tmp_path / "p.yaml").write_text(f"steps: 2\ndata:\n  tokenizer: '{evil}'\n")
+    with pytest.raises(ConfigError, match="p.yaml: data.tokenizer: .* calls an OmegaConf resolver"):
+        load_config(str(tmp_path / "p.yaml"))
+    (tmp_path / "s.yaml").write_text(f"arms:\n  a:\n    settings: ['data.spec={evil}']\n")
+    with pytest.raises(ConfigError, match="s.yaml: arms.a.settings\\[0\\]: .* calls an OmegaConf resolver"):
+        load_study(tmp_path / "s.yaml")
+    (saved / "preprocessor_config.json").unlink()  # an older checkpoint: its run_config.yaml is read
+    (saved / "run_config.yaml").write_text(f"data:\n  normalization: imagenet\n  tokenizer: '{evil}'\n")
+    with warnings.catch_warnings(), pytest.raises(ConfigError, match="run_config.yaml: data.tokenizer"):
+        warnings.simplefilter("ignore")
+        m3ae.load(saved)
+    (tmp_path / "ok.yaml").write_text("steps: 7\nlog_every: ${steps}\n")  # a reference: harmless
+    assert load_config(str(tmp_path / "ok.yaml")).log_every == 7
+    (tmp_path / "tag.yaml").write_text("steps: !!python/object/apply:os.getcwd []\n")
+    with pytest.raises(ConfigError, match="tag.yaml is not valid YAML: could not determine a constructor"):
+        load_config(str(tmp_path / "tag.yaml"))
+
+
+# -- checkpoint folders --------------------------------------------------------------------------------------
+def test_push_refuses_files_linked_from_outside_the_folder(tmp_path, saved):
+    # Was: README.md -> a private file elsewhere was uploaded to the Hub as the model card. Checked
+    # before the Hub is contacted (api=None would otherwise build a real HfApi).
+    from m3ae.hub import push_to_hub
+
+    secret = tmp_path / "id_rsa"
+    secret.write_text("PRIVATE KEY")
+    (saved / "README.md").symlink_to(secret)
+    with pytest.raises(ValueError, match="README.md is a link to .*id_rsa, outside the checkpoint folder"):
+        push_to_hub(saved, "someone/x", api=object())
+    # A Hugging Face cache snapshot links its files into the repository's blobs/: allowed.
+    repo = tmp_path / "models--someone--x"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "snapshots").mkdir()
+    snap = repo / "snapshots" / "abc"
+    snap.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (saved / name).rename(repo / "blobs" / name)
+        (snap / name).symlink_to(f"../../blobs/{name}")
+    from m3ae.hub import _refuse_outside_links
+
+    _refuse_outside_links(snap)

@@ -62,3 +62,26 @@ def test_curves_helpers(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="no metrics"):
         read_metrics(tmp_path / "empty.jsonl")
+
+
+@pytest.mark.parametrize("features, message", [
+    (np.full((5, 3), "a"), "need real features \\(N, D >= 1\\).*<U1"),  # was: numpy's error, no file
+    (np.zeros((5, 3), complex), "need real features.*complex"),  # was: imaginary parts dropped
+    (np.zeros((5, 0), np.float32), "need real features"),  # was: IndexError traceback
+    (np.full((5, 3), np.nan, np.float32), "5 of 5 feature rows hold NaN or inf"),  # was: "SVD did not converge"
+])
+def test_hostile_feature_arrays_are_refused_naming_the_file(tmp_path, features, message):
+    path = tmp_path / "f.npz"
+    np.savez(path, features=features, labels=np.arange(5))
+    with pytest.raises(ValueError, match=message) as err:
+        load_features(path)
+    assert str(path) in str(err.value)
+
+
+def test_a_corrupt_feature_file_is_an_error_naming_it(tmp_path):
+    (tmp_path / "cut.npz").write_bytes(b"PK\3\4 cut short")
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\0\0\0\0\0\0\0{}")
+    for name in ("cut.npz", "cut.safetensors"):
+        with pytest.raises(ValueError, match="not a readable") as err:  # was: BadZipFile, SafetensorError
+            load_features(tmp_path / name)
+        assert name in str(err.value)

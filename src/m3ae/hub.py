@@ -108,7 +108,9 @@ def model_card(folder: str | os.PathLike, repo_id: str | None = None, results: d
     if run.is_file():
         from omegaconf import OmegaConf
 
-        cfg = OmegaConf.load(run)
+        from .train.config import load_settings_yaml
+
+        cfg = load_settings_yaml(run)
         pick = {k: OmegaConf.select(cfg, k) for k in ("data.spec", "data.tokenizer", "steps", "batch_size",
                                                      "optim.lr", "optim.weight_decay", "optim.warmup_steps", "seed")}
         lines += ["## Data and recipe", ""] + [f"- {k}: {v}" for k, v in pick.items() if v is not None] + [""]
@@ -159,6 +161,7 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
     for name in ("config.json", "model.safetensors"):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} has no {name}; is it an M3AE checkpoint folder?")
+    _refuse_outside_links(folder)
     card = folder / CARD_NAME
     if card.is_file() and results:
         warnings.warn(f"{card} is the folder's own model card: it is uploaded as it is, without the results",
@@ -187,6 +190,22 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
         except _hub_errors() as err:
             raise HubError(f"pushing to {repo_id} failed: {type(err).__name__}: {err} (is the Hugging Face Hub "
                            "reachable, and are you logged in: `hf auth login` or HF_TOKEN?)") from err
+
+
+def _refuse_outside_links(folder: Path) -> None:
+    """A folder from someone else may hold README.md -> ~/.ssh/id_rsa: its bytes would be uploaded as
+    the model card. Uploaded files must stay inside the folder, or inside the Hugging Face cache
+    repository it is a snapshot of (snapshots/REV/NAME -> ../../blobs/HASH)."""
+    root = folder.resolve()
+    blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
+    for name in HUB_FILES:
+        path = folder / name
+        if not path.is_symlink():
+            continue
+        target = path.resolve()
+        if not (target.is_relative_to(root) or (blobs is not None and target.is_relative_to(blobs))):
+            raise ValueError(f"{path} is a link to {target}, outside the checkpoint folder: not uploaded "
+                             "(copy the file into the folder if it is meant to be published)")
 
 
 def _completed(folder: Path, tmp: Path) -> dict[str, Path]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,9 @@ from .files import atomic_write
 
 PREPROCESSOR_NAME = "preprocessor_config.json"
 DEFAULT_CROP_PCT = 1.0
+# Images are resized to image_size (the crop is taken in input pixels first): 10^9 from a downloaded
+# preprocessor_config.json would ask for exabytes. The paper's models use 256.
+MAX_IMAGE_SIZE = 8192
 
 
 @dataclass
@@ -31,15 +35,17 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         self.mean, self.std = tuple(float(v) for v in self.mean), tuple(float(v) for v in self.std)
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"preprocessing needs 3 means and 3 positive stds, got {self.mean} / {self.std}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0 \
+                or not all(math.isfinite(v) for v in self.mean + self.std):  # NaN: NaN features, silently
+            raise ValueError(f"preprocessing needs 3 means and 3 positive stds, all finite, got {self.mean} / "
+                             f"{self.std}")
         if not 0.0 < self.crop_pct <= 1.0:
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
-        if self.image_size <= 0:
-            raise ValueError(f"image_size must be positive, got {self.image_size}")
+        if type(self.image_size) is not int or not 0 < self.image_size <= MAX_IMAGE_SIZE:
+            raise ValueError(f"image_size must be an integer in 1..{MAX_IMAGE_SIZE}, got {self.image_size!r}")
         if self.interpolation != "bicubic":  # recorded for other libraries; our transforms are bicubic
             raise ValueError(f"only bicubic resizing is implemented, got interpolation={self.interpolation!r}")
-        if self.square not in ("crop", "pad") or not 0 <= int(self.pad_value) <= 255:
+        if self.square not in ("crop", "pad") or type(self.pad_value) is not int or not 0 <= self.pad_value <= 255:
             raise ValueError(f"square must be 'crop' or 'pad' and pad_value a grey level 0..255, got "
                              f"{self.square!r} / {self.pad_value}")
 
@@ -86,11 +92,8 @@ class Preprocessing:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Preprocessing":
+        from .validate import read_config_json
+
         path = Path(directory) / PREPROCESSOR_NAME
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object")
-        return cls.from_dict(data, str(path))
+        # Bounded size, nesting and encoding, an object: was a RecursionError or UnicodeDecodeError unnamed.
+        return cls.from_dict(read_config_json(path), str(path))

@@ -194,7 +194,9 @@ def checkpoint_preprocessing(folder: str | os.PathLike, image_size: int) -> Prep
     if run.is_file():
         from omegaconf import OmegaConf
 
-        cfg = OmegaConf.load(run)
+        from .train.config import load_settings_yaml
+
+        cfg = load_settings_yaml(run)
         settings = {k: OmegaConf.select(cfg, f"data.{k}") for k in ("normalization", "square", "pad_value")}
         settings = {k: v for k, v in settings.items() if v is not None}
     stats = settings.pop("normalization", "cc12m")
@@ -245,7 +247,9 @@ def _legacy_tokenizer(folder: Path) -> tuple[Any, str]:
         if run.is_file():
             from omegaconf import OmegaConf
 
-            cfg = OmegaConf.load(run)
+            from .train.config import load_settings_yaml
+
+            cfg = load_settings_yaml(run)
             name, spec = OmegaConf.select(cfg, "data.tokenizer"), OmegaConf.select(cfg, "data.spec")
             if isinstance(name, str) and name:
                 return name, f"the tokenizer named in {run} ({name})"

@@ -65,7 +65,7 @@ def read_config_json(path: str | os.PathLike) -> dict:
         raise ConfigError(f"{path}: {path.stat().st_size} bytes is too large for a model config")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as err:  # RecursionError: deeply nested JSON
+    except (ValueError, RecursionError) as err:  # RecursionError: deeply nested JSON; bad UTF-8
         raise ConfigError(f"{path} is not valid JSON: {str(err)[:200]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")

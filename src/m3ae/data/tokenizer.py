@@ -80,11 +80,15 @@ def neutralise(tokenizer, source: str = "tokenizer"):
 
 def check_vocab_size(tokenizer, vocab_size: int, source: str = "the tokenizer") -> None:
     """A tokenizer whose ids reach past the model's embedding table is refused (clear message)."""
-    size = tokenizer.get_vocab_size()
+    # The largest id + 1, not the number of tokens: a tokenizer.json may number its tokens sparsely
+    # ({"dog": 1000000000}), and that id would fail the embedding lookup mid-run.
+    count = tokenizer.get_vocab_size()
+    size = max(count, max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1)
     if vocab_size <= 0:
         raise ValueError(f"the model is image-only (vocab_size=0); it takes no text ({source})")
     if size > vocab_size:
-        raise ValueError(f"{source} has {size} tokens but the model's vocab_size is {vocab_size}; "
+        sparse = f" (its ids reach {size - 1})" if size != count else ""
+        raise ValueError(f"{source} has {count} tokens but the model's vocab_size is {vocab_size}{sparse}; "
                          "use the run's tokenizer, or set model.vocab_size to at least its size")
 
 

@@ -8,12 +8,14 @@ beside it (FILE.labels.npy, FILE.keys.json).
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
 
+from ..data.sources.base import MAX_LABEL
 from ..files import atomic_write
 from ..precision import autocast as precision_autocast
 
@@ -180,29 +182,80 @@ def save_features(path: str | Path, features: torch.Tensor, labels: torch.Tensor
 
 
 def load_features(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """(features float32, labels int64, keys) from a file written by `save_features`."""
+    """(features float32, labels int64, keys) from a file written by `save_features`. Anything else
+    (object arrays, missing or mis-shaped arrays, text, NaN, labels no class index could be, keys
+    that do not match) is a ValueError naming the file; nothing is unpickled."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"feature file not found: {path}")
     suffix = path.suffix.lower()
+    if suffix not in (".safetensors", ".npz", ".npy"):
+        raise ValueError(f"feature file must end in .safetensors, .npz or .npy, got {path.name}")
+    try:
+        feats, labs, keys = _read_feature_arrays(path, suffix)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path}: not a readable feature file ({type(err).__name__}: {err})") from err
+    except Exception as err:  # safetensors' own error type (SafetensorError) is no ValueError
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise ValueError(f"{path}: not a readable feature file ({err})") from err
+    return _checked_features(path, feats, labs, keys)
+
+
+def _read_feature_arrays(path: Path, suffix: str) -> tuple[np.ndarray, np.ndarray, Any]:
     if suffix == ".safetensors":
         from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="np") as f:
+            names = set(f.keys())
+            for name in ("features", "labels"):
+                if name not in names:
+                    raise KeyError(f"no '{name}' tensor (found {sorted(names)})")
             feats, labs = f.get_tensor("features"), f.get_tensor("labels")
             meta = f.metadata() or {}
-        keys = json.loads(meta["keys"]) if "keys" in meta else [str(i) for i in range(len(labs))]
+        keys = json.loads(meta["keys"]) if "keys" in meta else None
     elif suffix == ".npz":
         with np.load(path, allow_pickle=False) as z:
-            feats, labs = torch.from_numpy(z["features"]), torch.from_numpy(z["labels"])
-            keys = [str(k) for k in z["keys"]] if "keys" in z else [str(i) for i in range(len(labs))]
-    elif suffix == ".npy":
-        feats = torch.from_numpy(np.load(path, allow_pickle=False))
-        labs = torch.from_numpy(np.load(path.with_suffix(".labels.npy"), allow_pickle=False))
-        keys_file = path.with_suffix(".keys.json")
-        keys = json.loads(keys_file.read_text()) if keys_file.is_file() else [str(i) for i in range(len(labs))]
+            for name in ("features", "labels"):
+                if name not in z.files:
+                    raise KeyError(f"no '{name}' array (found {sorted(z.files)})")
+            feats, labs = z["features"], z["labels"]
+            keys = z["keys"] if "keys" in z.files else None
+            if keys is not None and (keys.ndim != 1 or keys.dtype.kind not in "US"):
+                raise ValueError(f"'keys' must be a 1-D string array, got {keys.dtype} {keys.shape}")
+            keys = None if keys is None else [str(k) for k in keys]
     else:
-        raise ValueError(f"feature file must end in .safetensors, .npz or .npy, got {path.name}")
-    return feats.float(), labs.long(), keys
+        feats = np.load(path, allow_pickle=False)
+        labs = np.load(path.with_suffix(".labels.npy"), allow_pickle=False)
+        keys_file = path.with_suffix(".keys.json")
+        keys = json.loads(keys_file.read_text()) if keys_file.is_file() else None
+    return feats, labs, keys
+
+
+def _checked_features(path: Path, feats: np.ndarray, labs: np.ndarray,
+                      keys: Any) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{path}: {what}")
+
+    if not isinstance(feats, np.ndarray) or feats.dtype.kind not in "fiub" or feats.ndim != 2 or feats.shape[1] < 1:
+        raise bad(f"'features' must be a real (N, D) array with D >= 1, got {feats.dtype} {feats.shape}")
+    if not isinstance(labs, np.ndarray) or labs.ndim != 1 or len(labs) != len(feats):
+        raise bad(f"'labels' must be (N,) = ({len(feats)},), got {labs.dtype} {labs.shape}")
+    if labs.dtype.kind not in "iub" and not (labs.dtype.kind == "f" and np.all(np.mod(labs, 1) == 0)):
+        raise bad(f"'labels' must be integer class indices, got {labs.dtype}")  # 0.5 would round silently
+    if len(labs) and (labs.min() < -1 or labs.max() > MAX_LABEL):  # -1: unlabelled (m3ae embed)
+        raise bad(f"labels must be class indices in [-1, {MAX_LABEL}], got {labs.min()} .. {labs.max()}")
+    if feats.dtype.kind == "f":
+        finite = np.isfinite(feats).all(axis=1)
+        if not finite.all():  # NaN would score as a silent, meaningless accuracy
+            raise bad(f"{int((~finite).sum())} of {len(feats)} feature rows hold NaN or inf "
+                      f"(first: row {int(np.argmin(finite))})")
+    if keys is None:
+        keys = [str(i) for i in range(len(labs))]
+    elif not isinstance(keys, list) or len(keys) != len(labs) or not all(isinstance(k, str) for k in keys):
+        raise bad(f"'keys' must be {len(labs)} strings, one a row, got "
+                  f"{len(keys) if isinstance(keys, list) else type(keys).__name__}")
+    return (torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32)),
+            torch.from_numpy(labs.astype(np.int64)), keys)
 
 
 def is_feature_file(spec: str) -> bool:

@@ -36,6 +36,7 @@ from PIL import Image
 from ..data.bad import BadCounter, BadSample, DataQualityError
 from ..data.images import EvalTransform, TrainTransform
 from ..data.sources import IndexedSource, ManifestSource, Record, WebDatasetSource, build_source
+from ..data.sources.base import MAX_LABEL
 from ..data.sources.wds import expand_braces, iter_tar
 from ..data.spec import parse_item
 from ..interop.safe_pickle import UnsafePickleError, find_opaque, safe_load
@@ -66,6 +67,10 @@ class LabelledImages(torch.utils.data.Dataset):
     def __init__(self, load: Callable[[int], object], labels: Sequence[int], keys: Sequence[str],
                  transform: Callable, description: str, classes: Sequence[str] | None = None):
         self._load, self.labels, self.keys = load, list(map(int, labels)), list(map(str, keys))
+        for label, key in zip(self.labels, self.keys):
+            if not -1 <= label <= MAX_LABEL:  # -1: unlabelled (embed); 10^12 classes: a memory bomb
+                raise ValueError(f"{description}: item {key} has label {label if abs(label) < 10**20 else '(huge)'}"
+                                 f", not a class index 0..{MAX_LABEL}")
         self.transform, self.description = transform, description
         self.classes = list(classes) if classes is not None else None
         self._bad: set[int] = set()

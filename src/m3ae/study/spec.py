@@ -26,6 +26,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from ..config import ConfigError
+from ..train.config import check_no_resolvers
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -164,6 +165,7 @@ def load_study(path: str | Path, data_root: str | None = None) -> StudySpec:
         raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a study file is a YAML mapping")
+    check_no_resolvers(raw, str(path))  # arms' settings are merged (and resolved) into run configs
     try:
         return parse_study(raw, data_root, path)
     except ConfigError as err:  # name the file: a study file is the user's own

@@ -5,6 +5,7 @@ import copy
 import math
 import operator
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -176,16 +177,45 @@ def preset_path(name: str) -> Path:
     return Path(str(shipped))
 
 
+# `${a.b}` refers to another setting: harmless. `${name:...}` calls a resolver: oc.env reads an
+# environment variable (a token) into the settings, which run_config.yaml, the model card and a data
+# or tokenizer name sent to the hub then carry away. A settings file may come from anyone: refuse.
+_NODE_REFERENCE = re.compile(r"\$\{[\w.\[\]-]*\}")
+
+
+def check_no_resolvers(value: Any, source: str, where: str = "") -> None:
+    """Refuse OmegaConf resolver calls anywhere in `value` (a container read with resolve=False)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_no_resolvers(key, source, where)
+            check_no_resolvers(item, source, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_no_resolvers(item, source, f"{where}[{i}]")
+    elif isinstance(value, str) and "${" in _NODE_REFERENCE.sub("", value):
+        raise ConfigError(f"{source}: {where or 'a key'}: {value[:80]!r} calls an OmegaConf resolver (${{name:...}}; "
+                          "oc.env would read an environment variable into the settings); only ${other.setting} "
+                          "references are allowed in a settings file")
+
+
+def load_settings_yaml(path: str | Path) -> Any:
+    """A YAML settings file (preset, run_config.yaml) as OmegaConf reads it, safely: no python tags
+    (OmegaConf's loader is yaml's safe one), no resolver calls, a YAML error as a ConfigError."""
+    try:
+        layer = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+    check_no_resolvers(OmegaConf.to_container(layer, resolve=False), str(path))
+    return layer
+
+
 def preset_layers(name: str, _seen: tuple[str, ...] = ()) -> list:
     """The YAML layers of a run preset, base first: a preset may start from another with a top-level
     `base: NAME` (a shipped name or a path relative to the file) and change only what differs."""
     path = preset_path(name)
     if str(path.resolve()) in _seen:
         raise ConfigError(f"run presets inherit in a cycle: {' -> '.join(_seen + (str(path),))}")
-    try:
-        layer = OmegaConf.load(path)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+    layer = load_settings_yaml(path)
     if not isinstance(layer, DictConfig):
         raise ConfigError(f"{path} must hold a mapping of settings (key: value) at its top level")
     base = layer.pop("base", None)
@@ -273,7 +303,9 @@ def to_yaml(config: TrainConfig, root: str | os.PathLike | None = None) -> str:
 
 def from_yaml(text: str, root: str | os.PathLike | None = None) -> TrainConfig:
     """Settings recorded by to_yaml; with `root`, ROOT/... paths resolved against it."""
-    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(text))
+    recorded = OmegaConf.create(text)
+    check_no_resolvers(OmegaConf.to_container(recorded, resolve=False), "run_config.yaml")
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), recorded)
     config = _to_config(merged)
     return resolve_paths(config, root) if root is not None else config
 

@@ -5,6 +5,7 @@ Feature files: safetensors or .npz holding `features` (N, D) and `labels` (N,), 
 """
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -23,28 +24,44 @@ def load_features(path: str | Path) -> FeatureSet:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"feature file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        data = load_file(str(path))
-    elif path.suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                data = {k: npz[k] for k in npz.files}
-        except ValueError as err:  # object arrays would need pickle: refuse
-            raise ValueError(f"{path}: cannot read without pickle ({err}); store labels as numbers or "
-                             "fixed-width strings") from err
-    else:
+    if path.suffix not in (".safetensors", ".npz"):
         raise ValueError(f"{path}: expected a .safetensors or .npz feature file")
+    try:
+        data = _read_arrays(path)
+    except ValueError as err:  # object arrays would need pickle: refuse
+        raise ValueError(f"{path}: cannot read without pickle ({err}); store labels as numbers or "
+                         "fixed-width strings") from err
+    except (OSError, EOFError, zipfile.BadZipFile) as err:  # a cut download: was a traceback
+        raise ValueError(f"{path}: not a readable feature file ({type(err).__name__}: {err})") from err
+    except Exception as err:  # safetensors' own error type (SafetensorError) is no ValueError
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
     for key in ("features", "labels"):
         if key not in data:
             raise ValueError(f"{path} has no '{key}' array (found {sorted(data)})")
-    features, labels = np.asarray(data["features"], dtype=np.float32), np.asarray(data["labels"])
-    if features.ndim != 2 or labels.ndim != 1 or len(features) != len(labels):
-        raise ValueError(f"{path}: need features (N, D) and labels (N,), got {features.shape} and {labels.shape}")
+    features, labels = data["features"], np.asarray(data["labels"])
+    # Text or complex features would fail (or lose their imaginary part) deep in numpy, unnamed.
+    if features.dtype.kind not in "fiub" or features.ndim != 2 or features.shape[1] < 1 \
+            or labels.ndim != 1 or len(features) != len(labels):
+        raise ValueError(f"{path}: need real features (N, D >= 1) and labels (N,), got {features.dtype} "
+                         f"{features.shape} and {labels.shape}")
+    features = features.astype(np.float32)
+    finite = np.isfinite(features).all(axis=1)
+    if not finite.all():  # NaN made the SVD fail with "SVD did not converge"
+        raise ValueError(f"{path}: {int((~finite).sum())} of {len(features)} feature rows hold NaN or inf")
     if len(features) < 3:
         raise ValueError(f"{path}: need at least 3 points, got {len(features)}")
     return FeatureSet(features, labels, str(path))
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        return load_file(str(path))
+    with np.load(path, allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
 
 
 def subsample(fs: FeatureSet, max_points: int | None, seed: int = 0) -> FeatureSet:

@@ -15,6 +15,11 @@ from typing import Any, Iterator
 import numpy as np
 
 
+# Labels are class indices: the kNN scores and probe heads allocate one column per class, so one
+# hostile label (10^12) would be a memory bomb. ImageNet-21k has 21,841 classes.
+MAX_LABEL = 2**20 - 1
+
+
 @dataclass
 class Record:
     key: str

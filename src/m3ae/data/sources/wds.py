@@ -20,7 +20,7 @@ from zlib import error as zlib_error
 
 import numpy as np
 
-from .base import Record, Source, is_url, open_file, shuffled_blocks
+from .base import MAX_LABEL, Record, Source, is_url, open_file, shuffled_blocks
 from .registry import SourceKind
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -95,6 +95,10 @@ def group_to_record(key: str, files: dict[str, bytes], shard: str) -> Record:
             label = int(files["cls"].decode("utf-8").strip())
         except (UnicodeDecodeError, ValueError):  # pretraining does not need it; evaluation counts it
             bad_label = f".cls {files['cls'][:20]!r} is not an integer"
+        else:
+            if not 0 <= label <= MAX_LABEL:  # 10^12 allocated 10^12 classes in knn / probe
+                bad_label, label = f".cls {label if abs(label) < 10**20 else '(huge)'} is not a class index " \
+                                   f"0..{MAX_LABEL}", None
     return Record(key=f"{os.path.basename(shard)}/{key}", image=image, caption=caption, label=label,
                   bad_label=bad_label, meta=meta if isinstance(meta, dict) else None)
 
