@@ -545,3 +545,49 @@ def test_push_refuses_files_linked_from_outside_the_folder(tmp_path, saved):
     from m3ae.hub import _refuse_outside_links
 
     _refuse_outside_links(snap)
+
+
+def _npy_declaring(shape: tuple[int, ...], data: bytes = b"\0" * 64) -> bytes:
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return buf.getvalue() + data
+
+
+def test_numpy_headers_are_checked_before_numpy_allocates(tmp_path):
+    # Was: numpy allocated what a header declared (here 16 TB) before reading: a MemoryError or the
+    # machine's memory, from a 200-byte download. Feature files (knn, probe, tsne) and JAX checkpoints.
+    import zipfile
+
+    import numpy as np
+
+    from m3ae.eval.features import load_features
+    from m3ae.interop.jax_checkpoint import load_jax_checkpoint
+    from m3ae.numpy_files import check_numpy_file
+    from m3ae.viz.tsne import load_features as load_tsne_features
+
+    lying = _npy_declaring((10**12, 4))
+    npz = tmp_path / "lie.npz"
+    with zipfile.ZipFile(npz, "w") as z:
+        z.writestr("features.npy", lying)
+        z.writestr("labels.npy", lying)
+    (tmp_path / "lie.npy").write_bytes(lying)
+    message = r"features.npy: its header declares \(1000000000000, 4\) float32 \(16,000,000,000,000 bytes\)"
+    for load in (load_features, load_tsne_features, load_jax_checkpoint):
+        with pytest.raises(ValueError, match=message):
+            load(npz)
+    with pytest.raises(ValueError, match=r"lie.npy: its header declares .* the file holds 64"):
+        load_features(tmp_path / "lie.npy")
+    # A compressed array whose true size exceeds the machine's memory (a zip bomb: zeros compress
+    # 1000:1) is refused by its size; the same file passes where memory allows.
+    bomb = tmp_path / "bomb.npz"
+    np.savez_compressed(bomb, features=np.zeros((1000, 1000), np.float32))
+    assert bomb.stat().st_size < 20_000
+    check_numpy_file(bomb)
+    with pytest.raises(ValueError, match=r"features.npy: \(1000, 1000\) float32 would take .* more than this "
+                                         r"machine's memory"):
+        check_numpy_file(bomb, memory_bytes=1 << 20)
+    (tmp_path / "junk.npy").write_bytes(b"not numpy at all")
+    with pytest.raises(ValueError, match="junk.npy: not a numpy array"):
+        load_features(tmp_path / "junk.npy")

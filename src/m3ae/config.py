@@ -197,15 +197,22 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def physical_memory() -> int | None:
+    """This machine's memory in bytes; None where the OS does not say (not POSIX)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def check_fits_memory(config: M3AEConfig, memory_bytes: int | None = None) -> None:
     """Refuse, before allocating anything, a model whose fp32 parameters alone exceed the machine's
     memory (a hostile or mistyped config.json: depth 1000000 would otherwise allocate for minutes)."""
     # Parameters plus the sin-cos position tables (buffers: image_size or text_length alone can be huge).
     n = config.num_parameters() + (config.num_patches + config.text_length) * (config.emb_dim + config.dec_emb_dim)
     if memory_bytes is None:
-        try:
-            memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):  # not POSIX: no check
+        memory_bytes = physical_memory()
+        if memory_bytes is None:  # not POSIX: no check
             return
     if 4 * n > memory_bytes:
         raise ConfigError(f"the model would have {n:,} parameters and position entries "

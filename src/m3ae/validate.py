@@ -140,3 +140,4 @@ def check_safetensors(path: str | os.PathLike, expected: Mapping[str, torch.Tens
 def _int_list(value: object) -> TypeGuard[list[int]]:
     return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
                                            for v in value)
+

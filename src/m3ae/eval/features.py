@@ -18,6 +18,7 @@ import torch
 from ..data.sources.base import MAX_LABEL
 from ..files import atomic_write
 from ..precision import autocast as precision_autocast
+from ..numpy_files import check_numpy_file
 
 POOLS = ("cls", "mean")
 
@@ -191,6 +192,11 @@ def load_features(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[st
     suffix = path.suffix.lower()
     if suffix not in (".safetensors", ".npz", ".npy"):
         raise ValueError(f"feature file must end in .safetensors, .npz or .npy, got {path.name}")
+    if suffix != ".safetensors":  # (safetensors headers are checked by the library itself)
+        check_numpy_file(path)
+        labels_file = path.with_suffix(".labels.npy")
+        if suffix == ".npy" and labels_file.is_file():
+            check_numpy_file(labels_file)
     try:
         feats, labs, keys = _read_feature_arrays(path, suffix)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:

@@ -20,6 +20,7 @@ import numpy as np
 
 from .msgpack_reader import load_flax_msgpack
 from .safe_pickle import Opaque, field, find_opaque, safe_load, unwrap
+from ..numpy_files import check_numpy_file
 
 
 class CheckpointFormatError(ValueError):
@@ -153,6 +154,10 @@ def _from_tree(root: Any, fmt: str) -> JaxCheckpoint:
 
 
 def _from_npz(path: Path) -> JaxCheckpoint:
+    try:
+        check_numpy_file(path)
+    except ValueError as err:
+        raise CheckpointFormatError(str(err)) from None
     with np.load(path, allow_pickle=False) as data:  # allow_pickle=False: arrays only
         arrays = {k: data[k] for k in data.files}
     # A 'params/' group beside others (inputs, gradients, optimizer state) holds the parameters.

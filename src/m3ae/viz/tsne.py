@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from ..numpy_files import check_numpy_file
 
 
 @dataclass
@@ -26,6 +27,8 @@ def load_features(path: str | Path) -> FeatureSet:
         raise FileNotFoundError(f"feature file not found: {path}")
     if path.suffix not in (".safetensors", ".npz"):
         raise ValueError(f"{path}: expected a .safetensors or .npz feature file")
+    if path.suffix == ".npz":
+        check_numpy_file(path)
     try:
         data = _read_arrays(path)
     except ValueError as err:  # object arrays would need pickle: refuse
