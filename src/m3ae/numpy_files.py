@@ -10,6 +10,8 @@ import zlib
 from pathlib import Path
 
 from .config import physical_memory
+
+
 def check_numpy_file(path: str | os.PathLike, memory_bytes: int | None = None) -> None:
     """Refuse a .npy or .npz file (ValueError naming it and the array) whose arrays' headers declare
     more bytes than the file holds for them, or more than this machine's memory. numpy allocates
