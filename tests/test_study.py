@@ -388,6 +388,32 @@ def test_a_moved_study_folder_resumes(study_file, caplog, monkeypatch):
     assert collect(study, study_file / "again")["runs"][0]["status"] == "evaluated"
 
 
+def test_a_study_run_resumes_with_plain_pretrain(study_file):
+    # Was: its run_config.yaml names the tokenizer as $ROOT/tokenizer.json, so `m3ae pretrain --resume`
+    # of a study's run was refused as a changed tokenizer, and the file given as --config named none.
+    from m3ae.train.config import load_config
+    from m3ae.train.loop import pretrain
+
+    study = load_study(study_file / "study.yaml", str(study_file / "data"))
+    arm, out = study.arms[2], study_file / "out"
+    config = arm_config(study, arm, 0, str(out / "tokenizer.json"))
+    (out / "tokenizer.json").parent.mkdir(parents=True)
+    run_study(study, out, only=["random"])  # trains the study's tokenizer
+    folder = run_dir(out, arm, 0)
+    assert pretrain(config, folder, stop_at_step=2, root=out).status == "stopped"
+    with pytest.raises(ConfigError, match=r"data.tokenizer: '\$ROOT/tokenizer.json' names a file by its place in "
+                                          r"the study folder.*give data.tokenizer=STUDY_FOLDER/tokenizer.json"):
+        load_config(str(folder / "run_config.yaml"), [])
+    # The same file, named by its path: the run goes on where it stopped, nothing refused.
+    assert pretrain(config, folder, resume="auto").status == "finished"
+    # Another tokenizer file is still a change.
+    other = study_file / "other" / "tokenizer.json"
+    other.parent.mkdir()
+    other.write_bytes((out / "tokenizer.json").read_bytes())
+    with pytest.raises(ConfigError, match="data.tokenizer"):
+        pretrain(arm_config(study, arm, 0, str(other)), run_dir(out, study.arms[2], 0), resume="auto")
+
+
 def test_study_paths_are_recorded_relative_to_the_folder_only_inside_it(tmp_path, monkeypatch):
     from m3ae.train.config import TrainConfig, from_yaml, relative_paths
 

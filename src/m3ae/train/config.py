@@ -133,6 +133,12 @@ class TrainConfig:
             if not ok:
                 value = operator.attrgetter(name)(self)
                 raise ConfigError(f"{name} must be {allowed}, got {value!r}")
+        for name in PATH_SETTINGS:  # a study run's run_config.yaml, given as --config outside the study
+            value = operator.attrgetter(name)(self)
+            if isinstance(value, str) and value.startswith(ROOT + "/"):
+                raise ConfigError(f"{name}: {value!r} names a file by its place in the study folder this run "
+                                  f"belongs to: give {name}=STUDY_FOLDER/{value[len(ROOT) + 1:]}, or continue "
+                                  "the run with m3ae study")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise ConfigError(f"peak_tflops must be positive, got {self.peak_tflops}")
         if self.threads is not None and self.threads < 1:
@@ -341,20 +347,41 @@ def setting_changes(old: TrainConfig, new: TrainConfig) -> dict[str, tuple]:
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
+def study_root(recorded: TrainConfig, config: TrainConfig, run_dir: str | os.PathLike) -> Path | None:
+    """The folder a run's ROOT/... paths (relative_paths) meant, when it is resumed without it (plain
+    `m3ae pretrain --resume` of a study's run): the folder that holds both the run and the file
+    `config` names at that place in it. None when no setting tells."""
+    run = Path(run_dir).resolve()
+    for key in PATH_SETTINGS:
+        was, now = operator.attrgetter(key)(recorded), operator.attrgetter(key)(config)
+        if not (isinstance(was, str) and was.startswith(ROOT + "/") and isinstance(now, str) and now):
+            continue
+        place = Path(was[len(ROOT) + 1:])
+        given = Path(now).resolve()
+        if len(given.parts) > len(place.parts) and given.parts[-len(place.parts):] == place.parts:
+            root = Path(*given.parts[:-len(place.parts)])
+            if run.is_relative_to(root):
+                return root
+    return None
+
+
 def check_resume_changes(checkpoint_yaml: str, config: TrainConfig, allow: bool, source: str,
                          root: str | os.PathLike | None = None, *, stream_parts: int | None = None,
-                         world_size: int = 1) -> list[str]:
+                         world_size: int = 1, run_dir: str | os.PathLike | None = None) -> list[str]:
     """Lines describing what changed since the checkpoint's run; raises ConfigError for changes that
     break exact resumption (batch, data, schedule, model, seed, ...) unless `allow`. With `root` (the
-    run's movable folder, see PATH_SETTINGS) files inside it are compared by their place in it.
-    `stream_parts`: the number of stream shares (processes x workers) the checkpoint's data position
-    was saved with, when its data has a stream source; `world_size`: the processes resuming it."""
+    run's movable folder, see PATH_SETTINGS) files inside it are compared by their place in it;
+    without it, `run_dir` lets study_root find that folder. `stream_parts`: the number of stream
+    shares (processes x workers) the checkpoint's data position was saved with, when its data has a
+    stream source; `world_size`: the processes resuming it."""
     try:
-        old = from_yaml(checkpoint_yaml, root)
+        old = from_yaml(checkpoint_yaml)
     except (OmegaConfBaseException, ValueError) as err:
         raise ConfigError(f"{source}: cannot read the run config: {str(err).splitlines()[0]}") from None
+    if root is None and run_dir is not None:
+        root = study_root(old, config, run_dir)
     if root is not None:  # also a checkpoint written before such paths were relative: its absolute path
-        old, config = relative_paths(old, root), relative_paths(config, root)
+        old, config = relative_paths(resolve_paths(old, root), root), relative_paths(config, root)
     changes = setting_changes(old, config)
     breaking = [k for k in changes if k not in RESUME_SAFE]
     notes = {k: "" if k in RESUME_SAFE else " (not exact)" for k in changes}

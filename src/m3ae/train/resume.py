@@ -82,7 +82,8 @@ def restore(resume: str | None, out_dir: Path, model: M3AE, config: TrainConfig,
     saved_yaml = path / RUN_CONFIG_NAME
     if saved_yaml.is_file():
         for line in check_resume_changes(saved_yaml.read_text(), config, allow_changes, str(path), root,
-                                         stream_parts=_stream_parts(read.state), world_size=world_size):
+                                         stream_parts=_stream_parts(read.state), world_size=world_size,
+                                         run_dir=out_dir):
             if rank == 0:
                 log.warning("changed since the checkpoint: %s", line)
     if rank == 0 and resume != "auto":  # only once the checkpoint is accepted: a refusal moves nothing
