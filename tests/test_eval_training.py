@@ -135,3 +135,19 @@ def test_classifier_loads_in_eval_mode_and_names_broken_folders(tmp_path):
     from m3ae.eval.finetune import is_classifier_dir
 
     assert not is_classifier_dir(tmp_path / "case1") and is_classifier_dir(tmp_path / "clf")
+
+
+def test_a_batch_larger_than_the_training_set_is_said(tmp_path, caplog):
+    # Was silent: the paper's probe batch (16384) on a 120-image set trains one step an epoch, at a
+    # learning rate scaled for 16384.
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="m3ae")
+    train, val = _sets(tmp_path, 30, 5)
+    train_linear_probe(tiny_model(), train, val, 4, ProbeConfig(epochs=1, warmup_epochs=0, batch_size=1024),
+                       Runtime(num_workers=0))
+    assert "probe: the batch (1024) is larger than the training set (120 samples)" in caplog.text
+    caplog.clear()
+    train_linear_probe(tiny_model(), train, val, 4, ProbeConfig(epochs=1, warmup_epochs=0, batch_size=32),
+                       Runtime(num_workers=0))
+    assert "larger than the training set" not in caplog.text

@@ -233,6 +233,10 @@ class KeptLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
+    @property
+    def dataset(self) -> LabelledImages:  # as DataLoader names it
+        return self.ds
+
     def __iter__(self):
         for batch in kept_batches(self.loader, self.ds):
             yield batch["image"], batch["label"]

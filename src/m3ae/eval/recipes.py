@@ -41,6 +41,11 @@ class HeadTraining:
         loss tensor (read once per batch for the epoch's mean), per epoch `evaluate()` gives
         {top1, top5, ...}; returns the epochs' rows {epoch, loss, lr, top1, top5, seconds}."""
         steps_per_epoch = len(loader) if isinstance(loader, Sized) else 0
+        samples = len(getattr(loader, "dataset", ())) if isinstance(getattr(loader, "dataset", None), Sized) else 0
+        if 0 < samples < self.batch_size:  # the paper's batches (1024-16384) on a small labelled set
+            log.warning("%s: the batch (%d) is larger than the training set (%d samples): one step an epoch, at "
+                        "a learning rate scaled for %d; a batch below the set's size trains more steps",
+                        name, self.batch_size, samples, self.batch_size)
         history: list[dict] = []
         step, lr = 0, self.lr(0, steps_per_epoch)
         for epoch in range(self.epochs):
