@@ -139,8 +139,10 @@ def test_bench_head_command_fused_uses_less_memory(tmp_path, capsys):
 def test_bench_head_rejects_bad_sizes(capsys):
     from m3ae.cli import main
 
-    assert main(["bench", "head", "--rows", "0"]) == 2
-    assert "--rows must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "head", "--rows", "0"])
+    assert exit_.value.code == 2
+    assert "argument --rows: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_batch_flops_of_a_mixed_batch_match_the_flop_counter():

@@ -135,8 +135,9 @@ def test_settings_may_come_in_groups_between_options(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["pretrain", "--config", "demo", "--out", str(tmp_path), "--bogus", "3"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
-    assert main(["pretrain", "--config", "demo", "--out", str(tmp_path), "--stop-at-step", "0", *TINY]) == 2
-    assert "stop_at_step must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # the option's type refuses it, before the config is read
+        main(["pretrain", "--config", "demo", "--out", str(tmp_path), "--stop-at-step", "0", *TINY])
+    assert exit_.value.code == 2 and "argument --stop-at-step: must be >= 1" in capsys.readouterr().err
 
 
 def test_wandb_offline_run_logs_rows_grids_and_settings_and_resumes_the_same_run(tmp_path, monkeypatch):
@@ -199,3 +200,13 @@ def test_library_log_records_are_plain_stderr_lines_during_a_command_only(capsys
     assert err == "resuming from ckpt at step 7\n"  # the message alone, as the prints were
     assert root.level == level and root.handlers == handlers  # nothing left configured
     assert "after the command" in caplog.text  # still a record for whoever configures logging
+
+
+def test_config_errors_in_overrides_are_one_line_usage_errors(capsys):
+    # A negative seed passed validation and stopped the run later with numpy's "expected non-negative
+    # integer"; a value that is not YAML was a yaml.ParserError traceback (exit 1).
+    assert main(["pretrain", "--config", "demo", "--print-config", "seed=-1"]) == 2
+    assert "seed must be in 0..4294967295, got -1" in capsys.readouterr().err
+    assert main(["pretrain", "--config", "demo", "--print-config", "model={depth: 1"]) == 2
+    err = capsys.readouterr().err
+    assert "override 'model={depth: 1': the value is not valid YAML" in err and "Traceback" not in err

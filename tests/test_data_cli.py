@@ -1,6 +1,8 @@
 from pathlib import Path
 
+import pytest
 from data_files import write_class_folder, write_manifest, write_text
+
 from m3ae.cli import main
 
 
@@ -50,8 +52,11 @@ def test_stats_and_shard_stop_past_max_bad_fraction(tmp_path, capsys):
     assert main(["data", "shard", manifest, "--out", pattern, "--bad-min-samples", "5",
                  "--max-bad-fraction", "0.3"]) == 1
     assert "max_bad_fraction" in capsys.readouterr().err
-    assert main(["data", "stats", spec, "--max-bad-fraction", "2"]) == 2
-    assert "--max-bad-fraction must be in [0, 1]" in capsys.readouterr().err
+    for value in ("2", "nan"):  # refused by the option's type, before any record is read
+        with pytest.raises(SystemExit) as exit_:
+            main(["data", "stats", spec, "--max-bad-fraction", value])
+        assert exit_.value.code == 2
+        assert "argument --max-bad-fraction: must be a finite number >= 0 and <= 1" in capsys.readouterr().err
 
 
 def test_stats_default_policy_is_the_training_one(tmp_path, capsys):
@@ -87,9 +92,11 @@ def test_shard_keeps_source_metadata_counts_empty_captions_and_checks_options(tm
     (tmp_path / "corpus.txt").write_text("a caption\nanother one\n")
     assert main(["data", "shard", f"text={tmp_path / 'corpus.txt'}", "--out", pattern]) == 2
     assert "has no images" in capsys.readouterr().err
-    for option, value in (("--per-shard", "0"), ("--quality", "500"), ("--shorter-side", "-1")):
-        assert main(["data", "shard", str(manifest), "--out", pattern, option, value]) == 2
-        assert f"{option} must be" in capsys.readouterr().err
+    for option, value in (("--per-shard", "0"), ("--quality", "500"), ("--shorter-side", "-1"), ("--limit", "-1")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["data", "shard", str(manifest), "--out", pattern, option, value])
+        assert exit_.value.code == 2
+        assert f"argument {option}" in (err := capsys.readouterr().err) and "must be" in err, err
 
 
 def test_an_unreadable_label_spoils_the_sample_only_where_labels_are_used(tmp_path, capsys):

@@ -244,3 +244,24 @@ def test_the_bad_data_stop_in_a_loader_worker_is_one_line(tmp_path, capsys):
     assert code == 1 and len(stops) == 1 and "max_bad_fraction" in stops[0], err
     assert "Traceback" not in err and "DataLoader worker" not in err
     assert not (tmp_path / "f.npz").exists()
+
+
+def test_eval_settings_and_recipes_refuse_values_that_would_run_wrong():
+    # Each was accepted: nan never trips the bad-data stop, 0 epochs wrote an untrained head's
+    # result, a nan mixup / negative momentum trained nonsense, limit 0 read everything and -1
+    # all but one item (a slice).
+    import pytest
+
+    from m3ae.eval.recipes import FinetuneConfig, ProbeConfig
+    from m3ae.eval.settings import EvalSettings
+
+    for make, message in ((lambda: EvalSettings(checkpoint="c", max_bad_fraction=float("nan")), "max_bad_fraction"),
+                          (lambda: EvalSettings(checkpoint="c", seed=-1), "seed"),
+                          (lambda: ProbeConfig(epochs=0), "epochs"), (lambda: ProbeConfig(momentum=-0.1), "momentum"),
+                          (lambda: ProbeConfig(base_lr=float("nan")), "base_lr"),
+                          (lambda: FinetuneConfig(mixup=float("nan")), "mixup"),
+                          (lambda: FinetuneConfig(crop_scale=(0.9, 0.1)), "crop_scale")):
+        with pytest.raises(ValueError, match=message):
+            make()
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        EvalSettings(checkpoint="c").features(None, "f.npz", "val", limit=-1)

@@ -114,3 +114,18 @@ def test_images_follow_the_checkpoints_own_preprocessing(tmp_path):
         assert pixels.shape == (3, 32, 32)
         assert pixels[:, :, :5].min() > 0.95 and pixels[:, :, -5:].min() > 0.95  # white side bars
         assert pixels[0, :, 14:18].min() > 0.7 and pixels[1, :, 14:18].max() < 0.2  # red, top to bottom
+
+
+def test_figures_are_written_whole_where_named(tmp_path):
+    # matplotlib wrote OUT.png for an OUT without a suffix (the command reported OUT, a file that
+    # does not exist), and wrote the image in place, so a kill left half a PNG.
+    from matplotlib.figure import Figure
+
+    from m3ae.viz import save_figure
+
+    fig = Figure(figsize=(1, 1))
+    assert is_png(save_figure(fig, tmp_path / "a.png"))
+    assert save_figure(fig, tmp_path / "b.pdf").read_bytes()[:4] == b"%PDF"  # the format by the suffix
+    with pytest.raises(ValueError, match="image suffix"):
+        save_figure(fig, tmp_path / "c")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.pdf"]  # no temp file, no c.png

@@ -8,6 +8,7 @@ import dataclasses
 import time
 import typing
 from pathlib import Path
+from . import _checks as C
 
 
 def _comments(cls: type) -> dict[str, str]:
@@ -64,14 +65,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
     add_fields(p, EvalSettings)
     p.set_defaults(thread_policy=True)  # cli.main applies m3ae.threads around the command
-    p.add_argument("--result", default=None, help="JSON result file (default: next to --out or ./results)")
+    p.add_argument("--result", type=C.output_file, default=None,
+                   help="JSON result file (default: next to --out or ./results)")
 
 
 def add_split_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", required=True, help="labelled training data spec (or a feature file for fast/kNN)")
     p.add_argument("--val", required=True, help="labelled validation data spec (or a feature file)")
-    p.add_argument("--limit-train", type=int, default=None, help="a fixed random subset of this many training items")
-    p.add_argument("--limit-val", type=int, default=None)
+    p.add_argument("--limit-train", type=C.positive, default=None,
+                   help="a fixed random subset of this many training items")
+    p.add_argument("--limit-val", type=C.positive, default=None,
+                   help="a fixed random subset of this many validation items")
 
 
 def settings(args: argparse.Namespace):

@@ -2,6 +2,18 @@
 from __future__ import annotations
 
 import argparse
+from . import _checks as C
+
+
+
+def _layer(text: str) -> int | str:
+    """--layer: 'mean' or a block index."""
+    if text == "mean":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a block number or 'mean', got {text!r}") from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -12,9 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", required=True,
                    help="image file, or a data spec whose first sample is used (e.g. 'demo': a synthetic one)")
     p.add_argument("--caption", default=None, help="caption (default: the sample's own, from a data spec)")
-    p.add_argument("--out", required=True, help="output PNG")
-    p.add_argument("--layer", default="-1", help="encoder block (negative counts from the last) or 'mean'")
-    p.add_argument("--token", default=None, help="word of the caption (default: its first content word)")
+    p.add_argument("--out", required=True, type=C.figure_file, help="output image (.png, .jpg, .pdf, .svg)")
+    p.add_argument("--layer", type=_layer, default=-1, help="encoder block (negative counts from the last) or 'mean'")
+    p.add_argument("--token", type=C.text, default=None, help="word of the caption (default: its first content word)")
     p.add_argument("--region", default=None,
                    help="ROW,COL patch whose attention to the words is shown (default: the patch the "
                         "word attends to most)")
@@ -41,12 +53,11 @@ def run(args: argparse.Namespace) -> int:
     if not caption:
         raise ValueError("--caption is empty" if args.caption is not None
                          else f"--caption is required: {args.image} has no caption")
-    layer = args.layer if args.layer == "mean" else int(args.layer)
     tokenizer = inputs.require_tokenizer(loaded)
     tokens = tokenize_caption(tokenizer, caption, c.text_length)
     positions = find_token(tokens, args.token) if args.token else default_token(tokens)
     region = parse_region(args.region, c.grid_size) if args.region else None
-    result = attention_analysis(model, image, tokens, positions, layer, region)
+    result = attention_analysis(model, image, tokens, positions, args.layer, region)
     path = attention_figure(result, args.out, stats=stats, per_head=args.per_head)
     print(f"wrote {path}")
     return 0

@@ -24,12 +24,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from . import _checks as C
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check", help="the GPU check: tests, step benchmarks, DDP, data, one report")
-    p.add_argument("--out", required=True, help="folder for check.json, check.md and the stage logs")
-    p.add_argument("--budget", type=float, default=480.0, help="seconds for all stages together")
+    p.add_argument("--out", required=True, type=C.output_folder,
+                   help="folder for check.json, check.md and the stage logs")
+    p.add_argument("--budget", type=C.number(0, above=True), default=480.0,
+                   help="seconds for all stages together (default %(default)s)")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU: nano models, a few steps, no compile (checks the check itself)")
     p.add_argument("--tests", default="tests",

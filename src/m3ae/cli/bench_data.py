@@ -12,16 +12,17 @@ import os
 import time
 
 import numpy as np
+from . import _checks as C
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("data", help="data loader throughput, ours vs a plain PIL baseline")
     d.add_argument("spec", nargs="+", help="data SPECs (image sources are timed on their images)")
-    d.add_argument("--image-size", type=int, default=256)
-    d.add_argument("--samples", type=int, default=400, help="samples per measurement")
-    d.add_argument("--workers", type=int, default=2, help="loader workers for the total")
-    d.add_argument("--batch", type=int, default=32)
-    d.add_argument("--json", default=None, help="also write the rates to this JSON file")
+    d.add_argument("--image-size", type=C.positive, default=256, help="pixels (default %(default)s)")
+    d.add_argument("--samples", type=C.positive, default=400, help="samples per measurement")
+    d.add_argument("--workers", type=C.non_negative, default=2, help="loader workers for the total")
+    d.add_argument("--batch", type=C.positive, default=32, help="samples per batch (default %(default)s)")
+    d.add_argument("--json", type=C.output_file, default=None, help="also write the rates to this JSON file")
     d.set_defaults(func=run)
 
 

@@ -13,21 +13,22 @@ import statistics
 import subprocess
 import sys
 import time
+from . import _checks as C
 
 VARIANTS = ("unfused", "fused")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("head", help="text head + loss: fused vs unfused, time and peak memory")
-    p.add_argument("--rows", type=int, default=4096, help="hidden tokens the head runs on (M)")
-    p.add_argument("--dim", type=int, default=512, help="decoder width (D)")
-    p.add_argument("--vocab", type=int, default=30522, help="vocabulary (V)")
-    p.add_argument("--steps", type=int, default=5, help="timed forward+backward passes (after 1 warm-up)")
+    p.add_argument("--rows", type=C.positive, default=4096, help="hidden tokens the head runs on (M)")
+    p.add_argument("--dim", type=C.positive, default=512, help="decoder width (D)")
+    p.add_argument("--vocab", type=C.positive, default=30522, help="vocabulary (V)")
+    p.add_argument("--steps", type=C.positive, default=5, help="timed forward+backward passes (after 1 warm-up)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32")
-    p.add_argument("--chunk-rows", type=int, default=None, help="fused chunk size (default: by device)")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--chunk-rows", type=C.positive, default=None, help="fused chunk size (default: by device)")
+    p.add_argument("--json", type=C.output_file, default=None, help="also write the results to this JSON file")
     p.add_argument("--only", choices=VARIANTS, default=None, help=argparse.SUPPRESS)  # one variant, JSON out
     p.set_defaults(func=run)
 
@@ -119,11 +120,6 @@ def _in_fresh_process(variant: str, args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("rows", "dim", "vocab", "steps", "chunk_rows"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 2
     if args.only:
         print(json.dumps(measure(args.only, args)))
         return 0

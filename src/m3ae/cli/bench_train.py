@@ -6,6 +6,7 @@ import json
 import sys
 
 from ..host_allocator import SETTINGS as HOST_ALLOCATOR_SETTINGS
+from . import _checks as C
 
 # The model flags of earlier releases, kept one release as hidden aliases of `model.KEY=VALUE`.
 DEPRECATED_FLAGS = ["image_size", "patch_size", "text_length", "vocab_size", "emb_dim", "depth", "num_heads",
@@ -22,11 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "model.image_size=64 model.grad_checkpointing=true; `m3ae pretrain --help` "
                                    "lists them).")
     p.add_argument("--preset", default="tiny", help="model size preset (nano, tiny, small, base, ...)")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=20, help="timed steps (after --warmup)")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--min-caption", type=int, default=8, help="shortest synthetic caption (tokens)")
-    p.add_argument("--max-caption", type=int, default=None, help="longest caption (default text length)")
+    p.add_argument("--batch", type=C.positive, default=32, help="samples per step (default %(default)s)")
+    p.add_argument("--steps", type=C.positive, default=20, help="timed steps (after --warmup)")
+    p.add_argument("--warmup", type=C.non_negative, default=5, help="untimed steps first (default %(default)s)")
+    p.add_argument("--min-caption", type=C.positive, default=8, help="shortest synthetic caption (tokens)")
+    p.add_argument("--max-caption", type=C.positive, default=None, help="longest caption (default text length)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "bf32"],
                    help="auto (bf16 autocast on CUDA and native-bf16 CPUs), fp32, bf16, or bf32 (CPU: fp32 "
@@ -34,12 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the fast step's model")
     p.add_argument("--static-shapes", default=None, action=argparse.BooleanOptionalAction,
                    help="texts padded to text_length, fixed visible text slots (default: with --compile)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=C.positive, default=None,
                    help="torch CPU threads (default auto: usable cores; OMP_NUM_THREADS wins over auto)")
     p.add_argument("--host-allocator", default="auto", choices=HOST_ALLOCATOR_SETTINGS,
                    help="keep large freed blocks for reuse (auto: on CPU runs, as the trainer does; "
                         "m3ae.host_allocator) or leave glibc's default")
-    p.add_argument("--background-load", type=int, default=0, metavar="N",
+    p.add_argument("--background-load", type=C.non_negative, default=0, metavar="N",
                    help="run N busy processes during the measurement (a shared machine, repeatable)")
     p.add_argument("--image-dtype", default="uint8", choices=["uint8", "float32"],
                    help="images as the trainer's loader ships them (uint8, normalised on the device; default) "
@@ -47,8 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-reference", action="store_true", help="skip the reference-equivalent step")
     p.add_argument("--reference-fused-adamw", action="store_true",
                    help="give the reference step the fused AdamW too (default: torch's default AdamW)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (overrides the table)")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--peak-tflops", type=C.number(0, above=True), default=None,
+                   help="device peak for MFU (overrides the table)")
+    p.add_argument("--json", type=C.output_file, default=None, help="also write the results to this JSON file")
     for name in DEPRECATED_FLAGS:
         p.add_argument("--" + name.replace("_", "-"), dest="deprecated_" + name, default=None, help=argparse.SUPPRESS)
     p.add_argument("--grad-checkpointing", dest="deprecated_grad_checkpointing", action="store_const",

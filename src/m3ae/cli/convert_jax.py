@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from . import _checks as C
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -12,16 +13,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "package, checks every tensor is used exactly once, and writes config.json + "
                     "model.safetensors for M3AE.from_pretrained.")
     p.add_argument("checkpoint", help="the authors' checkpoint file")
-    p.add_argument("out_dir", help="a new or empty folder to write (config.json + model.safetensors)")
-    p.add_argument("--patch-size", type=int, default=None,
+    p.add_argument("out_dir", type=C.output_folder,
+                   help="a new or empty folder to write (config.json + model.safetensors)")
+    p.add_argument("--patch-size", type=C.positive, default=None,
                    help="patch size (default: saved variant, else from image_embedding with 3 channels)")
-    p.add_argument("--num-heads", type=int, default=None,
+    p.add_argument("--num-heads", type=C.positive, default=None,
                    help="encoder heads (default: saved variant, else the preset for the width)")
-    p.add_argument("--dec-num-heads", type=int, default=None,
+    p.add_argument("--dec-num-heads", type=C.positive, default=None,
                    help="decoder heads (default: saved variant, else the preset for the width)")
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--image-size", type=C.positive, default=None,
                    help="the configured image size (default 256; any size divisible by the patch is accepted)")
-    p.add_argument("--text-length", type=int, default=None, help="longest text (default 64)")
+    p.add_argument("--text-length", type=C.positive, default=None, help="longest text (default 64)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer to save with the weights (tokenizer.json, vocab.txt or a hub name; the "
                         "authors used bert-base-uncased)")

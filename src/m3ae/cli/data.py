@@ -8,6 +8,8 @@ from collections import Counter
 
 import numpy as np
 
+from . import _checks as C
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("data", help="inspect data sources and write WebDataset shards")
@@ -15,20 +17,22 @@ def register(subparsers) -> None:
     s = sub.add_parser("stats", help="samples, bad samples by reason, caption lengths, image sizes")
     s.add_argument("spec", help="a data SPEC (see m3ae.data.spec)")
     s.add_argument("--tokenizer", help="count caption lengths in tokens of this tokenizer (default: words)")
-    s.add_argument("--limit", type=int, default=None, help="read at most this many records per source")
-    s.add_argument("--text-length", type=int, default=64,
+    s.add_argument("--limit", type=C.positive, default=None, help="read at most this many records per source")
+    s.add_argument("--text-length", type=C.positive, default=64,
                    help="count the captions longer than this, which training truncates (the run's "
                         "model.text_length; default %(default)s)")
     add_bad_data_args(s)
     s.set_defaults(func=run_stats)
     w = sub.add_parser("shard", help="write WebDataset tar shards (key.jpg/.txt/.cls) from any source")
     w.add_argument("spec")
-    w.add_argument("--out", required=True, help="shard pattern with an index, e.g. out/shard-%%05d.tar")
-    w.add_argument("--per-shard", type=int, default=1000)
-    w.add_argument("--shorter-side", "--resize", dest="shorter_side", type=int, default=256,
+    w.add_argument("--out", required=True, type=C.output_file,
+                   help="shard pattern with an index, e.g. out/shard-%%05d.tar")
+    w.add_argument("--per-shard", type=C.positive, default=1000, help="samples per shard (default %(default)s)")
+    w.add_argument("--shorter-side", "--resize", dest="shorter_side", type=C.non_negative, default=256,
                    help="pre-resize: downscale so the shorter side is this, as img2dataset does (0: keep)")
-    w.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
-    w.add_argument("--limit", type=int, default=None)
+    w.add_argument("--quality", type=C.integer(1, 100), default=95,
+                   help="JPEG quality of re-encoded images (1..100; default %(default)s)")
+    w.add_argument("--limit", type=C.non_negative, default=None, help="write at most this many samples")
     add_bad_data_args(w)
     w.set_defaults(func=run_shard)
 
@@ -36,20 +40,17 @@ def register(subparsers) -> None:
 def add_bad_data_args(p: argparse.ArgumentParser) -> None:
     from m3ae.data.config import DataConfig  # the training defaults: one policy for every reader
 
-    p.add_argument("--max-bad-fraction", type=float, default=DataConfig.max_bad_fraction,
+    p.add_argument("--max-bad-fraction", type=C.number(0, 1), default=DataConfig.max_bad_fraction,
                    help="stop when more than this share of a source's records is unusable "
                         "(default %(default)s; 1: never stop)")
-    p.add_argument("--bad-min-samples", type=int, default=DataConfig.bad_min_samples,
+    p.add_argument("--bad-min-samples", type=C.non_negative, default=DataConfig.bad_min_samples,
                    help="records read before --max-bad-fraction is enforced (default %(default)s)")
 
 
 def _bad_counter(args: argparse.Namespace, max_logged: int):
     from m3ae.data.bad import BadCounter
 
-    if not 0 <= args.max_bad_fraction <= 1:
-        raise ValueError(f"--max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}")
-    if args.bad_min_samples < 0:
-        raise ValueError(f"--bad-min-samples must be >= 0, got {args.bad_min_samples}")
+    # The ranges are checked by the options' types (cli._checks).
     return BadCounter(args.max_bad_fraction, args.bad_min_samples, max_logged=max_logged)
 
 
@@ -160,10 +161,6 @@ def run_shard(args: argparse.Namespace) -> int:
     from m3ae.data.images import DEFAULT_MAX_PIXELS
     from m3ae.data.sources import ShardWriter, build_sources, label_space_conflicts
 
-    for name, value, least, most in (("--per-shard", args.per_shard, 1, None), ("--quality", args.quality, 1, 100),
-                                     ("--shorter-side", args.shorter_side, 0, None), ("--limit", args.limit, 0, None)):
-        if value is not None and (value < least or (most is not None and value > most)):
-            raise ValueError(f"{name} must be {f'in {least}..{most}' if most else f'>= {least}'}, got {value}")
     counter = _bad_counter(args, max_logged=10)
     index = 0
     built = build_sources(args.spec, default_role="labelled")

@@ -4,16 +4,18 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from . import _checks as C
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="pretrain a tiny M3AE on synthetic shapes (CPU, minutes)",
                        description="Generates captioned images of coloured shapes, pretrains a small M3AE, "
                                    "and writes the checkpoint, metrics, loss.png and reconstruction.png.")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps (preset: 600)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--samples", type=int, default=6, help="samples in reconstruction.png")
+    p.add_argument("--out", required=True, type=C.output_folder, help="output folder")
+    p.add_argument("--steps", type=C.positive, default=None, help="optimiser steps (preset: 600)")
+    p.add_argument("--seed", type=C.seed, default=0)
+    p.add_argument("--samples", type=C.figure_rows, default=6,
+                   help=f"samples in reconstruction.png (1..{C.MAX_FIGURE_ROWS}; default %(default)s)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides")
     p.set_defaults(func=run)
 

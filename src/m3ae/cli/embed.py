@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from . import _evalargs as E
+from . import _checks as C
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,13 +14,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "labels (a folder of photos, a manifest without a label column, shards "
                                    "without .cls) gets label -1 everywhere.")
     p.add_argument("--data", required=True, help="data spec, labelled or not (see m3ae.eval.labelled)")
-    p.add_argument("--split", default="val", help="which part of CIFAR / HDF5 data: train | val")
-    p.add_argument("--out", required=True, help="FILE.safetensors | FILE.npz | FILE.npy")
+    p.add_argument("--split", choices=("train", "val"), default="val",
+                   help="which part of CIFAR / HDF5 data (default %(default)s)")
+    p.add_argument("--out", required=True, type=C.output_file, help="FILE.safetensors | FILE.npz | FILE.npy")
     p.add_argument("--inputs", choices=("image", "text", "joint"), default="image",
                    help="text / joint need a CSV manifest with a caption column")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer.json / vocab.txt for text / joint inputs (default: the checkpoint's)")
-    p.add_argument("--limit", type=int, default=None, help="a fixed random subset of this many items")
+    p.add_argument("--limit", type=C.positive, default=None, help="a fixed random subset of this many items")
     p.set_defaults(func=run)
 
 

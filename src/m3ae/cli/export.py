@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from . import _checks as C
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -12,9 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay="
                                    "dict(file='OUT/model.safetensors'), **model_args) (see docs/checkpoints.md).")
     p.add_argument("checkpoint", help="checkpoint folder or hub id")
-    p.add_argument("out_dir", help="folder to write")
+    p.add_argument("out_dir", type=C.output_folder, help="folder to write")
     p.add_argument("--to", required=True, choices=("hf-vit", "hf-vitmae", "timm"), dest="format")
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--image-size", type=C.positive, default=None,
                    help="image size of the exported position table (default: the checkpoint's)")
     p.set_defaults(func=run)
 

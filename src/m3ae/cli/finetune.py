@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from . import _evalargs as E
+from . import _checks as C
 
 _RENAME = {"batch_size": "ft_batch_size"}  # --batch-size is the feature-extraction batch
 
@@ -15,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = E.eval_parser(sub, "finetune", help="fine-tune the encoder as a classifier",
                        description="Layer-wise lr decay, drop path, mixup/cutmix, label smoothing, "
                                    "warmup + cosine (paper recipe defaults; override for small runs).")
-    p.add_argument("--out", required=True, help="classifier folder (config.json, model.safetensors, result.json)")
+    p.add_argument("--out", required=True, type=C.output_folder,
+                   help="classifier folder (config.json, model.safetensors, result.json)")
     E.add_fields(p, FinetuneConfig, rename=_RENAME)
     p.set_defaults(func=run)
 

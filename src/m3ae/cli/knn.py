@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 
 from . import _evalargs as E
+from . import _checks as C
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = E.eval_parser(sub, "knn", help="kNN classification on frozen features")
-    p.add_argument("--k", type=int, default=20)
-    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--k", type=C.positive, default=20, help="neighbours (default %(default)s)")
+    p.add_argument("--temperature", type=C.number(0, above=True), default=0.07,
+                   help="softmax temperature of the neighbour weights (default %(default)s)")
     p.set_defaults(func=run)
 
 

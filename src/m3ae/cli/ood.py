@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from . import _evalargs as E
+from . import _checks as C
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,9 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "with --in-classes / --out-classes splitting one dataset)")
     p.add_argument("--in-classes", default=None, help="e.g. 0-4: keep these classes as in-distribution")
     p.add_argument("--out-classes", default=None, help="e.g. 5-9: these classes of --out-test are OOD")
-    p.add_argument("--limit-train", type=int, default=None)
-    p.add_argument("--limit-test", type=int, default=None)
-    p.add_argument("--out", required=True, help="folder for ood.json and ood_hist.png")
+    p.add_argument("--limit-train", type=C.positive, default=None,
+                   help="a fixed random subset of this many --in-train items")
+    p.add_argument("--limit-test", type=C.positive, default=None,
+                   help="a fixed random subset of this many test items")
+    p.add_argument("--out", required=True, type=C.output_folder, help="folder for ood.json and ood_hist.png")
     p.set_defaults(func=run)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from . import _checks as C
 
 
 class _HelpWithSettings(argparse.Action):
@@ -28,18 +29,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "(e.g. model.depth=4 optim.lr=1e-3 data.num_workers=4).")
     p.add_argument("-h", "--help", action=_HelpWithSettings, help="show this help and every setting, then exit")
     p.add_argument("--config", default=None, help="shipped preset name (demo, m3ae_base_cc12m, ...) or a YAML path")
-    p.add_argument("--out", default=None, help="run folder: checkpoints, metrics.jsonl, run_config.yaml (required)")
+    p.add_argument("--out", type=C.output_folder, default=None,
+                   help="run folder: checkpoints, metrics.jsonl, run_config.yaml (required)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved settings (preset + overrides) as YAML, then exit")
     p.add_argument("--data", default=None, help="data spec (shorthand for data.spec=...)")
-    p.add_argument("--steps", type=int, default=None, help="total optimiser steps (shorthand for steps=N)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch (shorthand for batch_size=N)")
+    p.add_argument("--steps", type=C.positive, default=None, help="total optimiser steps (shorthand for steps=N)")
+    p.add_argument("--batch-size", type=C.positive, default=None, help="global batch (shorthand for batch_size=N)")
     p.add_argument("--resume", default=None,
                    help="'auto' continues from the newest checkpoint in --out (if any); or a checkpoint folder")
     p.add_argument("--allow-changes", action="store_true",
                    help="resume even though settings that make the run differ from an uninterrupted one "
                         "(batch, data, schedule, seed, ...) changed since the checkpoint")
-    p.add_argument("--stop-at-step", type=int, default=None,
+    p.add_argument("--stop-at-step", type=C.positive, default=None,
                    help="stop (and checkpoint) at this step without changing the schedule")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard with FSDP2 instead of DDP (shorthand for distributed.fsdp=true)")

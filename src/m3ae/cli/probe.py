@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from . import _evalargs as E
+from . import _checks as C
 
 _RENAME = {"batch_size": "probe_batch_size"}  # --batch-size is the feature-extraction batch
 
@@ -16,13 +17,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "or --fast: features once, L2-swept logistic regression in seconds.")
     p.add_argument("--fast", action="store_true", help="fit on cached features instead of training a head")
     p.add_argument("--method", choices=("logistic", "ridge"), default="logistic", help="fast probe model")
-    p.add_argument("--l2", type=float, nargs="+", default=[1e-6, 1e-5, 1e-4, 1e-3, 1e-2],
+    p.add_argument("--l2", type=C.number(0), nargs="+", default=[1e-6, 1e-5, 1e-4, 1e-3, 1e-2],
                    help="fast probe: L2 values swept on a held-out 20%% of the training features")
     p.add_argument("--knn", action="store_true", help="fast probe: also report kNN accuracy")
-    p.add_argument("--k", type=int, default=20)
-    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--k", type=C.positive, default=20, help="kNN neighbours (default %(default)s)")
+    p.add_argument("--temperature", type=C.number(0, above=True), default=0.07,
+                   help="kNN temperature (default %(default)s)")
     E.add_fields(p, ProbeConfig, rename=_RENAME)  # the paper protocol's recipe
-    p.add_argument("--out", default=None, help="folder for the result JSON and the probe head (paper protocol)")
+    p.add_argument("--out", type=C.output_folder, default=None,
+                   help="folder for the result JSON and the probe head (paper protocol)")
     p.set_defaults(func=run)
 
 

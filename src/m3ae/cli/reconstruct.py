@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+from . import _checks as C
+
+_RATIO = C.number(0, 1, below=True)  # a mask ratio: 1 would hide everything
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -12,19 +15,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "true caption, no caption, and the given caption (captions visible).")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (config.json + model.safetensors) or hub id")
     p.add_argument("--data", default="demo", help="'demo', a CSV (image,caption), an image folder or an image")
-    p.add_argument("--out", required=True, help="output PNG")
-    p.add_argument("--n", type=int, default=4, help="samples (rows)")
-    p.add_argument("--offset", type=int, default=0, help="skip this many samples of --data")
-    p.add_argument("--image-mask-ratio", type=float, default=None, help="default: the model's")
-    p.add_argument("--text-mask-ratio", type=float, default=None,
+    p.add_argument("--out", required=True, type=C.figure_file, help="output image (.png, .jpg, .pdf, .svg)")
+    p.add_argument("--n", type=C.figure_rows, default=4,
+                   help=f"samples (rows, 1..{C.MAX_FIGURE_ROWS}; default %(default)s)")
+    p.add_argument("--offset", type=C.non_negative, default=0, help="skip this many samples of --data")
+    p.add_argument("--image-mask-ratio", type=_RATIO, default=None, help="default: the model's")
+    p.add_argument("--text-mask-ratio", type=_RATIO, default=None,
                    help="default: the model's; 0 with --caption (the caption is the condition)")
-    p.add_argument("--caption", default=None, help="also reconstruct conditioned on this caption")
+    p.add_argument("--caption", type=C.text, default=None, help="also reconstruct conditioned on this caption")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json / vocab.txt (default: the checkpoint's)")
     p.add_argument("--stats", default=None, help="pixel normalisation (default: the run's, else cc12m)")
     p.add_argument("--restore", choices=("local", "global", "true"), default="local",
                    help="norm_pix models: patch statistics from nearby (local) or all visible patches, "
                         "or each hidden patch's own (true: a display oracle, two numbers per patch)")
-    p.add_argument("--seed", type=int, default=0, help="mask seed")
+    p.add_argument("--seed", type=C.seed, default=0, help="mask seed (default %(default)s)")
     p.set_defaults(func=run)
 
 
@@ -32,10 +36,6 @@ def run(args: argparse.Namespace) -> int:
     from ..viz import inputs
     from ..viz.reconstruction import reconstruction_columns, reconstruction_figure
 
-    for name in ("image_mask_ratio", "text_mask_ratio"):
-        value = getattr(args, name)
-        if value is not None and not 0.0 <= value < 1.0:
-            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
     loaded = inputs.load_checkpoint(args.checkpoint, args.tokenizer)
     model = loaded.model
     c = model.config

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from . import _checks as C
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,12 +16,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "and write OUT/results.json, results.md and plots. Run it again after a stop: "
                                    "finished runs are skipped, an interrupted one resumes from its checkpoint.")
     p.add_argument("study", help="study file (e.g. studies/fashion.yaml)")
-    p.add_argument("--out", required=True, help="study folder")
+    p.add_argument("--out", required=True, type=C.output_folder, help="study folder")
     p.add_argument("--data-root", default=None, help="replaces $DATA in the study file's paths")
     p.add_argument("--arms", default=None, help="comma-separated arm names to run (default: all)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=C.positive, default=None,
                    help="torch threads per process (default: torch's; with --jobs N, cores / N)")
-    p.add_argument("--jobs", type=int, default=1,
+    p.add_argument("--jobs", type=C.positive, default=1,
                    help="runs side by side in N processes (each takes the runs no other holds)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from what is done")
     p.add_argument("--pictures", default=None, metavar="ARM[/seedS]",
@@ -70,8 +71,6 @@ def run(args: argparse.Namespace) -> int:
 
     study = load_study(args.study, args.data_root)
     only = [a for a in args.arms.split(",") if a] if args.arms else None
-    if args.jobs < 1:
-        raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
     # Before anything runs (the vocabulary, --jobs workers), and with --report-only too: the checks of
     # a run (run_study repeats them for library callers). Only a run or --pictures reads the evaluation
     # data; --pictures is checked now too, not after the training it waits for.

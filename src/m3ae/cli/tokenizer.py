@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from . import _checks as C
 
 
 def register(subparsers) -> None:
@@ -9,10 +10,12 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="tokenizer_command", required=True)
     t = sub.add_parser("train", help="train on a text corpus (.txt lines, or a CSV/JSONL caption column)")
     t.add_argument("corpus", nargs="+", help="text sources: corpus.txt, captions.csv, text:FILE#COLUMN")
-    t.add_argument("--vocab-size", type=int, default=30522)
-    t.add_argument("--min-frequency", type=int, default=2)
+    t.add_argument("--vocab-size", type=C.positive, default=30522,
+                   help="tokens in the vocabulary, special tokens included (default %(default)s)")
+    t.add_argument("--min-frequency", type=C.positive, default=2,
+                   help="a word piece must occur this many times to be kept (default %(default)s)")
     t.add_argument("--cased", action="store_true", help="keep case (default: lower-case like BERT uncased)")
-    t.add_argument("--out", required=True, help="tokenizer.json to write")
+    t.add_argument("--out", required=True, type=C.output_file, help="tokenizer.json to write")
     t.set_defaults(func=run)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from . import _checks as C
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -11,12 +12,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--features", required=True, help="feature file of the first model")
     p.add_argument("--features2", default=None, help="feature file of a second model (drawn beside it)")
     p.add_argument("--labels", nargs="+", default=None, metavar="NAME", help="panel titles, e.g. M3AE MAE")
-    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--out", required=True, type=C.figure_file, help="output image (.png, .jpg, .pdf, .svg)")
     p.add_argument("--method", choices=("auto", "tsne", "pca"), default="auto",
                    help="auto: t-SNE if scikit-learn is installed, else PCA")
-    p.add_argument("--perplexity", type=float, default=30.0)
-    p.add_argument("--max-points", type=int, default=5000, help="random subsample above this")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--perplexity", type=C.number(0, above=True), default=30.0,
+                   help="t-SNE perplexity (default %(default)s; at most (points - 1) / 3 is used)")
+    p.add_argument("--max-points", type=C.integer(3), default=5000, help="random subsample above this")
+    p.add_argument("--seed", type=C.seed, default=0)
     p.set_defaults(func=run)
 
 

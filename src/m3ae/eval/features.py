@@ -17,8 +17,8 @@ import torch
 
 from ..data.sources.base import MAX_LABEL
 from ..files import atomic_write
-from ..precision import autocast as precision_autocast
 from ..numpy_files import check_numpy_file
+from ..precision import autocast as precision_autocast
 
 POOLS = ("cls", "mean")
 

@@ -128,8 +128,11 @@ class LabelledImages(torch.utils.data.Dataset):
         self.classes = list(train.classes)
 
     def subset(self, limit: int | None, seed: int = 0) -> "LabelledImages":
-        """A fixed random subset of `limit` items (shards are often class-sorted)."""
-        if not limit or limit >= len(self):
+        """A fixed random subset of `limit` items (shards are often class-sorted); None: all."""
+        from .settings import check_limit
+
+        check_limit(limit)
+        if limit is None or limit >= len(self):
             return self
         g = torch.Generator().manual_seed(seed)
         picked = sorted(torch.randperm(len(self), generator=g)[:limit].tolist())

@@ -4,6 +4,7 @@ on what they run is m3ae.eval.settings.Runtime. Importing this module does not i
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sized
@@ -21,6 +22,17 @@ class HeadTraining:
     weight_decay: float = 0.0  # decoupled weight decay (not on biases and norms)
     crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range of the training images
     min_lr: float = 0.0  # lr at the end of the cosine
+
+    def __post_init__(self) -> None:
+        # Every setting in its range, before the features or a model are loaded: 0 epochs used to
+        # write a result of an untrained head, a nan lr trained one to nan.
+        lo, hi = self.crop_scale
+        _check([("epochs", self.epochs >= 1, ">= 1"), ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
+                ("batch_size", self.batch_size >= 1, ">= 1"),
+                ("base_lr", math.isfinite(self.base_lr) and self.base_lr > 0, "a finite number > 0"),
+                ("weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0, ">= 0"),
+                ("crop_scale", 0 < lo <= hi <= 1, "two numbers 0 < min <= max <= 1"),
+                ("min_lr", math.isfinite(self.min_lr) and self.min_lr >= 0, ">= 0")], self)
 
     def peak_lr(self) -> float:
         from ..optim import scaled_lr
@@ -80,6 +92,11 @@ class ProbeConfig(HeadTraining):
     momentum: float = 0.9  # LARS / SGD momentum
     optimizer: str = "lars"  # lars | sgd
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check([("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+                ("optimizer", self.optimizer in ("lars", "sgd"), "lars or sgd")], self)
+
 
 @dataclass
 class FinetuneConfig(HeadTraining):
@@ -96,3 +113,21 @@ class FinetuneConfig(HeadTraining):
     cutmix: float = 1.0  # cutmix alpha (0: off)
     smoothing: float = 0.1  # label smoothing
     clip_grad: float | None = None  # clip the gradient norm to this (None: no clipping)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check([("layer_decay", 0 < self.layer_decay <= 1, "in (0, 1]"),
+                ("drop_path", 0 <= self.drop_path < 1, "in [0, 1)"),
+                ("mixup", math.isfinite(self.mixup) and self.mixup >= 0, ">= 0 (0: off)"),
+                ("cutmix", math.isfinite(self.cutmix) and self.cutmix >= 0, ">= 0 (0: off)"),
+                ("smoothing", 0 <= self.smoothing < 1, "in [0, 1)"),
+                ("clip_grad", self.clip_grad is None or (math.isfinite(self.clip_grad) and self.clip_grad > 0),
+                 "> 0 (or None: no clipping)")], self)
+
+
+def _check(rules: list[tuple[str, bool, str]], config: object) -> None:
+    """Raise ValueError for the first (name, ok, allowed) rule that fails (a nan fails every
+    comparison, so each rule is written to be False for it)."""
+    for name, ok, allowed in rules:
+        if not ok:
+            raise ValueError(f"{name} must be {allowed}, got {getattr(config, name)!r}")

@@ -23,6 +23,8 @@ class Runtime:
             raise ValueError(f"pool must be cls or mean, got {self.pool!r}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if not 0 <= self.seed < 2**32:  # the training runs' range (TrainConfig.seed)
+            raise ValueError(f"seed must be in 0..{2**32 - 1}, got {self.seed}")
 
     def loaders(self, train_set, val_set, batch_size: int, drop_last: bool = False):
         """Shuffled training batches and ordered validation batches, on this runtime's workers;
@@ -56,8 +58,12 @@ class EvalSettings(Runtime):
         super().__post_init__()
         if self.square not in (None, "crop", "pad"):
             raise ValueError(f"square must be crop or pad, got {self.square!r}")
-        if self.batch_size < 1 or (self.threads is not None and self.threads < 1):
-            raise ValueError(f"batch_size and threads must be >= 1, got {self.batch_size} and {self.threads}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 (or unset), got {self.threads}")
+        if not 0 <= self.max_bad_fraction <= 1:  # also refuses nan, which would compare false and never stop
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
 
     def preprocessing(self, image_size: int):
         """The checkpoint's preprocessing, with the settings given here in its place."""
@@ -114,6 +120,7 @@ class EvalSettings(Runtime):
         """As `features`, plus the labelled set read (None for a feature file)."""
         from .features import extract_kept_features, is_feature_file, load_features
 
+        check_limit(limit)
         if is_feature_file(spec):
             feats, labels, keys = load_features(spec)
             if limit and limit < len(labels):
@@ -149,3 +156,9 @@ class EvalSettings(Runtime):
         val_x, val_y, _, _ = self.features_with_set(model, val, "val", limit_val, like=train_set)
         return train_x, train_y, val_x, val_y
 
+
+def check_limit(limit: int | None) -> None:
+    """A subset size: None (all) or >= 1. Zero used to mean "all" and a negative one dropped that
+    many items (a slice), both silently."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 (or None for all), got {limit}")

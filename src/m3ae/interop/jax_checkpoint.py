@@ -18,9 +18,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..numpy_files import check_numpy_file
 from .msgpack_reader import load_flax_msgpack
 from .safe_pickle import Opaque, field, find_opaque, safe_load, unwrap
-from ..numpy_files import check_numpy_file
 
 
 class CheckpointFormatError(ValueError):

@@ -101,6 +101,8 @@ class TrainConfig:
             raise ConfigError("batch_size and grad_accum must be positive")
         o, d = self.optim, self.data
         checks = [
+            # Every generator the run seeds (torch, numpy, seed + rank / + 1000 x source) takes these.
+            ("seed", 0 <= self.seed < 2**32, f"in 0..{2**32 - 1}"),
             ("log_every", self.log_every >= 1, ">= 1"), ("ckpt_every", self.ckpt_every >= 1, ">= 1"),
             ("keep_last", self.keep_last >= 0, ">= 0 (0: keep all)"),
             ("max_nonfinite", self.max_nonfinite >= 1, ">= 1"),
@@ -162,6 +164,18 @@ class TrainConfig:
             out.append(f"warmup ({self.warmup()} steps) is not shorter than the run ({self.steps} steps): the "
                        f"learning rate never reaches its peak {self.peak_lr():g}; lower optim.warmup_steps")
         return out
+
+
+def _from_dotlist(overrides: Sequence[str]) -> DictConfig:
+    """The KEY=VALUE overrides; a VALUE that is not valid YAML ("model={depth: 1") is a ConfigError
+    naming the override (OmegaConf lets yaml's parser error through, a traceback)."""
+    for override in overrides:
+        try:
+            OmegaConf.from_dotlist([override])
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {override!r}: the value is not valid YAML "
+                              f"({' '.join(str(err).split())})") from None
+    return OmegaConf.from_dotlist(list(overrides))
 
 
 def _finite(value: float) -> bool:
@@ -239,7 +253,7 @@ def load_config(preset: str | None = None, overrides: Sequence[str] = ()) -> Tra
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key=value, got {bad}")
-        cli = OmegaConf.from_dotlist(list(overrides))
+        cli = _from_dotlist(overrides)
         peek = OmegaConf.merge(*layers, cli) if layers else cli
         size = OmegaConf.select(peek, "model.preset")
         if size is not None:

@@ -244,7 +244,6 @@ def attention_figure(result: AttentionResult, out: str | Path, stats="cc12m", pe
     ax.set_xticks(range(len(tokens)), tokens, rotation=60, ha="right", fontsize=8)
     ax.set_title(f"region (row {row}, col {col}) → words", fontsize=9)
     fig.suptitle(f"encoder attention, {result.layer}", fontsize=10)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, bbox_inches="tight")
-    return out
+    from . import save_figure
+
+    return save_figure(fig, out, bbox_inches="tight")

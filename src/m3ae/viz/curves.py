@@ -99,7 +99,6 @@ def plot_curves(paths: Sequence[str | Path], out: str | Path, labels: Sequence[s
         ax.axis("off")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    return out
+    from . import save_figure
+
+    return save_figure(fig, out)

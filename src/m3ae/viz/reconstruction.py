@@ -250,7 +250,6 @@ def reconstruction_figure(columns: Sequence[tuple[str, Reconstruction]], out: st
                      family="monospace")
     if title:
         fig.suptitle(title, fontsize=10, y=1 - 0.06 / fig.get_figheight(), va="top")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    return out
+    from . import save_figure
+
+    return save_figure(fig, out)

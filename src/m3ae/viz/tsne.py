@@ -5,13 +5,17 @@ Feature files: safetensors or .npz holding `features` (N, D) and `labels` (N,), 
 """
 from __future__ import annotations
 
+import logging
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
 from ..numpy_files import check_numpy_file
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -97,6 +101,9 @@ def embed_2d(features: np.ndarray, method: str = "auto", seed: int = 0,
         else:
             # Perplexity must stay below the number of points.
             perp = float(min(perplexity, max(2.0, (len(x) - 1) / 3)))
+            if perp != perplexity:  # said, not silently changed
+                log.warning("t-SNE perplexity %g lowered to %g: it must stay below a third of the %d points",
+                            perplexity, perp, len(x))
             init = "pca" if x.shape[1] >= 2 else "random"
             return TSNE(2, perplexity=perp, init=init, random_state=seed).fit_transform(x), "tsne"
     return pca_2d(x), "pca"
@@ -159,10 +166,9 @@ def tsne_figure(sets: Sequence[tuple[str, FeatureSet]], out: str | Path, method:
         fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))
     else:
         fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    return out
+    from . import save_figure
+
+    return save_figure(fig, out)
 
 
 def _palette(n: int) -> np.ndarray:
