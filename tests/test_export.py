@@ -124,8 +124,10 @@ def test_export_refuses_what_it_cannot_write(tmp_path, capsys):
     assert "not divisible by the patch size 8" in capsys.readouterr().err
     # 0 was taken as "the checkpoint's size" and a negative size failed with a RuntimeError traceback.
     for size in ("0", "-8"):
-        assert main(["export", str(ckpt), str(tmp_path / f"x{size}"), "--to", "hf-vit", "--image-size", size]) == 2
-        assert f"image size must be a positive integer, got {size}" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as exited:  # a usage error, before anything is read or written
+            main(["export", str(ckpt), str(tmp_path / f"x{size}"), "--to", "hf-vit", "--image-size", size])
+        assert exited.value.code == 2
+        assert f"argument --image-size: must be >= 1, got {size}" in capsys.readouterr().err
         assert not (tmp_path / f"x{size}").exists()
     # Into a folder that holds anything, e.g. the checkpoint itself: refused, nothing replaced.
     before = {p.name: p.read_bytes() for p in ckpt.iterdir()}

@@ -276,8 +276,9 @@ def test_cli_tokenizer_is_saved_and_the_folder_must_be_new(tmp_path, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     (tmp_path / "empty").mkdir()
     assert _cli(str(CHECKPOINT), str(tmp_path / "empty"), "--image-size", "32") == 0
-    with pytest.raises(ConversionError, match="text_length must be >= 1"):
+    with pytest.raises(SystemExit) as exited:  # a usage error now, before the checkpoint is read
         _cli(str(CHECKPOINT), str(tmp_path / "t0"), "--text-length", "0")
+    assert exited.value.code == 2 and not (tmp_path / "t0").exists()
 
 
 def test_cli_error_is_clean(tmp_path):
