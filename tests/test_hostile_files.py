@@ -651,3 +651,34 @@ def test_numpy_headers_are_checked_before_numpy_allocates(tmp_path):
     (tmp_path / "junk.npy").write_bytes(b"not numpy at all")
     with pytest.raises(ValueError, match="junk.npy: not a numpy array"):
         load_features(tmp_path / "junk.npy")
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("state.json", "[]", "'_data_files' must be a list"),
+    ("state.json", '{"_data_files": [1]}', "holds 1, not a plain name"),
+    ("state.json", '{"_data_files": [{"filename": "/dev/zero"}]}', "holds '/dev/zero', not a plain name"),
+    ("state.json", '{"_data_files": [{"filename": "../other/data.arrow"}]}', "holds '../other/data.arrow'"),
+    ("state.json", "[" * 100_000, "not a JSON listing \\(RecursionError"),
+    ("dataset_dict.json", '{"splits": ["../../etc"]}', "holds '../../etc', not a plain name"),
+    ("dataset_dict.json", '{"splits": [{"a": 1}]}', "not a plain name"),
+    ("dataset_dict.json", '{"splits": "train"}', "'splits' must be a list"),  # was: splits t, r, a, i, n
+])
+def test_hf_listings_are_checked_and_point_inside_the_folder(tmp_path, name, content, message):
+    # Was: AttributeError / TypeError / RecursionError tracebacks, and data files or splits
+    # named by state.json / dataset_dict.json read from anywhere (/dev/zero, ../other).
+    from m3ae.data.sources.hf import open_hf
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / name).write_text(content)
+    with pytest.raises(ValueError, match=message) as err:
+        open_hf(str(tmp_path / "d"))
+    assert str(err.value).startswith(str(tmp_path / "d" / name))
+
+
+def test_a_deeply_nested_jsonl_row_is_an_error_naming_its_line(tmp_path):
+    from m3ae.data.sources.manifest import read_rows
+
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"image": "a.jpg", "caption": "fine"}\n{"caption": ' + "[" * 100_000 + "}\n")
+    with pytest.raises(ValueError, match=f"^{path}:2: JSON nested too deeply"):
+        read_rows(str(path))
