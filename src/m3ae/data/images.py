@@ -76,7 +76,7 @@ def open_image(data: bytes | str | torch.Tensor, key: str = "", max_pixels: int 
     except Image.UnidentifiedImageError:
         raise BadSample("undecodable", key) from None
     except (OSError, ValueError, SyntaxError) as err:
-        raise BadSample("truncated" if "truncat" in str(err) else "undecodable", str(err)) from None
+        raise BadSample("truncated" if "truncat" in str(err).lower() else "undecodable", str(err)) from None
     w, h = image.size
     if w <= 0 or h <= 0:
         raise BadSample("undecodable", f"size {w}x{h}")
@@ -128,7 +128,7 @@ def _load(image: Image.Image) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise BadSample("too_large", str(err)) from None
     except (OSError, ValueError, SyntaxError, EOFError, struct_error) as err:
-        raise BadSample("truncated" if "truncat" in str(err) or isinstance(err, EOFError) else "undecodable",
+        raise BadSample("truncated" if "truncat" in str(err).lower() or isinstance(err, EOFError) else "undecodable",
                         str(err)) from None
     return image
 
