@@ -158,3 +158,32 @@ def test_shard_refuses_to_merge_sources_naming_other_classes(tmp_path, capsys):
     same = write_class_folder(tmp_path / "same", ["cat", "dog"])
     assert main(["data", "shard", f"{a},{same}", "--out", str(out / "s-%03d.tar")]) == 0
     assert "wrote 4 samples" in capsys.readouterr().out
+
+
+def test_shard_and_stats_apply_the_exif_orientation(tmp_path, capsys):
+    # Was: `data shard` re-encoded a phone photo (EXIF orientation 6: stored on its side) without
+    # its EXIF and without turning it, so shards held it sideways while training on the files
+    # turned it upright; `data stats` reported it turned as well.
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from m3ae.data.sources.wds import iter_tar
+
+    ramp = np.linspace(0, 255, 64)[None, :, None] * np.ones((40, 1, 3))  # smooth: JPEG keeps it
+    stored = Image.fromarray(ramp.astype(np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # 6: the stored picture is to be turned 90 degrees clockwise
+    (tmp_path / "images").mkdir()
+    stored.save(tmp_path / "images" / "phone.jpg", "JPEG", quality=95, exif=exif.tobytes())
+    (tmp_path / "m.csv").write_text("image,caption\nphone.jpg,a photo\n")
+    assert main(["data", "stats", str(tmp_path / "m.csv")]) == 0
+    assert "image width:  min 40" in capsys.readouterr().out
+    assert main(["data", "shard", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o" / "s-%03d.tar"),
+                 "--shorter-side", "0"]) == 0
+    (record,) = iter_tar(str(tmp_path / "o" / "s-000.tar"))
+    written = Image.open(io.BytesIO(record.image))
+    assert written.size == (40, 64)
+    upright = np.asarray(stored.transpose(Image.Transpose.ROTATE_270), dtype=np.float64)
+    assert np.abs(np.asarray(written, dtype=np.float64) - upright).mean() < 3  # JPEG twice, nothing else

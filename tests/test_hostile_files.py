@@ -243,6 +243,66 @@ def test_a_corrupt_header_mid_shard_is_a_counted_truncated_shard(tmp_path, heade
     assert all(r.missing is None for r in iter_tar(plain))  # a whole shard, end padding and all
 
 
+def _extended_header(kind, size):
+    info = tarfile.TarInfo("././@LongLink")
+    info.type, info.size = kind, size
+    return info.tobuf(tarfile.GNU_FORMAT)
+
+
+@pytest.mark.parametrize("kind", [tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE])
+def test_extended_tar_headers_are_bounded(tmp_path, kind):
+    import gzip
+    import resource
+
+    # Was: tarfile read a pax / GNU long-name header whole (a .tar.gz of 0.5 MB holding one 512 MiB "name"
+    # took over 1 GB), and each one reads the next recursively (a chain: RecursionError, the run died).
+    bomb = tmp_path / "bomb.tar.gz"
+    with gzip.open(bomb, "wb", compresslevel=1) as g:
+        g.write(_extended_header(kind, 1 << 29))
+        for _ in range(1 << 9):
+            g.write(bytes(1 << 20))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    (record,) = iter_tar(str(bomb))
+    assert record.missing == "truncated_tar" and "extended header of 536870912 bytes" in record.key
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # kB
+    chain = tmp_path / "chain.tar"
+    with open(chain, "wb") as f:
+        entry = b"12 comment=\n" if kind == tarfile.XHDTYPE else b"a.jpg\0"
+        f.write((_extended_header(kind, len(entry)) + entry.ljust(512, b"\0")) * 3000)
+        with tarfile.open(fileobj=f, mode="w") as tar:
+            _add(tar, "b.jpg", jpeg_bytes())
+    (record,) = iter_tar(str(chain))
+    assert record.missing == "truncated_tar" and "extended headers in a row" in record.key
+    fine = tmp_path / "long.tar"  # a real long name still reads
+    with tarfile.open(fine, "w", format=tarfile.PAX_FORMAT) as tar:
+        _add(tar, "d" * 300 + "/ü.jpg", jpeg_bytes())
+    (record,) = iter_tar(str(fine))
+    assert record.missing is None and record.key.endswith("d" * 300 + "/ü")
+
+
+def test_deeply_nested_json_in_a_shard_is_no_metadata(tmp_path):
+    # Was: json.loads' RecursionError escaped iter_tar and ended the run.
+    path = str(tmp_path / "s.tar")
+    with tarfile.open(path, "w") as tar:
+        _add(tar, "a.jpg", jpeg_bytes())
+        _add(tar, "a.json", b"[" * 100_000 + b"]" * 100_000)
+        _add(tar, "a.txt", b"a caption")
+    (record,) = iter_tar(path)
+    assert record.missing is None and record.meta is None and record.caption == b"a caption"
+
+
+def test_zero_padding_after_the_end_is_read_within_the_shard_budget(tmp_path):
+    import gzip
+
+    # Was: a gzip of gigabytes of zeros after the end-of-archive block was read to its end.
+    plain = write_img2dataset_tar(str(tmp_path / "s.tar"), n=2)
+    path = tmp_path / "s.tar.gz"
+    path.write_bytes(gzip.compress(open(plain, "rb").read() + bytes(20_000_000)))
+    assert [r.missing for r in iter_tar(str(path))] == [None, None]
+    records = list(iter_tar(str(path), max_shard_bytes=1_000_000))
+    assert records[-1].missing == "truncated_tar" and "padding" in records[-1].key
+
+
 @pytest.mark.parametrize("content, why", [(b"", "empty file"), (b"not a tar\n" * 100, "not a tar archive")])
 def test_an_empty_or_non_tar_shard_is_counted_with_its_path(tmp_path, content, why):
     path = tmp_path / "x-00000.tar"
@@ -591,3 +651,34 @@ def test_numpy_headers_are_checked_before_numpy_allocates(tmp_path):
     (tmp_path / "junk.npy").write_bytes(b"not numpy at all")
     with pytest.raises(ValueError, match="junk.npy: not a numpy array"):
         load_features(tmp_path / "junk.npy")
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("state.json", "[]", "'_data_files' must be a list"),
+    ("state.json", '{"_data_files": [1]}', "holds 1, not a plain name"),
+    ("state.json", '{"_data_files": [{"filename": "/dev/zero"}]}', "holds '/dev/zero', not a plain name"),
+    ("state.json", '{"_data_files": [{"filename": "../other/data.arrow"}]}', "holds '../other/data.arrow'"),
+    ("state.json", "[" * 100_000, "not a JSON listing \\(RecursionError"),
+    ("dataset_dict.json", '{"splits": ["../../etc"]}', "holds '../../etc', not a plain name"),
+    ("dataset_dict.json", '{"splits": [{"a": 1}]}', "not a plain name"),
+    ("dataset_dict.json", '{"splits": "train"}', "'splits' must be a list"),  # was: splits t, r, a, i, n
+])
+def test_hf_listings_are_checked_and_point_inside_the_folder(tmp_path, name, content, message):
+    # Was: AttributeError / TypeError / RecursionError tracebacks, and data files or splits
+    # named by state.json / dataset_dict.json read from anywhere (/dev/zero, ../other).
+    from m3ae.data.sources.hf import open_hf
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / name).write_text(content)
+    with pytest.raises(ValueError, match=message) as err:
+        open_hf(str(tmp_path / "d"))
+    assert str(err.value).startswith(str(tmp_path / "d" / name))
+
+
+def test_a_deeply_nested_jsonl_row_is_an_error_naming_its_line(tmp_path):
+    from m3ae.data.sources.manifest import read_rows
+
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"image": "a.jpg", "caption": "fine"}\n{"caption": ' + "[" * 100_000 + "}\n")
+    with pytest.raises(ValueError, match=f"^{path}:2: JSON nested too deeply"):
+        read_rows(str(path))

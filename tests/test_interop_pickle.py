@@ -219,3 +219,53 @@ def test_npz_and_unknown_files(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_jax_checkpoint(tmp_path / "missing.pkl")
     assert arrays()  # fixture present
+
+
+def _ext(code: int, payload: bytes) -> bytes:
+    return b"\xc9" + struct.pack(">Ib", len(payload), code) + payload
+
+
+def _corrupt_files() -> dict[str, bytes]:
+    loop: dict = {"cls_token": np.zeros((1, 1, 4), np.float32),
+                  "image_embedding": {"kernel": np.ones((12, 4), np.float32)}}
+    loop["loop"] = loop  # a tree that holds itself
+    tail = _pack("image_embedding") + b"\x01"
+    return {
+        "pickle: self-containing parameters": pickle.dumps({"params": loop}, protocol=4),
+        "pickle: BUILD on a dict": b"\x80\x02}q\x00}q\x01b.",
+        "pickle: set(5)": b"\x80\x02cbuiltins\nset\nK\x05\x85R.",
+        "pickle: bytes of 2**50 declared": b"\x80\x04\x8e" + struct.pack("<Q", 1 << 50) + b"abc",
+        "msgpack: 200 nested arrays": b"\x81" + _pack("cls_token") + b"\x91" * 200 + b"\x01",
+        "msgpack: dtype 'xyz'": b"\x82" + _pack("cls_token") + _ext(1, _pack([[2], "xyz", bytes(8)])) + tail,
+        "msgpack: a shape of strings": b"\x82" + _pack("cls_token") + _ext(1, _pack([["a"], "float32", bytes(8)]))
+                                        + tail,
+        "msgpack: a map as a key": b"\x82\x81\x01\x02\x01" + tail,
+        "msgpack: chunked array without chunks": b"\x82" + _pack("cls_token")
+                                                  + _pack({"__msgpack_chunked_array__": 1, "shape": 5}) + tail,
+    }
+
+
+@pytest.mark.parametrize("case", list(_corrupt_files()))
+def test_corrupt_checkpoints_are_a_clear_error_naming_the_file(tmp_path, case, capsys):
+    # Was: RecursionError, TypeError, AttributeError, MemoryError escaped as a crash with a
+    # traceback (`m3ae convert-jax` "failed"), or a numpy message that did not name the file.
+    from m3ae.cli import main
+
+    path = tmp_path / "ckpt.bin"
+    path.write_bytes(_corrupt_files()[case])
+    with pytest.raises((CheckpointFormatError, pickle.UnpicklingError)) as err:
+        load_jax_checkpoint(path)
+    assert str(err.value).startswith(str(path))
+    assert main(["convert-jax", str(path), str(tmp_path / "out")]) == 2
+    printed = capsys.readouterr().err
+    assert "Traceback" not in printed and printed.count(str(path)) == 1, printed
+
+
+def test_a_corrupt_npz_member_is_a_clear_error(tmp_path):
+    params = dict(group("params/"))
+    np.savez_compressed(tmp_path / "c.npz", **params)
+    raw = bytearray((tmp_path / "c.npz").read_bytes())
+    raw[5000:5100] = b"\xff" * 100  # inside a compressed member: zlib or CRC error, not a zip one
+    (tmp_path / "c.npz").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointFormatError, match=f"^{tmp_path / 'c.npz'}: .*(zip|decompress|CRC)"):
+        load_jax_checkpoint(tmp_path / "c.npz")

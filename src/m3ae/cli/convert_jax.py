@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
             dec_num_heads=args.dec_num_heads, image_size=args.image_size,
             text_length=args.text_length)
     except pickle.UnpicklingError as err:  # refused or corrupt pickle: a clean error, no traceback
-        raise ValueError(f"cannot read {args.checkpoint}: {err}") from err
+        raise ValueError(f"cannot read {err}" if str(err).startswith(args.checkpoint)
+                         else f"cannot read {args.checkpoint}: {err}") from err
     c = converted.model.config
     print(f"read {args.checkpoint}: {ckpt.format}, parameters at {ckpt.location}")
     if ckpt.step is not None or ckpt.state_step is not None:

@@ -63,11 +63,13 @@ def _percentiles(values) -> str:
 
 
 def _decode(record, max_pixels):
-    """Full decode to RGB (so broken files are found), or raise BadSample."""
-    from m3ae.data.images import _load, as_bad_sample, open_image, to_rgb
+    """Full decode to upright RGB (so broken files are found), or raise BadSample. The EXIF
+    orientation is applied as training applies it: a re-encoded shard image carries no EXIF, so a
+    phone photo would otherwise be stored sideways and its size reported turned."""
+    from m3ae.data.images import _load, as_bad_sample, open_image, to_rgb, upright
 
     with as_bad_sample(record.key):  # whatever fails on one image is that record's bad sample
-        return to_rgb(_load(open_image(record.image, record.key, max_pixels)))
+        return to_rgb(_load(upright(open_image(record.image, record.key, max_pixels))))
 
 
 def _caption(record, take_text: bool) -> str | None:

@@ -11,7 +11,10 @@ level, whichever holds the model's tree.
 from __future__ import annotations
 
 import os
+import pickle
+import struct
 import zipfile
+import zlib
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import Any, Mapping
@@ -171,19 +174,36 @@ def _from_npz(path: Path) -> JaxCheckpoint:
     return JaxCheckpoint(params=arrays, format="npz", location=location)
 
 
+# What a corrupt or hostile file can make the readers raise: numpy on a bad dtype or shape
+# (TypeError, ValueError), pickle's builders on wrong arguments (TypeError, AttributeError),
+# a self-containing tree (RecursionError), a length field of terabytes (MemoryError: the pickle
+# module allocates what a header declares before reading it), a broken zip member (BadZipFile, zlib).
+_CORRUPT = (pickle.UnpicklingError, ValueError, TypeError, KeyError, IndexError, AttributeError, EOFError,
+            RecursionError, MemoryError, OverflowError, struct.error, zipfile.BadZipFile, zlib.error)
+
+
 def load_jax_checkpoint(path: str | os.PathLike) -> JaxCheckpoint:
-    """Read a checkpoint of the authors' code (pickle, Flax msgpack or npz) without running it."""
+    """Read a checkpoint of the authors' code (pickle, Flax msgpack or npz) without running it.
+    Whatever is wrong with the file is a CheckpointFormatError naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:
         head = f.read(2)
-    if zipfile.is_zipfile(path):
-        return _from_npz(path)
-    if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle PROTO opcode
-        return _from_tree(safe_load(path), "pickle")
-    if head and (0x80 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF)):  # msgpack map
-        return _from_tree(load_flax_msgpack(path.read_bytes()), "msgpack")
+    try:
+        if zipfile.is_zipfile(path):
+            return _from_npz(path)
+        if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle PROTO opcode
+            return _from_tree(safe_load(path), "pickle")
+        if head and (0x80 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF)):  # msgpack map
+            return _from_tree(load_flax_msgpack(path.read_bytes()), "msgpack")
+    except _CORRUPT as err:
+        detail = "a length in it is larger than memory" if isinstance(err, MemoryError) else str(err)
+        message = detail if detail.startswith(str(path)) else f"{path}: {detail}"
+        if isinstance(err, pickle.UnpicklingError):  # refused by the safe reader: the caller may want to know
+            raise type(err)(message) from err
+        raise CheckpointFormatError(f"{message} ({type(err).__name__})" if not isinstance(
+            err, CheckpointFormatError) else message) from err
     raise CheckpointFormatError(
         f"{path}: unrecognised checkpoint format (expected the authors' pickle, a Flax msgpack "
         "file or an .npz of arrays)")

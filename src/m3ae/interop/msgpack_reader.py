@@ -17,7 +17,9 @@ class MsgpackError(ValueError):
     """The bytes are not msgpack of the kind Flax writes."""
 
 
-_MAX_DEPTH = 512
+# Flax trees nest about ten deep. Each level takes three Python frames (value, map/array and its
+# comprehension): 512 overflowed the interpreter's stack (a RecursionError) before this check fired.
+_MAX_DEPTH = 128
 
 
 class _Reader:

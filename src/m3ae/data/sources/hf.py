@@ -44,9 +44,34 @@ def hub_hint(path: str) -> str | None:
             f"hf:{escape(path)} (#split=NAME for one split; train where there is one)")
 
 
+def _read_listing(path: str, name: str, field: str, key: str | None = None) -> list[str]:
+    """The names a `save_to_disk` listing (state.json's data files, dataset_dict.json's splits)
+    gives, or ValueError naming the file. Each must be a plain name inside the folder: the
+    `datasets` library writes no other, and a listing is data that must not point elsewhere."""
+    file = os.path.join(path, name)
+    try:
+        with open(file, "rb") as f:
+            data = json.loads(f.read(MAX_LISTING_BYTES + 1).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: JSONDecodeError
+        raise ValueError(f"{file}: not a JSON listing ({type(err).__name__}: {err})") from None
+    entries = data.get(field, []) if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError(f"{file}: {field!r} must be a list")
+    names = []
+    for entry in entries:
+        entry = entry.get(key) if key is not None and isinstance(entry, dict) else entry
+        if not isinstance(entry, str) or entry in ("", ".", "..") or os.path.basename(entry) != entry \
+                or "\0" in entry:
+            raise ValueError(f"{file}: {field!r} holds {entry!r}, not a plain name in {path}")
+        names.append(entry)
+    return names
+
+
+MAX_LISTING_BYTES = 16 << 20  # a listing of a few names; a larger file is not one (read no further)
+
+
 def _split_dir(path: str, split: str | None) -> str:
-    with open(os.path.join(path, "dataset_dict.json")) as f:
-        splits = list(json.load(f).get("splits", []))
+    splits = _read_listing(path, "dataset_dict.json", "splits")
     chosen = split or ("train" if "train" in splits else splits[0] if splits else None)
     if chosen is None or chosen not in splits:
         raise ValueError(f"hf:{path}: no split {chosen!r} (splits: {splits})")
@@ -93,8 +118,7 @@ class ArrowSource(TableSource):
         super().__init__(role)
         pa = import_pyarrow()
         self.name = path
-        with open(os.path.join(path, "state.json")) as f:
-            names = [d["filename"] for d in json.load(f).get("_data_files", [])]
+        names = _read_listing(path, "state.json", "_data_files", "filename")
         if not names:
             raise ValueError(f"hf:{path}: state.json lists no data files")
         self.files = [os.path.join(path, n) for n in names]

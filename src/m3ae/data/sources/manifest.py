@@ -32,6 +32,8 @@ def read_rows(path: str) -> list[dict]:
                         row = json.loads(line)
                     except json.JSONDecodeError as err:
                         raise ValueError(f"{path}:{i + 1}: not a JSON object ({err})") from None
+                    except RecursionError:  # "[" * 10**5: the decoder's stack, not a traceback
+                        raise ValueError(f"{path}:{i + 1}: JSON nested too deeply") from None
                     if not isinstance(row, dict):  # valid JSON, but no fields to read
                         raise ValueError(f"{path}:{i + 1}: not a JSON object (got {line.strip()[:60]!r})")
                     rows.append(row)

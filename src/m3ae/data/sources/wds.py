@@ -85,7 +85,7 @@ def group_to_record(key: str, files: dict[str, bytes], shard: str) -> Record:
     if "json" in files:
         try:
             meta = json.loads(files["json"].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # "[" * 10**5 overflows the stack
             meta = None
     if caption is None and isinstance(meta, dict) and isinstance(meta.get("caption"), str):
         caption = meta["caption"]
@@ -103,12 +103,27 @@ def group_to_record(key: str, files: dict[str, bytes], shard: str) -> Record:
                   bad_label=bad_label, meta=meta if isinstance(meta, dict) else None)
 
 
+# Extended headers (pax, GNU long names) are read whole into memory by tarfile, and each one reads
+# the next header recursively: real ones are a few hundred bytes, one or two in a row. Larger or
+# longer chains are a corrupt or hostile shard (a gzip bomb's "name" of gigabytes; a RecursionError).
+MAX_EXTENDED_HEADER_BYTES = 1 << 20
+MAX_EXTENDED_HEADERS = 16
+_EXTENDED_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                   tarfile.SOLARIS_XHDTYPE)
+
+
 class _StrictTarInfo(tarfile.TarInfo):
     """Stream-mode tarfile takes a header it cannot parse (or a partial one) past the first for the
-    end of the archive: the rest of the shard would vanish without a trace. Make it an error."""
+    end of the archive: the rest of the shard would vanish without a trace. Make it an error. Also
+    bounds extended headers (see MAX_EXTENDED_HEADER_BYTES)."""
 
     @classmethod
     def fromtarfile(cls, tar):
+        depth = getattr(tar, "_m3ae_header_depth", 0)  # extended headers read before this one
+        if depth > MAX_EXTENDED_HEADERS:
+            raise tarfile.ReadError(f"more than {MAX_EXTENDED_HEADERS} extended headers in a row at byte "
+                                    f"{tar.offset}")
+        tar._m3ae_header_depth = depth + 1
         try:
             return super().fromtarfile(tar)
         # (Not in tarfile's __all__ nor its type stubs, but there since Python 3.2.)
@@ -116,15 +131,27 @@ class _StrictTarInfo(tarfile.TarInfo):
             # Not a HeaderError: TarFile.next re-raises it instead of stopping quietly.
             where = f"bad tar header at byte {tar.offset}" if tar.offset else "not a tar archive"
             raise tarfile.ReadError(f"{where}: {err}") from None
+        finally:
+            tar._m3ae_header_depth = depth
+
+    def _proc_member(self, tar):
+        if self.type in _EXTENDED_TYPES and self.size > MAX_EXTENDED_HEADER_BYTES:
+            raise tarfile.ReadError(f"an extended header of {self.size} bytes at byte {self.offset} "
+                                    f"(> {MAX_EXTENDED_HEADER_BYTES})")
+        return super()._proc_member(tar)  # type: ignore[misc]
 
 
-def _check_end(tar: tarfile.TarFile) -> None:
+def _check_end(tar: tarfile.TarFile, budget: int) -> None:
     """After the end-of-archive block only zero padding may follow; anything else means a header in
-    the middle was zeroed and the members after it would be lost unnoticed."""
+    the middle was zeroed and the members after it would be lost unnoticed. At most `budget` bytes
+    of padding are read (what is left of the shard budget: gzip makes gigabytes of zeros cheap)."""
     assert tar.fileobj is not None
     while chunk := tar.fileobj.read(1 << 16):
         if chunk.strip(b"\0"):
             raise tarfile.ReadError(f"data after an end-of-archive block at byte {tar.offset}")
+        budget -= len(chunk)
+        if budget < 0:
+            raise tarfile.ReadError("more padding after the end-of-archive block than the shard byte budget")
 
 
 def iter_tar(shard: str, max_member_bytes: int = MAX_MEMBER_BYTES,
@@ -167,7 +194,7 @@ def iter_tar(shard: str, max_member_bytes: int = MAX_MEMBER_BYTES,
                         raise EOFError("short member")
                     files[ext] = data
                 else:
-                    _check_end(tar)
+                    _check_end(tar, max_shard_bytes - total)
     except (tarfile.TarError, EOFError, OSError, zlib_error) as err:
         # The group being read is lost; the complete groups before it were already yielded.
         where = f"{os.path.basename(shard)}/{current}" if current is not None else shard
