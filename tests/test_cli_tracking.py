@@ -210,3 +210,40 @@ def test_config_errors_in_overrides_are_one_line_usage_errors(capsys):
     assert main(["pretrain", "--config", "demo", "--print-config", "model={depth: 1"]) == 2
     err = capsys.readouterr().err
     assert "override 'model={depth: 1': the value is not valid YAML" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("text, message", [
+    # A lone word read as the setting "hello", a lone number an OSError (exit 1), an empty file all
+    # defaults without a word, a scalar section "Merge error: int is not a subclass of M3AEConfig".
+    ("hello\n", "c.yaml must hold a mapping of settings (key: value lines) at its top level, got the value 'hello'"),
+    ("42\n", "got the value '42'"),
+    ("", "c.yaml holds no settings (an empty file)"),
+    ("# nothing yet\n", "c.yaml holds no settings"),
+    ("model: 3\n", "c.yaml: model is a section of settings (model.KEY), not a value; got 3"),
+    ("data:\n  spec: demo\nmodel: {hello: 1}\n", "c.yaml: model.hello: Key 'hello' not in 'M3AEConfig'"),
+])
+def test_config_file_problems_are_one_line_naming_the_file(tmp_path, capsys, text, message):
+    (tmp_path / "c.yaml").write_text(text)
+    assert main(["pretrain", "--config", str(tmp_path / "c.yaml"), "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_config_that_is_not_a_yaml_file_or_whose_base_is_wrong_says_so(tmp_path, capsys):
+    (tmp_path / "c.txt").write_text("steps: 5\n")  # was "unknown run preset 'c.txt'"
+    assert main(["pretrain", "--config", str(tmp_path / "c.txt"), "--print-config"]) == 2
+    assert "c.txt is not a .yaml / .yml file: a run config is a YAML file" in capsys.readouterr().err
+    assert main(["pretrain", "--config", str(tmp_path), "--print-config"]) == 2
+    assert f"{tmp_path} is a folder" in capsys.readouterr().err
+    (tmp_path / "base.yaml").write_text("optim: 0.1\n")
+    (tmp_path / "c.yaml").write_text("base: base.yaml\nsteps: 5\n")  # the file at fault is the base
+    assert main(["pretrain", "--config", str(tmp_path / "c.yaml"), "--print-config"]) == 2
+    assert "base.yaml: optim is a section of settings" in capsys.readouterr().err
+    assert main(["pretrain", "--config", "demo", "--print-config", "model.depth=x"]) == 2
+    assert "override 'model.depth=x': model.depth: Value 'x'" in capsys.readouterr().err
+
+
+def test_steps_are_bounded(capsys):
+    assert main(["pretrain", "--config", "demo", "--print-config", f"steps={10**30}"]) == 2
+    assert "steps must be positive and at most 99,999,999, got 1,000,000," in capsys.readouterr().err
+    assert main(["pretrain", "--config", "demo", "--print-config", "--steps", "99999999"]) == 0
