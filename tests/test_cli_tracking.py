@@ -247,3 +247,20 @@ def test_steps_are_bounded(capsys):
     assert main(["pretrain", "--config", "demo", "--print-config", f"steps={10**30}"]) == 2
     assert "steps must be positive and at most 99,999,999, got 1,000,000," in capsys.readouterr().err
     assert main(["pretrain", "--config", "demo", "--print-config", "--steps", "99999999"]) == 0
+
+
+def test_an_option_and_a_setting_for_the_same_thing_are_refused(capsys):
+    # The option used to win silently (and demo's --seed default 0 overrode seed=N).
+    for args, message in (
+            (["pretrain", "--config", "demo", "--print-config", "--steps", "3", "steps=5"],
+             "--steps 3 and steps=5 both set steps; give one of them"),
+            (["pretrain", "--print-config", "data.spec=demo", "--data", "demo"], "--data demo and data.spec=demo"),
+            (["pretrain", "--print-config", "--batch-size", "8", "batch_size=8"], "--batch-size 8 and batch_size=8"),
+            (["pretrain", "--print-config", "--fsdp", "distributed.fsdp=false"],
+             "--fsdp and distributed.fsdp=false both set distributed.fsdp"),
+            (["demo", "--out", "unused", "seed=4", "--seed", "3"], "--seed 3 and seed=4 both set seed")):
+        assert main(args) == 2, args
+        assert message in capsys.readouterr().err
+    assert main(["pretrain", "--config", "demo", "--print-config", "--steps", "3", "seed=5"]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 3" in out and "seed: 5" in out
