@@ -243,12 +243,6 @@ def test_config_that_is_not_a_yaml_file_or_whose_base_is_wrong_says_so(tmp_path,
     assert "override 'model.depth=x': model.depth: Value 'x'" in capsys.readouterr().err
 
 
-def test_steps_are_bounded(capsys):
-    assert main(["pretrain", "--config", "demo", "--print-config", f"steps={10**30}"]) == 2
-    assert "steps must be positive and at most 99,999,999, got 1,000,000," in capsys.readouterr().err
-    assert main(["pretrain", "--config", "demo", "--print-config", "--steps", "99999999"]) == 0
-
-
 def test_an_option_and_a_setting_for_the_same_thing_are_refused(capsys):
     # The option used to win silently (and demo's --seed default 0 overrode seed=N).
     for args, message in (
@@ -264,3 +258,17 @@ def test_an_option_and_a_setting_for_the_same_thing_are_refused(capsys):
     assert main(["pretrain", "--config", "demo", "--print-config", "--steps", "3", "seed=5"]) == 0
     out = capsys.readouterr().out
     assert "steps: 3" in out and "seed: 5" in out
+
+
+def test_steps_are_bounded(capsys):
+    assert main(["pretrain", "--config", "demo", "--print-config", f"steps={10**30}"]) == 2
+    assert "steps must be positive and at most 99,999,999, got 1,000,000," in capsys.readouterr().err
+    assert main(["pretrain", "--config", "demo", "--print-config", "--steps", "99999999"]) == 0
+
+
+def test_stop_at_step_past_the_end_is_refused_before_any_work(tmp_path, capsys):
+    # It was ignored: the run trained to its end instead of stopping with a resume command.
+    assert main(["pretrain", "--config", "demo", "--out", str(tmp_path / "run"), *TINY, "steps=2",
+                 "--stop-at-step", "3"]) == 2
+    assert "stop_at_step (--stop-at-step) 3 is past the run's end (steps=2)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
