@@ -210,3 +210,65 @@ def test_config_errors_in_overrides_are_one_line_usage_errors(capsys):
     assert main(["pretrain", "--config", "demo", "--print-config", "model={depth: 1"]) == 2
     err = capsys.readouterr().err
     assert "override 'model={depth: 1': the value is not valid YAML" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("text, message", [
+    # A lone word read as the setting "hello", a lone number an OSError (exit 1), an empty file all
+    # defaults without a word, a scalar section "Merge error: int is not a subclass of M3AEConfig".
+    ("hello\n", "c.yaml must hold a mapping of settings (key: value lines) at its top level, got the value 'hello'"),
+    ("42\n", "got the value '42'"),
+    ("", "c.yaml holds no settings (an empty file)"),
+    ("# nothing yet\n", "c.yaml holds no settings"),
+    ("model: 3\n", "c.yaml: model is a section of settings (model.KEY), not a value; got 3"),
+    ("data:\n  spec: demo\nmodel: {hello: 1}\n", "c.yaml: model.hello: Key 'hello' not in 'M3AEConfig'"),
+])
+def test_config_file_problems_are_one_line_naming_the_file(tmp_path, capsys, text, message):
+    (tmp_path / "c.yaml").write_text(text)
+    assert main(["pretrain", "--config", str(tmp_path / "c.yaml"), "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_config_that_is_not_a_yaml_file_or_whose_base_is_wrong_says_so(tmp_path, capsys):
+    (tmp_path / "c.txt").write_text("steps: 5\n")  # was "unknown run preset 'c.txt'"
+    assert main(["pretrain", "--config", str(tmp_path / "c.txt"), "--print-config"]) == 2
+    assert "c.txt is not a .yaml / .yml file: a run config is a YAML file" in capsys.readouterr().err
+    assert main(["pretrain", "--config", str(tmp_path), "--print-config"]) == 2
+    assert f"{tmp_path} is a folder" in capsys.readouterr().err
+    (tmp_path / "base.yaml").write_text("optim: 0.1\n")
+    (tmp_path / "c.yaml").write_text("base: base.yaml\nsteps: 5\n")  # the file at fault is the base
+    assert main(["pretrain", "--config", str(tmp_path / "c.yaml"), "--print-config"]) == 2
+    assert "base.yaml: optim is a section of settings" in capsys.readouterr().err
+    assert main(["pretrain", "--config", "demo", "--print-config", "model.depth=x"]) == 2
+    assert "override 'model.depth=x': model.depth: Value 'x'" in capsys.readouterr().err
+
+
+def test_an_option_and_a_setting_for_the_same_thing_are_refused(capsys):
+    # The option used to win silently (and demo's --seed default 0 overrode seed=N).
+    for args, message in (
+            (["pretrain", "--config", "demo", "--print-config", "--steps", "3", "steps=5"],
+             "--steps 3 and steps=5 both set steps; give one of them"),
+            (["pretrain", "--print-config", "data.spec=demo", "--data", "demo"], "--data demo and data.spec=demo"),
+            (["pretrain", "--print-config", "--batch-size", "8", "batch_size=8"], "--batch-size 8 and batch_size=8"),
+            (["pretrain", "--print-config", "--fsdp", "distributed.fsdp=false"],
+             "--fsdp and distributed.fsdp=false both set distributed.fsdp"),
+            (["demo", "--out", "unused", "seed=4", "--seed", "3"], "--seed 3 and seed=4 both set seed")):
+        assert main(args) == 2, args
+        assert message in capsys.readouterr().err
+    assert main(["pretrain", "--config", "demo", "--print-config", "--steps", "3", "seed=5"]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 3" in out and "seed: 5" in out
+
+
+def test_steps_are_bounded(capsys):
+    assert main(["pretrain", "--config", "demo", "--print-config", f"steps={10**30}"]) == 2
+    assert "steps must be positive and at most 99,999,999, got 1,000,000," in capsys.readouterr().err
+    assert main(["pretrain", "--config", "demo", "--print-config", "--steps", "99999999"]) == 0
+
+
+def test_stop_at_step_past_the_end_is_refused_before_any_work(tmp_path, capsys):
+    # It was ignored: the run trained to its end instead of stopping with a resume command.
+    assert main(["pretrain", "--config", "demo", "--out", str(tmp_path / "run"), *TINY, "steps=2",
+                 "--stop-at-step", "3"]) == 2
+    assert "stop_at_step (--stop-at-step) 3 is past the run's end (steps=2)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

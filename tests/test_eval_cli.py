@@ -265,3 +265,19 @@ def test_eval_settings_and_recipes_refuse_values_that_would_run_wrong():
             make()
     with pytest.raises(ValueError, match="limit must be >= 1"):
         EvalSettings(checkpoint="c").features(None, "f.npz", "val", limit=-1)
+
+
+def test_eval_help_says_image_preparation_defaults_to_the_checkpoints(capsys):
+    # The help said nothing of the default: the comment saying it sat above the fields, which the
+    # help generator does not read for a field with its own comment.
+    import re
+
+    import pytest
+
+    for command in ("knn", "probe", "finetune", "embed", "ood"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        for option in ("--normalization", "--crop-pct", "--square", "--pad-value"):
+            meaning = re.search(re.escape(option) + r" [A-Z_]+ (.*?)(?= --|$)", out).group(1)
+            assert "default: the checkpoint's" in meaning, (command, option, meaning)

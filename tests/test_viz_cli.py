@@ -129,3 +129,17 @@ def test_figures_are_written_whole_where_named(tmp_path):
     with pytest.raises(ValueError, match="image suffix"):
         save_figure(fig, tmp_path / "c")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.pdf"]  # no temp file, no c.png
+
+
+def test_attention_region_takes_negative_coordinates():
+    # "--region -1,0" was taken for an unknown option (only "--region=-1,0" parsed), and negative
+    # coordinates were then refused; they count from the last row / column, as --layer does.
+    from m3ae.cli import build_parser
+    from m3ae.viz.attention import parse_region
+
+    args = build_parser().parse_args(["attention", "--checkpoint", "c", "--image", "i", "--out", "a.png",
+                                      "--region", "-1,0", "--layer", "-2"])
+    assert args.region == "-1,0" and args.layer == -2
+    assert parse_region(args.region, 4) == 12 and parse_region("-4,-1", 4) == 3 and parse_region("3,3", 4) == 15
+    with pytest.raises(ValueError, match=r"-5,0 is outside the 4x4 patch grid \(0..3, or -4..-1 from the last\)"):
+        parse_region("-5,0", 4)

@@ -1,12 +1,13 @@
 """Option types for the commands' parsers, so that a bad value is refused by argparse itself: one line
 naming the option ("argument --limit: must be >= 1, got 0"), exit 2, before anything is loaded or
-written. One set of rules for every command instead of a check in each."""
+written. One set of rules for every command instead of a check in each. Also the rule for options
+that are shorthands of KEY=VALUE settings (`shorthand_overrides`)."""
 from __future__ import annotations
 
 import argparse
 import math
 import os
-from typing import Callable, NoReturn
+from typing import Callable, NoReturn, Sequence
 
 # The image formats matplotlib writes (Figure.savefig picks one by the file's suffix).
 FIGURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg", ".webp", ".tif", ".tiff", ".eps", ".ps")
@@ -54,6 +55,22 @@ def _range(least: int | None, most: int | None) -> str:
     if least is not None and most is not None:
         return f"in {least}..{most}"
     return f">= {least}" if least is not None else f"<= {most}"
+
+
+def shorthand_overrides(overrides: Sequence[str], shorthands: dict[str, tuple[str, object]]) -> list[str]:
+    """The KEY=VALUE `overrides` plus those the options given stand for: `shorthands` maps a setting
+    to (the option, its value: None when not given, True for a switch that is on). A setting given
+    both ways is refused naming both: which should win is a guess, and the loser would be ignored."""
+    keys = {o.split("=", 1)[0].strip(): o for o in overrides}
+    out = list(overrides)
+    for key, (option, value) in shorthands.items():
+        if value is None:
+            continue
+        if key in keys:
+            given = option if value is True else f"{option} {value}"
+            raise ValueError(f"{given} and {keys[key]} both set {key}; give one of them")
+        out.append(f"{key}={'true' if value is True else value}")
+    return out
 
 
 def text(value: str) -> str:

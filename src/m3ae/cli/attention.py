@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import argparse
-from . import _checks as C
+import re
 
+from . import _checks as C
 
 
 def _layer(text: str) -> int | str:
@@ -28,8 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layer", type=_layer, default=-1, help="encoder block (negative counts from the last) or 'mean'")
     p.add_argument("--token", type=C.text, default=None, help="word of the caption (default: its first content word)")
     p.add_argument("--region", default=None,
-                   help="ROW,COL patch whose attention to the words is shown (default: the patch the "
-                        "word attends to most)")
+                   help="ROW,COL patch whose attention to the words is shown; negative ones count from the "
+                        "last row / column (default: the patch the word attends to most)")
+    # argparse (before Python 3.13) takes an argument starting with '-' for an option unless it is a
+    # plain number, so "--region -1,0" would be refused; a ROW,COL pair counts as a number here.
+    p._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-?\d+,-?\d+$")
     p.add_argument("--per-head", action="store_true", help="one map per head instead of the head average")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json / vocab.txt (default: the checkpoint's)")
     p.add_argument("--stats", default=None, help="pixel normalisation (default: the run's, else cc12m)")

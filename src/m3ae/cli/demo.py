@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "and writes the checkpoint, metrics, loss.png and reconstruction.png.")
     p.add_argument("--out", required=True, type=C.output_folder, help="output folder")
     p.add_argument("--steps", type=C.positive, default=None, help="optimiser steps (preset: 600)")
-    p.add_argument("--seed", type=C.seed, default=0)
+    p.add_argument("--seed", type=C.seed, default=None, help="seed of the run (preset: 0)")
     p.add_argument("--samples", type=C.figure_rows, default=6,
                    help=f"samples in reconstruction.png (1..{C.MAX_FIGURE_ROWS}; default %(default)s)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides")
@@ -32,9 +32,8 @@ def run(args: argparse.Namespace) -> int:
     from ..viz.training import fixed_viz_batch
 
     out = Path(args.out)
-    overrides = list(args.overrides) + [f"seed={args.seed}"]
-    if args.steps is not None:
-        overrides.append(f"steps={args.steps}")
+    overrides = C.shorthand_overrides(args.overrides, {"steps": ("--steps", args.steps),
+                                                       "seed": ("--seed", args.seed)})
     config = load_config("demo", overrides)
 
     # The run's first samples with fixed masks, shown before and after.

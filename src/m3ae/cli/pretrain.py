@@ -70,12 +70,10 @@ def run(args: argparse.Namespace) -> int:
     from ..train.config import load_config
     from ..train.loop import pretrain
 
-    overrides = list(args.overrides)
-    for flag, key in ((args.data, "data.spec"), (args.steps, "steps"), (args.batch_size, "batch_size")):
-        if flag is not None:
-            overrides.append(f"{key}={flag}")
-    if args.fsdp:
-        overrides.append("distributed.fsdp=true")
+    overrides = C.shorthand_overrides(args.overrides, {
+        "data.spec": ("--data", args.data), "steps": ("--steps", args.steps),
+        "batch_size": ("--batch-size", args.batch_size),
+        "distributed.fsdp": ("--fsdp", args.fsdp or None)})
     config = load_config(args.config, overrides)
     for warning in config.warnings():
         print(f"warning: {warning}", file=sys.stderr)

@@ -44,12 +44,17 @@ class EvalSettings(Runtime):
     # torch CPU threads during the evaluation (None: as the process has them; the m3ae commands then
     # choose usable cores - num_workers, at least 1, and OMP_NUM_THREADS wins over that)
     threads: int | None = None
-    # Image preparation; None: the checkpoint's own (preprocessor_config.json), as m3ae.load uses.
-    normalization: str | None = None  # pixel statistics: cc12m | imagenet | m1,m2,m3/s1,s2,s3
-    # eval transform: resize the shorter side to size/crop_pct, centre-crop (1.0: the whole shorter side)
+    # Image preparation: None (the default) takes the checkpoint's own (preprocessor_config.json), as
+    # m3ae.load does (`preprocessing`). Each field's comment is its option's help, so each says so.
+
+    # pixel statistics: cc12m | imagenet | m1,m2,m3/s1,s2,s3 (default: the checkpoint's)
+    normalization: str | None = None
+    # eval transform: resize the shorter side to size/crop_pct, centre-crop (1.0: the whole shorter
+    # side; default: the checkpoint's)
     crop_pct: float | None = None
-    square: str | None = None  # non-square photos: crop as they are, or pad to a square first (crop | pad)
-    pad_value: int | None = None  # grey level of the padding
+    # non-square photos: crop as they are, or pad to a square first (crop | pad; default: the checkpoint's)
+    square: str | None = None
+    pad_value: int | None = None  # grey level of the padding (default: the checkpoint's)
     # stop when more than this share of images is unusable (after 200); each is skipped, counted and logged
     max_bad_fraction: float = 0.05
     quiet: bool = False  # no progress bars or per-epoch lines

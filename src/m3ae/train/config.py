@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import math
 import operator
 import os
@@ -39,6 +40,12 @@ class OptimConfig:
 @dataclass
 class DistributedConfig:
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block) instead of DDP
+
+
+# The most optimiser steps a run may have: checkpoint and picture folders are named step_NNNNNNNN, eight
+# digits that list in step order, and 10**8 steps is already far past any pretraining schedule (the
+# papers' are a few hundred thousand), so a larger value is a typo, not a plan.
+MAX_STEPS = 10**8 - 1
 
 
 @dataclass
@@ -95,8 +102,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Every setting against its allowed range (a wrong sign must not train silently wrong)."""
-        if self.steps <= 0:
-            raise ConfigError("steps must be positive")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise ConfigError(f"steps must be positive and at most {MAX_STEPS:,}, got {self.steps:,}")
         if self.batch_size <= 0 or self.grad_accum <= 0:
             raise ConfigError("batch_size and grad_accum must be positive")
         o, d = self.optim, self.data
@@ -166,16 +173,14 @@ class TrainConfig:
         return out
 
 
-def _from_dotlist(overrides: Sequence[str]) -> DictConfig:
-    """The KEY=VALUE overrides; a VALUE that is not valid YAML ("model={depth: 1") is a ConfigError
+def _from_override(override: str) -> DictConfig:
+    """One KEY=VALUE override; a VALUE that is not valid YAML ("model={depth: 1") is a ConfigError
     naming the override (OmegaConf lets yaml's parser error through, a traceback)."""
-    for override in overrides:
-        try:
-            OmegaConf.from_dotlist([override])
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {override!r}: the value is not valid YAML "
-                              f"({' '.join(str(err).split())})") from None
-    return OmegaConf.from_dotlist(list(overrides))
+    try:
+        return OmegaConf.from_dotlist([override])
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML "
+                          f"({' '.join(str(err).split())})") from None
 
 
 def _finite(value: float) -> bool:
@@ -183,18 +188,21 @@ def _finite(value: float) -> bool:
 
 
 def preset_path(name: str) -> Path:
-    """A YAML preset shipped with the package (configs/NAME.yaml) or a path to one."""
+    """A YAML preset shipped with the package (configs/NAME.yaml) or a path to one (.yaml / .yml)."""
     path = Path(name)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         return path
     shipped = resources.files("m3ae") / "configs" / f"{name}.yaml"
-    if not shipped.is_file():
-        names = sorted(p.name[:-5] for p in (resources.files("m3ae") / "configs").iterdir()
-                       if p.name.endswith(".yaml"))
-        raise ConfigError(f"unknown run preset {name!r}; shipped presets: {names}, or give a .yaml path")
-    return Path(str(shipped))
+    if shipped.is_file():
+        return Path(str(shipped))
+    if path.exists():  # the suffix tells a settings file from a preset name: say so, not "unknown preset"
+        raise ConfigError(f"{path} is {'a folder' if path.is_dir() else 'not a .yaml / .yml file'}: a run config is "
+                          "a YAML file named *.yaml or *.yml, or a shipped preset name")
+    names = sorted(p.name[:-5] for p in (resources.files("m3ae") / "configs").iterdir()
+                   if p.name.endswith(".yaml"))
+    raise ConfigError(f"unknown run preset {name!r}; shipped presets: {names}, or give a .yaml path")
 
 
 # `${a.b}` refers to another setting: harmless. `${name:...}` calls a resolver: oc.env reads an
@@ -218,32 +226,79 @@ def check_no_resolvers(value: Any, source: str, where: str = "") -> None:
                           "references are allowed in a settings file")
 
 
-def load_settings_yaml(path: str | Path) -> Any:
+def load_settings_yaml(path: str | Path) -> DictConfig:
     """A YAML settings file (preset, run_config.yaml) as OmegaConf reads it, safely: no python tags
-    (OmegaConf's loader is yaml's safe one), no resolver calls, a YAML error as a ConfigError."""
+    (OmegaConf's loader is yaml's safe one), no resolver calls, a YAML error as a ConfigError, and a
+    mapping at the top level (an empty file is an empty one)."""
     try:
-        layer = OmegaConf.load(path)
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a YAML settings file (not UTF-8 text)") from None
+    try:
+        # The top-level node first: OmegaConf reads a lone word ("hello") as the key of a mapping and
+        # refuses a lone number with an OSError, neither saying that the file holds no settings.
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is not None and not isinstance(root, yaml.MappingNode) and root.tag != "tag:yaml.org,2002:null":
+            got = "a list" if isinstance(root, yaml.SequenceNode) else f"the value {str(root.value)[:40]!r}"
+            raise ConfigError(f"{path} must hold a mapping of settings (key: value lines) at its top level, "
+                              f"got {got}")
+        layer = OmegaConf.load(io.StringIO(text))
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+    assert isinstance(layer, DictConfig)  # a mapping or nothing, checked above
     check_no_resolvers(OmegaConf.to_container(layer, resolve=False), str(path))
     return layer
 
 
-def preset_layers(name: str, _seen: tuple[str, ...] = ()) -> list:
-    """The YAML layers of a run preset, base first: a preset may start from another with a top-level
-    `base: NAME` (a shipped name or a path relative to the file) and change only what differs."""
+def preset_layers(name: str, _seen: tuple[str, ...] = ()) -> list[tuple[str, DictConfig]]:
+    """The YAML layers of a run preset as (file, settings), base first: a preset may start from another
+    with a top-level `base: NAME` (a shipped name or a path relative to the file) and change only what
+    differs."""
     path = preset_path(name)
     if str(path.resolve()) in _seen:
         raise ConfigError(f"run presets inherit in a cycle: {' -> '.join(_seen + (str(path),))}")
     layer = load_settings_yaml(path)
-    if not isinstance(layer, DictConfig):
-        raise ConfigError(f"{path} must hold a mapping of settings (key: value) at its top level")
+    if not layer:  # likely the wrong file, or one not written yet: running on all defaults would hide it
+        raise ConfigError(f"{path} holds no settings (an empty file); give no preset to run on the defaults")
     base = layer.pop("base", None)
     if base is None:
-        return [layer]
+        return [(str(path), layer)]
     relative = path.parent / str(base)
     base_name = str(relative) if str(base).endswith((".yaml", ".yml")) and relative.is_file() else str(base)
-    return preset_layers(base_name, _seen + (str(path.resolve()),)) + [layer]
+    return preset_layers(base_name, _seen + (str(path.resolve()),)) + [(str(path), layer)]
+
+
+def _check_sections(layer: Any, source: str, schema: DictConfig, where: str = "") -> None:
+    """Refuse a value that is not a mapping where the settings have a section ("model: 3"): OmegaConf's
+    own "Merge error: int is not a subclass of M3AEConfig" names neither the file nor the key."""
+    for key, value in layer.items() if isinstance(layer, dict) else ():
+        section = schema.get(key) if isinstance(key, str) and key in schema else None
+        if not isinstance(section, DictConfig):
+            continue  # a setting, or a key the merge refuses by name
+        name = f"{where}{key}"
+        if isinstance(value, dict):
+            _check_sections(value, source, section, name + ".")
+        elif not (isinstance(value, str) and "${" in value):  # a ${reference} may name a section
+            raise ConfigError(f"{source}: {name} is a section of settings ({name}.KEY), not a value; "
+                              f"got {value!r}")
+
+
+def _merge(merged: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+    """`layer` merged onto `merged`; an error names `source` (the file or override) and the setting."""
+    _check_sections(OmegaConf.to_container(layer, resolve=False), source, merged)
+    try:
+        result = OmegaConf.merge(merged, layer)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{source}: {_message(err)}") from None
+    assert isinstance(result, DictConfig)  # mappings merged
+    return result
+
+
+def _message(err: OmegaConfBaseException) -> str:
+    """OmegaConf's error as one line naming the setting (it gives the setting on a line of its own)."""
+    key = getattr(err, "full_key", None)
+    message = str(err).splitlines()[0]
+    return f"{key}: {message}" if key and key not in message else message
 
 
 def load_config(preset: str | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -253,19 +308,19 @@ def load_config(preset: str | None = None, overrides: Sequence[str] = ()) -> Tra
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key=value, got {bad}")
-        cli = _from_dotlist(overrides)
-        peek = OmegaConf.merge(*layers, cli) if layers else cli
+        layers += [(f"override {o!r}", _from_override(o)) for o in overrides]
+        peek = OmegaConf.merge(*(layer for _, layer in layers)) if layers else OmegaConf.create()
         size = OmegaConf.select(peek, "model.preset")
         if size is not None:
             if size not in PRESETS:
                 raise ConfigError(f"unknown model preset {size!r}; choose one of {sorted(PRESETS)}")
-            layers.insert(0, OmegaConf.create({"model": PRESETS[size]}))
-        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), *layers, cli)
+            layers.insert(0, (f"model preset {size!r}", OmegaConf.create({"model": PRESETS[size]})))
+        merged = OmegaConf.structured(TrainConfig)
+        for source, layer in layers:  # one at a time, so that an error names its file or override
+            merged = _merge(merged, layer, source)
         config = _to_config(merged)
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None)  # OmegaConf names the setting on a line of its own
-        message = str(err).splitlines()[0]
-        raise ConfigError(f"{key}: {message}" if key and key not in message else message) from err
+        raise ConfigError(_message(err)) from err
     config.validate()
     return config
 

@@ -63,6 +63,12 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
     config.validate()
     if stop_at_step is not None and stop_at_step < 1:
         raise ValueError(f"stop_at_step must be >= 1, got {stop_at_step}")
+    # Past the end it would not stop the run at all: it would train to the end, with neither the
+    # stop nor the resume command asked for. Refused, before any work, rather than warned: a warning
+    # goes by while a long run trains, and a run that went past the step meant cannot be taken back.
+    if stop_at_step is not None and stop_at_step > config.steps:
+        raise ValueError(f"stop_at_step (--stop-at-step) {stop_at_step} is past the run's end "
+                         f"(steps={config.steps}): stop at a step up to it, or raise steps to train longer")
     dist = dist or dist_utils.DistInfo(device=dist_utils.pick_device(config.device))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +82,7 @@ def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = N
                 log.info("host allocator: %s", allocator)
             run = _setup(config, out_dir, dist, threads, KeptMemoryLimit(allocator), resume, allow_changes,
                          model_hook, on_log, root)
-            end = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
+            end = config.steps if stop_at_step is None else stop_at_step
             if end <= run.start_step and dist.is_main and run.start_step < config.steps:
                 log.warning("the run is already at step %d: stopping at step %d trains nothing", run.start_step,
                             end)

@@ -127,14 +127,16 @@ def image_to_text(weights: torch.Tensor, patch: int, num_patches: int,
 
 
 def parse_region(text: str, grid: int) -> int:
-    """'ROW,COL' (patch coordinates, 0-based) -> patch index."""
+    """'ROW,COL' (patch coordinates, 0-based; negative ones count from the last row / column, as
+    --layer does) -> patch index."""
     try:
         row, col = (int(v) for v in text.split(","))
     except ValueError:
         raise ValueError(f"--region must be ROW,COL (patch coordinates), got {text!r}") from None
-    if not (0 <= row < grid and 0 <= col < grid):
-        raise ValueError(f"--region {row},{col} is outside the {grid}x{grid} patch grid")
-    return row * grid + col
+    if not (-grid <= row < grid and -grid <= col < grid):
+        raise ValueError(f"--region {row},{col} is outside the {grid}x{grid} patch grid (0..{grid - 1}, "
+                         f"or -{grid}..-1 from the last)")
+    return (row % grid) * grid + col % grid
 
 
 @dataclass
