@@ -310,6 +310,9 @@ def test_shard_bench_and_tokenizer_from_parquet_hf_and_hdf5(tmp_path, capsys):
     assert out.count("/s") >= 4 and "columns jpg, caption" in out  # ours and the baseline, in-process and 1 worker
     header = next(line for line in out.splitlines() if line.startswith("source"))
     assert header.split()[-3:] == ["in-process", "1", "worker"]  # two columns, two names
+    # A source too long for its column keeps its end, marked as cut (was cut silently: "older:...").
+    assert len(folder) > 48
+    assert all(line.split()[0].startswith("...") for line in out.splitlines() if line.endswith("/s"))
     tok = str(tmp_path / "tok.json")
     assert main(["tokenizer", "train", f"text={folder}", "--vocab-size", "120", "--min-frequency", "1",
                  "--out", tok]) == 0

@@ -109,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
             ds = _Files(records, transform)
             one = _rate(ds, args.samples, 0, args.batch, finish)
             many = _rate(ds, args.samples, args.workers, args.batch, finish)
-            print(f"{source.describe()[-48:]:>48s} {name:9s} {one:9.0f}/s {many:9.0f}/s", flush=True)
+            label = source.describe()
+            label = label if len(label) <= 48 else "..." + label[-45:]  # the end tells sources apart
+            print(f"{label:>48s} {name:9s} {one:9.0f}/s {many:9.0f}/s", flush=True)
             rows.append({"source": source.describe(), "pipeline": name, "one_worker": one,
                          "workers": args.workers, "many_workers": many})
     if args.json:
