@@ -303,6 +303,18 @@ def test_zero_padding_after_the_end_is_read_within_the_shard_budget(tmp_path):
     assert records[-1].missing == "truncated_tar" and "padding" in records[-1].key
 
 
+def test_a_shard_whose_members_fill_the_budget_keeps_its_last_group(tmp_path):
+    # The budget counts member bytes, and the limit itself is allowed; the record padding every tar
+    # writer adds after the end-of-archive block (10 KiB here) is no reason to lose the last group.
+    path = str(tmp_path / "s.tar")
+    with tarfile.open(path, "w") as tar:
+        _add(tar, "a.jpg", b"x" * 1000)
+        _add(tar, "b.jpg", b"y" * 1000)
+    for budget in (2000, 2100):
+        records = list(iter_tar(path, max_member_bytes=2000, max_shard_bytes=budget))
+        assert [(r.key, r.missing) for r in records] == [("s.tar/a", None), ("s.tar/b", None)], budget
+
+
 @pytest.mark.parametrize("content, why", [(b"", "empty file"), (b"not a tar\n" * 100, "not a tar archive")])
 def test_an_empty_or_non_tar_shard_is_counted_with_its_path(tmp_path, content, why):
     path = tmp_path / "x-00000.tar"

@@ -222,6 +222,15 @@ def test_bad_study_files_are_clear_errors(study_file):
         EvalSpec.from_dict({"probes": [{"name": "p", "train": "a", "test": "b", "label": "colour"}]})
     with pytest.raises(ConfigError, match="unknown keys"):
         EvalSpec.from_dict({"probez": []})
+    # A probe's limits follow the commands' rule (>= 1 or null): 0 silently read every image and -5
+    # all but five (a slice of a random permutation).
+    for where, limit in (("train_limit", -5), ("test_limit", 0)):
+        with pytest.raises(ConfigError, match=rf"evals: probe 'p': {where}: limit must be >= 1"):
+            EvalSpec.from_dict({"probes": [{"name": "p", "train": "a", "test": "b", where: limit}]})
+    with pytest.raises(ConfigError, match="evals: masked_words: limit: limit must be >= 1"):
+        EvalSpec.from_dict({"masked_words": {"data": "d", "limit": 0}})
+    assert EvalSpec.from_dict({"probes": [{"name": "p", "train": "a", "test": "b", "train_limit": 1,
+                                           "test_limit": None}]}).probes[0].train_limit == 1
     # A typo in any arm fails before anything runs.
     (study_file / "bad.yaml").write_text(
         "name: b\nbase: tiny.yaml\narms: [{name: a}, {name: b, overrides: [model.depht=2]}]\n")

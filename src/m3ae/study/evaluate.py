@@ -28,6 +28,7 @@ from ..eval.fast_probe import fast_probe
 from ..eval.features import extract_pooled_features
 from ..eval.knn import knn_accuracy
 from ..eval.labelled import LabelledImages
+from ..eval.settings import check_limit
 from ..masking import Masks, make_masks, text_target_index
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,15 @@ class EvalSpec:
             spec = cls(probes=probes, masked_words=MaskedWordsTask(**mw) if mw else None, **raw)
         except TypeError as err:
             raise ConfigError(f"evals: {err}") from None
+        limits = [(f"probe {p.name!r}: {name}", getattr(p, name)) for p in spec.probes
+                  for name in ("train_limit", "test_limit")]
+        if spec.masked_words is not None:
+            limits.append(("masked_words: limit", spec.masked_words.limit))
+        for where, limit in limits:  # the commands' rule (check_limit): 0 read everything, -5 all but 5
+            try:
+                check_limit(limit)
+            except ValueError as err:
+                raise ConfigError(f"evals: {where}: {err}") from None
         for p in spec.probes:
             if not (p.label == "cls" or p.label.startswith("json:")):
                 raise ConfigError(f"probe {p.name!r}: label must be 'cls' or 'json:FIELD', got {p.label!r}")
@@ -105,7 +115,7 @@ def _records(pattern: str, limit: int | None = None, seed: int = 0) -> list:
                 records.append(r)
     if bad:  # truncated shards, unreadable labels, samples without an image: counted, not fatal
         log.warning("%s: skipped %d unusable records %s", pattern, sum(bad.values()), dict(bad))
-    if limit and limit < len(records):
+    if limit is not None and limit < len(records):  # (>= 1: EvalSpec.from_dict)
         g = torch.Generator().manual_seed(seed)
         keep = sorted(torch.randperm(len(records), generator=g)[:limit].tolist())
         records = [records[i] for i in keep]

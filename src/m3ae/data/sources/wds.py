@@ -141,10 +141,16 @@ class _StrictTarInfo(tarfile.TarInfo):
         return super()._proc_member(tar)  # type: ignore[misc]
 
 
+# Tar writers pad an archive to a whole record (tarfile and GNU tar: 10 KiB; a larger blocking
+# factor more): that much padding is read even when the members used up the whole shard budget.
+END_PADDING_ALLOWANCE = 1 << 20
+
+
 def _check_end(tar: tarfile.TarFile, budget: int) -> None:
     """After the end-of-archive block only zero padding may follow; anything else means a header in
     the middle was zeroed and the members after it would be lost unnoticed. At most `budget` bytes
-    of padding are read (what is left of the shard budget: gzip makes gigabytes of zeros cheap)."""
+    of padding are read (what is left of the shard budget plus END_PADDING_ALLOWANCE: gzip makes
+    gigabytes of zeros cheap)."""
     assert tar.fileobj is not None
     while chunk := tar.fileobj.read(1 << 16):
         if chunk.strip(b"\0"):
@@ -194,7 +200,7 @@ def iter_tar(shard: str, max_member_bytes: int = MAX_MEMBER_BYTES,
                         raise EOFError("short member")
                     files[ext] = data
                 else:
-                    _check_end(tar, max_shard_bytes - total)
+                    _check_end(tar, max(max_shard_bytes - total, 0) + END_PADDING_ALLOWANCE)
     except (tarfile.TarError, EOFError, OSError, zlib_error) as err:
         # The group being read is lost; the complete groups before it were already yielded.
         where = f"{os.path.basename(shard)}/{current}" if current is not None else shard
