@@ -197,6 +197,11 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+# The seeds a run, an evaluation or a command takes: numpy's legacy seeding range, which every
+# generator seeded from them (torch, numpy, seed + rank, seed + 1000 x source) accepts.
+MAX_SEED = 2**32 - 1
+
+
 def physical_memory() -> int | None:
     """This machine's memory in bytes; None where the OS does not say (not POSIX)."""
     try:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, replace
 
+from ..config import MAX_SEED
+
 
 @dataclass
 class Runtime:
@@ -23,8 +25,8 @@ class Runtime:
             raise ValueError(f"pool must be cls or mean, got {self.pool!r}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
-        if not 0 <= self.seed < 2**32:  # the training runs' range (TrainConfig.seed)
-            raise ValueError(f"seed must be in 0..{2**32 - 1}, got {self.seed}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in 0..{MAX_SEED}, got {self.seed}")
 
     def loaders(self, train_set, val_set, batch_size: int, drop_last: bool = False):
         """Shuffled training batches and ordered validation batches, on this runtime's workers;

@@ -16,7 +16,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..config import PRESETS, ConfigError, M3AEConfig
+from ..config import MAX_SEED, PRESETS, ConfigError, M3AEConfig
 from ..host_allocator import SETTINGS as HOST_ALLOCATOR_SETTINGS
 from ..precision import PRECISIONS
 from ..data.config import DataConfig, stream_shares
@@ -108,8 +108,7 @@ class TrainConfig:
             raise ConfigError("batch_size and grad_accum must be positive")
         o, d = self.optim, self.data
         checks = [
-            # Every generator the run seeds (torch, numpy, seed + rank / + 1000 x source) takes these.
-            ("seed", 0 <= self.seed < 2**32, f"in 0..{2**32 - 1}"),
+            ("seed", 0 <= self.seed <= MAX_SEED, f"in 0..{MAX_SEED}"),
             ("log_every", self.log_every >= 1, ">= 1"), ("ckpt_every", self.ckpt_every >= 1, ">= 1"),
             ("keep_last", self.keep_last >= 0, ">= 0 (0: keep all)"),
             ("max_nonfinite", self.max_nonfinite >= 1, ">= 1"),
