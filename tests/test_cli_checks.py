@@ -23,6 +23,7 @@ CASES = [
     (["embed", "--checkpoint", "c", "--data", "d", "--out", "f.npz", "--limit", "0"], "--limit", "must be >= 1"),
     (["embed", "--checkpoint", "c", "--data", "d", "--out", "f.npz", "--limit", "-5"], "--limit", "must be >= 1"),
     (["embed", "--checkpoint", "c", "--data", "d", "--out", "f.npz", "--split", "test"], "--split", "invalid choice"),
+    (["data", "shard", "d", "--out", "o-%03d.tar", "--limit", "0"], "--limit", "must be >= 1"),  # wrote nothing
     (["embed", "--checkpoint", "c", "--data", "d", "--out", "DIR"], "--out", "is a folder"),
     (["knn", "--checkpoint", "c", "--train", "t", "--val", "v", "--k", "0"], "--k", "must be >= 1"),
     (["knn", "--checkpoint", "c", "--train", "t", "--val", "v", "--temperature", "nan"], "--temperature", "finite"),

@@ -32,7 +32,7 @@ def register(subparsers) -> None:
                    help="pre-resize: downscale so the shorter side is this, as img2dataset does (0: keep)")
     w.add_argument("--quality", type=C.integer(1, 100), default=95,
                    help="JPEG quality of re-encoded images (1..100; default %(default)s)")
-    w.add_argument("--limit", type=C.non_negative, default=None, help="write at most this many samples")
+    w.add_argument("--limit", type=C.positive, default=None, help="write at most this many samples")
     add_bad_data_args(w)
     w.set_defaults(func=run_shard)
 
