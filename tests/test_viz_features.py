@@ -65,9 +65,9 @@ def test_curves_helpers(tmp_path):
 
 
 @pytest.mark.parametrize("features, message", [
-    (np.full((5, 3), "a"), "need real features \\(N, D >= 1\\).*<U1"),  # was: numpy's error, no file
-    (np.zeros((5, 3), complex), "need real features.*complex"),  # was: imaginary parts dropped
-    (np.zeros((5, 0), np.float32), "need real features"),  # was: IndexError traceback
+    (np.full((5, 3), "a"), "'features' must be a real \\(N, D\\) array with D >= 1.*<U1"),  # was: numpy's error
+    (np.zeros((5, 3), complex), "'features' must be a real.*complex"),  # was: imaginary parts dropped
+    (np.zeros((5, 0), np.float32), "'features' must be a real \\(N, D\\) array with D >= 1"),  # was: IndexError
     (np.full((5, 3), np.nan, np.float32), "5 of 5 feature rows hold NaN or inf"),  # was: "SVD did not converge"
 ])
 def test_hostile_feature_arrays_are_refused_naming_the_file(tmp_path, features, message):

@@ -1,6 +1,8 @@
 """Reading .npy and .npz files that someone else wrote (feature files, JAX checkpoints): numpy
 allocates whatever an array's header declares before it reads the data, so the headers are checked
-first. Kept free of torch: t-SNE and the JAX reader use it without loading torch."""
+first (`check_numpy_file`); the arrays of a feature file then meet one set of rules, whichever
+command reads them (`check_feature_arrays`). Kept free of torch: t-SNE and the JAX reader use it
+without loading torch."""
 from __future__ import annotations
 
 import math
@@ -60,3 +62,24 @@ def check_numpy_file(path: str | os.PathLike, memory_bytes: int | None = None) -
     else:
         with open(path, "rb") as stream:
             check(None, stream, os.fstat(stream.fileno()).st_size)
+
+
+def check_feature_arrays(path: str | os.PathLike, features, labels) -> None:
+    """The rules every reader of a feature file (`m3ae embed`'s output) applies, as a ValueError
+    naming the file: real (N, D >= 1) features with finite rows, and (N,) labels. Text or complex
+    features fail (or lose their imaginary part) deep in numpy, unnamed; NaN scores a meaningless
+    accuracy, or fails an SVD with "did not converge"."""
+    import numpy as np
+
+    if not isinstance(features, np.ndarray) or features.dtype.kind not in "fiub" or features.ndim != 2 \
+            or features.shape[1] < 1:
+        raise ValueError(f"{path}: 'features' must be a real (N, D) array with D >= 1, got "
+                         f"{getattr(features, 'dtype', type(features).__name__)} {getattr(features, 'shape', '')}")
+    if not isinstance(labels, np.ndarray) or labels.ndim != 1 or len(labels) != len(features):
+        raise ValueError(f"{path}: 'labels' must be (N,) = ({len(features)},), got "
+                         f"{getattr(labels, 'dtype', type(labels).__name__)} {getattr(labels, 'shape', '')}")
+    if features.dtype.kind == "f":
+        finite = np.isfinite(features).all(axis=1)
+        if not finite.all():
+            raise ValueError(f"{path}: {int((~finite).sum())} of {len(features)} feature rows hold NaN or inf "
+                             f"(first: row {int(np.argmin(finite))})")

@@ -17,7 +17,7 @@ import torch
 
 from ..data.sources.base import MAX_LABEL
 from ..files import atomic_write
-from ..numpy_files import check_numpy_file
+from ..numpy_files import check_feature_arrays, check_numpy_file
 from ..precision import autocast as precision_autocast
 
 POOLS = ("cls", "mean")
@@ -242,19 +242,11 @@ def _checked_features(path: Path, feats: np.ndarray, labs: np.ndarray,
     def bad(what: str) -> ValueError:
         return ValueError(f"{path}: {what}")
 
-    if not isinstance(feats, np.ndarray) or feats.dtype.kind not in "fiub" or feats.ndim != 2 or feats.shape[1] < 1:
-        raise bad(f"'features' must be a real (N, D) array with D >= 1, got {feats.dtype} {feats.shape}")
-    if not isinstance(labs, np.ndarray) or labs.ndim != 1 or len(labs) != len(feats):
-        raise bad(f"'labels' must be (N,) = ({len(feats)},), got {labs.dtype} {labs.shape}")
+    check_feature_arrays(path, feats, labs)
     if labs.dtype.kind not in "iub" and not (labs.dtype.kind == "f" and np.all(np.mod(labs, 1) == 0)):
         raise bad(f"'labels' must be integer class indices, got {labs.dtype}")  # 0.5 would round silently
     if len(labs) and (labs.min() < -1 or labs.max() > MAX_LABEL):  # -1: unlabelled (m3ae embed)
         raise bad(f"labels must be class indices in [-1, {MAX_LABEL}], got {labs.min()} .. {labs.max()}")
-    if feats.dtype.kind == "f":
-        finite = np.isfinite(feats).all(axis=1)
-        if not finite.all():  # NaN would score as a silent, meaningless accuracy
-            raise bad(f"{int((~finite).sum())} of {len(feats)} feature rows hold NaN or inf "
-                      f"(first: row {int(np.argmin(finite))})")
     if keys is None:
         keys = [str(i) for i in range(len(labs))]
     elif not isinstance(keys, list) or len(keys) != len(labs) or not all(isinstance(k, str) for k in keys):

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..numpy_files import check_numpy_file
+from ..numpy_files import check_feature_arrays, check_numpy_file
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +47,9 @@ def load_features(path: str | Path) -> FeatureSet:
     for key in ("features", "labels"):
         if key not in data:
             raise ValueError(f"{path} has no '{key}' array (found {sorted(data)})")
-    features, labels = data["features"], np.asarray(data["labels"])
-    # Text or complex features would fail (or lose their imaginary part) deep in numpy, unnamed.
-    if features.dtype.kind not in "fiub" or features.ndim != 2 or features.shape[1] < 1 \
-            or labels.ndim != 1 or len(features) != len(labels):
-        raise ValueError(f"{path}: need real features (N, D >= 1) and labels (N,), got {features.dtype} "
-                         f"{features.shape} and {labels.shape}")
+    features, labels = data["features"], np.asarray(data["labels"])  # labels may be text here
+    check_feature_arrays(path, features, labels)
     features = features.astype(np.float32)
-    finite = np.isfinite(features).all(axis=1)
-    if not finite.all():  # NaN made the SVD fail with "SVD did not converge"
-        raise ValueError(f"{path}: {int((~finite).sum())} of {len(features)} feature rows hold NaN or inf")
     if len(features) < 3:
         raise ValueError(f"{path}: need at least 3 points, got {len(features)}")
     return FeatureSet(features, labels, str(path))
