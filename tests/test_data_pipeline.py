@@ -1,3 +1,5 @@
+import io
+import logging
 import os
 import tarfile
 from collections import Counter
@@ -8,7 +10,7 @@ import torch
 from data_files import (jpeg_bytes, write_class_folder, write_img2dataset_tar, write_manifest, write_text,
                         write_tokenizer)
 from m3ae.config import M3AEConfig
-from m3ae.data.bad import DataQualityError
+from m3ae.data.bad import BadCounter, DataQualityError
 from m3ae.data.config import DataConfig
 from m3ae.data.loader import build_train_data
 from m3ae.data.pipeline import SlotSchedule
@@ -315,3 +317,32 @@ def test_a_mixture_of_sources_naming_other_classes_is_said(tmp_path, caplog):
     unlabelled = str(tmp_path / "flat")
     source_uses(DataConfig(spec=f"{a},{same},{unlabelled}"), MODEL)  # one label space indeed
     assert "label spaces" not in caplog.text
+
+
+def test_bad_sample_lines_stay_capped_across_per_batch_takes(caplog):
+    # Workers `take` (and reset) their counts every batch; the cap on logged lines must hold over
+    # the whole run, not per batch, or a long run on data with bad samples logs without end.
+    counter = BadCounter(max_logged=5)
+    with caplog.at_level(logging.WARNING, logger="m3ae.data"):
+        for batch in range(50):
+            for i in range(3):
+                counter.record_bad("empty", f"k{batch}-{i}", "empty caption")
+            counter.take()
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum(m.startswith("skipping bad sample") for m in lines) == 5
+    assert lines[-1] == "further bad samples are counted, not logged"
+
+
+def test_a_stream_with_many_bad_records_logs_a_bounded_number_of_them(tmp_path, caplog):
+    path = str(tmp_path / "t.tar")
+    with tarfile.open(path, "w") as tar:
+        for i in range(120):  # every other record has an empty caption
+            for ext, data in (("jpg", jpeg_bytes(seed=i)), ("txt", b"" if i % 2 else b"a dog runs")):
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    td = build_train_data(cfg(f"wds:{path}", tmp_path, max_bad_fraction=0.9), MODEL, seed=0, micro_batch=4)
+    with caplog.at_level(logging.WARNING, logger="m3ae.data"):
+        take(td, 30)  # 120 good samples read, about as many bad ones skipped
+    assert td.stats()["bad"]["empty"] >= 100
+    assert sum(r.getMessage().startswith("skipping bad sample") for r in caplog.records) == 20

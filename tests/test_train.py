@@ -461,3 +461,14 @@ def test_resuming_a_finished_run_exits_cleanly(tmp_path, capsys):
     assert "already finished (3 steps)" in capsys.readouterr().out
     after = params(latest_checkpoint(tmp_path))
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_result_history_keeps_the_newest_rows_only(tmp_path, monkeypatch):
+    # One row per log interval, kept for the whole run, grew without end on long runs.
+    import m3ae.train.loop as loop
+
+    monkeypatch.setattr(loop, "HISTORY_ROWS", 3)
+    result = pretrain(tiny_config("steps=7", "log_every=1"), tmp_path)
+    assert [r["step"] for r in result.history] == [5, 6, 7]
+    assert result.history_dropped == 4
+    assert len(losses(tmp_path)) == 7  # metrics.jsonl still has every step

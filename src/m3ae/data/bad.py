@@ -49,14 +49,21 @@ class BadCounter:
         self.good = 0
         self.bad: Counter[str] = Counter()
         self.examples: dict[str, list[str]] = {}
+        # Lines logged so far. Not reset by `take`: workers take their counts every batch, so a
+        # limit on the counts since the last take let every batch log up to max_logged lines (an
+        # endless log, and memory wherever the output is kept, on data with many bad samples).
+        self.logged = 0
 
     def record_bad(self, reason: str, key: str, detail: str = "", log_it: bool = True) -> None:
         self.bad[reason] += 1
         keys = self.examples.setdefault(reason, [])
         if len(keys) < 5:
             keys.append(key)
-        if log_it and sum(self.bad.values()) <= self.max_logged:
+        if log_it and self.logged < self.max_logged:
+            self.logged += 1
             log.warning("skipping bad sample %s: %s %s", key, reason, detail)
+            if self.logged == self.max_logged:
+                log.warning("further bad samples are counted, not logged")
 
     def add(self, stats: dict[str, Any]) -> None:
         """Merge a per-batch stats dict (see `as_dict`) from a worker."""

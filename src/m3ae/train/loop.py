@@ -35,6 +35,12 @@ from .tracking import Trackers
 
 log = logging.getLogger(__name__)
 
+# Log rows kept in TrainResult.history. A row is ~2 KB (its step_losses included): kept without
+# end, a long run's history alone grows by ~0.2 GB per million steps at log_every=10 (over 1 GB at
+# log_every=1). metrics.jsonl has every row.
+HISTORY_ROWS = 10_000
+
+
 @dataclass
 class TrainResult:
     out_dir: Path
@@ -43,7 +49,14 @@ class TrainResult:
     checkpoint: Path | None
     last_loss: float | None = None
     skipped_steps: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)  # the newest HISTORY_ROWS log rows
+    history_dropped: int = 0  # older rows left out of `history` (all are in metrics.jsonl)
+
+    def add_row(self, row: dict[str, Any]) -> None:
+        self.history.append(row)
+        if len(self.history) > HISTORY_ROWS:
+            del self.history[0]
+            self.history_dropped += 1
 
 
 def pretrain(config: TrainConfig, out_dir: str | Path, *, resume: str | None = None,
@@ -315,7 +328,7 @@ class _Run:
         if self.data.counter.total_bad:
             row["bad_samples"] = self.data.counter.total_bad
         self.window_start, self.window_samples, self.data_wait, self.window_flops = time.perf_counter(), 0, 0.0, 0.0
-        self.result.history.append(row)
+        self.result.add_row(row)
         self.result.last_loss = row.get("loss", float("nan"))
         self.metrics.write(row)
         if self.on_log is not None:
