@@ -249,7 +249,7 @@ class _Run:
         # in the checkpoint instead (the resumed run logs it with the rest of the window).
         if step % config.log_every == 0 or step == config.steps:
             self._log_window(lr)
-        self._viz_and_eval(end)
+        self._viz_and_eval()
         if step % config.ckpt_every == 0 and step < end:
             self.result.checkpoint = self.checkpoint(step, step * config.grad_accum)
             self.last_ckpt_step = step
@@ -324,10 +324,12 @@ class _Run:
             extra = {"mfu": f"{100 * row['mfu']:.0f}%"} if "mfu" in row else {}
             self.progress.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.1f}", **extra)
 
-    def _viz_and_eval(self, end: int) -> None:
+    def _viz_and_eval(self) -> None:
         config, step = self.config, self.step
         do_viz = config.viz_every > 0 and step % config.viz_every == 0
-        do_eval = config.eval_every > 0 and (step % config.eval_every == 0 or step == end)
+        # At the run's end, not at a --stop-at-step stop: an eval row there is one an uninterrupted
+        # run does not write, so a stopped and resumed run's metrics.jsonl would differ from it.
+        do_eval = config.eval_every > 0 and (step % config.eval_every == 0 or step == config.steps)
         if not (do_viz or do_eval):
             return
         whole = self.whole_model()  # every rank calls it: a collective under FSDP
