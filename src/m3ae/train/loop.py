@@ -166,6 +166,13 @@ class _Run:
             if mode == "bf32" and not cpu_has_amx():
                 log.warning("precision bf32: this CPU has no AMX, so oneDNN runs these matmuls in fp32, and "
                             "for small ones slower than fp32's default BLAS (BENCHMARKS.md); use fp32 or bf16")
+        if (is_main and resumed is not None and resumed.threads is not None and device.type == "cpu"
+                and resumed.threads != threads.threads):
+            # The resolved count, not the setting: unset, it follows the cores and the loader workers.
+            # CPU kernels split their sums by thread, so the bits differ from an uninterrupted run's.
+            log.warning("changed since the checkpoint: torch threads %d -> %d (not exact: changes the float "
+                        "rounding; set threads=%d to continue bit for bit)", resumed.threads, threads.threads,
+                        resumed.threads)
         self.start_step = resumed.step if resumed is not None else 0
         self.step, self.skipped = self.start_step, resumed.skipped if resumed is not None else 0
         self.stop: StopRequest | None = None  # while train() runs
@@ -369,6 +376,7 @@ class _Run:
             pending = self.pending
             train_state = {"step": step, "optimizer": optim_full, "rng": rng or rng_state(),
                            "data": data_state, "skipped_steps": self.skipped, "world_size": world_size,
+                           "threads": self.threads.threads,
                            "pending_metrics": torch.stack(pending).cpu() if pending else None}
             weights = _Weights(self.model, model_state, self.data.tokenizer, self.preprocessing)
             path = save_checkpoint(self.out_dir, step, weights, train_state, self.run_yaml, self.config.keep_last)
