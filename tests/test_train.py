@@ -336,6 +336,26 @@ def test_resume_with_another_thread_count_is_said_not_exact(tmp_path, caplog):
     assert "torch threads 1 -> 2 (not exact: changes the float rounding; set threads=1" in caplog.text
 
 
+def test_bad_data_counts_continue_across_a_resume(tmp_path):
+    """Was: the counts started again from zero at a resume, so metrics.jsonl's bad_samples (and the
+    max_bad_fraction check) differed from an uninterrupted run's."""
+    from data_files import write_manifest, write_tokenizer
+
+    manifest = write_manifest(tmp_path, n=16)
+    for i in (1, 6, 11):  # missing images: skipped, counted
+        (tmp_path / "images" / f"img{i:03d}.jpg").unlink()
+    data = [f"data.spec={manifest}", f"data.tokenizer={write_tokenizer(tmp_path)}", "model.vocab_size=300",
+            "steps=4", "ckpt_every=100", "data.max_bad_fraction=0.5"]
+    pretrain(tiny_config(*data), tmp_path / "straight")
+    pretrain(tiny_config(*data), tmp_path / "split", stop_at_step=2)
+    pretrain(tiny_config(*data), tmp_path / "split", resume="auto")
+
+    def bad(run):
+        return [json.loads(line).get("bad_samples") for line in (tmp_path / run / "metrics.jsonl").open()]
+    assert bad("straight")[-1] > bad("straight")[1]  # more bad samples after the stop
+    assert bad("split") == bad("straight")
+
+
 def test_resume_of_a_stream_with_other_workers_is_said_not_exact(tmp_path, caplog):
     """data.num_workers changes nothing for indexed sources, but a stream's position is kept per
     (process, worker) share: resumed with another number of shares it is not exact, and says so."""
