@@ -63,6 +63,29 @@ def test_probe_metrics_and_training_loop_hook(tmp_path):
     assert [r["step"] for r in evals] == [2, 4] and all("probe_top1" in r for r in evals)
 
 
+def test_a_stopped_and_resumed_run_writes_the_eval_rows_of_an_uninterrupted_one(tmp_path):
+    # Was: --stop-at-step evaluated at the stop step too, an extra row in metrics.jsonl that an
+    # uninterrupted run does not have.
+    write_shard(tmp_path / "eval.tar.gz", 16, classes=4)
+    from m3ae.train.config import load_config
+    from m3ae.train.loop import pretrain
+    config = load_config(None, ["model.image_size=16", "model.patch_size=8", "model.emb_dim=32", "model.depth=1",
+                                "model.num_heads=2", "model.dec_emb_dim=16", "model.dec_depth=1",
+                                "model.dec_num_heads=2", "model.vocab_size=32", "model.text_length=16",
+                                "data.num_workers=0", "data.demo_samples=64", "steps=4", "batch_size=8",
+                                "log_every=1", "progress=false", "device=cpu", "eval_every=3",
+                                f"eval_train={tmp_path / 'eval.tar.gz'}", f"eval_val={tmp_path / 'eval.tar.gz'}"])
+    pretrain(config, tmp_path / "straight")
+    pretrain(config, tmp_path / "split", stop_at_step=2)
+    pretrain(config, tmp_path / "split", resume="auto")
+
+    def rows(run):
+        return [{k: v for k, v in json.loads(line).items() if k in ("step", "step_losses", "knn_top1")}
+                for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows("straight") if "knn_top1" in r] == [3, 4]
+    assert rows("split") == rows("straight")
+
+
 def test_monitor_sets_number_val_by_the_train_class_names(tmp_path):
     import shutil
 

@@ -68,7 +68,8 @@ class TrainData:
     counter: BadCounter = field(default_factory=BadCounter)
 
     def state(self, next_micro_batch: int) -> dict[str, Any]:
-        out: dict[str, Any] = {"next_micro_batch": next_micro_batch, "exact": self.exact_resume}
+        out: dict[str, Any] = {"next_micro_batch": next_micro_batch, "exact": self.exact_resume,
+                               "counter": self.counter.as_dict()}
         if isinstance(self.batches, TrackedBatches) and self.batches.stream is not None:
             # Only the local rank's shares; merge_data_states gathers every rank's.
             out["stream"] = self.batches.stream.to_state()
@@ -83,7 +84,26 @@ def merge_data_states(local: dict[str, Any], every_rank: list[dict[str, Any]]) -
     """`local` (this rank's `TrainData.state`) with the stream positions of every rank's shares
     merged in: the one state rank 0 saves, in which each rank finds its own on resume."""
     stream = StreamPosition.merge(StreamPosition.from_state(s.get("stream")) for s in every_rank)
-    return local if stream is None else {**local, "stream": stream.to_state()}
+    merged = {**local, "counters": [s.get("counter") for s in every_rank]}  # each rank's own, by rank
+    return merged if stream is None else {**merged, "stream": stream.to_state()}
+
+
+def restore_counter(counter: BadCounter, state: dict[str, Any] | None, rank: int, world_size: int) -> None:
+    """This rank's bad-data counts from a checkpoint's data state: without them a resumed run's
+    `bad_samples` and its max_bad_fraction check started again from zero, unlike an uninterrupted
+    run's. Saved by another number of processes (a run that is not exact anyway): not restored."""
+    if not state:
+        return
+    counters = state.get("counters")
+    saved = state.get("counter") if world_size == 1 and counters is None else None
+    if isinstance(counters, list) and len(counters) == world_size:
+        saved = counters[rank]
+    if not isinstance(saved, dict):
+        return
+    try:
+        counter.add(saved)
+    except (TypeError, ValueError, AttributeError) as err:  # a hostile or damaged train state
+        log.warning("bad-data counts of the checkpoint not restored (%s: %s)", type(err).__name__, err)
 
 
 def next_batch(batches: Iterator[Batch]) -> Batch:
@@ -216,6 +236,7 @@ def build_train_data(data: DataConfig, model_config: M3AEConfig, *, seed: int, m
     # normalised on the step's device.
     maker = make_sample_maker(data, model_config, uses, uint8=True)
     counter = BadCounter(data.max_bad_fraction, data.bad_min_samples)
+    restore_counter(counter, resume_state, rank, world_size)
     collator = BatchCollator(model_config, seed, rank, static_shapes, pixel_stats=data.normalization)
     description = " + ".join(f"{u.source.describe()}@{u.weight:g}" for u in uses)
     if all(u.source.exact for u in uses):

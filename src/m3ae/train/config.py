@@ -66,7 +66,8 @@ class TrainConfig:
     # fp32 with oneDNN's bf16-input matmuls; m3ae.precision)
     precision: str = "auto"
     # torch CPU threads; None: auto = usable cores - data.num_workers, at least 1 (OMP_NUM_THREADS
-    # wins over auto). Not part of the run's results: resume may change it. See m3ae.threads.
+    # wins over auto). Resume may change it; on CPU another count changes the float rounding (said
+    # at the resume: not bit for bit). See m3ae.threads.
     threads: Optional[int] = None
     # auto (keep on CPU runs) | keep | system: whether glibc keeps large freed blocks for the next step
     # instead of unmapping them (m3ae.host_allocator). Speed only; resume may change it.
@@ -400,6 +401,11 @@ RESUME_SAFE = ("log_every", "ckpt_every", "keep_last", "progress", "tensorboard"
                "threads", "host_allocator", "model.grad_checkpointing", "model.attention", "wandb", "wandb_project",
                "wandb_name", "wandb_tags", "wandb_mode")
 
+# Resume-safe switches that compute the same function with other float rounding, so a run resumed
+# with them changed is close to, not bit for bit, an uninterrupted one. The thread count is checked
+# as resolved (threads unset: cores - loader workers), in m3ae.train.loop.
+ROUNDING_SWITCHES = ("model.attention", "compile", "device")
+
 
 def setting_changes(old: TrainConfig, new: TrainConfig) -> dict[str, tuple]:
     """Every setting (dotted name) whose value differs: {name: (old, new)}."""
@@ -454,6 +460,9 @@ def check_resume_changes(checkpoint_yaml: str, config: TrainConfig, allow: bool,
     changes = setting_changes(old, config)
     breaking = [k for k in changes if k not in RESUME_SAFE]
     notes = {k: "" if k in RESUME_SAFE else " (not exact)" for k in changes}
+    for k in ROUNDING_SWITCHES:
+        if k in changes:  # allowed, but the bits of the run change (tested: attention, threads)
+            notes[k] = " (not exact: changes the float rounding)"
     parts = stream_shares(config.data, world_size)
     if "data.num_workers" in changes and stream_parts is not None and stream_parts != parts:
         # Safe for indexed sources (a position maps to a record whoever reads it), not for streams:

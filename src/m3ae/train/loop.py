@@ -179,6 +179,13 @@ class _Run:
             if mode == "bf32" and not cpu_has_amx():
                 log.warning("precision bf32: this CPU has no AMX, so oneDNN runs these matmuls in fp32, and "
                             "for small ones slower than fp32's default BLAS (BENCHMARKS.md); use fp32 or bf16")
+        if (is_main and resumed is not None and resumed.threads is not None and device.type == "cpu"
+                and resumed.threads != threads.threads):
+            # The resolved count, not the setting: unset, it follows the cores and the loader workers.
+            # CPU kernels split their sums by thread, so the bits differ from an uninterrupted run's.
+            log.warning("changed since the checkpoint: torch threads %d -> %d (not exact: changes the float "
+                        "rounding; set threads=%d to continue bit for bit)", resumed.threads, threads.threads,
+                        resumed.threads)
         self.start_step = resumed.step if resumed is not None else 0
         self.step, self.skipped = self.start_step, resumed.skipped if resumed is not None else 0
         self.stop: StopRequest | None = None  # while train() runs
@@ -262,7 +269,7 @@ class _Run:
         # in the checkpoint instead (the resumed run logs it with the rest of the window).
         if step % config.log_every == 0 or step == config.steps:
             self._log_window(lr)
-        self._viz_and_eval(end)
+        self._viz_and_eval()
         if step % config.ckpt_every == 0 and step < end:
             self.result.checkpoint = self.checkpoint(step, step * config.grad_accum)
             self.last_ckpt_step = step
@@ -337,10 +344,12 @@ class _Run:
             extra = {"mfu": f"{100 * row['mfu']:.0f}%"} if "mfu" in row else {}
             self.progress.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.1f}", **extra)
 
-    def _viz_and_eval(self, end: int) -> None:
+    def _viz_and_eval(self) -> None:
         config, step = self.config, self.step
         do_viz = config.viz_every > 0 and step % config.viz_every == 0
-        do_eval = config.eval_every > 0 and (step % config.eval_every == 0 or step == end)
+        # At the run's end, not at a --stop-at-step stop: an eval row there is one an uninterrupted
+        # run does not write, so a stopped and resumed run's metrics.jsonl would differ from it.
+        do_eval = config.eval_every > 0 and (step % config.eval_every == 0 or step == config.steps)
         if not (do_viz or do_eval):
             return
         whole = self.whole_model()  # every rank calls it: a collective under FSDP
@@ -380,6 +389,7 @@ class _Run:
             pending = self.pending
             train_state = {"step": step, "optimizer": optim_full, "rng": rng or rng_state(),
                            "data": data_state, "skipped_steps": self.skipped, "world_size": world_size,
+                           "threads": self.threads.threads,
                            "pending_metrics": torch.stack(pending).cpu() if pending else None}
             weights = _Weights(self.model, model_state, self.data.tokenizer, self.preprocessing)
             path = save_checkpoint(self.out_dir, step, weights, train_state, self.run_yaml, self.config.keep_last)

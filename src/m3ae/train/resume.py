@@ -37,6 +37,7 @@ class Resumed:
     optimizer_state: dict[str, Any]
     data_state: dict[str, Any] | None  # the stream position, for the loader
     pending_metrics: torch.Tensor | None  # the unlogged steps of a partial log window
+    threads: int | None = None  # the torch CPU threads it ran with (None: an older checkpoint)
 
     def load_optimizer(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> None:
         dist_utils.load_optimizer_state(model, optimizer, self.optimizer_state, fsdp)
@@ -98,10 +99,15 @@ def restore(resume: str | None, out_dir: Path, model: M3AE, config: TrainConfig,
     if rank > 0:  # the saved RNG is rank 0's; keep the other ranks' streams distinct
         torch.manual_seed(config.seed + rank + 1_000_003 * int(state["step"]))
     resumed = Resumed(path, int(state["step"]), int(state.get("skipped_steps", 0)), state["optimizer"],
-                      state.get("data"), state.get("pending_metrics"))
+                      state.get("data"), state.get("pending_metrics"),
+                      _int_or_none(state.get("threads")))
     if rank == 0:
         log.info("resuming from %s at step %d", path, resumed.step)
     return resumed
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _stream_parts(state: dict[str, Any]) -> int | None:

@@ -6,8 +6,10 @@ import signal
 from typing import Any, Iterator
 
 
-class StopWhileWaiting(Exception):
-    """A stop signal while the loop waited for a step's data: stop now, the last step is whole."""
+class StopWhileWaiting(BaseException):
+    """A stop signal while the loop waited for a step's data: stop now, the last step is whole.
+    Not an Exception: with data.num_workers=0 it is raised inside the data pipeline, whose
+    `except Exception` took it for an undecodable sample, so the step went on with another batch."""
 
 
 class StopRequest:
