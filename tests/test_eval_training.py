@@ -44,20 +44,25 @@ def test_linear_probe_learns_and_reports_per_epoch(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # encoder frozen
 
 
+def _monitored_config(tmp_path, *, log_every: int, eval_every: int):
+    """A 4-step demo-data run whose evaluation monitor reads a 16-image labelled shard."""
+    from m3ae.train.config import load_config
+
+    write_shard(tmp_path / "eval.tar.gz", 16, classes=4)
+    return load_config(None, ["model.image_size=16", "model.patch_size=8", "model.emb_dim=32", "model.depth=1",
+                              "model.num_heads=2", "model.dec_emb_dim=16", "model.dec_depth=1",
+                              "model.dec_num_heads=2", "model.vocab_size=32", "model.text_length=16",
+                              "data.num_workers=0", "data.demo_samples=64", "steps=4", "batch_size=8",
+                              f"log_every={log_every}", "progress=false", "device=cpu", f"eval_every={eval_every}",
+                              f"eval_train={tmp_path / 'eval.tar.gz'}", f"eval_val={tmp_path / 'eval.tar.gz'}"])
+
+
 def test_probe_metrics_and_training_loop_hook(tmp_path):
     train, val = _sets(tmp_path, 10, 5)
     metrics = probe_metrics(tiny_model(), train, val)
     assert set(metrics) == {"probe_top1", "knn_top1"}
-    write_shard(tmp_path / "eval.tar.gz", 16, classes=4)
-    from m3ae.train.config import load_config
     from m3ae.train.loop import pretrain
-    config = load_config(None, ["model.image_size=16", "model.patch_size=8", "model.emb_dim=32", "model.depth=1",
-                                "model.num_heads=2", "model.dec_emb_dim=16", "model.dec_depth=1",
-                                "model.dec_num_heads=2", "model.vocab_size=32", "model.text_length=16",
-                                "data.num_workers=0", "data.demo_samples=64", "steps=4", "batch_size=8",
-                                "log_every=2", "progress=false", "device=cpu", "eval_every=2",
-                                f"eval_train={tmp_path / 'eval.tar.gz'}", f"eval_val={tmp_path / 'eval.tar.gz'}"])
-    pretrain(config, tmp_path / "run")
+    pretrain(_monitored_config(tmp_path, log_every=2, eval_every=2), tmp_path / "run")
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "knn_top1" in r]
     assert [r["step"] for r in evals] == [2, 4] and all("probe_top1" in r for r in evals)
@@ -66,15 +71,8 @@ def test_probe_metrics_and_training_loop_hook(tmp_path):
 def test_a_stopped_and_resumed_run_writes_the_eval_rows_of_an_uninterrupted_one(tmp_path):
     # Was: --stop-at-step evaluated at the stop step too, an extra row in metrics.jsonl that an
     # uninterrupted run does not have.
-    write_shard(tmp_path / "eval.tar.gz", 16, classes=4)
-    from m3ae.train.config import load_config
     from m3ae.train.loop import pretrain
-    config = load_config(None, ["model.image_size=16", "model.patch_size=8", "model.emb_dim=32", "model.depth=1",
-                                "model.num_heads=2", "model.dec_emb_dim=16", "model.dec_depth=1",
-                                "model.dec_num_heads=2", "model.vocab_size=32", "model.text_length=16",
-                                "data.num_workers=0", "data.demo_samples=64", "steps=4", "batch_size=8",
-                                "log_every=1", "progress=false", "device=cpu", "eval_every=3",
-                                f"eval_train={tmp_path / 'eval.tar.gz'}", f"eval_val={tmp_path / 'eval.tar.gz'}"])
+    config = _monitored_config(tmp_path, log_every=1, eval_every=3)
     pretrain(config, tmp_path / "straight")
     pretrain(config, tmp_path / "split", stop_at_step=2)
     pretrain(config, tmp_path / "split", resume="auto")
