@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, M3AEConfig, check_fits_memory
-from .files import atomic_write
+from .files import atomic_write, remove_stale
 from .linear_cross_entropy import linear_cross_entropy
 from .losses import normalize_patches, packed_token_weights, patch_mse, token_cross_entropy
 from .layers import Attention, OutputHead, Transformer, gather_rows
@@ -22,6 +22,8 @@ from .preprocessing import Preprocessing
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
+# Files of a checkpoint folder that a save writes only sometimes: one it does not write is removed.
+OPTIONAL_NAMES = (TOKENIZER_NAME,)
 
 
 @dataclass
@@ -413,7 +415,8 @@ class M3AE(nn.Module):
                         state_dict: dict[str, torch.Tensor] | None = None, *, tokenizer=None,
                         preprocessing: Preprocessing | None = None) -> Path:
         """Write config.json + model.safetensors + preprocessor_config.json (+ tokenizer.json when a
-        tokenizer is given) into `directory`, each atomically: the folder is all a user needs.
+        tokenizer is given) into `directory`, each atomically: the folder is all a user needs. A
+        tokenizer.json already there is removed when no tokenizer is given (other files stay).
 
         `state_dict`: weights to write instead of this module's own (e.g. gathered from FSDP shards).
         `preprocessing`: the image rule the model was trained for (default: the config's image size,
@@ -432,6 +435,10 @@ class M3AE(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         source = self.state_dict() if state_dict is None else state_dict
         state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
+        # A tokenizer.json of an earlier save would be read as this model's. Removed before anything
+        # new is written: a save killed part-way then leaves a folder lacking a file (which loading
+        # reports), never the new weights beside an old model's tokenizer.
+        remove_stale(directory, [n for n in OPTIONAL_NAMES if n != TOKENIZER_NAME or tokenizer is None])
         atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
         atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json()))
         (preprocessing or Preprocessing(image_size=self.config.image_size)).save(directory)

@@ -22,8 +22,8 @@ from torch import nn
 
 from ..config import M3AEConfig
 from ..distributed import pick_device
-from ..files import atomic_write
-from ..model import M3AE
+from ..files import atomic_write, remove_stale
+from ..model import M3AE, OPTIONAL_NAMES
 from ..preprocessing import Preprocessing
 from .features import pool_tokens
 from .knn import topk_accuracy
@@ -71,6 +71,7 @@ class Classifier(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         config = {"kind": "m3ae-classifier", "encoder": self.encoder.config.to_dict(),
                   "num_classes": self.num_classes, "pool": self.pool}
+        remove_stale(directory, OPTIONAL_NAMES)  # a checkpoint's tokenizer.json: not this classifier's
         atomic_write(directory / CLASSIFIER_WEIGHTS, lambda p: save_file(state, str(p)))
         atomic_write(directory / CLASSIFIER_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
         # Without it the folder reads as "an older checkpoint" and is evaluated with the defaults.
