@@ -435,10 +435,10 @@ class M3AE(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         source = self.state_dict() if state_dict is None else state_dict
         state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
-        # A tokenizer.json of an earlier save would be read as this model's. Removed before anything
-        # new is written: a save killed part-way then leaves a folder lacking a file (which loading
-        # reports), never the new weights beside an old model's tokenizer.
-        remove_stale(directory, [n for n in OPTIONAL_NAMES if n != TOKENIZER_NAME or tokenizer is None])
+        # A tokenizer.json of an earlier save would be read as this model's. Removed (even when a new
+        # one follows) before anything new is written: a save killed part-way then leaves a folder
+        # lacking a file, which loading reports, never the new weights beside an old model's tokenizer.
+        remove_stale(directory, OPTIONAL_NAMES)
         atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
         atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json()))
         (preprocessing or Preprocessing(image_size=self.config.image_size)).save(directory)
