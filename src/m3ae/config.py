@@ -208,6 +208,10 @@ def _short(value: Any) -> str:
 # The seeds a run, an evaluation or a command takes: numpy's legacy seeding range, which every
 # generator seeded from them (torch, numpy, seed + rank, seed + 1000 x source) accepts.
 MAX_SEED = 2**32 - 1
+# The largest batch a run, an evaluation or a command takes: 2**20 is far past any published batch
+# (CLIP's 32768, SigLIP's largest 10**6), so a larger value is a typo, refused here with its name
+# instead of failing deep inside an allocation.
+MAX_BATCH_SIZE = 2**20
 
 
 def physical_memory() -> int | None:
