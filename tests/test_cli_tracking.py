@@ -266,6 +266,15 @@ def test_steps_are_bounded(capsys):
     assert main(["pretrain", "--config", "demo", "--print-config", "--steps", "99999999"]) == 0
 
 
+def test_batch_size_is_bounded(capsys):
+    # Was: batch_size=10**9 passed every check and failed deep inside an allocation.
+    assert main(["pretrain", "--config", "demo", "--print-config", f"batch_size={10**9}"]) == 2
+    assert "batch_size must be positive and at most 1,048,576, got 1,000,000,000" in capsys.readouterr().err
+    assert main(["pretrain", "--config", "demo", "--print-config", "batch_size=0"]) == 2
+    assert "batch_size must be positive" in capsys.readouterr().err
+    assert main(["pretrain", "--config", "demo", "--print-config", f"batch_size={2**20}"]) == 0
+
+
 def test_stop_at_step_past_the_end_is_refused_before_any_work(tmp_path, capsys):
     # It was ignored: the run trained to its end instead of stopping with a resume command.
     assert main(["pretrain", "--config", "demo", "--out", str(tmp_path / "run"), *TINY, "steps=2",

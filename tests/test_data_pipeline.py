@@ -346,3 +346,32 @@ def test_a_stream_with_many_bad_records_logs_a_bounded_number_of_them(tmp_path, 
         take(td, 30)  # 120 good samples read, about as many bad ones skipped
     assert td.stats()["bad"]["empty"] >= 100
     assert sum(r.getMessage().startswith("skipping bad sample") for r in caplog.records) == 20
+
+
+def test_a_streams_own_bad_data_count_continues_across_a_resume(tmp_path):
+    # Was: the worker's count over its own share (which stops a share that yields nothing usable)
+    # started again from zero at a resume: here 8 good then only bad records; uninterrupted it
+    # stopped at 9 bad of 17, resumed after the good ones only at 10 of 10 (and with a larger
+    # bad_min_samples much later than an uninterrupted run would).
+    with tarfile.open(tmp_path / "mixed-00000.tar", "w") as tar:
+        for i in range(48):
+            members = (("jpg", jpeg_bytes(seed=i) if i < 8 else b"\xff\xd8not a jpeg"), ("txt", b"a red ball"))
+            for ext, data in members:
+                info = tarfile.TarInfo(f"r{i:03d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    data = cfg(f"wds:{tmp_path}/mixed-00000.tar", tmp_path, shuffle_buffer=0, bad_min_samples=10,
+               max_bad_fraction=0.5)
+
+    def stop(td):
+        with pytest.raises(DataQualityError) as err:
+            take(td, 100)
+        return str(err.value).split(":")[0]
+    straight = stop(build_train_data(data, MODEL, seed=0, micro_batch=4))
+    assert straight.startswith("9 of 17 samples were unusable"), straight
+    td = build_train_data(data, MODEL, seed=0, micro_batch=4)
+    assert len(take(td, 2)) == 2  # the 8 good records
+    state = td.state(2)
+    assert state["stream"]["workers"]["0"]["bad"]["samples"] == 8
+    assert stop(build_train_data(data, MODEL, seed=0, micro_batch=4, start_micro_batch=2,
+                                 resume_state=state)) == straight

@@ -260,7 +260,12 @@ def test_eval_settings_and_recipes_refuse_values_that_would_run_wrong():
                           (lambda: ProbeConfig(epochs=0), "epochs"), (lambda: ProbeConfig(momentum=-0.1), "momentum"),
                           (lambda: ProbeConfig(base_lr=float("nan")), "base_lr"),
                           (lambda: FinetuneConfig(mixup=float("nan")), "mixup"),
-                          (lambda: FinetuneConfig(crop_scale=(0.9, 0.1)), "crop_scale")):
+                          (lambda: FinetuneConfig(crop_scale=(0.9, 0.1)), "crop_scale"),
+                          # A typo'd batch failed deep inside an allocation.
+                          (lambda: EvalSettings(checkpoint="c", batch_size=10**9),
+                           r"batch_size must be in 1\.\.1048576, got 1000000000"),
+                          (lambda: ProbeConfig(batch_size=2**20 + 1), r"batch_size must be in 1\.\.1048576"),
+                          (lambda: FinetuneConfig(batch_size=0), r"batch_size must be in 1\.\.1048576")):
         with pytest.raises(ValueError, match=message):
             make()
     with pytest.raises(ValueError, match="limit must be >= 1"):

@@ -148,10 +148,20 @@ def test_classifier_loads_in_eval_mode_and_names_broken_folders(tmp_path):
          ConfigError, r"model\.safetensors: header length"),
         (edit_config(num_classes=5), ConfigError, r"head\.weight has shape"),
         (edit_config(pool="max"), ConfigError, r"pool must be"),
+        # A layout from a newer m3ae is refused naming the file, not misread.
+        (edit_config(format_version=2), ConfigError, r"case\d+/config\.json: format_version 2: this m3ae reads "
+                                                     r"format_version 1 to 1"),
+        (edit_config(format_version="1"), ConfigError, r"format_version '1'"),
     ]
     for i, (change, error, message) in enumerate(cases):
         with pytest.raises(error, match=message):
             Classifier.from_pretrained(broken(f"case{i}", change))
+    assert json.loads((tmp_path / "clf" / "config.json").read_text())["format_version"] == 1
+    # A folder written before the field existed still loads, as the same classifier.
+    old = broken("old", lambda f: (f / "config.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((f / "config.json").read_text()).items() if k != "format_version"})))
+    with torch.no_grad():
+        assert torch.equal(Classifier.from_pretrained(old)(x), loaded(x))
     # A corrupt config.json is not taken for a classifier; the checkpoint loader then reports it.
     from m3ae.eval.finetune import is_classifier_dir
 

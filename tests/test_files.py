@@ -52,3 +52,13 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
         atomic_write(target, half_then_fail)
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+def test_remove_stale_removes_only_present_files_and_links(tmp_path):
+    from m3ae.files import remove_stale
+
+    (tmp_path / "a.json").write_text("{}")
+    (tmp_path / "b.json").mkdir()  # a folder of that name is not a file we wrote: it stays
+    (tmp_path / "c.json").symlink_to(tmp_path / "gone")  # a dangling link is still removed
+    assert remove_stale(tmp_path, ["a.json", "b.json", "c.json", "missing.json"]) == ["a.json", "c.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json"]

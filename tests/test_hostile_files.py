@@ -44,7 +44,7 @@ def edit_config(folder, **changes):
     ("text_loss_weight", float("nan"), "text_loss_weight must be a finite float"),
     ("masking", 3, "masking must be str"),
     ("mlp_ratio", 0, "mlp_ratio must be > 0"),
-    ("format_version", 2, "format_version 2: this m3ae reads format_version up to 1"),
+    ("format_version", 2, "format_version 2: this m3ae reads format_version 1 to 1"),
     ("format_version", "1", "format_version '1': this m3ae reads"),
 ])
 def test_config_json_types_and_ranges_name_the_file_and_field(saved, field, value, message):

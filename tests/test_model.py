@@ -389,3 +389,80 @@ def test_other_folders_given_as_an_m3ae_checkpoint_say_what_they_are(tmp_path):
     save_file({"w": torch.zeros(1)}, str(tmp_path / "hf" / "model.safetensors"))
     with pytest.raises(ConfigError, match="exported for transformers or timm"):
         M3AE.from_pretrained(tmp_path / "hf")
+
+
+def _with(masks, **change):
+    from dataclasses import replace
+
+    return replace(masks, **change)
+
+
+def test_bad_token_ids_are_clear_errors(nano_model):
+    # Was: an IndexError inside the embedding ("index out of range in self"), or for float ids a
+    # RuntimeError naming the embedding's arguments.
+    image, text, padding = random_batch()
+    for bad, message in ((text.float(), "text must hold token ids .* got torch.float32"),
+                         (text.to(torch.int16), "got torch.int16"),
+                         (text.masked_fill(padding, 40), r"token id 40, outside 0\.\.39 \(vocab_size 40\)"),
+                         (text.masked_fill(padding, -1), r"token id -1, outside 0\.\.39")):
+        with pytest.raises(ValueError, match=message):
+            nano_model(image, bad, padding)
+        with pytest.raises(ValueError, match=message):
+            nano_model.encode(image, bad, padding)
+    assert torch.isfinite(nano_model(image, text.int(), padding).loss)  # int32 ids are fine
+
+
+def test_bad_explicit_masks_are_clear_errors(nano_model):
+    # Each was an index error deep inside (gather / scatter), or ran on with wrong losses (a repeated
+    # position: a token both kept and hidden, another never seen).
+    image, text, padding = random_batch()
+    good = nano_model.make_masks(4, True, padding, None, torch.Generator().manual_seed(3))
+    repeated = good.image_ids.clone()
+    repeated[1, 0] = repeated[1, 1]
+    cases = [
+        ("not masks", "masks must be an m3ae.masking.Masks, got str"),
+        (_with(good, image_ids=good.image_ids.int()), r"masks.image_ids must be a torch.long tensor .* torch.int32"),
+        (_with(good, image_ids=good.image_ids[:3]), r"masks.image_ids must be \(batch, image positions\) = \(4, 16\) "
+                                                    r"for this input, got \(3, 16\)"),
+        (_with(good, text_ids=good.text_ids[:, :5]), r"masks.text_ids must be .* = \(4, 12\) .* got \(4, 5\)"),
+        (_with(good, image_keep=17), r"masks.image_keep must be an int in 0\.\.16, got 17"),
+        (_with(good, image_keep=torch.tensor(4)), r"masks.image_keep must be an int"),
+        (_with(good, text_keep=-1), r"masks.text_keep must be an int in 0\.\.12"),
+        (_with(good, image_ids=repeated), r"masks.image_ids: each row must be a permutation of the positions 0\.\.15"),
+        (_with(good, text_ids=good.text_ids + 1), r"masks.text_ids: each row must be a permutation"),
+        (_with(good, text_targets=good.text_targets.int()), r"masks.text_targets must be a 1-D torch.long"),
+        (_with(good, text_targets=good.text_targets[None]), r"masks.text_targets must be a 1-D torch.long"),
+        (_with(good, text_targets=torch.tensor([4 * (12 - good.text_keep)])),
+         rf"masks.text_targets holds {4 * (12 - good.text_keep)}, outside the hidden text slots"),
+    ]
+    for masks, message in cases:
+        with pytest.raises(ValueError, match=message):
+            nano_model(image, text, padding, masks=masks)
+    assert torch.isfinite(nano_model(image, text, padding, masks=good).loss)
+    # check_values=False (the trainer's step, whose masks are valid by construction) reads no values.
+    out = nano_model(image, text, padding, masks=_with(good, image_ids=repeated), check_values=False)
+    assert torch.isfinite(out.loss)
+
+
+def test_the_training_step_reads_no_values_of_its_batches(monkeypatch):
+    # The loader's ids and masks are valid by construction: the step must not pay for value checks.
+    import contextlib
+
+    import m3ae.model
+    from m3ae.train.bench import BenchOptions, synthetic_batches
+    from m3ae.train.step import TrainStep
+
+    cfg = nano_config()
+    torch.manual_seed(0)
+    model = M3AE(cfg)
+    (batch,) = synthetic_batches(cfg, BenchOptions(cfg, batch=4, pool=1))
+
+    def refuse(t):
+        raise AssertionError("a value check ran in the training step")
+    monkeypatch.setattr(m3ae.model, "_values_readable", refuse)
+    step = TrainStep(model, model, torch.optim.SGD(model.parameters(), lr=0.1), device=torch.device("cpu"),
+                     autocast=contextlib.nullcontext(), clip_grad=None)
+    metrics, norm = step.backward([batch])
+    assert torch.isfinite(metrics[0]) and torch.isfinite(norm)
+    with pytest.raises(AssertionError, match="a value check ran"):  # the public forward does check
+        model(**batch.parts[0].model_inputs())

@@ -220,3 +220,35 @@ def test_from_pretrained_is_in_eval_mode_and_save_refuses_a_too_large_tokenizer(
     with pytest.raises(ValueError, match="tokens but the model's vocab_size is 5"):
         small.save_pretrained(tmp_path / "s", tokenizer=build_demo_tokenizer())
     assert not (tmp_path / "s").exists()
+
+
+def test_a_save_without_a_tokenizer_removes_an_earlier_saves_tokenizer(tmp_path):
+    """Was: re-saving into a folder kept the tokenizer.json of the model saved there before, so the
+    folder paired the new weights with another model's vocabulary. Other files there stay."""
+    from m3ae.data.synthetic import build_demo_tokenizer
+    from m3ae.eval.finetune import Classifier
+
+    folder = tmp_path / "m"
+    _tiny().save_pretrained(folder, tokenizer=build_demo_tokenizer())
+    assert (folder / "tokenizer.json").is_file()
+    (folder / "notes.txt").write_text("mine")
+    (folder / "vocab.txt").write_text("[PAD]\n")  # not a file this format writes: the user's
+    _tiny().save_pretrained(folder)
+    assert not (folder / "tokenizer.json").exists()
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "notes.txt",
+                                                        "preprocessor_config.json", "vocab.txt"]
+    with pytest.warns(UserWarning, match="has no tokenizer.json"):
+        assert m3ae.load(folder).tokenizer is None  # not the earlier model's
+    # A link of that name goes (the link, not what it points at); a folder of that name is not ours.
+    target = tmp_path / "elsewhere.json"
+    build_demo_tokenizer().save(str(target))
+    (folder / "tokenizer.json").symlink_to(target)
+    _tiny().save_pretrained(folder)
+    assert not (folder / "tokenizer.json").exists() and target.is_file()
+    # A fine-tuned classifier saved over a checkpoint folder: no tokenizer of the checkpoint left.
+    _tiny().save_pretrained(tmp_path / "c", tokenizer=build_demo_tokenizer())
+    Classifier(_tiny(), 3).save_pretrained(tmp_path / "c")
+    assert not (tmp_path / "c" / "tokenizer.json").exists()
+    # With a tokenizer, the new one replaces the old.
+    _tiny().save_pretrained(folder, tokenizer=build_demo_tokenizer())
+    assert m3ae.load(folder).tokenizer.get_vocab() == build_demo_tokenizer().get_vocab()

@@ -45,3 +45,22 @@ def test_share_start_same_layout_exact_other_layout_at_the_slowest_shard():
     assert pos.share_start(0, 2, exact) == ShareState(0, [None, 2])
     ahead = StreamPosition(4, {g: ShareState(1, [[3, 1], 2]) for g in range(4)})
     assert ahead.share_start(1, 2, exact) == ShareState(0, [[6, 0], 4])
+
+
+def test_a_shares_bad_data_counts_travel_with_its_position():
+    # The counts that stop a share yielding nothing usable: back to the same share at a resume
+    # (a copy), not to the shares of another layout (other records), and refused when damaged.
+    counts = {"samples": 8, "bad": {"undecodable": 3}, "bad_keys": {"undecodable": ["a", "b", "c"]}}
+    state = {"parts": 2, "workers": {"0": {"n": 11, "sources": [[0, 11]], "bad": counts},
+                                     "1": {"n": 4, "sources": [[1, 4]]}}}  # one saved before counts were
+    pos = StreamPosition.from_state(state)
+    assert pos.shares[0].bad == counts and pos.shares[1].bad is None
+    assert pos.to_state() == state
+    start = pos.share_start(0, 2, [False])
+    assert start == ShareState(11, [[0, 11]], counts)
+    start.bad["bad"]["undecodable"] = 99
+    assert pos.shares[0].bad["bad"]["undecodable"] == 3
+    assert pos.share_start(0, 1, [False]).bad is None
+    for damaged in ("garbage", {"samples": "8"}, {"bad": {"undecodable": -1}}, {"bad_keys": {"undecodable": "a"}}):
+        with pytest.raises(ValueError, match="unreadable stream position.*bad-data counts"):
+            StreamPosition.from_state({"parts": 1, "workers": {"0": {"n": 1, "sources": [None], "bad": damaged}}})

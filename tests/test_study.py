@@ -229,6 +229,10 @@ def test_bad_study_files_are_clear_errors(study_file):
             EvalSpec.from_dict({"probes": [{"name": "p", "train": "a", "test": "b", where: limit}]})
     with pytest.raises(ConfigError, match="evals: masked_words: limit: limit must be >= 1"):
         EvalSpec.from_dict({"masked_words": {"data": "d", "limit": 0}})
+    # The feature batch: 0 failed inside range(), 10**9 deep in an allocation.
+    for batch in (0, 10**9, 2.5):
+        with pytest.raises(ConfigError, match=rf"evals.batch_size must be an integer in 1..1048576, got {batch}"):
+            EvalSpec.from_dict({"batch_size": batch})
     assert EvalSpec.from_dict({"probes": [{"name": "p", "train": "a", "test": "b", "train_limit": 1,
                                            "test_limit": None}]}).probes[0].train_limit == 1
     # A typo in any arm fails before anything runs.

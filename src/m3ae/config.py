@@ -23,6 +23,8 @@ MASKING_MODES = ("per_sample", "reference")
 # How the model runs, not what it is: left out of config.json and free to change on resume.
 RUNTIME_FIELDS = ("attention", "grad_checkpointing")
 FORMAT_VERSION = 1  # of config.json; raise it when a change would make older code misread a file
+# Of a fine-tuned classifier's config.json (its own layout around the encoder's config), likewise.
+CLASSIFIER_FORMAT_VERSION = 1
 
 
 class ConfigError(ValueError):
@@ -88,10 +90,7 @@ class M3AEConfig:
         unknown = sorted(set(data) - known - {"model_type", "format_version"})
         if unknown:
             raise ConfigError(f"unknown model config keys: {unknown}")
-        version = data.get("format_version", FORMAT_VERSION)  # a file of a later layout: refuse, not misread
-        if type(version) is not int or version > FORMAT_VERSION:
-            raise ConfigError(f"format_version {version!r}: this m3ae reads format_version up to {FORMAT_VERSION} "
-                              "(a newer m3ae wrote it? upgrade)")
+        check_format_version(data, FORMAT_VERSION)
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_dict(self) -> dict[str, Any]:
@@ -192,6 +191,15 @@ class M3AEConfig:
                 raise ConfigError(f"{name} must be in [0, 1)")
 
 
+def check_format_version(data: dict[str, Any], newest: int) -> None:
+    """A file of a later layout is refused, not misread. A file without format_version predates the
+    field: layout 1."""
+    version = data.get("format_version", 1)
+    if type(version) is not int or not 1 <= version <= newest:
+        raise ConfigError(f"format_version {_short(version)}: this m3ae reads format_version 1 to {newest} "
+                          "(a newer m3ae wrote it? upgrade)")
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -200,6 +208,10 @@ def _short(value: Any) -> str:
 # The seeds a run, an evaluation or a command takes: numpy's legacy seeding range, which every
 # generator seeded from them (torch, numpy, seed + rank, seed + 1000 x source) accepts.
 MAX_SEED = 2**32 - 1
+# The largest batch a run, an evaluation or a command takes: 2**20 is far past any published batch
+# (CLIP's 32768, SigLIP's largest 10**6), so a larger value is a typo, refused here with its name
+# instead of failing deep inside an allocation.
+MAX_BATCH_SIZE = 2**20
 
 
 def physical_memory() -> int | None:

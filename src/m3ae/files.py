@@ -7,7 +7,7 @@ import secrets
 import stat
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
@@ -26,6 +26,27 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_stale(directory: str | os.PathLike, names: Sequence[str]) -> list[str]:
+    """Remove the files `names` from `directory` (those present), for a save that does not write
+    them: a file left from an earlier save would describe another model. Only regular files and
+    links (a link itself, never its target); a folder of that name is not ours and stays. Returns
+    the names removed."""
+    directory = Path(directory)
+    removed = []
+    for name in names:
+        path = directory / name
+        if not (path.is_symlink() or path.is_file()):
+            continue
+        try:
+            os.unlink(path)
+        except FileNotFoundError:  # gone meanwhile: what was wanted
+            continue
+        removed.append(name)
+    if removed:
+        fsync_dir(directory)  # the removal durable before the new files are written
+    return removed
 
 
 def _new_temp_file(path: Path) -> str:

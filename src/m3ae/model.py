@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, M3AEConfig, check_fits_memory
-from .files import atomic_write
+from .files import atomic_write, remove_stale
 from .linear_cross_entropy import linear_cross_entropy
 from .losses import normalize_patches, packed_token_weights, patch_mse, token_cross_entropy
 from .layers import Attention, OutputHead, Transformer, gather_rows
@@ -22,6 +22,8 @@ from .preprocessing import Preprocessing
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
+# Files of a checkpoint folder that a save writes only sometimes: one it does not write is removed.
+OPTIONAL_NAMES = (TOKENIZER_NAME,)
 
 
 @dataclass
@@ -69,9 +71,67 @@ def _order(ids: torch.Tensor | None, modality: str) -> torch.Tensor:
     return ids
 
 
+# Token ids the embedding takes (int16 / uint8 ids fail inside it).
+_TOKEN_DTYPES = (torch.int64, torch.int32)
+
+
+def _values_readable(t: torch.Tensor) -> bool:
+    """Whether a value check of `t` is free: a CPU tensor, outside torch.compile (where reading a
+    value would break the graph). Not on CUDA: reading a value waits for the device (a host sync
+    per step), and torch._assert_async fails as a device-side assert, which reports no value and
+    leaves the CUDA context unusable, as the embedding's own index check already does; two more
+    kernels a step for no clearer error."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _is_permutation(ids: torch.Tensor) -> bool:
+    """Every row of (B, n) `ids` holds each of 0..n-1 once: n values in range that hit every position
+    (a scatter: ~5x cheaper than sorting the rows)."""
+    low, high = (int(v) for v in torch.aminmax(ids))
+    if low < 0 or high >= ids.shape[1]:
+        return False
+    return bool(torch.zeros(ids.shape, dtype=torch.bool, device=ids.device).scatter_(1, ids, True).all())
+
+
 def _text_key_padding(padding: torch.Tensor, n_front: int) -> torch.Tensor:
     """Attention key padding (B, n_front + L) for n_front tokens ([CLS], image) before the text."""
     return torch.cat([padding.new_zeros(padding.shape[0], n_front), padding], dim=1)
+
+
+def _check_masks(masks: Masks, inputs: ModelInputs, check_values: bool = True) -> None:
+    """Given masks against the inputs they mask: a wrong one was an obscure index error deep inside,
+    or silently wrong losses. Types and shapes always (free); values only where reading them is free
+    (`_values_readable`) and wanted: each ids row a permutation of the positions, text_targets in range."""
+    if not isinstance(masks, Masks):
+        raise ValueError(f"masks must be an m3ae.masking.Masks, got {type(masks).__name__}")
+    parts = []
+    if inputs.patches is not None:
+        parts.append(("image", _order(masks.image_ids, "image"), masks.image_keep, inputs.num_patches))
+    if inputs.text is not None:
+        parts.append(("text", _order(masks.text_ids, "text"), masks.text_keep, inputs.text.shape[1]))
+    for name, ids, keep, length in parts:
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64:
+            raise ValueError(f"masks.{name}_ids must be a torch.long tensor of positions, got "
+                             f"{getattr(ids, 'dtype', type(ids).__name__)}")
+        if tuple(ids.shape) != (inputs.batch, length):
+            raise ValueError(f"masks.{name}_ids must be (batch, {name} positions) = ({inputs.batch}, {length}) for "
+                             f"this input, got {tuple(ids.shape)}")
+        if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep <= length:
+            raise ValueError(f"masks.{name}_keep must be an int in 0..{length}, got {keep!r}")
+        if check_values and _values_readable(ids) and ids.numel() and not _is_permutation(ids):
+            raise ValueError(f"masks.{name}_ids: each row must be a permutation of the positions 0..{length - 1} "
+                             "(kept ones first)")
+    targets = masks.text_targets
+    if inputs.text is not None and targets is not None:
+        if not isinstance(targets, torch.Tensor) or targets.dtype != torch.int64 or targets.ndim != 1:
+            raise ValueError("masks.text_targets must be a 1-D torch.long tensor (flat indices of the hidden "
+                             "text slots that are real tokens), or None")
+        slots = inputs.batch * (inputs.text.shape[1] - masks.text_keep)
+        if check_values and _values_readable(targets) and targets.numel():
+            low, high = (int(v) for v in torch.aminmax(targets))
+            if low < 0 or high >= slots:
+                raise ValueError(f"masks.text_targets holds {low if low < 0 else high}, outside the hidden text "
+                                 f"slots 0..{slots - 1}; masks drawn for another batch?")
 
 
 # What only the masked-autoencoding stages use (strip_decoder).
@@ -149,7 +209,7 @@ class M3AE(nn.Module):
         return getattr(self, name) if self.config.use_type_embedding else 0.0
 
     def _check_inputs(self, image: torch.Tensor | None, text: torch.Tensor | None,
-                      text_padding_mask: torch.Tensor | None) -> None:
+                      text_padding_mask: torch.Tensor | None, check_values: bool = True) -> None:
         c = self.config
         if image is None and text is None:
             raise ValueError("need an image, a text, or both")
@@ -165,6 +225,14 @@ class M3AE(nn.Module):
                 raise ValueError("this model is image-only (vocab_size=0); it takes no text")
             if text.ndim != 2 or text.shape[1] > c.text_length:
                 raise ValueError(f"text must be (B, L) with L <= {c.text_length}, got {tuple(text.shape)}")
+            if text.dtype not in _TOKEN_DTYPES:
+                raise ValueError(f"text must hold token ids (torch.long or torch.int32), got {text.dtype}")
+            if check_values and _values_readable(text) and text.numel():  # else an IndexError deep inside
+                low, high = (int(v) for v in torch.aminmax(text))
+                if low < 0 or high >= c.vocab_size:
+                    bad = low if low < 0 else high
+                    raise ValueError(f"text holds token id {bad}, outside 0..{c.vocab_size - 1} (vocab_size "
+                                     f"{c.vocab_size}); was it tokenized with another tokenizer?")
             if text_padding_mask is not None and text_padding_mask.shape != text.shape:
                 raise ValueError("text_padding_mask must have the shape of text")
             if image is not None and image.shape[0] != text.shape[0]:
@@ -226,7 +294,7 @@ class M3AE(nn.Module):
     def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None,
                 text_padding_mask: torch.Tensor | None = None, *, masks: Masks | None = None,
                 generator: torch.Generator | None = None, full_outputs: bool = False,
-                return_attention: bool = False) -> M3AEOutput:
+                return_attention: bool = False, check_values: bool = True) -> M3AEOutput:
         """Mask, encode the visible tokens, decode every slot, and take the losses.
 
         `masks` replays given keep-orders; otherwise they are drawn with `generator`. Output heads
@@ -234,17 +302,23 @@ class M3AE(nn.Module):
         them everywhere and takes the mask-weighted loss from those outputs (same value; slower).
         The stages, each a method below: prepare -> masks -> forward_encoder (embed, keep the
         visible tokens, encode) -> forward_decoder -> image_loss, text_loss.
+
+        The inputs' types and shapes are always checked, and on the CPU the values too (token ids
+        within the vocabulary; each `masks` row a permutation). `check_values=False` skips the value
+        checks, for a caller whose batches are valid by construction (the trainer's step).
         """
         c = self.config
         if self.decoder_stripped:
             raise RuntimeError("this model's decoder was stripped (strip_decoder()): it can only encode()")
         if text is not None and text_padding_mask is None:  # the losses and masks need one
             text_padding_mask = torch.zeros_like(text, dtype=torch.bool)
-        inputs = self.prepare(image, text, text_padding_mask)
+        inputs = self.prepare(image, text, text_padding_mask, check_values=check_values)
         if masks is None:
             masks = self.make_masks(inputs.batch, image is not None, inputs.padding,
                                     None if text is None else text.shape[1], generator, self.cls_token.device,
                                     inputs.num_patches)
+        else:
+            _check_masks(masks, inputs, check_values)
         latent, enc_att = self.forward_encoder(inputs, masks, return_attention)
         image_dec, text_dec, dec_att = self.forward_decoder(latent, inputs, masks, every_slot=full_outputs,
                                                             return_attention=return_attention)
@@ -263,9 +337,10 @@ class M3AE(nn.Module):
         return out
 
     def prepare(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None,
-                text_padding_mask: torch.Tensor | None = None) -> ModelInputs:
-        """Check the inputs and cut the image (B, C, H, W) into patches: the batch every stage takes."""
-        self._check_inputs(image, text, text_padding_mask)
+                text_padding_mask: torch.Tensor | None = None, *, check_values: bool = True) -> ModelInputs:
+        """Check the inputs and cut the image (B, C, H, W) into patches: the batch every stage takes.
+        `check_values`: also check the token ids' values (CPU tensors only, as forward)."""
+        self._check_inputs(image, text, text_padding_mask, check_values)
         c = self.config
         weight_dtype = self.image_embedding.weight.dtype
         if image is not None and image.is_floating_point() and image.dtype != weight_dtype:
@@ -413,7 +488,8 @@ class M3AE(nn.Module):
                         state_dict: dict[str, torch.Tensor] | None = None, *, tokenizer=None,
                         preprocessing: Preprocessing | None = None) -> Path:
         """Write config.json + model.safetensors + preprocessor_config.json (+ tokenizer.json when a
-        tokenizer is given) into `directory`, each atomically: the folder is all a user needs.
+        tokenizer is given) into `directory`, each atomically: the folder is all a user needs. A
+        tokenizer.json already there is removed when no tokenizer is given (other files stay).
 
         `state_dict`: weights to write instead of this module's own (e.g. gathered from FSDP shards).
         `preprocessing`: the image rule the model was trained for (default: the config's image size,
@@ -432,6 +508,10 @@ class M3AE(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         source = self.state_dict() if state_dict is None else state_dict
         state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
+        # A tokenizer.json of an earlier save would be read as this model's. Removed (even when a new
+        # one follows) before anything new is written: a save killed part-way then leaves a folder
+        # lacking a file, which loading reports, never the new weights beside an old model's tokenizer.
+        remove_stale(directory, OPTIONAL_NAMES)
         atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
         atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json()))
         (preprocessing or Preprocessing(image_size=self.config.image_size)).save(directory)

@@ -16,7 +16,8 @@ from typing import Mapping, TypeGuard
 
 import torch
 
-from .config import ConfigError, M3AEConfig, _short, check_fits_memory
+from .config import (CLASSIFIER_FORMAT_VERSION, ConfigError, M3AEConfig, _short, check_fits_memory,
+                     check_format_version)
 
 MAX_CONFIG_BYTES = 1 << 20  # a model config is a few hundred bytes
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
@@ -80,6 +81,10 @@ def read_classifier_config(path: str | os.PathLike) -> tuple[M3AEConfig, int, st
     if data.get("kind") != "m3ae-classifier":
         raise ConfigError(f"{path.parent} is not a fine-tuned classifier folder (m3ae finetune): its config.json "
                           "has no \"kind\": \"m3ae-classifier\"; an M3AE checkpoint loads with m3ae.load")
+    try:  # before any other field: a later layout may mean them otherwise
+        check_format_version(data, CLASSIFIER_FORMAT_VERSION)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     encoder, classes, pool = data.get("encoder"), data.get("num_classes"), data.get("pool", "cls")
     if not isinstance(encoder, dict):
         raise ConfigError(f"{path}: 'encoder' must be a JSON object (the encoder's M3AEConfig)")

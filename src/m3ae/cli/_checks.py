@@ -9,7 +9,7 @@ import math
 import os
 from typing import Callable, NoReturn, Sequence
 
-from ..config import MAX_SEED
+from ..config import MAX_BATCH_SIZE, MAX_SEED
 
 # The image formats matplotlib writes (Figure.savefig picks one by the file's suffix).
 FIGURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg", ".webp", ".tif", ".tiff", ".eps", ".ps")
@@ -117,6 +117,7 @@ def output_folder(value: str) -> str:
 positive = integer(1)
 non_negative = integer(0)
 seed = integer(0, MAX_SEED)
+batch_size = integer(1, MAX_BATCH_SIZE)
 # One figure row per sample: past a few hundred the figure exceeds matplotlib's 2**16-pixel limit
 # (and reading the samples in, the memory); 64 rows is already a tall page.
 MAX_FIGURE_ROWS = 64

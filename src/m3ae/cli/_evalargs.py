@@ -21,6 +21,11 @@ def _comments(cls: type) -> dict[str, str]:
     return out
 
 
+# Fields whose range argparse checks itself, so the error names the option (--probe-batch-size), not
+# the field; the dataclasses check the same range for library callers.
+_OPTION_TYPES = {"batch_size": C.batch_size}
+
+
 def add_fields(p: argparse.ArgumentParser, cls: type, *, rename: dict[str, str] | None = None) -> None:
     """One option per field of the dataclass `cls` (`--name-with-dashes`, or `rename`d); a field
     without a default is a required option."""
@@ -39,7 +44,8 @@ def add_fields(p: argparse.ArgumentParser, cls: type, *, rename: dict[str, str] 
             p.add_argument(flag, dest=name, type=args[0], nargs=len(args),
                            default=list(typing.cast(tuple, f.default)), help=help_)
         else:
-            p.add_argument(flag, dest=name, type=args[0] if args else kind, default=None if required else f.default,
+            type_ = _OPTION_TYPES.get(f.name, args[0] if args else kind)
+            p.add_argument(flag, dest=name, type=type_, default=None if required else f.default,
                            required=required, help=help_)
 
 

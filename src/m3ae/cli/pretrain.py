@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="print the resolved settings (preset + overrides) as YAML, then exit")
     p.add_argument("--data", default=None, help="data spec (shorthand for data.spec=...)")
     p.add_argument("--steps", type=C.positive, default=None, help="total optimiser steps (shorthand for steps=N)")
-    p.add_argument("--batch-size", type=C.positive, default=None, help="global batch (shorthand for batch_size=N)")
+    p.add_argument("--batch-size", type=C.batch_size, default=None, help="global batch (shorthand for batch_size=N)")
     p.add_argument("--resume", default=None,
                    help="'auto' continues from the newest checkpoint in --out (if any); or a checkpoint folder")
     p.add_argument("--allow-changes", action="store_true",

@@ -263,6 +263,8 @@ class StreamDataset(torch.utils.data.IterableDataset):
         alive = [True] * len(iters)
         counter = BadCounter()
         share = None if self.bad_limit is None else BadCounter(*self.bad_limit)  # never reset
+        if share is not None and start.bad is not None:  # a resumed share goes on counting
+            share.add(start.bad)
 
         def skip(reason: str, key: str, detail: str = "") -> None:
             counter.record_bad(reason, key, detail)  # reported with the next batch
@@ -301,7 +303,8 @@ class StreamDataset(torch.utils.data.IterableDataset):
             if not samples:
                 continue
             counter.good += len(samples)
-            position = StreamPosition(parts, {g: ShareState(n, [_plain(p) for p in positions])})
+            position = StreamPosition(parts, {g: ShareState(n, [_plain(p) for p in positions],
+                                                            None if share is None else share.as_dict())})
             yield self.collator(Samples(samples, step, counter.take(), position))
             step += nw
 

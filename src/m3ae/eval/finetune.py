@@ -1,9 +1,10 @@
 """End-to-end fine-tuning: encoder + LayerNorm + Linear on [CLS] or pooled image tokens, with
 layer-wise lr decay, drop path, mixup / cutmix, label smoothing, warmup + cosine, bf16 on CUDA.
 
-A saved classifier is a folder: config.json ({"encoder": M3AEConfig, "num_classes", "pool"}) +
-model.safetensors (encoder weights without the decoder, plus the head) + preprocessor_config.json
-(the image preparation it was trained with, so `m3ae ood --checkpoint FOLDER` reads images alike).
+A saved classifier is a folder: config.json ({"kind", "format_version", "encoder": M3AEConfig,
+"num_classes", "pool"}) + model.safetensors (encoder weights without the decoder, plus the head) +
+preprocessor_config.json (the image preparation it was trained with, so `m3ae ood --checkpoint
+FOLDER` reads images alike).
 """
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ from ..precision import autocast
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import M3AEConfig
+from ..config import CLASSIFIER_FORMAT_VERSION, M3AEConfig
 from ..distributed import pick_device
-from ..files import atomic_write
-from ..model import M3AE
+from ..files import atomic_write, remove_stale
+from ..model import M3AE, OPTIONAL_NAMES
 from ..preprocessing import Preprocessing
 from .features import pool_tokens
 from .knn import topk_accuracy
@@ -69,8 +70,10 @@ class Classifier(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        config = {"kind": "m3ae-classifier", "encoder": self.encoder.config.to_dict(),
+        config = {"kind": "m3ae-classifier", "format_version": CLASSIFIER_FORMAT_VERSION,
+                  "encoder": self.encoder.config.to_dict(),
                   "num_classes": self.num_classes, "pool": self.pool}
+        remove_stale(directory, OPTIONAL_NAMES)  # a checkpoint's tokenizer.json: not this classifier's
         atomic_write(directory / CLASSIFIER_WEIGHTS, lambda p: save_file(state, str(p)))
         atomic_write(directory / CLASSIFIER_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
         # Without it the folder reads as "an older checkpoint" and is evaluated with the defaults.

@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sized
 
+from ..config import MAX_BATCH_SIZE
+
 log = logging.getLogger(__name__)
 
 
@@ -28,7 +30,7 @@ class HeadTraining:
         # write a result of an untrained head, a nan lr trained one to nan.
         lo, hi = self.crop_scale
         _check([("epochs", self.epochs >= 1, ">= 1"), ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
-                ("batch_size", self.batch_size >= 1, ">= 1"),
+                ("batch_size", 1 <= self.batch_size <= MAX_BATCH_SIZE, f"in 1..{MAX_BATCH_SIZE}"),
                 ("base_lr", math.isfinite(self.base_lr) and self.base_lr > 0, "a finite number > 0"),
                 ("weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0, ">= 0"),
                 ("crop_scale", 0 < lo <= hi <= 1, "two numbers 0 < min <= max <= 1"),

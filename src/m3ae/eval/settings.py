@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, replace
 
-from ..config import MAX_SEED
+from ..config import MAX_BATCH_SIZE, MAX_SEED
 
 
 @dataclass
@@ -65,8 +65,8 @@ class EvalSettings(Runtime):
         super().__post_init__()
         if self.square not in (None, "crop", "pad"):
             raise ValueError(f"square must be crop or pad, got {self.square!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise ValueError(f"batch_size must be in 1..{MAX_BATCH_SIZE}, got {self.batch_size}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 (or unset), got {self.threads}")
         if not 0 <= self.max_bad_fraction <= 1:  # also refuses nan, which would compare false and never stop

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError
+from ..config import MAX_BATCH_SIZE, ConfigError
 from ..data.bad import BadSample
 from ..data.images import EvalTransform
 from ..data.pipeline import decode_caption
@@ -96,6 +96,8 @@ class EvalSpec:
                 raise ConfigError(f"probe {p.name!r}: label must be 'cls' or 'json:FIELD', got {p.label!r}")
         if len({p.name for p in spec.probes}) != len(spec.probes):
             raise ConfigError("probe names must be unique")
+        if type(spec.batch_size) is not int or not 1 <= spec.batch_size <= MAX_BATCH_SIZE:
+            raise ConfigError(f"evals.batch_size must be an integer in 1..{MAX_BATCH_SIZE}, got {spec.batch_size!r}")
         for pool in spec.pools:
             if pool not in ("cls", "mean"):
                 raise ConfigError(f"evals.pools: 'cls' or 'mean', got {pool!r}")

@@ -16,7 +16,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..config import MAX_SEED, PRESETS, ConfigError, M3AEConfig
+from ..config import MAX_BATCH_SIZE, MAX_SEED, PRESETS, ConfigError, M3AEConfig
 from ..host_allocator import SETTINGS as HOST_ALLOCATOR_SETTINGS
 from ..precision import PRECISIONS
 from ..data.config import DataConfig, stream_shares
@@ -106,8 +106,10 @@ class TrainConfig:
         """Every setting against its allowed range (a wrong sign must not train silently wrong)."""
         if not 1 <= self.steps <= MAX_STEPS:
             raise ConfigError(f"steps must be positive and at most {MAX_STEPS:,}, got {self.steps:,}")
-        if self.batch_size <= 0 or self.grad_accum <= 0:
-            raise ConfigError("batch_size and grad_accum must be positive")
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise ConfigError(f"batch_size must be positive and at most {MAX_BATCH_SIZE:,}, got {self.batch_size:,}")
+        if self.grad_accum <= 0:
+            raise ConfigError(f"grad_accum must be positive, got {self.grad_accum:,}")
         o, d = self.optim, self.data
         checks = [
             ("seed", 0 <= self.seed <= MAX_SEED, f"in 0..{MAX_SEED}"),
