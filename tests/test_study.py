@@ -363,7 +363,7 @@ def test_a_moved_study_folder_resumes(study_file, caplog, monkeypatch):
     # another spelling of --out) was refused as "made by a different recipe".
     caplog.set_level(logging.INFO, logger="m3ae")
     from m3ae.study.report import collect
-    from m3ae.study.runner import eval_fingerprint
+    from m3ae.study.fingerprint import form1_fingerprint
     from m3ae.train.loop import pretrain
 
     study = load_study(study_file / "study.yaml", str(study_file / "data"))
@@ -393,12 +393,148 @@ def test_a_moved_study_folder_resumes(study_file, caplog, monkeypatch):
     (random / "run_config.yaml").write_text(to_yaml(old_config))
     spec = EvalSpec.from_dict(study.evals)
     result = json.loads(evaluated.read_text())
-    result["fingerprint"] = eval_fingerprint(spec, old_config, result["checkpoint"])
+    result["fingerprint"] = form1_fingerprint(spec, to_yaml(old_config), result["checkpoint"])
     evaluated.write_text(json.dumps(result))
     stamp = evaluated.stat().st_mtime_ns
     run_study(study, study_file / "again", only=["random"])
     assert evaluated.stat().st_mtime_ns == stamp
     assert collect(study, study_file / "again")["runs"][0]["status"] == "evaluated"
+
+
+def test_a_setting_added_since_at_its_default_keeps_evaluations_current(study_file):
+    # Was: the fingerprint hashed every field of the run config and of the evals settings, so each
+    # setting a release added (at its default, which does what the code did before) made every
+    # evaluation of every study folder stale, redone after an upgrade (hours at scale).
+    import copy
+    import dataclasses
+
+    from m3ae.data.config import DataConfig
+    from m3ae.study.fingerprint import eval_fingerprint, form1_fingerprint
+    from m3ae.study.report import collect
+
+    study = load_study(study_file / "study.yaml", str(study_file / "data"))
+    out, arm = study_file / "out", study.arms[0]
+    run_study(study, out, only=["random"])
+    spec, config = EvalSpec.from_dict(study.evals), arm_config(study, arm, 0, str(out / "tokenizer.json"))
+    evaluated = run_dir(out, arm, 0) / "eval.json"
+    result = json.loads(evaluated.read_text())
+    checkpoint = result["checkpoint"]
+    assert result["fingerprint"] == eval_fingerprint(spec, config, checkpoint, out)  # the form written now
+
+    @dataclasses.dataclass
+    class NewerData(DataConfig):  # a release that added a data setting
+        newer: int = 3
+
+    @dataclasses.dataclass
+    class NewerSpec(EvalSpec):  # and an evals setting
+        newer: float = 0.5
+
+    grown = copy.deepcopy(config)
+    grown.data = NewerData(**dataclasses.asdict(config.data))
+    grown_spec = NewerSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)})
+    assert eval_fingerprint(grown_spec, grown, checkpoint, out) == result["fingerprint"]
+    grown.data.newer = 4  # set to another value: it may change the result
+    assert eval_fingerprint(spec, grown, checkpoint, out) != result["fingerprint"]
+    grown_spec.newer = 0.25
+    assert eval_fingerprint(grown_spec, config, checkpoint, out) != result["fingerprint"]
+
+    def status():
+        return [r["status"] for r in collect(study, out)["runs"] if r["arm"] == "random"]
+
+    # An evaluation by an older release: its run_config.yaml, and the fingerprint over it, lack the
+    # settings added since; it stays current, in the report and for the runner.
+    saved = run_dir(out, arm, 0) / "run_config.yaml"
+    recorded = saved.read_text()
+    lines = [line for line in recorded.splitlines(keepends=True)
+             if line.split(":")[0].strip() not in ("max_member_bytes", "max_shard_bytes", "threads", "host_allocator")
+             and not line.startswith("wandb")]
+    assert len(recorded.splitlines()) - len(lines) == 9
+    saved.write_text("".join(lines))
+    evaluated.write_text(json.dumps({**result, "fingerprint": form1_fingerprint(spec, "".join(lines), checkpoint)}))
+    stamp = evaluated.stat().st_mtime_ns
+    assert status() == ["evaluated"]
+    run_study(study, out, only=["random"])
+    assert evaluated.stat().st_mtime_ns == stamp
+    # The release before this one: today's settings, files in the folder as $ROOT/... or absolute.
+    saved.write_text(recorded)
+    for old in (to_yaml(config, out), to_yaml(config)):
+        evaluated.write_text(json.dumps({**result, "fingerprint": form1_fingerprint(spec, old, checkpoint)}))
+        assert status() == ["evaluated"]
+    # A default changed since: the run was made with the old value, which its run_config.yaml
+    # records; the fingerprint, which leaves defaults out, cannot tell, the recorded settings do.
+    evaluated.write_text(json.dumps(result))
+    assert status() == ["evaluated"]
+    saved.write_text(recorded.replace("pad_value: 255", "pad_value: 254"))
+    assert status() == ["stale"]
+    with pytest.raises(ValueError, match=r"different recipe or study file \(data.pad_value: 254 -> 255"):
+        run_study(study, out, only=["random"])
+
+
+def test_the_same_data_spelled_another_way_is_no_change(study_file, monkeypatch):
+    # Was: --data-root ../data and --data-root /abs/data (the same files) were different settings: a
+    # study's finished runs were refused as made by another recipe and their evaluations were stale.
+    from m3ae.study.fingerprint import eval_fingerprint
+    from m3ae.study.report import collect
+    from m3ae.train.config import TrainConfig, check_resume_changes
+
+    absolute = load_study(study_file / "study.yaml", str(study_file / "data"))
+    out, arm = study_file / "out", absolute.arms[0]
+    run_study(absolute, out, only=["random"])
+    evaluated = run_dir(out, arm, 0) / "eval.json"
+    stamp = evaluated.stat().st_mtime_ns
+    (study_file / "elsewhere").mkdir()
+    monkeypatch.chdir(study_file / "elsewhere")
+    relative = load_study(study_file / "study.yaml", "../data/")
+    assert relative.overrides != absolute.overrides
+    run_study(relative, out, only=["random"])
+    assert evaluated.stat().st_mtime_ns == stamp  # neither refused nor evaluated again
+    assert collect(relative, out)["runs"][0]["status"] == "evaluated"
+    checkpoint = json.loads(evaluated.read_text())["checkpoint"]
+    fingerprints = {eval_fingerprint(EvalSpec.from_dict(s.evals), arm_config(s, arm, 0, str(out / "tokenizer.json")),
+                                     checkpoint, out) for s in (absolute, relative)}
+    assert len(fingerprints) == 1
+    # Other files are a change.
+    (study_file / "copy").symlink_to(study_file / "data")  # a link to the same files is not
+    assert collect(load_study(study_file / "study.yaml", "../copy"), out)["runs"][0]["status"] == "evaluated"
+    (study_file / "other").mkdir()
+    for name in ("train-00000.tar.gz", "test-00000.tar.gz"):
+        (study_file / "other" / name).write_bytes((study_file / "data" / name).read_bytes())
+    other = load_study(study_file / "study.yaml", str(study_file / "other"))
+    assert collect(other, out)["runs"][0]["status"] == "stale"
+    with pytest.raises(ValueError, match=r"different recipe or study file \(data.spec: "):
+        run_study(other, out, only=["random"])
+    # An interrupted pretraining resumes with the data root spelled another way, not with other files.
+    recorded, config = TrainConfig(), TrainConfig()
+    recorded.data.spec = f"{study_file}/data/train-{{00000..00000}}.tar.gz#shuffle=0@2"
+    config.data.spec = "../data/train-{00000..00000}.tar.gz#shuffle=0@2"
+    assert check_resume_changes(to_yaml(recorded), config, False, "ckpt") == []
+    config.data.spec = "../other/train-{00000..00000}.tar.gz#shuffle=0@2"
+    with pytest.raises(ConfigError, match="data.spec"):
+        check_resume_changes(to_yaml(recorded), config, False, "ckpt")
+
+
+def test_data_paths_are_compared_by_their_folder_where_it_exists(tmp_path, monkeypatch):
+    from m3ae.data.spec import same_files_path, same_files_spec
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "sub").mkdir(parents=True)
+    (tmp_path / "data" / "a.tar").write_text("")
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    real = str(tmp_path.resolve() / "data")
+    for given, same in (("data/a.tar", f"{real}/a.tar"), ("./link/a.tar", f"{real}/a.tar"),
+                        ("data/shard-{0..3}.tar", f"{real}/shard-{{0..3}}.tar"),
+                        ("link/sub/../*.tar", f"{real}/*.tar"),  # the folder part, up to the first brace or glob
+                        ("data/{a,b}/x.tar", f"{real}/{{a,b}}/x.tar"),
+                        ("x-{0..3}.tar", f"{tmp_path.resolve()}/x-{{0..3}}.tar"),  # the working directory's
+                        ("data/missing.tar", f"{real}/missing.tar"),  # the folder exists: that file there
+                        ("nowhere/x-{0..3}.tar", "nowhere/x-{0..3}.tar"),  # no such folder: as written
+                        ("demo", "demo"), ("bert-base-uncased", "bert-base-uncased"),  # names
+                        ("https://host/data/x-{0..3}.tar", "https://host/data/x-{0..3}.tar"), ("", "")):
+        assert same_files_path(given) == same, given
+    assert same_files_spec("paired=link/shard-{0..3}.tar@0.7,text=text:data/a\\,b.txt#caption@0.3") == (
+        f"paired={real}/shard-{{0..3}}.tar@0.7,text=text:{real}/a\\,b.txt#caption@0.3")
+    for kept in ("demo", "synthetic:data#samples=8", "hf:data#split=train", "wds:https://host/x.tar@2"):
+        assert same_files_spec(kept) == kept
 
 
 def test_a_study_run_resumes_with_plain_pretrain(study_file):

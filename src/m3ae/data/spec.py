@@ -196,3 +196,61 @@ def parse_spec(spec: str) -> list[SourceSpec]:
         if len(items) > 1 and ESCAPE_HINT not in str(err):  # a path may have been cut at a "," of its own
             raise FileNotFoundError(f"{err}; {ESCAPE_HINT}") from None
         raise
+
+
+# Kinds whose PATH is a name, not a local file: kept as written by same_files_spec.
+_NAMED_KINDS = ("hf", "synthetic")
+
+
+def same_files_path(pattern: str) -> str:
+    """A file, folder or shard pattern ({00..03} braces, globs) written so that it names the same
+    files whoever spells it and from whatever directory: its directory part, where that folder
+    exists, as an absolute real path (symbolic links resolved); the rest (braces, globs, the file
+    name) as given. URLs ("://"), bare names (no folder part, no such file: "demo", a hub name) and
+    paths whose folder does not exist are kept as written. For comparing settings, not for reading."""
+    if not pattern or "://" in pattern:
+        return pattern
+    path = os.path.expanduser(pattern)
+    special = min((path.index(c) for c in "{*?[" if c in path), default=None)
+    if special is None:
+        if os.path.exists(path):
+            return os.path.realpath(path)
+        head, tail = os.path.split(path)
+        if not head:
+            return pattern
+    else:
+        cut = path.rfind("/", 0, special)
+        head, tail = (path[:cut] or "/", path[cut + 1:]) if cut >= 0 else (".", path)
+    if not os.path.isdir(head):
+        return pattern
+    return os.path.join(os.path.realpath(head), tail)
+
+
+def same_files_spec(spec: str) -> str:
+    """A data SPEC with every item's local path written by same_files_path (roles, kinds, options
+    and weights as written; items of the hf and synthetic kinds, whose path is a name, and URLs
+    untouched). Textual: it reads no data and raises nothing for a missing file."""
+    from .sources.registry import find_kind
+
+    items = []
+    for item in split_items(spec):
+        text, weight = item, ""
+        at = _unescaped(text, "@")
+        if at and re.fullmatch(r"[0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?", text[at[-1] + 1:]):
+            text, weight = text[:at[-1]], text[at[-1]:]
+        role = ""
+        m = re.match(r"(\w+)=", text)
+        if m and m.group(1) in ROLES:
+            role, text = text[:m.end()], text[m.end():]
+        kind = ""
+        m = re.match(r"(\w+):(?!//)", text)
+        if m:
+            found = find_kind(m.group(1))
+            if found is None or found.name in _NAMED_KINDS:
+                items.append(item)
+                continue
+            kind, text = text[:m.end()], text[m.end():]
+        raw_path, *options = _cut(text, _unescaped(text, "#"))
+        path = escape(same_files_path(unescape(raw_path)))
+        items.append(role + kind + path + "".join("#" + o for o in options) + weight)
+    return ",".join(items)

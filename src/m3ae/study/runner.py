@@ -10,12 +10,10 @@ folder: checkpoints/, metrics.jsonl; plus done.json and eval.json), results.json
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,9 +23,11 @@ from ..checkpoint import RUN_CONFIG_NAME
 from ..config import ConfigError
 from ..files import atomic_write
 from ..model import M3AE
-from ..train.config import TrainConfig, from_yaml, load_config, relative_paths, setting_changes, to_yaml
+from ..train.config import TrainConfig, from_yaml, load_config, same_files, setting_changes, to_yaml
 from .evaluate import (EvalSpec, FeatureCache, ImageCache, load_captioned, load_probe_sets, masked_word_accuracy,
                        run_probe)
+from . import fingerprint as fp
+from .fingerprint import eval_fingerprint
 from .spec import ArmSpec, StudySpec
 
 DONE = "done.json"
@@ -135,23 +135,11 @@ def train_flag_changed(done: dict, arm: ArmSpec) -> bool:
 
 def evaluation_is_current(study: StudySpec, arm: ArmSpec, seed: int, out: Path, done: dict,
                           evaluation: dict) -> bool:
-    """Whether this finished run's eval.json was made with the study's current settings (report)."""
+    """Whether this finished run's eval.json was made with the study's current settings (the report;
+    the runner applies the same rule, m3ae.study.fingerprint.evaluation_is_current)."""
     config = arm_config(study, arm, seed, study_tokenizer(study, out))
-    return fingerprint_matches(evaluation, EvalSpec.from_dict(study.evals), config, done["checkpoint"], out)
-
-
-def eval_fingerprint(spec: EvalSpec, config: TrainConfig, checkpoint: str, out: Path | None = None) -> str:
-    """What an evaluation result depends on: the settings, the weights' run config and checkpoint.
-    With the study folder `out`, files in it count by their place in it (the folder may move)."""
-    text = json.dumps([asdict(spec), to_yaml(config, out), checkpoint], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def fingerprint_matches(evaluation: dict, spec: EvalSpec, config: TrainConfig, checkpoint: str, out: Path) -> bool:
-    # Folders evaluated before study paths were stored relative to the folder carry the fingerprint
-    # of the absolute paths: still current where the folder has not moved.
-    return evaluation.get("fingerprint") in (eval_fingerprint(spec, config, checkpoint, out),
-                                             eval_fingerprint(spec, config, checkpoint))
+    return fp.evaluation_is_current(evaluation, EvalSpec.from_dict(study.evals), config, done["checkpoint"], out,
+                                    run_dir(out, arm, seed))
 
 
 def train_seconds(metrics_path: Path, batch_size: int) -> float:
@@ -234,10 +222,11 @@ def run_one(study: StudySpec, arm: ArmSpec, seed: int, out: Path, tokenizer: str
             return "busy"
         saved = directory / RUN_CONFIG_NAME
         # Files inside the study folder are compared by their place in it (run_config.yaml records them
-        # so; older folders hold absolute paths), so a moved or differently spelled --out still resumes.
-        if saved.is_file() and (to_yaml(from_yaml(saved.read_text(), out), out) != to_yaml(config, out)):
-            changed = setting_changes(relative_paths(from_yaml(saved.read_text(), out), out),
-                                      relative_paths(config, out))
+        # so; older folders hold absolute paths), so a moved or differently spelled --out still resumes;
+        # data files by their real path (another spelling of --data-root is no change); settings added
+        # since the run was made count at their defaults (m3ae.study.fingerprint).
+        if saved.is_file() and not fp.same_run_settings(saved.read_text(), config, out):
+            changed = setting_changes(same_files(from_yaml(saved.read_text(), out), out), same_files(config, out))
             raise ValueError(f"{directory} was made by a different recipe or study file ("
                              + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:8])
                              + "); use another --out, or delete that folder to redo the run")
@@ -266,7 +255,8 @@ def run_one(study: StudySpec, arm: ArmSpec, seed: int, out: Path, tokenizer: str
             write_json(directory / DONE, done)
         fingerprint = eval_fingerprint(evaluator.spec, config, done["checkpoint"], out)
         existing = read_json(directory / EVAL)
-        if existing is None or not fingerprint_matches(existing, evaluator.spec, config, done["checkpoint"], out):
+        if existing is None or not fp.evaluation_is_current(existing, evaluator.spec, config, done["checkpoint"], out,
+                                                            directory):
             log.info("%s seed %d: evaluating %s", arm.name, seed, done["checkpoint"])
             t0 = time.perf_counter()
             model = M3AE.from_pretrained(out / done["checkpoint"])

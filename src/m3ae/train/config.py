@@ -20,6 +20,7 @@ from ..config import MAX_BATCH_SIZE, MAX_SEED, PRESETS, ConfigError, M3AEConfig
 from ..host_allocator import SETTINGS as HOST_ALLOCATOR_SETTINGS
 from ..precision import PRECISIONS
 from ..data.config import DataConfig, stream_shares
+from ..data.spec import same_files_spec
 from ..optim import scaled_lr
 
 
@@ -372,6 +373,17 @@ def resolve_paths(config: TrainConfig, root: str | os.PathLike) -> TrainConfig:
     return _map_paths(config, lambda v: str(Path(root) / v[len(ROOT) + 1:]) if v.startswith(ROOT + "/") else v)
 
 
+def same_files(config: TrainConfig, root: str | os.PathLike | None = None) -> TrainConfig:
+    """A copy for comparing settings, not for recording: files named the same way however they were
+    spelled, so that `--data-root ../data` and `--data-root /abs/data` (the same files) are one
+    setting. PATH_SETTINGS as relative_paths records them (with `root`), data.spec's local paths
+    absolute and real (m3ae.data.spec.same_files_spec: braces, globs, options, hub names and URLs
+    as written)."""
+    config = relative_paths(config, root) if root is not None else copy.deepcopy(config)
+    config.data.spec = same_files_spec(config.data.spec)
+    return config
+
+
 def to_yaml(config: TrainConfig, root: str | os.PathLike | None = None) -> str:
     """The run's settings as run_config.yaml records them; with `root`, files inside it as ROOT/..."""
     if root is not None:
@@ -458,7 +470,9 @@ def check_resume_changes(checkpoint_yaml: str, config: TrainConfig, allow: bool,
     if root is None and run_dir is not None:
         root = study_root(old, config, run_dir)
     if root is not None:  # also a checkpoint written before such paths were relative: its absolute path
-        old, config = relative_paths(resolve_paths(old, root), root), relative_paths(config, root)
+        old = resolve_paths(old, root)
+    # The same data files spelled another way (a relative or absolute --data-root) are no change.
+    old, config = same_files(old, root), same_files(config, root)
     changes = setting_changes(old, config)
     breaking = [k for k in changes if k not in RESUME_SAFE]
     notes = {k: "" if k in RESUME_SAFE else " (not exact)" for k in changes}
