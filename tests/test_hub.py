@@ -1,6 +1,6 @@
 """Hugging Face Hub: hub ids resolved through huggingface_hub's own snapshot_download against a
 cache the test builds in the library's real layout (models--OWNER--NAME/{blobs,refs,snapshots}),
-offline; the model card; the upload itself is not exercised (it needs the Hub)."""
+offline; the model card; uploads against tests/hub_mirror.py, a local stand-in for the Hub."""
 from __future__ import annotations
 
 import hashlib
@@ -268,3 +268,56 @@ def test_card_and_loader_agree_on_what_a_folder_holds(tmp_path):
         read_model_config(tmp_path / "config.json")
     with pytest.raises(ValueError, match="lacks 'model_args'"):
         model_card(tmp_path)
+
+
+def test_a_push_deletes_model_files_an_earlier_push_left_that_this_folder_lacks(tmp_path, monkeypatch):
+    """Was: push only added files, so an image-only model pushed over a repo holding an earlier
+    M3AE's tokenizer.json left it there, and the Hub copy loaded with another model's vocabulary.
+    Now model files (HUB_FILES) the folder does not give are deleted in the same commit, made on
+    the state listed; other files of the repository stay."""
+    from huggingface_hub import HfApi
+    from hub_mirror import HubMirror
+
+    from data_files import write_tokenizer
+    from m3ae.data.tokenizer import load_tokenizer
+    from m3ae.hub import HubError, _repo_files, push_to_hub
+    from m3ae.interop.export import export
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # the mirror is local
+    text = M3AE(M3AEConfig.from_preset("nano", image_size=32, patch_size=8, vocab_size=256, text_length=16))
+    text.save_pretrained(tmp_path / "text", tokenizer=load_tokenizer(write_tokenizer(tmp_path)))
+    image_only = M3AE(M3AEConfig.from_preset("nano", image_size=32, patch_size=8, vocab_size=0, text_length=16))
+    image_only.save_pretrained(tmp_path / "mae")
+    timm = export(_tiny(), Preprocessing.from_stats(32, "imagenet"), "timm", tmp_path / "timm")
+    ours = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"}
+    theirs = {".gitattributes": b"*.safetensors filter=lfs\n", "notes.md": b"mine",
+              "extra/tokenizer.json": b"{}"}  # not a model file of ours: a nested one is another path
+    with HubMirror("someone/m", exists=False) as hub:
+        api = HfApi(endpoint=hub.url, token="hf_local")
+        assert _repo_files(api, "someone/m", None) == (set(), None)  # no repository yet: nothing to delete
+        push_to_hub(tmp_path / "text", "someone/m", api=api)
+        assert hub.commits[-1]["deleted"] == [] and "tokenizer.json" in hub.files
+        hub.files.update(theirs)
+        push_to_hub(tmp_path / "mae", "someone/m", api=api)
+        assert hub.commits[-1] == {"parent": hub.commit, "added": sorted(ours), "deleted": ["tokenizer.json"]}
+        assert set(hub.files) == ours | set(theirs)
+        push_to_hub(timm, "someone/m", api=api)  # an encoder for timm: no preprocessor_config.json of its own
+        assert hub.commits[-1]["deleted"] == ["preprocessor_config.json"]
+        assert set(hub.files) == ours - {"preprocessor_config.json"} | set(theirs)
+        push_to_hub(tmp_path / "text", "someone/m", api=api, revision="main")
+        assert hub.commits[-1]["deleted"] == [] and set(hub.files) == ours | {"tokenizer.json"} | set(theirs)
+        assert len(hub.commits) == 4  # one commit per push: the repo never shows a half state
+
+        # Another push landing between the listing and the commit: refused, nothing deleted unseen.
+        listed = api.list_repo_tree
+
+        def list_then_another_push(*args, **kwargs):
+            entries = list(listed(*args, **kwargs))
+            hub.commit = "1" * 40
+            return entries
+
+        monkeypatch.setattr(api, "list_repo_tree", list_then_another_push)
+        before = dict(hub.files)
+        with pytest.raises(HubError, match="pushing to someone/m failed"):
+            push_to_hub(tmp_path / "mae", "someone/m", api=api)
+        assert hub.files == before and len(hub.commits) == 4

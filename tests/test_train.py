@@ -101,6 +101,37 @@ def test_keep_last_and_atomic_checkpoints(tmp_path):
     assert state["step"] == 8 and "rng" in state and state["data"]["next_micro_batch"] == 8
 
 
+def test_leftovers_of_a_killed_process_with_this_pid_do_not_trip_pruning_or_resaving(tmp_path):
+    """Was: a checkpoint's temp folder and the folder a pruned one is renamed to before deletion were
+    named by pid only. In a container the restarted trainer often gets the pid of the one killed;
+    where that one's leftovers were still there (its deletion was cut off, or failed on a network
+    disk), pruning raised 'Directory not empty' after the new checkpoint was written, and a re-save
+    of a step raised too. Temp files of killed atomic writes beside and inside checkpoints are
+    passed over by listing, pruning and resuming."""
+    from m3ae.checkpoint import checkpoint_root, clean_stale, newest_intact, save_checkpoint
+
+    torch.manual_seed(0)
+    model = M3AE(tiny_config().model)
+    root = checkpoint_root(tmp_path)
+    root.mkdir(parents=True)
+    pid = os.getpid()
+    (root / f".old-step_00000001-{pid}").mkdir()  # a killed deletion of step 1, same pid
+    (root / f".old-step_00000001-{pid}" / "model.safetensors").write_bytes(b"\0" * 64)
+    (root / f".old-step_00000002-{pid}").write_text("a file of that name")
+    (root / f".tmp-step_00000003-{pid}").write_text("a file of that name")
+    (root / ".model.safetensors.0123456789ab.tmp").write_bytes(b"\0" * 64)  # a killed atomic write
+    for step in (1, 2, 2, 3):  # step 2 saved twice: the second moves the first aside
+        path = save_checkpoint(tmp_path, step, model, {"step": step}, f"steps: {step}\n", keep_last=2)
+        (path / ".model.safetensors.0123456789ab.tmp").write_bytes(b"\0" * 64)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]
+    found = newest_intact(tmp_path, load_train_state)
+    assert found is not None and found[0].name == "step_00000003" and found[1]["step"] == 3
+    assert sorted(clean_stale(tmp_path)) == [f".old-step_00000001-{pid}", f".old-step_00000002-{pid}",
+                                             f".tmp-step_00000003-{pid}"]
+    assert sorted(p.name for p in root.iterdir()) == [".model.safetensors.0123456789ab.tmp", "step_00000002",
+                                                      "step_00000003"]
+
+
 def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     original = M3AE.forward
 

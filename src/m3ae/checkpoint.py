@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -55,11 +56,9 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model, train_state: d
     root = checkpoint_root(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
+    tmp = _aside_name(root, f".tmp-step_{step:08d}")
     trash = None
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
         model.save_pretrained(tmp)
         torch.save(train_state, tmp / STATE_NAME)
         (tmp / RUN_CONFIG_NAME).write_text(run_config_yaml)
@@ -67,7 +66,7 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model, train_state: d
             fsync_file(path)
         fsync_dir(tmp)
         if final.exists():  # re-saving a step: move the old one aside first, then swap
-            trash = root / f".old-step_{step:08d}-{os.getpid()}"
+            trash = _aside_name(root, f".old-step_{step:08d}")
             os.replace(final, trash)
         os.replace(tmp, final)
     except BaseException:
@@ -87,9 +86,20 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model, train_state: d
 def _remove(path: Path) -> None:
     """Rename aside, then delete: a kill mid-delete leaves a hidden folder (cleaned at the next
     start), never a half-deleted step folder."""
-    trash = path.with_name(f".old-{path.name}-{os.getpid()}")
+    trash = _aside_name(path.parent, f".old-{path.name}")
     os.replace(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def _aside_name(root: Path, prefix: str) -> Path:
+    """PREFIX-PID-RANDOM in `root`, a name nothing there has. By pid alone it was the name a killed
+    process of the same pid (a restarted container's trainer) may have left a folder or file under
+    (its deletion cut off, or failed on a network disk): renaming onto it raised 'Directory not
+    empty' / 'Not a directory'. Such leftovers go at the next start (clean_stale)."""
+    while True:
+        path = root / f"{prefix}-{os.getpid()}-{secrets.token_hex(4)}"
+        if not os.path.lexists(path):
+            return path
 
 
 def clean_stale(out_dir: str | os.PathLike) -> list[str]:

@@ -154,8 +154,14 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
     """Upload a checkpoint folder's model files (HUB_FILES) to `repo_id` in one commit, with the
     folder's own README.md or else a model card generated for this repository and `results` (uploaded,
     not written into the folder: a card names its repository). Returns huggingface_hub's CommitInfo;
-    a Hub that cannot be reached or refuses raises HubError (an OSError) saying so."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+    a Hub that cannot be reached or refuses raises HubError (an OSError) saying so.
+
+    The repository then describes exactly this folder: a model file (a HUB_FILES name) an earlier push
+    left there that this one does not upload (a tokenizer.json, when this model has none) is deleted
+    in the same commit. Nothing else in the repository is touched. The commit is made on the revision
+    as it was listed (parent_commit): had another push landed meanwhile, it fails instead of deleting
+    from a state it did not see."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     folder = Path(folder)
     for name in ("config.json", "model.safetensors"):
@@ -185,11 +191,34 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
         api = api or HfApi(token=token)  # `api`: an HfApi for another endpoint (a mirror, tests)
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
-            return api.create_commit(repo_id, operations=operations, revision=revision,
-                                     commit_message=commit_message)
+            present, parent = _repo_files(api, repo_id, revision)
+            uploaded = {op.path_in_repo for op in operations}
+            deletions = [CommitOperationDelete(path_in_repo=name)
+                         for name in HUB_FILES if name in present and name not in uploaded]
+            return api.create_commit(repo_id, operations=[*operations, *deletions], revision=revision,
+                                     commit_message=commit_message, parent_commit=parent)
         except _hub_errors() as err:
             raise HubError(f"pushing to {repo_id} failed: {type(err).__name__}: {err} (is the Hugging Face Hub "
                            "reachable, and are you logged in: `hf auth login` or HF_TOKEN?)") from err
+
+
+def _repo_files(api, repo_id: str, revision: str | None) -> tuple[set[str], str | None]:
+    """The files at the top of `repo_id` at `revision` (default main, where create_commit commits)
+    and the commit they were listed at; (set(), None) for a repository that does not exist or has no
+    commit yet (nothing to delete). Folders are not listed: a folder named like a model file is not
+    one of ours. An unknown revision raises (the commit could not be made either)."""
+    from huggingface_hub import RepoFile, constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        sha = api.repo_info(repo_id, revision=revision or constants.DEFAULT_REVISION).sha
+    except RepositoryNotFoundError:
+        return set(), None
+    if sha is None:
+        return set(), None
+    # Listed at that commit, not at the branch: the listing and parent_commit are one state.
+    return {entry.path for entry in api.list_repo_tree(repo_id, revision=sha)
+            if isinstance(entry, RepoFile)}, sha
 
 
 def _refuse_outside_links(folder: Path) -> None:

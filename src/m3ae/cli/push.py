@@ -10,7 +10,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("push", help="upload a checkpoint folder to the Hugging Face Hub, with a model card",
                        description="Uploads config.json, model.safetensors, tokenizer.json, "
                                    "preprocessor_config.json and a generated README.md (not the training "
-                                   "state). Authentication: `hf auth login` or HF_TOKEN.")
+                                   "state); a model file of an earlier push this folder lacks is deleted in "
+                                   "the same commit. Authentication: `hf auth login` or HF_TOKEN.")
     p.add_argument("checkpoint", help="checkpoint folder")
     p.add_argument("repo_id", help="USER/REPO on the Hub (created if missing)")
     p.add_argument("--private", action="store_true", help="create the repository private")
