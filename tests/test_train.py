@@ -537,3 +537,21 @@ def test_result_history_keeps_the_newest_rows_only(tmp_path, monkeypatch):
     assert [r["step"] for r in result.history] == [5, 6, 7]
     assert result.history_dropped == 4
     assert len(losses(tmp_path)) == 7  # metrics.jsonl still has every step
+
+
+def test_resume_where_auto_precision_resolves_otherwise_is_said_not_exact(tmp_path, caplog, monkeypatch):
+    """`precision: auto` resolves per device, so the same run_config resumed on another machine can
+    switch fp32 <-> bf16 with no setting changed: the checkpoint records the resolved mode and a
+    resume that resolves differently says so (here the device's answer is stood in for)."""
+    import m3ae.train.loop as loop_module
+
+    caplog.set_level(logging.INFO, logger="m3ae")
+    monkeypatch.setattr(loop_module, "resolve_precision", lambda precision, device: "fp32")
+    pretrain(tiny_config("steps=3", "device=cpu"), tmp_path / "run", stop_at_step=1)
+    pretrain(tiny_config("steps=3", "device=cpu"), tmp_path / "run", resume="auto", stop_at_step=2)
+    assert "changed since the checkpoint: precision" not in caplog.text  # same mode: nothing to say
+    monkeypatch.setattr(loop_module, "resolve_precision", lambda precision, device: "bf16")
+    result = pretrain(tiny_config("steps=3", "device=cpu"), tmp_path / "run", resume="auto")
+    assert ("changed since the checkpoint: precision fp32 -> bf16 (precision=auto resolves per device; not "
+            "exact: the step's arithmetic changes; set precision=fp32 to continue as it began)") in caplog.text
+    assert result.step == 3

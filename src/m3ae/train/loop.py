@@ -186,6 +186,13 @@ class _Run:
             log.warning("changed since the checkpoint: torch threads %d -> %d (not exact: changes the float "
                         "rounding; set threads=%d to continue bit for bit)", resumed.threads, threads.threads,
                         resumed.threads)
+        if is_main and resumed is not None and resumed.precision is not None and resumed.precision != mode:
+            # The resolved mode, not the setting: `auto` picks per device (bf16 on CUDA and on CPUs with
+            # native bf16), so the same run_config resumed on another machine can change its arithmetic.
+            log.warning("changed since the checkpoint: precision %s -> %s (precision=%s resolves per device; "
+                        "not exact: the step's arithmetic changes; set precision=%s to continue as it began)",
+                        resumed.precision, mode, config.precision, resumed.precision)
+        self.mode = mode
         self.start_step = resumed.step if resumed is not None else 0
         self.step, self.skipped = self.start_step, resumed.skipped if resumed is not None else 0
         self.stop: StopRequest | None = None  # while train() runs
@@ -389,7 +396,7 @@ class _Run:
             pending = self.pending
             train_state = {"step": step, "optimizer": optim_full, "rng": rng or rng_state(),
                            "data": data_state, "skipped_steps": self.skipped, "world_size": world_size,
-                           "threads": self.threads.threads,
+                           "threads": self.threads.threads, "precision": self.mode,
                            "pending_metrics": torch.stack(pending).cpu() if pending else None}
             weights = _Weights(self.model, model_state, self.data.tokenizer, self.preprocessing)
             path = save_checkpoint(self.out_dir, step, weights, train_state, self.run_yaml, self.config.keep_last)

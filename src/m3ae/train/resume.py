@@ -38,6 +38,7 @@ class Resumed:
     data_state: dict[str, Any] | None  # the stream position, for the loader
     pending_metrics: torch.Tensor | None  # the unlogged steps of a partial log window
     threads: int | None = None  # the torch CPU threads it ran with (None: an older checkpoint)
+    precision: str | None = None  # the mode its precision setting resolved to (None: an older checkpoint)
 
     def load_optimizer(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> None:
         dist_utils.load_optimizer_state(model, optimizer, self.optimizer_state, fsdp)
@@ -100,7 +101,8 @@ def restore(resume: str | None, out_dir: Path, model: M3AE, config: TrainConfig,
         torch.manual_seed(config.seed + rank + 1_000_003 * int(state["step"]))
     resumed = Resumed(path, int(state["step"]), int(state.get("skipped_steps", 0)), state["optimizer"],
                       state.get("data"), state.get("pending_metrics"),
-                      _int_or_none(state.get("threads")))
+                      _int_or_none(state.get("threads")),
+                      state.get("precision") if isinstance(state.get("precision"), str) else None)
     if rank == 0:
         log.info("resuming from %s at step %d", path, resumed.step)
     return resumed
