@@ -27,7 +27,6 @@ from ..train.config import TrainConfig, from_yaml, load_config, same_files, sett
 from .evaluate import (EvalSpec, FeatureCache, ImageCache, load_captioned, load_probe_sets, masked_word_accuracy,
                        run_probe)
 from . import fingerprint as fp
-from .fingerprint import eval_fingerprint
 from .spec import ArmSpec, StudySpec
 
 DONE = "done.json"
@@ -253,7 +252,7 @@ def run_one(study: StudySpec, arm: ArmSpec, seed: int, out: Path, tokenizer: str
             done = {"checkpoint": checkpoint, "steps": config.steps if arm.train else 0, "trained": arm.train,
                     "train_seconds": train_seconds(directory / "metrics.jsonl", config.batch_size)}
             write_json(directory / DONE, done)
-        fingerprint = eval_fingerprint(evaluator.spec, config, done["checkpoint"], out)
+        fingerprint = fp.eval_fingerprint(evaluator.spec, config, done["checkpoint"], out)
         existing = read_json(directory / EVAL)
         if existing is None or not fp.evaluation_is_current(existing, evaluator.spec, config, done["checkpoint"], out,
                                                             directory):
