@@ -301,11 +301,33 @@ def test_jobs_split_the_runs_between_processes(study_file):
 
 
 def test_a_jobs_study_whose_workers_fail_exits_non_zero(study_file, capsys):
-    # Was: "a worker process failed", then exit 0 (a scheduler reads success).
-    assert main(["study", str(study_file / "study.yaml"), "--out", str(study_file / "out"), "--data-root",
-                 str(study_file / "data"), "--jobs", "2", "--arms", "m3e"]) == 1
+    # Was: "a worker process failed", then exit 0 (a scheduler reads success). The training data is
+    # read only by the workers' runs, so a missing shard fails there.
+    text = (study_file / "study.yaml").read_text().replace(
+        "  - {name: m3ae, seeds: [0, 1]}", "  - {name: m3ae, seeds: [0, 1], overrides: [data.spec=$DATA/gone.tar]}")
+    (study_file / "gone.yaml").write_text(text)
+    assert main(["study", str(study_file / "gone.yaml"), "--out", str(study_file / "out"), "--data-root",
+                 str(study_file / "data"), "--jobs", "2", "--arms", "m3ae"]) == 1
     assert "a worker process failed (exit codes [2, 2])" in capsys.readouterr().err
     assert (study_file / "out" / "tokenizer.json").is_file()  # trained once, by the parent
+
+
+def test_seeds_pick_runs_and_a_typo_is_refused_before_any_worker(study_file, capsys):
+    out = study_file / "out"
+    assert main(["study", str(study_file / "study.yaml"), "--out", str(out), "--data-root",
+                 str(study_file / "data"), "--jobs", "2", "--arms", "random,m3ae", "--seeds", "1"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {(r["arm"], r["seed"]): r["status"] for r in results["runs"]} == {
+        ("random", 0): "pending", ("mae", 0): "pending", ("m3ae", 0): "pending", ("m3ae", 1): "evaluated"}
+    for bad, said in ((["--arms", "m3e"], "unknown arms ['m3e']"),
+                      (["--arms", "random", "--seeds", "1"], "no run of the arms random has seed 1; their seeds: [0]"),
+                      (["--seeds", "7,8"], "no run of the study has seed 7 or 8; their seeds: [0, 1]")):
+        assert main(["study", str(study_file / "study.yaml"), "--out", str(study_file / "other"), "--data-root",
+                     str(study_file / "data"), "--jobs", "2", *bad]) == 2
+        assert said in capsys.readouterr().err
+        assert not (study_file / "other" / "tokenizer.json").exists()  # refused before the vocabulary
+    with pytest.raises(SystemExit):
+        main(["study", str(study_file / "study.yaml"), "--out", str(out), "--seeds", "one"])
 
 
 def test_sigterm_to_a_jobs_study_stops_every_worker_after_a_checkpoint(study_file):

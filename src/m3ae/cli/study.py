@@ -19,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=C.output_folder, help="study folder")
     p.add_argument("--data-root", default=None, help="replaces $DATA in the study file's paths")
     p.add_argument("--arms", default=None, help="comma-separated arm names to run (default: all)")
+    p.add_argument("--seeds", type=_seed_list, default=None,
+                   help="comma-separated seeds to run, of those the study gives each arm (default: all)")
     p.add_argument("--threads", type=C.positive, default=None,
                    help="torch threads per process (default: torch's; with --jobs N, cores / N)")
     p.add_argument("--jobs", type=C.positive, default=1,
@@ -30,6 +32,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("give at least one seed")
+    return seeds
+
+
 def _child_command(args: argparse.Namespace, threads: int) -> list[str]:
     cmd = [sys.executable, "-m", "m3ae", "study", args.study, "--out", args.out, "--threads", str(threads),
            "--no-report"]
@@ -37,6 +49,8 @@ def _child_command(args: argparse.Namespace, threads: int) -> list[str]:
         cmd += ["--data-root", args.data_root]
     if args.arms:
         cmd += ["--arms", args.arms]
+    if args.seeds is not None:
+        cmd += ["--seeds", ",".join(map(str, args.seeds))]
     return cmd
 
 
@@ -66,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..study.report import write_report
-    from ..study.runner import StudyStopped, check_study, prepare_tokenizer, run_study
+    from ..study.runner import StudyStopped, check_study, prepare_tokenizer, run_study, select_runs
     from ..study.spec import load_study
 
     study = load_study(args.study, args.data_root)
@@ -75,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
     # a run (run_study repeats them for library callers). Only a run or --pictures reads the evaluation
     # data; --pictures is checked now too, not after the training it waits for.
     check_study(study, args.out, data=not args.report_only or bool(args.pictures))
+    if not args.report_only:
+        select_runs(study, only, args.seeds)  # an unknown arm or seed: one clear error, before any worker
     if args.pictures:
         from ..study.pictures import check_pictures
         check_pictures(study, args.out, args.pictures, trains=[] if args.report_only else only)
@@ -104,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
             # stop like Ctrl-C (exit 130, the run redone next time), not die with 143.
             previous = signal.signal(signal.SIGTERM, _interrupt)
             try:
-                run_study(study, args.out, only=only)
+                run_study(study, args.out, only=only, seeds=args.seeds)
             except StudyStopped as err:
                 stopped = err
             except KeyboardInterrupt:

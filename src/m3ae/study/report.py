@@ -235,17 +235,20 @@ def plot_losses(study: StudySpec, out: Path) -> Path | None:
     axes = [fig.add_subplot(1, 2, i + 1) for i in range(2)]
     drew = False
     colors = [f"C{i}" for i in range(10)]
+    labelled: set[tuple[int, str]] = set()  # (axis, arm): each arm named once per axis, by its first seed drawn
     for i, arm in enumerate(a for a in study.arms if a.train):
         for j, seed in enumerate(arm.seeds if arm.seeds is not None else study.seeds):
             path = run_dir(out, arm, seed) / "metrics.jsonl"
             if not path.is_file():
                 continue
             rows = [json.loads(line) for line in path.read_text().splitlines()]
-            for ax, key in zip(axes, ("image_loss", "text_loss")):
+            for k, (ax, key) in enumerate(zip(axes, ("image_loss", "text_loss"))):
                 pts = [(r["step"], r[key]) for r in rows if key in r]
                 if pts:
+                    first = (k, arm.name) not in labelled
+                    labelled.add((k, arm.name))
                     ax.plot(*zip(*pts), color=colors[i % 10], lw=1.2, alpha=0.9 if j == 0 else 0.5,
-                            label=arm.name if j == 0 else None)
+                            label=arm.name if first else None)
                     drew = True
     if not drew:
         return None
@@ -253,8 +256,9 @@ def plot_losses(study: StudySpec, out: Path) -> Path | None:
         ax.set_xlabel("step")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    axes[1].legend(fontsize=7)
+    for ax in axes:
+        if ax.get_legend_handles_labels()[1]:  # an MAE-only study draws no text losses
+            ax.legend(fontsize=7)
     fig.suptitle(f"{study.name}: training losses of every arm (seeds: lighter lines)", fontsize=10)
     fig.tight_layout()
     path = out / "loss_curves.png"

@@ -312,18 +312,31 @@ def check_study(study: StudySpec, out: str | Path, *, data: bool = True) -> Eval
     return spec
 
 
-def run_study(study: StudySpec, out: str | Path, *, only: list[str] | None = None) -> dict[str, str]:
-    """Every (arm, seed) of the study (or of the arms named in `only`); returns {run: status}."""
-    out = Path(out)
+def select_runs(study: StudySpec, only: list[str] | None = None, seeds: list[int] | None = None
+                ) -> list[tuple[ArmSpec, int]]:
+    """The (arm, seed) runs named by arm names (`only`) and `seeds`, in file order (None: all);
+    ValueError for an unknown arm, or seeds no chosen arm has (a typo would "finish" running nothing)."""
     unknown = sorted(set(only or []) - {a.name for a in study.arms})
     if unknown:
         raise ValueError(f"unknown arms {unknown}; the study has {[a.name for a in study.arms]}")
+    chosen = [(arm, seed) for arm, seed in study.runs()
+              if (not only or arm.name in only) and (seeds is None or seed in seeds)]
+    if not chosen:
+        arms = f"the arms {', '.join(only)}" if only else "the study"
+        have = sorted({s for a, s in study.runs() if not only or a.name in only})
+        raise ValueError(f"no run of {arms} has seed {' or '.join(map(str, seeds or []))}; their seeds: {have}")
+    return chosen
+
+
+def run_study(study: StudySpec, out: str | Path, *, only: list[str] | None = None,
+              seeds: list[int] | None = None) -> dict[str, str]:
+    """Every (arm, seed) of the study, or those `select_runs` picks; returns {run: status}."""
+    out = Path(out)
+    chosen = select_runs(study, only, seeds)
     evaluator = Evaluator(check_study(study, out))  # before the tokenizer, which may train a vocabulary
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = prepare_tokenizer(study, out)
     status = {}
-    for arm, seed in study.runs():
-        if only and arm.name not in only:
-            continue
+    for arm, seed in chosen:
         status[f"{arm.name}/seed{seed}"] = run_one(study, arm, seed, out, tokenizer, evaluator)
     return status
