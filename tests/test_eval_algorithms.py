@@ -1,7 +1,8 @@
+import pytest
 import torch
 
 from _eval_util import tiny_model
-from m3ae.eval.fast_probe import fast_probe
+from m3ae.eval.fast_probe import fast_probe, fit_logistic
 from m3ae.eval.features import extract_features, load_features, pool_tokens, save_features
 from m3ae.eval.finetune import Classifier, layer_decay_groups, mix_batch
 from m3ae.eval.knn import knn_accuracy, topk_accuracy
@@ -71,6 +72,48 @@ def test_fast_probe_separable_and_shuffled():
     chance = fast_probe(noise, torch.randint(0, 5, (1000,), generator=g), noise_val,
                         torch.randint(0, 5, (1000,), generator=g))["top1"]
     assert abs(chance - 20) < 6
+
+
+def _noisy(n: int, seed: int, d: int = 24, classes: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d, classes, generator=torch.Generator().manual_seed(99))  # one task, many samples
+    x = torch.randn(n, d, generator=g)
+    return x, (x @ w + 3 * torch.randn(n, classes, generator=g)).argmax(1)
+
+
+def test_cross_validated_l2_holds_out_every_sample_once():
+    x, y = _noisy(600, 0)
+    vx, vy = _noisy(400, 1)
+    grid = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+    cv = fast_probe(x, y, vx, vy, l2_grid=grid, folds=4, max_iter=100)
+    assert cv["folds"] == 4 and set(cv["sweep"]) == {str(v) for v in grid}
+    # Each score is a hit count over all 600 held-out samples (one fold each), not a 20 % share.
+    assert all(abs(v * 6 - round(v * 6)) < 1e-9 for v in cv["sweep"].values())
+    assert cv["l2"] == max(grid, key=lambda v: (cv["sweep"][str(v)], v))
+    with pytest.raises(ValueError, match="folds must be an integer >= 1, got 0"):
+        fast_probe(x, y, vx, vy, folds=0)
+    with pytest.raises(ValueError, match="folds=601 but only 600 training features"):
+        fast_probe(x, y, vx, vy, folds=601)
+
+
+def test_a_warm_started_fit_reaches_the_cold_optimum():
+    x, y = _noisy(500, 2)
+    start = fit_logistic(x, y, 6, 1e-3, max_iter=300)
+    cold = fit_logistic(x, y, 6, 1e-1, max_iter=300)
+    warm = fit_logistic(x, y, 6, 1e-1, max_iter=300, init=start)
+    assert torch.allclose(warm.weight, cold.weight, atol=1e-4) and torch.allclose(warm.bias, cold.bias, atol=1e-4)
+    assert not torch.allclose(start.weight, cold.weight, atol=1e-2)  # it did move: a different optimum
+
+
+def test_the_probe_says_whether_its_solver_converged():
+    # A probe cut off by max_iter (or by the line searches' 1.25 x max_iter evaluations) reports a
+    # top-1 that moves with the features' last bits; it must say so, not pass for the optimum's.
+    x, y = _noisy(500, 3)
+    cut = fast_probe(x, y, x, y, l2_grid=[1e-6], max_iter=5)
+    assert cut["converged"] is False and cut["iterations"] <= 5
+    full = fast_probe(x, y, x, y, l2_grid=[1e-1], max_iter=500)
+    assert full["converged"] is True and full["iterations"] < 500
+    assert fast_probe(x, y, x, y, l2_grid=[1e-1], method="ridge")["converged"] is True
 
 
 def test_knn_separable_and_shuffled():

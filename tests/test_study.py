@@ -233,6 +233,10 @@ def test_bad_study_files_are_clear_errors(study_file):
     for batch in (0, 10**9, 2.5):
         with pytest.raises(ConfigError, match=rf"evals.batch_size must be an integer in 1..1048576, got {batch}"):
             EvalSpec.from_dict({"batch_size": batch})
+    for folds in (0, 101, 2.0, "5"):
+        with pytest.raises(ConfigError, match=rf"evals.l2_folds must be an integer in 1..100, got {folds!r}"):
+            EvalSpec.from_dict({"l2_folds": folds})
+    assert EvalSpec.from_dict({"l2_folds": 5}).l2_folds == 5
     assert EvalSpec.from_dict({"probes": [{"name": "p", "train": "a", "test": "b", "train_limit": 1,
                                            "test_limit": None}]}).probes[0].train_limit == 1
     # A typo in any arm fails before anything runs.

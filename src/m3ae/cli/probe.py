@@ -19,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=("logistic", "ridge"), default="logistic", help="fast probe model")
     p.add_argument("--l2", type=C.number(0), nargs="+", default=[1e-6, 1e-5, 1e-4, 1e-3, 1e-2],
                    help="fast probe: L2 values swept on a held-out 20%% of the training features")
+    p.add_argument("--folds", type=C.positive, default=1,
+                   help="fast probe: pick L2 by k-fold cross-validation (k >= 2) instead of one 20%% hold-out")
     p.add_argument("--knn", action="store_true", help="fast probe: also report kNN accuracy")
     p.add_argument("--k", type=C.positive, default=20, help="kNN neighbours (default %(default)s)")
     p.add_argument("--temperature", type=C.number(0, above=True), default=0.07,
@@ -35,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         from ..eval.fast_probe import run_fast_probe
 
         result = run_fast_probe(E.settings(args), args.train, args.val, method=args.method, l2_grid=args.l2,
-                                knn=args.knn, k=args.k, temperature=args.temperature, **limits)
+                                folds=args.folds, knn=args.knn, k=args.k, temperature=args.temperature, **limits)
     else:
         from ..eval.linear_probe import ProbeConfig, run_linear_probe
 
