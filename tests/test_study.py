@@ -128,11 +128,31 @@ def test_study_runs_every_arm_evaluation_and_report(study_file):
     assert not torch.equal(weights(out, parse_arm(study_file, "m3ae"), 0)["cls_token"],
                            weights(out, parse_arm(study_file, "m3ae"), 1)["cls_token"])
 
+    # What precision=auto resolved to is recorded per trained run (an untrained init has none).
+    from m3ae.precision import resolve_precision
+
+    resolved = resolve_precision("auto", torch.device("cpu"))
+    assert {(r["arm"], r.get("precision")) for r in results["runs"]} == {
+        ("random", None), ("mae", resolved), ("m3ae", resolved)}
+    assert f"| m3ae | 1 | evaluated | {resolved} |" in md and "different precisions" not in md
+    # Probes record whether their solver converged (the tiny study's 100 iterations may or may not).
+    assert isinstance(ev["probes"]["type"]["cls"]["probe_converged"], bool)
+    assert 1 <= ev["probes"]["type"]["cls"]["probe_iterations"] <= 100
+
     # Run again: nothing is retrained or re-evaluated.
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/*.json")}
     assert main(["study", str(study_file / "study.yaml"), "--out", str(out), "--data-root",
                  str(study_file / "data")]) == 0
     assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/*.json")}
+
+    # A run trained in another precision (auto on another machine) is flagged in the report.
+    done = run_dir(out, parse_arm(study_file, "mae"), 0) / "done.json"
+    other = "fp32" if resolved == "bf16" else "bf16"
+    done.write_text(json.dumps({**json.loads(done.read_text()), "precision": other}))
+    assert main(["study", str(study_file / "study.yaml"), "--out", str(out), "--data-root", str(study_file / "data"),
+                 "--report-only"]) == 0
+    assert f"Runs trained in different precisions ({', '.join(sorted({resolved, other}))})" in (
+        out / "results.md").read_text()
 
 
 def parse_arm(study_file, name):

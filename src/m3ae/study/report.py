@@ -87,7 +87,7 @@ def collect(study: StudySpec, out: Path) -> dict[str, Any]:
             row: dict[str, Any] = {"arm": arm.name, "seed": seed, "status": status}
             if done:
                 row.update(train_seconds=done.get("train_seconds"), steps=done.get("steps"),
-                           checkpoint=done.get("checkpoint"))
+                           checkpoint=done.get("checkpoint"), precision=done.get("precision"))
                 row["final"] = final_losses(directory / "metrics.jsonl")
             if result:
                 row.update(eval_seconds=result.get("eval_seconds"), metrics=flat_metrics(result), eval=result)
@@ -143,16 +143,20 @@ def markdown(results: dict[str, Any], study: StudySpec) -> str:
                                               for k in (*WORDS, "true_minus_mismatched")]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## Runs", "", "| arm | seed | status | train min | eval min | final image loss | final text loss |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["## Runs", "", "| arm | seed | status | precision | train min | eval min | final image loss | "
+              "final text loss |", "|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
         f = r.get("final", {})
-        cells = [r["arm"], str(r["seed"]), r["status"],
+        cells = [r["arm"], str(r["seed"]), r["status"], r.get("precision") or "–",
                  f"{r['train_seconds'] / 60:.1f}" if r.get("train_seconds") else "–",
                  f"{r['eval_seconds'] / 60:.1f}" if r.get("eval_seconds") else "–",
                  f"{f['image_loss']:.4f}" if "image_loss" in f else "–",
                  f"{f['text_loss']:.3f}" if "text_loss" in f else "–"]
         lines.append("| " + " | ".join(cells) + " |")
+    mixed = sorted({r["precision"] for r in results["runs"] if r.get("precision")})
+    if len(mixed) > 1:  # e.g. precision: auto resumed or run on machines that resolve it differently
+        lines += ["", f"**Runs trained in different precisions ({', '.join(mixed)})**: their differences mix "
+                      "the arms' with the arithmetic's; pin `precision` in the recipe to compare arms."]
     m = results["machine"]
     flags = ", ".join(m.get("cpu_flags") or []) or "none of avx2/avx512f/avx512_bf16/amx"
     lines += ["", f"Machine: {m['cpu']} ({flags}), {m['cores']} cores, torch {m['torch']}.", ""]

@@ -208,6 +208,14 @@ class Evaluator:
         return result
 
 
+def _trained_precision(checkpoint: Path) -> str | None:
+    """The precision mode the run's last checkpoint records (None: older than the record)."""
+    from ..checkpoint import load_train_state
+
+    precision = load_train_state(checkpoint).get("precision")
+    return precision if isinstance(precision, str) else None
+
+
 def run_one(study: StudySpec, arm: ArmSpec, seed: int, out: Path, tokenizer: str | None,
             evaluator: Evaluator) -> str:
     """Pretrain (or resume) and evaluate one run; returns 'done', 'busy' (another process has it)."""
@@ -251,6 +259,8 @@ def run_one(study: StudySpec, arm: ArmSpec, seed: int, out: Path, tokenizer: str
                 checkpoint = str((directory / INIT).relative_to(out))
             done = {"checkpoint": checkpoint, "steps": config.steps if arm.train else 0, "trained": arm.train,
                     "train_seconds": train_seconds(directory / "metrics.jsonl", config.batch_size)}
+            if arm.train:  # what `precision: auto` resolved to on the machine that trained it
+                done["precision"] = _trained_precision(out / checkpoint)
             write_json(directory / DONE, done)
         fingerprint = fp.eval_fingerprint(evaluator.spec, config, done["checkpoint"], out)
         existing = read_json(directory / EVAL)
