@@ -134,3 +134,20 @@ def test_export_refuses_what_it_cannot_write(tmp_path, capsys):
     assert main(["export", str(ckpt), str(ckpt), "--to", "hf-vit"]) == 2
     assert "not an empty folder" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+    # A folder holding only what a killed export left (its abandoned temp files) is empty again; one
+    # whose temp file may be a live writer's (fresh) is still refused.
+    import os
+    import time
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    left = killed / ".model.safetensors.0123456789ab.tmp"
+    left.write_bytes(b"half the weights")
+    os.utime(left, (time.time() - 3600, time.time() - 3600))
+    live = tmp_path / "live"
+    live.mkdir()
+    (live / ".config.json.0123456789ab.tmp").write_text("{")
+    assert main(["export", str(ckpt), str(live), "--to", "hf-vit"]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
+    assert main(["export", str(ckpt), str(killed), "--to", "hf-vit"]) == 0
+    assert sorted(p.name for p in killed.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]

@@ -75,6 +75,17 @@ def remove_stale_temps(directory: str | os.PathLike, names: Sequence[str],
     return sorted(removed)
 
 
+def require_new_folder(directory: str | os.PathLike, writes: Sequence[str], what: str) -> None:
+    """Refuse `directory` unless it is absent or empty: a command that writes a whole model there must
+    not pair its files with another's. Abandoned temp files of the `writes` names (a write into it
+    that was killed, see remove_stale_temps) are removed first, so such a folder is empty again."""
+    path = Path(directory)
+    if path.is_dir():
+        remove_stale_temps(path, writes)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(f"{path} exists and is not an empty folder: {what} into a new folder")
+
+
 def _remove_if_abandoned(path: str, cutoff: float) -> bool:
     try:
         before = os.lstat(path)

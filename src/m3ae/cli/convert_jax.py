@@ -35,12 +35,14 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..data.tokenizer import load_tokenizer
+    from ..files import require_new_folder
     from ..interop.convert import load_jax_model
+    from ..model import CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME
+    from ..preprocessing import PREPROCESSOR_NAME
 
     out_dir = Path(args.out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        # Files left from another checkpoint (a tokenizer, training state) would be paired with these weights.
-        raise ValueError(f"{out_dir} exists and is not an empty folder: convert into a new folder")
+    # Files left from another checkpoint (a tokenizer, training state) would be paired with these weights.
+    require_new_folder(out_dir, (WEIGHTS_NAME, CONFIG_NAME, PREPROCESSOR_NAME, TOKENIZER_NAME), "convert")
     try:
         converted, ckpt = load_jax_model(
             args.checkpoint, patch_size=args.patch_size, num_heads=args.num_heads,

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..files import atomic_write
+from ..files import atomic_write, require_new_folder
 
 FORMATS = ("hf-vit", "hf-vitmae", "timm")
 # A registered timm architecture per width (timm looks the name up; `model_args` then set every size).
@@ -154,9 +154,8 @@ def export(model, preprocessing, fmt: str, out_dir: str | os.PathLike, image_siz
     check_image_size(image_size)  # before anything is written
     size = image_size or model.config.image_size
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        # e.g. the checkpoint's own folder: its config.json and weights would be replaced by the encoder's.
-        raise ValueError(f"{out} exists and is not an empty folder: export into a new folder")
+    # e.g. the checkpoint's own folder: its config.json and weights would be replaced by the encoder's.
+    require_new_folder(out, ("model.safetensors", "config.json", "preprocessor_config.json"), "export")
     out.mkdir(parents=True, exist_ok=True)
 
     def write_json(name: str, data: dict) -> None:
