@@ -4,15 +4,18 @@ only rounds differently) and the random hold-out the L2 strength is picked on.
 
     PYTHONPATH=src python benchmarks/probe_stability.py studies/fashion.yaml --data-root ../shared/data \
         [--checkpoint RUN/checkpoints/step_N | --arm random] [--task type] [--pool cls] \
-        [--repeats 6] [--folds 1 5] [--eps 1e-6] [--max-iter N] [--features /tmp/feats.safetensors] [--json OUT]
+        [--repeats 6] [--folds 1 5] [--solvers plain preconditioned] [--eps 1e-6] [--max-iter N] \
+        [--features /tmp/feats.safetensors] [--json OUT]
 
 The model is a study run's checkpoint, or the arm's architecture at its random init (`--arm`, seed
 0). Features of the task's training and test images are extracted once (cached in --features).
-Then, for each L2-selection protocol (`--folds 1`: one 20 % hold-out, as the published studies;
-`--folds k`: k-fold cross-validation), the probe runs `--repeats` times on features scaled by
-(1 + eps * N(0, 1)) with hold-out seed 0, and `--repeats` times on the plain features with hold-out
-seeds 0..R-1. It prints the spread (max - min) and standard deviation of test top-1 and the L2
-strengths picked. The study's grid, max_iter and task settings are used unless overridden.
+Then, for each solver (`plain` L-BFGS, as the published studies, or `preconditioned`, the library's
+default; m3ae.eval.fast_probe.fit_logistic) and L2-selection protocol (`--folds 1`: one 20 %
+hold-out, as the published studies; `--folds k`: k-fold cross-validation), the probe runs
+`--repeats` times on features scaled by (1 + eps * N(0, 1)) with hold-out seed 0, and `--repeats`
+times on the plain features with hold-out seeds 0..R-1. It prints the spread (max - min) and
+standard deviation of test top-1 and the L2 strengths picked. The study's grid, max_iter and task
+settings are used unless overridden.
 """
 from __future__ import annotations
 
@@ -70,6 +73,7 @@ def main() -> int:
     p.add_argument("--pool", default="cls")
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--folds", type=int, nargs="+", default=[1, 5])
+    p.add_argument("--solvers", nargs="+", choices=("plain", "preconditioned"), default=["plain", "preconditioned"])
     p.add_argument("--eps", type=float, default=1e-6, help="relative size of the last-bits perturbation")
     p.add_argument("--l2", type=float, nargs="+", default=None, help="L2 grid (default: the study's)")
     p.add_argument("--max-iter", type=int, default=None, help="L-BFGS iterations (default: the study's)")
@@ -96,26 +100,27 @@ def main() -> int:
           f"grid {grid}, max_iter {max_iter}", file=sys.stderr)
     report: dict = {"model": args.checkpoint or f"{args.arm} (random init)", "task": args.task, "pool": args.pool,
                     "grid": grid, "max_iter": max_iter, "eps": args.eps, "protocols": {}}
-    for folds in args.folds:
-        rows: dict[str, dict] = {}
-        for kind in ("last bits", "hold-out seed"):
-            top1, picks, seconds = [], [], []
-            for r in range(args.repeats):
-                xr = x
-                if kind == "last bits" and r > 0:
-                    g = torch.Generator().manual_seed(r)
-                    xr = x * (1 + args.eps * torch.randn(x.shape, generator=g))
-                start = time.perf_counter()
-                res = fast_probe(xr, y, vx, vy, classes, l2_grid=grid, max_iter=max_iter, folds=folds,
-                                 seed=r if kind == "hold-out seed" else 0)
-                seconds.append(time.perf_counter() - start)
-                top1.append(res["top1"])
-                picks.append(res["l2"])
-            rows[kind] = {**summary(top1), "picks": picks, "seconds_per_probe": statistics.fmean(seconds)}
-            s = rows[kind]
-            print(f"folds {folds}, {kind:13s}: top-1 mean {s['mean']:.2f}, spread {s['spread']:.2f}, "
-                  f"std {s['std']:.2f}; L2 picked {picks}; {s['seconds_per_probe']:.1f} s a probe")
-        report["protocols"][str(folds)] = rows
+    for solver in args.solvers:
+        for folds in args.folds:
+            rows: dict[str, dict] = {}
+            for kind in ("last bits", "hold-out seed"):
+                top1, picks, seconds = [], [], []
+                for r in range(args.repeats):
+                    xr = x
+                    if kind == "last bits" and r > 0:
+                        g = torch.Generator().manual_seed(r)
+                        xr = x * (1 + args.eps * torch.randn(x.shape, generator=g))
+                    start = time.perf_counter()
+                    res = fast_probe(xr, y, vx, vy, classes, l2_grid=grid, max_iter=max_iter, folds=folds,
+                                     seed=r if kind == "hold-out seed" else 0, precondition=solver != "plain")
+                    seconds.append(time.perf_counter() - start)
+                    top1.append(res["top1"])
+                    picks.append(res["l2"])
+                rows[kind] = {**summary(top1), "picks": picks, "seconds_per_probe": statistics.fmean(seconds)}
+                s = rows[kind]
+                print(f"{solver}, folds {folds}, {kind:13s}: top-1 mean {s['mean']:.2f}, spread {s['spread']:.2f}, "
+                      f"std {s['std']:.2f}; L2 picked {picks}; {s['seconds_per_probe']:.1f} s a probe", flush=True)
+            report["protocols"][f"{solver}, folds {folds}"] = rows
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

@@ -105,6 +105,42 @@ def test_a_warm_started_fit_reaches_the_cold_optimum():
     assert not torch.allclose(start.weight, cold.weight, atol=1e-2)  # it did move: a different optimum
 
 
+def _objective(model, x, y, l2):
+    z = (x.double() - model.mean.double()) / model.std.double()
+    w = model.weight.double()
+    with torch.no_grad():
+        return float(torch.nn.functional.cross_entropy(z @ w + model.bias.double(), y) + 0.5 * l2 * (w * w).sum())
+
+
+def test_the_preconditioned_solver_reaches_the_plain_optimum_in_fewer_iterations():
+    # Features as real encoders give them: correlated, one direction carrying most of the variance,
+    # one exactly redundant (a LayerNorm output's coordinates sum to a constant).
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(800, 12, generator=g) * torch.logspace(0, -2, 12)
+    x = torch.cat([base @ torch.randn(12, 23, generator=g) + 0.05 * torch.randn(800, 23, generator=g),
+                   base[:, :1]], 1)
+    x[:, -1] = -x[:, :-1].sum(1)
+    y = (10 * base @ torch.randn(12, 5, generator=g) + torch.randn(800, 5, generator=g)).argmax(1)
+    for l2 in (1e-5, 1e-3, 1e-2):
+        plain = fit_logistic(x, y, 5, l2, max_iter=3000, precondition=False)
+        pre = fit_logistic(x, y, 5, l2, max_iter=3000)
+        assert plain.converged and pre.converged
+        assert abs(_objective(pre, x, y, l2) - _objective(plain, x, y, l2)) < 1e-6, l2
+        a, b = pre.logits(x), plain.logits(x)
+        assert (a - b).abs().max() < 1e-3 * a.abs().max(), l2  # a flat optimum (weak L2): the same to 1e-3
+        assert not pre.weight.requires_grad and not plain.weight.requires_grad
+        # The same budget gets closer to the optimum (the iteration counts to convergence are not
+        # comparable: the gradient tolerance is met in different coordinates).
+        for budget in (10, 20):
+            short_plain = fit_logistic(x, y, 5, l2, max_iter=budget, precondition=False)
+            short_pre = fit_logistic(x, y, 5, l2, max_iter=budget)
+            best = _objective(plain, x, y, l2)
+            assert _objective(short_pre, x, y, l2) - best < (_objective(short_plain, x, y, l2) - best) / 3
+    # A warm start is mapped into the preconditioned coordinates: started at the optimum, it stays.
+    again = fit_logistic(x, y, 5, 1e-2, max_iter=5, init=pre)
+    assert abs(_objective(again, x, y, 1e-2) - _objective(pre, x, y, 1e-2)) < 1e-7
+
+
 def test_the_probe_says_whether_its_solver_converged():
     # A probe cut off by max_iter (or by the line searches' 1.25 x max_iter evaluations) reports a
     # top-1 that moves with the features' last bits; it must say so, not pass for the optimum's.
