@@ -208,14 +208,6 @@ class Evaluator:
         return result
 
 
-def _trained_precision(checkpoint: Path) -> str | None:
-    """The precision mode the run's last checkpoint records (None: older than the record)."""
-    from ..checkpoint import load_train_state
-
-    precision = load_train_state(checkpoint).get("precision")
-    return precision if isinstance(precision, str) else None
-
-
 def run_one(study: StudySpec, arm: ArmSpec, seed: int, out: Path, tokenizer: str | None,
             evaluator: Evaluator) -> str:
     """Pretrain (or resume) and evaluate one run; returns 'done', 'busy' (another process has it)."""
@@ -243,6 +235,7 @@ def run_one(study: StudySpec, arm: ArmSpec, seed: int, out: Path, tokenizer: str
                              f", but the study now says train: {arm.train}; use another --out, or delete that "
                              "folder to redo the run")
         if done is None:
+            precision = None  # what `precision: auto` resolved to on the machine that trained it
             if arm.train:
                 from ..train.loop import pretrain
                 log.info("%s seed %d: pretraining %d steps -> %s", arm.name, seed, config.steps, directory)
@@ -251,6 +244,7 @@ def run_one(study: StudySpec, arm: ArmSpec, seed: int, out: Path, tokenizer: str
                     raise StudyStopped(f"{arm.name} seed {seed} stopped at step {result.step}")
                 assert result.checkpoint is not None  # a finished run has saved its last step
                 checkpoint = str(result.checkpoint.relative_to(out))
+                precision = result.precision
             else:
                 torch.manual_seed(config.seed)
                 model = M3AE(config.model)
@@ -259,8 +253,8 @@ def run_one(study: StudySpec, arm: ArmSpec, seed: int, out: Path, tokenizer: str
                 checkpoint = str((directory / INIT).relative_to(out))
             done = {"checkpoint": checkpoint, "steps": config.steps if arm.train else 0, "trained": arm.train,
                     "train_seconds": train_seconds(directory / "metrics.jsonl", config.batch_size)}
-            if arm.train:  # what `precision: auto` resolved to on the machine that trained it
-                done["precision"] = _trained_precision(out / checkpoint)
+            if precision is not None:
+                done["precision"] = precision
             write_json(directory / DONE, done)
         fingerprint = fp.eval_fingerprint(evaluator.spec, config, done["checkpoint"], out)
         existing = read_json(directory / EVAL)

@@ -51,6 +51,7 @@ class TrainResult:
     skipped_steps: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # the newest HISTORY_ROWS log rows
     history_dropped: int = 0  # older rows left out of `history` (all are in metrics.jsonl)
+    precision: str | None = None  # the mode `config.precision` resolved to on this device (fp32, bf16, ...)
 
     def add_row(self, row: dict[str, Any]) -> None:
         self.history.append(row)
@@ -212,7 +213,8 @@ class _Run:
         self.preprocessing = Preprocessing.from_stats(config.model.image_size, config.data.normalization,
                                                       square=config.data.square, pad_value=config.data.pad_value)
         self.saving = False  # a failure while saving is not followed by another save attempt
-        self.result = TrainResult(out_dir, self.start_step, "finished", None, skipped_steps=self.skipped)
+        self.result = TrainResult(out_dir, self.start_step, "finished", None, skipped_steps=self.skipped,
+                                  precision=mode)
         carried = resumed.pending_metrics if resumed is not None else None
         # Per-step [loss, image, text, acc, grad_norm] kept on device; a resumed partial window is
         # carried, so the first row after a resume covers the same steps as a straight run's.
