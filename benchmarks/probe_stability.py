@@ -6,6 +6,7 @@ only rounds differently) and the random hold-out the L2 strength is picked on.
         [--checkpoint RUN/checkpoints/step_N | --arm random] [--task type] [--pool cls] \
         [--repeats 6] [--folds 1 5] [--solvers plain preconditioned] [--eps 1e-6] [--max-iter N] \
         [--features /tmp/feats.safetensors] [--json OUT]
+    ... --trace 1e-4 [--budgets 50 100 200 400 800]    # one L2, both solvers, by iteration budget
 
 The model is a study run's checkpoint, or the arm's architecture at its random init (`--arm`, seed
 0). Features of the task's training and test images are extracted once (cached in --features).
@@ -15,7 +16,9 @@ hold-out, as the published studies; `--folds k`: k-fold cross-validation), the p
 `--repeats` times on features scaled by (1 + eps * N(0, 1)) with hold-out seed 0, and `--repeats`
 times on the plain features with hold-out seeds 0..R-1. It prints the spread (max - min) and
 standard deviation of test top-1 and the L2 strengths picked. The study's grid, max_iter and task
-settings are used unless overridden.
+settings are used unless overridden. With `--trace L2`, instead: one fit on all training features at
+that L2 per solver and iteration budget, with its objective (mean cross-entropy + L2 penalty) and
+test top-1, to see how far each solver is from the optimum.
 """
 from __future__ import annotations
 
@@ -78,10 +81,14 @@ def main() -> int:
     p.add_argument("--l2", type=float, nargs="+", default=None, help="L2 grid (default: the study's)")
     p.add_argument("--max-iter", type=int, default=None, help="L-BFGS iterations (default: the study's)")
     p.add_argument("--features", default=None, help="cache the extracted features here (safetensors)")
+    p.add_argument("--trace", type=float, default=None, metavar="L2",
+                   help="objective and top-1 of each solver by iteration budget, at this L2")
+    p.add_argument("--budgets", type=int, nargs="+", default=[50, 100, 200, 400, 800])
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
-    from m3ae.eval.fast_probe import fast_probe
+    from m3ae.eval.fast_probe import fast_probe, fit_logistic
+    from m3ae.eval.knn import topk_accuracy
     from m3ae.study.evaluate import EvalSpec
     from m3ae.study.spec import load_study
 
@@ -100,7 +107,24 @@ def main() -> int:
           f"grid {grid}, max_iter {max_iter}", file=sys.stderr)
     report: dict = {"model": args.checkpoint or f"{args.arm} (random init)", "task": args.task, "pool": args.pool,
                     "grid": grid, "max_iter": max_iter, "eps": args.eps, "protocols": {}}
-    for solver in args.solvers:
+    if args.trace is not None:
+        l2 = args.trace
+        report["trace"] = {"l2": l2, "rows": []}
+        for solver in args.solvers:
+            for budget in args.budgets:
+                start = time.perf_counter()
+                model = fit_logistic(x, y, classes, l2, budget, precondition=solver != "plain")
+                seconds = time.perf_counter() - start
+                z = (x.double() - model.mean.double()) / model.std.double()
+                w = model.weight.double()
+                objective = float(torch.nn.functional.cross_entropy(z @ w + model.bias.double(), y.long())
+                                  + 0.5 * l2 * (w * w).sum())
+                top1 = topk_accuracy(model.logits(vx), vy, ks=(1,))["top1"]
+                report["trace"]["rows"].append({"solver": solver, "budget": budget, "iterations": model.iterations,
+                                                "objective": objective, "top1": top1, "seconds": seconds})
+                print(f"{solver:14s} {budget:5d} iterations: objective {objective:.5f}, test top-1 {top1:.2f} "
+                      f"({seconds:.1f} s)", flush=True)
+    for solver in (args.solvers if args.trace is None else []):
         for folds in args.folds:
             rows: dict[str, dict] = {}
             for kind in ("last bits", "hold-out seed"):
