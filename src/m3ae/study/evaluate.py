@@ -256,9 +256,13 @@ def run_probe(sets: ProbeSets, spec: EvalSpec, features: FeatureCache) -> dict[s
                         "probe_iterations": probe["iterations"], "probe_converged": probe["converged"],
                         "knn_top1": knn["top1"], "knn_top5": knn["top5"], "fit_s": time.perf_counter() - t1}
         if not probe["converged"]:  # its top-1 depends on the solver's path, not only on the features
-            log.warning("probe %s/%s: L-BFGS stopped at max_iter=%d before converging; its top-1 moves with the "
-                        "features' last bits (set evals.precondition: true, or raise evals.max_iter)",
-                        sets.task.name, pool, spec.max_iter)
+            if spec.precondition:  # near the optimum by then: top-1 steady to ~0.1 (RESULTS.md)
+                log.info("probe %s/%s: the preconditioned L-BFGS stopped at max_iter=%d, short of its tolerances",
+                         sets.task.name, pool, spec.max_iter)
+            else:
+                log.warning("probe %s/%s: L-BFGS stopped at max_iter=%d before converging; its top-1 moves with "
+                            "the features' last bits, by up to ~1 point measured (set evals.precondition: true)",
+                            sets.task.name, pool, spec.max_iter)
     result["skipped_images"] = sets.train.skipped + sets.test.skipped  # undecodable, replaced by the next
     result["seconds"] = time.perf_counter() - t0
     return result
