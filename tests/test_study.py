@@ -257,6 +257,9 @@ def test_bad_study_files_are_clear_errors(study_file):
         with pytest.raises(ConfigError, match=rf"evals.l2_folds must be an integer in 1..100, got {folds!r}"):
             EvalSpec.from_dict({"l2_folds": folds})
     assert EvalSpec.from_dict({"l2_folds": 5}).l2_folds == 5
+    for flag in ("yes", 1, None):  # YAML's `yes` arrives as True; a string or number is a mistake
+        with pytest.raises(ConfigError, match=rf"evals.precondition must be true or false, got {flag!r}"):
+            EvalSpec.from_dict({"precondition": flag})
     assert EvalSpec.from_dict({"probes": [{"name": "p", "train": "a", "test": "b", "train_limit": 1,
                                            "test_limit": None}]}).probes[0].train_limit == 1
     # A typo in any arm fails before anything runs.
