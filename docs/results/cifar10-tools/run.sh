@@ -1,9 +1,14 @@
+#!/usr/bin/env bash
+# The CIFAR-10 tool checks of RESULTS.md: bash docs/results/cifar10-tools/run.sh [CIFAR10_DIR]
+# (from anywhere; needs `make demo` run first for runs/demo). Features go to /tmp/res.
 set -e
-cd /work/main
+cd "$(dirname "$0")/../../.."
 M=".venv/bin/python -m m3ae"
-D=/work/shared/data/cifar10
+D=${1:-../shared/data/cifar10}
 O=docs/results/cifar10-tools
-mkdir -p $O
+mkdir -p $O /tmp/res
+.venv/bin/python -c "import torch; from m3ae import M3AE; from m3ae.train.config import load_config; \
+torch.manual_seed(0); M3AE(load_config('demo').model).save_pretrained('/tmp/res/random')"
 for T in random demo; do
   if [ $T = random ]; then C=/tmp/res/random; else C=runs/demo/checkpoints/step_00000600; fi
   /usr/bin/time -f "%e s embed train $T" $M embed --checkpoint $C --data "$D/train-0000{0..0}.tar.gz" --split train --out /tmp/res/${T}_train.safetensors --quiet
