@@ -18,3 +18,12 @@ for T in random demo; do
 done
 C=runs/demo/checkpoints/step_00000600
 /usr/bin/time -f "%e s ood demo" $M ood --checkpoint $C --in-train "$D/train-0000{0..0}.tar.gz" --in-test $D/test-00000.tar.gz --limit-test 5000 --in-classes 0-4 --out-classes 5-9 --quiet --out /tmp/res/ood_demo --result $O/ood_demo.json
+# The paper-protocol probe and fine-tuning, short smoke runs on 2,000 / 1,000 images (demo encoder).
+for OPT in lars sgd; do
+  /usr/bin/time -f "%e s probe $OPT" $M probe --checkpoint $C --train "$D/train-0000{0..0}.tar.gz" --val $D/test-00000.tar.gz \
+    --limit-train 2000 --limit-val 1000 --epochs 10 --warmup-epochs 1 --probe-batch-size 256 --optimizer $OPT --quiet \
+    --out /tmp/res/probe_$OPT --result $O/probe_${OPT}_demo.json
+done
+/usr/bin/time -f "%e s finetune demo" $M finetune --checkpoint $C --train "$D/train-0000{0..0}.tar.gz" --val $D/test-00000.tar.gz \
+  --limit-train 2000 --limit-val 1000 --epochs 1 --warmup-epochs 0 --ft-batch-size 64 --quiet --out /tmp/res/ft_demo \
+  --result $O/finetune_demo.json
