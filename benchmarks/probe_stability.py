@@ -115,16 +115,14 @@ def main() -> int:
                 start = time.perf_counter()
                 model = fit_logistic(x, y, classes, l2, budget, precondition=solver != "plain")
                 seconds = time.perf_counter() - start
-                z = (x.double() - model.mean.double()) / model.std.double()
-                w = model.weight.double()
-                objective = float(torch.nn.functional.cross_entropy(z @ w + model.bias.double(), y.long())
-                                  + 0.5 * l2 * (w * w).sum())
+                objective = model.objective(x, y, l2)
                 top1 = topk_accuracy(model.logits(vx), vy, ks=(1,))["top1"]
                 report["trace"]["rows"].append({"solver": solver, "budget": budget, "iterations": model.iterations,
                                                 "objective": objective, "top1": top1, "seconds": seconds})
                 print(f"{solver:14s} {budget:5d} iterations: objective {objective:.5f}, test top-1 {top1:.2f} "
                       f"({seconds:.1f} s)", flush=True)
-    for solver in (args.solvers if args.trace is None else []):
+    solvers = args.solvers if args.trace is None else []  # --trace replaces the repeated probes
+    for solver in solvers:
         for folds in args.folds:
             rows: dict[str, dict] = {}
             for kind in ("last bits", "hold-out seed"):

@@ -139,6 +139,7 @@ def test_the_preconditioned_solver_reaches_the_plain_optimum_in_fewer_iterations
     # A warm start is mapped into the preconditioned coordinates: started at the optimum, it stays.
     again = fit_logistic(x, y, 5, 1e-2, max_iter=5, init=pre)
     assert abs(_objective(again, x, y, 1e-2) - _objective(pre, x, y, 1e-2)) < 1e-7
+    assert abs(pre.objective(x, y, 1e-2) - _objective(pre, x, y, 1e-2)) < 1e-12  # the library's own, the same
 
 
 def test_the_probe_says_whether_its_solver_converged():

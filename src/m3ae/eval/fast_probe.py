@@ -38,6 +38,13 @@ class LinearModel:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return ((x.float() - self.mean) / self.std) @ self.weight + self.bias
 
+    def objective(self, x: torch.Tensor, y: torch.Tensor, l2: float) -> float:
+        """What fit_logistic minimises, in float64: mean cross-entropy + l2 * ||W||^2 / 2."""
+        z = (x.double() - self.mean.double()) / self.std.double()
+        w = self.weight.double()
+        with torch.no_grad():
+            return float(F.cross_entropy(z @ w + self.bias.double(), y.long()) + 0.5 * l2 * (w * w).sum())
+
 
 def _standardiser(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
