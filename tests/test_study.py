@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import json
 import logging
 import tarfile
@@ -683,3 +684,52 @@ def test_pictures_arguments_are_checked_before_any_training(study_file, capsys):
         err = capsys.readouterr().err
         assert code == 2 and message in err, (which, err)
         assert not (out / "runs").exists() and not (out / "tokenizer.json").exists()  # nothing trained
+
+
+def _runs(results):
+    return [(r["arm"], r["seed"], r["status"], r.get("metrics"), r.get("final")) for r in results["runs"]]
+
+
+def test_saved_records_rewrite_the_report_without_weights_and_merge(study_file, capsys):
+    out, records, other = study_file / "out", study_file / "records", study_file / "other"
+    study, data = str(study_file / "study.yaml"), str(study_file / "data")
+    assert main(["study", study, "--out", str(out), "--data-root", data, "--arms", "random,mae",
+                 "--save-records", str(records)]) == 0
+    assert not [p for p in records.rglob("*") if p.suffix == ".safetensors" or p.name == "checkpoints"]
+    assert sorted(p.name for p in (records / "runs/mae/seed0").iterdir()) == [
+        "done.json", "eval.json", "metrics.jsonl", "run_config.yaml"]
+    first = json.loads((out / "results.json").read_text())
+    assert _runs(json.loads((records / "results.json").read_text())) == _runs(first)
+    mae = next(r for r in first["runs"] if r["arm"] == "mae")
+    assert mae["final"]["image_loss"] > 0  # done.json keeps the final losses too
+    assert json.loads((records / "runs/mae/seed0/done.json").read_text())["final"] == mae["final"]
+
+    # The weights gone, the records alone rewrite the same report; without the training log the
+    # final losses come from done.json.
+    shutil.rmtree(out)
+    (records / "runs/mae/seed0/metrics.jsonl").unlink()
+    assert main(["study", study, "--out", str(records), "--data-root", data, "--report-only"]) == 0
+    assert _runs(json.loads((records / "results.json").read_text())) == _runs(first)
+
+    # Runs made in another folder (another session, another machine) add to the records.
+    other.mkdir()
+    shutil.copyfile(records / "tokenizer.json", other / "tokenizer.json")
+    assert main(["study", study, "--out", str(other), "--data-root", data, "--arms", "m3ae", "--seeds", "1",
+                 "--save-records", str(records)]) == 0
+    merged = json.loads((records / "results.json").read_text())
+    assert [(r["arm"], r["seed"], r["status"]) for r in merged["runs"]] == [
+        ("random", 0, "evaluated"), ("mae", 0, "evaluated"), ("m3ae", 0, "pending"), ("m3ae", 1, "evaluated")]
+    assert "saved the records of 1 runs" in capsys.readouterr().out
+
+    # Records of another vocabulary, and the study folder as its own records folder, are refused.
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "[PAD]": 1, "shirt": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(records / "tokenizer.json"))
+    assert main(["study", study, "--out", str(other), "--data-root", data, "--report-only",
+                 "--save-records", str(records)]) == 2
+    assert "another vocabulary" in capsys.readouterr().err
+    assert main(["study", study, "--out", str(other), "--data-root", data, "--report-only",
+                 "--save-records", str(other)]) == 2
+    assert "is the study folder itself" in capsys.readouterr().err

@@ -26,6 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jobs", type=C.positive, default=1,
                    help="runs side by side in N processes (each takes the runs no other holds)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from what is done")
+    p.add_argument("--save-records", default=None, metavar="DIR", type=C.output_folder,
+                   help="also copy every finished run's records (settings, training log, evaluations; no "
+                        "weights) into DIR, merged with the runs DIR already holds, and write DIR's report: "
+                        "a folder to commit, whose report `--report-only --out DIR` rewrites")
     p.add_argument("--pictures", default=None, metavar="ARM[/seedS]",
                    help="also draw reconstructions and word-to-patch attention from this arm's model")
     p.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # --jobs workers
@@ -89,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
     # a run (run_study repeats them for library callers). Only a run or --pictures reads the evaluation
     # data; --pictures is checked now too, not after the training it waits for.
     check_study(study, args.out, data=not args.report_only or bool(args.pictures))
+    if args.save_records and Path(args.save_records).resolve() == Path(args.out).resolve():
+        raise ValueError(f"--save-records {args.save_records} is the study folder itself: give another folder")
     if not args.report_only:
         select_runs(study, only, args.seeds)  # an unknown arm or seed: one clear error, before any worker
     if args.pictures:
@@ -130,6 +136,12 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "no_report", False):
         return 130 if stopped else 1 if failed else 0
     results = write_report(study, args.out)
+    if args.save_records:
+        from ..study.records import save_records
+        copied = save_records(study, args.out, args.save_records)
+        kept = write_report(study, args.save_records)
+        print(f"saved the records of {len(copied)} runs to {args.save_records}; its report: "
+              f"{sum(r['status'] == 'evaluated' for r in kept['runs'])} of {len(kept['runs'])} runs evaluated")
     if args.pictures:
         from ..study.pictures import draw_pictures
         for path in draw_pictures(study, args.out, args.pictures):

@@ -10,7 +10,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .runner import DONE, EVAL, evaluation_is_current, read_json, run_dir, train_flag_changed, write_json
+from .runner import (DONE, EVAL, evaluation_is_current, final_losses, read_json, run_dir, train_flag_changed,
+                     write_json)
 from .spec import StudySpec
 
 WORDS = ("true_image", "mismatched_image", "no_image")
@@ -52,17 +53,6 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def final_losses(metrics: Path, last: int = 5) -> dict[str, float]:
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-    rows = [r for r in rows if "loss" in r]
-    out = {}
-    for key in ("image_loss", "text_loss", "text_accuracy"):
-        values = [r[key] for r in rows[-last:] if key in r]
-        if values:
-            out[key] = sum(values) / len(values)
-    return out
-
-
 def spread(values: list[float]) -> dict[str, Any]:
     values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
     if not values:
@@ -88,7 +78,8 @@ def collect(study: StudySpec, out: Path) -> dict[str, Any]:
             if done:
                 row.update(train_seconds=done.get("train_seconds"), steps=done.get("steps"),
                            checkpoint=done.get("checkpoint"), precision=done.get("precision"))
-                row["final"] = final_losses(directory / "metrics.jsonl")
+                # From the training log, or where only records without it were kept, what done.json says.
+                row["final"] = final_losses(directory / "metrics.jsonl") or done.get("final", {})
             if result:
                 row.update(eval_seconds=result.get("eval_seconds"), metrics=flat_metrics(result), eval=result)
                 for k, v in row["metrics"].items():

@@ -141,6 +141,18 @@ def evaluation_is_current(study: StudySpec, arm: ArmSpec, seed: int, out: Path, 
                                     run_dir(out, arm, seed))
 
 
+def final_losses(metrics: Path, last: int = 5) -> dict[str, float]:
+    """The mean of the last `last` logged values of each loss in a training log (empty without one)."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    rows = [r for r in rows if "loss" in r]
+    out = {}
+    for key in ("image_loss", "text_loss", "text_accuracy"):
+        values = [r[key] for r in rows[-last:] if key in r]
+        if values:
+            out[key] = sum(values) / len(values)
+    return out
+
+
 def train_seconds(metrics_path: Path, batch_size: int) -> float:
     """Pretraining time from the logged throughput (resume-proof: the rows of the steps kept)."""
     seconds, last_step = 0.0, 0
@@ -255,6 +267,8 @@ def run_one(study: StudySpec, arm: ArmSpec, seed: int, out: Path, tokenizer: str
                     "train_seconds": train_seconds(directory / "metrics.jsonl", config.batch_size)}
             if precision is not None:
                 done["precision"] = precision
+            if arm.train:  # kept with the run's records even where its log is not (m3ae.study.records)
+                done["final"] = final_losses(directory / "metrics.jsonl")
             write_json(directory / DONE, done)
         fingerprint = fp.eval_fingerprint(evaluator.spec, config, done["checkpoint"], out)
         existing = read_json(directory / EVAL)
