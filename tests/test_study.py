@@ -720,6 +720,15 @@ def test_saved_records_rewrite_the_report_without_weights_and_merge(study_file, 
     assert [(r["arm"], r["seed"], r["status"]) for r in merged["runs"]] == [
         ("random", 0, "evaluated"), ("mae", 0, "evaluated"), ("m3ae", 0, "pending"), ("m3ae", 1, "evaluated")]
     assert "saved the records of 1 runs" in capsys.readouterr().out
+    # Another evaluation of the same run saved beside it stays; a run redone since takes it away.
+    extra = records / "runs/m3ae/seed1/eval_steady.json"
+    extra.write_text("{}")
+    save = ["study", study, "--out", str(other), "--data-root", data, "--report-only", "--save-records", str(records)]
+    assert main(save) == 0 and extra.is_file()
+    done = other / "runs/m3ae/seed1/done.json"
+    done.write_text(json.dumps({**json.loads(done.read_text()), "train_seconds": 1.0}))
+    assert main(save) == 0 and not extra.is_file()
+    assert json.loads((records / "runs/m3ae/seed1/done.json").read_text())["train_seconds"] == 1.0
 
     # Records of another vocabulary, and the study folder as its own records folder, are refused.
     from tokenizers import Tokenizer, models, pre_tokenizers

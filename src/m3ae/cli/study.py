@@ -28,8 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from what is done")
     p.add_argument("--save-records", default=None, metavar="DIR", type=C.output_folder,
                    help="also copy every finished run's records (settings, training log, evaluations; no "
-                        "weights) into DIR, merged with the runs DIR already holds, and write DIR's report: "
-                        "a folder to commit, whose report `--report-only --out DIR` rewrites")
+                        "weights) into DIR, merged with the runs DIR already holds (a run redone replaces its "
+                        "records), and write DIR's report: a folder to commit, whose report `--report-only "
+                        "--out DIR` rewrites")
     p.add_argument("--pictures", default=None, metavar="ARM[/seedS]",
                    help="also draw reconstructions and word-to-patch attention from this arm's model")
     p.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # --jobs workers

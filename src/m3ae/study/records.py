@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from ..checkpoint import RUN_CONFIG_NAME
-from .runner import DONE, run_dir
+from .runner import DONE, read_json, run_dir
 from .spec import StudySpec
 
 TOKENIZER = "tokenizer.json"
@@ -34,6 +34,12 @@ def _same_vocabulary(a: Path, b: Path) -> bool:
     return load_tokenizer(str(a)).get_vocab() == load_tokenizer(str(b)).get_vocab()
 
 
+def _same_run(done: Path, saved: Path) -> bool:
+    """Whether the records folder's done.json is this run's (an evaluation saved there under another
+    name, made of the same weights elsewhere, is kept) or another's (a run redone since)."""
+    return saved.is_file() and read_json(saved) == read_json(done)
+
+
 def _copy(source: Path, target: Path) -> None:
     """Copy through a temporary file and a rename, so a stop leaves the old record or the new one."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -44,8 +50,9 @@ def _copy(source: Path, target: Path) -> None:
 
 def save_records(study: StudySpec, out: str | Path, records: str | Path) -> list[str]:
     """Copy the records of every finished run of `study` in folder `out` into folder `records`
-    (created if need be) and return the runs copied ("arm/seedS"). A run's old records there are
-    replaced as a whole (a file the run no longer has goes too). The study's vocabulary comes along;
+    (created if need be) and return the runs copied ("arm/seedS"). A run redone since its records
+    were saved replaces them as a whole; the same run (the same done.json) keeps any other
+    evaluation saved beside its own (an eval_steady.json made elsewhere). The study's vocabulary comes along;
     records whose vocabulary differs from the study folder's are refused (their runs and these could
     not be compared)."""
     out, records = Path(out), Path(records)
@@ -63,9 +70,10 @@ def save_records(study: StudySpec, out: str | Path, records: str | Path) -> list
                 continue
             target = run_dir(records, arm, seed)
             files = record_files(run)
-            for old in record_files(target) if target.is_dir() else []:
-                if old.name not in {f.name for f in files}:
-                    old.unlink()
+            if not _same_run(run / DONE, target / DONE):  # redone since: the old run's records all go
+                for old in record_files(target) if target.is_dir() else []:
+                    if old.name not in {f.name for f in files}:
+                        old.unlink()
             for f in files:
                 _copy(f, target / f.name)
             copied.append(f"{arm.name}/seed{seed}")
