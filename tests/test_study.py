@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import io
-import shutil
 import json
 import logging
+import shutil
 import tarfile
 
 import numpy as np

@@ -94,8 +94,9 @@ def run(args: argparse.Namespace) -> int:
     # a run (run_study repeats them for library callers). Only a run or --pictures reads the evaluation
     # data; --pictures is checked now too, not after the training it waits for.
     check_study(study, args.out, data=not args.report_only or bool(args.pictures))
-    if args.save_records and Path(args.save_records).resolve() == Path(args.out).resolve():
-        raise ValueError(f"--save-records {args.save_records} is the study folder itself: give another folder")
+    if args.save_records:  # before anything runs, not after the training
+        from ..study.records import check_records_folder
+        check_records_folder(args.out, args.save_records)
     if not args.report_only:
         select_runs(study, only, args.seeds)  # an unknown arm or seed: one clear error, before any worker
     if args.pictures:

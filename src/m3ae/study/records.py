@@ -48,16 +48,21 @@ def _copy(source: Path, target: Path) -> None:
     os.replace(temporary, target)
 
 
+def check_records_folder(out: str | Path, records: str | Path) -> None:
+    """A records folder must be another folder than the study folder it copies from."""
+    if Path(out).resolve() == Path(records).resolve():
+        raise ValueError(f"the records folder {records} is the study folder itself: give another folder")
+
+
 def save_records(study: StudySpec, out: str | Path, records: str | Path) -> list[str]:
     """Copy the records of every finished run of `study` in folder `out` into folder `records`
     (created if need be) and return the runs copied ("arm/seedS"). A run redone since its records
     were saved replaces them as a whole; the same run (the same done.json) keeps any other
-    evaluation saved beside its own (an eval_steady.json made elsewhere). The study's vocabulary comes along;
-    records whose vocabulary differs from the study folder's are refused (their runs and these could
-    not be compared)."""
+    evaluation saved beside its own (an eval_steady.json made elsewhere). The study's vocabulary
+    comes along; records whose vocabulary differs from the study folder's are refused (their runs and
+    these could not be compared)."""
     out, records = Path(out), Path(records)
-    if out.resolve() == records.resolve():
-        raise ValueError(f"the records folder is the study folder itself ({out}): give another folder")
+    check_records_folder(out, records)
     tokenizer, saved_tokenizer = out / TOKENIZER, records / TOKENIZER
     if tokenizer.is_file() and saved_tokenizer.is_file() and not _same_vocabulary(tokenizer, saved_tokenizer):
         raise ValueError(f"{saved_tokenizer} is another vocabulary than {tokenizer}: the runs recorded in "
