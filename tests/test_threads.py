@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from m3ae.threads import OPENMP_SPIN_COUNT, cgroup_cpu_quota, choose_threads, limit_openmp_spin, torch_threads
+from m3ae.threads import (OPENMP_SPIN_COUNT, LoaderProbe, cgroup_cpu_quota, choose_threads, limit_openmp_spin,
+                          threads_beside_loader, torch_threads)
 
 
 def test_auto_threads_are_cores_minus_loader_workers():
@@ -10,6 +11,40 @@ def test_auto_threads_are_cores_minus_loader_workers():
     assert choose_threads(None, 1, environ={}, cores=4).threads == 3
     assert choose_threads(None, 8, environ={}, cores=2).threads == 1  # at least one
     assert "1 loader worker" in choose_threads(None, 1, environ={}, cores=2).reason
+
+
+def test_only_the_auto_rule_is_marked_for_the_loader_probe():
+    auto = choose_threads(None, 1, environ={}, cores=4)
+    assert auto.auto and (auto.cores, auto.loader_workers) == (4, 1)
+    assert not choose_threads(2, 1, environ={}, cores=4).auto
+    assert not choose_threads(None, 1, environ={"OMP_NUM_THREADS": "2"}, cores=4).auto
+
+
+def test_threads_beside_loader_give_idle_worker_cores_back():
+    # 2 cores, 1 worker, the three loads measured (BENCHMARKS.md): light -> both cores to the step
+    assert threads_beside_loader(2, 1, 0.05) == 2
+    assert threads_beside_loader(2, 1, 0.39) == 2
+    assert threads_beside_loader(2, 1, 0.42) == 1
+    assert threads_beside_loader(2, 1, 0.95) == 1
+    # one core kept per started core of use beyond the idle share, never more than the workers
+    assert threads_beside_loader(16, 4, 2.6) == 13
+    assert threads_beside_loader(16, 4, 3.9) == 12
+    assert threads_beside_loader(16, 4, 7.0) == 12
+    assert threads_beside_loader(2, 3, 3.0) == 1  # at least one
+    assert threads_beside_loader(8, 2, -1.0) == 8  # a nonsense reading keeps nothing back
+
+
+def test_loader_probe_measures_its_window_only():
+    probe = LoaderProbe.for_run(start_step=40, skip=2, measure=3)
+    assert (probe.first, probe.last) == (42, 45)
+    probe.cpu_s = 99.0  # batches before the window: dropped at its start
+    assert probe.after_step(41) is None and probe.after_step(42) is None
+    probe.cpu_s += 0.02
+    assert probe.after_step(43) is None and probe.after_step(44) is None
+    cores = probe.after_step(45)
+    assert cores is not None and 0 < cores < 0.02 / 1e-6
+    late = LoaderProbe.for_run(0, skip=2, measure=3)  # never saw its first step (a resume inside it)
+    assert late.after_step(5) is None
 
 
 def test_explicit_setting_then_omp_num_threads_win_over_auto():

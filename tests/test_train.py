@@ -427,9 +427,50 @@ def test_threads_setting_is_applied_logged_and_restored(tmp_path, caplog):
     assert seen == [before + 1, before + 1] and torch.get_num_threads() == before
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["threads"] for r in rows] == [before + 1] * 2
+    assert "loader_cores" not in rows[0]  # no loader workers: the batches are made in the step's process
     if sys.platform.startswith("linux"):  # the process's resident memory, in GiB, in every row
         assert all(0.05 < r["host_rss_gib"] < 64 for r in rows)
     assert f"threads {before + 1} (threads setting)" in caplog.text
+
+
+def test_auto_threads_settle_beside_the_loader_once_and_resume_bit_for_bit(tmp_path, monkeypatch, caplog):
+    """Auto threads with loader workers start at cores - workers, measure what the workers use over
+    steps 11-30 and settle the count once; a checkpoint after that keeps it, so a resume continues
+    bit for bit. The decision itself (timing) is stubbed: m3ae.threads tests the rule."""
+    import m3ae.threads
+    import m3ae.train.loop as loop
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(m3ae.threads, "usable_cores", lambda: 2)
+    readings = []
+
+    def settle(cores, workers, loader_cores):
+        readings.append((cores, workers, loader_cores))
+        return 2  # a light loader's outcome, whatever this machine's timing
+
+    monkeypatch.setattr(loop, "threads_beside_loader", settle)
+    caplog.set_level(logging.INFO, logger="m3ae")
+    before = torch.get_num_threads()
+    run = ["steps=36", "data.num_workers=1", "ckpt_every=33", "device=cpu"]
+    straight = pretrain(tiny_config(*run), tmp_path / "straight")
+    assert torch.get_num_threads() == before
+    rows = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["threads"] for r in rows] == [1] * 30 + [2] * 6  # the rows of the measured steps say 1
+    assert all(r["loader_cores"] > 0 for r in rows)
+    assert len(readings) == 1 and readings[0][:2] == (2, 1) and readings[0][2] > 0
+    assert "over steps 11-30: 2 torch threads from here (auto; 1 before)" in caplog.text
+    state = load_train_state(latest_checkpoint(tmp_path / "straight"))
+    assert (state["threads"], state["threads_settled"]) == (2, True)
+
+    pretrain(tiny_config(*run), tmp_path / "split", stop_at_step=33)
+    caplog.clear()
+    resumed = pretrain(tiny_config(*run), tmp_path / "split", resume="auto")
+    assert len(readings) == 2  # the resumed run did not measure again
+    assert "threads 2 (auto: 2 usable cores, as settled before the resume)" in caplog.text
+    assert "torch threads" not in caplog.text  # no change to warn of
+    assert losses(tmp_path / "split") == losses(tmp_path / "straight")
+    a, b = params(straight.checkpoint), params(resumed.checkpoint)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_host_allocator_choice_is_logged(tmp_path, caplog):

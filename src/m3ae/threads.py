@@ -7,7 +7,9 @@ spinning thread whose partner was descheduled burns its whole time slice, and a 
 
 - `threads` (auto by default): the cores this process may use (CPU affinity and the cgroup quota)
   minus the data-loader workers that share them, at least 1. An explicit setting wins, then
-  OMP_NUM_THREADS.
+  OMP_NUM_THREADS. A CPU run with loader workers then measures what the workers really use over
+  its first steps (`LoaderProbe`) and gives the step back the cores they leave idle, once: light
+  loaders (small JPEGs, pre-resized shards) would otherwise cost the step a core they do not need.
 - OpenMP threads spin only briefly before sleeping (GOMP_SPINCOUNT, see `limit_openmp_spin`), so
   a thread waiting for a descheduled partner yields its core instead of burning it.
 """
@@ -17,6 +19,7 @@ import contextlib
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -72,9 +75,56 @@ def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
 class ThreadChoice:
     threads: int
     reason: str  # how it was chosen, for the run header
+    # Set by the auto rule only: the usable cores and the loader workers it counted (the probe's inputs).
+    cores: int | None = None
+    loader_workers: int = 0
 
     def __str__(self) -> str:
         return f"{self.threads} ({self.reason})"
+
+    @property
+    def auto(self) -> bool:
+        return self.cores is not None
+
+
+# A loader worker's core goes back to the step when the workers use less than this share of it.
+# Measured on 2 cores, 1 worker, 1 vs 2 threads (BENCHMARKS.md, twelfth session): workers using
+# 0.05-0.12 cores -> 2 threads 1.55x faster; 0.42 -> a tie; 0.9 -> 1 thread 1.35x faster.
+LOADER_IDLE_SHARE = 0.4
+
+
+def threads_beside_loader(cores: int, loader_workers: int, loader_cores: float) -> int:
+    """Torch threads for a run whose loader workers were measured using `loader_cores` cores (CPU
+    seconds per second): a core kept for every core's worth they use beyond LOADER_IDLE_SHARE,
+    at most one per worker, the rest for the step."""
+    kept = min(max(0, loader_workers), max(0, math.ceil(loader_cores - LOADER_IDLE_SHARE)))
+    return max(1, cores - kept)
+
+
+@dataclass
+class LoaderProbe:
+    """Measures the loader workers' CPU use over steps (first, last] of a run that started its auto
+    thread count at cores - workers, for `threads_beside_loader` to settle the count once (every
+    change of the count changes the float rounding of what follows)."""
+
+    first: int  # the step after which measuring starts (past the workers' start-up and first fills)
+    last: int  # the step at which the count is settled
+    cpu_s: float = 0.0  # the workers' CPU seconds for the batches taken while measuring
+    started: float | None = None  # wall clock at step `first`
+
+    @classmethod
+    def for_run(cls, start_step: int, skip: int = 10, measure: int = 20) -> "LoaderProbe":
+        """Measuring steps skip+1 .. skip+measure of this process (fresh or resumed: the workers
+        start, and their shuffle buffers fill, again after a resume)."""
+        return cls(start_step + skip, start_step + skip + measure)
+
+    def after_step(self, step: int) -> float | None:
+        """Call after each step; returns the workers' mean use in cores when `step` is the last."""
+        if step == self.first:
+            self.started, self.cpu_s = time.perf_counter(), 0.0
+        elif step == self.last and self.started is not None:
+            return self.cpu_s / max(time.perf_counter() - self.started, 1e-9)
+        return None
 
 
 def choose_threads(setting: int | None, loader_workers: int = 0,
@@ -94,11 +144,12 @@ def choose_threads(setting: int | None, loader_workers: int = 0,
         except ValueError:
             pass
     cores = usable_cores() if cores is None else cores
-    n = max(1, cores - max(0, loader_workers))
+    workers = max(0, loader_workers)
+    n = max(1, cores - workers)
     why = f"auto: {cores} usable core{'s' if cores != 1 else ''}"
-    if loader_workers > 0:
-        why += f" - {loader_workers} loader worker{'s' if loader_workers != 1 else ''}"
-    return ThreadChoice(n, why)
+    if workers > 0:
+        why += f" - {workers} loader worker{'s' if workers != 1 else ''}"
+    return ThreadChoice(n, why, cores, workers)
 
 
 @contextlib.contextmanager

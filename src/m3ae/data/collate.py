@@ -62,13 +62,16 @@ class Batch:
     step: int = 0  # the micro-batch index (its masks were drawn from it)
     stats: dict[str, Any] | None = None  # data counts since the last batch (used, skipped by reason)
     stream: StreamPosition | None = None  # streams: the position, after this batch, of the share that made it
+    # CPU seconds the loader worker process that made this batch used since its previous one (None:
+    # made in the training process). What the loader costs the cores the step shares with it.
+    loader_cpu_s: float | None = None
 
     @property
     def size(self) -> int:
         return sum(p.size for p in self.parts)
 
     def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Batch":
-        return Batch([p.map_tensors(fn) for p in self.parts], self.step, self.stats, self.stream)
+        return Batch([p.map_tensors(fn) for p in self.parts], self.step, self.stats, self.stream, self.loader_cpu_s)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         return self.map_tensors(lambda t: t.to(device, non_blocking=non_blocking))

@@ -24,7 +24,7 @@ from ..precision import cpu_has_amx, resolve_precision, step_context
 from ..preprocessing import Preprocessing
 from ..data.loader import TrainData, build_train_data, loader_error, merge_data_states, next_batch, stop_workers
 from ..host_allocator import KeptMemoryLimit, keep_freed_memory, resident_bytes
-from ..threads import ThreadChoice, torch_threads
+from ..threads import LoaderProbe, ThreadChoice, threads_beside_loader, torch_threads
 from .config import TrainConfig, to_yaml
 from .metrics import METRICS_NAME, MetricsLog, window_row
 from .resume import Resumed, restore
@@ -124,6 +124,24 @@ def _setup(config: TrainConfig, out_dir: Path, dist: dist_utils.DistInfo, thread
                 root)
 
 
+def _loader_threads(threads: ThreadChoice, resumed: Resumed | None, device: torch.device,
+                    world_size: int) -> tuple[ThreadChoice, LoaderProbe | None]:
+    """Auto threads beside loader workers (one CPU process; m3ae.threads): a run resumed after its
+    count was settled keeps that count (bit for bit as an uninterrupted run), else the loader is
+    measured over the first steps (the probe returned)."""
+    if not (threads.auto and threads.loader_workers > 0 and device.type == "cpu" and world_size == 1):
+        return threads, None
+    assert threads.cores is not None
+    if threads.threads >= threads.cores:  # nothing to give back
+        return threads, None
+    if (resumed is not None and resumed.threads_settled and resumed.threads is not None
+            and threads.threads <= resumed.threads <= threads.cores):
+        torch.set_num_threads(resumed.threads)
+        return ThreadChoice(resumed.threads, f"auto: {threads.cores} usable cores, as settled before the resume",
+                            threads.cores, threads.loader_workers), None
+    return threads, LoaderProbe.for_run(resumed.step if resumed is not None else 0)
+
+
 def _wrap(config: TrainConfig, model: M3AE, dist: dist_utils.DistInfo,
           model_hook: Callable[[M3AE], torch.nn.Module] | None, resumed: Resumed | None
           ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -172,6 +190,9 @@ class _Run:
         self.fsdp = config.distributed.fsdp
         device, is_main = dist.device, dist.is_main
         mode = resolve_precision(config.precision, device)
+        self.threads, self.loader_probe = _loader_threads(threads, resumed, device, dist.world_size)
+        self.threads_settled = self.loader_probe is None and threads is not self.threads  # taken from the checkpoint
+        threads = self.threads
         if is_main:
             log.info("data: %s", data.description)
             log.info("device: %s, precision %s (%s), threads %s", device_name(device),
@@ -221,6 +242,7 @@ class _Run:
         self.pending: list[torch.Tensor] = list(carried.to(device)) if carried is not None else []
         self.nonfinite_run, self.last_ckpt_step = 0, self.start_step
         self.window_start, self.window_samples, self.data_wait = time.perf_counter(), 0, 0.0
+        self.window_loader_cpu: float | None = None  # the loader workers' CPU seconds (None: no workers)
         # Achieved model FLOP/s (analytic, m3ae.perf) and MFU where the device's peak is known.
         self.window_flops = 0.0
         self.peak_tflops = config.peak_tflops or table_peak(device_name(device), "fp32" if mode == "fp32" else "bf16")
@@ -278,6 +300,8 @@ class _Run:
         # in the checkpoint instead (the resumed run logs it with the rest of the window).
         if step % config.log_every == 0 or step == config.steps:
             self._log_window(lr)
+        if self.loader_probe is not None:  # after the row of the steps it measured, before a checkpoint
+            self._settle_threads(step)
         self._viz_and_eval()
         if step % config.ckpt_every == 0 and step < end:
             self.result.checkpoint = self.checkpoint(step, step * config.grad_accum)
@@ -304,9 +328,35 @@ class _Run:
                 batch = next_batch(self.batches)
             batch = batch.to(self.dist.device, non_blocking=True)
             self.data_wait += time.perf_counter() - t0
+            if batch.loader_cpu_s is not None:
+                self.window_loader_cpu = (self.window_loader_cpu or 0.0) + batch.loader_cpu_s
+                if self.loader_probe is not None:
+                    self.loader_probe.cpu_s += batch.loader_cpu_s
             self.window_samples += batch.size * world_size
             self.window_flops += batch_train_flops(batch, self.config.model) * world_size
             yield batch
+
+    def _settle_threads(self, step: int) -> None:
+        """At the probe's last step: the thread count for the rest of the run (m3ae.threads)."""
+        assert self.loader_probe is not None
+        probe = self.loader_probe
+        loader_cores = probe.after_step(step)
+        if loader_cores is None:
+            return
+        before = self.threads
+        assert before.cores is not None  # an auto choice: the probe runs for no other
+        n = threads_beside_loader(before.cores, before.loader_workers, loader_cores)
+        torch.set_num_threads(n)
+        self.threads = ThreadChoice(n, f"auto: {before.cores} usable cores, the loader workers using "
+                                       f"{loader_cores:.2f} over steps {probe.first + 1}-{probe.last}",
+                                    before.cores, before.loader_workers)
+        self.loader_probe, self.threads_settled = None, True
+        if self.dist.is_main:
+            if self.progress is not None:
+                self.progress.clear()
+            log.info("step %d: the loader workers used %.2f cores over steps %d-%d: %d torch thread%s from "
+                     "here (auto; %d before)", step, loader_cores, probe.first + 1, probe.last, n,
+                     "s" if n != 1 else "", before.threads)
 
     def _count_nonfinite(self, finite: bool) -> None:
         if finite:
@@ -329,6 +379,8 @@ class _Run:
                          self.skipped)
         row["model_tflops"] = self.window_flops / elapsed / 1e12
         row["threads"] = self.threads.threads
+        if self.window_loader_cpu is not None:  # cores the loader workers kept busy (1.0: one whole core)
+            row["loader_cores"] = self.window_loader_cpu / elapsed
         trimmed = self.kept_memory.check()
         if trimmed is not None:
             log.info("step %d: resident memory grew to %.2f GiB, more than %.0f%% over its recorded size; "
@@ -344,6 +396,7 @@ class _Run:
         if self.data.counter.total_bad:
             row["bad_samples"] = self.data.counter.total_bad
         self.window_start, self.window_samples, self.data_wait, self.window_flops = time.perf_counter(), 0, 0.0, 0.0
+        self.window_loader_cpu = None
         self.result.add_row(row)
         self.result.last_loss = row.get("loss", float("nan"))
         self.metrics.write(row)
@@ -398,7 +451,8 @@ class _Run:
             pending = self.pending
             train_state = {"step": step, "optimizer": optim_full, "rng": rng or rng_state(),
                            "data": data_state, "skipped_steps": self.skipped, "world_size": world_size,
-                           "threads": self.threads.threads, "precision": self.mode,
+                           "threads": self.threads.threads, "threads_settled": self.threads_settled,
+                           "precision": self.mode,
                            "pending_metrics": torch.stack(pending).cpu() if pending else None}
             weights = _Weights(self.model, model_state, self.data.tokenizer, self.preprocessing)
             path = save_checkpoint(self.out_dir, step, weights, train_state, self.run_yaml, self.config.keep_last)

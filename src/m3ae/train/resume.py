@@ -39,6 +39,7 @@ class Resumed:
     pending_metrics: torch.Tensor | None  # the unlogged steps of a partial log window
     threads: int | None = None  # the torch CPU threads it ran with (None: an older checkpoint)
     precision: str | None = None  # the mode its precision setting resolved to (None: an older checkpoint)
+    threads_settled: bool = False  # auto threads: measured beside the loader workers, fixed for the run
 
     def load_optimizer(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> None:
         dist_utils.load_optimizer_state(model, optimizer, self.optimizer_state, fsdp)
@@ -102,7 +103,8 @@ def restore(resume: str | None, out_dir: Path, model: M3AE, config: TrainConfig,
     resumed = Resumed(path, int(state["step"]), int(state.get("skipped_steps", 0)), state["optimizer"],
                       state.get("data"), state.get("pending_metrics"),
                       _int_or_none(state.get("threads")),
-                      state.get("precision") if isinstance(state.get("precision"), str) else None)
+                      state.get("precision") if isinstance(state.get("precision"), str) else None,
+                      threads_settled=state.get("threads_settled") is True)
     if rank == 0:
         log.info("resuming from %s at step %d", path, resumed.step)
     return resumed
