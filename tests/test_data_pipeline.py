@@ -108,6 +108,20 @@ def test_stream_shares_disjoint_and_equal_batch_counts(tmp_path):
     assert len(flat) == len(set(flat)) == 25
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_worker_batches_carry_the_workers_cpu_time(tmp_path, stream):
+    """What the trainer's thread policy weighs (m3ae.threads): the CPU seconds the worker process
+    spent since its previous batch; none for batches made in the training process itself."""
+    spec = shards(tmp_path, [6, 6]) if stream else write_manifest(tmp_path, n=12)
+    for workers in (0, 1):
+        batches = take(build_train_data(cfg(spec, tmp_path, num_workers=workers), MODEL, seed=0, micro_batch=3), 4)
+        spent = [b.loader_cpu_s for b in batches]
+        if workers == 0:
+            assert spent == [None] * 4
+        else:
+            assert all(isinstance(s, float) and 0 < s < 60 for s in spent)
+
+
 def test_stream_resume_continues_from_saved_position(tmp_path):
     spec = shards(tmp_path, [6, 6, 6, 6])
     data = cfg(spec, tmp_path, num_workers=2)
