@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from m3ae.threads import (OPENMP_SPIN_COUNT, LoaderProbe, cgroup_cpu_quota, choose_threads, limit_openmp_spin,
+import m3ae.threads
+from m3ae.threads import (OPENMP_SPIN_COUNT, ThreadTuner, cgroup_cpu_quota, choose_threads, limit_openmp_spin,
                           threads_beside_loader, torch_threads)
 
 
@@ -34,17 +35,49 @@ def test_threads_beside_loader_give_idle_worker_cores_back():
     assert threads_beside_loader(8, 2, -1.0) == 8  # a nonsense reading keeps nothing back
 
 
-def test_loader_probe_measures_its_window_only():
-    probe = LoaderProbe.for_run(start_step=40, skip=2, measure=3)
-    assert (probe.first, probe.last) == (42, 45)
-    probe.cpu_s = 99.0  # batches before the window: dropped at its start
-    assert probe.after_step(41) is None and probe.after_step(42) is None
-    probe.cpu_s += 0.02
-    assert probe.after_step(43) is None and probe.after_step(44) is None
-    cores = probe.after_step(45)
-    assert cores is not None and 0 < cores < 0.02 / 1e-6
-    late = LoaderProbe.for_run(0, skip=2, measure=3)  # never saw its first step (a resume inside it)
-    assert late.after_step(5) is None
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def tune(monkeypatch, loader_cpu_per_step, base_step_s, trial_step_s):
+    """A simulated run of 2 cores and 1 worker under ThreadTuner (skip 2 steps, windows of 4):
+    [(step, count returned)], the tuner."""
+    clock = FakeClock()
+    monkeypatch.setattr(m3ae.threads, "time", clock)
+    tuner = ThreadTuner.for_run(choose_threads(None, 1, environ={}, cores=2), start_step=0, skip=2, measure=4)
+    tuner.add_batch(8, 100.0)  # before the first window: dropped when it starts
+    changes = []
+    for step in range(1, 16):
+        clock.now += trial_step_s if tuner.trial is not None and not tuner.done else base_step_s
+        tuner.add_batch(8, loader_cpu_per_step)
+        n = tuner.after_step(step)
+        if n is not None:
+            changes.append((step, n))
+    return changes, tuner
+
+
+def test_thread_tuner_tries_the_idle_core_and_keeps_it_when_it_pays(monkeypatch):
+    changes, tuner = tune(monkeypatch, loader_cpu_per_step=0.01, base_step_s=0.1, trial_step_s=0.06)
+    assert changes == [(6, 2), (10, 2)] and tuner.done
+    assert tuner.loader_cores == pytest.approx(0.1) and tuner.base_rate == pytest.approx(80)
+    assert tuner.note == "133.3 samples/s at 2 threads over steps 7-10, 80.0 at 1: 2 torch threads from here"
+
+
+def test_thread_tuner_goes_back_when_the_tried_count_does_not_pay(monkeypatch):
+    # e.g. a second run on the machine takes the idle core: 2 threads wait for each other
+    changes, tuner = tune(monkeypatch, loader_cpu_per_step=0.01, base_step_s=0.1, trial_step_s=0.099)
+    assert changes == [(6, 2), (10, 1)] and tuner.done  # 1 % faster is not enough
+    assert tuner.note.endswith(": 1 torch thread from here")
+
+
+def test_thread_tuner_keeps_the_count_when_the_loader_fills_its_core(monkeypatch):
+    changes, tuner = tune(monkeypatch, loader_cpu_per_step=0.09, base_step_s=0.1, trial_step_s=0.01)
+    assert changes == [(6, 1)] and tuner.done and tuner.trial is None
+    assert tuner.note == "the loader workers used 0.90 cores over steps 3-6: keeping 1 torch thread"
 
 
 def test_explicit_setting_then_omp_num_threads_win_over_auto():

@@ -433,40 +433,45 @@ def test_threads_setting_is_applied_logged_and_restored(tmp_path, caplog):
     assert f"threads {before + 1} (threads setting)" in caplog.text
 
 
-def test_auto_threads_settle_beside_the_loader_once_and_resume_bit_for_bit(tmp_path, monkeypatch, caplog):
-    """Auto threads with loader workers start at cores - workers, measure what the workers use over
-    steps 11-30 and settle the count once; a checkpoint after that keeps it, so a resume continues
-    bit for bit. The decision itself (timing) is stubbed: m3ae.threads tests the rule."""
+@pytest.mark.parametrize("pays", [True, False])
+def test_auto_threads_settle_beside_the_loader_and_resume_bit_for_bit(tmp_path, monkeypatch, caplog, pays):
+    """Auto threads with loader workers start at cores - workers, measure the workers over steps
+    11-30, try the idle core over steps 31-50 and keep the faster count; a checkpoint after that
+    keeps it, so a resume continues bit for bit. The decisions (timing) are stubbed here;
+    test_threads tests them."""
     import m3ae.threads
-    import m3ae.train.loop as loop
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(m3ae.threads, "usable_cores", lambda: 2)
     readings = []
 
-    def settle(cores, workers, loader_cores):
+    def idle_core(cores, workers, loader_cores):
         readings.append((cores, workers, loader_cores))
         return 2  # a light loader's outcome, whatever this machine's timing
 
-    monkeypatch.setattr(loop, "threads_beside_loader", settle)
+    monkeypatch.setattr(m3ae.threads, "threads_beside_loader", idle_core)
+    monkeypatch.setattr(m3ae.threads, "trial_pays", lambda base, trial: pays)
     caplog.set_level(logging.INFO, logger="m3ae")
     before = torch.get_num_threads()
-    run = ["steps=36", "data.num_workers=1", "ckpt_every=33", "device=cpu"]
+    run = ["steps=56", "data.num_workers=1", "ckpt_every=53", "device=cpu"]
     straight = pretrain(tiny_config(*run), tmp_path / "straight")
     assert torch.get_num_threads() == before
     rows = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["threads"] for r in rows] == [1] * 30 + [2] * 6  # the rows of the measured steps say 1
+    settled = 2 if pays else 1
+    assert [r["threads"] for r in rows] == [1] * 30 + [2] * 20 + [settled] * 6  # a row says its steps' count
     assert all(r["loader_cores"] > 0 for r in rows)
     assert len(readings) == 1 and readings[0][:2] == (2, 1) and readings[0][2] > 0
-    assert "over steps 11-30: 2 torch threads from here (auto; 1 before)" in caplog.text
+    assert "over steps 11-30 (" in caplog.text and "trying 2 over steps 31-50 (auto threads)" in caplog.text
+    assert "at 2 threads over steps 31-50" in caplog.text
+    assert f"{settled} torch thread{'s' if pays else ''} from here (auto threads)" in caplog.text
     state = load_train_state(latest_checkpoint(tmp_path / "straight"))
-    assert (state["threads"], state["threads_settled"]) == (2, True)
+    assert (state["threads"], state["threads_settled"]) == (settled, True)
 
-    pretrain(tiny_config(*run), tmp_path / "split", stop_at_step=33)
+    pretrain(tiny_config(*run), tmp_path / "split", stop_at_step=53)
     caplog.clear()
     resumed = pretrain(tiny_config(*run), tmp_path / "split", resume="auto")
     assert len(readings) == 2  # the resumed run did not measure again
-    assert "threads 2 (auto: 2 usable cores, as settled before the resume)" in caplog.text
+    assert f"threads {settled} (auto: 2 usable cores, as settled before the resume)" in caplog.text
     assert "torch threads" not in caplog.text  # no change to warn of
     assert losses(tmp_path / "split") == losses(tmp_path / "straight")
     a, b = params(straight.checkpoint), params(resumed.checkpoint)

@@ -8,8 +8,9 @@ spinning thread whose partner was descheduled burns its whole time slice, and a 
 - `threads` (auto by default): the cores this process may use (CPU affinity and the cgroup quota)
   minus the data-loader workers that share them, at least 1. An explicit setting wins, then
   OMP_NUM_THREADS. A CPU run with loader workers then measures what the workers really use over
-  its first steps (`LoaderProbe`) and gives the step back the cores they leave idle, once: light
-  loaders (small JPEGs, pre-resized shards) would otherwise cost the step a core they do not need.
+  its first steps and tries the step with the cores they leave idle, keeping them if the step
+  runs faster (`ThreadTuner`): light loaders (small JPEGs, pre-resized shards) would otherwise
+  cost the step a core they do not need.
 - OpenMP threads spin only briefly before sleeping (GOMP_SPINCOUNT, see `limit_openmp_spin`), so
   a thread waiting for a descheduled partner yields its core instead of burning it.
 """
@@ -101,30 +102,90 @@ def threads_beside_loader(cores: int, loader_workers: int, loader_cores: float) 
     return max(1, cores - kept)
 
 
-@dataclass
-class LoaderProbe:
-    """Measures the loader workers' CPU use over steps (first, last] of a run that started its auto
-    thread count at cores - workers, for `threads_beside_loader` to settle the count once (every
-    change of the count changes the float rounding of what follows)."""
+# A tried thread count is kept only if the step runs at least this much faster with it than with
+# the count it started at: cores the loader leaves idle may be taken by other processes (a second
+# run, a browser), and then more threads only wait for each other.
+TRIAL_MIN_GAIN = 1.03
 
-    first: int  # the step after which measuring starts (past the workers' start-up and first fills)
-    last: int  # the step at which the count is settled
-    cpu_s: float = 0.0  # the workers' CPU seconds for the batches taken while measuring
-    started: float | None = None  # wall clock at step `first`
+
+def trial_pays(base_rate: float, trial_rate: float) -> bool:
+    """Whether a tried count's samples/s beat the starting count's by TRIAL_MIN_GAIN."""
+    return trial_rate >= base_rate * TRIAL_MIN_GAIN
+
+
+@dataclass
+class ThreadTuner:
+    """Auto threads beside loader workers, settled once, in the first steps of a CPU run that
+    started at cores - workers: steps first+1 .. first+n measure the workers' CPU use and the
+    step's samples/s; if the workers leave a core idle (`threads_beside_loader`), steps
+    first+n+1 .. first+2n try the step with it, and the faster of the two counts is kept for the
+    rest of the run (a tried count must pay by TRIAL_MIN_GAIN). Each change of the count changes
+    the float rounding of what follows, so there are at most two, at fixed steps."""
+
+    cores: int
+    workers: int
+    base: int  # the starting count (cores - workers)
+    first: int  # measuring starts after this step (past the workers' start-up and first fills)
+    measure: int = 20  # steps per window
+    trial: int | None = None  # the count being tried
+    done: bool = False
+    note: str = ""  # what the last decision was, for the log
+    loader_cores: float | None = None  # the workers' CPU seconds per second, first window
+    base_rate: float | None = None  # samples/s at `base`, first window
+    _started: float | None = None
+    _cpu_s: float = 0.0
+    _samples: int = 0
 
     @classmethod
-    def for_run(cls, start_step: int, skip: int = 10, measure: int = 20) -> "LoaderProbe":
-        """Measuring steps skip+1 .. skip+measure of this process (fresh or resumed: the workers
-        start, and their shuffle buffers fill, again after a resume)."""
-        return cls(start_step + skip, start_step + skip + measure)
+    def for_run(cls, choice: ThreadChoice, start_step: int, skip: int = 10, measure: int = 20) -> "ThreadTuner":
+        """From step start_step + skip of this process (fresh or resumed: the workers start, and
+        their shuffle buffers fill, again after a resume)."""
+        assert choice.cores is not None, "tunes the auto count only"
+        return cls(choice.cores, choice.loader_workers, choice.threads, start_step + skip, measure)
 
-    def after_step(self, step: int) -> float | None:
-        """Call after each step; returns the workers' mean use in cores when `step` is the last."""
+    def add_batch(self, samples: int, loader_cpu_s: float | None) -> None:
+        """Count a batch taken for a step (loader_cpu_s: its worker's CPU seconds, Batch.loader_cpu_s)."""
+        self._samples += samples
+        self._cpu_s += loader_cpu_s or 0.0
+
+    def after_step(self, step: int) -> int | None:
+        """Call after each step. Returns the count to run with from the next step on when a window
+        ends (the trial's, or the settled one: then `done`); None otherwise."""
+        base_end, trial_end = self.first + self.measure, self.first + 2 * self.measure
         if step == self.first:
-            self.started, self.cpu_s = time.perf_counter(), 0.0
-        elif step == self.last and self.started is not None:
-            return self.cpu_s / max(time.perf_counter() - self.started, 1e-9)
+            self._restart()
+        elif step == base_end and self._started is not None:
+            wall = self._wall()
+            self.loader_cores, self.base_rate = self._cpu_s / wall, self._samples / wall
+            candidate = threads_beside_loader(self.cores, self.workers, self.loader_cores)
+            where = f"the loader workers used {self.loader_cores:.2f} cores over steps {self.first + 1}-{base_end}"
+            if candidate == self.base:
+                self.done, self.note = True, f"{where}: keeping {self.base} torch thread{_s(self.base)}"
+                return self.base
+            self.trial = candidate
+            self.note = (f"{where} ({self.base_rate:.1f} samples/s at {self.base} thread{_s(self.base)}): "
+                         f"trying {candidate} over steps {base_end + 1}-{trial_end}")
+            self._restart()
+            return candidate
+        elif step == trial_end and self.trial is not None and self.base_rate is not None:
+            rate = self._samples / self._wall()
+            settled = self.trial if trial_pays(self.base_rate, rate) else self.base
+            self.done = True
+            self.note = (f"{rate:.1f} samples/s at {self.trial} threads over steps {base_end + 1}-{trial_end}, "
+                         f"{self.base_rate:.1f} at {self.base}: {settled} torch thread{_s(settled)} from here")
+            return settled
         return None
+
+    def _restart(self) -> None:
+        self._started, self._cpu_s, self._samples = time.perf_counter(), 0.0, 0
+
+    def _wall(self) -> float:
+        assert self._started is not None
+        return max(time.perf_counter() - self._started, 1e-9)
+
+
+def _s(n: int) -> str:
+    return "" if n == 1 else "s"
 
 
 def choose_threads(setting: int | None, loader_workers: int = 0,

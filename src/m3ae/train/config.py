@@ -67,9 +67,9 @@ class TrainConfig:
     # fp32 with oneDNN's bf16-input matmuls; m3ae.precision)
     precision: str = "auto"
     # torch CPU threads; None: auto = usable cores - data.num_workers, at least 1 (OMP_NUM_THREADS
-    # wins over auto); with loader workers a CPU run then gives the step the cores they leave idle
-    # over steps 11-30, once. Resume may change it; on CPU another count changes the float rounding
-    # (said at the resume: not bit for bit). See m3ae.threads.
+    # wins over auto); with loader workers a CPU run then measures them over steps 11-30, tries a
+    # core they leave idle over steps 31-50 and keeps the faster count. Resume may change it; on CPU
+    # another count changes the float rounding (said at the resume: not bit for bit). See m3ae.threads.
     threads: Optional[int] = None
     # auto (keep on CPU runs) | keep | system: whether glibc keeps large freed blocks for the next step
     # instead of unmapping them (m3ae.host_allocator). Speed only; resume may change it.

@@ -24,7 +24,7 @@ from ..precision import cpu_has_amx, resolve_precision, step_context
 from ..preprocessing import Preprocessing
 from ..data.loader import TrainData, build_train_data, loader_error, merge_data_states, next_batch, stop_workers
 from ..host_allocator import KeptMemoryLimit, keep_freed_memory, resident_bytes
-from ..threads import LoaderProbe, ThreadChoice, threads_beside_loader, torch_threads
+from ..threads import ThreadChoice, ThreadTuner, torch_threads
 from .config import TrainConfig, to_yaml
 from .metrics import METRICS_NAME, MetricsLog, window_row
 from .resume import Resumed, restore
@@ -125,10 +125,10 @@ def _setup(config: TrainConfig, out_dir: Path, dist: dist_utils.DistInfo, thread
 
 
 def _loader_threads(threads: ThreadChoice, resumed: Resumed | None, device: torch.device,
-                    world_size: int) -> tuple[ThreadChoice, LoaderProbe | None]:
+                    world_size: int) -> tuple[ThreadChoice, ThreadTuner | None]:
     """Auto threads beside loader workers (one CPU process; m3ae.threads): a run resumed after its
-    count was settled keeps that count (bit for bit as an uninterrupted run), else the loader is
-    measured over the first steps (the probe returned)."""
+    count was settled keeps that count (bit for bit as an uninterrupted run), else the first steps
+    settle it (the tuner returned)."""
     if not (threads.auto and threads.loader_workers > 0 and device.type == "cpu" and world_size == 1):
         return threads, None
     assert threads.cores is not None
@@ -139,7 +139,7 @@ def _loader_threads(threads: ThreadChoice, resumed: Resumed | None, device: torc
         torch.set_num_threads(resumed.threads)
         return ThreadChoice(resumed.threads, f"auto: {threads.cores} usable cores, as settled before the resume",
                             threads.cores, threads.loader_workers), None
-    return threads, LoaderProbe.for_run(resumed.step if resumed is not None else 0)
+    return threads, ThreadTuner.for_run(threads, resumed.step if resumed is not None else 0)
 
 
 def _wrap(config: TrainConfig, model: M3AE, dist: dist_utils.DistInfo,
@@ -190,8 +190,8 @@ class _Run:
         self.fsdp = config.distributed.fsdp
         device, is_main = dist.device, dist.is_main
         mode = resolve_precision(config.precision, device)
-        self.threads, self.loader_probe = _loader_threads(threads, resumed, device, dist.world_size)
-        self.threads_settled = self.loader_probe is None and threads is not self.threads  # taken from the checkpoint
+        self.threads, self.tuner = _loader_threads(threads, resumed, device, dist.world_size)
+        self.threads_settled = self.tuner is None and threads is not self.threads  # taken from the checkpoint
         threads = self.threads
         if is_main:
             log.info("data: %s", data.description)
@@ -300,8 +300,8 @@ class _Run:
         # in the checkpoint instead (the resumed run logs it with the rest of the window).
         if step % config.log_every == 0 or step == config.steps:
             self._log_window(lr)
-        if self.loader_probe is not None:  # after the row of the steps it measured, before a checkpoint
-            self._settle_threads(step)
+        if self.tuner is not None:  # after the row of the steps it measured, before a checkpoint
+            self._tune_threads(step)
         self._viz_and_eval()
         if step % config.ckpt_every == 0 and step < end:
             self.result.checkpoint = self.checkpoint(step, step * config.grad_accum)
@@ -330,33 +330,28 @@ class _Run:
             self.data_wait += time.perf_counter() - t0
             if batch.loader_cpu_s is not None:
                 self.window_loader_cpu = (self.window_loader_cpu or 0.0) + batch.loader_cpu_s
-                if self.loader_probe is not None:
-                    self.loader_probe.cpu_s += batch.loader_cpu_s
+            if self.tuner is not None:
+                self.tuner.add_batch(batch.size, batch.loader_cpu_s)
             self.window_samples += batch.size * world_size
             self.window_flops += batch_train_flops(batch, self.config.model) * world_size
             yield batch
 
-    def _settle_threads(self, step: int) -> None:
-        """At the probe's last step: the thread count for the rest of the run (m3ae.threads)."""
-        assert self.loader_probe is not None
-        probe = self.loader_probe
-        loader_cores = probe.after_step(step)
-        if loader_cores is None:
+    def _tune_threads(self, step: int) -> None:
+        """At the end of a tuner window: the thread count from the next step on (m3ae.threads)."""
+        assert self.tuner is not None
+        tuner = self.tuner
+        n = tuner.after_step(step)
+        if n is None:
             return
-        before = self.threads
-        assert before.cores is not None  # an auto choice: the probe runs for no other
-        n = threads_beside_loader(before.cores, before.loader_workers, loader_cores)
         torch.set_num_threads(n)
-        self.threads = ThreadChoice(n, f"auto: {before.cores} usable cores, the loader workers using "
-                                       f"{loader_cores:.2f} over steps {probe.first + 1}-{probe.last}",
-                                    before.cores, before.loader_workers)
-        self.loader_probe, self.threads_settled = None, True
+        state = f"settled at step {step}" if tuner.done else f"trying {n} over steps {step + 1}-{step + tuner.measure}"
+        self.threads = ThreadChoice(n, f"auto: {tuner.cores} usable cores, {state}", tuner.cores, tuner.workers)
+        if tuner.done:
+            self.tuner, self.threads_settled = None, True
         if self.dist.is_main:
             if self.progress is not None:
                 self.progress.clear()
-            log.info("step %d: the loader workers used %.2f cores over steps %d-%d: %d torch thread%s from "
-                     "here (auto; %d before)", step, loader_cores, probe.first + 1, probe.last, n,
-                     "s" if n != 1 else "", before.threads)
+            log.info("step %d: %s (auto threads)", step, tuner.note)
 
     def _count_nonfinite(self, finite: bool) -> None:
         if finite:
