@@ -478,6 +478,33 @@ def test_auto_threads_settle_beside_the_loader_and_resume_bit_for_bit(tmp_path, 
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_settled_thread_count_is_kept_only_where_it_fits():
+    """A checkpoint's settled count is kept on resume only within this run's range (cores - workers
+    .. cores): another machine's count, or a damaged state, is tuned again; GPU and multi-process
+    runs never tune."""
+    from m3ae.threads import choose_threads
+    from m3ae.train.loop import _loader_threads
+    from m3ae.train.resume import Resumed
+
+    choice = choose_threads(None, 1, environ={}, cores=2)
+
+    def resumed(threads):
+        return Resumed(Path("ckpt"), 40, 0, {}, None, None, threads, "fp32", threads_settled=True)
+
+    before = torch.get_num_threads()
+    try:
+        kept, tuner = _loader_threads(choice, resumed(2), torch.device("cpu"), 1)
+        assert (kept.threads, tuner, torch.get_num_threads()) == (2, None, 2)
+        for bad in (64, 0, None):
+            again, tuner = _loader_threads(choice, resumed(bad), torch.device("cpu"), 1)
+            assert again is choice and tuner is not None and (tuner.first, tuner.base) == (50, 1)
+        assert _loader_threads(choice, None, torch.device("cuda"), 1) == (choice, None)
+        assert _loader_threads(choice, None, torch.device("cpu"), 2) == (choice, None)
+        assert _loader_threads(choose_threads(1, 1, environ={}, cores=2), None, torch.device("cpu"), 1)[1] is None
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_host_allocator_choice_is_logged(tmp_path, caplog):
     from m3ae.host_allocator import _glibc, choose
 
