@@ -76,7 +76,7 @@ def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
 class ThreadChoice:
     threads: int
     reason: str  # how it was chosen, for the run header
-    # Set by the auto rule only: the usable cores and the loader workers it counted (the probe's inputs).
+    # Set by the auto rule only: the usable cores and the loader workers it counted (ThreadTuner starts from them).
     cores: int | None = None
     loader_workers: int = 0
 
