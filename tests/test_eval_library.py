@@ -93,7 +93,9 @@ def test_the_shared_settings_are_defined_once_and_every_option_comes_from_them()
     base = ["--checkpoint", "C", "--train", "a", "--val", "b"]
     probe = parser.parse_args(["probe", *base])
     finetune = parser.parse_args(["finetune", *base, "--out", "o"])
-    assert E.settings(probe) == E.settings(finetune) == EvalSettings(checkpoint="C")
+    # the commands run the thread policy by default; the library leaves the process's threads alone
+    assert E.settings(probe) == E.settings(finetune) == EvalSettings(checkpoint="C", threads="auto")
+    assert EvalSettings(checkpoint="C").threads is None
     assert E.from_args(ProbeConfig, probe, {"batch_size": "probe_batch_size"}) == ProbeConfig()
     assert E.from_args(FinetuneConfig, finetune, {"batch_size": "ft_batch_size"}) == FinetuneConfig()
     changed = parser.parse_args(["finetune", *base, "--out", "o", "--ft-batch-size", "8", "--crop-scale", "0.5", "1",
@@ -129,6 +131,65 @@ def test_settings_threads_hold_for_the_call_only(data, monkeypatch):
     monkeypatch.setattr(knn, "knn_accuracy", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
     run_knn(dataclasses.replace(settings, threads=before + 1), train, val)
     assert seen == [before + 1] and torch.get_num_threads() == before
+
+
+def _threads_seen(monkeypatch):
+    """{phase: [torch threads]} while features are encoded and while probes / kNN fit on them."""
+    import m3ae.eval.fast_probe as fast_probe_module
+    import m3ae.eval.features as features
+    import m3ae.eval.knn as knn
+
+    seen: dict[str, list[int]] = {"encode": [], "fit": []}
+
+    def spy(module, name, phase):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, **k: seen[phase].append(torch.get_num_threads()) or real(*a, **k))
+
+    spy(features, "_encode_batches", "encode")
+    spy(fast_probe_module, "fast_probe", "fit")
+    spy(fast_probe_module, "knn_accuracy", "fit")
+    spy(knn, "knn_accuracy", "fit")
+    return seen
+
+
+def test_auto_threads_leave_the_workers_their_cores_only_while_workers_run(data, monkeypatch):
+    import m3ae.threads
+
+    settings, train, val = data
+    monkeypatch.setattr(m3ae.threads, "usable_cores", lambda: 3)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    auto = dataclasses.replace(settings, threads="auto", num_workers=1)
+    seen = _threads_seen(monkeypatch)
+    run_fast_probe(auto, train, val, knn=True, l2_grid=[1e-3])
+    # one worker: 2 threads while it decodes images beside the encoder, all 3 cores for the fits
+    assert seen == {"encode": [2, 2], "fit": [3, 3]} and torch.get_num_threads() == before
+    seen["encode"].clear(), seen["fit"].clear()
+    run_knn(auto, train, val)
+    assert seen == {"encode": [2, 2], "fit": [3]} and torch.get_num_threads() == before
+    for changed, expected in [(dict(num_workers=0), [3, 3, 3, 3]),  # no workers: every core throughout
+                              (dict(threads=1), [1, 1, 1, 1]),  # a count given: that count throughout
+                              (dict(threads=None), [before] * 4)]:  # the library's default: untouched
+        seen["encode"].clear(), seen["fit"].clear()
+        run_fast_probe(dataclasses.replace(auto, **changed), train, val, knn=True, l2_grid=[1e-3])
+        assert seen["encode"] + seen["fit"] == expected, changed
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # an explicit environment wins over auto in both phases
+    seen["encode"].clear(), seen["fit"].clear()
+    run_fast_probe(auto, train, val, knn=True, l2_grid=[1e-3])
+    assert seen["encode"] + seen["fit"] == [1, 1, 1, 1] and torch.get_num_threads() == before
+
+
+def test_threads_setting_takes_a_count_or_auto(capsys):
+    for bad in (0, -1, "fast", True, 2.0):
+        with pytest.raises(ValueError, match="threads"):
+            EvalSettings(checkpoint="C", threads=bad)
+    parser = build_parser()
+    base = ["knn", "--checkpoint", "C", "--train", "a", "--val", "b"]
+    assert parser.parse_args([*base, "--threads", "AUTO"]).threads == "auto"
+    assert parser.parse_args([*base, "--threads", "3"]).threads == 3
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--threads", "0"])
+    assert "argument --threads: must be >= 1" in capsys.readouterr().err
 
 
 def test_knn_and_probes_number_a_val_set_missing_a_class_as_the_train_set(tmp_path):

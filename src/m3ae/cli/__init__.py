@@ -120,7 +120,7 @@ def _run(args: argparse.Namespace) -> int:
         return int(args.func(args) or 0)
     from ..threads import torch_threads
 
-    with torch_threads(args.threads, args.num_workers) as threads:
+    with torch_threads(None if args.threads == "auto" else args.threads, args.num_workers) as threads:
         print(f"m3ae {args.command}: threads {threads}", file=sys.stderr)
         return int(args.func(args) or 0)
 

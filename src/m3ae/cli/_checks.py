@@ -115,6 +115,11 @@ def output_folder(value: str) -> str:
 
 # The shared ones.
 positive = integer(1)
+
+
+def threads_or_auto(value: str) -> int | str:
+    """A thread count (>= 1) or `auto`."""
+    return "auto" if value.strip().lower() == "auto" else positive(value)
 non_negative = integer(0)
 seed = integer(0, MAX_SEED)
 batch_size = integer(1, MAX_BATCH_SIZE)

@@ -23,7 +23,10 @@ def _comments(cls: type) -> dict[str, str]:
 
 # Fields whose range argparse checks itself, so the error names the option (--probe-batch-size), not
 # the field; the dataclasses check the same range for library callers.
-_OPTION_TYPES = {"batch_size": C.batch_size}
+_OPTION_TYPES = {"batch_size": C.batch_size, "threads": C.threads_or_auto}
+# Where a command's default differs from the library's: the commands run the thread policy
+# (m3ae.threads) by default, the library leaves the process's threads alone unless asked.
+_OPTION_DEFAULTS = {"threads": "auto"}
 
 
 def add_fields(p: argparse.ArgumentParser, cls: type, *, rename: dict[str, str] | None = None) -> None:
@@ -45,8 +48,8 @@ def add_fields(p: argparse.ArgumentParser, cls: type, *, rename: dict[str, str] 
                            default=list(typing.cast(tuple, f.default)), help=help_)
         else:
             type_ = _OPTION_TYPES.get(f.name, args[0] if args else kind)
-            p.add_argument(flag, dest=name, type=type_, default=None if required else f.default,
-                           required=required, help=help_)
+            default = None if required else _OPTION_DEFAULTS.get(f.name, f.default)
+            p.add_argument(flag, dest=name, type=type_, default=default, required=required, help=help_)
 
 
 def from_args(cls: type, args: argparse.Namespace, rename: dict[str, str] | None = None):

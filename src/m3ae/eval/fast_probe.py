@@ -196,12 +196,14 @@ def run_fast_probe(settings: EvalSettings, train: str, val: str, *, method: str 
     with settings.threads_applied():
         train_x, train_y, val_x, val_y = settings.train_val_features(train, val, limit_train, limit_val)
         classes = int(max(train_y.max(), val_y.max())) + 1
-        t_fit = time.perf_counter()
-        res = fast_probe(train_x, train_y, val_x, val_y, classes, method, l2_grid, seed=settings.seed, folds=folds)
-        metrics = {"top1": res["top1"], "top5": res["top5"], "train_top1": res["train_top1"], "l2": res["l2"],
-                   "folds": folds, "iterations": res["iterations"], "converged": res["converged"],
-                   "fit_seconds": time.perf_counter() - t_fit, "n_train": len(train_y), "n_val": len(val_y)}
-        if knn:
-            scores = knn_accuracy(train_x, train_y, val_x, val_y, k, temperature, classes)
-            metrics.update(knn_top1=scores["top1"], knn_top5=scores["top5"])
+        with settings.loader_free():
+            t_fit = time.perf_counter()
+            res = fast_probe(train_x, train_y, val_x, val_y, classes, method, l2_grid, seed=settings.seed,
+                             folds=folds)
+            metrics = {"top1": res["top1"], "top5": res["top5"], "train_top1": res["train_top1"], "l2": res["l2"],
+                       "folds": folds, "iterations": res["iterations"], "converged": res["converged"],
+                       "fit_seconds": time.perf_counter() - t_fit, "n_train": len(train_y), "n_val": len(val_y)}
+            if knn:
+                scores = knn_accuracy(train_x, train_y, val_x, val_y, k, temperature, classes)
+                metrics.update(knn_top1=scores["top1"], knn_top5=scores["top5"])
     return EvalResult("probe --fast", metrics, {"sweep": res["sweep"]}, time.perf_counter() - t0)

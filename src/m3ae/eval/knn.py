@@ -68,6 +68,7 @@ def run_knn(settings: EvalSettings, train: str, val: str, *, k: int = 20, temper
     t0 = time.perf_counter()
     with settings.threads_applied():
         train_x, train_y, val_x, val_y = settings.train_val_features(train, val, limit_train, limit_val)
-        metrics = {**knn_accuracy(train_x, train_y, val_x, val_y, k, temperature),
-                   "n_train": len(train_y), "n_val": len(val_y)}
+        with settings.loader_free():
+            metrics = {**knn_accuracy(train_x, train_y, val_x, val_y, k, temperature),
+                       "n_train": len(train_y), "n_val": len(val_y)}
     return EvalResult("knn", metrics, seconds=time.perf_counter() - t0)

@@ -176,14 +176,15 @@ def run_ood(settings: EvalSettings, in_train: str, in_test: str, out: str | Path
             raise ValueError("an empty set after class selection; check the in- / out-of-distribution classes")
         classes = int(train_y.max()) + 1
         extra = {}
-        if finetuned:
-            in_logits, out_logits = in_l, out_l
-        else:  # an in-distribution linear classifier on the frozen features, for max softmax
-            probe = fast_probe(train_x, train_y, in_x, in_y, classes)
-            linear = fit_logistic(train_x, train_y, classes, probe["l2"])
-            in_logits, out_logits = linear.logits(in_x), linear.logits(out_x)
-            extra["in_probe_top1"] = probe["top1"]
-        aurocs, scores = ood_scores(train_x, train_y, in_x, out_x, in_logits, out_logits, classes)
+        with settings.loader_free():
+            if finetuned:
+                in_logits, out_logits = in_l, out_l
+            else:  # an in-distribution linear classifier on the frozen features, for max softmax
+                probe = fast_probe(train_x, train_y, in_x, in_y, classes)
+                linear = fit_logistic(train_x, train_y, classes, probe["l2"])
+                in_logits, out_logits = linear.logits(in_x), linear.logits(out_x)
+                extra["in_probe_top1"] = probe["top1"]
+            aurocs, scores = ood_scores(train_x, train_y, in_x, out_x, in_logits, out_logits, classes)
     Path(out).mkdir(parents=True, exist_ok=True)
     png = ood_histogram(Path(out) / "ood_hist.png", scores, aurocs)
     metrics = {"auroc_mahalanobis": 100 * aurocs["mahalanobis"], "auroc_max_softmax": 100 * aurocs["max_softmax"],

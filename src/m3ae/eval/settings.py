@@ -11,6 +11,8 @@ from dataclasses import dataclass, replace
 
 from ..config import MAX_BATCH_SIZE, MAX_SEED
 
+AUTO_THREADS = "auto"
+
 
 @dataclass
 class Runtime:
@@ -43,9 +45,10 @@ class EvalSettings(Runtime):
     """A checkpoint and how its images are read and encoded: the settings of every evaluation."""
     checkpoint: str  # model folder (config.json + model.safetensors) or hub id
     batch_size: int = 256  # batch size for feature extraction
-    # torch CPU threads during the evaluation (None: as the process has them; the m3ae commands then
-    # choose usable cores - num_workers, at least 1, and OMP_NUM_THREADS wins over that)
-    threads: int | None = None
+    # torch CPU threads: auto (the commands' default) = usable cores - num_workers (at least 1) while
+    # loader workers run, every usable core while none do (probe fits, kNN; OMP_NUM_THREADS wins over
+    # both); N = N throughout; None (the library's default) = as the process has them
+    threads: int | str | None = None
     # Image preparation: None (the default) takes the checkpoint's own (preprocessor_config.json), as
     # m3ae.load does (`preprocessing`). Each field's comment is its option's help, so each says so.
 
@@ -67,8 +70,9 @@ class EvalSettings(Runtime):
             raise ValueError(f"square must be crop or pad, got {self.square!r}")
         if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
             raise ValueError(f"batch_size must be in 1..{MAX_BATCH_SIZE}, got {self.batch_size}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1 (or unset), got {self.threads}")
+        if not (self.threads is None or self.threads == AUTO_THREADS
+                or (type(self.threads) is int and self.threads >= 1)):
+            raise ValueError(f"threads must be an integer >= 1, {AUTO_THREADS!r} or unset, got {self.threads!r}")
         if not 0 <= self.max_bad_fraction <= 1:  # also refuses nan, which would compare false and never stop
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
 
@@ -91,10 +95,24 @@ class EvalSettings(Runtime):
         return pick_device(self.device)
 
     def threads_applied(self):
-        """A block under `threads` (when set), torch's thread count restored after it."""
+        """A block under `threads` (when set; auto: as while loader workers run), torch's thread count
+        restored after it."""
         from ..threads import torch_threads
 
-        return torch_threads(self.threads, self.num_workers) if self.threads else contextlib.nullcontext()
+        if self.threads is None:
+            return contextlib.nullcontext()
+        if self.threads == AUTO_THREADS:
+            return torch_threads(None, self.num_workers)
+        return torch_threads(int(self.threads))
+
+    def loader_free(self):
+        """A block inside `threads_applied` in which no loader workers run (a fit on features): with
+        auto threads, every usable core for it, since the workers' cores are idle then."""
+        from ..threads import torch_threads
+
+        if self.threads == AUTO_THREADS and self.num_workers > 0:
+            return torch_threads(None)
+        return contextlib.nullcontext()
 
     def load_encoder(self, device=None):
         """The checkpoint's M3AE in eval mode on `device` (default: this device)."""
