@@ -179,6 +179,33 @@ def test_auto_threads_leave_the_workers_their_cores_only_while_workers_run(data,
     assert seen["encode"] + seen["fit"] == [1, 1, 1, 1] and torch.get_num_threads() == before
 
 
+def test_auto_threads_try_every_core_while_features_are_encoded(tmp_path, monkeypatch):
+    import m3ae.threads
+    from m3ae.eval.features import extract_kept_features
+    from m3ae.eval.labelled import labelled_dataset
+
+    monkeypatch.setattr(m3ae.threads, "usable_cores", lambda: 3)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    write_shard(tmp_path / "s-00000.tar.gz", 24, seed=0)
+    model = tiny_model()
+    ds = labelled_dataset(str(tmp_path / "s-00000.tar.gz"), "val", model.config.image_size)
+    settings = EvalSettings(checkpoint="unused", threads="auto", num_workers=1)
+    choice = settings.extraction_threads()
+    assert (choice.threads, choice.cores, choice.loader_workers) == (2, 3, 1)
+    assert dataclasses.replace(settings, threads=2).extraction_threads() is None  # a count given: not tuned
+    seen, encode = [], model.encode
+    model.encode = lambda *a: seen.append(torch.get_num_threads()) or encode(*a)
+    before = torch.get_num_threads()
+    with m3ae.threads.torch_threads(None, 1):  # the caller runs under the choice (EvalSettings.threads_applied)
+        feats, _, kept = extract_kept_features(model, ds, batch_size=2, num_workers=1, threads=choice)
+    # 12 batches: 2 of start-up and 4 measured at 3 cores - 1 worker, 4 with every core, then the faster
+    assert seen[:6] == [2] * 6 and seen[6:10] == [3] * 4 and len(set(seen[10:])) == 1, seen
+    assert torch.get_num_threads() == before and len(kept) == 24
+    seen.clear()
+    plain, _, _ = extract_kept_features(model, ds, batch_size=2, num_workers=0)
+    assert seen == [before] * 12 and torch.allclose(feats, plain, atol=1e-6)
+
+
 def test_threads_setting_takes_a_count_or_auto(capsys):
     for bad in (0, -1, "fast", True, 2.0):
         with pytest.raises(ValueError, match="threads"):

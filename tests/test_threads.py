@@ -74,6 +74,15 @@ def test_thread_tuner_goes_back_when_the_tried_count_does_not_pay(monkeypatch):
     assert tuner.note.endswith(": 1 torch thread from here")
 
 
+def test_thread_tuner_tries_every_core_when_the_workers_do_not_report_their_cpu(monkeypatch):
+    # an evaluation's feature loader: its batches carry no CPU time, so the trial alone decides
+    changes, tuner = tune(monkeypatch, loader_cpu_per_step=None, base_step_s=0.1, trial_step_s=0.06)
+    assert changes == [(6, 2), (10, 2)] and tuner.done and tuner.loader_cores is None
+    assert tuner.note == "133.3 samples/s at 2 threads over steps 7-10, 80.0 at 1: 2 torch threads from here"
+    changes, tuner = tune(monkeypatch, loader_cpu_per_step=None, base_step_s=0.1, trial_step_s=0.15)
+    assert changes == [(6, 2), (10, 1)] and tuner.done  # the workers needed their core: back to 1
+
+
 def test_thread_tuner_keeps_the_count_when_the_loader_fills_its_core(monkeypatch):
     changes, tuner = tune(monkeypatch, loader_cpu_per_step=0.09, base_step_s=0.1, trial_step_s=0.01)
     assert changes == [(6, 1)] and tuner.done and tuner.trial is None

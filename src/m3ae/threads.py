@@ -120,7 +120,9 @@ class ThreadTuner:
     step's samples/s; if the workers leave a core idle (`threads_beside_loader`), steps
     first+n+1 .. first+2n try the step with it, and the faster of the two counts is kept for the
     rest of the run (a tried count must pay by TRIAL_MIN_GAIN). Each change of the count changes
-    the float rounding of what follows, so there are at most two, at fixed steps."""
+    the float rounding of what follows, so there are at most two, at fixed steps. Batches that do
+    not report their workers' CPU time (an evaluation's feature loader) leave the workers'
+    use unknown: every core is tried, and kept only if it pays."""
 
     cores: int
     workers: int
@@ -134,6 +136,7 @@ class ThreadTuner:
     base_rate: float | None = None  # samples/s at `base`, first window
     _started: float | None = None
     _cpu_s: float = 0.0
+    _cpu_reported: bool = False
     _samples: int = 0
 
     @classmethod
@@ -146,7 +149,9 @@ class ThreadTuner:
     def add_batch(self, samples: int, loader_cpu_s: float | None) -> None:
         """Count a batch taken for a step (loader_cpu_s: its worker's CPU seconds, Batch.loader_cpu_s)."""
         self._samples += samples
-        self._cpu_s += loader_cpu_s or 0.0
+        if loader_cpu_s is not None:
+            self._cpu_s += loader_cpu_s
+            self._cpu_reported = True
 
     def after_step(self, step: int) -> int | None:
         """Call after each step. Returns the count to run with from the next step on when a window
@@ -156,9 +161,14 @@ class ThreadTuner:
             self._restart()
         elif step == base_end and self._started is not None:
             wall = self._wall()
-            self.loader_cores, self.base_rate = self._cpu_s / wall, self._samples / wall
-            candidate = threads_beside_loader(self.cores, self.workers, self.loader_cores)
-            where = f"the loader workers used {self.loader_cores:.2f} cores over steps {self.first + 1}-{base_end}"
+            self.base_rate = self._samples / wall
+            steps = f"steps {self.first + 1}-{base_end}"
+            if self._cpu_reported:
+                self.loader_cores = self._cpu_s / wall
+                candidate = threads_beside_loader(self.cores, self.workers, self.loader_cores)
+                where = f"the loader workers used {self.loader_cores:.2f} cores over {steps}"
+            else:
+                candidate, where = self.cores, f"the loader workers' use unknown over {steps}"
             if candidate == self.base:
                 self.done, self.note = True, f"{where}: keeping {self.base} torch thread{_s(self.base)}"
                 return self.base
@@ -177,7 +187,7 @@ class ThreadTuner:
         return None
 
     def _restart(self) -> None:
-        self._started, self._cpu_s, self._samples = time.perf_counter(), 0.0, 0
+        self._started, self._cpu_s, self._cpu_reported, self._samples = time.perf_counter(), 0.0, False, 0
 
     def _wall(self) -> float:
         assert self._started is not None

@@ -55,7 +55,7 @@ def run_embed(settings: EvalSettings, data: str, out: str | Path, *, split: str 
             data_set, collate = CaptionedItems(ds, tok, model.config.text_length, inputs), collate_captioned
         feats, labels, kept = extract_kept_features(model, data_set, settings.pool, settings.batch_size, device,
                                                     settings.num_workers, progress=not settings.quiet, desc="embed",
-                                                    collate=collate)
+                                                    collate=collate, threads=settings.extraction_threads())
         keys = [ds.keys[i] for i in kept.tolist()]  # unusable images left out: keys stay with their rows
     meta = {"checkpoint": settings.checkpoint, "data": data, "pool": settings.pool, "inputs": inputs}
     save_features(out, feats, labels, keys, meta)

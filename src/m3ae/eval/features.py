@@ -8,6 +8,7 @@ beside it (FILE.labels.npy, FILE.keys.json).
 from __future__ import annotations
 
 import json
+import logging
 import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -19,8 +20,14 @@ from ..data.sources.base import MAX_LABEL
 from ..files import atomic_write
 from ..numpy_files import check_feature_arrays, check_numpy_file
 from ..precision import autocast as precision_autocast
+from ..threads import ThreadChoice, ThreadTuner
 
 POOLS = ("cls", "mean")
+# Batches per window of the thread trial (m3ae.threads.ThreadTuner) during an extraction: after 2
+# batches of start-up, 4 at cores - workers, then 4 with every core.
+TUNE_SKIP, TUNE_WINDOW = 2, 4
+
+log = logging.getLogger(__name__)
 
 
 def pool_tokens(tokens: torch.Tensor, pool: str, num_image_tokens: int,
@@ -96,26 +103,37 @@ def extract_pooled_features(model, dataset, pools: Sequence[str] = POOLS, batch_
 @torch.no_grad()
 def extract_kept_features(model, dataset, pool: str = "cls", batch_size: int = 256,
                           device: str | torch.device = "cpu", num_workers: int = 0, progress: bool = False,
-                          desc: str = "features", collate=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          desc: str = "features", collate=None, threads: ThreadChoice | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """As extract_features, with unusable items left out rather than replaced by the next usable one
     (that kept a bad item's key with another image's features): (features, labels, index), index
     the positions of the items kept, for their keys and captions. `dataset`: a LabelledImages, or a
     KeptItems view of one (with a `collate` building on collate_kept). Skips are counted in the
-    set's counter, in this process (m3ae.eval.labelled.kept_batches)."""
+    set's counter, in this process (m3ae.eval.labelled.kept_batches).
+
+    `threads`: the automatic thread choice the caller runs under (cores - workers); on a CPU with
+    workers, every core is tried over the first batches and kept if it pays, as in training
+    (m3ae.threads.ThreadTuner). Light images leave the workers' cores idle."""
     from .labelled import KeptItems, collate_kept, kept_batches
 
     view = dataset if isinstance(dataset, KeptItems) else KeptItems(dataset)
     loader = torch.utils.data.DataLoader(view, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                          collate_fn=collate or collate_kept)
+    tuner = None
+    if threads is not None and threads.auto and num_workers > 0 and torch.device(device).type == "cpu":
+        tuner = ThreadTuner.for_run(threads, 0, skip=TUNE_SKIP, measure=TUNE_WINDOW)
     feats, labels, index = _encode_batches(model, kept_batches(loader, view.ds), len(loader), (pool,), device,
-                                           progress, desc)
+                                           progress, desc, tuner)
     return feats[pool], labels, index
 
 
 def _encode_batches(model, batches: Iterable, total: int, pools: Sequence[str], device: str | torch.device,
-                    progress: bool, desc: str) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """({pool: (N, D)}, labels, the batches' "index" values (empty when they carry none))."""
+                    progress: bool, desc: str, tuner: ThreadTuner | None = None
+                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """({pool: (N, D)}, labels, the batches' "index" values (empty when they carry none)). A `tuner`
+    sets torch's thread count between batches; the count is restored at the end."""
     device = torch.device(device)
+    start_threads = torch.get_num_threads()
     was_training = model.training
     model.eval()
     feats: dict[str, list[torch.Tensor]] = {p: [] for p in pools}
@@ -139,8 +157,16 @@ def _encode_batches(model, batches: Iterable, total: int, pools: Sequence[str], 
                 for p in pools:
                     feats[p].append(pool_tokens(tokens, p, n_image, pad).float().cpu())
             labels.append(torch.as_tensor(label, dtype=torch.long))
+            if tuner is not None:
+                tuner.add_batch(len(labels[-1]), None)
+                count = tuner.after_step(len(labels))
+                if count is not None:
+                    torch.set_num_threads(count)
+                    log.info("%s: %s (auto threads)", desc, tuner.note)
+                    tuner = None if tuner.done else tuner
     finally:
         model.train(was_training)
+        torch.set_num_threads(start_threads)
     dim = model.config.emb_dim
     return ({p: torch.cat(v) if v else torch.zeros(0, dim) for p, v in feats.items()},
             torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),

@@ -46,8 +46,9 @@ class EvalSettings(Runtime):
     checkpoint: str  # model folder (config.json + model.safetensors) or hub id
     batch_size: int = 256  # batch size for feature extraction
     # torch CPU threads: auto (the commands' default) = usable cores - num_workers (at least 1) while
-    # loader workers run, every usable core while none do (probe fits, kNN; OMP_NUM_THREADS wins over
-    # both); N = N throughout; None (the library's default) = as the process has them
+    # loader workers run, with every core tried over a feature extraction's first batches and kept
+    # if faster, and every usable core while no workers run (probe fits, kNN); OMP_NUM_THREADS wins
+    # over auto; N = N throughout; None (the library's default) = as the process has them
     threads: int | str | None = None
     # Image preparation: None (the default) takes the checkpoint's own (preprocessor_config.json), as
     # m3ae.load does (`preprocessing`). Each field's comment is its option's help, so each says so.
@@ -105,6 +106,16 @@ class EvalSettings(Runtime):
             return torch_threads(None, self.num_workers)
         return torch_threads(int(self.threads))
 
+    def extraction_threads(self):
+        """The automatic thread choice for a feature extraction beside loader workers (tuned during
+        it: m3ae.eval.features), or None when the count is given or there are no workers."""
+        from ..threads import choose_threads
+
+        if self.threads != AUTO_THREADS or self.num_workers == 0:
+            return None
+        choice = choose_threads(None, self.num_workers)
+        return choice if choice.auto else None
+
     def loader_free(self):
         """A block inside `threads_applied` in which no loader workers run (a fit on features): with
         auto threads, every usable core for it, since the workers' cores are idle then."""
@@ -159,7 +170,7 @@ class EvalSettings(Runtime):
         feats, labels, kept = extract_kept_features(model, ds, self.pool, self.batch_size,
                                                     device if device is not None else self.torch_device(),
                                                     self.num_workers, progress=not self.quiet,
-                                                    desc=f"features {split}")
+                                                    desc=f"features {split}", threads=self.extraction_threads())
         return feats, labels, [ds.keys[i] for i in kept.tolist()], ds
 
     def train_val_sets(self, train: str, val: str, image_size: int, crop_scale=(0.2, 1.0),
