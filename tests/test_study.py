@@ -217,6 +217,29 @@ def test_a_changed_recipe_is_refused_in_an_existing_folder(study_file):
         run_study(study, out, only=["random"])
 
 
+def test_a_study_file_extends_another_with_only_what_it_changes(tmp_path):
+    (tmp_path / "study.yaml").write_text(
+        "name: s\nbase: tiny.yaml\nseeds: [0, 1]\ntokenizer: {path: tok.json}\n"
+        "arms: [{name: a}, {name: b, overrides: [model.depth=2]}]\n"
+        "evals: {pools: [cls, mean], batch_size: 64, l2_grid: [1.0e-4, 1.0e-3]}\n")
+    (tmp_path / "steady.yaml").write_text(
+        "extends: study.yaml\nname: s-steady\nevals: {precondition: true, l2_grid: [1.0e-3]}\n")
+    (tmp_path / "again.yaml").write_text("extends: steady.yaml\nseeds: [2]\n")
+    base, steady, again = (load_study(tmp_path / f"{n}.yaml") for n in ("study", "steady", "again"))
+    assert steady.name == "s-steady" and steady.arms == base.arms and steady.seeds == [0, 1]
+    assert steady.tokenizer == base.tokenizer and steady.path == tmp_path / "steady.yaml"
+    # mappings merge key by key, lists are replaced whole
+    assert steady.evals == {"pools": ["cls", "mean"], "batch_size": 64, "precondition": True, "l2_grid": [1e-3]}
+    assert again.name == "s-steady" and again.evals == steady.evals and again.seeds == [2]
+    for text, message in (("extends: missing.yaml\n", r"study file not found: .*missing.yaml \(extended by"),
+                          ("extends: ../study.yaml\n", "extends must name a study file in the same folder"),
+                          ("extends: [study.yaml]\n", "extends must name a study file"),
+                          ("extends: loop.yaml\n", "extends itself")):
+        (tmp_path / "loop.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_study(tmp_path / "loop.yaml")
+
+
 def test_bad_study_files_are_clear_errors(study_file):
     base = {"name": "x", "base": "tiny.yaml", "arms": [{"name": "a"}]}
     with pytest.raises(ConfigError, match="unknown study keys"):

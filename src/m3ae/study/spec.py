@@ -14,6 +14,12 @@ evals: {...}                        # see m3ae.study.evaluate.EvalSpec
 ```
 `$DATA` in any string is replaced by the data root given on the command line (`--data-root`), so the
 file names no machine's paths.
+
+A study file may start from another in its folder (`extends: fashion.yaml`): the other file's
+mapping, with this file's keys laid over it: mappings merged key by key, anything else (lists,
+strings) replaced. So a variant names only what it changes, e.g. the same arms evaluated with
+other `evals:` settings, into another study folder. (In the same folder, so that the relative paths
+both files may hold, recipes and the tokenizer, read the same.)
 """
 from __future__ import annotations
 
@@ -155,10 +161,20 @@ def parse_study(raw: dict[Any, Any], data_root: str | None = None, path: Path | 
     return study
 
 
-def load_study(path: str | Path, data_root: str | None = None) -> StudySpec:
-    path = Path(path)
+def _laid_over(base: dict[Any, Any], top: dict[Any, Any]) -> dict[Any, Any]:
+    """`top` laid over `base`: mappings merged key by key, anything else replaced."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _laid_over(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_mapping(path: Path, chain: tuple[Path, ...] = ()) -> dict[Any, Any]:
+    """A study file's mapping, with the files it extends laid under it."""
     if not path.is_file():
-        raise ConfigError(f"study file not found: {path}")
+        raise ConfigError(f"study file not found: {path}" + (f" (extended by {chain[-1]})" if chain else ""))
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: extends itself through {' -> '.join(map(str, chain))}")
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     except yaml.YAMLError as err:  # a config error (exit 2, one line), as for run presets
@@ -166,6 +182,17 @@ def load_study(path: str | Path, data_root: str | None = None) -> StudySpec:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a study file is a YAML mapping")
     check_no_resolvers(raw, str(path))  # arms' settings are merged (and resolved) into run configs
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str) or not parent or Path(parent).name != parent:
+        raise ConfigError(f"{path}: extends must name a study file in the same folder, got {parent!r}")
+    return _laid_over(_read_mapping(path.parent / parent, (*chain, path.resolve())), raw)
+
+
+def load_study(path: str | Path, data_root: str | None = None) -> StudySpec:
+    path = Path(path)
+    raw = _read_mapping(path)
     try:
         return parse_study(raw, data_root, path)
     except ConfigError as err:  # name the file: a study file is the user's own
