@@ -206,6 +206,19 @@ def test_auto_threads_try_every_core_while_features_are_encoded(tmp_path, monkey
     assert seen == [before] * 12 and torch.allclose(feats, plain, atol=1e-6)
 
 
+def test_evaluations_keep_freed_memory_on_a_cpu_unless_told(data, monkeypatch):
+    import m3ae.host_allocator as host_allocator
+
+    settings, train, val = data
+    seen, real = [], host_allocator.keep_freed_memory
+    monkeypatch.setattr(host_allocator, "keep_freed_memory", lambda *a: seen.append(a) or real(*a))
+    run_knn(settings, train, val)
+    run_fast_probe(dataclasses.replace(settings, host_allocator="system"), train, val, l2_grid=[1e-3])
+    assert seen == [("auto", "cpu"), ("system", "cpu")]
+    with pytest.raises(ValueError, match="host_allocator must be one of auto, keep, system"):
+        EvalSettings(checkpoint="C", host_allocator="jemalloc")
+
+
 def test_threads_setting_takes_a_count_or_auto(capsys):
     for bad in (0, -1, "fast", True, 2.0):
         with pytest.raises(ValueError, match="threads"):

@@ -14,14 +14,14 @@ GLIBC = object()  # stands for a loaded glibc in `choose`
 
 
 @pytest.mark.parametrize("setting, device, env, kept, reason", [
-    ("auto", "cpu", {}, True, "auto: training on cpu"),
-    ("auto", "cuda", {}, False, "auto: training on cuda"),
+    ("auto", "cpu", {}, True, "auto: running on cpu"),
+    ("auto", "cuda", {}, False, "auto: running on cuda"),
     ("keep", "cuda", {}, True, "host_allocator=keep"),
     ("system", "cpu", {}, False, "host_allocator=system"),
     ("auto", "cpu", {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, False, "jemalloc preloaded"),
     ("keep", "cpu", {"LD_PRELOAD": "libtcmalloc_minimal.so.4"}, False, "tcmalloc preloaded"),
     ("auto", "cpu", {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}, False, "GLIBC_TUNABLES sets malloc"),
-    ("auto", "cpu", {"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX2"}, True, "auto: training on cpu"),
+    ("auto", "cpu", {"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX2"}, True, "auto: running on cpu"),
 ])
 def test_choose(setting, device, env, kept, reason):
     assert choose(setting, device, environ=env, libc=GLIBC) == AllocatorChoice(kept, reason)

@@ -1,4 +1,4 @@
-"""Whether the C allocator keeps large freed blocks for reuse (CPU training).
+"""Whether the C allocator keeps large freed blocks for reuse (CPU training and evaluation).
 
 glibc serves a block above its mmap threshold (128 KiB, adapting up to 32 MiB) with a fresh `mmap`
 and unmaps it when freed. A training step frees and allocates the same large buffers every step: a
@@ -16,7 +16,8 @@ at the top of the heap exceeds it hands all of that back to the kernel and fault
 next step. At 1 GiB that happened to the base model at batch 32 (up to 390k page faults, ~1.6 GB,
 per fp32 step; 17 vs 19.5 s per step; BENCHMARKS.md).
 
-`keep_freed_memory` applies this around a block (the trainer and `m3ae bench train` use it) and
+`keep_freed_memory` applies this around a block (the trainer, the evaluations and `m3ae bench train`
+use it) and
 puts glibc back afterwards: the kept memory returned (`malloc_trim`) and the thresholds where
 glibc's own adaptation ends up in a torch process (32 MiB mmap, 64 MiB trim; once set, glibc cannot
 be returned to adapting them). It changes nothing when another allocator is preloaded (jemalloc,
@@ -75,7 +76,7 @@ def choose(setting: str, device_type: str, environ: Mapping[str, str] | None = N
     if setting == "system":
         return AllocatorChoice(False, "host_allocator=system")
     if setting == "auto" and device_type != "cpu":
-        return AllocatorChoice(False, f"auto: training on {device_type}")
+        return AllocatorChoice(False, f"auto: running on {device_type}")
     preload = env.get("LD_PRELOAD", "")
     other = next((name for name in _OTHER_ALLOCATORS if name in preload), None)
     if other:
@@ -84,7 +85,7 @@ def choose(setting: str, device_type: str, environ: Mapping[str, str] | None = N
         return AllocatorChoice(False, "GLIBC_TUNABLES sets malloc")
     if libc is None:
         return AllocatorChoice(False, "not glibc")
-    return AllocatorChoice(True, "host_allocator=keep" if setting == "keep" else "auto: training on cpu")
+    return AllocatorChoice(True, "host_allocator=keep" if setting == "keep" else "auto: running on cpu")
 
 
 @contextlib.contextmanager

@@ -36,7 +36,7 @@ def run_embed(settings: EvalSettings, data: str, out: str | Path, *, split: str 
     if inputs not in INPUTS:
         raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}")
     t0 = time.perf_counter()
-    with settings.threads_applied():
+    with settings.applied():
         device = settings.torch_device()
         model = settings.load_encoder(device)
         ds = settings.dataset(data, split, model.config.image_size, False, limit, unlabelled=True)

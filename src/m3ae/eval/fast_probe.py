@@ -193,7 +193,7 @@ def run_fast_probe(settings: EvalSettings, train: str, val: str, *, method: str 
     """The fast probe of a checkpoint's features (or of two feature files), with kNN beside it when
     `knn`, in one call (`m3ae probe --fast`)."""
     t0 = time.perf_counter()
-    with settings.threads_applied():
+    with settings.applied():
         train_x, train_y, val_x, val_y = settings.train_val_features(train, val, limit_train, limit_val)
         classes = int(max(train_y.max(), val_y.max())) + 1
         with settings.loader_free():

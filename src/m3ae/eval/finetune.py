@@ -248,7 +248,7 @@ def run_finetune(settings: EvalSettings, train: str, val: str, out: str | Path,
     """Fine-tune a checkpoint into the classifier folder `out`, in one call (`m3ae finetune`)."""
     t0 = time.perf_counter()
     config = config or FinetuneConfig()
-    with settings.threads_applied():
+    with settings.applied():
         encoder = load_for_finetune(settings.checkpoint, config.drop_path)
         train_set, val_set, classes = settings.train_val_sets(train, val, encoder.config.image_size,
                                                               config.crop_scale, limit_train, limit_val)

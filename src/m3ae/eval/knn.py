@@ -66,7 +66,7 @@ def run_knn(settings: EvalSettings, train: str, val: str, *, k: int = 20, temper
             limit_train: int | None = None, limit_val: int | None = None) -> EvalResult:
     """kNN accuracy of a checkpoint's features (or of two feature files), in one call (`m3ae knn`)."""
     t0 = time.perf_counter()
-    with settings.threads_applied():
+    with settings.applied():
         train_x, train_y, val_x, val_y = settings.train_val_features(train, val, limit_train, limit_val)
         with settings.loader_free():
             metrics = {**knn_accuracy(train_x, train_y, val_x, val_y, k, temperature),

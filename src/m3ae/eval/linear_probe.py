@@ -100,7 +100,7 @@ def run_linear_probe(settings: EvalSettings, train: str, val: str, config: Probe
     with `out`, the trained head is kept as OUT/probe_head.safetensors."""
     t0 = time.perf_counter()
     config = config or ProbeConfig()
-    with settings.threads_applied():
+    with settings.applied():
         model = settings.load_encoder()
         train_set, val_set, classes = settings.train_val_sets(train, val, model.config.image_size, config.crop_scale,
                                                               limit_train, limit_val)

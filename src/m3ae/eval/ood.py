@@ -146,7 +146,7 @@ def run_ood(settings: EvalSettings, in_train: str, in_test: str, out: str | Path
     finetuned = is_classifier_dir(settings.checkpoint)
     if finetuned and in_classes is not None:
         raise ValueError("in-distribution classes need a pretrained encoder (a fine-tuned head has fixed classes)")
-    with settings.threads_applied():
+    with settings.applied():
         device = settings.torch_device()
         model = (Classifier.from_pretrained(settings.checkpoint).to(device).eval() if finetuned
                  else settings.load_encoder(device))

@@ -64,6 +64,9 @@ class EvalSettings(Runtime):
     # stop when more than this share of images is unusable (after 200); each is skipped, counted and logged
     max_bad_fraction: float = 0.05
     quiet: bool = False  # no progress bars or per-epoch lines
+    # what the C allocator does with freed memory during the evaluation (m3ae.host_allocator): auto =
+    # keep it on a CPU (large batches' buffers are not faulted in again each batch), keep, system
+    host_allocator: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -74,6 +77,11 @@ class EvalSettings(Runtime):
         if not (self.threads is None or self.threads == AUTO_THREADS
                 or (type(self.threads) is int and self.threads >= 1)):
             raise ValueError(f"threads must be an integer >= 1, {AUTO_THREADS!r} or unset, got {self.threads!r}")
+        from ..host_allocator import SETTINGS as ALLOCATOR_SETTINGS
+
+        if self.host_allocator not in ALLOCATOR_SETTINGS:
+            raise ValueError(f"host_allocator must be one of {', '.join(ALLOCATOR_SETTINGS)}, "
+                             f"got {self.host_allocator!r}")
         if not 0 <= self.max_bad_fraction <= 1:  # also refuses nan, which would compare false and never stop
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
 
@@ -94,6 +102,14 @@ class EvalSettings(Runtime):
         from ..distributed import pick_device
 
         return pick_device(self.device)
+
+    @contextlib.contextmanager
+    def applied(self):
+        """An evaluation's block: under `threads` and `host_allocator`, both as before afterwards."""
+        from ..host_allocator import keep_freed_memory
+
+        with self.threads_applied(), keep_freed_memory(self.host_allocator, self.torch_device().type):
+            yield
 
     def threads_applied(self):
         """A block under `threads` (when set; auto: as while loader workers run), torch's thread count
