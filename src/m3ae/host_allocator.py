@@ -16,11 +16,10 @@ at the top of the heap exceeds it hands all of that back to the kernel and fault
 next step. At 1 GiB that happened to the base model at batch 32 (up to 390k page faults, ~1.6 GB,
 per fp32 step; 17 vs 19.5 s per step; BENCHMARKS.md).
 
-`keep_freed_memory` applies this around a block (the trainer, the evaluations and `m3ae bench train`
-use it) and
-puts glibc back afterwards: the kept memory returned (`malloc_trim`) and the thresholds where
-glibc's own adaptation ends up in a torch process (32 MiB mmap, 64 MiB trim; once set, glibc cannot
-be returned to adapting them). It changes nothing when another allocator is preloaded (jemalloc,
+`keep_freed_memory` applies this around a block (the trainer, the evaluations and `m3ae bench
+train` use it) and puts glibc back afterwards: the kept memory returned (`malloc_trim`) and the
+thresholds where glibc's own adaptation ends up in a torch process (32 MiB mmap, 64 MiB trim; once
+set, glibc cannot be returned to adapting them). It changes nothing when another allocator is preloaded (jemalloc,
 tcmalloc, mimalloc), when the user set glibc's malloc tunables, or when the C library is not glibc
 (macOS, musl, Windows).
 """
