@@ -22,6 +22,7 @@ import torch
 from ..checkpoint import RUN_CONFIG_NAME
 from ..config import ConfigError
 from ..files import atomic_write
+from ..host_allocator import keep_freed_memory
 from ..model import M3AE
 from ..train.config import TrainConfig, from_yaml, load_config, same_files, setting_changes, to_yaml
 from .evaluate import (EvalSpec, FeatureCache, ImageCache, load_captioned, load_probe_sets, masked_word_accuracy,
@@ -277,7 +278,8 @@ def run_one(study: StudySpec, arm: ArmSpec, seed: int, out: Path, tokenizer: str
             log.info("%s seed %d: evaluating %s", arm.name, seed, done["checkpoint"])
             t0 = time.perf_counter()
             model = M3AE.from_pretrained(out / done["checkpoint"])
-            evaluation = evaluator(model, config)
+            with keep_freed_memory("auto", "cpu"):  # the evaluations run on the CPU: as m3ae.eval's
+                evaluation = evaluator(model, config)
             evaluation.update(fingerprint=fingerprint, arm=arm.name, seed=seed, checkpoint=done["checkpoint"],
                               eval_seconds=time.perf_counter() - t0)
             write_json(directory / EVAL, evaluation)
