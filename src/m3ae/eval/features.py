@@ -166,7 +166,8 @@ def _encode_batches(model, batches: Iterable, total: int, pools: Sequence[str], 
                     tuner = None if tuner.done else tuner
     finally:
         model.train(was_training)
-        torch.set_num_threads(start_threads)
+        if torch.get_num_threads() != start_threads:  # a tuner changed it
+            torch.set_num_threads(start_threads)
     dim = model.config.emb_dim
     return ({p: torch.cat(v) if v else torch.zeros(0, dim) for p, v in feats.items()},
             torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),

@@ -133,7 +133,7 @@ class EvalSettings(Runtime):
         return choice if choice.auto else None
 
     def loader_free(self):
-        """A block inside `threads_applied` in which no loader workers run (a fit on features): with
+        """A block inside `applied` in which no loader workers run (a fit on features): with
         auto threads, every usable core for it, since the workers' cores are idle then."""
         from ..threads import torch_threads
 
