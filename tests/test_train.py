@@ -355,6 +355,20 @@ def test_resume_accepts_changed_runtime_switches(tmp_path, caplog):
     assert losses(tmp_path / "split") == pytest.approx(losses(tmp_path / "straight"), rel=1e-3)
 
 
+def test_resume_that_turns_static_shapes_on_says_the_text_masks_change(tmp_path, caplog):
+    """Static shapes (set, or implied by compile) draw the text masks over text_length: allowed at a
+    resume, but the run masks other tokens than an uninterrupted one, and says so."""
+    caplog.set_level(logging.INFO, logger="m3ae")  # the library logs; no CLI handler here
+    pretrain(tiny_config("steps=4", "ckpt_every=100"), tmp_path / "straight")
+    pretrain(tiny_config("steps=4"), tmp_path / "split", stop_at_step=2)
+    result = pretrain(tiny_config("steps=4", "static_shapes=true"), tmp_path / "split", resume="auto")
+    assert result.step == 4
+    assert ("static_shapes: None -> True (not exact: the text masks are now drawn over text_length, so other "
+            "tokens are masked than in an uninterrupted run)") in caplog.text
+    straight, split = losses(tmp_path / "straight"), losses(tmp_path / "split")
+    assert split[:2] == straight[:2] and split[2:] != pytest.approx(straight[2:], abs=1e-6)
+
+
 def test_resume_with_another_thread_count_is_said_not_exact(tmp_path, caplog):
     """CPU kernels split their sums by thread, so another torch thread count gives other bits (seen:
     threads 1 -> 2 at a resume changed the final weights). The count as resolved is compared: unset,

@@ -104,6 +104,9 @@ class TrainConfig:
     def warmup(self) -> int:
         return self.optim.warmup_steps if self.optim.warmup_steps is not None else int(0.05 * self.steps)
 
+    def uses_static_shapes(self) -> bool:
+        return self.compile if self.static_shapes is None else self.static_shapes
+
     def validate(self) -> None:
         """Every setting against its allowed range (a wrong sign must not train silently wrong)."""
         if not 1 <= self.steps <= MAX_STEPS:
@@ -408,7 +411,8 @@ def _to_config(merged: Any) -> TrainConfig:
 
 
 # Settings that may change on resume without changing what is computed (logging, speed, limits;
-# compile, device and model.attention change the float rounding only).
+# compile, device and model.attention change the float rounding; static shapes, set or implied by
+# compile, the draw of the text masks).
 RESUME_SAFE = ("log_every", "ckpt_every", "keep_last", "progress", "tensorboard", "device", "viz_every",
                "eval_every", "eval_train", "eval_val", "max_nonfinite", "peak_tflops", "compile",
                "static_shapes", "distributed.fsdp", "data.num_workers", "data.prefetch_factor",
@@ -480,6 +484,12 @@ def check_resume_changes(checkpoint_yaml: str, config: TrainConfig, allow: bool,
     for k in ROUNDING_SWITCHES:
         if k in changes:  # allowed, but the bits of the run change (tested: attention, threads)
             notes[k] = " (not exact: changes the float rounding)"
+    if old.uses_static_shapes() != config.uses_static_shapes():  # set, or implied by compile
+        over = "text_length" if config.uses_static_shapes() else "the longest caption of each batch"
+        for k in ("compile", "static_shapes"):
+            if k in changes:  # m3ae.data.collate.Collator: the draw is over the padded length
+                notes[k] = (f" (not exact: the text masks are now drawn over {over}, so other tokens are "
+                            "masked than in an uninterrupted run)")
     parts = stream_shares(config.data, world_size)
     if "data.num_workers" in changes and stream_parts is not None and stream_parts != parts:
         # Safe for indexed sources (a position maps to a record whoever reads it), not for streams:

@@ -171,7 +171,7 @@ def _train_data(config: TrainConfig, dist: dist_utils.DistInfo, micro_batch: int
     return build_train_data(config.data, config.model, seed=config.seed, micro_batch=micro_batch,
                             start_micro_batch=start_micro, rank=dist.rank, world_size=dist.world_size,
                             resume_state=data_state, pin_memory=dist.device.type == "cuda",
-                            static_shapes=config.compile if config.static_shapes is None else config.static_shapes)
+                            static_shapes=config.uses_static_shapes())
 
 
 class _Run:
