@@ -2,6 +2,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -453,6 +454,7 @@ def test_auto_threads_settle_beside_the_loader_and_resume_bit_for_bit(tmp_path, 
     11-30, try the idle core over steps 31-50 and keep the faster count; a checkpoint after that
     keeps it, so a resume continues bit for bit. The decisions (timing) are stubbed here;
     test_threads tests them."""
+    import m3ae.load_watch
     import m3ae.threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
@@ -465,6 +467,7 @@ def test_auto_threads_settle_beside_the_loader_and_resume_bit_for_bit(tmp_path, 
 
     monkeypatch.setattr(m3ae.threads, "threads_beside_loader", idle_core)
     monkeypatch.setattr(m3ae.threads, "trial_pays", lambda base, trial: pays)
+    monkeypatch.setattr(m3ae.load_watch, "_affinity", lambda: None)  # no load watch after the tuner
     caplog.set_level(logging.INFO, logger="m3ae")
     before = torch.get_num_threads()
     run = ["steps=56", "data.num_workers=1", "ckpt_every=53", "device=cpu"]
@@ -490,6 +493,38 @@ def test_auto_threads_settle_beside_the_loader_and_resume_bit_for_bit(tmp_path, 
     assert losses(tmp_path / "split") == losses(tmp_path / "straight")
     a, b = params(straight.checkpoint), params(resumed.checkpoint)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_auto_threads_follow_a_load_that_comes_mid_run(tmp_path, monkeypatch, caplog):
+    """After its first steps a CPU run with auto threads watches its cores (m3ae.load_watch): other
+    processes using one of the two cores make it try one thread, kept when it pays. The machine's
+    /proc/stat and the trial's outcome are simulated here; test_load_watch tests the decisions."""
+    import m3ae.load_watch as lw
+    import m3ae.threads
+    from m3ae.load_watch import CpuTimes, own_cpu_seconds
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(m3ae.threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(lw, "_affinity", lambda: frozenset({0, 1}))
+    monkeypatch.setattr(lw, "cgroup_cpu_quota", lambda: None)
+    start = time.perf_counter()
+    # Another process busy on one whole core from the start; none of the two idle.
+    monkeypatch.setattr(lw, "read_cpu_times",
+                        lambda cpus: CpuTimes(0.0, own_cpu_seconds() + time.perf_counter() - start))
+    monkeypatch.setattr(lw, "WINDOW_S", 0.0)  # windows of MIN_STEPS (5) steps
+    monkeypatch.setattr(lw, "trial_pays", lambda base, trial: True)
+    caplog.set_level(logging.INFO, logger="m3ae")
+    before = torch.get_num_threads()
+    pretrain(tiny_config("steps=30", "ckpt_every=25", "device=cpu"), tmp_path)
+    assert torch.get_num_threads() == before
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # The watch opens its first window after step 11, tries 1 thread after step 16, keeps it after 21.
+    assert [r["threads"] for r in rows] == [2] * 16 + [1] * 14
+    seen = re.search(r"step 16: (\d\.\d\d) cores used by other processes", caplog.text)
+    assert seen and float(seen[1]) == pytest.approx(1.0, abs=0.2)  # os.times counts in 10 ms ticks
+    assert "trying 1 for a window (auto threads)" in caplog.text
+    assert "step 21: " in caplog.text and "keeping 1 (auto threads)" in caplog.text
+    assert load_train_state(latest_checkpoint(tmp_path))["threads"] == 1
 
 
 def test_a_settled_thread_count_is_kept_only_where_it_fits():

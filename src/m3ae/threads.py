@@ -13,6 +13,8 @@ spinning thread whose partner was descheduled burns its whole time slice, and a 
   cost the step a core they do not need.
 - OpenMP threads spin only briefly before sleeping (GOMP_SPINCOUNT, see `limit_openmp_spin`), so
   a thread waiting for a descheduled partner yields its core instead of burning it.
+
+After its first steps a training run's auto count follows the machine's load (`m3ae.load_watch`).
 """
 from __future__ import annotations
 

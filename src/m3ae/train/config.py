@@ -68,8 +68,10 @@ class TrainConfig:
     precision: str = "auto"
     # torch CPU threads; None: auto = usable cores - data.num_workers, at least 1 (OMP_NUM_THREADS
     # wins over auto); with loader workers a CPU run then measures them over steps 11-30, tries a
-    # core they leave idle over steps 31-50 and keeps the faster count. Resume may change it; on CPU
-    # another count changes the float rounding (said at the resume: not bit for bit). See m3ae.threads.
+    # core they leave idle over steps 31-50 and keeps the faster count; after that (or from step 11
+    # without workers) the count follows the machine's load (m3ae.load_watch). Resume may change it;
+    # on CPU another count changes the float rounding (said at the resume: not bit for bit). See
+    # m3ae.threads. Set it for a fixed count.
     threads: Optional[int] = None
     # auto (keep on CPU runs) | keep | system: whether glibc keeps large freed blocks for the next step
     # instead of unmapping them (m3ae.host_allocator). Speed only; resume may change it.

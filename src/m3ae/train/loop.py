@@ -24,6 +24,7 @@ from ..precision import cpu_has_amx, resolve_precision, step_context
 from ..preprocessing import Preprocessing
 from ..data.loader import TrainData, build_train_data, loader_error, merge_data_states, next_batch, stop_workers
 from ..host_allocator import KeptMemoryLimit, keep_freed_memory, resident_bytes
+from ..load_watch import LoadWatch
 from ..threads import ThreadChoice, ThreadTuner, torch_threads
 from .config import TrainConfig, to_yaml
 from .metrics import METRICS_NAME, MetricsLog, window_row
@@ -124,6 +125,11 @@ def _setup(config: TrainConfig, out_dir: Path, dist: dist_utils.DistInfo, thread
                 root)
 
 
+# Steps of a run (fresh or resumed) before the load watch starts: the first steps' allocations and
+# the loader's start-up are not the step's speed.
+WATCH_SKIP = 10
+
+
 def _loader_threads(threads: ThreadChoice, resumed: Resumed | None, device: torch.device,
                     world_size: int) -> tuple[ThreadChoice, ThreadTuner | None]:
     """Auto threads beside loader workers (one CPU process; m3ae.threads): a run resumed after its
@@ -192,6 +198,9 @@ class _Run:
         mode = resolve_precision(config.precision, device)
         self.threads, self.tuner = _loader_threads(threads, resumed, device, dist.world_size)
         self.threads_settled = self.tuner is None and threads is not self.threads  # taken from the checkpoint
+        # After the tuner has settled (or from the start when there is none), follow the machine's load.
+        self.watch = LoadWatch.for_run(self.threads, device.type, dist.world_size)
+        self.watch_after = (resumed.step if resumed is not None else 0) + WATCH_SKIP
         threads = self.threads
         if is_main:
             log.info("data: %s", data.description)
@@ -302,10 +311,15 @@ class _Run:
             self._log_window(lr)
         if self.tuner is not None:  # after the row of the steps it measured, before a checkpoint
             self._tune_threads(step)
+        elif self.watch is not None and step > self.watch_after:
+            self._follow_load(step)
+        t0 = time.perf_counter()
         self._viz_and_eval()
         if step % config.ckpt_every == 0 and step < end:
             self.result.checkpoint = self.checkpoint(step, step * config.grad_accum)
             self.last_ckpt_step = step
+        if self.watch is not None:  # not the step's time: left out of the watch's samples/s
+            self.watch.exclude(time.perf_counter() - t0)
         if stop_now:
             self.result.status = "stopped"
             if self.dist.is_main and stop.signal is not None:
@@ -332,6 +346,8 @@ class _Run:
                 self.window_loader_cpu = (self.window_loader_cpu or 0.0) + batch.loader_cpu_s
             if self.tuner is not None:
                 self.tuner.add_batch(batch.size, batch.loader_cpu_s)
+            elif self.watch is not None:
+                self.watch.add_batch(batch.size, batch.loader_cpu_s)
             self.window_samples += batch.size * world_size
             self.window_flops += batch_train_flops(batch, self.config.model) * world_size
             yield batch
@@ -348,10 +364,30 @@ class _Run:
         self.threads = ThreadChoice(n, f"auto: {tuner.cores} usable cores, {state}", tuner.cores, tuner.workers)
         if tuner.done:
             self.tuner, self.threads_settled = None, True
+            if self.watch is not None:
+                self.watch.count = n
         if self.dist.is_main:
             if self.progress is not None:
                 self.progress.clear()
             log.info("step %d: %s (auto threads)", step, tuner.note)
+
+    def _follow_load(self, step: int) -> None:
+        """At the end of a load-watch window: another thread count, tried or kept (m3ae.load_watch)."""
+        assert self.watch is not None
+        n = self.watch.after_step()
+        if n is None:
+            if self.watch.note and self.dist.is_main:  # a kept trial: said once
+                log.info("step %d: %s (auto threads)", step, self.watch.note)
+            self.watch.note = ""
+            return
+        torch.set_num_threads(n)
+        self.threads = ThreadChoice(n, f"auto: {self.watch.cores} usable cores, following the load",
+                                    self.watch.cores, self.threads.loader_workers)
+        if self.dist.is_main:
+            if self.progress is not None:
+                self.progress.clear()
+            log.info("step %d: %s (auto threads)", step, self.watch.note)
+        self.watch.note = ""
 
     def _count_nonfinite(self, finite: bool) -> None:
         if finite:
