@@ -66,6 +66,17 @@ def test_a_load_that_comes_later_is_met_with_fewer_threads_and_its_end_with_more
     assert m.run(w, 20, 100, ours=1.8, others=0.0) is None and w.count == 2
 
 
+def test_on_a_large_machine_the_count_moves_by_the_cores_taken_or_left():
+    m = Machine(cores=16)
+    w = started(m, 16)
+    assert m.run(w, 20, 400, ours=12.0, others=4.0) == 12  # a 4-core build arrives: 12 tried
+    assert m.run(w, 20, 600, ours=12.0, others=4.0) is None and w.count == 12  # kept
+    assert m.run(w, 20, 600, ours=11.0, others=1.4) == 11  # 1.4 cores more taken: one fewer
+    assert m.run(w, 20, 500, ours=11.0, others=1.4) == 12  # slower: back
+    assert m.run(w, 20, 600, ours=11.6, others=0.0) == 16  # 4.4 cores idle: 4 more tried
+    assert m.run(w, 20, 900, ours=15.0, others=0.0) is None and w.count == 16
+
+
 def test_a_trial_that_does_not_pay_goes_back_and_waits_longer_each_time():
     m = Machine()
     w = started(m, 1)  # 1 thread beside a loader worker that leaves its core idle

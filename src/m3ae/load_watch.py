@@ -8,8 +8,9 @@ after the load is gone.
 
 `LoadWatch` reads, over windows of about 20 seconds, what the other processes used of this
 process's cores (Linux `/proc/stat`, less this process's and its loader workers' CPU time) and what
-was left idle. When others used half a core or more it tries one thread fewer for a window; when a
-core's worth of more than 0.6 was idle, one more. A tried count is kept only if the step ran at
+was left idle. When others used half a core or more it tries fewer threads for a window (one per
+core they used, half a core and up counting as one); when 0.6 of a core or more was idle, more (one
+per idle core, from 0.6 up). A tried count is kept only if the step ran at
 least 3 % faster with it (`m3ae.threads.trial_pays`), else the run goes back and waits before trying
 that way again (3 windows, doubling to 48). A checkpoint saves the count in use, so a resume starts
 from it; an uninterrupted run and a resumed one take the same steps only while the load is steady,
@@ -180,8 +181,11 @@ class LoadWatch:
             self.wait[w] = max(0, self.wait[w] - 1)
         if way == 0:
             return None
+        # As many threads as the cores others took (half a core and up counts as one) or as lie idle
+        # (0.6 and up): on a large machine one thread at a time would gain too little to measure.
+        step = int(others + 1 - OTHERS_BUSY_SHARE) if way < 0 else int(idle + 1 - IDLE_SHARE)
         self.trial_from, self.base_rate = self.count, rate
-        self.count += way
+        self.count = min(self.cores, max(1, self.count + way * max(1, step)))
         self.note = f"{where}, {rate:.1f} samples/s at {self.trial_from}: trying {self.count} for a window"
         return self.count
 
