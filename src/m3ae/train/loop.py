@@ -373,21 +373,18 @@ class _Run:
 
     def _follow_load(self, step: int) -> None:
         """At the end of a load-watch window: another thread count, tried or kept (m3ae.load_watch)."""
-        assert self.watch is not None
-        n = self.watch.after_step()
-        if n is None:
-            if self.watch.note and self.dist.is_main:  # a kept trial: said once
-                log.info("step %d: %s (auto threads)", step, self.watch.note)
-            self.watch.note = ""
-            return
-        torch.set_num_threads(n)
-        self.threads = ThreadChoice(n, f"auto: {self.watch.cores} usable cores, following the load",
-                                    self.watch.cores, self.threads.loader_workers)
-        if self.dist.is_main:
+        watch = self.watch
+        assert watch is not None
+        n = watch.after_step()
+        if n is not None:
+            torch.set_num_threads(n)
+            self.threads = ThreadChoice(n, f"auto: {watch.cores} usable cores, following the load", watch.cores,
+                                        self.threads.loader_workers)
+        if watch.note and self.dist.is_main:  # a trial begun, kept or given up: said once
             if self.progress is not None:
                 self.progress.clear()
-            log.info("step %d: %s (auto threads)", step, self.watch.note)
-        self.watch.note = ""
+            log.info("step %d: %s (auto threads)", step, watch.note)
+        watch.note = ""
 
     def _count_nonfinite(self, finite: bool) -> None:
         if finite:
