@@ -105,6 +105,11 @@ def pad_texts(texts: Sequence[torch.Tensor], length: int | None = None) -> tuple
     return ids, padding
 
 
+def static_shapes_in_use(compile: bool, static_shapes: bool | None) -> bool:
+    """Whether a run's batches have static shapes (see Collator): as set, else exactly when compiled."""
+    return compile if static_shapes is None else static_shapes
+
+
 class Collator:
     """Groups samples by modality, stacks images, pads texts, draws masks from a seeded generator.
 

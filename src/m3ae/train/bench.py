@@ -31,7 +31,7 @@ from typing import Any, Sequence, cast
 import torch
 
 from ..config import M3AEConfig
-from ..data.collate import Batch, BatchPart, Collator, pad_texts
+from ..data.collate import Batch, BatchPart, Collator, pad_texts, static_shapes_in_use
 from ..masking import masks_for
 from ..model import M3AE
 from ..optim import build_optimizer
@@ -75,7 +75,7 @@ class BenchOptions:
 
     @property
     def uses_static_shapes(self) -> bool:
-        return self.compile if self.static_shapes is None else self.static_shapes
+        return static_shapes_in_use(self.compile, self.static_shapes)
 
 
 def bench_model_config(preset: str, overrides: Sequence[str] = ()) -> M3AEConfig:

@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ..config import MAX_BATCH_SIZE, MAX_SEED, PRESETS, ConfigError, M3AEConfig
 from ..host_allocator import SETTINGS as HOST_ALLOCATOR_SETTINGS
 from ..precision import PRECISIONS
+from ..data.collate import static_shapes_in_use
 from ..data.config import DataConfig, stream_shares
 from ..data.spec import same_files_spec
 from ..optim import scaled_lr
@@ -107,7 +108,7 @@ class TrainConfig:
         return self.optim.warmup_steps if self.optim.warmup_steps is not None else int(0.05 * self.steps)
 
     def uses_static_shapes(self) -> bool:
-        return self.compile if self.static_shapes is None else self.static_shapes
+        return static_shapes_in_use(self.compile, self.static_shapes)
 
     def validate(self) -> None:
         """Every setting against its allowed range (a wrong sign must not train silently wrong)."""
