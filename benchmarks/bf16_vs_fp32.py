@@ -1,15 +1,17 @@
 """bf16 autocast against fp32 for the same training step, steps interleaved in one process.
 
     PYTHONPATH=src python benchmarks/bf16_vs_fp32.py [--preset base] [--batch 16] [--rounds 8]
-        [--max-caption 32] [--profile] [model.KEY=VALUE ...]
+        [--max-caption 32] [--bf32] [--profile] [model.KEY=VALUE ...]
 
 Separate `m3ae bench train --precision` runs drift with the VM (the fp32 base step wandered between
 8.3 and 10.8 s from one run to the next, BENCHMARKS.md): here one bf16 and one fp32 step alternate,
 on two models with the same weights and the same batches, after a warm-up round per batch, and the
 ratio of each round and of the medians is printed, beside the ratio of the two precisions' square
 matmul rates (2048^3, the best case): the step can beat that only where its other operators gain
-more from bf16 than its matmuls do. `--profile` then profiles two more steps of each
-and splits their operator time into matmuls (the part precision can speed up) and the rest.
+more from bf16 than its matmuls do. `--bf32` adds a third model stepped in the same rounds with
+precision bf32 (fp32 with oneDNN's bf16-input matmuls; AMX CPUs only, fp32 elsewhere). `--profile`
+then profiles two more steps of each and splits their operator time into matmuls (the part
+precision can speed up) and the rest.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=8, help="timed steps of each precision")
     p.add_argument("--max-caption", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--bf32", action="store_true", help="also time precision bf32 in the same rounds")
     p.add_argument("--profile", action="store_true")
     p.add_argument("model", nargs="*", metavar="model.KEY=VALUE")
     args = p.parse_args()
@@ -49,6 +52,9 @@ def main() -> int:
     models = {"bf16": M3AE(cfg)}
     models["fp32"] = M3AE(cfg)
     models["fp32"].load_state_dict(models["bf16"].state_dict())
+    if args.bf32:
+        models["bf32"] = M3AE(cfg)
+        models["bf32"].load_state_dict(models["bf16"].state_dict())
     device = torch.device("cpu")
     steps = {name: _Step(model, device, name, False, False) for name, model in models.items()}
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -65,9 +71,11 @@ def main() -> int:
                     times[name].append(time.perf_counter() - t0)
                     faults[name].append(_minor_faults() - f0)
             if i >= len(batches):
-                print(f"round {i - len(batches) + 1}: bf16 {times['bf16'][-1] * 1e3:.0f} ms, fp32 "
-                      f"{times['fp32'][-1] * 1e3:.0f} ms, {times['fp32'][-1] / times['bf16'][-1]:.2f}x "
-                      f"(page faults {faults['bf16'][-1]}, {faults['fp32'][-1]})", flush=True)
+                each = ", ".join(f"{name} {t[-1] * 1e3:.0f} ms" for name, t in times.items())
+                gains = ", ".join(f"{name} {times['fp32'][-1] / t[-1]:.2f}x" for name, t in times.items()
+                                  if name != "fp32")
+                print(f"round {i - len(batches) + 1}: {each}; {gains} (page faults "
+                      f"{', '.join(str(f[-1]) for f in faults.values())})", flush=True)
         peak = {name: measure_matmul_tflops(device, dtype, size=2048, seconds=2.0)
                 for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
         print(f"square matmul (2048^3): bf16 {peak['bf16']:.3f} TFLOP/s, fp32 {peak['fp32']:.3f}; "
@@ -77,6 +85,10 @@ def main() -> int:
         print(f"median step: bf16 {med['bf16'] * 1e3:.0f} ms, fp32 {med['fp32'] * 1e3:.0f} ms; bf16 speed-up "
               f"{med['fp32'] / med['bf16']:.2f}x (rounds {min(rounds):.2f}-{max(rounds):.2f}x, median "
               f"{statistics.median(rounds):.2f}x)")
+        if "bf32" in med:
+            rounds32 = [a / b for a, b in zip(times["fp32"], times["bf32"])]
+            print(f"median step: bf32 {med['bf32'] * 1e3:.0f} ms; bf32 speed-up {med['fp32'] / med['bf32']:.2f}x "
+                  f"(rounds {min(rounds32):.2f}-{max(rounds32):.2f}x, median {statistics.median(rounds32):.2f}x)")
         if args.profile:
             split = profile_interleaved({name: (step, batches) for name, step in steps.items()}, steps=2)
             (m16, t16), (m32, t32) = split["bf16"], split["fp32"]

@@ -305,11 +305,15 @@ def test_shard_bench_and_tokenizer_from_parquet_hf_and_hdf5(tmp_path, capsys):
         with tarfile.open(pattern % 0) as tar:
             assert {m.name.split(".", 1)[1] for m in tar.getmembers()} == {"jpg", "txt", "json"}
     assert main(["bench", "data", folder, "--samples", "8", "--workers", "1", "--batch", "4",
-                 "--image-size", "32"]) == 0
+                 "--image-size", "32", "--rounds", "2", "--json", str(tmp_path / "data.json")]) == 0
     out = capsys.readouterr().out
     assert out.count("/s") >= 4 and "columns jpg, caption" in out  # ours and the baseline, in-process and 1 worker
     header = next(line for line in out.splitlines() if line.startswith("source"))
-    assert header.split()[-3:] == ["in-process", "1", "worker"]  # two columns, two names
+    assert header.split()[-5:] == ["in-process", "vs", "baseline", "1", "worker"]  # three columns, three names
+    rows = {row["pipeline"]: row for row in json.loads((tmp_path / "data.json").read_text())["rows"]}
+    assert rows["baseline"]["vs_baseline"] == 1.0 and " 1.00x " in out  # each round's ratio, then the median
+    for row in rows.values():
+        assert len(row["one_worker_rounds"]) == 2 and row["one_worker"] > 0
     # A source too long for its column keeps its end, marked as cut (was cut silently: "older:...").
     assert len(folder) > 48
     assert all(line.split()[0].startswith("...") for line in out.splitlines() if line.endswith("/s"))

@@ -110,7 +110,7 @@ def plan(out: Path, dry: bool, gpus: int, cores: int, tests: Path) -> list[Stage
     workers = 1 if dry else max(1, cores)
     stages.append(Stage("data", _m3ae("bench", "data", str(out / "jpegs"), "--workers", str(workers),
                                       "--samples", str(samples), "--batch", str(batch),
-                                      "--json", str(out / "data.json")), 120,
+                                      "--rounds", "1" if dry else "2", "--json", str(out / "data.json")), 120,
                         str(out / "data.json"), env={"M3AE_CHECK_IMAGES": str(images)}))
     # The host CPU: bf16 autocast and bf32 (fp32 with oneDNN's bf16-input matmuls) vs fp32, at base
     # width and for the paper's whole base at 256 px (BENCHMARKS.md's CPU bf16 rows). GPU machines

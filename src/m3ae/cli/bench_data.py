@@ -2,13 +2,18 @@
 plain baseline (full PIL decode, PIL crop + resize, to tensor, normalise), per worker and total.
 "m3ae" normalises in the workers (evaluation loaders); "m3ae u8" is how training batches travel:
 uint8 from the workers, normalised by the receiving process (on a GPU run, by the GPU; here the
-main process does it on the CPU, so the row counts that work)."""
+main process does it on the CPU, so the row counts that work).
+
+The in-process rates are taken in --rounds rounds, each timing every pipeline once in turn, and the
+medians are printed with the median of each round's ratio to the baseline: a VM that drifts by
+10-20 % over seconds (seen on the 2-vCPU Xeons here) then slows all pipelines of a round alike."""
 from __future__ import annotations
 
 import argparse
 import io
 import json
 import os
+import statistics
 import time
 
 import numpy as np
@@ -22,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--samples", type=C.positive, default=400, help="samples per measurement")
     d.add_argument("--workers", type=C.non_negative, default=2, help="loader workers for the total")
     d.add_argument("--batch", type=C.positive, default=32, help="samples per batch (default %(default)s)")
+    d.add_argument("--rounds", type=C.positive, default=3,
+                   help="in-process measurements per pipeline, interleaved (default %(default)s)")
     d.add_argument("--json", type=C.output_file, default=None, help="also write the rates to this JSON file")
     d.set_defaults(func=run)
 
@@ -96,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     # First in this process (the rate of one core), then through a DataLoader with --workers processes;
     # the first column is not called "1 worker", which `--workers 1` would print twice.
     loader = "in-process" if args.workers == 0 else f"{args.workers} worker{'s' if args.workers > 1 else ''}"
-    print(f"{'source':48s} {'pipeline':9s} {'in-process':>12s} {loader:>12s}")
+    print(f"{'source':48s} {'pipeline':9s} {'in-process':>12s} {'vs baseline':>12s} {loader:>12s}")
     rows = []
     for _, source in build_sources(",".join(args.spec)):
         records = [r for _, r in source.iterate(0, 1, seed=0, epochs=1) if r.image is not None]
@@ -105,17 +112,23 @@ def run(args: argparse.Namespace) -> int:
         pipelines = {"baseline": (BaselineTransform(args.image_size), None),
                      "m3ae": (TrainTransform(args.image_size), None),
                      "m3ae u8": (TrainTransform(args.image_size, uint8=True), normalize_uint8)}
+        one: dict[str, list[float]] = {name: [] for name in pipelines}
+        for _ in range(args.rounds):
+            for name, (transform, finish) in pipelines.items():
+                one[name].append(_rate(_Files(records, transform), args.samples, 0, args.batch, finish))
+        label = source.describe()
+        label = label if len(label) <= 48 else "..." + label[-45:]  # the end tells sources apart
         for name, (transform, finish) in pipelines.items():
-            ds = _Files(records, transform)
-            one = _rate(ds, args.samples, 0, args.batch, finish)
-            many = _rate(ds, args.samples, args.workers, args.batch, finish)
-            label = source.describe()
-            label = label if len(label) <= 48 else "..." + label[-45:]  # the end tells sources apart
-            print(f"{label:>48s} {name:9s} {one:9.0f}/s {many:9.0f}/s", flush=True)
-            rows.append({"source": source.describe(), "pipeline": name, "one_worker": one,
+            many = _rate(_Files(records, transform), args.samples, args.workers, args.batch, finish)
+            ratios = [a / b for a, b in zip(one[name], one["baseline"])]
+            rate, ratio = statistics.median(one[name]), statistics.median(ratios)
+            print(f"{label:>48s} {name:9s} {rate:9.0f}/s {ratio:11.2f}x {many:9.0f}/s", flush=True)
+            rows.append({"source": source.describe(), "pipeline": name, "one_worker": rate,
+                         "one_worker_rounds": one[name], "vs_baseline": ratio,
+                         "vs_baseline_range": [min(ratios), max(ratios)],
                          "workers": args.workers, "many_workers": many})
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "image_size": args.image_size, "samples": args.samples, "rows": rows},
-                      f, indent=2)
+            json.dump({"machine": machine, "image_size": args.image_size, "samples": args.samples,
+                       "rounds": args.rounds, "rows": rows}, f, indent=2)
     return 0
