@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import m3ae.linear_cross_entropy as lce
 from m3ae.linear_cross_entropy import linear_cross_entropy
 
 
@@ -53,15 +54,20 @@ def test_float32_and_no_rows():
     assert torch.count_nonzero(w.grad) == 0 and empty.grad.shape == (0, 8)
 
 
-def test_bfloat16_autocast_is_close_and_gradients_stay_fp32():
+@pytest.mark.parametrize("group_chunks", [None, 1, 3])
+def test_bfloat16_autocast_is_close_and_gradients_stay_fp32(group_chunks, monkeypatch):
+    """Weight-gradient products per group of chunks: all four chunks at once (default), one per
+    chunk, or 3 + 1 (a full group, then a partial one at the end)."""
     h, w, b, t, tw = inputs(dtype=torch.float32, rows=64, dim=32, vocab=97)
+    if group_chunks is not None:
+        monkeypatch.setitem(lce.GRAD_GROUP_ELEMENTS, "cpu", 97 * 16 * group_chunks)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, _, _ = linear_cross_entropy(h, w, b, t, tw, chunk_rows=16)
     loss.backward()
     assert loss.dtype == torch.float32 and w.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
     ref = unfused(h.detach(), w.detach(), b.detach(), t, tw)[0]
     torch.testing.assert_close(loss.detach(), ref, rtol=2e-2, atol=1e-2)
-    # Gradients summed over the 4 chunks (the first writes the weight gradient, later ones add).
+    # Gradients summed over the 4 chunks (the first group writes the weight gradient, later ones add).
     h32, w32, b32 = (x.detach().clone().requires_grad_() for x in (h, w, b))
     unfused(h32, w32, b32, t, tw)[0].backward()
     for got, want in ((h.grad, h32.grad), (w.grad, w32.grad), (b.grad, b32.grad)):
