@@ -184,7 +184,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, capsys):
     for name in ("cuda tests", "train nano", "head", "data", "cpu fp32", "cpu bf16", "cpu bf32", "cpu op times"):
         assert stages[name]["status"] == "ok", (name, stages[name])
     assert stages["train nano"]["result"]["samples_per_s"] > 0
-    assert {row["pipeline"] for row in stages["data"]["result"]["rows"]} == {"baseline", "m3ae", "m3ae u8"}
+    assert {row["pipeline"] for row in stages["data"]["result"]["rows"]} == {"baseline", "m3ae", "m3ae u8", "u8 pil"}
     assert all(row["one_worker"] > 0 for row in stages["data"]["result"]["rows"])
     assert "threads;" in stages["data"]["result"]["machine"]  # the CPU model and its flags
     assert stages["ddp nccl 2 gpus"]["status"].startswith("skipped")

@@ -211,3 +211,93 @@ def test_16bit_images_are_rescaled_without_a_float_copy_of_the_whole_image():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # was: "invalid value encountered in cast" for NaN pixels
         assert np.asarray(to_rgb(floats))[0, 0, 0] == 0
+
+
+def _photo_jpeg(w: int, h: int, seed: int = 0, mode: str = "RGB", **save) -> bytes:
+    """A smooth photo-like JPEG (random noise would hide decoder differences in the resize)."""
+    rng = np.random.default_rng(seed)
+    smooth = np.cumsum(np.cumsum(rng.normal(0, 3, (h, w, 3)), 0), 1)
+    smooth = (smooth - smooth.min()) / (smooth.max() - smooth.min()) * 255
+    buffer = io.BytesIO()
+    Image.fromarray(smooth.astype(np.uint8)).convert(mode).save(buffer, "JPEG", **save)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def simplejpeg_calls(monkeypatch):
+    """Counts the JPEGs simplejpeg decoded (so a test sees that the fast path ran at all)."""
+    simplejpeg = pytest.importorskip("simplejpeg")
+    from m3ae.data import images
+
+    calls = []
+
+    class Counting:
+        @staticmethod
+        def decode_jpeg(*args, **kwargs):
+            calls.append(kwargs.get("min_factor"))
+            return simplejpeg.decode_jpeg(*args, **kwargs)
+
+    monkeypatch.setattr(images, "_simplejpeg", lambda: Counting)
+    return calls
+
+
+@pytest.mark.parametrize("mode, save", [("RGB", {}), ("RGB", {"progressive": True}), ("RGB", {"subsampling": 0}),
+                                        ("RGB", {"subsampling": 1, "quality": 60}), ("L", {})])
+def test_simplejpeg_gives_pils_pixels_bit_for_bit(mode, save, simplejpeg_calls):
+    """The fast decoder is a drop-in: every crop, draft scale (1, 2, 4, 8) and square mode yields
+    the very tensor the PIL decoder yields."""
+    data = _photo_jpeg(420, 300, seed=1, mode=mode, **save)
+    for square in ("crop", "pad"):
+        for size in (24, 48, 96, 200):
+            kw = dict(square=square, scale=(0.2, 1.0), uint8=True)
+            fast = TrainTransform(size, jpeg_decoder="simplejpeg", **kw)
+            pil = TrainTransform(size, jpeg_decoder="pil", **kw)
+            for seed in range(6):
+                assert torch.equal(fast(data, sample_rng(seed)), pil(data, sample_rng(seed)))
+            ev = dict(square=square, resize=size)
+            assert torch.equal(EvalTransform(size, jpeg_decoder="auto", **ev)(data),
+                               EvalTransform(size, jpeg_decoder="pil", **ev)(data))
+    assert {1, 2, 4, 8} <= set(simplejpeg_calls)  # every DCT scale went through simplejpeg
+
+
+def test_jpegs_simplejpeg_does_not_take_go_to_pil(simplejpeg_calls, tmp_path):
+    """CMYK and EXIF-rotated JPEGs are PIL's (colour conversion, rotation), and a JPEG simplejpeg
+    refuses gets PIL's verdict: the same pixels or the same BadSample."""
+    cmyk = _photo_jpeg(64, 48, mode="CMYK")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = io.BytesIO()
+    Image.open(io.BytesIO(_photo_jpeg(64, 48))).save(rotated, "JPEG", exif=exif.tobytes())
+    full = _photo_jpeg(120, 90, seed=2)
+    truncated = full[: len(full) * 2 // 3]
+    corrupt = bytearray(full)
+    corrupt[len(full) // 2: len(full) // 2 + 40] = bytes(40)  # zeros inside the entropy-coded data
+    for data in (cmyk, rotated.getvalue(), truncated, bytes(corrupt)):
+        outcomes = []
+        for decoder in ("auto", "pil"):
+            try:
+                outcomes.append(EvalTransform(32, jpeg_decoder=decoder, uint8=True)(data))
+            except BadSample as err:
+                outcomes.append(err.reason)
+        if isinstance(outcomes[0], torch.Tensor):
+            assert torch.equal(outcomes[0], outcomes[1])
+        else:
+            assert outcomes[0] == outcomes[1]
+    assert EvalTransform(32, uint8=True)(rotated.getvalue()).shape == (3, 32, 32)
+    path = tmp_path / "photo.jpg"  # a path is read once and its bytes go to simplejpeg
+    path.write_bytes(full)
+    before = len(simplejpeg_calls)
+    assert torch.equal(EvalTransform(32)(str(path)), EvalTransform(32)(full)) and len(simplejpeg_calls) == before + 2
+
+
+def test_jpeg_decoder_setting(monkeypatch):
+    from m3ae.data import images
+
+    with pytest.raises(ValueError, match="jpeg_decoder"):
+        TrainTransform(32, jpeg_decoder="turbo")
+    data = _photo_jpeg(64, 48)
+    want = EvalTransform(32, jpeg_decoder="pil")(data)
+    monkeypatch.setattr(images, "_simplejpeg", lambda: None)  # a platform without simplejpeg's wheels
+    with pytest.raises(ModuleNotFoundError, match="pip install simplejpeg"):
+        EvalTransform(32, jpeg_decoder="simplejpeg")
+    assert torch.equal(EvalTransform(32)(data), want)  # auto falls back to PIL

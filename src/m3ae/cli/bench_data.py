@@ -2,7 +2,8 @@
 plain baseline (full PIL decode, PIL crop + resize, to tensor, normalise), per worker and total.
 "m3ae" normalises in the workers (evaluation loaders); "m3ae u8" is how training batches travel:
 uint8 from the workers, normalised by the receiving process (on a GPU run, by the GPU; here the
-main process does it on the CPU, so the row counts that work).
+main process does it on the CPU, so the row counts that work). "u8 pil" is "m3ae u8" with PIL's
+JPEG decoding (jpeg_decoder=pil) instead of simplejpeg's: the same pixels, what the decoder buys.
 
 The in-process rates are taken in --rounds rounds, each timing every pipeline once in turn, and the
 medians are printed with the median of each round's ratio to the baseline: a VM that drifts by
@@ -111,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
             continue
         pipelines = {"baseline": (BaselineTransform(args.image_size), None),
                      "m3ae": (TrainTransform(args.image_size), None),
-                     "m3ae u8": (TrainTransform(args.image_size, uint8=True), normalize_uint8)}
+                     "m3ae u8": (TrainTransform(args.image_size, uint8=True), normalize_uint8),
+                     "u8 pil": (TrainTransform(args.image_size, uint8=True, jpeg_decoder="pil"), normalize_uint8)}
         one: dict[str, list[float]] = {name: [] for name in pipelines}
         for _ in range(args.rounds):
             for name, (transform, finish) in pipelines.items():

@@ -30,6 +30,9 @@ class DataConfig:
     square: str = "crop"
     pad_value: int = 255  # grey level of the padding of square=pad
     jpeg_draft: bool = True  # decode JPEGs at reduced DCT scale when the crop is much larger than the output
+    # "auto": RGB/greyscale JPEGs by simplejpeg where installed (the same pixels as PIL, ~1.3x faster
+    # decoding), else PIL; "simplejpeg" (required) or "pil".
+    jpeg_decoder: str = "auto"
     max_image_pixels: int = 178_956_970  # refuse larger images (decompression bombs)
     # Tar shards: a member larger than this is skipped unread (counted too_large); memory stays
     # bounded by it.

@@ -217,7 +217,7 @@ def make_sample_maker(data: DataConfig, model_config: M3AEConfig, uses: list[Sou
     transform = TrainTransform(model_config.image_size, scale=(data.crop_scale_min, data.crop_scale_max),
                                flip=data.hflip, stats=data.normalization, draft=data.jpeg_draft,
                                max_pixels=data.max_image_pixels, square=data.square, pad_value=data.pad_value,
-                               uint8=uint8)
+                               jpeg_decoder=data.jpeg_decoder, uint8=uint8)
     return SampleMaker(transform, tokenizer, model_config.text_length, data.caption_drop if train else 0.0)
 
 
