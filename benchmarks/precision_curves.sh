@@ -7,7 +7,13 @@
 set -euo pipefail
 DATA=${1:?DATA_ROOT}; OUT=${2:?OUT}
 M3AE=${M3AE:-m3ae}
+PYTHON=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Without AMX or AVX512-BF16 the bf16 runs take ~12x as long as fp32's (oneDNN's generic bf16 code).
+if [ "${FORCE_BF16:-0}" != 1 ] && ! $PYTHON -c 'import sys; from m3ae.precision import cpu_has_native_bf16 as n; sys.exit(not n())'; then
+  echo "this CPU has neither AMX nor AVX512-BF16: bf16 runs would be ~12x slower than fp32; FORCE_BF16=1 to run anyway" >&2
+  exit 2
+fi
 for prec in fp32 bf16; do
   for seed in 0 1; do
     $M3AE pretrain --config demo --out "$OUT/demo-$prec-s$seed" --resume auto \

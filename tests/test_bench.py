@@ -70,6 +70,27 @@ def test_bench_train_command(tmp_path, capsys, extra):
     assert r["image_dtype"] == ("float32" if "float32" in extra else "uint8")
 
 
+def test_bench_train_warns_of_a_precision_the_cpu_runs_slowly(tmp_path, capsys, monkeypatch):
+    import json
+
+    import m3ae.precision as precision
+    from m3ae.cli import main
+
+    # bf32 without AMX: the same warning path as bf16 without native bf16 (tests/test_precision.py
+    # checks both texts), and fp32-fast on every CPU, so the test does not time generic bf16 kernels.
+    monkeypatch.setattr(precision, "cpu_has_amx", lambda: False)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "train", "--preset", "nano", "--batch", "2", "--steps", "1", "--warmup", "1",
+                 "--no-reference", "--precision", "bf32", "--json", str(out), "model.image_size=16",
+                 "model.patch_size=4", "model.text_length=8", "model.vocab_size=50"]) == 0
+    assert "warning           precision bf32: this CPU has no AMX" in capsys.readouterr().out
+    assert "use fp32 or bf16" in json.loads(out.read_text())["precision_warning"]
+    assert main(["bench", "train", "--preset", "nano", "--batch", "2", "--steps", "1", "--warmup", "1",
+                 "--no-reference", "--precision", "fp32", "--json", str(out), "model.image_size=16",
+                 "model.patch_size=4", "model.text_length=8", "model.vocab_size=50"]) == 0
+    assert "warning" not in capsys.readouterr().out and "precision_warning" not in json.loads(out.read_text())
+
+
 def test_synthetic_uint8_batches_normalise_like_the_float_pipeline():
     """The bench's default images are what the trainer's loader ships: uint8 plus the data's pixel
     statistics, normalised where the batch lands (and the reference step's copies keep them)."""

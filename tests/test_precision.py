@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from m3ae.precision import (Bf32Matmuls, _fp32_matmul_precision, autocast, cpu_has_amx, cpu_has_native_bf16,
-                            resolve_precision, step_context, uses_bf16)
+                            resolve_precision, slow_precision_warning, step_context, uses_bf16)
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -22,6 +22,21 @@ def test_precision_rule():
         assert (x @ x).dtype == torch.bfloat16
     with autocast(CPU, False):
         assert (x @ x).dtype == torch.float32
+
+
+@pytest.mark.parametrize("native_bf16, amx", [(False, False), (True, False), (True, True)])
+def test_slow_precision_warned_where_the_cpu_lacks_the_instructions(monkeypatch, native_bf16, amx):
+    import m3ae.precision as precision
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(precision, "cpu_has_amx", lambda: amx)
+    bf16, bf32 = slow_precision_warning("bf16", CPU), slow_precision_warning("bf32", CPU)
+    assert (bf16 is not None) == (not native_bf16) and (bf32 is not None) == (not amx)
+    assert bf16 is None or ("AVX512-BF16" in bf16 and "precision=auto" in bf16)
+    assert bf32 is None or "no AMX" in bf32
+    assert slow_precision_warning("fp32", CPU) is None
+    assert slow_precision_warning("bf16", CUDA) is None
+    # auto never resolves to a warned mode
+    assert slow_precision_warning(precision.resolve_precision("auto", CPU), CPU) is None
 
 
 def test_bf32_matmuls_set_and_restore_onednn_math_nested_and_on_errors():

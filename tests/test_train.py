@@ -292,9 +292,13 @@ def test_mixed_paired_and_unpaired_text_logs_every_loss(tmp_path):
         assert all(map(math.isfinite, (row["image_loss"], row["text_loss"], row["loss"])))
 
 
-def test_bf16_autocast_path_runs(tmp_path):
+def test_bf16_autocast_path_runs(tmp_path, caplog):
     # The CUDA default; on CPU it exercises the same autocast code path (fp32 master weights).
+    from m3ae.precision import cpu_has_native_bf16
+
+    caplog.set_level(logging.INFO, logger="m3ae")
     result = pretrain(tiny_config("steps=3", "precision=bf16"), tmp_path)
+    assert ("neither AMX nor AVX512-BF16" in caplog.text) == (not cpu_has_native_bf16())
     assert all(math.isfinite(x) for r in result.history for x in r["step_losses"])
     assert next(iter(M3AE.from_pretrained(result.checkpoint).parameters())).dtype == torch.float32
 

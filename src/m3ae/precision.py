@@ -59,6 +59,23 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()) else "fp32"
 
 
+def slow_precision_warning(mode: str, device: torch.device) -> str | None:
+    """Why a resolved mode (`resolve_precision`) will run slowly on this device, or None. `auto` never
+    picks these; they come from an explicit setting on a CPU that lacks the instructions."""
+    if device.type != "cpu":
+        return None
+    if mode == "bf16" and not cpu_has_native_bf16():
+        # Measured on a 2-vCPU AVX2-only EPYC (2026-12-02): square matmuls 0.3-1.3 bf16 vs 68-131
+        # GFLOP/s fp32, the demo model's step 12x slower than fp32 (BENCHMARKS.md).
+        return ("precision bf16: this CPU has neither AMX nor AVX512-BF16, so oneDNN's bf16 matmuls fall back "
+                "to slow generic code (square matmuls 50-400x, the demo's step 12x slower than fp32 on an "
+                "AVX2 EPYC; BENCHMARKS.md); use precision=auto, which picks fp32 here")
+    if mode == "bf32" and not cpu_has_amx():
+        return ("precision bf32: this CPU has no AMX, so oneDNN runs these matmuls in fp32, and for small ones "
+                "slower than fp32's default BLAS (BENCHMARKS.md); use fp32 or bf16")
+    return None
+
+
 def uses_bf16(precision: str, device: torch.device) -> bool:
     """Whether a step with this precision setting runs under bf16 autocast on this device."""
     return resolve_precision(precision, device) == "bf16"

@@ -37,7 +37,7 @@ from ..model import M3AE
 from ..optim import build_optimizer
 from ..distributed import pick_device
 from ..perf import batch_train_flops, device_name, measure_matmul_tflops, synchronize, table_peak
-from ..precision import resolve_precision, step_context
+from ..precision import resolve_precision, slow_precision_warning, step_context
 from .config import load_config
 from .step import TrainStep
 
@@ -225,6 +225,10 @@ def run_train_bench(opts: BenchOptions) -> dict[str, Any]:
         "mode": "m3ae" if config.has_text else "mae", "params": model.num_parameters(),
         "config": config.to_dict(),
     }
+    slow = slow_precision_warning(mode, device)
+    if slow is not None:
+        log.warning("%s", slow)
+        result["precision_warning"] = slow
     if hasattr(os, "getloadavg"):
         result["load_average_before"] = os.getloadavg()[0]
     counters_before = _dynamo_counters() if opts.compile else {}
@@ -290,6 +294,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"static shapes {r['static_shapes']}, threads {r.get('threads_reason', r['threads'])}"
         + (f", host allocator: {r['host_allocator']}" if r.get("host_allocator") else "")
         + (f", {r['background_load']} busy background process(es)" if r.get("background_load") else "") + ")",
+        *([f"warning           {r['precision_warning']}"] if r.get("precision_warning") else []),
         f"model             {r['mode'].upper()}, {r['params'] / 1e6:.2f} M parameters, batch {r['batch']}",
         f"fast step         {r['samples_per_s']:.1f} samples/s, step {r['step_s'] * 1e3:.1f} ms "
         f"(median of {r['timed_steps']}, p10-p90 {_ms_range(r['step_s_range'])}; process CPU "

@@ -20,7 +20,7 @@ from ..files import FolderLock
 from ..model import M3AE
 from ..optim import build_optimizer, lr_at, set_lr
 from ..perf import batch_train_flops, device_name, table_peak
-from ..precision import cpu_has_amx, resolve_precision, step_context
+from ..precision import resolve_precision, slow_precision_warning, step_context
 from ..preprocessing import Preprocessing
 from ..data.loader import TrainData, build_train_data, loader_error, merge_data_states, next_batch, stop_workers
 from ..host_allocator import KeptMemoryLimit, keep_freed_memory, resident_bytes
@@ -207,9 +207,9 @@ class _Run:
             log.info("device: %s, precision %s (%s), threads %s", device_name(device),
                      {"bf16": "bf16 autocast", "bf32": "fp32, bf16-input matmuls"}.get(mode, mode),
                      config.precision, threads)
-            if mode == "bf32" and not cpu_has_amx():
-                log.warning("precision bf32: this CPU has no AMX, so oneDNN runs these matmuls in fp32, and "
-                            "for small ones slower than fp32's default BLAS (BENCHMARKS.md); use fp32 or bf16")
+            slow = slow_precision_warning(mode, device)
+            if slow is not None:
+                log.warning("%s", slow)
         if (is_main and resumed is not None and resumed.threads is not None and device.type == "cpu"
                 and resumed.threads != threads.threads):
             # The resolved count, not the setting: unset, it follows the cores and the loader workers.
