@@ -220,6 +220,14 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, capsys):
     assert all(p["matmul_ms"] > 0 and p["rest_ms"] > 0 and p["calls"] > 0 for p in ops["precisions"].values())
     assert set(ops["ratios"]) == {"matmul", "attention", "rest", "plain_step"}
     assert "| cpu op times | ok |" in md and "fp32 / bf16 at 2 threads: matmul" in md
+    import importlib.util
+
+    mae = stages["cpu mae vs hf"]  # runs where transformers is installed (the dev extra), else says why not
+    if importlib.util.find_spec("transformers") is None:
+        assert mae["status"].startswith("skipped") and "transformers" in mae["status"]
+    else:
+        assert mae["status"] == "ok", mae
+        assert mae["result"]["ratios"]["ours (defaults) / hf (defaults)"] > 0
 
 
 def test_gpu_check_mae_vs_hf_stage_runs_the_benchmark_or_says_why_not(tmp_path):
