@@ -80,15 +80,16 @@ def test_bench_train_warns_of_a_precision_the_cpu_runs_slowly(tmp_path, capsys, 
     # checks both texts), and fp32-fast on every CPU, so the test does not time generic bf16 kernels.
     monkeypatch.setattr(precision, "cpu_has_amx", lambda: False)
     out = tmp_path / "bench.json"
-    assert main(["bench", "train", "--preset", "nano", "--batch", "2", "--steps", "1", "--warmup", "1",
-                 "--no-reference", "--precision", "bf32", "--json", str(out), "model.image_size=16",
-                 "model.patch_size=4", "model.text_length=8", "model.vocab_size=50"]) == 0
-    assert "warning           precision bf32: this CPU has no AMX" in capsys.readouterr().out
-    assert "use fp32 or bf16" in json.loads(out.read_text())["precision_warning"]
-    assert main(["bench", "train", "--preset", "nano", "--batch", "2", "--steps", "1", "--warmup", "1",
-                 "--no-reference", "--precision", "fp32", "--json", str(out), "model.image_size=16",
-                 "model.patch_size=4", "model.text_length=8", "model.vocab_size=50"]) == 0
-    assert "warning" not in capsys.readouterr().out and "precision_warning" not in json.loads(out.read_text())
+    for mode, warned in (("bf32", True), ("fp32", False)):
+        assert main(["bench", "train", "--preset", "nano", "--batch", "2", "--steps", "1", "--warmup", "1",
+                     "--no-reference", "--precision", mode, "--json", str(out), "model.image_size=16",
+                     "model.patch_size=4", "model.text_length=8", "model.vocab_size=50"]) == 0
+        printed, saved = capsys.readouterr().out, json.loads(out.read_text())
+        if warned:
+            assert "warning           precision bf32: this CPU has no AMX" in printed
+            assert "use fp32 or bf16" in saved["precision_warning"]
+        else:
+            assert "warning" not in printed and "precision_warning" not in saved
 
 
 def test_synthetic_uint8_batches_normalise_like_the_float_pipeline():
@@ -191,6 +192,7 @@ def test_batch_flops_of_a_mixed_batch_match_the_flop_counter():
 
 def test_gpu_check_dry_run_on_cpu(tmp_path, capsys):
     """The GPU check's own plumbing, every stage a CPU can run, with nano sizes: one report."""
+    import importlib.util
     import json
     from pathlib import Path
 
@@ -220,8 +222,6 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, capsys):
     assert all(p["matmul_ms"] > 0 and p["rest_ms"] > 0 and p["calls"] > 0 for p in ops["precisions"].values())
     assert set(ops["ratios"]) == {"matmul", "attention", "rest", "plain_step"}
     assert "| cpu op times | ok |" in md and "fp32 / bf16 at 2 threads: matmul" in md
-    import importlib.util
-
     mae = stages["cpu mae vs hf"]  # runs where transformers is installed (the dev extra), else says why not
     if importlib.util.find_spec("transformers") is None:
         assert mae["status"].startswith("skipped") and "transformers" in mae["status"]
